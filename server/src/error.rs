@@ -1,0 +1,90 @@
+//! Domain errors and their one mapping to gRPC statuses. The messages are
+//! etcd's, byte for byte: clients (clientv3, kube-apiserver) match on them.
+
+use serde::{Deserialize, Serialize};
+use tonic::{Code, Status};
+
+/// Every error a cairn request can end with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum Error {
+    #[error("etcdserver: key is not provided")]
+    EmptyKey,
+    #[error("etcdserver: key not found")]
+    KeyNotFound,
+    #[error("etcdserver: value is provided")]
+    ValueProvided,
+    #[error("etcdserver: lease is provided")]
+    LeaseProvided,
+    #[error("etcdserver: too many operations in txn request")]
+    TooManyOps,
+    #[error("etcdserver: duplicate key given in txn request")]
+    DuplicateKey,
+    #[error("etcdserver: invalid sort option")]
+    InvalidSortOption,
+    #[error("etcdserver: mvcc: required revision has been compacted")]
+    Compacted,
+    #[error("etcdserver: mvcc: required revision is a future revision")]
+    FutureRev,
+    #[error("etcdserver: mvcc: database space exceeded")]
+    NoSpace,
+    #[error("etcdserver: requested lease not found")]
+    LeaseNotFound,
+    #[error("etcdserver: lease already exists")]
+    LeaseExist,
+    #[error("etcdserver: too large lease TTL")]
+    LeaseTtlTooLarge,
+    #[error("etcdserver: request is too large")]
+    RequestTooLarge,
+    #[error("etcdserver: no leader")]
+    NoLeader,
+    #[error("etcdserver: not leader")]
+    NotLeader,
+    #[error("etcdserver: leader changed")]
+    LeaderChanged,
+    #[error("etcdserver: request timed out")]
+    Timeout,
+    #[error("etcdserver: rpc not supported for learner")]
+    NotSupportedForLearner,
+    #[error("etcdserver: member not found")]
+    MemberNotFound,
+    #[error("etcdserver: {0}")]
+    InvalidArgument(String),
+    #[error("etcdserver: {0}")]
+    Unsupported(String),
+    /// A storage or internal failure; the message is for operators, not clients.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The gRPC code etcd uses for this error (etcd `api/v3rpc/rpctypes`).
+    pub fn code(&self) -> Code {
+        use Error::*;
+        match self {
+            EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey
+            | InvalidSortOption | RequestTooLarge | InvalidArgument(_) => Code::InvalidArgument,
+            Compacted | FutureRev | LeaseTtlTooLarge => Code::OutOfRange,
+            NoSpace => Code::ResourceExhausted,
+            LeaseNotFound | MemberNotFound => Code::NotFound,
+            LeaseExist | NotLeader => Code::FailedPrecondition,
+            NoLeader | LeaderChanged | Timeout => Code::Unavailable,
+            NotSupportedForLearner => Code::Unavailable,
+            Unsupported(_) => Code::Unimplemented,
+            Internal(_) => Code::Internal,
+        }
+    }
+
+    /// Wraps any storage-level failure.
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        Error::Internal(e.to_string())
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

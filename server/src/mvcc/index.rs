@@ -1,0 +1,265 @@
+//! The key index: for every key, the revisions at which it changed, grouped
+//! in generations (a generation runs from a create to a delete), as etcd's
+//! `treeIndex`/`keyIndex` do.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use super::Revision;
+
+/// The keys a request addresses, decoded from etcd's `key`/`range_end` pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyRange {
+    /// `range_end` empty: exactly `key`.
+    Single(Vec<u8>),
+    /// `range_end == "\0"`: every key `>= key`.
+    From(Vec<u8>),
+    /// `[key, range_end)`.
+    Between(Vec<u8>, Vec<u8>),
+}
+
+impl KeyRange {
+    pub fn new(key: &[u8], range_end: &[u8]) -> Self {
+        match range_end {
+            [] => KeyRange::Single(key.to_vec()),
+            [0] => KeyRange::From(key.to_vec()),
+            end => KeyRange::Between(key.to_vec(), end.to_vec()),
+        }
+    }
+
+    pub fn contains(&self, k: &[u8]) -> bool {
+        match self {
+            KeyRange::Single(key) => key.as_slice() == k,
+            KeyRange::From(key) => k >= key.as_slice(),
+            KeyRange::Between(key, end) => k >= key.as_slice() && k < end.as_slice(),
+        }
+    }
+
+    fn bounds(&self) -> Option<(Bound<&[u8]>, Bound<&[u8]>)> {
+        Some(match self {
+            KeyRange::Single(key) => (Bound::Included(key), Bound::Included(key)),
+            KeyRange::From(key) => (Bound::Included(key), Bound::Unbounded),
+            KeyRange::Between(key, end) => {
+                if end <= key {
+                    return None;
+                }
+                (Bound::Included(key), Bound::Excluded(end))
+            }
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Generation {
+    /// Number of changes in this generation, the deletion included; never
+    /// reduced by compaction, so versions stay right after it.
+    ver: i64,
+    created: Revision,
+    revs: Vec<Revision>,
+}
+
+#[derive(Debug, Clone)]
+struct KeyHistory {
+    /// Oldest first; the last one is empty when the key is deleted.
+    gens: Vec<Generation>,
+}
+
+/// A key as seen at some revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyAt {
+    pub key: Vec<u8>,
+    pub modified: Revision,
+    pub created: Revision,
+    pub version: i64,
+}
+
+impl KeyHistory {
+    fn find_generation(&self, at: i64) -> Option<&Generation> {
+        let last = self.gens.len() - 1;
+        for (i, g) in self.gens.iter().enumerate().rev() {
+            if g.revs.is_empty() {
+                continue;
+            }
+            if i != last && g.revs[g.revs.len() - 1].main <= at {
+                // Deleted at or before `at`.
+                return None;
+            }
+            if g.revs[0].main <= at {
+                return Some(g);
+            }
+        }
+        None
+    }
+
+    fn get(&self, at: i64) -> Option<(Revision, Revision, i64)> {
+        let g = self.find_generation(at)?;
+        let n = g.revs.iter().rposition(|r| r.main <= at)?;
+        Some((g.revs[n], g.created, g.ver - (g.revs.len() - n - 1) as i64))
+    }
+}
+
+/// The in-memory index of every key's revisions.
+#[derive(Debug, Default, Clone)]
+pub struct KeyIndex {
+    keys: BTreeMap<Vec<u8>, KeyHistory>,
+}
+
+impl KeyIndex {
+    /// Records a put of `key` at `rev`.
+    pub fn put(&mut self, key: &[u8], rev: Revision) {
+        let h = self
+            .keys
+            .entry(key.to_vec())
+            .or_insert_with(|| KeyHistory { gens: vec![Generation::default()] });
+        let g = h.gens.last_mut().expect("history has a generation");
+        if g.revs.is_empty() {
+            g.created = rev;
+        }
+        g.revs.push(rev);
+        g.ver += 1;
+    }
+
+    /// Records the deletion of `key` at `rev`; the key must be live.
+    pub fn tombstone(&mut self, key: &[u8], rev: Revision) -> bool {
+        let Some(h) = self.keys.get_mut(key) else { return false };
+        let g = h.gens.last_mut().expect("history has a generation");
+        if g.revs.is_empty() {
+            return false;
+        }
+        g.revs.push(rev);
+        g.ver += 1;
+        h.gens.push(Generation::default());
+        true
+    }
+
+    /// The key's latest change at or before `at`, if it is live at `at`.
+    pub fn get(&self, key: &[u8], at: i64) -> Option<KeyAt> {
+        let (modified, created, version) = self.keys.get(key)?.get(at)?;
+        Some(KeyAt { key: key.to_vec(), modified, created, version })
+    }
+
+    /// Every key of `range` live at `at`, in key order, at most `limit` when
+    /// `limit > 0`. Returns the keys and the total number live in the range.
+    pub fn range(&self, range: &KeyRange, at: i64, limit: usize) -> (Vec<KeyAt>, usize) {
+        let mut out = Vec::new();
+        let mut total = 0;
+        let Some(bounds) = range.bounds() else { return (out, 0) };
+        for (k, h) in self.keys.range::<[u8], _>(bounds) {
+            if let Some((modified, created, version)) = h.get(at) {
+                total += 1;
+                if limit == 0 || out.len() < limit {
+                    out.push(KeyAt { key: k.clone(), modified, created, version });
+                }
+            }
+        }
+        (out, total)
+    }
+
+    /// Counts the keys of `range` live at `at`.
+    pub fn count(&self, range: &KeyRange, at: i64) -> usize {
+        let Some(bounds) = range.bounds() else { return 0 };
+        self.keys.range::<[u8], _>(bounds).filter(|(_, h)| h.get(at).is_some()).count()
+    }
+
+    /// Number of keys with any history.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Drops history older than `at`, keeping for every key the latest change
+    /// at or before `at` unless it is a deletion. Returns the dropped revisions
+    /// (the storage engine deletes them).
+    pub fn compact(&mut self, at: i64) -> Vec<Revision> {
+        let mut removed = Vec::new();
+        self.keys.retain(|_, h| {
+            // The first generation that is still live after `at`, or the last.
+            let mut gi = 0;
+            while gi < h.gens.len() - 1 {
+                let g = &h.gens[gi];
+                if g.revs[g.revs.len() - 1].main > at {
+                    break;
+                }
+                gi += 1;
+            }
+            for g in &h.gens[..gi] {
+                removed.extend_from_slice(&g.revs);
+            }
+            h.gens.drain(..gi);
+            let last_gen = h.gens.len() == 1;
+            let g = &mut h.gens[0];
+            if !g.revs.is_empty() {
+                // Keep the latest revision <= at and everything after it.
+                if let Some(n) = g.revs.iter().rposition(|r| r.main <= at) {
+                    removed.extend(g.revs.drain(..n));
+                    // A generation left with only its deletion is gone.
+                    if g.revs.len() == 1 && !last_gen {
+                        removed.push(g.revs[0]);
+                        h.gens.remove(0);
+                    }
+                }
+            }
+            !(h.gens.len() == 1 && h.gens[0].revs.is_empty())
+        });
+        removed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(main: i64) -> Revision {
+        Revision::new(main, 0)
+    }
+
+    #[test]
+    fn versions_and_generations() {
+        let mut ix = KeyIndex::default();
+        ix.put(b"a", r(2));
+        ix.put(b"a", r(3));
+        assert_eq!(ix.get(b"a", 3).unwrap().version, 2);
+        assert_eq!(ix.get(b"a", 2).unwrap().version, 1);
+        assert!(ix.get(b"a", 1).is_none());
+        assert!(ix.tombstone(b"a", r(4)));
+        assert!(ix.get(b"a", 4).is_none());
+        assert!(!ix.tombstone(b"a", r(5)), "deleting a deleted key changes nothing");
+        ix.put(b"a", r(5));
+        let k = ix.get(b"a", 5).unwrap();
+        assert_eq!((k.version, k.created, k.modified), (1, r(5), r(5)));
+        assert_eq!(ix.get(b"a", 3).unwrap().created, r(2));
+    }
+
+    #[test]
+    fn range_counts_everything_but_limits_output() {
+        let mut ix = KeyIndex::default();
+        for (i, k) in [b"a", b"b", b"c"].iter().enumerate() {
+            ix.put(*k, r(i as i64 + 2));
+        }
+        let (keys, total) = ix.range(&KeyRange::new(b"a", b"\0"), 10, 2);
+        assert_eq!((keys.len(), total), (2, 3));
+        let (keys, _) = ix.range(&KeyRange::new(b"b", b"c"), 10, 0);
+        assert_eq!(keys[0].key, b"b");
+        assert_eq!(ix.range(&KeyRange::new(b"c", b"a"), 10, 0).1, 0);
+    }
+
+    #[test]
+    fn compaction_keeps_latest_before_and_drops_deleted() {
+        let mut ix = KeyIndex::default();
+        ix.put(b"a", r(2));
+        ix.put(b"a", r(3));
+        ix.put(b"b", r(4));
+        ix.tombstone(b"b", r(5));
+        ix.put(b"a", r(6));
+        let mut removed = ix.compact(5);
+        removed.sort();
+        assert_eq!(removed, vec![r(2), r(4), r(5)]);
+        assert_eq!(ix.get(b"a", 5).unwrap().modified, r(3));
+        assert_eq!(ix.get(b"a", 5).unwrap().version, 2);
+        assert!(ix.get(b"b", 4).is_none());
+        assert_eq!(ix.len(), 1);
+    }
+}

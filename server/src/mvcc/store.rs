@@ -1,0 +1,792 @@
+//! The deterministic state machine of the key space: applies Put,
+//! DeleteRange, Txn, Compaction, lease grants/revokes and alarms at the next
+//! revision, and evaluates Range at any retained revision.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use super::index::{KeyAt, KeyIndex, KeyRange};
+use super::{Record, Revision, RevisionReader};
+use crate::error::{Error, Result};
+use crate::proto::etcdserverpb::{
+    alarm_request::AlarmAction, compare::CompareResult, compare::CompareTarget,
+    compare::TargetUnion, range_request::SortOrder, range_request::SortTarget, request_op,
+    response_op, AlarmMember, AlarmRequest, AlarmResponse, AlarmType, Compare, CompactionRequest,
+    CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, LeaseGrantRequest,
+    LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, PutRequest, PutResponse,
+    RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+};
+use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
+use crate::proto::raftpb::{internal_request::Request, InternalRequest};
+
+/// A lease as the state machine knows it: its granted TTL and the keys
+/// attached to it. Expiry is decided by the leader's clock (`crate::lease`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRecord {
+    pub ttl: i64,
+    pub keys: BTreeSet<Vec<u8>>,
+}
+
+/// The response of an applied request (headers carry only the revision; the
+/// API layer adds cluster, member and term).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Applied {
+    Put(PutResponse),
+    DeleteRange(DeleteRangeResponse),
+    Txn(TxnResponse),
+    Compaction(CompactionResponse),
+    LeaseGrant(LeaseGrantResponse),
+    LeaseRevoke(LeaseRevokeResponse),
+    Alarm(AlarmResponse),
+}
+
+/// Everything a batch of applied requests changed, for the storage engine to
+/// persist atomically and the watch hub to publish.
+#[derive(Debug, Default)]
+pub struct WriteSet {
+    pub records: Vec<(Revision, Record)>,
+    pub removed: Vec<Revision>,
+    /// Lease id to its TTL, or `None` when the lease is gone.
+    pub leases: Vec<(i64, Option<i64>)>,
+    /// Events in revision order (`kv.mod_revision` is the event's revision).
+    pub events: Vec<Event>,
+    /// Set when compaction ran.
+    pub compacted: Option<i64>,
+    /// Set when the alarm list changed.
+    pub alarms: Option<Vec<AlarmMember>>,
+    /// Revisions of leases revoked (the lessor forgets their deadlines).
+    pub revoked: Vec<i64>,
+    /// Leases granted, with their TTL (the lessor starts their clocks).
+    pub granted: Vec<(i64, i64)>,
+}
+
+impl WriteSet {
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+            && self.removed.is_empty()
+            && self.leases.is_empty()
+            && self.compacted.is_none()
+            && self.alarms.is_none()
+    }
+}
+
+/// One request's write context: its writes share `begin + 1` as revision.
+struct Tx {
+    begin: i64,
+    sub: i64,
+}
+
+impl Tx {
+    fn next(&mut self) -> Revision {
+        self.sub += 1;
+        Revision::new(self.begin + 1, self.sub - 1)
+    }
+    /// The revision reads inside this request report.
+    fn read_rev(&self) -> i64 {
+        if self.sub > 0 {
+            self.begin + 1
+        } else {
+            self.begin
+        }
+    }
+}
+
+fn header(revision: i64) -> Option<ResponseHeader> {
+    Some(ResponseHeader { revision, ..Default::default() })
+}
+
+/// The key space with its history.
+#[derive(Debug)]
+pub struct MvccStore {
+    index: KeyIndex,
+    rev: i64,
+    compacted: i64,
+    leases: BTreeMap<i64, LeaseRecord>,
+    alarms: Vec<AlarmMember>,
+    /// Records written since the last `take_writes`, not yet readable from storage.
+    pending: HashMap<Revision, Record>,
+    ws: WriteSet,
+    min_lease_ttl: i64,
+}
+
+impl Default for MvccStore {
+    fn default() -> Self {
+        Self::new(2)
+    }
+}
+
+impl MvccStore {
+    /// An empty store at revision 1. Lease TTLs below `min_lease_ttl`
+    /// seconds are raised to it.
+    pub fn new(min_lease_ttl: i64) -> Self {
+        Self {
+            index: KeyIndex::default(),
+            rev: 1,
+            compacted: 0,
+            leases: BTreeMap::new(),
+            alarms: Vec::new(),
+            pending: HashMap::new(),
+            ws: WriteSet::default(),
+            min_lease_ttl,
+        }
+    }
+
+    /// Rebuilds the index from stored history (in revision order).
+    pub fn restore(
+        min_lease_ttl: i64,
+        records: impl Iterator<Item = (Revision, Record)>,
+        leases: impl Iterator<Item = (i64, i64)>,
+        rev: i64,
+        compacted: i64,
+        alarms: Vec<AlarmMember>,
+    ) -> Self {
+        let mut s = Self::new(min_lease_ttl);
+        s.leases = leases.map(|(id, ttl)| (id, LeaseRecord { ttl, keys: BTreeSet::new() })).collect();
+        let mut lease_of: HashMap<Vec<u8>, i64> = HashMap::new();
+        let mut max_rev = 1;
+        for (r, rec) in records {
+            max_rev = max_rev.max(r.main);
+            if rec.tombstone {
+                s.index.tombstone(&rec.kv.key, r);
+                lease_of.remove(&rec.kv.key);
+            } else {
+                s.index.put(&rec.kv.key, r);
+                if rec.kv.lease != 0 {
+                    lease_of.insert(rec.kv.key.clone(), rec.kv.lease);
+                } else {
+                    lease_of.remove(&rec.kv.key);
+                }
+            }
+        }
+        for (key, id) in lease_of {
+            if let Some(l) = s.leases.get_mut(&id) {
+                l.keys.insert(key);
+            }
+        }
+        s.rev = rev.max(max_rev);
+        s.compacted = compacted;
+        s.alarms = alarms;
+        s
+    }
+
+    pub fn revision(&self) -> i64 {
+        self.rev
+    }
+
+    pub fn compacted(&self) -> i64 {
+        self.compacted
+    }
+
+    pub fn alarms(&self) -> &[AlarmMember] {
+        &self.alarms
+    }
+
+    pub fn keys_total(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn lease(&self, id: i64) -> Option<&LeaseRecord> {
+        self.leases.get(&id)
+    }
+
+    pub fn leases(&self) -> impl Iterator<Item = (i64, &LeaseRecord)> {
+        self.leases.iter().map(|(k, v)| (*k, v))
+    }
+
+    /// Hands over the changes applied since the last call. Until the caller
+    /// has persisted them, reads must keep going through this store.
+    pub fn take_writes(&mut self) -> WriteSet {
+        self.pending.clear();
+        std::mem::take(&mut self.ws)
+    }
+
+    fn read(&self, reader: &dyn RevisionReader, rev: Revision) -> Result<Record> {
+        if let Some(r) = self.pending.get(&rev) {
+            return Ok(r.clone());
+        }
+        reader
+            .read(rev)?
+            .ok_or_else(|| Error::Internal(format!("mvcc: revision {}/{} missing from storage", rev.main, rev.sub)))
+    }
+
+    fn kv_of(&self, reader: &dyn RevisionReader, k: &KeyAt) -> Result<KeyValue> {
+        let mut kv = self.read(reader, k.modified)?.kv;
+        kv.version = k.version;
+        kv.create_revision = k.created.main;
+        Ok(kv)
+    }
+
+    /// The live value of `key` as of `at`.
+    pub fn get(&self, reader: &dyn RevisionReader, key: &[u8], at: i64) -> Result<Option<KeyValue>> {
+        match self.index.get(key, at) {
+            Some(k) => Ok(Some(self.kv_of(reader, &k)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Evaluates a Range at the current revision.
+    pub fn range(&self, reader: &dyn RevisionReader, r: &RangeRequest) -> Result<RangeResponse> {
+        self.range_at(reader, r, self.rev)
+    }
+
+    fn check_revision(&self, rev: i64, cur: i64) -> Result<()> {
+        if rev > cur {
+            return Err(Error::FutureRev);
+        }
+        if rev > 0 && rev < self.compacted {
+            return Err(Error::Compacted);
+        }
+        Ok(())
+    }
+
+    fn range_at(&self, reader: &dyn RevisionReader, r: &RangeRequest, cur: i64) -> Result<RangeResponse> {
+        let at = if r.revision <= 0 { cur } else { r.revision };
+        self.check_revision(at, cur)?;
+        let range = KeyRange::new(&r.key, &r.range_end);
+        if r.count_only {
+            let count = self.index.count(&range, at) as i64;
+            return Ok(RangeResponse { header: header(cur), count, ..Default::default() });
+        }
+        let order = SortOrder::try_from(r.sort_order).map_err(|_| Error::InvalidSortOption)?;
+        let target = SortTarget::try_from(r.sort_target).map_err(|_| Error::InvalidSortOption)?;
+        let filtered = order != SortOrder::None
+            || r.min_mod_revision != 0
+            || r.max_mod_revision != 0
+            || r.min_create_revision != 0
+            || r.max_create_revision != 0;
+        let limit = if filtered || r.limit <= 0 { 0 } else { r.limit as usize + 1 };
+        let (keys, total) = self.index.range(&range, at, limit);
+        let mut kvs = Vec::with_capacity(keys.len());
+        for k in &keys {
+            kvs.push(self.kv_of(reader, k)?);
+        }
+        if r.max_mod_revision != 0 {
+            kvs.retain(|kv| kv.mod_revision <= r.max_mod_revision);
+        }
+        if r.min_mod_revision != 0 {
+            kvs.retain(|kv| kv.mod_revision >= r.min_mod_revision);
+        }
+        if r.max_create_revision != 0 {
+            kvs.retain(|kv| kv.create_revision <= r.max_create_revision);
+        }
+        if r.min_create_revision != 0 {
+            kvs.retain(|kv| kv.create_revision >= r.min_create_revision);
+        }
+        // The index yields key order; other targets sort ascending by default.
+        let order = if target != SortTarget::Key && order == SortOrder::None { SortOrder::Ascend } else { order };
+        if order != SortOrder::None {
+            let cmp = |a: &KeyValue, b: &KeyValue| match target {
+                SortTarget::Key => a.key.cmp(&b.key),
+                SortTarget::Version => a.version.cmp(&b.version),
+                SortTarget::Create => a.create_revision.cmp(&b.create_revision),
+                SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
+                SortTarget::Value => a.value.cmp(&b.value),
+            };
+            if order == SortOrder::Descend {
+                kvs.sort_by(|a, b| cmp(b, a));
+            } else {
+                kvs.sort_by(cmp);
+            }
+        }
+        let mut more = false;
+        if r.limit > 0 && kvs.len() > r.limit as usize {
+            kvs.truncate(r.limit as usize);
+            more = true;
+        }
+        if r.keys_only {
+            for kv in &mut kvs {
+                kv.value.clear();
+            }
+        }
+        Ok(RangeResponse { header: header(cur), kvs, more, count: total as i64 })
+    }
+
+    fn nospace(&self) -> bool {
+        self.alarms.iter().any(|a| a.alarm == AlarmType::Nospace as i32)
+    }
+
+    /// Applies one request at the next revision.
+    pub fn apply(&mut self, reader: &dyn RevisionReader, req: &InternalRequest) -> Result<Applied> {
+        let Some(request) = &req.request else {
+            return Err(Error::InvalidArgument("empty request".into()));
+        };
+        match request {
+            Request::Put(p) => {
+                if self.nospace() {
+                    return Err(Error::NoSpace);
+                }
+                self.check_put(reader, p)?;
+                let mut tx = Tx { begin: self.rev, sub: 0 };
+                let resp = self.put(reader, &mut tx, p)?;
+                self.finish(tx);
+                Ok(Applied::Put(resp))
+            }
+            Request::DeleteRange(d) => {
+                let mut tx = Tx { begin: self.rev, sub: 0 };
+                let resp = self.delete(reader, &mut tx, d)?;
+                self.finish(tx);
+                Ok(Applied::DeleteRange(resp))
+            }
+            Request::Txn(t) => {
+                if self.nospace() && !is_read_only(t) {
+                    return Err(Error::NoSpace);
+                }
+                let path = self.compare_path(reader, t)?;
+                self.check_txn(reader, t, &path)?;
+                let mut tx = Tx { begin: self.rev, sub: 0 };
+                let mut resp = self.txn(reader, &mut tx, t, &path)?;
+                resp.header = header(tx.read_rev());
+                self.finish(tx);
+                Ok(Applied::Txn(resp))
+            }
+            Request::Compaction(c) => self.compact(c).map(Applied::Compaction),
+            Request::LeaseGrant(g) => {
+                if self.nospace() {
+                    return Err(Error::NoSpace);
+                }
+                self.lease_grant(g).map(Applied::LeaseGrant)
+            }
+            Request::LeaseRevoke(r) => self.lease_revoke(reader, r).map(Applied::LeaseRevoke),
+            Request::Alarm(a) => Ok(Applied::Alarm(self.alarm(a))),
+        }
+    }
+
+    fn finish(&mut self, tx: Tx) {
+        if tx.sub > 0 {
+            self.rev = tx.begin + 1;
+        }
+    }
+
+    fn check_put(&self, reader: &dyn RevisionReader, p: &PutRequest) -> Result<()> {
+        if (p.ignore_value || p.ignore_lease) && self.index.get(&p.key, self.rev).is_none() {
+            return Err(Error::KeyNotFound);
+        }
+        let _ = reader;
+        if p.lease != 0 && !self.leases.contains_key(&p.lease) {
+            return Err(Error::LeaseNotFound);
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, rev: Revision, kv: KeyValue, tombstone: bool) {
+        let event_type = if tombstone { EventType::Delete } else { EventType::Put };
+        self.ws.events.push(Event { r#type: event_type as i32, kv: Some(kv.clone()), prev_kv: None });
+        let rec = Record { kv, tombstone };
+        self.pending.insert(rev, rec.clone());
+        self.ws.records.push((rev, rec));
+    }
+
+    fn detach(&mut self, key: &[u8], lease: i64) {
+        if let Some(l) = self.leases.get_mut(&lease) {
+            l.keys.remove(key);
+        }
+    }
+
+    fn put(&mut self, reader: &dyn RevisionReader, tx: &mut Tx, p: &PutRequest) -> Result<PutResponse> {
+        let prev = self.get(reader, &p.key, tx.begin + 1)?;
+        let value = if p.ignore_value { prev.as_ref().map(|kv| kv.value.clone()).unwrap_or_default() } else { p.value.clone() };
+        let lease = if p.ignore_lease { prev.as_ref().map(|kv| kv.lease).unwrap_or_default() } else { p.lease };
+        let rev = tx.next();
+        let (create_revision, version) = match &prev {
+            Some(kv) => (kv.create_revision, kv.version + 1),
+            None => (rev.main, 1),
+        };
+        self.index.put(&p.key, rev);
+        if let Some(old) = prev.as_ref().map(|kv| kv.lease).filter(|l| *l != 0 && *l != lease) {
+            self.detach(&p.key, old);
+        }
+        if lease != 0 {
+            if let Some(l) = self.leases.get_mut(&lease) {
+                l.keys.insert(p.key.clone());
+            }
+        }
+        let kv = KeyValue { key: p.key.clone(), create_revision, mod_revision: rev.main, version, value, lease };
+        self.write(rev, kv, false);
+        Ok(PutResponse { header: header(rev.main), prev_kv: if p.prev_kv { prev } else { None } })
+    }
+
+    fn delete(&mut self, reader: &dyn RevisionReader, tx: &mut Tx, d: &DeleteRangeRequest) -> Result<DeleteRangeResponse> {
+        let (keys, _) = self.index.range(&KeyRange::new(&d.key, &d.range_end), tx.begin + 1, 0);
+        let mut prev_kvs = Vec::new();
+        for k in &keys {
+            let kv = self.kv_of(reader, k)?;
+            let rev = tx.next();
+            self.index.tombstone(&k.key, rev);
+            if kv.lease != 0 {
+                self.detach(&k.key, kv.lease);
+            }
+            self.write(rev, KeyValue { key: k.key.clone(), mod_revision: rev.main, ..Default::default() }, true);
+            if d.prev_kv {
+                prev_kvs.push(kv);
+            }
+        }
+        Ok(DeleteRangeResponse { header: header(tx.read_rev()), deleted: keys.len() as i64, prev_kvs })
+    }
+
+    /// Evaluates the compares of `t` and of the nested txns on the chosen
+    /// branches, all against the state before the txn (as etcd does).
+    fn compare_path(&self, reader: &dyn RevisionReader, t: &TxnRequest) -> Result<Vec<bool>> {
+        let mut path = vec![true];
+        for c in &t.compare {
+            if !self.compare(reader, c)? {
+                path[0] = false;
+                break;
+            }
+        }
+        let ops = if path[0] { &t.success } else { &t.failure };
+        for op in ops {
+            if let Some(request_op::Request::RequestTxn(nested)) = &op.request {
+                path.extend(self.compare_path(reader, nested)?);
+            }
+        }
+        Ok(path)
+    }
+
+    fn compare(&self, reader: &dyn RevisionReader, c: &Compare) -> Result<bool> {
+        let (keys, _) = self.index.range(&KeyRange::new(&c.key, &c.range_end), self.rev, 0);
+        let target = CompareTarget::try_from(c.target).unwrap_or(CompareTarget::Version);
+        if keys.is_empty() {
+            // A missing key has no value to compare; its revisions and version are 0.
+            if target == CompareTarget::Value {
+                return Ok(false);
+            }
+            return Ok(compare_kv(c, target, &KeyValue::default()));
+        }
+        for k in &keys {
+            let kv = self.kv_of(reader, k)?;
+            if !compare_kv(c, target, &kv) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    fn check_txn(&self, reader: &dyn RevisionReader, t: &TxnRequest, path: &[bool]) -> Result<usize> {
+        let ops = if path[0] { &t.success } else { &t.failure };
+        let mut used = 1;
+        for op in ops {
+            match &op.request {
+                Some(request_op::Request::RequestRange(r)) => {
+                    if r.revision > 0 {
+                        self.check_revision(r.revision, self.rev)?;
+                    }
+                }
+                Some(request_op::Request::RequestPut(p)) => self.check_put(reader, p)?,
+                Some(request_op::Request::RequestTxn(nested)) => used += self.check_txn(reader, nested, &path[used..])?,
+                _ => {}
+            }
+        }
+        Ok(used)
+    }
+
+    fn txn(&mut self, reader: &dyn RevisionReader, tx: &mut Tx, t: &TxnRequest, path: &[bool]) -> Result<TxnResponse> {
+        let succeeded = path[0];
+        let ops: &[RequestOp] = if succeeded { &t.success } else { &t.failure };
+        let mut responses = Vec::with_capacity(ops.len());
+        let mut used = 1;
+        for op in ops {
+            let response = match &op.request {
+                Some(request_op::Request::RequestRange(r)) => {
+                    Some(response_op::Response::ResponseRange(self.range_at(reader, r, tx.read_rev())?))
+                }
+                Some(request_op::Request::RequestPut(p)) => Some(response_op::Response::ResponsePut(self.put(reader, tx, p)?)),
+                Some(request_op::Request::RequestDeleteRange(d)) => {
+                    Some(response_op::Response::ResponseDeleteRange(self.delete(reader, tx, d)?))
+                }
+                Some(request_op::Request::RequestTxn(nested)) => {
+                    let sub_path = &path[used..];
+                    used += count_path(nested, sub_path);
+                    let mut r = self.txn(reader, tx, nested, sub_path)?;
+                    r.header = Some(ResponseHeader::default());
+                    Some(response_op::Response::ResponseTxn(r))
+                }
+                None => None,
+            };
+            responses.push(ResponseOp { response });
+        }
+        Ok(TxnResponse { header: None, succeeded, responses })
+    }
+
+    fn compact(&mut self, c: &CompactionRequest) -> Result<CompactionResponse> {
+        if c.revision <= self.compacted {
+            return Err(Error::Compacted);
+        }
+        if c.revision > self.rev {
+            return Err(Error::FutureRev);
+        }
+        let removed = self.index.compact(c.revision);
+        for r in &removed {
+            self.pending.remove(r);
+        }
+        self.ws.removed.extend(removed);
+        self.compacted = c.revision;
+        self.ws.compacted = Some(c.revision);
+        Ok(CompactionResponse { header: header(self.rev) })
+    }
+
+    fn lease_grant(&mut self, g: &LeaseGrantRequest) -> Result<LeaseGrantResponse> {
+        if self.leases.contains_key(&g.id) {
+            return Err(Error::LeaseExist);
+        }
+        let ttl = g.ttl.max(self.min_lease_ttl);
+        self.leases.insert(g.id, LeaseRecord { ttl, keys: BTreeSet::new() });
+        self.ws.leases.push((g.id, Some(ttl)));
+        self.ws.granted.push((g.id, ttl));
+        Ok(LeaseGrantResponse { header: header(self.rev), id: g.id, ttl, error: String::new() })
+    }
+
+    fn lease_revoke(&mut self, reader: &dyn RevisionReader, r: &LeaseRevokeRequest) -> Result<LeaseRevokeResponse> {
+        let Some(lease) = self.leases.remove(&r.id) else {
+            return Err(Error::LeaseNotFound);
+        };
+        // One revision for all keys, in key order (the same on every member).
+        let mut tx = Tx { begin: self.rev, sub: 0 };
+        for key in &lease.keys {
+            let d = DeleteRangeRequest { key: key.clone(), ..Default::default() };
+            self.delete(reader, &mut tx, &d)?;
+        }
+        self.finish(tx);
+        self.ws.leases.push((r.id, None));
+        self.ws.revoked.push(r.id);
+        Ok(LeaseRevokeResponse { header: header(self.rev) })
+    }
+
+    fn alarm(&mut self, a: &AlarmRequest) -> AlarmResponse {
+        let action = AlarmAction::try_from(a.action).unwrap_or(AlarmAction::Get);
+        let mut alarms = Vec::new();
+        match action {
+            AlarmAction::Get => {
+                alarms = self
+                    .alarms
+                    .iter()
+                    .filter(|m| a.alarm == AlarmType::None as i32 || m.alarm == a.alarm)
+                    .cloned()
+                    .collect();
+            }
+            AlarmAction::Activate => {
+                let m = AlarmMember { member_id: a.member_id, alarm: a.alarm };
+                if a.alarm != AlarmType::None as i32 && !self.alarms.contains(&m) {
+                    self.alarms.push(m.clone());
+                    self.ws.alarms = Some(self.alarms.clone());
+                }
+                alarms.push(m);
+            }
+            AlarmAction::Deactivate => {
+                let m = AlarmMember { member_id: a.member_id, alarm: a.alarm };
+                if let Some(i) = self.alarms.iter().position(|x| *x == m) {
+                    self.alarms.remove(i);
+                    self.ws.alarms = Some(self.alarms.clone());
+                    alarms.push(m);
+                }
+            }
+        }
+        AlarmResponse { header: header(self.rev), alarms }
+    }
+}
+
+/// How many path entries a txn and its nested txns on the taken branch use.
+fn count_path(t: &TxnRequest, path: &[bool]) -> usize {
+    let ops = if path[0] { &t.success } else { &t.failure };
+    let mut used = 1;
+    for op in ops {
+        if let Some(request_op::Request::RequestTxn(nested)) = &op.request {
+            used += count_path(nested, &path[used..]);
+        }
+    }
+    used
+}
+
+fn is_read_only(t: &TxnRequest) -> bool {
+    t.success.iter().chain(&t.failure).all(|op| match &op.request {
+        Some(request_op::Request::RequestRange(_)) | None => true,
+        Some(request_op::Request::RequestTxn(n)) => is_read_only(n),
+        _ => false,
+    })
+}
+
+fn compare_kv(c: &Compare, target: CompareTarget, kv: &KeyValue) -> bool {
+    use std::cmp::Ordering;
+    let ord: Ordering = match target {
+        CompareTarget::Value => {
+            let v: &[u8] = match &c.target_union {
+                Some(TargetUnion::Value(v)) => v,
+                _ => &[],
+            };
+            kv.value.as_slice().cmp(v)
+        }
+        CompareTarget::Create => kv.create_revision.cmp(&int_target(c, |t| match t {
+            TargetUnion::CreateRevision(v) => Some(*v),
+            _ => None,
+        })),
+        CompareTarget::Mod => kv.mod_revision.cmp(&int_target(c, |t| match t {
+            TargetUnion::ModRevision(v) => Some(*v),
+            _ => None,
+        })),
+        CompareTarget::Version => kv.version.cmp(&int_target(c, |t| match t {
+            TargetUnion::Version(v) => Some(*v),
+            _ => None,
+        })),
+        CompareTarget::Lease => kv.lease.cmp(&int_target(c, |t| match t {
+            TargetUnion::Lease(v) => Some(*v),
+            _ => None,
+        })),
+    };
+    match CompareResult::try_from(c.result).unwrap_or(CompareResult::Equal) {
+        CompareResult::Equal => ord == Ordering::Equal,
+        CompareResult::NotEqual => ord != Ordering::Equal,
+        CompareResult::Greater => ord == Ordering::Greater,
+        CompareResult::Less => ord == Ordering::Less,
+    }
+}
+
+fn int_target(c: &Compare, f: impl Fn(&TargetUnion) -> Option<i64>) -> i64 {
+    c.target_union.as_ref().and_then(f).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mvcc::MemoryHistory;
+
+    struct T {
+        s: MvccStore,
+        h: MemoryHistory,
+    }
+
+    impl T {
+        fn new() -> Self {
+            T { s: MvccStore::new(2), h: MemoryHistory::default() }
+        }
+        fn apply(&mut self, r: Request) -> Result<Applied> {
+            let out = self.s.apply(&self.h, &InternalRequest { request: Some(r) });
+            let ws = self.s.take_writes();
+            self.h.persist(&ws);
+            out
+        }
+        fn put(&mut self, k: &str, v: &str) -> PutResponse {
+            match self.apply(Request::Put(PutRequest { key: k.into(), value: v.into(), ..Default::default() })).unwrap() {
+                Applied::Put(p) => p,
+                other => panic!("{other:?}"),
+            }
+        }
+        fn range(&self, r: RangeRequest) -> Result<RangeResponse> {
+            self.s.range(&self.h, &r)
+        }
+    }
+
+    fn all() -> RangeRequest {
+        RangeRequest { key: vec![0], range_end: vec![0], ..Default::default() }
+    }
+
+    #[test]
+    fn first_write_is_revision_two_and_noop_delete_keeps_revision() {
+        let mut t = T::new();
+        assert_eq!(t.s.revision(), 1);
+        assert_eq!(t.put("a", "1").header.unwrap().revision, 2);
+        let del = t.apply(Request::DeleteRange(DeleteRangeRequest { key: "zz".into(), ..Default::default() })).unwrap();
+        let Applied::DeleteRange(d) = del else { panic!() };
+        assert_eq!((d.deleted, d.header.unwrap().revision), (0, 2));
+        assert_eq!(t.s.revision(), 2);
+    }
+
+    #[test]
+    fn same_value_bumps_version_and_delete_resets() {
+        let mut t = T::new();
+        t.put("a", "1");
+        t.put("a", "1");
+        let kv = &t.range(RangeRequest { key: "a".into(), ..Default::default() }).unwrap().kvs[0];
+        assert_eq!((kv.version, kv.create_revision, kv.mod_revision), (2, 2, 3));
+        t.apply(Request::DeleteRange(DeleteRangeRequest { key: "a".into(), ..Default::default() })).unwrap();
+        t.put("a", "2");
+        let kv = &t.range(RangeRequest { key: "a".into(), ..Default::default() }).unwrap().kvs[0];
+        assert_eq!((kv.version, kv.create_revision, kv.mod_revision), (1, 5, 5));
+    }
+
+    #[test]
+    fn range_limit_count_more_sort_and_history() {
+        let mut t = T::new();
+        for (k, v) in [("a", "3"), ("b", "1"), ("c", "2")] {
+            t.put(k, v);
+        }
+        let r = t.range(RangeRequest { limit: 2, ..all() }).unwrap();
+        assert_eq!((r.kvs.len(), r.more, r.count), (2, true, 3));
+        let r = t.range(RangeRequest { limit: 3, ..all() }).unwrap();
+        assert!(!r.more);
+        let r = t.range(RangeRequest { sort_target: SortTarget::Value as i32, limit: 1, ..all() }).unwrap();
+        assert_eq!(r.kvs[0].key, b"b", "non-key target with order NONE sorts ascending");
+        let r = t.range(RangeRequest { sort_order: SortOrder::Descend as i32, ..all() }).unwrap();
+        assert_eq!(r.kvs[0].key, b"c");
+        let r = t.range(RangeRequest { revision: 3, ..all() }).unwrap();
+        assert_eq!((r.kvs.len(), r.header.unwrap().revision), (2, 4));
+        assert_eq!(t.range(RangeRequest { revision: 9, ..all() }).unwrap_err(), Error::FutureRev);
+        let r = t.range(RangeRequest { min_mod_revision: 3, ..all() }).unwrap();
+        assert_eq!(r.kvs.len(), 2);
+        let r = t.range(RangeRequest { count_only: true, ..all() }).unwrap();
+        assert_eq!((r.kvs.len(), r.count), (0, 3));
+    }
+
+    #[test]
+    fn compaction_errors_and_reads() {
+        let mut t = T::new();
+        t.put("a", "1");
+        t.put("a", "2");
+        t.put("a", "3");
+        let c = |rev| Request::Compaction(CompactionRequest { revision: rev, physical: false });
+        assert_eq!(t.apply(c(9)).unwrap_err(), Error::FutureRev);
+        t.apply(c(3)).unwrap();
+        assert_eq!(t.apply(c(3)).unwrap_err(), Error::Compacted);
+        assert_eq!(t.range(RangeRequest { revision: 2, ..all() }).unwrap_err(), Error::Compacted);
+        assert_eq!(t.range(RangeRequest { revision: 3, ..all() }).unwrap().kvs[0].value, b"2");
+        assert!(t.h.records.get(&Revision::new(2, 0)).is_none(), "compacted revision removed from storage");
+    }
+
+    #[test]
+    fn txn_sees_own_writes_shares_revision_and_compares_missing_keys() {
+        let mut t = T::new();
+        t.put("x", "0");
+        let put = |k: &str| RequestOp { request: Some(request_op::Request::RequestPut(PutRequest { key: k.into(), value: b"v".to_vec(), ..Default::default() })) };
+        let get = |k: &str| RequestOp { request: Some(request_op::Request::RequestRange(RangeRequest { key: k.into(), ..Default::default() })) };
+        let txn = TxnRequest {
+            compare: vec![Compare {
+                key: "missing".into(),
+                target: CompareTarget::Mod as i32,
+                result: CompareResult::Equal as i32,
+                target_union: Some(TargetUnion::ModRevision(0)),
+                range_end: vec![],
+            }],
+            success: vec![put("a"), get("a"), put("b")],
+            failure: vec![],
+        };
+        let Applied::Txn(r) = t.apply(Request::Txn(txn)).unwrap() else { panic!() };
+        assert!(r.succeeded);
+        assert_eq!(r.header.unwrap().revision, 3);
+        let Some(response_op::Response::ResponseRange(rr)) = &r.responses[1].response else { panic!() };
+        assert_eq!(rr.kvs[0].mod_revision, 3);
+        let value_cmp = Compare {
+            key: "missing".into(),
+            target: CompareTarget::Value as i32,
+            result: CompareResult::NotEqual as i32,
+            target_union: Some(TargetUnion::Value(b"q".to_vec())),
+            range_end: vec![],
+        };
+        let Applied::Txn(r) = t.apply(Request::Txn(TxnRequest { compare: vec![value_cmp], ..Default::default() })).unwrap() else { panic!() };
+        assert!(!r.succeeded, "a value compare on a missing key is false");
+        assert_eq!(r.header.unwrap().revision, 3, "a read-only txn keeps the revision");
+    }
+
+    #[test]
+    fn lease_revoke_deletes_keys_in_one_revision() {
+        let mut t = T::new();
+        t.apply(Request::LeaseGrant(LeaseGrantRequest { ttl: 1, id: 7 })).unwrap();
+        assert_eq!(t.s.lease(7).unwrap().ttl, 2, "TTL raised to the minimum");
+        for k in ["a", "b"] {
+            t.apply(Request::Put(PutRequest { key: k.into(), lease: 7, ..Default::default() })).unwrap();
+        }
+        let err = t.apply(Request::Put(PutRequest { key: "c".into(), lease: 8, ..Default::default() })).unwrap_err();
+        assert_eq!(err, Error::LeaseNotFound);
+        t.apply(Request::LeaseRevoke(LeaseRevokeRequest { id: 7 })).unwrap();
+        assert_eq!(t.s.revision(), 4);
+        assert_eq!(t.range(all()).unwrap().count, 0);
+    }
+}
