@@ -369,9 +369,11 @@ impl MvccStore {
         Ok(())
     }
 
-    fn write(&mut self, rev: Revision, kv: KeyValue, tombstone: bool) {
+    /// Records a change; its event carries the previous value, which watchers
+    /// that asked for `prev_kv` get without another read.
+    fn write(&mut self, rev: Revision, kv: KeyValue, tombstone: bool, prev: Option<KeyValue>) {
         let event_type = if tombstone { EventType::Delete } else { EventType::Put };
-        self.ws.events.push(Event { r#type: event_type as i32, kv: Some(kv.clone()), prev_kv: None });
+        self.ws.events.push(Event { r#type: event_type as i32, kv: Some(kv.clone()), prev_kv: prev });
         let rec = Record { kv, tombstone };
         self.pending.insert(rev, rec.clone());
         self.ws.records.push((rev, rec));
@@ -402,7 +404,7 @@ impl MvccStore {
             }
         }
         let kv = KeyValue { key: p.key.clone(), create_revision, mod_revision: rev.main, version, value, lease };
-        self.write(rev, kv, false);
+        self.write(rev, kv, false, prev.clone());
         Ok(PutResponse { header: header(rev.main), prev_kv: if p.prev_kv { prev } else { None } })
     }
 
@@ -416,7 +418,8 @@ impl MvccStore {
             if kv.lease != 0 {
                 self.detach(&k.key, kv.lease);
             }
-            self.write(rev, KeyValue { key: k.key.clone(), mod_revision: rev.main, ..Default::default() }, true);
+            let tomb = KeyValue { key: k.key.clone(), mod_revision: rev.main, ..Default::default() };
+            self.write(rev, tomb, true, Some(kv.clone()));
             if d.prev_kv {
                 prev_kvs.push(kv);
             }

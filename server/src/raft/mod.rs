@@ -1,0 +1,72 @@
+//! openraft wiring: the type configuration, the RocksDB log store, the
+//! state machine that applies batches to MVCC, and the peer network.
+
+mod log_store;
+mod network;
+mod state_machine;
+
+pub use log_store::LogStore;
+pub use network::Network;
+pub use state_machine::{KvState, SnapshotPayload, StateMachine};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::mvcc::Applied;
+use crate::proto::raftpb::Batch;
+
+/// A member as Raft's membership records it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub name: String,
+    pub peer_urls: Vec<String>,
+    pub client_urls: Vec<String>,
+}
+
+/// One result per request of an applied batch.
+pub type BatchResult = Vec<Result<Applied, Error>>;
+
+openraft::declare_raft_types!(
+    /// cairn's Raft types: entries carry batches of etcd requests.
+    pub TypeConfig:
+        D = Batch,
+        R = BatchResult,
+        NodeId = u64,
+        Node = Member,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = std::io::Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type LogId = openraft::LogId<u64>;
+pub type StoredMembership = openraft::StoredMembership<u64, Member>;
+pub type StorageError = openraft::StorageError<u64>;
+
+fn io_err(e: impl std::fmt::Display) -> StorageError {
+    openraft::StorageIOError::write(openraft::AnyError::error(e.to_string())).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    struct Builder;
+
+    impl openraft::testing::StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
+        async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
+            let dir = tempfile::tempdir().map_err(io_err)?;
+            let engine = crate::storage::Engine::open(dir.path()).map_err(io_err)?;
+            let log = LogStore::new(engine.clone(), |_| {});
+            let state = Arc::new(KvState::open(engine, 2).map_err(io_err)?);
+            Ok((dir, log, StateMachine::new(state)))
+        }
+    }
+
+    /// openraft's storage conformance suite on our RocksDB log and state machine.
+    #[test]
+    fn openraft_storage_suite() {
+        openraft::testing::Suite::test_all(Builder).unwrap();
+    }
+}

@@ -1,0 +1,236 @@
+//! The Raft state machine: applies committed batches to MVCC, persists the
+//! changes with the applied position, publishes events to watchers and
+//! starts/stops lease clocks. Also builds and installs Raft snapshots.
+
+use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{EntryPayload, RaftSnapshotBuilder, SnapshotMeta};
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+use super::{io_err, BatchResult, LogId, Member, StorageError, StoredMembership, TypeConfig};
+use crate::error::{Error, Result};
+use crate::lease::Lessor;
+use crate::mvcc::{MvccStore, Revision};
+use crate::storage::{decode_record, encode_record, Engine, StateMeta};
+use crate::watch::Hub;
+
+/// A whole state machine, serialized: what a Raft snapshot and the
+/// Maintenance.Snapshot stream carry.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SnapshotPayload {
+    pub meta: StateMeta,
+    /// (main, sub, encoded record)
+    pub records: Vec<(i64, i64, Vec<u8>)>,
+    pub leases: Vec<(i64, i64)>,
+}
+
+/// The key-value state shared by the state machine and the API.
+pub struct KvState {
+    pub engine: Arc<Engine>,
+    pub store: RwLock<MvccStore>,
+    pub hub: Hub,
+    pub lessor: Lessor,
+    applied: Mutex<(Option<LogId>, StoredMembership)>,
+    snapshot: Mutex<Option<(SnapshotMeta<u64, Member>, Vec<u8>)>>,
+    snapshot_seq: AtomicU64,
+    min_lease_ttl: i64,
+}
+
+fn decode_position(meta: &StateMeta) -> Result<(Option<LogId>, StoredMembership)> {
+    let applied = if meta.applied.is_empty() { None } else { crate::storage::engine_dec(&meta.applied)? };
+    let membership = if meta.membership.is_empty() { StoredMembership::default() } else { crate::storage::engine_dec(&meta.membership)? };
+    Ok((applied, membership))
+}
+
+fn rebuild(engine: &Engine, meta: &StateMeta, min_lease_ttl: i64) -> Result<MvccStore> {
+    let records = engine.records().collect::<Result<Vec<_>>>()?;
+    Ok(MvccStore::restore(
+        min_lease_ttl,
+        records.into_iter(),
+        engine.leases()?.into_iter(),
+        meta.revision,
+        meta.compacted,
+        Engine::alarms_of(meta),
+    ))
+}
+
+impl KvState {
+    /// Loads the state machine from storage, rebuilding the key index.
+    pub fn open(engine: Arc<Engine>, min_lease_ttl: i64) -> Result<Self> {
+        let meta = engine.state_meta()?;
+        let position = decode_position(&meta)?;
+        let store = rebuild(&engine, &meta, min_lease_ttl)?;
+        let hub = Hub::default();
+        hub.reset(store.revision(), store.compacted());
+        Ok(Self {
+            engine,
+            store: RwLock::new(store),
+            hub,
+            lessor: Lessor::default(),
+            applied: Mutex::new(position),
+            snapshot: Mutex::new(None),
+            snapshot_seq: AtomicU64::new(0),
+            min_lease_ttl,
+        })
+    }
+
+    /// The last applied log id and the membership as of it.
+    pub fn applied(&self) -> (Option<LogId>, StoredMembership) {
+        self.applied.lock().clone()
+    }
+
+    fn position_meta(&self, store: &MvccStore, pos: &(Option<LogId>, StoredMembership)) -> StateMeta {
+        StateMeta {
+            applied: bincode::serialize(&pos.0).expect("serialize log id"),
+            membership: bincode::serialize(&pos.1).expect("serialize membership"),
+            revision: store.revision(),
+            compacted: store.compacted(),
+            alarms: store.alarms().iter().map(|a| (a.member_id, a.alarm)).collect(),
+        }
+    }
+
+    fn apply_entries(&self, entries: Vec<openraft::Entry<TypeConfig>>) -> Result<Vec<BatchResult>> {
+        let mut store = self.store.write();
+        let mut pos = self.applied.lock();
+        let mut results = Vec::with_capacity(entries.len());
+        for e in entries {
+            pos.0 = Some(e.log_id);
+            match e.payload {
+                EntryPayload::Blank => results.push(Vec::new()),
+                EntryPayload::Normal(batch) => {
+                    results.push(batch.requests.iter().map(|r| store.apply(&*self.engine, r)).collect())
+                }
+                EntryPayload::Membership(m) => {
+                    pos.1 = StoredMembership::new(Some(e.log_id), m);
+                    results.push(Vec::new());
+                }
+            }
+        }
+        let ws = store.take_writes();
+        let meta = self.position_meta(&store, &pos);
+        self.engine.write_state(&ws, &meta)?;
+        self.hub.publish(&ws.events, store.revision(), store.compacted());
+        for (id, ttl) in &ws.granted {
+            self.lessor.renew(*id, *ttl);
+        }
+        for id in &ws.revoked {
+            self.lessor.forget(*id);
+        }
+        Ok(results)
+    }
+
+    /// Serializes the whole state machine at its applied position.
+    pub fn snapshot_payload(&self) -> Result<(Vec<u8>, Option<LogId>, StoredMembership)> {
+        // The read lock keeps applies out, so storage matches `applied`.
+        let store = self.store.read();
+        let pos = self.applied.lock().clone();
+        let meta = self.position_meta(&store, &pos);
+        let mut records = Vec::new();
+        for item in self.engine.records() {
+            let (rev, rec) = item?;
+            records.push((rev.main, rev.sub, encode_record(&rec)));
+        }
+        let leases = self.engine.leases()?;
+        drop(store);
+        let payload = SnapshotPayload { meta, records, leases };
+        let bytes = bincode::serialize(&payload).map_err(Error::internal)?;
+        Ok((bytes, pos.0, pos.1))
+    }
+
+    /// Replaces the state machine with a snapshot's content.
+    pub fn install_payload(&self, bytes: &[u8]) -> Result<()> {
+        let payload: SnapshotPayload = bincode::deserialize(bytes).map_err(Error::internal)?;
+        let mut records = Vec::with_capacity(payload.records.len());
+        for (main, sub, rec) in &payload.records {
+            records.push((Revision::new(*main, *sub), decode_record(rec)?));
+        }
+        let mut store = self.store.write();
+        self.engine.replace_state(&records, &payload.leases, &payload.meta)?;
+        *store = rebuild(&self.engine, &payload.meta, self.min_lease_ttl)?;
+        *self.applied.lock() = decode_position(&payload.meta)?;
+        self.hub.reset(store.revision(), store.compacted());
+        self.lessor.reset_all(store.leases().map(|(id, l)| (id, l.ttl)));
+        Ok(())
+    }
+}
+
+/// openraft's handle on [`KvState`].
+#[derive(Clone)]
+pub struct StateMachine {
+    state: Arc<KvState>,
+}
+
+impl StateMachine {
+    pub fn new(state: Arc<KvState>) -> Self {
+        Self { state }
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let state = self.state.clone();
+        let (bytes, last, membership) =
+            tokio::task::spawn_blocking(move || state.snapshot_payload()).await.map_err(io_err)?.map_err(io_err)?;
+        let seq = self.state.snapshot_seq.fetch_add(1, Ordering::Relaxed);
+        let snapshot_id = match last {
+            Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
+            None => format!("none-{seq}"),
+        };
+        let meta = SnapshotMeta { last_log_id: last, last_membership: membership, snapshot_id };
+        *self.state.snapshot.lock() = Some((meta.clone(), bytes.clone()));
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        Ok(self.state.applied())
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<BatchResult>, StorageError>
+    where
+        I: IntoIterator<Item = openraft::Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let entries: Vec<_> = entries.into_iter().collect();
+        self.state.apply_entries(entries).map_err(io_err)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, Member>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let bytes = snapshot.into_inner();
+        let state = self.state.clone();
+        let b = bytes.clone();
+        tokio::task::spawn_blocking(move || state.install_payload(&b)).await.map_err(io_err)?.map_err(io_err)?;
+        // The payload's position is the state machine's; the meta is Raft's word on it.
+        *self.state.applied.lock() = (meta.last_log_id, meta.last_membership.clone());
+        *self.state.snapshot.lock() = Some((meta.clone(), bytes));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        Ok(self
+            .state
+            .snapshot
+            .lock()
+            .as_ref()
+            .map(|(meta, bytes)| Snapshot { meta: meta.clone(), snapshot: Box::new(Cursor::new(bytes.clone())) }))
+    }
+}

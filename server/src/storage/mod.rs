@@ -1,0 +1,30 @@
+//! Durable storage on RocksDB: one database, a column family per concern.
+//!
+//! - `log`: Raft entries by index (big-endian), written by one group-commit
+//!   thread that fsyncs every batch before acknowledging it;
+//! - `raft`: the vote, the committed log id, the purged log id;
+//! - `kv`: MVCC history by revision (main, sub), see [`crate::mvcc`];
+//! - `lease`: lease id to granted TTL;
+//! - `meta`: applied log id, membership, current and compacted revision,
+//!   cluster identity, alarms.
+//!
+//! State-machine writes are not fsynced themselves: they share the RocksDB
+//! WAL with the log, so the next synced log write makes them durable, and a
+//! crash before that is repaired by re-applying the (durable) log from the
+//! persisted applied id, which is written in the same batch as the data.
+
+mod engine;
+mod log_writer;
+
+pub use engine::{decode_record, encode_record, Engine, Identity, StateMeta};
+pub use log_writer::{LogOp, LogWriter};
+
+/// Name of the Raft log column family.
+pub fn engine_cf_log() -> &'static str {
+    engine::CF_LOG
+}
+
+/// Decodes a bincode value written by the engine.
+pub fn engine_dec<T: serde::de::DeserializeOwned>(b: &[u8]) -> crate::error::Result<T> {
+    engine::dec(b)
+}
