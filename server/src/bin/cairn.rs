@@ -1,1 +1,49 @@
-fn main() {}
+//! The `cairn` binary: parses etcd's flags, then runs the member.
+
+use clap::Parser;
+
+/// Go's flag package accepts `-name value` as well as `--name value`; etcd
+/// users and scripts rely on both, so single-dash long flags are rewritten.
+fn go_style_args() -> Vec<String> {
+    std::env::args()
+        .enumerate()
+        .map(|(i, a)| {
+            if i > 0 && a.starts_with('-') && !a.starts_with("--") && a.len() > 2 {
+                format!("-{a}")
+            } else {
+                a
+            }
+        })
+        .collect()
+}
+
+fn main() {
+    let flags = cairn::Flags::parse_from(go_style_args());
+    let config = match cairn::Config::from_flags(flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cairn: {e}");
+            std::process::exit(1);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG").unwrap_or_else(|_| {
+        let level = match config.log_level.as_str() {
+            "panic" | "fatal" => "error",
+            l => l,
+        };
+        tracing_subscriber::EnvFilter::new(format!("cairn={level},openraft=warn"))
+    });
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let result = runtime.block_on(cairn::serve(config, async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }));
+    if let Err(e) = result {
+        eprintln!("cairn: {e}");
+        std::process::exit(1);
+    }
+}

@@ -42,8 +42,8 @@ pub fn check_delete(r: &DeleteRangeRequest) -> Result<()> {
     Ok(())
 }
 
-pub fn check_txn(r: &TxnRequest) -> Result<()> {
-    check_txn_ops(r, MAX_TXN_OPS)?;
+pub fn check_txn(r: &TxnRequest, max_ops: usize) -> Result<()> {
+    check_txn_ops(r, max_ops)?;
     check_intervals(r).map(|_| ())
 }
 
@@ -153,18 +153,18 @@ mod tests {
     #[test]
     fn duplicate_puts_and_put_delete_overlap_are_refused() {
         let t = TxnRequest { success: vec![put("a"), put("a")], ..Default::default() };
-        assert_eq!(check_txn(&t), Err(Error::DuplicateKey));
+        assert_eq!(check_txn(&t, MAX_TXN_OPS), Err(Error::DuplicateKey));
         let t = TxnRequest { success: vec![put("a1"), del("a", "b")], ..Default::default() };
-        assert_eq!(check_txn(&t), Err(Error::DuplicateKey));
+        assert_eq!(check_txn(&t, MAX_TXN_OPS), Err(Error::DuplicateKey));
         let t = TxnRequest { success: vec![put("a")], failure: vec![put("a")], ..Default::default() };
-        assert_eq!(check_txn(&t), Ok(()), "different branches may write the same key");
+        assert_eq!(check_txn(&t, MAX_TXN_OPS), Ok(()), "different branches may write the same key");
         let t = TxnRequest { success: vec![del("a", ""), del("a", "")], ..Default::default() };
-        assert_eq!(check_txn(&t), Ok(()));
+        assert_eq!(check_txn(&t, MAX_TXN_OPS), Ok(()));
     }
 
     #[test]
     fn too_many_ops() {
         let t = TxnRequest { success: (0..129).map(|i| put(&i.to_string())).collect(), ..Default::default() };
-        assert_eq!(check_txn(&t), Err(Error::TooManyOps));
+        assert_eq!(check_txn(&t, MAX_TXN_OPS), Err(Error::TooManyOps));
     }
 }

@@ -1,0 +1,149 @@
+//! etcdserverpb.Lease: grants and revokes go through Raft; keep-alives and
+//! remaining TTLs are the leader's clock (`crate::lease`).
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::instrument;
+
+use crate::error::Error;
+use crate::lease::MAX_LEASE_TTL;
+use crate::mvcc::Applied;
+use crate::proto::etcdserverpb::{
+    lease_server::Lease, LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
+    LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus,
+    LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+};
+use crate::proto::raftpb::internal_request::Request as Internal;
+use crate::server::EtcdServer;
+
+pub struct LeaseService {
+    s: Arc<EtcdServer>,
+    /// etcd-style ID generator: member bits, then time, then a counter.
+    next_id: AtomicU64,
+}
+
+impl LeaseService {
+    pub fn new(s: Arc<EtcdServer>) -> Self {
+        let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let seed = ((s.member_id & 0xffff) << 48) | ((ms & 0xff_ffff_ffff) << 8);
+        Self { s, next_id: AtomicU64::new(seed) }
+    }
+
+    fn generate_id(&self) -> i64 {
+        loop {
+            let id = (self.next_id.fetch_add(1, Ordering::Relaxed) & (i64::MAX as u64)) as i64;
+            if id != 0 && self.s.state.store.read().lease(id).is_none() {
+                return id;
+            }
+        }
+    }
+
+    fn keep_alive_one(&self, id: i64) -> Result<LeaseKeepAliveResponse, Error> {
+        if !self.s.is_leader() {
+            return Err(if self.s.leader() == 0 { Error::NoLeader } else { Error::NotLeader });
+        }
+        let ttl = self.s.state.store.read().lease(id).map(|l| l.ttl);
+        let ttl = match ttl {
+            Some(ttl) => {
+                self.s.state.lessor.renew(id, ttl);
+                ttl
+            }
+            // etcd answers an unknown lease with TTL 0, not an error.
+            None => 0,
+        };
+        Ok(LeaseKeepAliveResponse { header: Some(self.s.header(0)), id, ttl })
+    }
+}
+
+type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Lease for Arc<LeaseService> {
+    #[instrument(skip_all, fields(ttl = req.get_ref().ttl))]
+    async fn lease_grant(&self, req: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
+        let mut r = req.into_inner();
+        if r.ttl > MAX_LEASE_TTL {
+            return Err(Error::LeaseTtlTooLarge.into());
+        }
+        if r.id == 0 {
+            r.id = self.generate_id();
+        }
+        match self.s.propose(Internal::LeaseGrant(r)).await? {
+            Applied::LeaseGrant(mut resp) => {
+                self.s.fill(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            other => Err(Error::Internal(format!("unexpected apply result {other:?}")).into()),
+        }
+    }
+
+    #[instrument(skip_all, fields(id = req.get_ref().id))]
+    async fn lease_revoke(&self, req: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
+        match self.s.propose(Internal::LeaseRevoke(req.into_inner())).await? {
+            Applied::LeaseRevoke(mut resp) => {
+                self.s.fill(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            other => Err(Error::Internal(format!("unexpected apply result {other:?}")).into()),
+        }
+    }
+
+    type LeaseKeepAliveStream = KeepAliveStream;
+
+    async fn lease_keep_alive(
+        &self,
+        req: Request<Streaming<LeaseKeepAliveRequest>>,
+    ) -> Result<Response<KeepAliveStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let me = self.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(r)) = inbound.message().await {
+                let resp = me.keep_alive_one(r.id).map_err(Status::from);
+                let stop = resp.is_err();
+                if tx.send(resp).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    #[instrument(skip_all, fields(id = req.get_ref().id))]
+    async fn lease_time_to_live(
+        &self,
+        req: Request<LeaseTimeToLiveRequest>,
+    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let r = req.into_inner();
+        self.s.read_index().await?;
+        let store = self.s.state.store.read();
+        let resp = match store.lease(r.id) {
+            // etcd answers an unknown lease with TTL -1, not an error.
+            None => LeaseTimeToLiveResponse { header: Some(self.s.header(store.revision())), id: r.id, ttl: -1, ..Default::default() },
+            Some(l) => {
+                let remaining = self.s.state.lessor.remaining(r.id).map(|d| d.as_secs() as i64).unwrap_or(l.ttl);
+                LeaseTimeToLiveResponse {
+                    header: Some(self.s.header(store.revision())),
+                    id: r.id,
+                    ttl: remaining,
+                    granted_ttl: l.ttl,
+                    keys: if r.keys { l.keys.iter().cloned().collect() } else { Vec::new() },
+                }
+            }
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn lease_leases(&self, _req: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
+        self.s.read_index().await?;
+        let store = self.s.state.store.read();
+        let leases = store.leases().map(|(id, _)| LeaseStatus { id }).collect();
+        Ok(Response::new(LeaseLeasesResponse { header: Some(self.s.header(store.revision())), leases }))
+    }
+}

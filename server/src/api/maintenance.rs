@@ -1,0 +1,162 @@
+//! etcdserverpb.Maintenance: status, alarms, defragmentation, hashes,
+//! snapshots and leadership moves.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::error::Error;
+use crate::mvcc::Applied;
+use crate::proto::etcdserverpb::{
+    maintenance_server::Maintenance, AlarmRequest, AlarmResponse, AlarmType, DefragmentRequest, DefragmentResponse,
+    DowngradeRequest, DowngradeResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest,
+    MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
+};
+use crate::proto::raftpb::internal_request::Request as Internal;
+use crate::server::{EtcdServer, ETCD_VERSION};
+
+/// Bytes per Snapshot stream message (etcd sends 32 KiB chunks).
+const SNAPSHOT_CHUNK: usize = 32 * 1024;
+
+pub struct MaintenanceService {
+    s: Arc<EtcdServer>,
+}
+
+impl MaintenanceService {
+    pub fn new(s: Arc<EtcdServer>) -> Self {
+        Self { s }
+    }
+}
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Maintenance for MaintenanceService {
+    async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        match self.s.propose(Internal::Alarm(req.into_inner())).await? {
+            Applied::Alarm(mut resp) => {
+                self.s.fill(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            other => Err(Error::Internal(format!("unexpected apply result {other:?}")).into()),
+        }
+    }
+
+    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let m = self.s.raft.metrics().borrow().clone();
+        let learner = !m.membership_config.membership().voter_ids().any(|id| id == self.s.member_id);
+        let errors = self
+            .s
+            .state
+            .store
+            .read()
+            .alarms()
+            .iter()
+            .map(|a| {
+                let name = AlarmType::try_from(a.alarm).map(|t| t.as_str_name()).unwrap_or("UNKNOWN");
+                format!("memberID:{} alarm:{name} ", a.member_id)
+            })
+            .collect();
+        let resp = StatusResponse {
+            header: Some(self.s.header(0)),
+            version: ETCD_VERSION.into(),
+            db_size: self.s.state.engine.size(),
+            leader: self.s.leader(),
+            raft_index: m.last_log_index.unwrap_or(0),
+            raft_term: m.current_term,
+            raft_applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            errors,
+            db_size_in_use: self.s.state.engine.size_in_use(),
+            is_learner: learner,
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn defragment(&self, _req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+        let state = self.s.state.clone();
+        tokio::task::spawn_blocking(move || state.engine.defragment()).await.map_err(Error::internal)??;
+        Ok(Response::new(DefragmentResponse { header: Some(self.s.header(0)) }))
+    }
+
+    async fn hash(&self, _req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        let state = self.s.state.clone();
+        let hash = tokio::task::spawn_blocking(move || {
+            let _quiet = state.store.read();
+            state.engine.hash_all()
+        })
+        .await
+        .map_err(Error::internal)??;
+        Ok(Response::new(HashResponse { header: Some(self.s.header(0)), hash }))
+    }
+
+    async fn hash_kv(&self, req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        let r = req.into_inner();
+        let state = self.s.state.clone();
+        let (hash, compacted, rev, current) = tokio::task::spawn_blocking(move || {
+            let store = state.store.read();
+            let current = store.revision();
+            let rev = if r.revision <= 0 { current } else { r.revision };
+            if rev > current {
+                return Err(Error::FutureRev);
+            }
+            if rev < store.compacted() {
+                return Err(Error::Compacted);
+            }
+            Ok((state.engine.hash_kv(rev)?, store.compacted(), rev, current))
+        })
+        .await
+        .map_err(Error::internal)??;
+        Ok(Response::new(HashKvResponse {
+            header: Some(self.s.header(current)),
+            hash,
+            compact_revision: compacted,
+            hash_revision: rev,
+        }))
+    }
+
+    type SnapshotStream = SnapshotStream;
+
+    async fn snapshot(&self, _req: Request<SnapshotRequest>) -> Result<Response<SnapshotStream>, Status> {
+        let state = self.s.state.clone();
+        let (payload, _, _) = tokio::task::spawn_blocking(move || state.snapshot_payload()).await.map_err(Error::internal)??;
+        let file = crate::snapshot::encode(&payload);
+        let header = self.s.header(0);
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let total = file.len();
+            let mut sent = 0;
+            for chunk in file.chunks(SNAPSHOT_CHUNK) {
+                sent += chunk.len();
+                let r = SnapshotResponse {
+                    header: Some(header.clone()),
+                    remaining_bytes: (total - sent) as u64,
+                    blob: chunk.to_vec(),
+                    version: String::new(),
+                };
+                if tx.send(Ok(r)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn move_leader(&self, req: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
+        let target = req.into_inner().target_id;
+        if !self.s.is_leader() {
+            return Err(Error::NotLeader.into());
+        }
+        if target == self.s.member_id {
+            return Ok(Response::new(MoveLeaderResponse { header: Some(self.s.header(0)) }));
+        }
+        Err(Status::failed_precondition("etcdserver: bad leader transferee"))
+    }
+
+    async fn downgrade(&self, _req: Request<DowngradeRequest>) -> Result<Response<DowngradeResponse>, Status> {
+        Err(Status::unimplemented("etcdserver: downgrade is not supported"))
+    }
+}

@@ -1,0 +1,162 @@
+//! The client-facing API: one module per etcd gRPC service, plus the HTTP
+//! endpoints (`/health`, `/livez`, `/readyz`, `/metrics`, `/version`) on the
+//! same port, as etcd serves them.
+
+pub mod cluster;
+pub mod kv;
+pub mod lease;
+pub mod maintenance;
+pub mod watch;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use futures::future::try_join_all;
+use tokio::net::TcpListener;
+use tonic::service::Routes;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
+use tracing::info;
+
+use crate::error::{Error, Result};
+use crate::proto::etcdserverpb::{
+    cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
+    maintenance_server::MaintenanceServer, watch_server::WatchServer,
+};
+use crate::server::{EtcdServer, ETCD_CLUSTER_VERSION, ETCD_VERSION};
+
+/// gRPC allows this much above `--max-request-bytes` (etcd's `grpcOverheadBytes`).
+const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+async fn health(State(s): State<Arc<EtcdServer>>) -> impl IntoResponse {
+    let (code, body) = if s.leader() == 0 {
+        (StatusCode::SERVICE_UNAVAILABLE, r#"{"health":"false","reason":"RAFT NO LEADER"}"#)
+    } else if !s.state.store.read().alarms().is_empty() {
+        (StatusCode::SERVICE_UNAVAILABLE, r#"{"health":"false","reason":"ALARM ACTIVE"}"#)
+    } else {
+        (StatusCode::OK, r#"{"health":"true","reason":""}"#)
+    };
+    (code, [("content-type", "application/json")], body)
+}
+
+async fn livez() -> impl IntoResponse {
+    (StatusCode::OK, "ok\n")
+}
+
+async fn readyz(State(s): State<Arc<EtcdServer>>) -> impl IntoResponse {
+    if s.leader() == 0 {
+        (StatusCode::SERVICE_UNAVAILABLE, "[-]serializable_read failed: no leader\n")
+    } else {
+        (StatusCode::OK, "ok\n")
+    }
+}
+
+async fn metrics(State(s): State<Arc<EtcdServer>>) -> impl IntoResponse {
+    ([("content-type", "text/plain; version=0.0.4")], s.metrics.render())
+}
+
+async fn version() -> impl IntoResponse {
+    (
+        [("content-type", "application/json")],
+        format!(r#"{{"etcdserver":"{ETCD_VERSION}","etcdcluster":"{ETCD_CLUSTER_VERSION}"}}"#),
+    )
+}
+
+fn http_router(s: Arc<EtcdServer>) -> axum::Router {
+    axum::Router::new()
+        .route("/health", get(health))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/version", get(version))
+        .with_state(s)
+}
+
+fn client_routes(s: Arc<EtcdServer>) -> Routes {
+    let max_recv = s.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    // Serving as soon as the listeners are up; requests wait for a leader.
+    tokio::spawn(async move { reporter.set_service_status("", tonic_health::ServingStatus::Serving).await });
+    Routes::from(http_router(s.clone()))
+        .add_service(
+            KvServer::new(kv::KvService::new(s.clone()))
+                .max_decoding_message_size(max_recv)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(
+            WatchServer::new(watch::WatchService::new(s.clone()))
+                .max_decoding_message_size(max_recv)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(
+            LeaseServer::new(Arc::new(lease::LeaseService::new(s.clone())))
+                .max_decoding_message_size(max_recv)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(
+            ClusterServer::new(cluster::ClusterService::new(s.clone()))
+                .max_decoding_message_size(max_recv)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(
+            MaintenanceServer::new(maintenance::MaintenanceService::new(s.clone()))
+                .max_decoding_message_size(max_recv)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(health_service)
+}
+
+async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| Error::Internal(format!("listen tcp {addr}: bind: {e}")))
+}
+
+/// Serves clients on every `--listen-client-urls` address (gRPC and HTTP)
+/// and metrics on every `--listen-metrics-urls` address until `shutdown`.
+pub async fn serve_clients(s: Arc<EtcdServer>, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let mut tasks = Vec::new();
+    let routes = client_routes(s.clone());
+    for addr in s.cfg.listen_client.clone() {
+        let listener = bind(addr).await?;
+        info!(%addr, "serving client traffic");
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let mut stop = stop_rx.clone();
+        let router = Server::builder()
+            .accept_http1(true)
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(7200)))
+            .add_routes(routes.clone());
+        tasks.push(tokio::spawn(async move {
+            router
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.wait_for(|v| *v).await;
+                })
+                .await
+                .map_err(|e| Error::Internal(format!("client server: {e}")))
+        }));
+    }
+    for addr in s.cfg.listen_metrics.clone() {
+        let listener = bind(addr).await?;
+        info!(%addr, "serving metrics");
+        let app = http_router(s.clone());
+        let mut stop = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|v| *v).await;
+                })
+                .await
+                .map_err(|e| Error::Internal(format!("metrics server: {e}")))
+        }));
+    }
+    let results = try_join_all(tasks).await.map_err(Error::internal)?;
+    results.into_iter().collect::<Result<Vec<()>>>()?;
+    Ok(())
+}

@@ -1,0 +1,323 @@
+//! etcdserverpb.Watch: one task per stream multiplexes its watchers.
+//!
+//! On create the task registers with the hub, sends `created`, replays the
+//! history up to the registration revision from storage, and only then goes
+//! back to its queue, where live events wait: see [`crate::watch`].
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::debug;
+
+use crate::mvcc::KeyRange;
+use crate::proto::etcdserverpb::{
+    watch_create_request::FilterType, watch_request::RequestUnion, watch_server::Watch, WatchCreateRequest,
+    WatchRequest, WatchResponse,
+};
+use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
+use crate::server::EtcdServer;
+use crate::watch::{HubMsg, Registered};
+
+pub struct WatchService {
+    s: Arc<EtcdServer>,
+}
+
+impl WatchService {
+    pub fn new(s: Arc<EtcdServer>) -> Self {
+        Self { s }
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Watch for WatchService {
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<WatchStream>, Status> {
+        let inbound = req.into_inner();
+        let (out, rx) = mpsc::channel(256);
+        let (hub_tx, hub_rx) = mpsc::unbounded_channel();
+        let task = StreamTask {
+            id: self.s.state.hub.new_stream(),
+            s: self.s.clone(),
+            out,
+            hub_tx,
+            watchers: HashMap::new(),
+            next_id: 0,
+        };
+        tokio::spawn(task.run(inbound, hub_rx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+struct Watcher {
+    range: KeyRange,
+    prev_kv: bool,
+    no_put: bool,
+    no_delete: bool,
+    progress_notify: bool,
+    fragment: bool,
+}
+
+impl Watcher {
+    fn shape(&self, e: &Event) -> Option<Event> {
+        let is_put = e.r#type == EventType::Put as i32;
+        if (is_put && self.no_put) || (!is_put && self.no_delete) {
+            return None;
+        }
+        let mut e = e.clone();
+        if !self.prev_kv {
+            e.prev_kv = None;
+        }
+        Some(e)
+    }
+}
+
+struct StreamTask {
+    id: u64,
+    s: Arc<EtcdServer>,
+    out: mpsc::Sender<Result<WatchResponse, Status>>,
+    hub_tx: mpsc::UnboundedSender<HubMsg>,
+    watchers: HashMap<i64, Watcher>,
+    next_id: i64,
+}
+
+impl StreamTask {
+    async fn run(mut self, mut inbound: Streaming<WatchRequest>, mut hub_rx: mpsc::UnboundedReceiver<HubMsg>) {
+        let every = self.s.cfg.progress_notify_interval.max(std::time::Duration::from_millis(100));
+        let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            let ok = tokio::select! {
+                req = inbound.message() => match req {
+                    Ok(Some(req)) => self.handle(req).await,
+                    Ok(None) => false,
+                    Err(e) => {
+                        debug!("watch stream closed: {e}");
+                        false
+                    }
+                },
+                Some(msg) = hub_rx.recv() => self.deliver(msg).await,
+                _ = progress.tick() => {
+                    if self.watchers.values().any(|w| w.progress_notify) {
+                        self.s.state.hub.progress(&self.hub_tx, false);
+                    }
+                    true
+                }
+            };
+            if !ok {
+                break;
+            }
+        }
+        self.s.state.hub.close_stream(self.id);
+    }
+
+    async fn send(&self, r: WatchResponse) -> bool {
+        self.out.send(Ok(r)).await.is_ok()
+    }
+
+    async fn handle(&mut self, req: WatchRequest) -> bool {
+        match req.request_union {
+            Some(RequestUnion::CreateRequest(c)) => self.create(c).await,
+            Some(RequestUnion::CancelRequest(c)) => {
+                if self.watchers.remove(&c.watch_id).is_some() {
+                    self.s.state.hub.cancel(self.id, c.watch_id);
+                    let r = WatchResponse { header: Some(self.s.header(0)), watch_id: c.watch_id, canceled: true, ..Default::default() };
+                    return self.send(r).await;
+                }
+                true
+            }
+            Some(RequestUnion::ProgressRequest(_)) => {
+                // Queued behind every event already published, so the answer
+                // goes out only once this stream's watchers have caught up.
+                self.s.state.hub.progress(&self.hub_tx, true);
+                true
+            }
+            None => true,
+        }
+    }
+
+    async fn create(&mut self, c: WatchCreateRequest) -> bool {
+        let id = if c.watch_id != 0 {
+            if self.watchers.contains_key(&c.watch_id) {
+                let r = WatchResponse {
+                    header: Some(self.s.header(0)),
+                    watch_id: c.watch_id,
+                    created: true,
+                    canceled: true,
+                    cancel_reason: "mvcc: duplicate watch ID provided on the WatchStream".into(),
+                    ..Default::default()
+                };
+                return self.send(r).await;
+            }
+            c.watch_id
+        } else {
+            while self.watchers.contains_key(&self.next_id) {
+                self.next_id += 1;
+            }
+            self.next_id
+        };
+        if id >= self.next_id {
+            self.next_id = id + 1;
+        }
+        let w = Watcher {
+            range: KeyRange::new(&c.key, &c.range_end),
+            prev_kv: c.prev_kv,
+            no_put: c.filters.contains(&(FilterType::Noput as i32)),
+            no_delete: c.filters.contains(&(FilterType::Nodelete as i32)),
+            progress_notify: c.progress_notify,
+            fragment: c.fragment,
+        };
+        let start = c.start_revision.max(0);
+        let reg = self.s.state.hub.register(self.id, id, w.range.clone(), start, self.hub_tx.clone());
+        match reg {
+            Registered::Compacted { compacted, current } => {
+                let created = WatchResponse { header: Some(self.s.header(current)), watch_id: id, created: true, ..Default::default() };
+                let cancel = WatchResponse {
+                    header: Some(self.s.header(current)),
+                    watch_id: id,
+                    canceled: true,
+                    compact_revision: compacted,
+                    cancel_reason: "etcdserver: mvcc: required revision has been compacted".into(),
+                    ..Default::default()
+                };
+                self.send(created).await && self.send(cancel).await
+            }
+            Registered::Replay { from, to, current } => {
+                let created = WatchResponse { header: Some(self.s.header(current)), watch_id: id, created: true, ..Default::default() };
+                if !self.send(created).await {
+                    return false;
+                }
+                self.watchers.insert(id, w);
+                if from <= to {
+                    return self.replay(id, from, to).await;
+                }
+                true
+            }
+        }
+    }
+
+    /// Sends the stored history `[from, to]` of watcher `id`.
+    async fn replay(&mut self, id: i64, from: i64, to: i64) -> bool {
+        let state = self.s.state.clone();
+        let history = tokio::task::spawn_blocking(move || state.engine.history(from, to)).await;
+        let records = match history {
+            Ok(Ok(r)) => r,
+            _ => Vec::new(),
+        };
+        if self.s.state.hub.compacted() > from {
+            // Compaction ran before the history was read: events may be missing.
+            self.watchers.remove(&id);
+            self.s.state.hub.cancel(self.id, id);
+            let r = WatchResponse {
+                header: Some(self.s.header(0)),
+                watch_id: id,
+                canceled: true,
+                compact_revision: self.s.state.hub.compacted(),
+                ..Default::default()
+            };
+            return self.send(r).await;
+        }
+        let w = &self.watchers[&id];
+        let mut events = Vec::new();
+        {
+            let store = self.s.state.store.read();
+            for (rev, rec) in records {
+                if !w.range.contains(&rec.kv.key) {
+                    continue;
+                }
+                let prev = if w.prev_kv {
+                    store.get(&*self.s.state.engine, &rec.kv.key, rev.main - 1).ok().flatten()
+                } else {
+                    None
+                };
+                let (t, kv) = if rec.tombstone {
+                    (EventType::Delete, KeyValue { key: rec.kv.key, mod_revision: rev.main, ..Default::default() })
+                } else {
+                    (EventType::Put, rec.kv)
+                };
+                if let Some(e) = w.shape(&Event { r#type: t as i32, kv: Some(kv), prev_kv: prev }) {
+                    events.push(e);
+                }
+            }
+        }
+        self.send_events(id, events).await
+    }
+
+    async fn deliver(&mut self, msg: HubMsg) -> bool {
+        match msg {
+            HubMsg::Events { watch_id, events } => {
+                let Some(w) = self.watchers.get(&watch_id) else { return true };
+                let events: Vec<Event> = events.iter().filter_map(|e| w.shape(e)).collect();
+                self.send_events(watch_id, events).await
+            }
+            HubMsg::Progress { revision, all: true } => {
+                let r = WatchResponse { header: Some(self.s.header(revision)), watch_id: -1, ..Default::default() };
+                self.send(r).await
+            }
+            HubMsg::Progress { revision, all: false } => {
+                let ids: Vec<i64> = self.watchers.iter().filter(|(_, w)| w.progress_notify).map(|(id, _)| *id).collect();
+                for id in ids {
+                    let r = WatchResponse { header: Some(self.s.header(revision)), watch_id: id, ..Default::default() };
+                    if !self.send(r).await {
+                        return false;
+                    }
+                }
+                true
+            }
+        }
+    }
+
+    /// Sends events one revision per response, fragmenting responses over
+    /// the request size limit when the watcher asked for it.
+    async fn send_events(&self, id: i64, events: Vec<Event>) -> bool {
+        let Some(w) = self.watchers.get(&id) else { return true };
+        let mut start = 0;
+        while start < events.len() {
+            let rev = events[start].kv.as_ref().map(|kv| kv.mod_revision).unwrap_or(0);
+            let mut end = start;
+            while end < events.len() && events[end].kv.as_ref().map(|kv| kv.mod_revision).unwrap_or(0) == rev {
+                end += 1;
+            }
+            let group = &events[start..end];
+            let header = Some(self.s.header(rev));
+            let limit = self.s.cfg.max_request_bytes;
+            let total: usize = group.iter().map(|e| e.encoded_len()).sum();
+            if w.fragment && total > limit {
+                let mut chunk: Vec<Event> = Vec::new();
+                let mut size = 0;
+                let mut chunks = Vec::new();
+                for e in group {
+                    let n = e.encoded_len();
+                    if !chunk.is_empty() && size + n > limit {
+                        chunks.push(std::mem::take(&mut chunk));
+                        size = 0;
+                    }
+                    size += n;
+                    chunk.push(e.clone());
+                }
+                chunks.push(chunk);
+                let last = chunks.len() - 1;
+                for (i, c) in chunks.into_iter().enumerate() {
+                    let r = WatchResponse { header: header.clone(), watch_id: id, events: c, fragment: i != last, ..Default::default() };
+                    if !self.send(r).await {
+                        return false;
+                    }
+                }
+            } else {
+                let r = WatchResponse { header, watch_id: id, events: group.to_vec(), ..Default::default() };
+                if !self.send(r).await {
+                    return false;
+                }
+            }
+            start = end;
+        }
+        true
+    }
+}

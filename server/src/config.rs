@@ -1,0 +1,320 @@
+//! Member configuration from etcd's command-line flags and `ETCD_*`
+//! environment variables, with etcd's defaults, plus the member and cluster
+//! IDs derived from them exactly as etcd derives them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use sha1::{Digest, Sha1};
+use url::Url;
+
+/// etcd-compatible flags. Every flag also reads `ETCD_<NAME>` (upper case,
+/// dashes as underscores), as etcd does.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "cairn", version, about = "An etcd v3 compatible key-value server")]
+pub struct Flags {
+    /// Human-readable name for this member.
+    #[arg(long, env = "ETCD_NAME", default_value = "default")]
+    pub name: String,
+    /// Path to the data directory (default: "${name}.etcd").
+    #[arg(long, env = "ETCD_DATA_DIR")]
+    pub data_dir: Option<String>,
+    /// List of URLs to listen on for client traffic.
+    #[arg(long, env = "ETCD_LISTEN_CLIENT_URLS", default_value = "http://localhost:2379")]
+    pub listen_client_urls: String,
+    /// List of this member's client URLs to advertise to the rest of the cluster.
+    #[arg(long, env = "ETCD_ADVERTISE_CLIENT_URLS", default_value = "http://localhost:2379")]
+    pub advertise_client_urls: String,
+    /// List of URLs to listen on for peer traffic.
+    #[arg(long, env = "ETCD_LISTEN_PEER_URLS", default_value = "http://localhost:2380")]
+    pub listen_peer_urls: String,
+    /// List of this member's peer URLs to advertise to the rest of the cluster.
+    #[arg(long, env = "ETCD_INITIAL_ADVERTISE_PEER_URLS", default_value = "http://localhost:2380")]
+    pub initial_advertise_peer_urls: String,
+    /// Initial cluster configuration for bootstrapping (default: "${name}=${initial-advertise-peer-urls}").
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER")]
+    pub initial_cluster: Option<String>,
+    /// Initial cluster state ('new' or 'existing').
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER_STATE", default_value = "new", value_parser = ["new", "existing"])]
+    pub initial_cluster_state: String,
+    /// Initial cluster token for the etcd cluster during bootstrap.
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER_TOKEN", default_value = "etcd-cluster")]
+    pub initial_cluster_token: String,
+    /// List of additional URLs to listen on that serve /metrics and /health.
+    #[arg(long, env = "ETCD_LISTEN_METRICS_URLS", default_value = "")]
+    pub listen_metrics_urls: String,
+    /// Time (in milliseconds) of a heartbeat interval.
+    #[arg(long, env = "ETCD_HEARTBEAT_INTERVAL", default_value_t = 100)]
+    pub heartbeat_interval: u64,
+    /// Time (in milliseconds) for an election to timeout.
+    #[arg(long, env = "ETCD_ELECTION_TIMEOUT", default_value_t = 1000)]
+    pub election_timeout: u64,
+    /// Number of committed transactions to trigger a snapshot to disk.
+    #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 100_000)]
+    pub snapshot_count: u64,
+    /// Raise alarms when backend size exceeds the given quota (0 defaults to 2 GiB).
+    #[arg(long, env = "ETCD_QUOTA_BACKEND_BYTES", default_value_t = 0)]
+    pub quota_backend_bytes: i64,
+    /// Maximum client request size in bytes the server will accept.
+    #[arg(long, env = "ETCD_MAX_REQUEST_BYTES", default_value_t = 1_572_864)]
+    pub max_request_bytes: usize,
+    /// Maximum number of operations permitted in a transaction.
+    #[arg(long, env = "ETCD_MAX_TXN_OPS", default_value_t = 128)]
+    pub max_txn_ops: usize,
+    /// Duration of periodic watch progress notifications.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m", value_parser = parse_go_duration)]
+    pub experimental_watch_progress_notify_interval: Duration,
+    /// Logger: 'zap' or 'capnslog' (accepted for compatibility; cairn logs with tracing).
+    #[arg(long, env = "ETCD_LOGGER", default_value = "zap", value_parser = ["zap", "capnslog"])]
+    pub logger: String,
+    /// Log level: debug, info, warn, error, panic or fatal.
+    #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info", value_parser = ["debug", "info", "warn", "error", "panic", "fatal"])]
+    pub log_level: String,
+    /// Log outputs: 'stderr', 'stdout' or 'default' (stderr).
+    #[arg(long, env = "ETCD_LOG_OUTPUTS", default_value = "default")]
+    pub log_outputs: String,
+    /// The v2 API is not served; only 'false' is accepted.
+    #[arg(long, env = "ETCD_ENABLE_V2", default_value = "false", num_args = 0..=1, default_missing_value = "true",
+          value_parser = parse_false_only)]
+    pub enable_v2: bool,
+}
+
+fn parse_false_only(s: &str) -> Result<bool, String> {
+    match s {
+        "false" | "0" => Ok(false),
+        "true" | "1" => Err("the v2 API is not supported by cairn".into()),
+        _ => Err(format!("invalid boolean value {s:?}")),
+    }
+}
+
+/// Parses a Go duration such as `10m`, `1h30m`, `500ms`.
+pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    if rest == "0" {
+        return Ok(total);
+    }
+    while !rest.is_empty() {
+        let n = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or(format!("missing unit in duration {s:?}"))?;
+        let value: f64 = rest[..n].parse().map_err(|_| format!("invalid duration {s:?}"))?;
+        rest = &rest[n..];
+        let u = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let secs = match &rest[..u] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            unit => return Err(format!("unknown unit {unit:?} in duration {s:?}")),
+        };
+        total += Duration::from_secs_f64(value * secs);
+        rest = &rest[u..];
+    }
+    Ok(total)
+}
+
+/// A validated member configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub name: String,
+    pub data_dir: std::path::PathBuf,
+    pub listen_client: Vec<SocketAddr>,
+    pub advertise_client_urls: Vec<String>,
+    pub listen_peer: Vec<SocketAddr>,
+    pub advertise_peer_urls: Vec<String>,
+    /// Member name to peer URLs, from `--initial-cluster`.
+    pub initial_cluster: BTreeMap<String, Vec<String>>,
+    pub initial_cluster_new: bool,
+    pub initial_cluster_token: String,
+    pub listen_metrics: Vec<SocketAddr>,
+    pub heartbeat: Duration,
+    pub election_timeout: Duration,
+    pub snapshot_count: u64,
+    pub quota_backend_bytes: i64,
+    pub max_request_bytes: usize,
+    pub max_txn_ops: usize,
+    pub progress_notify_interval: Duration,
+    pub log_level: String,
+}
+
+/// A configuration error, reported as etcd reports them.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn split_urls(flag: &str, s: &str) -> Result<Vec<Url>, ConfigError> {
+    s.split(',')
+        .filter(|u| !u.trim().is_empty())
+        .map(|u| {
+            let url = Url::parse(u.trim()).map_err(|e| ConfigError(format!("invalid value {u:?} for flag -{flag}: {e}")))?;
+            match url.scheme() {
+                "http" => Ok(url),
+                "https" | "unixs" => Err(ConfigError(format!("{u}: TLS is not supported yet (flag -{flag})"))),
+                other => Err(ConfigError(format!("URL scheme must be http, https, unix, or unixs: {other}"))),
+            }
+        })
+        .collect()
+}
+
+fn url_string(u: &Url) -> String {
+    // Url adds a trailing slash to an empty path; etcd prints URLs without it.
+    u.as_str().trim_end_matches('/').to_string()
+}
+
+fn bind_addrs(flag: &str, urls: &[Url]) -> Result<Vec<SocketAddr>, ConfigError> {
+    let mut out = Vec::new();
+    for u in urls {
+        let host = u.host_str().ok_or_else(|| ConfigError(format!("{u}: no host in flag -{flag}")))?;
+        let port = u.port().ok_or_else(|| ConfigError(format!("{u}: missing port in flag -{flag}")))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let ip: std::net::IpAddr = if host == "localhost" {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            host.parse().map_err(|_| ConfigError(format!("expected IP in URL for binding ({u})")))?
+        };
+        out.push(SocketAddr::new(ip, port));
+    }
+    Ok(out)
+}
+
+impl Config {
+    pub fn from_flags(f: Flags) -> Result<Self, ConfigError> {
+        let client = split_urls("listen-client-urls", &f.listen_client_urls)?;
+        let peer = split_urls("listen-peer-urls", &f.listen_peer_urls)?;
+        let metrics = split_urls("listen-metrics-urls", &f.listen_metrics_urls)?;
+        let adv_client: Vec<String> = split_urls("advertise-client-urls", &f.advertise_client_urls)?.iter().map(url_string).collect();
+        let adv_peer: Vec<String> =
+            split_urls("initial-advertise-peer-urls", &f.initial_advertise_peer_urls)?.iter().map(url_string).collect();
+        let initial = f.initial_cluster.clone().unwrap_or_else(|| {
+            adv_peer.iter().map(|u| format!("{}={u}", f.name)).collect::<Vec<_>>().join(",")
+        });
+        let mut initial_cluster: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for item in initial.split(',').filter(|s| !s.is_empty()) {
+            let (name, url) =
+                item.split_once('=').ok_or_else(|| ConfigError(format!("invalid value {initial:?} for flag -initial-cluster")))?;
+            let url = split_urls("initial-cluster", url)?;
+            initial_cluster.entry(name.to_string()).or_default().extend(url.iter().map(url_string));
+        }
+        let mine = initial_cluster.get(&f.name).cloned().unwrap_or_default();
+        let mut a = adv_peer.clone();
+        let mut b = mine.clone();
+        a.sort();
+        b.sort();
+        if f.initial_cluster_state == "new" && a != b {
+            return Err(ConfigError(format!(
+                "--initial-cluster has {}={} but missing from --initial-advertise-peer-urls={} (\"{}\"(resolved from {:?}) != \"{}\"(resolved from {:?}))",
+                f.name,
+                mine.join(","),
+                adv_peer.join(","),
+                b.join(","),
+                mine,
+                a.join(","),
+                adv_peer
+            )));
+        }
+        if f.election_timeout < 5 * f.heartbeat_interval {
+            return Err(ConfigError(format!(
+                "--election-timeout[{}ms] should be at least as 5 times as --heartbeat-interval[{}ms]",
+                f.election_timeout, f.heartbeat_interval
+            )));
+        }
+        Ok(Self {
+            data_dir: f.data_dir.clone().unwrap_or_else(|| format!("{}.etcd", f.name)).into(),
+            name: f.name,
+            listen_client: bind_addrs("listen-client-urls", &client)?,
+            advertise_client_urls: adv_client,
+            listen_peer: bind_addrs("listen-peer-urls", &peer)?,
+            advertise_peer_urls: adv_peer,
+            initial_cluster,
+            initial_cluster_new: f.initial_cluster_state == "new",
+            initial_cluster_token: f.initial_cluster_token,
+            listen_metrics: bind_addrs("listen-metrics-urls", &metrics)?,
+            heartbeat: Duration::from_millis(f.heartbeat_interval),
+            election_timeout: Duration::from_millis(f.election_timeout),
+            snapshot_count: f.snapshot_count.max(1),
+            quota_backend_bytes: if f.quota_backend_bytes <= 0 { 2 << 30 } else { f.quota_backend_bytes },
+            max_request_bytes: f.max_request_bytes,
+            max_txn_ops: f.max_txn_ops,
+            progress_notify_interval: f.experimental_watch_progress_notify_interval,
+            log_level: f.log_level,
+        })
+    }
+
+    /// The smallest lease TTL: 1.5 election timeouts, in whole seconds (etcd's `minTTL`).
+    pub fn min_lease_ttl(&self) -> i64 {
+        ((3 * self.election_timeout.as_millis() as u64) / 2).div_ceil(1000) as i64
+    }
+
+    /// Member IDs of the initial cluster, by name.
+    pub fn initial_member_ids(&self) -> BTreeMap<String, u64> {
+        self.initial_cluster
+            .iter()
+            .map(|(name, urls)| (name.clone(), member_id(urls, &self.initial_cluster_token)))
+            .collect()
+    }
+}
+
+/// etcd's member ID: the first 8 bytes of SHA-1 over the sorted peer URLs
+/// and the cluster token.
+pub fn member_id(peer_urls: &[String], token: &str) -> u64 {
+    let mut urls = peer_urls.to_vec();
+    urls.sort();
+    let mut h = Sha1::new();
+    h.update(urls.concat().as_bytes());
+    h.update(token.as_bytes());
+    let d = h.finalize();
+    u64::from_be_bytes(d[..8].try_into().expect("sha1 has 20 bytes"))
+}
+
+/// etcd's cluster ID: the first 8 bytes of SHA-1 over the sorted member IDs.
+pub fn cluster_id(member_ids: &[u64]) -> u64 {
+    let mut ids = member_ids.to_vec();
+    ids.sort();
+    let mut h = Sha1::new();
+    for id in ids {
+        h.update(id.to_be_bytes());
+    }
+    let d = h.finalize();
+    u64::from_be_bytes(d[..8].try_into().expect("sha1 has 20 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let f = Flags::try_parse_from(std::iter::once("cairn").chain(args.iter().copied())).map_err(|e| e.to_string())?;
+        Config::from_flags(f).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn etcd_defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.listen_client, vec!["127.0.0.1:2379".parse().unwrap()]);
+        assert_eq!(c.data_dir, std::path::PathBuf::from("default.etcd"));
+        assert_eq!(c.initial_cluster["default"], vec!["http://localhost:2380".to_string()]);
+        assert_eq!(c.min_lease_ttl(), 2);
+    }
+
+    #[test]
+    fn ids_match_etcd() {
+        // `etcd` with default flags reports member 8e9e05c52164694d in cluster cdf818194e3a8c32.
+        let c = parse(&[]).unwrap();
+        let id = c.initial_member_ids()["default"];
+        assert_eq!(format!("{id:x}"), "8e9e05c52164694d");
+        assert_eq!(format!("{:x}", cluster_id(&[id])), "cdf818194e3a8c32");
+    }
+
+    #[test]
+    fn bad_flags() {
+        assert!(parse(&["--nope"]).is_err());
+        assert!(parse(&["--heartbeat-interval", "x"]).is_err());
+        assert!(parse(&["--initial-cluster", "default=http://10.0.0.1:2380"]).unwrap_err().contains("initial-cluster"));
+        assert!(parse(&["--enable-v2"]).is_err());
+        assert!(parse(&["--enable-v2=false"]).is_ok());
+        assert_eq!(parse_go_duration("1m30s").unwrap(), Duration::from_secs(90));
+    }
+}

@@ -1,0 +1,360 @@
+//! The member: opens storage, starts Raft, proposes client writes in
+//! batches (group commit), tracks leadership, expires leases, and serves the
+//! etcd gRPC API and HTTP endpoints on the client URLs.
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ServerState, SnapshotPolicy};
+use parking_lot::Mutex;
+use prost::Message;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tracing::{info, warn};
+
+use crate::config::{cluster_id, Config};
+use crate::error::{Error, Result};
+use crate::mvcc::Applied;
+use crate::proto::etcdserverpb::{LeaseRevokeRequest, ResponseHeader};
+use crate::proto::raftpb::{internal_request::Request, Batch, InternalRequest};
+use crate::raft::{KvState, LogStore, Member, Network, Raft, StateMachine};
+use crate::storage::{Engine, Identity};
+use crate::metrics::Metrics;
+
+/// The etcd API version cairn reports (kube-apiserver parses it).
+pub const ETCD_VERSION: &str = "3.5.13";
+/// The cluster version cairn reports.
+pub const ETCD_CLUSTER_VERSION: &str = "3.5.0";
+
+/// Most client requests carried by one Raft entry.
+const MAX_BATCH: usize = 512;
+/// Raft entries in flight at once; while they are being written, new
+/// requests queue up and go together in the next entry.
+const MAX_INFLIGHT_BATCHES: usize = 4;
+
+type Proposal = (InternalRequest, oneshot::Sender<Result<Applied>>);
+
+/// A running member.
+pub struct EtcdServer {
+    pub cfg: Config,
+    pub raft: Raft,
+    pub state: Arc<KvState>,
+    pub member_id: u64,
+    pub cluster_id: u64,
+    pub metrics: Metrics,
+    term: AtomicU64,
+    leader: AtomicU64,
+    proposals: mpsc::UnboundedSender<Proposal>,
+}
+
+fn map_write_err(e: RaftError<u64, ClientWriteError<u64, Member>>) -> Error {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            if f.leader_id.is_some() {
+                Error::NotLeader
+            } else {
+                Error::NoLeader
+            }
+        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => Error::internal(e),
+        RaftError::Fatal(e) => Error::Internal(format!("raft stopped: {e}")),
+    }
+}
+
+impl EtcdServer {
+    /// Opens the member's storage and starts Raft (not the client listeners).
+    pub async fn start(cfg: Config) -> Result<Arc<Self>> {
+        let dir = cfg.data_dir.join("member").join("cairn");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::Internal(format!("cannot create data dir {}: {e}", dir.display())))?;
+        let engine = Engine::open(&dir)?;
+        let identity = match engine.identity()? {
+            Some(id) => id,
+            None if cfg.initial_cluster_new => {
+                let ids = cfg.initial_member_ids();
+                let member_id = *ids.get(&cfg.name).ok_or_else(|| {
+                    Error::Internal(format!("couldn't find local name {:?} in the initial cluster configuration", cfg.name))
+                })?;
+                let all: Vec<u64> = ids.values().copied().collect();
+                let id = Identity { cluster_id: cluster_id(&all), member_id };
+                engine.save_identity(&id)?;
+                id
+            }
+            None => {
+                return Err(Error::Unsupported(
+                    "--initial-cluster-state=existing: joining a running cluster is not supported yet".into(),
+                ))
+            }
+        };
+        let metrics = Metrics::default();
+        let state = Arc::new(KvState::open(engine.clone(), cfg.min_lease_ttl())?);
+        let fsync = metrics.wal_fsync.clone();
+        let log = LogStore::new(engine, move |secs| fsync.observe(secs));
+        let election = cfg.election_timeout.as_millis() as u64;
+        let raft_cfg = openraft::Config {
+            cluster_name: cfg.initial_cluster_token.clone(),
+            heartbeat_interval: cfg.heartbeat.as_millis() as u64,
+            election_timeout_min: election,
+            election_timeout_max: election * 2,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_count),
+            max_in_snapshot_log_to_keep: 5000,
+            install_snapshot_timeout: 60_000,
+            max_payload_entries: 64,
+            ..Default::default()
+        };
+        let raft_cfg = Arc::new(raft_cfg.validate().map_err(Error::internal)?);
+        let raft = Raft::new(identity.member_id, raft_cfg, Network, log, StateMachine::new(state.clone()))
+            .await
+            .map_err(Error::internal)?;
+        if !raft.is_initialized().await.map_err(Error::internal)? {
+            let ids = cfg.initial_member_ids();
+            let members: BTreeMap<u64, Member> = cfg
+                .initial_cluster
+                .iter()
+                .map(|(name, urls)| {
+                    let client_urls = if *name == cfg.name { cfg.advertise_client_urls.clone() } else { Vec::new() };
+                    (ids[name], Member { name: name.clone(), peer_urls: urls.clone(), client_urls })
+                })
+                .collect();
+            info!(member = format!("{:x}", identity.member_id), cluster = format!("{:x}", identity.cluster_id), "bootstrapping a new cluster");
+            raft.initialize(members).await.map_err(Error::internal)?;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let server = Arc::new(Self {
+            cfg,
+            raft,
+            state,
+            member_id: identity.member_id,
+            cluster_id: identity.cluster_id,
+            metrics,
+            term: AtomicU64::new(0),
+            leader: AtomicU64::new(0),
+            proposals: tx,
+        });
+        tokio::spawn(batcher(server.raft.clone(), server.metrics.clone(), rx));
+        tokio::spawn(track_leadership(Arc::downgrade(&server)));
+        tokio::spawn(expire_leases(Arc::downgrade(&server)));
+        Ok(server)
+    }
+
+    /// A response header at `revision` (0: the current revision).
+    pub fn header(&self, revision: i64) -> ResponseHeader {
+        let revision = if revision == 0 { self.state.store.read().revision() } else { revision };
+        ResponseHeader {
+            cluster_id: self.cluster_id,
+            member_id: self.member_id,
+            revision,
+            raft_term: self.term.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Completes a header filled by the state machine (which sets only the revision).
+    pub fn fill(&self, h: &mut Option<ResponseHeader>) {
+        let rev = h.as_ref().map(|h| h.revision).unwrap_or(0);
+        *h = Some(self.header(rev));
+    }
+
+    /// The current leader's member ID, 0 when there is none.
+    pub fn leader(&self) -> u64 {
+        self.leader.load(Ordering::Relaxed)
+    }
+
+    pub fn term(&self) -> u64 {
+        self.term.load(Ordering::Relaxed)
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader() == self.member_id
+    }
+
+    fn request_timeout(&self) -> Duration {
+        // etcd: 5s plus two election timeouts.
+        Duration::from_secs(5) + 2 * self.cfg.election_timeout
+    }
+
+    /// Waits (bounded) until some member leads.
+    async fn wait_leader(&self) -> Result<()> {
+        if self.leader() != 0 {
+            return Ok(());
+        }
+        let mut rx = self.raft.metrics();
+        let wait = async {
+            loop {
+                if rx.borrow_and_update().current_leader.is_some() {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(self.request_timeout(), wait).await.map_err(|_| Error::NoLeader)
+    }
+
+    /// Replicates and applies one write request.
+    pub async fn propose(&self, request: Request) -> Result<Applied> {
+        let req = InternalRequest { request: Some(request) };
+        if req.encoded_len() > self.cfg.max_request_bytes {
+            return Err(Error::RequestTooLarge);
+        }
+        self.wait_leader().await?;
+        let (tx, rx) = oneshot::channel();
+        self.proposals.send((req, tx)).map_err(|_| Error::Internal("server stopped".into()))?;
+        match tokio::time::timeout(self.request_timeout(), rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Error::Internal("server stopped".into())),
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+
+    /// Returns once this member has applied everything committed before the
+    /// call: a linearizable read may then be served locally.
+    pub async fn read_index(&self) -> Result<()> {
+        self.wait_leader().await?;
+        let fut = self.raft.ensure_linearizable();
+        match tokio::time::timeout(self.request_timeout(), fut).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)))) => {
+                Err(if f.leader_id.is_some() { Error::NotLeader } else { Error::NoLeader })
+            }
+            Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::QuorumNotEnough(_)))) => Err(Error::Timeout),
+            Ok(Err(RaftError::Fatal(e))) => Err(Error::Internal(format!("raft stopped: {e}"))),
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+
+    /// Members as Raft's applied membership has them: (id, member, is_learner).
+    pub fn members(&self) -> Vec<(u64, Member, bool)> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let voters: HashSet<u64> = m.membership().voter_ids().collect();
+        m.membership().nodes().map(|(id, node)| (*id, node.clone(), !voters.contains(id))).collect()
+    }
+
+    /// Stops Raft.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            warn!("raft shutdown: {e}");
+        }
+    }
+}
+
+/// Turns queued proposals into Raft entries: everything waiting when an
+/// in-flight slot frees up goes into one entry.
+async fn batcher(raft: Raft, metrics: Metrics, mut rx: mpsc::UnboundedReceiver<Proposal>) {
+    let slots = Arc::new(Semaphore::new(MAX_INFLIGHT_BATCHES));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let Some(first) = rx.recv().await else { return };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        metrics.batch_size.observe(batch.len() as f64);
+        metrics.proposals_pending.add(batch.len() as i64);
+        let raft = raft.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let (requests, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            let n = waiters.len() as i64;
+            match raft.client_write(Batch { requests }).await {
+                Ok(resp) => {
+                    for (w, r) in waiters.into_iter().zip(resp.data) {
+                        let _ = w.send(r);
+                    }
+                }
+                Err(e) => {
+                    metrics.proposals_failed.inc_by(n as u64);
+                    let e = map_write_err(e);
+                    for w in waiters {
+                        let _ = w.send(Err(e.clone()));
+                    }
+                }
+            }
+            metrics.proposals_pending.sub(n);
+            drop(permit);
+        });
+    }
+}
+
+/// Follows Raft's metrics: term and leader for headers and metrics; on
+/// becoming leader, restarts every lease clock.
+async fn track_leadership(server: std::sync::Weak<EtcdServer>) {
+    let Some(s) = server.upgrade() else { return };
+    let mut rx = s.raft.metrics();
+    drop(s);
+    let mut was_leader = false;
+    let mut last_leader = None;
+    loop {
+        {
+            let Some(s) = server.upgrade() else { return };
+            let m = rx.borrow_and_update().clone();
+            s.term.store(m.current_term, Ordering::Relaxed);
+            s.leader.store(m.current_leader.unwrap_or(0), Ordering::Relaxed);
+            s.metrics.has_leader.set(m.current_leader.is_some() as i64);
+            let leader = m.state == ServerState::Leader;
+            s.metrics.is_leader.set(leader as i64);
+            if m.current_leader.is_some() && m.current_leader != last_leader {
+                s.metrics.leader_changes.inc();
+                last_leader = m.current_leader;
+            }
+            if let Some(a) = m.last_applied {
+                s.metrics.proposals_applied.set(a.index as i64);
+            }
+            s.metrics.proposals_committed.set(m.last_log_index.unwrap_or(0) as i64);
+            if leader && !was_leader {
+                let store = s.state.store.read();
+                s.state.lessor.reset_all(store.leases().map(|(id, l)| (id, l.ttl)));
+                info!(member = format!("{:x}", s.member_id), term = m.current_term, "became leader");
+            }
+            was_leader = leader;
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// On the leader, revokes leases whose clock ran out.
+async fn expire_leases(server: std::sync::Weak<EtcdServer>) {
+    let revoking: Arc<Mutex<HashSet<i64>>> = Arc::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let Some(s) = server.upgrade() else { return };
+        if !s.is_leader() {
+            continue;
+        }
+        for id in s.state.lessor.expired() {
+            if !revoking.lock().insert(id) {
+                continue;
+            }
+            let s = s.clone();
+            let revoking = revoking.clone();
+            tokio::spawn(async move {
+                match s.propose(Request::LeaseRevoke(LeaseRevokeRequest { id })).await {
+                    Ok(_) | Err(Error::LeaseNotFound) => s.state.lessor.forget(id),
+                    Err(e) => warn!(lease = id, "revoking expired lease failed: {e}"),
+                }
+                revoking.lock().remove(&id);
+            });
+        }
+        s.metrics.watchers.set(s.state.hub.watchers() as i64);
+        s.metrics.keys_total.set(s.state.store.read().keys_total() as i64);
+        s.metrics.db_total_size.set(s.state.engine.size());
+        s.metrics.db_total_size_in_use.set(s.state.engine.size_in_use());
+    }
+}
+
+/// Runs a member until `shutdown` resolves: the library entry point of the
+/// `cairn` binary.
+pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+    let server = EtcdServer::start(cfg).await?;
+    let result = crate::api::serve_clients(server.clone(), shutdown).await;
+    server.shutdown().await;
+    result
+}
