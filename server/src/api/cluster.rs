@@ -55,7 +55,9 @@ impl Cluster for ClusterService {
     }
 
     async fn member_list(&self, _req: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
-        Ok(Response::new(MemberListResponse { header: Some(self.s.header(0)), members: self.members() }))
+        // etcd's Cluster responses carry no revision.
+        let header = crate::proto::etcdserverpb::ResponseHeader { revision: 0, ..self.s.header(1) };
+        Ok(Response::new(MemberListResponse { header: Some(header), members: self.members() }))
     }
 
     async fn member_promote(&self, _req: Request<MemberPromoteRequest>) -> Result<Response<MemberPromoteResponse>, Status> {

@@ -24,6 +24,9 @@ use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
 use crate::server::EtcdServer;
 use crate::watch::{HubMsg, Registered};
 
+/// Most revisions in one replayed watch response (etcd's `watchBatchMaxRevs`).
+const WATCH_BATCH_MAX_REVS: usize = 1000;
+
 pub struct WatchService {
     s: Arc<EtcdServer>,
 }
@@ -247,7 +250,7 @@ impl StreamTask {
                 }
             }
         }
-        self.send_events(id, events).await
+        self.send_events(id, events, Some(to)).await
     }
 
     async fn deliver(&mut self, msg: HubMsg) -> bool {
@@ -255,7 +258,7 @@ impl StreamTask {
             HubMsg::Events { watch_id, events } => {
                 let Some(w) = self.watchers.get(&watch_id) else { return true };
                 let events: Vec<Event> = events.iter().filter_map(|e| w.shape(e)).collect();
-                self.send_events(watch_id, events).await
+                self.send_events(watch_id, events, None).await
             }
             HubMsg::Progress { revision, all: true } => {
                 let r = WatchResponse { header: Some(self.s.header(revision)), watch_id: -1, ..Default::default() };
@@ -274,19 +277,32 @@ impl StreamTask {
         }
     }
 
-    /// Sends events one revision per response, fragmenting responses over
-    /// the request size limit when the watcher asked for it.
-    async fn send_events(&self, id: i64, events: Vec<Event>) -> bool {
+    /// Sends events as etcd does: live events one revision per response;
+    /// replayed history (`replayed_to` set) up to 1000 revisions per
+    /// response, at the replay's revision. Responses over the request size
+    /// limit are fragmented when the watcher asked for it.
+    async fn send_events(&self, id: i64, events: Vec<Event>, replayed_to: Option<i64>) -> bool {
         let Some(w) = self.watchers.get(&id) else { return true };
+        let revs_per_response = if replayed_to.is_some() { WATCH_BATCH_MAX_REVS } else { 1 };
+        let rev_of = |e: &Event| e.kv.as_ref().map(|kv| kv.mod_revision).unwrap_or(0);
         let mut start = 0;
         while start < events.len() {
-            let rev = events[start].kv.as_ref().map(|kv| kv.mod_revision).unwrap_or(0);
             let mut end = start;
-            while end < events.len() && events[end].kv.as_ref().map(|kv| kv.mod_revision).unwrap_or(0) == rev {
+            let mut revs = 0;
+            let mut last = None;
+            while end < events.len() {
+                let r = rev_of(&events[end]);
+                if last != Some(r) {
+                    if revs == revs_per_response {
+                        break;
+                    }
+                    revs += 1;
+                    last = Some(r);
+                }
                 end += 1;
             }
             let group = &events[start..end];
-            let header = Some(self.s.header(rev));
+            let header = Some(self.s.header(replayed_to.unwrap_or_else(|| rev_of(&events[start]))));
             let limit = self.s.cfg.max_request_bytes;
             let total: usize = group.iter().map(|e| e.encoded_len()).sum();
             if w.fragment && total > limit {

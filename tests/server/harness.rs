@@ -1,0 +1,222 @@
+//! Runs real servers for the tests: cairn (the binary this package builds)
+//! and etcd 3.4 from Debian, with the same flags, on free loopback ports,
+//! each in its own temporary data directory.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Cairn,
+    Etcd,
+}
+
+impl Kind {
+    pub fn binary(self) -> &'static str {
+        match self {
+            Kind::Cairn => env!("CARGO_BIN_EXE_cairn"),
+            Kind::Etcd => "etcd",
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound once, released, then used).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One single-member server process.
+pub struct Member {
+    pub kind: Kind,
+    pub dir: tempfile::TempDir,
+    pub client_port: u16,
+    pub peer_port: u16,
+    child: Option<Child>,
+    extra: Vec<String>,
+}
+
+/// What a command printed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Out {
+    pub stdout: String,
+    pub stderr: String,
+    pub code: i32,
+}
+
+impl From<Output> for Out {
+    fn from(o: Output) -> Self {
+        Out {
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+            code: o.status.code().unwrap_or(-1),
+        }
+    }
+}
+
+impl Member {
+    pub fn start(kind: Kind) -> Self {
+        Self::start_with(kind, &[])
+    }
+
+    /// Starts a member with extra flags appended to the common ones.
+    pub fn start_with(kind: Kind, extra: &[&str]) -> Self {
+        let mut m = Member {
+            kind,
+            dir: tempfile::tempdir().unwrap(),
+            client_port: free_port(),
+            peer_port: free_port(),
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        m.spawn();
+        m
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// The flags both servers get: exactly what one would pass to etcd.
+    pub fn flags(&self) -> Vec<String> {
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut f: Vec<String> = [
+            "--name",
+            "m1",
+            "--data-dir",
+            self.data_dir().to_str().unwrap(),
+            "--listen-client-urls",
+            &self.url(),
+            "--advertise-client-urls",
+            &self.url(),
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &format!("m1={peer}"),
+            "--initial-cluster-token",
+            "cairn-test",
+            "--initial-cluster-state",
+            "new",
+            "--logger",
+            "zap",
+            "--log-outputs",
+            "stderr",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        f.extend(self.extra.iter().cloned());
+        f
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("server.log")).unwrap();
+        let child = Command::new(self.kind.binary())
+            .args(self.flags())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.kind.binary()));
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// Waits until `/health` on the client port reports healthy.
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!("{:?} exited early with {status}:\n{}", self.kind, self.log());
+                }
+            }
+            if http_get(self.client_port, "/health").is_some_and(|b| b.contains(r#""health":"true""#)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{:?} not healthy after 30s:\n{}", self.kind, self.log());
+    }
+
+    /// SIGKILL, no warning.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the process again on the same data directory and ports.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// Runs etcdctl (v3 API) against this member, `input` on its stdin.
+    pub fn ctl_stdin(&self, args: &[&str], input: &str) -> Out {
+        // `watch` never ends by itself: give it two seconds to print.
+        let mut cmd = if args.first() == Some(&"watch") {
+            let mut c = Command::new("timeout");
+            c.arg("2").arg("etcdctl");
+            c
+        } else {
+            Command::new("etcdctl")
+        };
+        let mut child = cmd
+            .env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(self.endpoint())
+            .arg("--command-timeout=10s")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .current_dir(self.dir.path())
+            .spawn()
+            .expect("etcdctl runs");
+        let mut stdin = child.stdin.take().unwrap();
+        let input = input.to_string();
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(input.as_bytes());
+        });
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap();
+        out.into()
+    }
+
+    pub async fn client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect([self.url()], None).await.expect("etcd client connects")
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A minimal HTTP/1.1 GET on 127.0.0.1; the body, if the server answered.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&format!("127.0.0.1:{port}").parse().ok()?, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    Some(buf)
+}

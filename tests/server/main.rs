@@ -1,0 +1,9 @@
+//! Integration tests of the cairn server against real etcd 3.4, real
+//! etcdctl and the `etcd-client` crate. Requires `etcd` and `etcdctl` on
+//! PATH (Debian's etcd-server and etcd-client; `tests/run` installs them).
+
+mod harness;
+
+mod crash;
+mod ctl_diff;
+mod client_diff;
