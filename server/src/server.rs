@@ -31,9 +31,12 @@ pub const ETCD_CLUSTER_VERSION: &str = "3.5.0";
 
 /// Most client requests carried by one Raft entry.
 const MAX_BATCH: usize = 512;
-/// Raft entries in flight at once; while they are being written, new
-/// requests queue up and go together in the next entry.
-const MAX_INFLIGHT_BATCHES: usize = 4;
+/// Raft entries in flight at once. While one is being written and applied,
+/// new requests queue up and all go together in the next entry: with one in
+/// flight, batches are as large as the load makes them and every fsync
+/// carries as many requests as possible (measured: 16k puts/s with 64
+/// clients at 1 in flight, 9.7k at 4, on a 2-core VM).
+const MAX_INFLIGHT_BATCHES: usize = 1;
 
 type Proposal = (InternalRequest, oneshot::Sender<Result<Applied>>);
 
@@ -105,9 +108,7 @@ impl EtcdServer {
             ..Default::default()
         };
         let raft_cfg = Arc::new(raft_cfg.validate().map_err(Error::internal)?);
-        let raft = Raft::new(identity.member_id, raft_cfg, Network, log, StateMachine::new(state.clone()))
-            .await
-            .map_err(Error::internal)?;
+        let raft = start_raft(identity.member_id, raft_cfg, log, StateMachine::new(state.clone())).await?;
         if !raft.is_initialized().await.map_err(Error::internal)? {
             let ids = cfg.initial_member_ids();
             let members: BTreeMap<u64, Member> = cfg
@@ -238,6 +239,40 @@ impl EtcdServer {
             warn!("raft shutdown: {e}");
         }
     }
+}
+
+/// Runs openraft on its own single-threaded runtime: its core, its
+/// state-machine worker and its timers then hand work to each other without
+/// cross-thread wakeups, which are most of a write's latency besides fsync.
+/// The runtime lives until Raft shuts down.
+async fn start_raft(id: u64, cfg: Arc<openraft::Config>, log: LogStore, sm: StateMachine) -> Result<Raft> {
+    let (tx, rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("cairn-raft".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(Error::internal(e)));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                match Raft::new(id, cfg, Network, log, sm).await {
+                    Ok(raft) => {
+                        let mut metrics = raft.metrics();
+                        let _ = tx.send(Ok(raft));
+                        // Keep the runtime until the core stops.
+                        while metrics.changed().await.is_ok() {}
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Error::internal(e)));
+                    }
+                }
+            });
+        })
+        .map_err(Error::internal)?;
+    rx.await.map_err(|_| Error::Internal("raft thread failed to start".into()))?
 }
 
 /// Turns queued proposals into Raft entries: everything waiting when an

@@ -47,7 +47,7 @@ fn txn_is_serializable(t: &TxnRequest) -> bool {
 
 #[tonic::async_trait]
 impl Kv for KvService {
-    #[instrument(skip_all, fields(key = %String::from_utf8_lossy(&req.get_ref().key), rev = req.get_ref().revision))]
+    #[instrument(level = "debug", skip_all, fields(key = %String::from_utf8_lossy(&req.get_ref().key), rev = req.get_ref().revision))]
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
         let r = req.into_inner();
         validate::check_range(&r)?;
@@ -62,7 +62,7 @@ impl Kv for KvService {
         Ok(Response::new(resp))
     }
 
-    #[instrument(skip_all, fields(key = %String::from_utf8_lossy(&req.get_ref().key)))]
+    #[instrument(level = "debug", skip_all, fields(key = %String::from_utf8_lossy(&req.get_ref().key)))]
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let r = req.into_inner();
         validate::check_put(&r)?;
@@ -75,7 +75,7 @@ impl Kv for KvService {
         }
     }
 
-    #[instrument(skip_all, fields(key = %String::from_utf8_lossy(&req.get_ref().key)))]
+    #[instrument(level = "debug", skip_all, fields(key = %String::from_utf8_lossy(&req.get_ref().key)))]
     async fn delete_range(&self, req: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
         let r = req.into_inner();
         validate::check_delete(&r)?;
@@ -88,7 +88,7 @@ impl Kv for KvService {
         }
     }
 
-    #[instrument(skip_all)]
+    #[instrument(level = "debug", skip_all)]
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let r = req.into_inner();
         validate::check_txn(&r, self.s.cfg.max_txn_ops)?;
@@ -111,7 +111,7 @@ impl Kv for KvService {
         }
     }
 
-    #[instrument(skip_all, fields(rev = req.get_ref().revision))]
+    #[instrument(level = "debug", skip_all, fields(rev = req.get_ref().revision))]
     async fn compact(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
         // Compaction is applied synchronously, so `physical` holds on return.
         match self.s.propose(Internal::Compaction(req.into_inner())).await? {

@@ -65,7 +65,7 @@ type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, 
 
 #[tonic::async_trait]
 impl Lease for Arc<LeaseService> {
-    #[instrument(skip_all, fields(ttl = req.get_ref().ttl))]
+    #[instrument(level = "debug", skip_all, fields(ttl = req.get_ref().ttl))]
     async fn lease_grant(&self, req: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
         let mut r = req.into_inner();
         if r.ttl > MAX_LEASE_TTL {
@@ -83,7 +83,7 @@ impl Lease for Arc<LeaseService> {
         }
     }
 
-    #[instrument(skip_all, fields(id = req.get_ref().id))]
+    #[instrument(level = "debug", skip_all, fields(id = req.get_ref().id))]
     async fn lease_revoke(&self, req: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
         match self.s.propose(Internal::LeaseRevoke(req.into_inner())).await? {
             Applied::LeaseRevoke(mut resp) => {
@@ -115,7 +115,7 @@ impl Lease for Arc<LeaseService> {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    #[instrument(skip_all, fields(id = req.get_ref().id))]
+    #[instrument(level = "debug", skip_all, fields(id = req.get_ref().id))]
     async fn lease_time_to_live(
         &self,
         req: Request<LeaseTimeToLiveRequest>,

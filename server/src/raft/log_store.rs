@@ -1,15 +1,12 @@
-//! The Raft log on RocksDB. Appends go through the group-commit writer
-//! thread; until durable they are served from an in-memory tail so the
-//! replication path can read them at once.
+//! The Raft log on RocksDB: entries by index, bincode-encoded; every
+//! append is fsynced before openraft is told it is durable.
 
-use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, RaftLogReader, Vote};
-use parking_lot::Mutex;
 use rocksdb::IteratorMode;
 
 use super::{io_err, LogId, StorageError, TypeConfig};
@@ -23,15 +20,13 @@ const KEY_PURGED: &[u8] = b"purged";
 #[derive(Clone)]
 pub struct LogStore {
     engine: Arc<Engine>,
-    writer: LogWriter,
-    /// Entries submitted but not yet known durable.
-    tail: Arc<Mutex<BTreeMap<u64, Entry<TypeConfig>>>>,
+    writer: Arc<LogWriter>,
 }
 
 impl LogStore {
-    pub fn new(engine: Arc<Engine>, on_sync: impl Fn(f64) + Send + 'static) -> Self {
-        let writer = LogWriter::start(engine.clone(), on_sync);
-        Self { engine, writer, tail: Arc::new(Mutex::new(BTreeMap::new())) }
+    pub fn new(engine: Arc<Engine>, on_sync: impl Fn(f64) + Send + Sync + 'static) -> Self {
+        let writer = Arc::new(LogWriter::new(engine.clone(), on_sync));
+        Self { engine, writer }
     }
 
     fn last_on_disk(&self) -> Result<Option<Entry<TypeConfig>>, StorageError> {
@@ -57,7 +52,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => i + 1,
             Bound::Unbounded => 0,
         };
-        let mut out: BTreeMap<u64, Entry<TypeConfig>> = BTreeMap::new();
+        let mut out = Vec::new();
         let cf = self.engine.cf(crate::storage::engine_cf_log());
         let from = start.to_be_bytes();
         for item in self.engine.db.iterator_cf(cf, IteratorMode::From(&from, rocksdb::Direction::Forward)) {
@@ -66,12 +61,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
             if !range.contains(&idx) {
                 break;
             }
-            out.insert(idx, bincode::deserialize(&v).map_err(io_err)?);
+            out.push(bincode::deserialize(&v).map_err(io_err)?);
         }
-        for (idx, e) in self.tail.lock().range(range) {
-            out.insert(*idx, e.clone());
-        }
-        Ok(out.into_values().collect())
+        Ok(out)
     }
 }
 
@@ -80,11 +72,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged: Option<LogId> = self.engine.raft_get(KEY_PURGED).map_err(io_err)?;
-        let tail_last = self.tail.lock().values().next_back().map(|e| e.log_id);
-        let last = match tail_last {
-            Some(l) => Some(l),
-            None => self.last_on_disk()?.map(|e| e.log_id),
-        };
+        let last = self.last_on_disk()?.map(|e| e.log_id);
         let last_log_id = last.or(last_purged);
         Ok(LogState { last_purged_log_id: last_purged, last_log_id })
     }
@@ -115,45 +103,27 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: Send,
     {
         let mut encoded = Vec::new();
-        let mut written = Vec::new();
-        {
-            let mut tail = self.tail.lock();
-            for e in entries {
-                encoded.push((e.log_id.index, bincode::serialize(&e).map_err(io_err)?));
-                written.push(e.log_id);
-                tail.insert(e.log_id.index, e);
+        for e in entries {
+            encoded.push((e.log_id.index, bincode::serialize(&e).map_err(io_err)?));
+        }
+        if !encoded.is_empty() {
+            // Synced before returning: see `storage::log_writer` for why inline.
+            if let Err(e) = self.writer.write(LogOp::Append(encoded)) {
+                let err = std::io::Error::other(e.to_string());
+                callback.log_io_completed(Err(err));
+                return Err(io_err(e));
             }
         }
-        if written.is_empty() {
-            callback.log_io_completed(Ok(()));
-            return Ok(());
-        }
-        let tail = self.tail.clone();
-        self.writer
-            .submit(LogOp::Append(encoded), move |res| {
-                if res.is_ok() {
-                    // Durable now: readers find these on disk. Only drop what
-                    // this append wrote (a later append may have replaced them).
-                    let mut t = tail.lock();
-                    for id in written {
-                        if t.get(&id.index).is_some_and(|e| e.log_id == id) {
-                            t.remove(&id.index);
-                        }
-                    }
-                }
-                callback.log_io_completed(res);
-            })
-            .map_err(io_err)
+        callback.log_io_completed(Ok(()));
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.tail.lock().retain(|i, _| *i < log_id.index);
-        self.writer.run(LogOp::TruncateFrom(log_id.index)).await.map_err(io_err)
+        self.writer.write(LogOp::TruncateFrom(log_id.index)).map_err(io_err)
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         self.engine.raft_put(KEY_PURGED, &log_id).map_err(io_err)?;
-        self.tail.lock().retain(|i, _| *i > log_id.index);
-        self.writer.run(LogOp::PurgeTo(log_id.index)).await.map_err(io_err)
+        self.writer.write(LogOp::PurgeTo(log_id.index)).map_err(io_err)
     }
 }

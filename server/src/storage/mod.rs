@@ -1,7 +1,7 @@
 //! Durable storage on RocksDB: one database, a column family per concern.
 //!
-//! - `log`: Raft entries by index (big-endian), written by one group-commit
-//!   thread that fsyncs every batch before acknowledging it;
+//! - `log`: Raft entries by index (big-endian), each append fsynced before
+//!   it is acknowledged;
 //! - `raft`: the vote, the committed log id, the purged log id;
 //! - `kv`: MVCC history by revision (main, sub), see [`crate::mvcc`];
 //! - `lease`: lease id to granted TTL;
