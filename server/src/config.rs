@@ -13,7 +13,11 @@ use url::Url;
 /// etcd-compatible flags. Every flag also reads `ETCD_<NAME>` (upper case,
 /// dashes as underscores), as etcd does.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "cairn", version, about = "An etcd v3 compatible key-value server")]
+#[command(
+    name = "cairn",
+    version,
+    about = "An etcd v3 compatible key-value server"
+)]
 pub struct Flags {
     /// Human-readable name for this member.
     #[arg(long, env = "ETCD_NAME", default_value = "default")]
@@ -22,16 +26,32 @@ pub struct Flags {
     #[arg(long, env = "ETCD_DATA_DIR")]
     pub data_dir: Option<String>,
     /// List of URLs to listen on for client traffic.
-    #[arg(long, env = "ETCD_LISTEN_CLIENT_URLS", default_value = "http://localhost:2379")]
+    #[arg(
+        long,
+        env = "ETCD_LISTEN_CLIENT_URLS",
+        default_value = "http://localhost:2379"
+    )]
     pub listen_client_urls: String,
     /// List of this member's client URLs to advertise to the rest of the cluster.
-    #[arg(long, env = "ETCD_ADVERTISE_CLIENT_URLS", default_value = "http://localhost:2379")]
+    #[arg(
+        long,
+        env = "ETCD_ADVERTISE_CLIENT_URLS",
+        default_value = "http://localhost:2379"
+    )]
     pub advertise_client_urls: String,
     /// List of URLs to listen on for peer traffic.
-    #[arg(long, env = "ETCD_LISTEN_PEER_URLS", default_value = "http://localhost:2380")]
+    #[arg(
+        long,
+        env = "ETCD_LISTEN_PEER_URLS",
+        default_value = "http://localhost:2380"
+    )]
     pub listen_peer_urls: String,
     /// List of this member's peer URLs to advertise to the rest of the cluster.
-    #[arg(long, env = "ETCD_INITIAL_ADVERTISE_PEER_URLS", default_value = "http://localhost:2380")]
+    #[arg(
+        long,
+        env = "ETCD_INITIAL_ADVERTISE_PEER_URLS",
+        default_value = "http://localhost:2380"
+    )]
     pub initial_advertise_peer_urls: String,
     /// Initial cluster configuration for bootstrapping (default: "${name}=${initial-advertise-peer-urls}").
     #[arg(long, env = "ETCD_INITIAL_CLUSTER")]
@@ -40,7 +60,11 @@ pub struct Flags {
     #[arg(long, env = "ETCD_INITIAL_CLUSTER_STATE", default_value = "new", value_parser = ["new", "existing"])]
     pub initial_cluster_state: String,
     /// Initial cluster token for the etcd cluster during bootstrap.
-    #[arg(long, env = "ETCD_INITIAL_CLUSTER_TOKEN", default_value = "etcd-cluster")]
+    #[arg(
+        long,
+        env = "ETCD_INITIAL_CLUSTER_TOKEN",
+        default_value = "etcd-cluster"
+    )]
     pub initial_cluster_token: String,
     /// List of additional URLs to listen on that serve /metrics and /health.
     #[arg(long, env = "ETCD_LISTEN_METRICS_URLS", default_value = "")]
@@ -97,10 +121,16 @@ pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
         return Ok(total);
     }
     while !rest.is_empty() {
-        let n = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or(format!("missing unit in duration {s:?}"))?;
-        let value: f64 = rest[..n].parse().map_err(|_| format!("invalid duration {s:?}"))?;
+        let n = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or(format!("missing unit in duration {s:?}"))?;
+        let value: f64 = rest[..n]
+            .parse()
+            .map_err(|_| format!("invalid duration {s:?}"))?;
         rest = &rest[n..];
-        let u = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let u = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let secs = match &rest[..u] {
             "ns" => 1e-9,
             "us" | "µs" => 1e-6,
@@ -149,11 +179,16 @@ fn split_urls(flag: &str, s: &str) -> Result<Vec<Url>, ConfigError> {
     s.split(',')
         .filter(|u| !u.trim().is_empty())
         .map(|u| {
-            let url = Url::parse(u.trim()).map_err(|e| ConfigError(format!("invalid value {u:?} for flag -{flag}: {e}")))?;
+            let url = Url::parse(u.trim())
+                .map_err(|e| ConfigError(format!("invalid value {u:?} for flag -{flag}: {e}")))?;
             match url.scheme() {
                 "http" => Ok(url),
-                "https" | "unixs" => Err(ConfigError(format!("{u}: TLS is not supported yet (flag -{flag})"))),
-                other => Err(ConfigError(format!("URL scheme must be http, https, unix, or unixs: {other}"))),
+                "https" | "unixs" => Err(ConfigError(format!(
+                    "{u}: TLS is not supported yet (flag -{flag})"
+                ))),
+                other => Err(ConfigError(format!(
+                    "URL scheme must be http, https, unix, or unixs: {other}"
+                ))),
             }
         })
         .collect()
@@ -167,13 +202,18 @@ fn url_string(u: &Url) -> String {
 fn bind_addrs(flag: &str, urls: &[Url]) -> Result<Vec<SocketAddr>, ConfigError> {
     let mut out = Vec::new();
     for u in urls {
-        let host = u.host_str().ok_or_else(|| ConfigError(format!("{u}: no host in flag -{flag}")))?;
-        let port = u.port().ok_or_else(|| ConfigError(format!("{u}: missing port in flag -{flag}")))?;
+        let host = u
+            .host_str()
+            .ok_or_else(|| ConfigError(format!("{u}: no host in flag -{flag}")))?;
+        let port = u
+            .port()
+            .ok_or_else(|| ConfigError(format!("{u}: missing port in flag -{flag}")))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let ip: std::net::IpAddr = if host == "localhost" {
             std::net::Ipv4Addr::LOCALHOST.into()
         } else {
-            host.parse().map_err(|_| ConfigError(format!("expected IP in URL for binding ({u})")))?
+            host.parse()
+                .map_err(|_| ConfigError(format!("expected IP in URL for binding ({u})")))?
         };
         out.push(SocketAddr::new(ip, port));
     }
@@ -185,18 +225,37 @@ impl Config {
         let client = split_urls("listen-client-urls", &f.listen_client_urls)?;
         let peer = split_urls("listen-peer-urls", &f.listen_peer_urls)?;
         let metrics = split_urls("listen-metrics-urls", &f.listen_metrics_urls)?;
-        let adv_client: Vec<String> = split_urls("advertise-client-urls", &f.advertise_client_urls)?.iter().map(url_string).collect();
-        let adv_peer: Vec<String> =
-            split_urls("initial-advertise-peer-urls", &f.initial_advertise_peer_urls)?.iter().map(url_string).collect();
+        let adv_client: Vec<String> =
+            split_urls("advertise-client-urls", &f.advertise_client_urls)?
+                .iter()
+                .map(url_string)
+                .collect();
+        let adv_peer: Vec<String> = split_urls(
+            "initial-advertise-peer-urls",
+            &f.initial_advertise_peer_urls,
+        )?
+        .iter()
+        .map(url_string)
+        .collect();
         let initial = f.initial_cluster.clone().unwrap_or_else(|| {
-            adv_peer.iter().map(|u| format!("{}={u}", f.name)).collect::<Vec<_>>().join(",")
+            adv_peer
+                .iter()
+                .map(|u| format!("{}={u}", f.name))
+                .collect::<Vec<_>>()
+                .join(",")
         });
         let mut initial_cluster: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for item in initial.split(',').filter(|s| !s.is_empty()) {
-            let (name, url) =
-                item.split_once('=').ok_or_else(|| ConfigError(format!("invalid value {initial:?} for flag -initial-cluster")))?;
+            let (name, url) = item.split_once('=').ok_or_else(|| {
+                ConfigError(format!(
+                    "invalid value {initial:?} for flag -initial-cluster"
+                ))
+            })?;
             let url = split_urls("initial-cluster", url)?;
-            initial_cluster.entry(name.to_string()).or_default().extend(url.iter().map(url_string));
+            initial_cluster
+                .entry(name.to_string())
+                .or_default()
+                .extend(url.iter().map(url_string));
         }
         let mine = initial_cluster.get(&f.name).cloned().unwrap_or_default();
         let mut a = adv_peer.clone();
@@ -222,7 +281,11 @@ impl Config {
             )));
         }
         Ok(Self {
-            data_dir: f.data_dir.clone().unwrap_or_else(|| format!("{}.etcd", f.name)).into(),
+            data_dir: f
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| format!("{}.etcd", f.name))
+                .into(),
             name: f.name,
             listen_client: bind_addrs("listen-client-urls", &client)?,
             advertise_client_urls: adv_client,
@@ -235,7 +298,11 @@ impl Config {
             heartbeat: Duration::from_millis(f.heartbeat_interval),
             election_timeout: Duration::from_millis(f.election_timeout),
             snapshot_count: f.snapshot_count.max(1),
-            quota_backend_bytes: if f.quota_backend_bytes <= 0 { 2 << 30 } else { f.quota_backend_bytes },
+            quota_backend_bytes: if f.quota_backend_bytes <= 0 {
+                2 << 30
+            } else {
+                f.quota_backend_bytes
+            },
             max_request_bytes: f.max_request_bytes,
             max_txn_ops: f.max_txn_ops,
             progress_notify_interval: f.experimental_watch_progress_notify_interval,
@@ -286,7 +353,8 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Config, String> {
-        let f = Flags::try_parse_from(std::iter::once("cairn").chain(args.iter().copied())).map_err(|e| e.to_string())?;
+        let f = Flags::try_parse_from(std::iter::once("cairn").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
         Config::from_flags(f).map_err(|e| e.to_string())
     }
 
@@ -295,7 +363,10 @@ mod tests {
         let c = parse(&[]).unwrap();
         assert_eq!(c.listen_client, vec!["127.0.0.1:2379".parse().unwrap()]);
         assert_eq!(c.data_dir, std::path::PathBuf::from("default.etcd"));
-        assert_eq!(c.initial_cluster["default"], vec!["http://localhost:2380".to_string()]);
+        assert_eq!(
+            c.initial_cluster["default"],
+            vec!["http://localhost:2380".to_string()]
+        );
         assert_eq!(c.min_lease_ttl(), 2);
     }
 
@@ -312,7 +383,11 @@ mod tests {
     fn bad_flags() {
         assert!(parse(&["--nope"]).is_err());
         assert!(parse(&["--heartbeat-interval", "x"]).is_err());
-        assert!(parse(&["--initial-cluster", "default=http://10.0.0.1:2380"]).unwrap_err().contains("initial-cluster"));
+        assert!(
+            parse(&["--initial-cluster", "default=http://10.0.0.1:2380"])
+                .unwrap_err()
+                .contains("initial-cluster")
+        );
         assert!(parse(&["--enable-v2"]).is_err());
         assert!(parse(&["--enable-v2=false"]).is_ok());
         assert_eq!(parse_go_duration("1m30s").unwrap(), Duration::from_secs(90));

@@ -17,12 +17,12 @@ use tracing::{info, warn};
 
 use crate::config::{cluster_id, Config};
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::mvcc::Applied;
 use crate::proto::etcdserverpb::{LeaseRevokeRequest, ResponseHeader};
 use crate::proto::raftpb::{internal_request::Request, Batch, InternalRequest};
 use crate::raft::{KvState, LogStore, Member, Network, Raft, StateMachine};
 use crate::storage::{Engine, Identity};
-use crate::metrics::Metrics;
 
 /// The etcd API version cairn reports (kube-apiserver parses it).
 pub const ETCD_VERSION: &str = "3.5.13";
@@ -71,25 +71,32 @@ impl EtcdServer {
     /// Opens the member's storage and starts Raft (not the client listeners).
     pub async fn start(cfg: Config) -> Result<Arc<Self>> {
         let dir = cfg.data_dir.join("member").join("cairn");
-        std::fs::create_dir_all(&dir).map_err(|e| Error::Internal(format!("cannot create data dir {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            Error::Internal(format!("cannot create data dir {}: {e}", dir.display()))
+        })?;
         let engine = Engine::open(&dir)?;
         let identity = match engine.identity()? {
             Some(id) => id,
             None if cfg.initial_cluster_new => {
                 let ids = cfg.initial_member_ids();
                 let member_id = *ids.get(&cfg.name).ok_or_else(|| {
-                    Error::Internal(format!("couldn't find local name {:?} in the initial cluster configuration", cfg.name))
+                    Error::Internal(format!(
+                        "couldn't find local name {:?} in the initial cluster configuration",
+                        cfg.name
+                    ))
                 })?;
                 let all: Vec<u64> = ids.values().copied().collect();
-                let id = Identity { cluster_id: cluster_id(&all), member_id };
+                let id = Identity {
+                    cluster_id: cluster_id(&all),
+                    member_id,
+                };
                 engine.save_identity(&id)?;
                 id
             }
-            None => {
-                return Err(Error::Unsupported(
-                    "--initial-cluster-state=existing: joining a running cluster is not supported yet".into(),
-                ))
-            }
+            None => return Err(Error::Unsupported(
+                "--initial-cluster-state=existing: joining a running cluster is not supported yet"
+                    .into(),
+            )),
         };
         let metrics = Metrics::default();
         let state = Arc::new(KvState::open(engine.clone(), cfg.min_lease_ttl())?);
@@ -108,18 +115,39 @@ impl EtcdServer {
             ..Default::default()
         };
         let raft_cfg = Arc::new(raft_cfg.validate().map_err(Error::internal)?);
-        let raft = start_raft(identity.member_id, raft_cfg, log, StateMachine::new(state.clone())).await?;
+        let raft = start_raft(
+            identity.member_id,
+            raft_cfg,
+            log,
+            StateMachine::new(state.clone()),
+        )
+        .await?;
         if !raft.is_initialized().await.map_err(Error::internal)? {
             let ids = cfg.initial_member_ids();
             let members: BTreeMap<u64, Member> = cfg
                 .initial_cluster
                 .iter()
                 .map(|(name, urls)| {
-                    let client_urls = if *name == cfg.name { cfg.advertise_client_urls.clone() } else { Vec::new() };
-                    (ids[name], Member { name: name.clone(), peer_urls: urls.clone(), client_urls })
+                    let client_urls = if *name == cfg.name {
+                        cfg.advertise_client_urls.clone()
+                    } else {
+                        Vec::new()
+                    };
+                    (
+                        ids[name],
+                        Member {
+                            name: name.clone(),
+                            peer_urls: urls.clone(),
+                            client_urls,
+                        },
+                    )
                 })
                 .collect();
-            info!(member = format!("{:x}", identity.member_id), cluster = format!("{:x}", identity.cluster_id), "bootstrapping a new cluster");
+            info!(
+                member = format!("{:x}", identity.member_id),
+                cluster = format!("{:x}", identity.cluster_id),
+                "bootstrapping a new cluster"
+            );
             raft.initialize(members).await.map_err(Error::internal)?;
         }
         let (tx, rx) = mpsc::unbounded_channel();
@@ -142,7 +170,11 @@ impl EtcdServer {
 
     /// A response header at `revision` (0: the current revision).
     pub fn header(&self, revision: i64) -> ResponseHeader {
-        let revision = if revision == 0 { self.state.store.read().revision() } else { revision };
+        let revision = if revision == 0 {
+            self.state.store.read().revision()
+        } else {
+            revision
+        };
         ResponseHeader {
             cluster_id: self.cluster_id,
             member_id: self.member_id,
@@ -191,18 +223,24 @@ impl EtcdServer {
                 }
             }
         };
-        tokio::time::timeout(self.request_timeout(), wait).await.map_err(|_| Error::NoLeader)
+        tokio::time::timeout(self.request_timeout(), wait)
+            .await
+            .map_err(|_| Error::NoLeader)
     }
 
     /// Replicates and applies one write request.
     pub async fn propose(&self, request: Request) -> Result<Applied> {
-        let req = InternalRequest { request: Some(request) };
+        let req = InternalRequest {
+            request: Some(request),
+        };
         if req.encoded_len() > self.cfg.max_request_bytes {
             return Err(Error::RequestTooLarge);
         }
         self.wait_leader().await?;
         let (tx, rx) = oneshot::channel();
-        self.proposals.send((req, tx)).map_err(|_| Error::Internal("server stopped".into()))?;
+        self.proposals
+            .send((req, tx))
+            .map_err(|_| Error::Internal("server stopped".into()))?;
         match tokio::time::timeout(self.request_timeout(), rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(Error::Internal("server stopped".into())),
@@ -217,10 +255,16 @@ impl EtcdServer {
         let fut = self.raft.ensure_linearizable();
         match tokio::time::timeout(self.request_timeout(), fut).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)))) => {
-                Err(if f.leader_id.is_some() { Error::NotLeader } else { Error::NoLeader })
-            }
-            Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::QuorumNotEnough(_)))) => Err(Error::Timeout),
+            Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
+                f,
+            )))) => Err(if f.leader_id.is_some() {
+                Error::NotLeader
+            } else {
+                Error::NoLeader
+            }),
+            Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::QuorumNotEnough(
+                _,
+            )))) => Err(Error::Timeout),
             Ok(Err(RaftError::Fatal(e))) => Err(Error::Internal(format!("raft stopped: {e}"))),
             Err(_) => Err(Error::Timeout),
         }
@@ -230,7 +274,10 @@ impl EtcdServer {
     pub fn members(&self) -> Vec<(u64, Member, bool)> {
         let m = self.raft.metrics().borrow().membership_config.clone();
         let voters: HashSet<u64> = m.membership().voter_ids().collect();
-        m.membership().nodes().map(|(id, node)| (*id, node.clone(), !voters.contains(id))).collect()
+        m.membership()
+            .nodes()
+            .map(|(id, node)| (*id, node.clone(), !voters.contains(id)))
+            .collect()
     }
 
     /// Stops Raft.
@@ -245,12 +292,20 @@ impl EtcdServer {
 /// state-machine worker and its timers then hand work to each other without
 /// cross-thread wakeups, which are most of a write's latency besides fsync.
 /// The runtime lives until Raft shuts down.
-async fn start_raft(id: u64, cfg: Arc<openraft::Config>, log: LogStore, sm: StateMachine) -> Result<Raft> {
+async fn start_raft(
+    id: u64,
+    cfg: Arc<openraft::Config>,
+    log: LogStore,
+    sm: StateMachine,
+) -> Result<Raft> {
     let (tx, rx) = oneshot::channel();
     std::thread::Builder::new()
         .name("cairn-raft".into())
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     let _ = tx.send(Err(Error::internal(e)));
@@ -272,7 +327,8 @@ async fn start_raft(id: u64, cfg: Arc<openraft::Config>, log: LogStore, sm: Stat
             });
         })
         .map_err(Error::internal)?;
-    rx.await.map_err(|_| Error::Internal("raft thread failed to start".into()))?
+    rx.await
+        .map_err(|_| Error::Internal("raft thread failed to start".into()))?
 }
 
 /// Turns queued proposals into Raft entries: everything waiting when an
@@ -280,7 +336,9 @@ async fn start_raft(id: u64, cfg: Arc<openraft::Config>, log: LogStore, sm: Stat
 async fn batcher(raft: Raft, metrics: Metrics, mut rx: mpsc::UnboundedReceiver<Proposal>) {
     let slots = Arc::new(Semaphore::new(MAX_INFLIGHT_BATCHES));
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let Some(first) = rx.recv().await else { return };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -329,7 +387,8 @@ async fn track_leadership(server: std::sync::Weak<EtcdServer>) {
             let Some(s) = server.upgrade() else { return };
             let m = rx.borrow_and_update().clone();
             s.term.store(m.current_term, Ordering::Relaxed);
-            s.leader.store(m.current_leader.unwrap_or(0), Ordering::Relaxed);
+            s.leader
+                .store(m.current_leader.unwrap_or(0), Ordering::Relaxed);
             s.metrics.has_leader.set(m.current_leader.is_some() as i64);
             let leader = m.state == ServerState::Leader;
             s.metrics.is_leader.set(leader as i64);
@@ -340,11 +399,19 @@ async fn track_leadership(server: std::sync::Weak<EtcdServer>) {
             if let Some(a) = m.last_applied {
                 s.metrics.proposals_applied.set(a.index as i64);
             }
-            s.metrics.proposals_committed.set(m.last_log_index.unwrap_or(0) as i64);
+            s.metrics
+                .proposals_committed
+                .set(m.last_log_index.unwrap_or(0) as i64);
             if leader && !was_leader {
                 let store = s.state.store.read();
-                s.state.lessor.reset_all(store.leases().map(|(id, l)| (id, l.ttl)));
-                info!(member = format!("{:x}", s.member_id), term = m.current_term, "became leader");
+                s.state
+                    .lessor
+                    .reset_all(store.leases().map(|(id, l)| (id, l.ttl)));
+                info!(
+                    member = format!("{:x}", s.member_id),
+                    term = m.current_term,
+                    "became leader"
+                );
             }
             was_leader = leader;
         }
@@ -371,7 +438,10 @@ async fn expire_leases(server: std::sync::Weak<EtcdServer>) {
             let s = s.clone();
             let revoking = revoking.clone();
             tokio::spawn(async move {
-                match s.propose(Request::LeaseRevoke(LeaseRevokeRequest { id })).await {
+                match s
+                    .propose(Request::LeaseRevoke(LeaseRevokeRequest { id }))
+                    .await
+                {
                     Ok(_) | Err(Error::LeaseNotFound) => s.state.lessor.forget(id),
                     Err(e) => warn!(lease = id, "revoking expired lease failed: {e}"),
                 }
@@ -379,9 +449,13 @@ async fn expire_leases(server: std::sync::Weak<EtcdServer>) {
             });
         }
         s.metrics.watchers.set(s.state.hub.watchers() as i64);
-        s.metrics.keys_total.set(s.state.store.read().keys_total() as i64);
+        s.metrics
+            .keys_total
+            .set(s.state.store.read().keys_total() as i64);
         s.metrics.db_total_size.set(s.state.engine.size());
-        s.metrics.db_total_size_in_use.set(s.state.engine.size_in_use());
+        s.metrics
+            .db_total_size_in_use
+            .set(s.state.engine.size_in_use());
     }
 }
 

@@ -30,14 +30,19 @@ pub fn encode(payload: &[u8]) -> Vec<u8> {
 /// Checks a snapshot file and returns its payload.
 pub fn verify(file: &[u8]) -> Result<&[u8]> {
     if file.len() < HEADER + 32 || &file[..MAGIC.len()] != MAGIC {
-        return Err(Error::InvalidArgument("snapshot: not a cairn snapshot file".into()));
+        return Err(Error::InvalidArgument(
+            "snapshot: not a cairn snapshot file".into(),
+        ));
     }
     let (body, sum) = file.split_at(file.len() - 32);
     if Sha256::digest(body).as_slice() != sum {
-        return Err(Error::InvalidArgument("snapshot: sha256 checksum mismatch".into()));
+        return Err(Error::InvalidArgument(
+            "snapshot: sha256 checksum mismatch".into(),
+        ));
     }
     let len = u64::from_le_bytes(body[MAGIC.len()..HEADER].try_into().expect("8 bytes")) as usize;
-    body.get(HEADER..HEADER + len).ok_or_else(|| Error::InvalidArgument("snapshot: truncated payload".into()))
+    body.get(HEADER..HEADER + len)
+        .ok_or_else(|| Error::InvalidArgument("snapshot: truncated payload".into()))
 }
 
 #[cfg(test)]

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, DeleteOptions, EventType, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
-    TxnOpResponse, WatchFilterType, WatchOptions, WatchStream,
+    Client, Compare, CompareOp, DeleteOptions, EventType, GetOptions, PutOptions, SortOrder,
+    SortTarget, Txn, TxnOp, TxnOpResponse, WatchFilterType, WatchOptions, WatchStream,
 };
 
 use crate::harness::{Kind, Member};
@@ -35,7 +35,13 @@ fn kvs(r: &etcd_client::GetResponse) -> String {
             )
         })
         .collect();
-    format!("rev={} count={} more={} [{}]", r.header().unwrap().revision(), r.count(), r.more(), kvs.join(" "))
+    format!(
+        "rev={} count={} more={} [{}]",
+        r.header().unwrap().revision(),
+        r.count(),
+        r.more(),
+        kvs.join(" ")
+    )
 }
 
 fn events(r: &etcd_client::WatchResponse) -> String {
@@ -44,9 +50,21 @@ fn events(r: &etcd_client::WatchResponse) -> String {
         .iter()
         .map(|e| {
             let kv = e.kv().unwrap();
-            let t = if e.event_type() == EventType::Put { "PUT" } else { "DEL" };
-            let prev = e.prev_kv().map(|p| String::from_utf8_lossy(p.value()).into_owned()).unwrap_or("-".into());
-            format!("{t} {}={}@{} prev={prev}", String::from_utf8_lossy(kv.key()), String::from_utf8_lossy(kv.value()), kv.mod_revision())
+            let t = if e.event_type() == EventType::Put {
+                "PUT"
+            } else {
+                "DEL"
+            };
+            let prev = e
+                .prev_kv()
+                .map(|p| String::from_utf8_lossy(p.value()).into_owned())
+                .unwrap_or("-".into());
+            format!(
+                "{t} {}={}@{} prev={prev}",
+                String::from_utf8_lossy(kv.key()),
+                String::from_utf8_lossy(kv.value()),
+                kv.mod_revision()
+            )
         })
         .collect();
     format!(
@@ -81,10 +99,18 @@ async fn scenario(c: &mut Client) -> Vec<String> {
     // Headers carry cluster, member, revision and term.
     let r = c.put("h", "1", None).await.unwrap();
     let h = r.header().unwrap();
-    see!(format!("header rev={} ids={} term={}", h.revision(), h.cluster_id() != 0 && h.member_id() != 0, h.raft_term() != 0));
+    see!(format!(
+        "header rev={} ids={} term={}",
+        h.revision(),
+        h.cluster_id() != 0 && h.member_id() != 0,
+        h.raft_term() != 0
+    ));
     // Status reports a parseable etcd version.
     let st = c.status().await.unwrap();
-    see!(format!("version major={}", st.version().split('.').next().unwrap()));
+    see!(format!(
+        "version major={}",
+        st.version().split('.').next().unwrap()
+    ));
 
     // Range options.
     for (k, v) in [("r/a", "3"), ("r/b", "1"), ("r/c", "2"), ("r/d", "2")] {
@@ -95,13 +121,30 @@ async fn scenario(c: &mut Client) -> Vec<String> {
         GetOptions::new().with_prefix(),
         GetOptions::new().with_prefix().with_limit(2),
         GetOptions::new().with_prefix().with_limit(4),
-        GetOptions::new().with_prefix().with_count_only().with_limit(1),
+        GetOptions::new()
+            .with_prefix()
+            .with_count_only()
+            .with_limit(1),
         GetOptions::new().with_prefix().with_keys_only(),
-        GetOptions::new().with_prefix().with_sort(SortTarget::Value, SortOrder::None).with_limit(3),
-        GetOptions::new().with_prefix().with_sort(SortTarget::Version, SortOrder::Descend),
-        GetOptions::new().with_prefix().with_sort(SortTarget::Mod, SortOrder::Descend).with_limit(1),
-        GetOptions::new().with_prefix().with_min_mod_revision(4).with_max_mod_revision(5),
-        GetOptions::new().with_prefix().with_min_create_revision(4).with_max_create_revision(4),
+        GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Value, SortOrder::None)
+            .with_limit(3),
+        GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Version, SortOrder::Descend),
+        GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Mod, SortOrder::Descend)
+            .with_limit(1),
+        GetOptions::new()
+            .with_prefix()
+            .with_min_mod_revision(4)
+            .with_max_mod_revision(5),
+        GetOptions::new()
+            .with_prefix()
+            .with_min_create_revision(4)
+            .with_max_create_revision(4),
         GetOptions::new().with_prefix().with_revision(3),
         GetOptions::new().with_range("r/c"),
         GetOptions::new().with_from_key(),
@@ -117,20 +160,61 @@ async fn scenario(c: &mut Client) -> Vec<String> {
     see!(kvs(&c.get("r/zz", None).await.unwrap()));
 
     // Errors, with etcd's codes and messages.
-    see!(c.put("", "v", None).await.map(|_| ()).map_err(err).unwrap_err());
-    see!(c.put("x", "v", Some(PutOptions::new().with_lease(4242))).await.map(|_| ()).map_err(err).unwrap_err());
-    see!(c.put("x", "", Some(PutOptions::new().with_ignore_value())).await.map(|_| ()).map_err(err).unwrap_err());
-    see!(c.put("big", vec![b'x'; 1_600_000], None).await.map(|_| ()).map_err(err).unwrap_err());
-    let many: Vec<TxnOp> = (0..129).map(|i| put(&format!("m{i}"), "v")).collect();
-    see!(c.txn(Txn::new().and_then(many)).await.map(|_| ()).map_err(err).unwrap_err());
-    see!(c.txn(Txn::new().and_then(vec![put("d", "1"), put("d", "2")])).await.map(|_| ()).map_err(err).unwrap_err());
     see!(c
-        .txn(Txn::new().and_then(vec![put("d1", "1"), TxnOp::delete("d", Some(DeleteOptions::new().with_prefix()))]))
+        .put("", "v", None)
         .await
         .map(|_| ())
         .map_err(err)
         .unwrap_err());
-    see!(c.delete("nothing", None).await.map(|r| format!("deleted={} rev={}", r.deleted(), r.header().unwrap().revision())).unwrap());
+    see!(c
+        .put("x", "v", Some(PutOptions::new().with_lease(4242)))
+        .await
+        .map(|_| ())
+        .map_err(err)
+        .unwrap_err());
+    see!(c
+        .put("x", "", Some(PutOptions::new().with_ignore_value()))
+        .await
+        .map(|_| ())
+        .map_err(err)
+        .unwrap_err());
+    see!(c
+        .put("big", vec![b'x'; 1_600_000], None)
+        .await
+        .map(|_| ())
+        .map_err(err)
+        .unwrap_err());
+    let many: Vec<TxnOp> = (0..129).map(|i| put(&format!("m{i}"), "v")).collect();
+    see!(c
+        .txn(Txn::new().and_then(many))
+        .await
+        .map(|_| ())
+        .map_err(err)
+        .unwrap_err());
+    see!(c
+        .txn(Txn::new().and_then(vec![put("d", "1"), put("d", "2")]))
+        .await
+        .map(|_| ())
+        .map_err(err)
+        .unwrap_err());
+    see!(c
+        .txn(Txn::new().and_then(vec![
+            put("d1", "1"),
+            TxnOp::delete("d", Some(DeleteOptions::new().with_prefix()))
+        ]))
+        .await
+        .map(|_| ())
+        .map_err(err)
+        .unwrap_err());
+    see!(c
+        .delete("nothing", None)
+        .await
+        .map(|r| format!(
+            "deleted={} rev={}",
+            r.deleted(),
+            r.header().unwrap().revision()
+        ))
+        .unwrap());
 
     // Transactions: compares on missing keys, nested txns, sub-revisions, reads of own writes.
     let t = Txn::new()
@@ -144,30 +228,66 @@ async fn scenario(c: &mut Client) -> Vec<String> {
             put("t/x", "1"),
             put("t/y", "2"),
             TxnOp::get("t/", Some(GetOptions::new().with_prefix())),
-            TxnOp::txn(Txn::new().when(vec![Compare::value("t/x", CompareOp::Equal, "1")]).and_then(vec![put("t/z", "3")]).or_else(vec![put("t/w", "3")])),
+            TxnOp::txn(
+                Txn::new()
+                    .when(vec![Compare::value("t/x", CompareOp::Equal, "1")])
+                    .and_then(vec![put("t/z", "3")])
+                    .or_else(vec![put("t/w", "3")]),
+            ),
         ]);
     let r = c.txn(t).await.unwrap();
-    see!(format!("txn ok={} rev={}", r.succeeded(), r.header().unwrap().revision()));
+    see!(format!(
+        "txn ok={} rev={}",
+        r.succeeded(),
+        r.header().unwrap().revision()
+    ));
     for op in r.op_responses() {
         see!(match op {
             TxnOpResponse::Put(p) => format!("put rev={}", p.header().unwrap().revision()),
             TxnOpResponse::Get(g) => format!("get {}", kvs(&g)),
             TxnOpResponse::Delete(d) => format!("del {}", d.deleted()),
-            TxnOpResponse::Txn(t) => format!("txn ok={} n={}", t.succeeded(), t.op_responses().len()),
+            TxnOpResponse::Txn(t) =>
+                format!("txn ok={} n={}", t.succeeded(), t.op_responses().len()),
         });
     }
-    see!(kvs(&c.get("t/", Some(GetOptions::new().with_prefix())).await.unwrap()));
-    let r = c.txn(Txn::new().when(vec![Compare::value("nope", CompareOp::NotEqual, "x")]).or_else(vec![TxnOp::get("t/x", None)])).await.unwrap();
-    see!(format!("missing value compare ok={} rev={}", r.succeeded(), r.header().unwrap().revision()));
-    let r = c.txn(Txn::new().when(vec![Compare::value("t/", CompareOp::Greater, "0").with_prefix()])).await.unwrap();
+    see!(kvs(&c
+        .get("t/", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap()));
+    let r = c
+        .txn(
+            Txn::new()
+                .when(vec![Compare::value("nope", CompareOp::NotEqual, "x")])
+                .or_else(vec![TxnOp::get("t/x", None)]),
+        )
+        .await
+        .unwrap();
+    see!(format!(
+        "missing value compare ok={} rev={}",
+        r.succeeded(),
+        r.header().unwrap().revision()
+    ));
+    let r = c
+        .txn(Txn::new().when(vec![
+            Compare::value("t/", CompareOp::Greater, "0").with_prefix(),
+        ]))
+        .await
+        .unwrap();
     see!(format!("range compare ok={}", r.succeeded()));
 
     // Same value again bumps mod revision and version; delete resets.
     c.put("s", "same", None).await.unwrap();
     c.put("s", "same", None).await.unwrap();
     see!(kvs(&c.get("s", None).await.unwrap()));
-    let d = c.delete("s", Some(DeleteOptions::new().with_prev_key())).await.unwrap();
-    see!(format!("deleted={} prev={}", d.deleted(), d.prev_kvs().len()));
+    let d = c
+        .delete("s", Some(DeleteOptions::new().with_prev_key()))
+        .await
+        .unwrap();
+    see!(format!(
+        "deleted={} prev={}",
+        d.deleted(),
+        d.prev_kvs().len()
+    ));
     c.put("s", "new", None).await.unwrap();
     see!(kvs(&c.get("s", None).await.unwrap()));
 
@@ -176,12 +296,37 @@ async fn scenario(c: &mut Client) -> Vec<String> {
     c.put("w/a", "1", None).await.unwrap();
     c.put("w/a", "2", None).await.unwrap();
     c.delete("w/a", None).await.unwrap();
-    let mut w = c.watch("w/", Some(WatchOptions::new().with_prefix().with_start_revision(base + 1).with_prev_key())).await.unwrap();
+    let mut w = c
+        .watch(
+            "w/",
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(base + 1)
+                    .with_prev_key(),
+            ),
+        )
+        .await
+        .unwrap();
     see!(next(&mut w).await.replace(&format!("id={}", 0), "id=0"));
     see!(next(&mut w).await);
-    w.watch("w/", Some(WatchOptions::new().with_prefix().with_filters([WatchFilterType::NoPut]))).await.unwrap();
+    w.watch(
+        "w/",
+        Some(
+            WatchOptions::new()
+                .with_prefix()
+                .with_filters([WatchFilterType::NoPut]),
+        ),
+    )
+    .await
+    .unwrap();
     see!(next(&mut w).await);
-    w.watch("w/b", Some(WatchOptions::new().with_filters([WatchFilterType::NoDelete]))).await.unwrap();
+    w.watch(
+        "w/b",
+        Some(WatchOptions::new().with_filters([WatchFilterType::NoDelete])),
+    )
+    .await
+    .unwrap();
     see!(next(&mut w).await);
     // Two watchers of the stream see each event; their order is unspecified
     // (etcd iterates a Go map).
@@ -194,41 +339,115 @@ async fn scenario(c: &mut Client) -> Vec<String> {
     two.sort();
     see!(two.join(" | "));
     w.request_progress().await.unwrap();
-    let p = tokio::time::timeout(Duration::from_secs(10), w.message()).await.unwrap().unwrap().unwrap();
-    see!(format!("progress id={} events={} rev={}", p.watch_id(), p.events().len(), p.header().unwrap().revision()));
+    let p = tokio::time::timeout(Duration::from_secs(10), w.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    see!(format!(
+        "progress id={} events={} rev={}",
+        p.watch_id(),
+        p.events().len(),
+        p.header().unwrap().revision()
+    ));
     w.cancel(1).await.unwrap();
     see!(next(&mut w).await);
 
     // Leases.
     let g = c.lease_grant(1, None).await.unwrap();
     see!(format!("grant ttl={}", g.ttl()));
-    see!(c.lease_grant(9_000_000_001, None).await.map(|_| ()).map_err(err).unwrap_err());
+    see!(c
+        .lease_grant(9_000_000_001, None)
+        .await
+        .map(|_| ())
+        .map_err(err)
+        .unwrap_err());
     let ttl = c.lease_time_to_live(4242, None).await.unwrap();
-    see!(format!("ttl unknown: ttl={} granted={}", ttl.ttl(), ttl.granted_ttl()));
+    see!(format!(
+        "ttl unknown: ttl={} granted={}",
+        ttl.ttl(),
+        ttl.granted_ttl()
+    ));
     // The server answers TTL 0, which the client turns into an error.
     see!(match c.lease_keep_alive(4242).await {
         Ok(_) => "keepalive unknown: accepted".to_string(),
         Err(e) => err(e),
     });
-    see!(c.lease_revoke(4242).await.map(|_| ()).map_err(err).unwrap_err());
+    see!(c
+        .lease_revoke(4242)
+        .await
+        .map(|_| ())
+        .map_err(err)
+        .unwrap_err());
     // Expiry deletes every attached key in one revision.
     let l = c.lease_grant(2, None).await.unwrap().id();
-    c.put("e/1", "v", Some(PutOptions::new().with_lease(l))).await.unwrap();
-    c.put("e/2", "v", Some(PutOptions::new().with_lease(l))).await.unwrap();
-    let mut w = c.watch("e/", Some(WatchOptions::new().with_prefix().with_filters([WatchFilterType::NoPut]))).await.unwrap();
+    c.put("e/1", "v", Some(PutOptions::new().with_lease(l)))
+        .await
+        .unwrap();
+    c.put("e/2", "v", Some(PutOptions::new().with_lease(l)))
+        .await
+        .unwrap();
+    let mut w = c
+        .watch(
+            "e/",
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_filters([WatchFilterType::NoPut]),
+            ),
+        )
+        .await
+        .unwrap();
     w.message().await.unwrap();
-    let expired = tokio::time::timeout(Duration::from_secs(15), w.message()).await.unwrap().unwrap().unwrap();
-    let revs: Vec<i64> = expired.events().iter().map(|e| e.kv().unwrap().mod_revision()).collect();
-    see!(format!("expired events={} same revision={}", revs.len(), revs.windows(2).all(|w| w[0] == w[1])));
-    see!(kvs(&c.get("e/", Some(GetOptions::new().with_prefix())).await.unwrap()).split_once(' ').unwrap().1.to_string());
+    let expired = tokio::time::timeout(Duration::from_secs(15), w.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let revs: Vec<i64> = expired
+        .events()
+        .iter()
+        .map(|e| e.kv().unwrap().mod_revision())
+        .collect();
+    see!(format!(
+        "expired events={} same revision={}",
+        revs.len(),
+        revs.windows(2).all(|w| w[0] == w[1])
+    ));
+    see!(kvs(&c
+        .get("e/", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap())
+    .split_once(' ')
+    .unwrap()
+    .1
+    .to_string());
 
     // Compaction: errors at and below it, watches from before it are canceled.
     let cur = c.get("x", None).await.unwrap().header().unwrap().revision();
     c.compact(cur - 5, None).await.unwrap();
-    see!(c.compact(cur - 5, None).await.map(|_| ()).map_err(err).unwrap_err());
-    see!(c.compact(cur + 100, None).await.map(|_| ()).map_err(err).unwrap_err());
-    see!(c.get("r/a", Some(GetOptions::new().with_revision(cur - 6))).await.map(|_| ()).map_err(err).unwrap_err());
-    let mut w = c.watch("r/a", Some(WatchOptions::new().with_start_revision(2))).await.unwrap();
+    see!(c
+        .compact(cur - 5, None)
+        .await
+        .map(|_| ())
+        .map_err(err)
+        .unwrap_err());
+    see!(c
+        .compact(cur + 100, None)
+        .await
+        .map(|_| ())
+        .map_err(err)
+        .unwrap_err());
+    see!(c
+        .get("r/a", Some(GetOptions::new().with_revision(cur - 6)))
+        .await
+        .map(|_| ())
+        .map_err(err)
+        .unwrap_err());
+    let mut w = c
+        .watch("r/a", Some(WatchOptions::new().with_start_revision(2)))
+        .await
+        .unwrap();
     see!(next(&mut w).await);
     see!(next(&mut w).await);
     log
@@ -246,7 +465,13 @@ async fn etcd_client_sees_the_same() {
         .filter(|(e, g)| e != g)
         .map(|(e, g)| format!("  etcd : {e}\n  cairn: {g}"))
         .collect();
-    assert!(diffs.is_empty() && expected.len() == got.len(), "{} of {} observations differ:\n{}", diffs.len(), expected.len(), diffs.join("\n"));
+    assert!(
+        diffs.is_empty() && expected.len() == got.len(),
+        "{} of {} observations differ:\n{}",
+        diffs.len(),
+        expected.len(),
+        diffs.join("\n")
+    );
 }
 
 /// Watches started at a past revision while writes continue receive every
@@ -259,23 +484,39 @@ async fn watch_replay_races_no_event() {
         let mut c = m.client().await;
         tokio::spawn(async move {
             for i in 0..600 {
-                c.put(format!("race/{}", i % 7), i.to_string(), None).await.unwrap();
+                c.put(format!("race/{}", i % 7), i.to_string(), None)
+                    .await
+                    .unwrap();
             }
         })
     };
     let mut watchers = Vec::new();
     for _ in 0..5 {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        watchers.push(c.watch("race/", Some(WatchOptions::new().with_prefix().with_start_revision(2))).await.unwrap());
+        watchers.push(
+            c.watch(
+                "race/",
+                Some(WatchOptions::new().with_prefix().with_start_revision(2)),
+            )
+            .await
+            .unwrap(),
+        );
     }
     writer.await.unwrap();
     for (n, w) in watchers.iter_mut().enumerate() {
         let mut seen = Vec::new();
         while seen.len() < 600 {
-            let r = tokio::time::timeout(Duration::from_secs(10), w.message()).await.unwrap().unwrap().unwrap();
+            let r = tokio::time::timeout(Duration::from_secs(10), w.message())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
             seen.extend(r.events().iter().map(|e| e.kv().unwrap().mod_revision()));
         }
         let expected: Vec<i64> = (2..602).collect();
-        assert_eq!(seen, expected, "watcher {n} lost, duplicated or reordered events");
+        assert_eq!(
+            seen, expected,
+            "watcher {n} lost, duplicated or reordered events"
+        );
     }
 }

@@ -47,20 +47,38 @@ async fn kill9_loses_no_acknowledged_write() {
         }
         m.restart();
         let mut c = m.client().await;
-        let resp = c.get("crash/", Some(GetOptions::new().with_prefix())).await.unwrap();
+        let resp = c
+            .get("crash/", Some(GetOptions::new().with_prefix()))
+            .await
+            .unwrap();
         let current = resp.header().unwrap().revision();
-        let stored: BTreeMap<String, i64> =
-            resp.kvs().iter().map(|kv| (kv.key_str().unwrap().to_string(), kv.mod_revision())).collect();
+        let stored: BTreeMap<String, i64> = resp
+            .kvs()
+            .iter()
+            .map(|kv| (kv.key_str().unwrap().to_string(), kv.mod_revision()))
+            .collect();
         let acked = acked.lock().clone();
-        assert!(acked.len() > 100 * (round + 1), "round {round}: only {} writes acknowledged", acked.len());
+        assert!(
+            acked.len() > 100 * (round + 1),
+            "round {round}: only {} writes acknowledged",
+            acked.len()
+        );
         for (k, rev) in &acked {
-            assert_eq!(stored.get(k), Some(rev), "round {round}: acknowledged write {k}@{rev} lost or changed");
+            assert_eq!(
+                stored.get(k),
+                Some(rev),
+                "round {round}: acknowledged write {k}@{rev} lost or changed"
+            );
         }
         // Every write is a put of a new key: revisions 2..=current, no gaps.
         let mut revs: Vec<i64> = stored.values().copied().collect();
         revs.sort();
         let expected: Vec<i64> = (2..=current).collect();
         assert_eq!(revs, expected, "round {round}: revisions are not gap-free");
-        eprintln!("round {round}: {} acknowledged, {} stored, revision {current}", acked.len(), stored.len());
+        eprintln!(
+            "round {round}: {} acknowledged, {} stored, revision {current}",
+            acked.len(),
+            stored.len()
+        );
     }
 }

@@ -33,7 +33,10 @@ impl Diff {
         Diff {
             members: [Member::start(Kind::Etcd), Member::start(Kind::Cairn)],
             vars: [HashMap::new(), HashMap::new()],
-            masks: masks.iter().map(|(r, s)| (Regex::new(r).unwrap(), *s)).collect(),
+            masks: masks
+                .iter()
+                .map(|(r, s)| (Regex::new(r).unwrap(), *s))
+                .collect(),
             failures: Vec::new(),
             steps: 0,
         }
@@ -70,8 +73,16 @@ impl Diff {
     /// Runs a step on both servers and records any difference.
     fn same_stdin(&mut self, args: &[&str], input: &str) -> [Out; 2] {
         let outs = self.run(args, input);
-        let e = (self.mask(&outs[0].stdout), self.mask(&outs[0].stderr), outs[0].code);
-        let c = (self.mask(&outs[1].stdout), self.mask(&outs[1].stderr), outs[1].code);
+        let e = (
+            self.mask(&outs[0].stdout),
+            self.mask(&outs[0].stderr),
+            outs[0].code,
+        );
+        let c = (
+            self.mask(&outs[1].stdout),
+            self.mask(&outs[1].stderr),
+            outs[1].code,
+        );
         if e != c {
             self.failures.push(format!(
                 "step {} `etcdctl {}`\n  etcd : {:?}\n  cairn: {:?}",
@@ -113,9 +124,11 @@ impl Diff {
 }
 
 const TXN_CREATE: &str = "mod(\"t1\") = \"0\"\n\nput t1 created\nget t1\n\nget t1\n\n";
-const TXN_FAIL: &str = "value(\"t1\") = \"nope\"\n\nput t1 never\n\nget t1\nput t2 from-failure\n\n";
+const TXN_FAIL: &str =
+    "value(\"t1\") = \"nope\"\n\nput t1 never\n\nget t1\nput t2 from-failure\n\n";
 const TXN_MISSING_VALUE: &str = "value(\"missing\") != \"x\"\n\nput t3 a\n\nput t3 b\n\n";
-const TXN_VERSION: &str = "version(\"t1\") = \"1\"\ncreate(\"t1\") > \"0\"\n\ndel t1\nput t4 x\n\n\n";
+const TXN_VERSION: &str =
+    "version(\"t1\") = \"1\"\ncreate(\"t1\") > \"0\"\n\ndel t1\nput t4 x\n\n\n";
 const TXN_DUP: &str = "\nput d 1\nput d 2\n\n\n";
 
 #[test]
@@ -131,7 +144,13 @@ fn etcdctl_behaves_like_etcd() {
     d.same(&["get", "foo", "-w", "json"]);
     d.same(&["put", "foo", "baz", "--prev-kv"]);
     d.same(&["put", "foo", "qux", "--prev-kv", "-w", "json"]);
-    for (k, v) in [("a", "3"), ("b", "1"), ("c", "2"), ("a/x", "9"), ("a/y", "8")] {
+    for (k, v) in [
+        ("a", "3"),
+        ("b", "1"),
+        ("c", "2"),
+        ("a/x", "9"),
+        ("a/y", "8"),
+    ] {
         d.same(&["put", k, v]);
     }
     // Range forms, limits, sorting, filters.
@@ -141,10 +160,46 @@ fn etcdctl_behaves_like_etcd() {
     d.same(&["get", "", "--prefix", "--limit", "2", "-w", "json"]);
     d.same(&["get", "", "--from-key", "--limit", "7", "-w", "json"]);
     d.same(&["get", "", "--prefix", "--sort-by", "VALUE"]);
-    d.same(&["get", "", "--prefix", "--sort-by", "VALUE", "--order", "DESCEND"]);
-    d.same(&["get", "", "--prefix", "--sort-by", "CREATE", "--order", "DESCEND", "--limit", "2"]);
-    d.same(&["get", "", "--prefix", "--sort-by", "MODIFY", "--order", "ASCEND"]);
-    d.same(&["get", "", "--prefix", "--sort-by", "VERSION", "--order", "DESCEND", "-w", "json"]);
+    d.same(&[
+        "get",
+        "",
+        "--prefix",
+        "--sort-by",
+        "VALUE",
+        "--order",
+        "DESCEND",
+    ]);
+    d.same(&[
+        "get",
+        "",
+        "--prefix",
+        "--sort-by",
+        "CREATE",
+        "--order",
+        "DESCEND",
+        "--limit",
+        "2",
+    ]);
+    d.same(&[
+        "get",
+        "",
+        "--prefix",
+        "--sort-by",
+        "MODIFY",
+        "--order",
+        "ASCEND",
+    ]);
+    d.same(&[
+        "get",
+        "",
+        "--prefix",
+        "--sort-by",
+        "VERSION",
+        "--order",
+        "DESCEND",
+        "-w",
+        "json",
+    ]);
     d.same(&["get", "", "--prefix", "--order", "DESCEND"]);
     d.same(&["get", "", "--prefix", "--keys-only"]);
     d.same(&["get", "", "--prefix", "--count-only", "-w", "json"]);
@@ -153,7 +208,15 @@ fn etcdctl_behaves_like_etcd() {
     d.same(&["get", "foo", "--rev", "3", "-w", "json"]);
     d.same(&["get", "foo", "--rev", "1"]);
     d.same(&["get", "foo", "--rev", "1000"]);
-    d.same(&["get", "", "--prefix", "--min-mod-rev", "6", "--max-mod-rev", "8"]);
+    d.same(&[
+        "get",
+        "",
+        "--prefix",
+        "--min-mod-rev",
+        "6",
+        "--max-mod-rev",
+        "8",
+    ]);
     d.same(&["get", "", "--prefix", "--min-create-rev", "7", "-w", "json"]);
     // Deletes: missing keys keep the revision; prev_kv; ranges.
     d.same(&["del", "nosuch", "-w", "json"]);
@@ -184,7 +247,11 @@ fn etcdctl_behaves_like_etcd() {
     d.same(&["watch", "--rev", "9", "--prefix", "a", "--prev-kv"]);
     d.same(&["watch", "--rev", "2", "b", "c", "-w", "json"]);
     // Leases.
-    d.capture(&["lease", "grant", "600"], "L", r"lease ([0-9a-f]+) granted");
+    d.capture(
+        &["lease", "grant", "600"],
+        "L",
+        r"lease ([0-9a-f]+) granted",
+    );
     d.same(&["put", "l1", "v", "--lease", "{L}"]);
     d.same(&["put", "l2", "v", "--lease", "{L}"]);
     d.same(&["lease", "timetolive", "{L}", "--keys"]);

@@ -25,7 +25,11 @@ impl Kind {
 
 /// A free TCP port on 127.0.0.1 (bound once, released, then used).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// One single-member server process.
@@ -122,7 +126,11 @@ impl Member {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("server.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .unwrap();
         let child = Command::new(self.kind.binary())
             .args(self.flags())
             .stdout(log.try_clone().unwrap())
@@ -143,10 +151,16 @@ impl Member {
         while Instant::now() < deadline {
             if let Some(c) = self.child.as_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
-                    panic!("{:?} exited early with {status}:\n{}", self.kind, self.log());
+                    panic!(
+                        "{:?} exited early with {status}:\n{}",
+                        self.kind,
+                        self.log()
+                    );
                 }
             }
-            if http_get(self.client_port, "/health").is_some_and(|b| b.contains(r#""health":"true""#)) {
+            if http_get(self.client_port, "/health")
+                .is_some_and(|b| b.contains(r#""health":"true""#))
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -201,7 +215,9 @@ impl Member {
     }
 
     pub async fn client(&self) -> etcd_client::Client {
-        etcd_client::Client::connect([self.url()], None).await.expect("etcd client connects")
+        etcd_client::Client::connect([self.url()], None)
+            .await
+            .expect("etcd client connects")
     }
 }
 
@@ -213,9 +229,17 @@ impl Drop for Member {
 
 /// A minimal HTTP/1.1 GET on 127.0.0.1; the body, if the server answered.
 pub fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&format!("127.0.0.1:{port}").parse().ok()?, Duration::from_millis(500)).ok()?;
+    let mut s = TcpStream::connect_timeout(
+        &format!("127.0.0.1:{port}").parse().ok()?,
+        Duration::from_millis(500),
+    )
+    .ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     Some(buf)

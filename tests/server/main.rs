@@ -4,6 +4,6 @@
 
 mod harness;
 
+mod client_diff;
 mod crash;
 mod ctl_diff;
-mod client_diff;

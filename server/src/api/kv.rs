@@ -8,8 +8,9 @@ use tracing::instrument;
 use crate::error::Error;
 use crate::mvcc::{validate, Applied};
 use crate::proto::etcdserverpb::{
-    kv_server::Kv, request_op, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
-    PutRequest, PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
+    kv_server::Kv, request_op, CompactionRequest, CompactionResponse, DeleteRangeRequest,
+    DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, TxnRequest,
+    TxnResponse,
 };
 use crate::proto::raftpb::{internal_request::Request as Internal, InternalRequest};
 use crate::server::EtcdServer;
@@ -30,19 +31,25 @@ fn unexpected(a: Applied) -> Status {
 
 /// A txn without writes is evaluated locally, like etcd does.
 fn txn_is_read_only(t: &TxnRequest) -> bool {
-    t.success.iter().chain(&t.failure).all(|op| match &op.request {
-        Some(request_op::Request::RequestRange(_)) | None => true,
-        Some(request_op::Request::RequestTxn(n)) => txn_is_read_only(n),
-        _ => false,
-    })
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .all(|op| match &op.request {
+            Some(request_op::Request::RequestRange(_)) | None => true,
+            Some(request_op::Request::RequestTxn(n)) => txn_is_read_only(n),
+            _ => false,
+        })
 }
 
 fn txn_is_serializable(t: &TxnRequest) -> bool {
-    t.success.iter().chain(&t.failure).all(|op| match &op.request {
-        Some(request_op::Request::RequestRange(r)) => r.serializable,
-        Some(request_op::Request::RequestTxn(n)) => txn_is_serializable(n),
-        _ => true,
-    })
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .all(|op| match &op.request {
+            Some(request_op::Request::RequestRange(r)) => r.serializable,
+            Some(request_op::Request::RequestTxn(n)) => txn_is_serializable(n),
+            _ => true,
+        })
 }
 
 #[tonic::async_trait]
@@ -76,7 +83,10 @@ impl Kv for KvService {
     }
 
     #[instrument(level = "debug", skip_all, fields(key = %String::from_utf8_lossy(&req.get_ref().key)))]
-    async fn delete_range(&self, req: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
+    async fn delete_range(
+        &self,
+        req: Request<DeleteRangeRequest>,
+    ) -> Result<Response<DeleteRangeResponse>, Status> {
         let r = req.into_inner();
         validate::check_delete(&r)?;
         match self.s.propose(Internal::DeleteRange(r)).await? {
@@ -98,7 +108,12 @@ impl Kv for KvService {
             }
             // Read-only: evaluating it changes nothing, so no proposal is needed.
             let mut store = self.s.state.store.write();
-            store.apply(&*self.s.state.engine, &InternalRequest { request: Some(Internal::Txn(r)) })?
+            store.apply(
+                &*self.s.state.engine,
+                &InternalRequest {
+                    request: Some(Internal::Txn(r)),
+                },
+            )?
         } else {
             self.s.propose(Internal::Txn(r)).await?
         };
@@ -112,9 +127,16 @@ impl Kv for KvService {
     }
 
     #[instrument(level = "debug", skip_all, fields(rev = req.get_ref().revision))]
-    async fn compact(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
+    async fn compact(
+        &self,
+        req: Request<CompactionRequest>,
+    ) -> Result<Response<CompactionResponse>, Status> {
         // Compaction is applied synchronously, so `physical` holds on return.
-        match self.s.propose(Internal::Compaction(req.into_inner())).await? {
+        match self
+            .s
+            .propose(Internal::Compaction(req.into_inner()))
+            .await?
+        {
             Applied::Compaction(mut resp) => {
                 self.s.fill(&mut resp.header);
                 Ok(Response::new(resp))

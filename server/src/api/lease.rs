@@ -15,9 +15,9 @@ use crate::error::Error;
 use crate::lease::MAX_LEASE_TTL;
 use crate::mvcc::Applied;
 use crate::proto::etcdserverpb::{
-    lease_server::Lease, LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
-    LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus,
-    LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+    lease_server::Lease, LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest,
+    LeaseKeepAliveResponse, LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest,
+    LeaseRevokeResponse, LeaseStatus, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
 use crate::proto::raftpb::internal_request::Request as Internal;
 use crate::server::EtcdServer;
@@ -30,9 +30,15 @@ pub struct LeaseService {
 
 impl LeaseService {
     pub fn new(s: Arc<EtcdServer>) -> Self {
-        let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         let seed = ((s.member_id & 0xffff) << 48) | ((ms & 0xff_ffff_ffff) << 8);
-        Self { s, next_id: AtomicU64::new(seed) }
+        Self {
+            s,
+            next_id: AtomicU64::new(seed),
+        }
     }
 
     fn generate_id(&self) -> i64 {
@@ -46,7 +52,11 @@ impl LeaseService {
 
     fn keep_alive_one(&self, id: i64) -> Result<LeaseKeepAliveResponse, Error> {
         if !self.s.is_leader() {
-            return Err(if self.s.leader() == 0 { Error::NoLeader } else { Error::NotLeader });
+            return Err(if self.s.leader() == 0 {
+                Error::NoLeader
+            } else {
+                Error::NotLeader
+            });
         }
         let ttl = self.s.state.store.read().lease(id).map(|l| l.ttl);
         let ttl = match ttl {
@@ -57,7 +67,11 @@ impl LeaseService {
             // etcd answers an unknown lease with TTL 0, not an error.
             None => 0,
         };
-        Ok(LeaseKeepAliveResponse { header: Some(self.s.header(0)), id, ttl })
+        Ok(LeaseKeepAliveResponse {
+            header: Some(self.s.header(0)),
+            id,
+            ttl,
+        })
     }
 }
 
@@ -66,7 +80,10 @@ type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, 
 #[tonic::async_trait]
 impl Lease for Arc<LeaseService> {
     #[instrument(level = "debug", skip_all, fields(ttl = req.get_ref().ttl))]
-    async fn lease_grant(&self, req: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
+    async fn lease_grant(
+        &self,
+        req: Request<LeaseGrantRequest>,
+    ) -> Result<Response<LeaseGrantResponse>, Status> {
         let mut r = req.into_inner();
         if r.ttl > MAX_LEASE_TTL {
             return Err(Error::LeaseTtlTooLarge.into());
@@ -84,8 +101,15 @@ impl Lease for Arc<LeaseService> {
     }
 
     #[instrument(level = "debug", skip_all, fields(id = req.get_ref().id))]
-    async fn lease_revoke(&self, req: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
-        match self.s.propose(Internal::LeaseRevoke(req.into_inner())).await? {
+    async fn lease_revoke(
+        &self,
+        req: Request<LeaseRevokeRequest>,
+    ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        match self
+            .s
+            .propose(Internal::LeaseRevoke(req.into_inner()))
+            .await?
+        {
             Applied::LeaseRevoke(mut resp) => {
                 self.s.fill(&mut resp.header);
                 Ok(Response::new(resp))
@@ -125,25 +149,46 @@ impl Lease for Arc<LeaseService> {
         let store = self.s.state.store.read();
         let resp = match store.lease(r.id) {
             // etcd answers an unknown lease with TTL -1, not an error.
-            None => LeaseTimeToLiveResponse { header: Some(self.s.header(store.revision())), id: r.id, ttl: -1, ..Default::default() },
+            None => LeaseTimeToLiveResponse {
+                header: Some(self.s.header(store.revision())),
+                id: r.id,
+                ttl: -1,
+                ..Default::default()
+            },
             Some(l) => {
-                let remaining = self.s.state.lessor.remaining(r.id).map(|d| d.as_secs() as i64).unwrap_or(l.ttl);
+                let remaining = self
+                    .s
+                    .state
+                    .lessor
+                    .remaining(r.id)
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or(l.ttl);
                 LeaseTimeToLiveResponse {
                     header: Some(self.s.header(store.revision())),
                     id: r.id,
                     ttl: remaining,
                     granted_ttl: l.ttl,
-                    keys: if r.keys { l.keys.iter().cloned().collect() } else { Vec::new() },
+                    keys: if r.keys {
+                        l.keys.iter().cloned().collect()
+                    } else {
+                        Vec::new()
+                    },
                 }
             }
         };
         Ok(Response::new(resp))
     }
 
-    async fn lease_leases(&self, _req: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
+    async fn lease_leases(
+        &self,
+        _req: Request<LeaseLeasesRequest>,
+    ) -> Result<Response<LeaseLeasesResponse>, Status> {
         self.s.read_index().await?;
         let store = self.s.state.store.read();
         let leases = store.leases().map(|(id, _)| LeaseStatus { id }).collect();
-        Ok(Response::new(LeaseLeasesResponse { header: Some(self.s.header(store.revision())), leases }))
+        Ok(Response::new(LeaseLeasesResponse {
+            header: Some(self.s.header(store.revision())),
+            leases,
+        }))
     }
 }

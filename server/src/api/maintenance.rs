@@ -12,9 +12,10 @@ use tonic::{Request, Response, Status};
 use crate::error::Error;
 use crate::mvcc::Applied;
 use crate::proto::etcdserverpb::{
-    maintenance_server::Maintenance, AlarmRequest, AlarmResponse, AlarmType, DefragmentRequest, DefragmentResponse,
-    DowngradeRequest, DowngradeResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest,
-    MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
+    maintenance_server::Maintenance, AlarmRequest, AlarmResponse, AlarmType, DefragmentRequest,
+    DefragmentResponse, DowngradeRequest, DowngradeResponse, HashKvRequest, HashKvResponse,
+    HashRequest, HashResponse, MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest,
+    SnapshotResponse, StatusRequest, StatusResponse,
 };
 use crate::proto::raftpb::internal_request::Request as Internal;
 use crate::server::{EtcdServer, ETCD_VERSION};
@@ -46,9 +47,16 @@ impl Maintenance for MaintenanceService {
         }
     }
 
-    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
         let m = self.s.raft.metrics().borrow().clone();
-        let learner = !m.membership_config.membership().voter_ids().any(|id| id == self.s.member_id);
+        let learner = !m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|id| id == self.s.member_id);
         let errors = self
             .s
             .state
@@ -57,7 +65,9 @@ impl Maintenance for MaintenanceService {
             .alarms()
             .iter()
             .map(|a| {
-                let name = AlarmType::try_from(a.alarm).map(|t| t.as_str_name()).unwrap_or("UNKNOWN");
+                let name = AlarmType::try_from(a.alarm)
+                    .map(|t| t.as_str_name())
+                    .unwrap_or("UNKNOWN");
                 format!("memberID:{} alarm:{name} ", a.member_id)
             })
             .collect();
@@ -76,10 +86,17 @@ impl Maintenance for MaintenanceService {
         Ok(Response::new(resp))
     }
 
-    async fn defragment(&self, _req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+    async fn defragment(
+        &self,
+        _req: Request<DefragmentRequest>,
+    ) -> Result<Response<DefragmentResponse>, Status> {
         let state = self.s.state.clone();
-        tokio::task::spawn_blocking(move || state.engine.defragment()).await.map_err(Error::internal)??;
-        Ok(Response::new(DefragmentResponse { header: Some(self.s.header(0)) }))
+        tokio::task::spawn_blocking(move || state.engine.defragment())
+            .await
+            .map_err(Error::internal)??;
+        Ok(Response::new(DefragmentResponse {
+            header: Some(self.s.header(0)),
+        }))
     }
 
     async fn hash(&self, _req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
@@ -90,10 +107,16 @@ impl Maintenance for MaintenanceService {
         })
         .await
         .map_err(Error::internal)??;
-        Ok(Response::new(HashResponse { header: Some(self.s.header(0)), hash }))
+        Ok(Response::new(HashResponse {
+            header: Some(self.s.header(0)),
+            hash,
+        }))
     }
 
-    async fn hash_kv(&self, req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+    async fn hash_kv(
+        &self,
+        req: Request<HashKvRequest>,
+    ) -> Result<Response<HashKvResponse>, Status> {
         let r = req.into_inner();
         let state = self.s.state.clone();
         let (hash, compacted, rev, current) = tokio::task::spawn_blocking(move || {
@@ -120,9 +143,14 @@ impl Maintenance for MaintenanceService {
 
     type SnapshotStream = SnapshotStream;
 
-    async fn snapshot(&self, _req: Request<SnapshotRequest>) -> Result<Response<SnapshotStream>, Status> {
+    async fn snapshot(
+        &self,
+        _req: Request<SnapshotRequest>,
+    ) -> Result<Response<SnapshotStream>, Status> {
         let state = self.s.state.clone();
-        let (payload, _, _) = tokio::task::spawn_blocking(move || state.snapshot_payload()).await.map_err(Error::internal)??;
+        let (payload, _, _) = tokio::task::spawn_blocking(move || state.snapshot_payload())
+            .await
+            .map_err(Error::internal)??;
         let file = crate::snapshot::encode(&payload);
         let header = self.s.header(0);
         let (tx, rx) = mpsc::channel(4);
@@ -132,7 +160,7 @@ impl Maintenance for MaintenanceService {
             for chunk in file.chunks(SNAPSHOT_CHUNK) {
                 sent += chunk.len();
                 let r = SnapshotResponse {
-                    header: Some(header.clone()),
+                    header: Some(header),
                     remaining_bytes: (total - sent) as u64,
                     blob: chunk.to_vec(),
                     version: String::new(),
@@ -145,18 +173,30 @@ impl Maintenance for MaintenanceService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn move_leader(&self, req: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
+    async fn move_leader(
+        &self,
+        req: Request<MoveLeaderRequest>,
+    ) -> Result<Response<MoveLeaderResponse>, Status> {
         let target = req.into_inner().target_id;
         if !self.s.is_leader() {
             return Err(Error::NotLeader.into());
         }
         if target == self.s.member_id {
-            return Ok(Response::new(MoveLeaderResponse { header: Some(self.s.header(0)) }));
+            return Ok(Response::new(MoveLeaderResponse {
+                header: Some(self.s.header(0)),
+            }));
         }
-        Err(Status::failed_precondition("etcdserver: bad leader transferee"))
+        Err(Status::failed_precondition(
+            "etcdserver: bad leader transferee",
+        ))
     }
 
-    async fn downgrade(&self, _req: Request<DowngradeRequest>) -> Result<Response<DowngradeResponse>, Status> {
-        Err(Status::unimplemented("etcdserver: downgrade is not supported"))
+    async fn downgrade(
+        &self,
+        _req: Request<DowngradeRequest>,
+    ) -> Result<Response<DowngradeResponse>, Status> {
+        Err(Status::unimplemented(
+            "etcdserver: downgrade is not supported",
+        ))
     }
 }

@@ -34,9 +34,15 @@ const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
 async fn health(State(s): State<Arc<EtcdServer>>) -> impl IntoResponse {
     let (code, body) = if s.leader() == 0 {
-        (StatusCode::SERVICE_UNAVAILABLE, r#"{"health":"false","reason":"RAFT NO LEADER"}"#)
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"health":"false","reason":"RAFT NO LEADER"}"#,
+        )
     } else if !s.state.store.read().alarms().is_empty() {
-        (StatusCode::SERVICE_UNAVAILABLE, r#"{"health":"false","reason":"ALARM ACTIVE"}"#)
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"health":"false","reason":"ALARM ACTIVE"}"#,
+        )
     } else {
         (StatusCode::OK, r#"{"health":"true","reason":""}"#)
     };
@@ -49,14 +55,20 @@ async fn livez() -> impl IntoResponse {
 
 async fn readyz(State(s): State<Arc<EtcdServer>>) -> impl IntoResponse {
     if s.leader() == 0 {
-        (StatusCode::SERVICE_UNAVAILABLE, "[-]serializable_read failed: no leader\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "[-]serializable_read failed: no leader\n",
+        )
     } else {
         (StatusCode::OK, "ok\n")
     }
 }
 
 async fn metrics(State(s): State<Arc<EtcdServer>>) -> impl IntoResponse {
-    ([("content-type", "text/plain; version=0.0.4")], s.metrics.render())
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
 }
 
 async fn version() -> impl IntoResponse {
@@ -80,7 +92,11 @@ fn client_routes(s: Arc<EtcdServer>) -> Routes {
     let max_recv = s.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let (reporter, health_service) = tonic_health::server::health_reporter();
     // Serving as soon as the listeners are up; requests wait for a leader.
-    tokio::spawn(async move { reporter.set_service_status("", tonic_health::ServingStatus::Serving).await });
+    tokio::spawn(async move {
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await
+    });
     Routes::from(http_router(s.clone()))
         .add_service(
             KvServer::new(kv::KvService::new(s.clone()))
@@ -111,12 +127,17 @@ fn client_routes(s: Arc<EtcdServer>) -> Routes {
 }
 
 async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| Error::Internal(format!("listen tcp {addr}: bind: {e}")))
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Internal(format!("listen tcp {addr}: bind: {e}")))
 }
 
 /// Serves clients on every `--listen-client-urls` address (gRPC and HTTP)
 /// and metrics on every `--listen-metrics-urls` address until `shutdown`.
-pub async fn serve_clients(s: Arc<EtcdServer>, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+pub async fn serve_clients(
+    s: Arc<EtcdServer>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;

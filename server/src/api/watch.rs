@@ -17,8 +17,8 @@ use tracing::debug;
 
 use crate::mvcc::KeyRange;
 use crate::proto::etcdserverpb::{
-    watch_create_request::FilterType, watch_request::RequestUnion, watch_server::Watch, WatchCreateRequest,
-    WatchRequest, WatchResponse,
+    watch_create_request::FilterType, watch_request::RequestUnion, watch_server::Watch,
+    WatchCreateRequest, WatchRequest, WatchResponse,
 };
 use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
 use crate::server::EtcdServer;
@@ -43,7 +43,10 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Se
 impl Watch for WatchService {
     type WatchStream = WatchStream;
 
-    async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<WatchStream>, Status> {
+    async fn watch(
+        &self,
+        req: Request<Streaming<WatchRequest>>,
+    ) -> Result<Response<WatchStream>, Status> {
         let inbound = req.into_inner();
         let (out, rx) = mpsc::channel(256);
         let (hub_tx, hub_rx) = mpsc::unbounded_channel();
@@ -93,8 +96,16 @@ struct StreamTask {
 }
 
 impl StreamTask {
-    async fn run(mut self, mut inbound: Streaming<WatchRequest>, mut hub_rx: mpsc::UnboundedReceiver<HubMsg>) {
-        let every = self.s.cfg.progress_notify_interval.max(std::time::Duration::from_millis(100));
+    async fn run(
+        mut self,
+        mut inbound: Streaming<WatchRequest>,
+        mut hub_rx: mpsc::UnboundedReceiver<HubMsg>,
+    ) {
+        let every = self
+            .s
+            .cfg
+            .progress_notify_interval
+            .max(std::time::Duration::from_millis(100));
         let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         loop {
             let ok = tokio::select! {
@@ -131,7 +142,12 @@ impl StreamTask {
             Some(RequestUnion::CancelRequest(c)) => {
                 if self.watchers.remove(&c.watch_id).is_some() {
                     self.s.state.hub.cancel(self.id, c.watch_id);
-                    let r = WatchResponse { header: Some(self.s.header(0)), watch_id: c.watch_id, canceled: true, ..Default::default() };
+                    let r = WatchResponse {
+                        header: Some(self.s.header(0)),
+                        watch_id: c.watch_id,
+                        canceled: true,
+                        ..Default::default()
+                    };
                     return self.send(r).await;
                 }
                 true
@@ -178,10 +194,19 @@ impl StreamTask {
             fragment: c.fragment,
         };
         let start = c.start_revision.max(0);
-        let reg = self.s.state.hub.register(self.id, id, w.range.clone(), start, self.hub_tx.clone());
+        let reg =
+            self.s
+                .state
+                .hub
+                .register(self.id, id, w.range.clone(), start, self.hub_tx.clone());
         match reg {
             Registered::Compacted { compacted, current } => {
-                let created = WatchResponse { header: Some(self.s.header(current)), watch_id: id, created: true, ..Default::default() };
+                let created = WatchResponse {
+                    header: Some(self.s.header(current)),
+                    watch_id: id,
+                    created: true,
+                    ..Default::default()
+                };
                 let cancel = WatchResponse {
                     header: Some(self.s.header(current)),
                     watch_id: id,
@@ -193,7 +218,12 @@ impl StreamTask {
                 self.send(created).await && self.send(cancel).await
             }
             Registered::Replay { from, to, current } => {
-                let created = WatchResponse { header: Some(self.s.header(current)), watch_id: id, created: true, ..Default::default() };
+                let created = WatchResponse {
+                    header: Some(self.s.header(current)),
+                    watch_id: id,
+                    created: true,
+                    ..Default::default()
+                };
                 if !self.send(created).await {
                     return false;
                 }
@@ -236,16 +266,30 @@ impl StreamTask {
                     continue;
                 }
                 let prev = if w.prev_kv {
-                    store.get(&*self.s.state.engine, &rec.kv.key, rev.main - 1).ok().flatten()
+                    store
+                        .get(&*self.s.state.engine, &rec.kv.key, rev.main - 1)
+                        .ok()
+                        .flatten()
                 } else {
                     None
                 };
                 let (t, kv) = if rec.tombstone {
-                    (EventType::Delete, KeyValue { key: rec.kv.key, mod_revision: rev.main, ..Default::default() })
+                    (
+                        EventType::Delete,
+                        KeyValue {
+                            key: rec.kv.key,
+                            mod_revision: rev.main,
+                            ..Default::default()
+                        },
+                    )
                 } else {
                     (EventType::Put, rec.kv)
                 };
-                if let Some(e) = w.shape(&Event { r#type: t as i32, kv: Some(kv), prev_kv: prev }) {
+                if let Some(e) = w.shape(&Event {
+                    r#type: t as i32,
+                    kv: Some(kv),
+                    prev_kv: prev,
+                }) {
                     events.push(e);
                 }
             }
@@ -256,18 +300,39 @@ impl StreamTask {
     async fn deliver(&mut self, msg: HubMsg) -> bool {
         match msg {
             HubMsg::Events { watch_id, events } => {
-                let Some(w) = self.watchers.get(&watch_id) else { return true };
+                let Some(w) = self.watchers.get(&watch_id) else {
+                    return true;
+                };
                 let events: Vec<Event> = events.iter().filter_map(|e| w.shape(e)).collect();
                 self.send_events(watch_id, events, None).await
             }
-            HubMsg::Progress { revision, all: true } => {
-                let r = WatchResponse { header: Some(self.s.header(revision)), watch_id: -1, ..Default::default() };
+            HubMsg::Progress {
+                revision,
+                all: true,
+            } => {
+                let r = WatchResponse {
+                    header: Some(self.s.header(revision)),
+                    watch_id: -1,
+                    ..Default::default()
+                };
                 self.send(r).await
             }
-            HubMsg::Progress { revision, all: false } => {
-                let ids: Vec<i64> = self.watchers.iter().filter(|(_, w)| w.progress_notify).map(|(id, _)| *id).collect();
+            HubMsg::Progress {
+                revision,
+                all: false,
+            } => {
+                let ids: Vec<i64> = self
+                    .watchers
+                    .iter()
+                    .filter(|(_, w)| w.progress_notify)
+                    .map(|(id, _)| *id)
+                    .collect();
                 for id in ids {
-                    let r = WatchResponse { header: Some(self.s.header(revision)), watch_id: id, ..Default::default() };
+                    let r = WatchResponse {
+                        header: Some(self.s.header(revision)),
+                        watch_id: id,
+                        ..Default::default()
+                    };
                     if !self.send(r).await {
                         return false;
                     }
@@ -282,8 +347,14 @@ impl StreamTask {
     /// response, at the replay's revision. Responses over the request size
     /// limit are fragmented when the watcher asked for it.
     async fn send_events(&self, id: i64, events: Vec<Event>, replayed_to: Option<i64>) -> bool {
-        let Some(w) = self.watchers.get(&id) else { return true };
-        let revs_per_response = if replayed_to.is_some() { WATCH_BATCH_MAX_REVS } else { 1 };
+        let Some(w) = self.watchers.get(&id) else {
+            return true;
+        };
+        let revs_per_response = if replayed_to.is_some() {
+            WATCH_BATCH_MAX_REVS
+        } else {
+            1
+        };
         let rev_of = |e: &Event| e.kv.as_ref().map(|kv| kv.mod_revision).unwrap_or(0);
         let mut start = 0;
         while start < events.len() {
@@ -302,7 +373,10 @@ impl StreamTask {
                 end += 1;
             }
             let group = &events[start..end];
-            let header = Some(self.s.header(replayed_to.unwrap_or_else(|| rev_of(&events[start]))));
+            let header = Some(
+                self.s
+                    .header(replayed_to.unwrap_or_else(|| rev_of(&events[start]))),
+            );
             let limit = self.s.cfg.max_request_bytes;
             let total: usize = group.iter().map(|e| e.encoded_len()).sum();
             if w.fragment && total > limit {
@@ -321,13 +395,24 @@ impl StreamTask {
                 chunks.push(chunk);
                 let last = chunks.len() - 1;
                 for (i, c) in chunks.into_iter().enumerate() {
-                    let r = WatchResponse { header: header.clone(), watch_id: id, events: c, fragment: i != last, ..Default::default() };
+                    let r = WatchResponse {
+                        header,
+                        watch_id: id,
+                        events: c,
+                        fragment: i != last,
+                        ..Default::default()
+                    };
                     if !self.send(r).await {
                         return false;
                     }
                 }
             } else {
-                let r = WatchResponse { header, watch_id: id, events: group.to_vec(), ..Default::default() };
+                let r = WatchResponse {
+                    header,
+                    watch_id: id,
+                    events: group.to_vec(),
+                    ..Default::default()
+                };
                 if !self.send(r).await {
                     return false;
                 }

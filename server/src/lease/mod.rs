@@ -20,7 +20,9 @@ pub struct Lessor {
 impl Lessor {
     /// Starts (or restarts) a lease's clock.
     pub fn renew(&self, id: i64, ttl: i64) {
-        self.deadlines.lock().insert(id, Instant::now() + Duration::from_secs(ttl.max(0) as u64));
+        self.deadlines
+            .lock()
+            .insert(id, Instant::now() + Duration::from_secs(ttl.max(0) as u64));
     }
 
     pub fn forget(&self, id: i64) {
@@ -39,13 +41,21 @@ impl Lessor {
 
     /// Time left before the lease expires, if its clock runs here.
     pub fn remaining(&self, id: i64) -> Option<Duration> {
-        self.deadlines.lock().get(&id).map(|d| d.saturating_duration_since(Instant::now()))
+        self.deadlines
+            .lock()
+            .get(&id)
+            .map(|d| d.saturating_duration_since(Instant::now()))
     }
 
     /// Leases whose deadline has passed.
     pub fn expired(&self) -> Vec<i64> {
         let now = Instant::now();
-        self.deadlines.lock().iter().filter(|(_, d)| **d <= now).map(|(id, _)| *id).collect()
+        self.deadlines
+            .lock()
+            .iter()
+            .filter(|(_, d)| **d <= now)
+            .map(|(id, _)| *id)
+            .collect()
     }
 }
 

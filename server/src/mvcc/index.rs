@@ -35,7 +35,7 @@ impl KeyRange {
         }
     }
 
-    fn bounds(&self) -> Option<(Bound<&[u8]>, Bound<&[u8]>)> {
+    fn bounds(&self) -> Option<KeyBounds<'_>> {
         Some(match self {
             KeyRange::Single(key) => (Bound::Included(key), Bound::Included(key)),
             KeyRange::From(key) => (Bound::Included(key), Bound::Unbounded),
@@ -48,6 +48,8 @@ impl KeyRange {
         })
     }
 }
+
+type KeyBounds<'a> = (Bound<&'a [u8]>, Bound<&'a [u8]>);
 
 #[derive(Debug, Clone, Default)]
 struct Generation {
@@ -107,10 +109,9 @@ pub struct KeyIndex {
 impl KeyIndex {
     /// Records a put of `key` at `rev`.
     pub fn put(&mut self, key: &[u8], rev: Revision) {
-        let h = self
-            .keys
-            .entry(key.to_vec())
-            .or_insert_with(|| KeyHistory { gens: vec![Generation::default()] });
+        let h = self.keys.entry(key.to_vec()).or_insert_with(|| KeyHistory {
+            gens: vec![Generation::default()],
+        });
         let g = h.gens.last_mut().expect("history has a generation");
         if g.revs.is_empty() {
             g.created = rev;
@@ -121,7 +122,9 @@ impl KeyIndex {
 
     /// Records the deletion of `key` at `rev`; the key must be live.
     pub fn tombstone(&mut self, key: &[u8], rev: Revision) -> bool {
-        let Some(h) = self.keys.get_mut(key) else { return false };
+        let Some(h) = self.keys.get_mut(key) else {
+            return false;
+        };
         let g = h.gens.last_mut().expect("history has a generation");
         if g.revs.is_empty() {
             return false;
@@ -135,7 +138,12 @@ impl KeyIndex {
     /// The key's latest change at or before `at`, if it is live at `at`.
     pub fn get(&self, key: &[u8], at: i64) -> Option<KeyAt> {
         let (modified, created, version) = self.keys.get(key)?.get(at)?;
-        Some(KeyAt { key: key.to_vec(), modified, created, version })
+        Some(KeyAt {
+            key: key.to_vec(),
+            modified,
+            created,
+            version,
+        })
     }
 
     /// Every key of `range` live at `at`, in key order, at most `limit` when
@@ -143,12 +151,19 @@ impl KeyIndex {
     pub fn range(&self, range: &KeyRange, at: i64, limit: usize) -> (Vec<KeyAt>, usize) {
         let mut out = Vec::new();
         let mut total = 0;
-        let Some(bounds) = range.bounds() else { return (out, 0) };
+        let Some(bounds) = range.bounds() else {
+            return (out, 0);
+        };
         for (k, h) in self.keys.range::<[u8], _>(bounds) {
             if let Some((modified, created, version)) = h.get(at) {
                 total += 1;
                 if limit == 0 || out.len() < limit {
-                    out.push(KeyAt { key: k.clone(), modified, created, version });
+                    out.push(KeyAt {
+                        key: k.clone(),
+                        modified,
+                        created,
+                        version,
+                    });
                 }
             }
         }
@@ -157,8 +172,13 @@ impl KeyIndex {
 
     /// Counts the keys of `range` live at `at`.
     pub fn count(&self, range: &KeyRange, at: i64) -> usize {
-        let Some(bounds) = range.bounds() else { return 0 };
-        self.keys.range::<[u8], _>(bounds).filter(|(_, h)| h.get(at).is_some()).count()
+        let Some(bounds) = range.bounds() else {
+            return 0;
+        };
+        self.keys
+            .range::<[u8], _>(bounds)
+            .filter(|(_, h)| h.get(at).is_some())
+            .count()
     }
 
     /// Number of keys with any history.
@@ -226,7 +246,10 @@ mod tests {
         assert!(ix.get(b"a", 1).is_none());
         assert!(ix.tombstone(b"a", r(4)));
         assert!(ix.get(b"a", 4).is_none());
-        assert!(!ix.tombstone(b"a", r(5)), "deleting a deleted key changes nothing");
+        assert!(
+            !ix.tombstone(b"a", r(5)),
+            "deleting a deleted key changes nothing"
+        );
         ix.put(b"a", r(5));
         let k = ix.get(b"a", 5).unwrap();
         assert_eq!((k.version, k.created, k.modified), (1, r(5), r(5)));

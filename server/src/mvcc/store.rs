@@ -12,8 +12,8 @@ use crate::error::{Error, Result};
 use crate::proto::etcdserverpb::{
     alarm_request::AlarmAction, compare::CompareResult, compare::CompareTarget,
     compare::TargetUnion, range_request::SortOrder, range_request::SortTarget, request_op,
-    response_op, AlarmMember, AlarmRequest, AlarmResponse, AlarmType, Compare, CompactionRequest,
-    CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, LeaseGrantRequest,
+    response_op, AlarmMember, AlarmRequest, AlarmResponse, AlarmType, CompactionRequest,
+    CompactionResponse, Compare, DeleteRangeRequest, DeleteRangeResponse, LeaseGrantRequest,
     LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, PutRequest, PutResponse,
     RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
@@ -93,7 +93,10 @@ impl Tx {
 }
 
 fn header(revision: i64) -> Option<ResponseHeader> {
-    Some(ResponseHeader { revision, ..Default::default() })
+    Some(ResponseHeader {
+        revision,
+        ..Default::default()
+    })
 }
 
 /// The key space with its history.
@@ -142,7 +145,17 @@ impl MvccStore {
         alarms: Vec<AlarmMember>,
     ) -> Self {
         let mut s = Self::new(min_lease_ttl);
-        s.leases = leases.map(|(id, ttl)| (id, LeaseRecord { ttl, keys: BTreeSet::new() })).collect();
+        s.leases = leases
+            .map(|(id, ttl)| {
+                (
+                    id,
+                    LeaseRecord {
+                        ttl,
+                        keys: BTreeSet::new(),
+                    },
+                )
+            })
+            .collect();
         let mut lease_of: HashMap<Vec<u8>, i64> = HashMap::new();
         let mut max_rev = 1;
         for (r, rec) in records {
@@ -205,9 +218,12 @@ impl MvccStore {
         if let Some(r) = self.pending.get(&rev) {
             return Ok(r.clone());
         }
-        reader
-            .read(rev)?
-            .ok_or_else(|| Error::Internal(format!("mvcc: revision {}/{} missing from storage", rev.main, rev.sub)))
+        reader.read(rev)?.ok_or_else(|| {
+            Error::Internal(format!(
+                "mvcc: revision {}/{} missing from storage",
+                rev.main, rev.sub
+            ))
+        })
     }
 
     fn kv_of(&self, reader: &dyn RevisionReader, k: &KeyAt) -> Result<KeyValue> {
@@ -218,7 +234,12 @@ impl MvccStore {
     }
 
     /// The live value of `key` as of `at`.
-    pub fn get(&self, reader: &dyn RevisionReader, key: &[u8], at: i64) -> Result<Option<KeyValue>> {
+    pub fn get(
+        &self,
+        reader: &dyn RevisionReader,
+        key: &[u8],
+        at: i64,
+    ) -> Result<Option<KeyValue>> {
         match self.index.get(key, at) {
             Some(k) => Ok(Some(self.kv_of(reader, &k)?)),
             None => Ok(None),
@@ -240,13 +261,22 @@ impl MvccStore {
         Ok(())
     }
 
-    fn range_at(&self, reader: &dyn RevisionReader, r: &RangeRequest, cur: i64) -> Result<RangeResponse> {
+    fn range_at(
+        &self,
+        reader: &dyn RevisionReader,
+        r: &RangeRequest,
+        cur: i64,
+    ) -> Result<RangeResponse> {
         let at = if r.revision <= 0 { cur } else { r.revision };
         self.check_revision(at, cur)?;
         let range = KeyRange::new(&r.key, &r.range_end);
         if r.count_only {
             let count = self.index.count(&range, at) as i64;
-            return Ok(RangeResponse { header: header(cur), count, ..Default::default() });
+            return Ok(RangeResponse {
+                header: header(cur),
+                count,
+                ..Default::default()
+            });
         }
         let order = SortOrder::try_from(r.sort_order).map_err(|_| Error::InvalidSortOption)?;
         let target = SortTarget::try_from(r.sort_target).map_err(|_| Error::InvalidSortOption)?;
@@ -255,7 +285,11 @@ impl MvccStore {
             || r.max_mod_revision != 0
             || r.min_create_revision != 0
             || r.max_create_revision != 0;
-        let limit = if filtered || r.limit <= 0 { 0 } else { r.limit as usize + 1 };
+        let limit = if filtered || r.limit <= 0 {
+            0
+        } else {
+            r.limit as usize + 1
+        };
         let (keys, total) = self.index.range(&range, at, limit);
         let mut kvs = Vec::with_capacity(keys.len());
         for k in &keys {
@@ -274,7 +308,11 @@ impl MvccStore {
             kvs.retain(|kv| kv.create_revision >= r.min_create_revision);
         }
         // The index yields key order; other targets sort ascending by default.
-        let order = if target != SortTarget::Key && order == SortOrder::None { SortOrder::Ascend } else { order };
+        let order = if target != SortTarget::Key && order == SortOrder::None {
+            SortOrder::Ascend
+        } else {
+            order
+        };
         if order != SortOrder::None {
             let cmp = |a: &KeyValue, b: &KeyValue| match target {
                 SortTarget::Key => a.key.cmp(&b.key),
@@ -299,11 +337,18 @@ impl MvccStore {
                 kv.value.clear();
             }
         }
-        Ok(RangeResponse { header: header(cur), kvs, more, count: total as i64 })
+        Ok(RangeResponse {
+            header: header(cur),
+            kvs,
+            more,
+            count: total as i64,
+        })
     }
 
     fn nospace(&self) -> bool {
-        self.alarms.iter().any(|a| a.alarm == AlarmType::Nospace as i32)
+        self.alarms
+            .iter()
+            .any(|a| a.alarm == AlarmType::Nospace as i32)
     }
 
     /// Applies one request at the next revision.
@@ -317,13 +362,19 @@ impl MvccStore {
                     return Err(Error::NoSpace);
                 }
                 self.check_put(reader, p)?;
-                let mut tx = Tx { begin: self.rev, sub: 0 };
+                let mut tx = Tx {
+                    begin: self.rev,
+                    sub: 0,
+                };
                 let resp = self.put(reader, &mut tx, p)?;
                 self.finish(tx);
                 Ok(Applied::Put(resp))
             }
             Request::DeleteRange(d) => {
-                let mut tx = Tx { begin: self.rev, sub: 0 };
+                let mut tx = Tx {
+                    begin: self.rev,
+                    sub: 0,
+                };
                 let resp = self.delete(reader, &mut tx, d)?;
                 self.finish(tx);
                 Ok(Applied::DeleteRange(resp))
@@ -334,7 +385,10 @@ impl MvccStore {
                 }
                 let path = self.compare_path(reader, t)?;
                 self.check_txn(reader, t, &path)?;
-                let mut tx = Tx { begin: self.rev, sub: 0 };
+                let mut tx = Tx {
+                    begin: self.rev,
+                    sub: 0,
+                };
                 let mut resp = self.txn(reader, &mut tx, t, &path)?;
                 resp.header = header(tx.read_rev());
                 self.finish(tx);
@@ -372,8 +426,16 @@ impl MvccStore {
     /// Records a change; its event carries the previous value, which watchers
     /// that asked for `prev_kv` get without another read.
     fn write(&mut self, rev: Revision, kv: KeyValue, tombstone: bool, prev: Option<KeyValue>) {
-        let event_type = if tombstone { EventType::Delete } else { EventType::Put };
-        self.ws.events.push(Event { r#type: event_type as i32, kv: Some(kv.clone()), prev_kv: prev });
+        let event_type = if tombstone {
+            EventType::Delete
+        } else {
+            EventType::Put
+        };
+        self.ws.events.push(Event {
+            r#type: event_type as i32,
+            kv: Some(kv.clone()),
+            prev_kv: prev,
+        });
         let rec = Record { kv, tombstone };
         self.pending.insert(rev, rec.clone());
         self.ws.records.push((rev, rec));
@@ -385,17 +447,34 @@ impl MvccStore {
         }
     }
 
-    fn put(&mut self, reader: &dyn RevisionReader, tx: &mut Tx, p: &PutRequest) -> Result<PutResponse> {
+    fn put(
+        &mut self,
+        reader: &dyn RevisionReader,
+        tx: &mut Tx,
+        p: &PutRequest,
+    ) -> Result<PutResponse> {
         let prev = self.get(reader, &p.key, tx.begin + 1)?;
-        let value = if p.ignore_value { prev.as_ref().map(|kv| kv.value.clone()).unwrap_or_default() } else { p.value.clone() };
-        let lease = if p.ignore_lease { prev.as_ref().map(|kv| kv.lease).unwrap_or_default() } else { p.lease };
+        let value = if p.ignore_value {
+            prev.as_ref().map(|kv| kv.value.clone()).unwrap_or_default()
+        } else {
+            p.value.clone()
+        };
+        let lease = if p.ignore_lease {
+            prev.as_ref().map(|kv| kv.lease).unwrap_or_default()
+        } else {
+            p.lease
+        };
         let rev = tx.next();
         let (create_revision, version) = match &prev {
             Some(kv) => (kv.create_revision, kv.version + 1),
             None => (rev.main, 1),
         };
         self.index.put(&p.key, rev);
-        if let Some(old) = prev.as_ref().map(|kv| kv.lease).filter(|l| *l != 0 && *l != lease) {
+        if let Some(old) = prev
+            .as_ref()
+            .map(|kv| kv.lease)
+            .filter(|l| *l != 0 && *l != lease)
+        {
             self.detach(&p.key, old);
         }
         if lease != 0 {
@@ -403,13 +482,30 @@ impl MvccStore {
                 l.keys.insert(p.key.clone());
             }
         }
-        let kv = KeyValue { key: p.key.clone(), create_revision, mod_revision: rev.main, version, value, lease };
+        let kv = KeyValue {
+            key: p.key.clone(),
+            create_revision,
+            mod_revision: rev.main,
+            version,
+            value,
+            lease,
+        };
         self.write(rev, kv, false, prev.clone());
-        Ok(PutResponse { header: header(rev.main), prev_kv: if p.prev_kv { prev } else { None } })
+        Ok(PutResponse {
+            header: header(rev.main),
+            prev_kv: if p.prev_kv { prev } else { None },
+        })
     }
 
-    fn delete(&mut self, reader: &dyn RevisionReader, tx: &mut Tx, d: &DeleteRangeRequest) -> Result<DeleteRangeResponse> {
-        let (keys, _) = self.index.range(&KeyRange::new(&d.key, &d.range_end), tx.begin + 1, 0);
+    fn delete(
+        &mut self,
+        reader: &dyn RevisionReader,
+        tx: &mut Tx,
+        d: &DeleteRangeRequest,
+    ) -> Result<DeleteRangeResponse> {
+        let (keys, _) = self
+            .index
+            .range(&KeyRange::new(&d.key, &d.range_end), tx.begin + 1, 0);
         let mut prev_kvs = Vec::new();
         for k in &keys {
             let kv = self.kv_of(reader, k)?;
@@ -418,13 +514,21 @@ impl MvccStore {
             if kv.lease != 0 {
                 self.detach(&k.key, kv.lease);
             }
-            let tomb = KeyValue { key: k.key.clone(), mod_revision: rev.main, ..Default::default() };
+            let tomb = KeyValue {
+                key: k.key.clone(),
+                mod_revision: rev.main,
+                ..Default::default()
+            };
             self.write(rev, tomb, true, Some(kv.clone()));
             if d.prev_kv {
                 prev_kvs.push(kv);
             }
         }
-        Ok(DeleteRangeResponse { header: header(tx.read_rev()), deleted: keys.len() as i64, prev_kvs })
+        Ok(DeleteRangeResponse {
+            header: header(tx.read_rev()),
+            deleted: keys.len() as i64,
+            prev_kvs,
+        })
     }
 
     /// Evaluates the compares of `t` and of the nested txns on the chosen
@@ -447,7 +551,9 @@ impl MvccStore {
     }
 
     fn compare(&self, reader: &dyn RevisionReader, c: &Compare) -> Result<bool> {
-        let (keys, _) = self.index.range(&KeyRange::new(&c.key, &c.range_end), self.rev, 0);
+        let (keys, _) = self
+            .index
+            .range(&KeyRange::new(&c.key, &c.range_end), self.rev, 0);
         let target = CompareTarget::try_from(c.target).unwrap_or(CompareTarget::Version);
         if keys.is_empty() {
             // A missing key has no value to compare; its revisions and version are 0.
@@ -465,25 +571,36 @@ impl MvccStore {
         Ok(true)
     }
 
-    fn check_txn(&self, reader: &dyn RevisionReader, t: &TxnRequest, path: &[bool]) -> Result<usize> {
+    fn check_txn(
+        &self,
+        reader: &dyn RevisionReader,
+        t: &TxnRequest,
+        path: &[bool],
+    ) -> Result<usize> {
         let ops = if path[0] { &t.success } else { &t.failure };
         let mut used = 1;
         for op in ops {
             match &op.request {
-                Some(request_op::Request::RequestRange(r)) => {
-                    if r.revision > 0 {
-                        self.check_revision(r.revision, self.rev)?;
-                    }
+                Some(request_op::Request::RequestRange(r)) if r.revision > 0 => {
+                    self.check_revision(r.revision, self.rev)?;
                 }
                 Some(request_op::Request::RequestPut(p)) => self.check_put(reader, p)?,
-                Some(request_op::Request::RequestTxn(nested)) => used += self.check_txn(reader, nested, &path[used..])?,
+                Some(request_op::Request::RequestTxn(nested)) => {
+                    used += self.check_txn(reader, nested, &path[used..])?
+                }
                 _ => {}
             }
         }
         Ok(used)
     }
 
-    fn txn(&mut self, reader: &dyn RevisionReader, tx: &mut Tx, t: &TxnRequest, path: &[bool]) -> Result<TxnResponse> {
+    fn txn(
+        &mut self,
+        reader: &dyn RevisionReader,
+        tx: &mut Tx,
+        t: &TxnRequest,
+        path: &[bool],
+    ) -> Result<TxnResponse> {
         let succeeded = path[0];
         let ops: &[RequestOp] = if succeeded { &t.success } else { &t.failure };
         let mut responses = Vec::with_capacity(ops.len());
@@ -491,12 +608,18 @@ impl MvccStore {
         for op in ops {
             let response = match &op.request {
                 Some(request_op::Request::RequestRange(r)) => {
-                    Some(response_op::Response::ResponseRange(self.range_at(reader, r, tx.read_rev())?))
+                    Some(response_op::Response::ResponseRange(self.range_at(
+                        reader,
+                        r,
+                        tx.read_rev(),
+                    )?))
                 }
-                Some(request_op::Request::RequestPut(p)) => Some(response_op::Response::ResponsePut(self.put(reader, tx, p)?)),
-                Some(request_op::Request::RequestDeleteRange(d)) => {
-                    Some(response_op::Response::ResponseDeleteRange(self.delete(reader, tx, d)?))
+                Some(request_op::Request::RequestPut(p)) => {
+                    Some(response_op::Response::ResponsePut(self.put(reader, tx, p)?))
                 }
+                Some(request_op::Request::RequestDeleteRange(d)) => Some(
+                    response_op::Response::ResponseDeleteRange(self.delete(reader, tx, d)?),
+                ),
                 Some(request_op::Request::RequestTxn(nested)) => {
                     let sub_path = &path[used..];
                     used += count_path(nested, sub_path);
@@ -508,7 +631,11 @@ impl MvccStore {
             };
             responses.push(ResponseOp { response });
         }
-        Ok(TxnResponse { header: None, succeeded, responses })
+        Ok(TxnResponse {
+            header: None,
+            succeeded,
+            responses,
+        })
     }
 
     fn compact(&mut self, c: &CompactionRequest) -> Result<CompactionResponse> {
@@ -525,7 +652,9 @@ impl MvccStore {
         self.ws.removed.extend(removed);
         self.compacted = c.revision;
         self.ws.compacted = Some(c.revision);
-        Ok(CompactionResponse { header: header(self.rev) })
+        Ok(CompactionResponse {
+            header: header(self.rev),
+        })
     }
 
     fn lease_grant(&mut self, g: &LeaseGrantRequest) -> Result<LeaseGrantResponse> {
@@ -533,26 +662,49 @@ impl MvccStore {
             return Err(Error::LeaseExist);
         }
         let ttl = g.ttl.max(self.min_lease_ttl);
-        self.leases.insert(g.id, LeaseRecord { ttl, keys: BTreeSet::new() });
+        self.leases.insert(
+            g.id,
+            LeaseRecord {
+                ttl,
+                keys: BTreeSet::new(),
+            },
+        );
         self.ws.leases.push((g.id, Some(ttl)));
         self.ws.granted.push((g.id, ttl));
-        Ok(LeaseGrantResponse { header: header(self.rev), id: g.id, ttl, error: String::new() })
+        Ok(LeaseGrantResponse {
+            header: header(self.rev),
+            id: g.id,
+            ttl,
+            error: String::new(),
+        })
     }
 
-    fn lease_revoke(&mut self, reader: &dyn RevisionReader, r: &LeaseRevokeRequest) -> Result<LeaseRevokeResponse> {
+    fn lease_revoke(
+        &mut self,
+        reader: &dyn RevisionReader,
+        r: &LeaseRevokeRequest,
+    ) -> Result<LeaseRevokeResponse> {
         let Some(lease) = self.leases.remove(&r.id) else {
             return Err(Error::LeaseNotFound);
         };
         // One revision for all keys, in key order (the same on every member).
-        let mut tx = Tx { begin: self.rev, sub: 0 };
+        let mut tx = Tx {
+            begin: self.rev,
+            sub: 0,
+        };
         for key in &lease.keys {
-            let d = DeleteRangeRequest { key: key.clone(), ..Default::default() };
+            let d = DeleteRangeRequest {
+                key: key.clone(),
+                ..Default::default()
+            };
             self.delete(reader, &mut tx, &d)?;
         }
         self.finish(tx);
         self.ws.leases.push((r.id, None));
         self.ws.revoked.push(r.id);
-        Ok(LeaseRevokeResponse { header: header(self.rev) })
+        Ok(LeaseRevokeResponse {
+            header: header(self.rev),
+        })
     }
 
     fn alarm(&mut self, a: &AlarmRequest) -> AlarmResponse {
@@ -568,15 +720,21 @@ impl MvccStore {
                     .collect();
             }
             AlarmAction::Activate => {
-                let m = AlarmMember { member_id: a.member_id, alarm: a.alarm };
+                let m = AlarmMember {
+                    member_id: a.member_id,
+                    alarm: a.alarm,
+                };
                 if a.alarm != AlarmType::None as i32 && !self.alarms.contains(&m) {
-                    self.alarms.push(m.clone());
+                    self.alarms.push(m);
                     self.ws.alarms = Some(self.alarms.clone());
                 }
                 alarms.push(m);
             }
             AlarmAction::Deactivate => {
-                let m = AlarmMember { member_id: a.member_id, alarm: a.alarm };
+                let m = AlarmMember {
+                    member_id: a.member_id,
+                    alarm: a.alarm,
+                };
                 if let Some(i) = self.alarms.iter().position(|x| *x == m) {
                     self.alarms.remove(i);
                     self.ws.alarms = Some(self.alarms.clone());
@@ -584,7 +742,10 @@ impl MvccStore {
                 }
             }
         }
-        AlarmResponse { header: header(self.rev), alarms }
+        AlarmResponse {
+            header: header(self.rev),
+            alarms,
+        }
     }
 }
 
@@ -601,11 +762,14 @@ fn count_path(t: &TxnRequest, path: &[bool]) -> usize {
 }
 
 fn is_read_only(t: &TxnRequest) -> bool {
-    t.success.iter().chain(&t.failure).all(|op| match &op.request {
-        Some(request_op::Request::RequestRange(_)) | None => true,
-        Some(request_op::Request::RequestTxn(n)) => is_read_only(n),
-        _ => false,
-    })
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .all(|op| match &op.request {
+            Some(request_op::Request::RequestRange(_)) | None => true,
+            Some(request_op::Request::RequestTxn(n)) => is_read_only(n),
+            _ => false,
+        })
 }
 
 fn compare_kv(c: &Compare, target: CompareTarget, kv: &KeyValue) -> bool {
@@ -659,7 +823,10 @@ mod tests {
 
     impl T {
         fn new() -> Self {
-            T { s: MvccStore::new(2), h: MemoryHistory::default() }
+            T {
+                s: MvccStore::new(2),
+                h: MemoryHistory::default(),
+            }
         }
         fn apply(&mut self, r: Request) -> Result<Applied> {
             let out = self.s.apply(&self.h, &InternalRequest { request: Some(r) });
@@ -668,7 +835,14 @@ mod tests {
             out
         }
         fn put(&mut self, k: &str, v: &str) -> PutResponse {
-            match self.apply(Request::Put(PutRequest { key: k.into(), value: v.into(), ..Default::default() })).unwrap() {
+            match self
+                .apply(Request::Put(PutRequest {
+                    key: k.into(),
+                    value: v.into(),
+                    ..Default::default()
+                }))
+                .unwrap()
+            {
                 Applied::Put(p) => p,
                 other => panic!("{other:?}"),
             }
@@ -679,7 +853,11 @@ mod tests {
     }
 
     fn all() -> RangeRequest {
-        RangeRequest { key: vec![0], range_end: vec![0], ..Default::default() }
+        RangeRequest {
+            key: vec![0],
+            range_end: vec![0],
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -687,8 +865,15 @@ mod tests {
         let mut t = T::new();
         assert_eq!(t.s.revision(), 1);
         assert_eq!(t.put("a", "1").header.unwrap().revision, 2);
-        let del = t.apply(Request::DeleteRange(DeleteRangeRequest { key: "zz".into(), ..Default::default() })).unwrap();
-        let Applied::DeleteRange(d) = del else { panic!() };
+        let del = t
+            .apply(Request::DeleteRange(DeleteRangeRequest {
+                key: "zz".into(),
+                ..Default::default()
+            }))
+            .unwrap();
+        let Applied::DeleteRange(d) = del else {
+            panic!()
+        };
         assert_eq!((d.deleted, d.header.unwrap().revision), (0, 2));
         assert_eq!(t.s.revision(), 2);
     }
@@ -698,11 +883,27 @@ mod tests {
         let mut t = T::new();
         t.put("a", "1");
         t.put("a", "1");
-        let kv = &t.range(RangeRequest { key: "a".into(), ..Default::default() }).unwrap().kvs[0];
+        let kv = &t
+            .range(RangeRequest {
+                key: "a".into(),
+                ..Default::default()
+            })
+            .unwrap()
+            .kvs[0];
         assert_eq!((kv.version, kv.create_revision, kv.mod_revision), (2, 2, 3));
-        t.apply(Request::DeleteRange(DeleteRangeRequest { key: "a".into(), ..Default::default() })).unwrap();
+        t.apply(Request::DeleteRange(DeleteRangeRequest {
+            key: "a".into(),
+            ..Default::default()
+        }))
+        .unwrap();
         t.put("a", "2");
-        let kv = &t.range(RangeRequest { key: "a".into(), ..Default::default() }).unwrap().kvs[0];
+        let kv = &t
+            .range(RangeRequest {
+                key: "a".into(),
+                ..Default::default()
+            })
+            .unwrap()
+            .kvs[0];
         assert_eq!((kv.version, kv.create_revision, kv.mod_revision), (1, 5, 5));
     }
 
@@ -716,16 +917,52 @@ mod tests {
         assert_eq!((r.kvs.len(), r.more, r.count), (2, true, 3));
         let r = t.range(RangeRequest { limit: 3, ..all() }).unwrap();
         assert!(!r.more);
-        let r = t.range(RangeRequest { sort_target: SortTarget::Value as i32, limit: 1, ..all() }).unwrap();
-        assert_eq!(r.kvs[0].key, b"b", "non-key target with order NONE sorts ascending");
-        let r = t.range(RangeRequest { sort_order: SortOrder::Descend as i32, ..all() }).unwrap();
+        let r = t
+            .range(RangeRequest {
+                sort_target: SortTarget::Value as i32,
+                limit: 1,
+                ..all()
+            })
+            .unwrap();
+        assert_eq!(
+            r.kvs[0].key, b"b",
+            "non-key target with order NONE sorts ascending"
+        );
+        let r = t
+            .range(RangeRequest {
+                sort_order: SortOrder::Descend as i32,
+                ..all()
+            })
+            .unwrap();
         assert_eq!(r.kvs[0].key, b"c");
-        let r = t.range(RangeRequest { revision: 3, ..all() }).unwrap();
+        let r = t
+            .range(RangeRequest {
+                revision: 3,
+                ..all()
+            })
+            .unwrap();
         assert_eq!((r.kvs.len(), r.header.unwrap().revision), (2, 4));
-        assert_eq!(t.range(RangeRequest { revision: 9, ..all() }).unwrap_err(), Error::FutureRev);
-        let r = t.range(RangeRequest { min_mod_revision: 3, ..all() }).unwrap();
+        assert_eq!(
+            t.range(RangeRequest {
+                revision: 9,
+                ..all()
+            })
+            .unwrap_err(),
+            Error::FutureRev
+        );
+        let r = t
+            .range(RangeRequest {
+                min_mod_revision: 3,
+                ..all()
+            })
+            .unwrap();
         assert_eq!(r.kvs.len(), 2);
-        let r = t.range(RangeRequest { count_only: true, ..all() }).unwrap();
+        let r = t
+            .range(RangeRequest {
+                count_only: true,
+                ..all()
+            })
+            .unwrap();
         assert_eq!((r.kvs.len(), r.count), (0, 3));
     }
 
@@ -735,21 +972,56 @@ mod tests {
         t.put("a", "1");
         t.put("a", "2");
         t.put("a", "3");
-        let c = |rev| Request::Compaction(CompactionRequest { revision: rev, physical: false });
+        let c = |rev| {
+            Request::Compaction(CompactionRequest {
+                revision: rev,
+                physical: false,
+            })
+        };
         assert_eq!(t.apply(c(9)).unwrap_err(), Error::FutureRev);
         t.apply(c(3)).unwrap();
         assert_eq!(t.apply(c(3)).unwrap_err(), Error::Compacted);
-        assert_eq!(t.range(RangeRequest { revision: 2, ..all() }).unwrap_err(), Error::Compacted);
-        assert_eq!(t.range(RangeRequest { revision: 3, ..all() }).unwrap().kvs[0].value, b"2");
-        assert!(t.h.records.get(&Revision::new(2, 0)).is_none(), "compacted revision removed from storage");
+        assert_eq!(
+            t.range(RangeRequest {
+                revision: 2,
+                ..all()
+            })
+            .unwrap_err(),
+            Error::Compacted
+        );
+        assert_eq!(
+            t.range(RangeRequest {
+                revision: 3,
+                ..all()
+            })
+            .unwrap()
+            .kvs[0]
+                .value,
+            b"2"
+        );
+        assert!(
+            !t.h.records.contains_key(&Revision::new(2, 0)),
+            "compacted revision removed from storage"
+        );
     }
 
     #[test]
     fn txn_sees_own_writes_shares_revision_and_compares_missing_keys() {
         let mut t = T::new();
         t.put("x", "0");
-        let put = |k: &str| RequestOp { request: Some(request_op::Request::RequestPut(PutRequest { key: k.into(), value: b"v".to_vec(), ..Default::default() })) };
-        let get = |k: &str| RequestOp { request: Some(request_op::Request::RequestRange(RangeRequest { key: k.into(), ..Default::default() })) };
+        let put = |k: &str| RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest {
+                key: k.into(),
+                value: b"v".to_vec(),
+                ..Default::default()
+            })),
+        };
+        let get = |k: &str| RequestOp {
+            request: Some(request_op::Request::RequestRange(RangeRequest {
+                key: k.into(),
+                ..Default::default()
+            })),
+        };
         let txn = TxnRequest {
             compare: vec![Compare {
                 key: "missing".into(),
@@ -761,10 +1033,14 @@ mod tests {
             success: vec![put("a"), get("a"), put("b")],
             failure: vec![],
         };
-        let Applied::Txn(r) = t.apply(Request::Txn(txn)).unwrap() else { panic!() };
+        let Applied::Txn(r) = t.apply(Request::Txn(txn)).unwrap() else {
+            panic!()
+        };
         assert!(r.succeeded);
         assert_eq!(r.header.unwrap().revision, 3);
-        let Some(response_op::Response::ResponseRange(rr)) = &r.responses[1].response else { panic!() };
+        let Some(response_op::Response::ResponseRange(rr)) = &r.responses[1].response else {
+            panic!()
+        };
         assert_eq!(rr.kvs[0].mod_revision, 3);
         let value_cmp = Compare {
             key: "missing".into(),
@@ -773,22 +1049,47 @@ mod tests {
             target_union: Some(TargetUnion::Value(b"q".to_vec())),
             range_end: vec![],
         };
-        let Applied::Txn(r) = t.apply(Request::Txn(TxnRequest { compare: vec![value_cmp], ..Default::default() })).unwrap() else { panic!() };
+        let Applied::Txn(r) = t
+            .apply(Request::Txn(TxnRequest {
+                compare: vec![value_cmp],
+                ..Default::default()
+            }))
+            .unwrap()
+        else {
+            panic!()
+        };
         assert!(!r.succeeded, "a value compare on a missing key is false");
-        assert_eq!(r.header.unwrap().revision, 3, "a read-only txn keeps the revision");
+        assert_eq!(
+            r.header.unwrap().revision,
+            3,
+            "a read-only txn keeps the revision"
+        );
     }
 
     #[test]
     fn lease_revoke_deletes_keys_in_one_revision() {
         let mut t = T::new();
-        t.apply(Request::LeaseGrant(LeaseGrantRequest { ttl: 1, id: 7 })).unwrap();
+        t.apply(Request::LeaseGrant(LeaseGrantRequest { ttl: 1, id: 7 }))
+            .unwrap();
         assert_eq!(t.s.lease(7).unwrap().ttl, 2, "TTL raised to the minimum");
         for k in ["a", "b"] {
-            t.apply(Request::Put(PutRequest { key: k.into(), lease: 7, ..Default::default() })).unwrap();
+            t.apply(Request::Put(PutRequest {
+                key: k.into(),
+                lease: 7,
+                ..Default::default()
+            }))
+            .unwrap();
         }
-        let err = t.apply(Request::Put(PutRequest { key: "c".into(), lease: 8, ..Default::default() })).unwrap_err();
+        let err = t
+            .apply(Request::Put(PutRequest {
+                key: "c".into(),
+                lease: 8,
+                ..Default::default()
+            }))
+            .unwrap_err();
         assert_eq!(err, Error::LeaseNotFound);
-        t.apply(Request::LeaseRevoke(LeaseRevokeRequest { id: 7 })).unwrap();
+        t.apply(Request::LeaseRevoke(LeaseRevokeRequest { id: 7 }))
+            .unwrap();
         assert_eq!(t.s.revision(), 4);
         assert_eq!(t.range(all()).unwrap().count, 0);
     }

@@ -77,7 +77,9 @@ struct Writes {
 
 impl Writes {
     fn del_covers(&self, key: &[u8]) -> bool {
-        self.dels.iter().any(|(k, e)| super::KeyRange::new(k, e).contains(key))
+        self.dels
+            .iter()
+            .any(|(k, e)| super::KeyRange::new(k, e).contains(key))
     }
 }
 
@@ -105,7 +107,9 @@ fn branch_writes(ops: &[crate::proto::etcdserverpb::RequestOp]) -> Result<Writes
                 }
                 w.puts.push(p.key.clone());
             }
-            Some(Request::RequestDeleteRange(d)) => w.dels.push((d.key.clone(), d.range_end.clone())),
+            Some(Request::RequestDeleteRange(d)) => {
+                w.dels.push((d.key.clone(), d.range_end.clone()))
+            }
             Some(Request::RequestTxn(t)) => nested.push(check_intervals(t)?),
             _ => {}
         }
@@ -138,7 +142,12 @@ mod tests {
     use crate::proto::etcdserverpb::RequestOp;
 
     fn put(k: &str) -> RequestOp {
-        RequestOp { request: Some(Request::RequestPut(PutRequest { key: k.into(), ..Default::default() })) }
+        RequestOp {
+            request: Some(Request::RequestPut(PutRequest {
+                key: k.into(),
+                ..Default::default()
+            })),
+        }
     }
     fn del(k: &str, e: &str) -> RequestOp {
         RequestOp {
@@ -152,19 +161,39 @@ mod tests {
 
     #[test]
     fn duplicate_puts_and_put_delete_overlap_are_refused() {
-        let t = TxnRequest { success: vec![put("a"), put("a")], ..Default::default() };
+        let t = TxnRequest {
+            success: vec![put("a"), put("a")],
+            ..Default::default()
+        };
         assert_eq!(check_txn(&t, MAX_TXN_OPS), Err(Error::DuplicateKey));
-        let t = TxnRequest { success: vec![put("a1"), del("a", "b")], ..Default::default() };
+        let t = TxnRequest {
+            success: vec![put("a1"), del("a", "b")],
+            ..Default::default()
+        };
         assert_eq!(check_txn(&t, MAX_TXN_OPS), Err(Error::DuplicateKey));
-        let t = TxnRequest { success: vec![put("a")], failure: vec![put("a")], ..Default::default() };
-        assert_eq!(check_txn(&t, MAX_TXN_OPS), Ok(()), "different branches may write the same key");
-        let t = TxnRequest { success: vec![del("a", ""), del("a", "")], ..Default::default() };
+        let t = TxnRequest {
+            success: vec![put("a")],
+            failure: vec![put("a")],
+            ..Default::default()
+        };
+        assert_eq!(
+            check_txn(&t, MAX_TXN_OPS),
+            Ok(()),
+            "different branches may write the same key"
+        );
+        let t = TxnRequest {
+            success: vec![del("a", ""), del("a", "")],
+            ..Default::default()
+        };
         assert_eq!(check_txn(&t, MAX_TXN_OPS), Ok(()));
     }
 
     #[test]
     fn too_many_ops() {
-        let t = TxnRequest { success: (0..129).map(|i| put(&i.to_string())).collect(), ..Default::default() };
+        let t = TxnRequest {
+            success: (0..129).map(|i| put(&i.to_string())).collect(),
+            ..Default::default()
+        };
         assert_eq!(check_txn(&t, MAX_TXN_OPS), Err(Error::TooManyOps));
     }
 }

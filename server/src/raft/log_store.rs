@@ -55,7 +55,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let mut out = Vec::new();
         let cf = self.engine.cf(crate::storage::engine_cf_log());
         let from = start.to_be_bytes();
-        for item in self.engine.db.iterator_cf(cf, IteratorMode::From(&from, rocksdb::Direction::Forward)) {
+        for item in self
+            .engine
+            .db
+            .iterator_cf(cf, IteratorMode::From(&from, rocksdb::Direction::Forward))
+        {
             let (k, v) = item.map_err(io_err)?;
             let idx = u64::from_be_bytes(k.as_ref().try_into().map_err(io_err)?);
             if !range.contains(&idx) {
@@ -74,7 +78,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let last_purged: Option<LogId> = self.engine.raft_get(KEY_PURGED).map_err(io_err)?;
         let last = self.last_on_disk()?.map(|e| e.log_id);
         let last_log_id = last.or(last_purged);
-        Ok(LogState { last_purged_log_id: last_purged, last_log_id })
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -90,14 +97,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        self.engine.raft_put_nosync(KEY_COMMITTED, &committed).map_err(io_err)
+        self.engine
+            .raft_put_nosync(KEY_COMMITTED, &committed)
+            .map_err(io_err)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(self.engine.raft_get::<Option<LogId>>(KEY_COMMITTED).map_err(io_err)?.flatten())
+        Ok(self
+            .engine
+            .raft_get::<Option<LogId>>(KEY_COMMITTED)
+            .map_err(io_err)?
+            .flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
@@ -119,11 +136,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.writer.write(LogOp::TruncateFrom(log_id.index)).map_err(io_err)
+        self.writer
+            .write(LogOp::TruncateFrom(log_id.index))
+            .map_err(io_err)
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         self.engine.raft_put(KEY_PURGED, &log_id).map_err(io_err)?;
-        self.writer.write(LogOp::PurgeTo(log_id.index)).map_err(io_err)
+        self.writer
+            .write(LogOp::PurgeTo(log_id.index))
+            .map_err(io_err)
     }
 }

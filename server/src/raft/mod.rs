@@ -54,7 +54,9 @@ mod tests {
 
     struct Builder;
 
-    impl openraft::testing::StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
+    impl openraft::testing::StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir>
+        for Builder
+    {
         async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
             let dir = tempfile::tempdir().map_err(io_err)?;
             let engine = crate::storage::Engine::open(dir.path()).map_err(io_err)?;

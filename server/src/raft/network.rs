@@ -7,8 +7,8 @@
 use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 
 use super::{Member, TypeConfig};
@@ -32,7 +32,10 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
 impl PeerClient {
     fn unreachable<E: std::error::Error>(&self) -> RPCError<u64, Member, E> {
-        let e = std::io::Error::other(format!("peer {:x}: no peer transport in this build", self.target));
+        let e = std::io::Error::other(format!(
+            "peer {:x}: no peer transport in this build",
+            self.target
+        ));
         RPCError::Unreachable(Unreachable::new(&e))
     }
 }
@@ -50,7 +53,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         &mut self,
         _rpc: InstallSnapshotRequest<TypeConfig>,
         _option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, Member, RaftError<u64, InstallSnapshotError>>> {
+    ) -> Result<
+        InstallSnapshotResponse<u64>,
+        RPCError<u64, Member, RaftError<u64, InstallSnapshotError>>,
+    > {
         Err(self.unreachable())
     }
 

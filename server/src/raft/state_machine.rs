@@ -28,6 +28,9 @@ pub struct SnapshotPayload {
     pub leases: Vec<(i64, i64)>,
 }
 
+/// The last built or installed Raft snapshot, kept for openraft to send.
+type StoredSnapshot = (SnapshotMeta<u64, Member>, Vec<u8>);
+
 /// The key-value state shared by the state machine and the API.
 pub struct KvState {
     pub engine: Arc<Engine>,
@@ -35,14 +38,22 @@ pub struct KvState {
     pub hub: Hub,
     pub lessor: Lessor,
     applied: Mutex<(Option<LogId>, StoredMembership)>,
-    snapshot: Mutex<Option<(SnapshotMeta<u64, Member>, Vec<u8>)>>,
+    snapshot: Mutex<Option<StoredSnapshot>>,
     snapshot_seq: AtomicU64,
     min_lease_ttl: i64,
 }
 
 fn decode_position(meta: &StateMeta) -> Result<(Option<LogId>, StoredMembership)> {
-    let applied = if meta.applied.is_empty() { None } else { crate::storage::engine_dec(&meta.applied)? };
-    let membership = if meta.membership.is_empty() { StoredMembership::default() } else { crate::storage::engine_dec(&meta.membership)? };
+    let applied = if meta.applied.is_empty() {
+        None
+    } else {
+        crate::storage::engine_dec(&meta.applied)?
+    };
+    let membership = if meta.membership.is_empty() {
+        StoredMembership::default()
+    } else {
+        crate::storage::engine_dec(&meta.membership)?
+    };
     Ok((applied, membership))
 }
 
@@ -83,13 +94,21 @@ impl KvState {
         self.applied.lock().clone()
     }
 
-    fn position_meta(&self, store: &MvccStore, pos: &(Option<LogId>, StoredMembership)) -> StateMeta {
+    fn position_meta(
+        &self,
+        store: &MvccStore,
+        pos: &(Option<LogId>, StoredMembership),
+    ) -> StateMeta {
         StateMeta {
             applied: bincode::serialize(&pos.0).expect("serialize log id"),
             membership: bincode::serialize(&pos.1).expect("serialize membership"),
             revision: store.revision(),
             compacted: store.compacted(),
-            alarms: store.alarms().iter().map(|a| (a.member_id, a.alarm)).collect(),
+            alarms: store
+                .alarms()
+                .iter()
+                .map(|a| (a.member_id, a.alarm))
+                .collect(),
         }
     }
 
@@ -101,9 +120,13 @@ impl KvState {
             pos.0 = Some(e.log_id);
             match e.payload {
                 EntryPayload::Blank => results.push(Vec::new()),
-                EntryPayload::Normal(batch) => {
-                    results.push(batch.requests.iter().map(|r| store.apply(&*self.engine, r)).collect())
-                }
+                EntryPayload::Normal(batch) => results.push(
+                    batch
+                        .requests
+                        .iter()
+                        .map(|r| store.apply(&*self.engine, r))
+                        .collect(),
+                ),
                 EntryPayload::Membership(m) => {
                     pos.1 = StoredMembership::new(Some(e.log_id), m);
                     results.push(Vec::new());
@@ -113,7 +136,8 @@ impl KvState {
         let ws = store.take_writes();
         let meta = self.position_meta(&store, &pos);
         self.engine.write_state(&ws, &meta)?;
-        self.hub.publish(&ws.events, store.revision(), store.compacted());
+        self.hub
+            .publish(&ws.events, store.revision(), store.compacted());
         for (id, ttl) in &ws.granted {
             self.lessor.renew(*id, *ttl);
         }
@@ -136,7 +160,11 @@ impl KvState {
         }
         let leases = self.engine.leases()?;
         drop(store);
-        let payload = SnapshotPayload { meta, records, leases };
+        let payload = SnapshotPayload {
+            meta,
+            records,
+            leases,
+        };
         let bytes = bincode::serialize(&payload).map_err(Error::internal)?;
         Ok((bytes, pos.0, pos.1))
     }
@@ -149,11 +177,13 @@ impl KvState {
             records.push((Revision::new(*main, *sub), decode_record(rec)?));
         }
         let mut store = self.store.write();
-        self.engine.replace_state(&records, &payload.leases, &payload.meta)?;
+        self.engine
+            .replace_state(&records, &payload.leases, &payload.meta)?;
         *store = rebuild(&self.engine, &payload.meta, self.min_lease_ttl)?;
         *self.applied.lock() = decode_position(&payload.meta)?;
         self.hub.reset(store.revision(), store.compacted());
-        self.lessor.reset_all(store.leases().map(|(id, l)| (id, l.ttl)));
+        self.lessor
+            .reset_all(store.leases().map(|(id, l)| (id, l.ttl)));
         Ok(())
     }
 }
@@ -174,15 +204,25 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let state = self.state.clone();
         let (bytes, last, membership) =
-            tokio::task::spawn_blocking(move || state.snapshot_payload()).await.map_err(io_err)?.map_err(io_err)?;
+            tokio::task::spawn_blocking(move || state.snapshot_payload())
+                .await
+                .map_err(io_err)?
+                .map_err(io_err)?;
         let seq = self.state.snapshot_seq.fetch_add(1, Ordering::Relaxed);
         let snapshot_id = match last {
             Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
             None => format!("none-{seq}"),
         };
-        let meta = SnapshotMeta { last_log_id: last, last_membership: membership, snapshot_id };
+        let meta = SnapshotMeta {
+            last_log_id: last,
+            last_membership: membership,
+            snapshot_id,
+        };
         *self.state.snapshot.lock() = Some((meta.clone(), bytes.clone()));
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        })
     }
 }
 
@@ -218,7 +258,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let bytes = snapshot.into_inner();
         let state = self.state.clone();
         let b = bytes.clone();
-        tokio::task::spawn_blocking(move || state.install_payload(&b)).await.map_err(io_err)?.map_err(io_err)?;
+        tokio::task::spawn_blocking(move || state.install_payload(&b))
+            .await
+            .map_err(io_err)?
+            .map_err(io_err)?;
         // The payload's position is the state machine's; the meta is Raft's word on it.
         *self.state.applied.lock() = (meta.last_log_id, meta.last_membership.clone());
         *self.state.snapshot.lock() = Some((meta.clone(), bytes));
@@ -231,6 +274,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .snapshot
             .lock()
             .as_ref()
-            .map(|(meta, bytes)| Snapshot { meta: meta.clone(), snapshot: Box::new(Cursor::new(bytes.clone())) }))
+            .map(|(meta, bytes)| Snapshot {
+                meta: meta.clone(),
+                snapshot: Box::new(Cursor::new(bytes.clone())),
+            }))
     }
 }

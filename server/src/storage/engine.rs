@@ -67,9 +67,15 @@ pub fn encode_record(r: &Record) -> Vec<u8> {
 
 pub fn decode_record(b: &[u8]) -> Result<Record> {
     use prost::Message;
-    let (flag, rest) = b.split_first().ok_or_else(|| Error::Internal("storage: empty kv record".into()))?;
-    let kv = KeyValue::decode(rest).map_err(|e| Error::Internal(format!("storage: corrupt kv record: {e}")))?;
-    Ok(Record { kv, tombstone: *flag == 1 })
+    let (flag, rest) = b
+        .split_first()
+        .ok_or_else(|| Error::Internal("storage: empty kv record".into()))?;
+    let kv = KeyValue::decode(rest)
+        .map_err(|e| Error::Internal(format!("storage: corrupt kv record: {e}")))?;
+    Ok(Record {
+        kv,
+        tombstone: *flag == 1,
+    })
 }
 
 impl Engine {
@@ -86,17 +92,25 @@ impl Engine {
         // flushes data only, not the file size (etcd preallocates its WAL
         // segments for the same reason).
         opts.set_recycle_log_file_num(4);
-        let cfs = ALL_CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
+        let cfs = ALL_CFS
+            .iter()
+            .map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(rocks)?;
         Ok(Arc::new(Self { db }))
     }
 
     pub(crate) fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        self.db.cf_handle(name).expect("column family created at open")
+        self.db
+            .cf_handle(name)
+            .expect("column family created at open")
     }
 
     pub fn identity(&self) -> Result<Option<Identity>> {
-        match self.db.get_cf(self.cf(CF_META), META_IDENTITY).map_err(rocks)? {
+        match self
+            .db
+            .get_cf(self.cf(CF_META), META_IDENTITY)
+            .map_err(rocks)?
+        {
             Some(b) => Ok(Some(dec(&b)?)),
             None => Ok(None),
         }
@@ -105,7 +119,9 @@ impl Engine {
     pub fn save_identity(&self, id: &Identity) -> Result<()> {
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        self.db.put_cf_opt(self.cf(CF_META), META_IDENTITY, enc(id), &wo).map_err(rocks)
+        self.db
+            .put_cf_opt(self.cf(CF_META), META_IDENTITY, enc(id), &wo)
+            .map_err(rocks)
     }
 
     /// Reads a bincode value from the `raft` column family.
@@ -120,13 +136,22 @@ impl Engine {
     pub fn raft_put<T: Serialize>(&self, key: &[u8], v: &T) -> Result<()> {
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        self.db.put_cf_opt(self.cf(CF_RAFT), key, enc(v), &wo).map_err(rocks)
+        self.db
+            .put_cf_opt(self.cf(CF_RAFT), key, enc(v), &wo)
+            .map_err(rocks)
     }
 
     pub fn state_meta(&self) -> Result<StateMeta> {
-        match self.db.get_cf(self.cf(CF_META), META_STATE).map_err(rocks)? {
+        match self
+            .db
+            .get_cf(self.cf(CF_META), META_STATE)
+            .map_err(rocks)?
+        {
             Some(b) => dec(&b),
-            None => Ok(StateMeta { revision: 1, ..Default::default() }),
+            None => Ok(StateMeta {
+                revision: 1,
+                ..Default::default()
+            }),
         }
     }
 
@@ -156,11 +181,14 @@ impl Engine {
 
     /// Every stored history record, in revision order.
     pub fn records(&self) -> impl Iterator<Item = Result<(Revision, Record)>> + '_ {
-        self.db.iterator_cf(self.cf(CF_KV), IteratorMode::Start).map(|item| {
-            let (k, v) = item.map_err(rocks)?;
-            let rev = Revision::from_bytes(&k).ok_or_else(|| Error::Internal("storage: bad revision key".into()))?;
-            Ok((rev, decode_record(&v)?))
-        })
+        self.db
+            .iterator_cf(self.cf(CF_KV), IteratorMode::Start)
+            .map(|item| {
+                let (k, v) = item.map_err(rocks)?;
+                let rev = Revision::from_bytes(&k)
+                    .ok_or_else(|| Error::Internal("storage: bad revision key".into()))?;
+                Ok((rev, decode_record(&v)?))
+            })
     }
 
     /// Writes a bincode value to the `raft` column family without fsync
@@ -174,8 +202,16 @@ impl Engine {
         let mut out = Vec::new();
         for item in self.db.iterator_cf(self.cf(CF_LEASE), IteratorMode::Start) {
             let (k, v) = item.map_err(rocks)?;
-            let id = i64::from_be_bytes(k.as_ref().try_into().map_err(|_| Error::Internal("storage: bad lease key".into()))?);
-            let ttl = i64::from_be_bytes(v.as_ref().try_into().map_err(|_| Error::Internal("storage: bad lease".into()))?);
+            let id = i64::from_be_bytes(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| Error::Internal("storage: bad lease key".into()))?,
+            );
+            let ttl = i64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| Error::Internal("storage: bad lease".into()))?,
+            );
             out.push((id, ttl));
         }
         Ok(out)
@@ -189,9 +225,14 @@ impl Engine {
         ro.set_snapshot(&snap);
         let start = Revision::new(from, 0).to_bytes();
         let mut out = Vec::new();
-        for item in self.db.iterator_cf_opt(self.cf(CF_KV), ro, IteratorMode::From(&start, rocksdb::Direction::Forward)) {
+        for item in self.db.iterator_cf_opt(
+            self.cf(CF_KV),
+            ro,
+            IteratorMode::From(&start, rocksdb::Direction::Forward),
+        ) {
             let (k, v) = item.map_err(rocks)?;
-            let rev = Revision::from_bytes(&k).ok_or_else(|| Error::Internal("storage: bad revision key".into()))?;
+            let rev = Revision::from_bytes(&k)
+                .ok_or_else(|| Error::Internal("storage: bad revision key".into()))?;
             if rev.main > to {
                 break;
             }
@@ -201,7 +242,12 @@ impl Engine {
     }
 
     /// Replaces the whole state machine (snapshot install).
-    pub fn replace_state(&self, records: &[(Revision, Record)], leases: &[(i64, i64)], meta: &StateMeta) -> Result<()> {
+    pub fn replace_state(
+        &self,
+        records: &[(Revision, Record)],
+        leases: &[(i64, i64)],
+        meta: &StateMeta,
+    ) -> Result<()> {
         let mut b = WriteBatch::default();
         for cf in [CF_KV, CF_LEASE] {
             let h = self.cf(cf);
@@ -225,8 +271,16 @@ impl Engine {
     pub fn size(&self) -> i64 {
         let mut total = 0u64;
         for cf in ALL_CFS {
-            for p in ["rocksdb.total-sst-files-size", "rocksdb.size-all-mem-tables"] {
-                total += self.db.property_int_value_cf(self.cf(cf), p).ok().flatten().unwrap_or(0);
+            for p in [
+                "rocksdb.total-sst-files-size",
+                "rocksdb.size-all-mem-tables",
+            ] {
+                total += self
+                    .db
+                    .property_int_value_cf(self.cf(cf), p)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
             }
         }
         total as i64
@@ -236,8 +290,16 @@ impl Engine {
     pub fn size_in_use(&self) -> i64 {
         let mut total = 0u64;
         for cf in ALL_CFS {
-            for p in ["rocksdb.estimate-live-data-size", "rocksdb.size-all-mem-tables"] {
-                total += self.db.property_int_value_cf(self.cf(cf), p).ok().flatten().unwrap_or(0);
+            for p in [
+                "rocksdb.estimate-live-data-size",
+                "rocksdb.size-all-mem-tables",
+            ] {
+                total += self
+                    .db
+                    .property_int_value_cf(self.cf(cf), p)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
             }
         }
         total as i64
@@ -246,7 +308,8 @@ impl Engine {
     /// Rewrites every column family, dropping deleted data (etcd's defrag).
     pub fn defragment(&self) -> Result<()> {
         for cf in ALL_CFS {
-            self.db.compact_range_cf(self.cf(cf), None::<&[u8]>, None::<&[u8]>);
+            self.db
+                .compact_range_cf(self.cf(cf), None::<&[u8]>, None::<&[u8]>);
         }
         Ok(())
     }
@@ -282,13 +345,23 @@ impl Engine {
 
     /// Alarms as stored in the state meta.
     pub fn alarms_of(meta: &StateMeta) -> Vec<AlarmMember> {
-        meta.alarms.iter().map(|(m, a)| AlarmMember { member_id: *m, alarm: *a }).collect()
+        meta.alarms
+            .iter()
+            .map(|(m, a)| AlarmMember {
+                member_id: *m,
+                alarm: *a,
+            })
+            .collect()
     }
 }
 
 impl RevisionReader for Engine {
     fn read(&self, rev: Revision) -> Result<Option<Record>> {
-        match self.db.get_cf(self.cf(CF_KV), rev.to_bytes()).map_err(rocks)? {
+        match self
+            .db
+            .get_cf(self.cf(CF_KV), rev.to_bytes())
+            .map_err(rocks)?
+        {
             Some(b) => Ok(Some(decode_record(&b)?)),
             None => Ok(None),
         }

@@ -34,7 +34,10 @@ pub struct LogWriter {
 impl LogWriter {
     /// `on_sync` observes each synced write's duration in seconds (metrics).
     pub fn new(engine: Arc<Engine>, on_sync: impl Fn(f64) + Send + Sync + 'static) -> Self {
-        Self { engine, on_sync: Box::new(on_sync) }
+        Self {
+            engine,
+            on_sync: Box::new(on_sync),
+        }
     }
 
     /// Applies `op` and returns once it is on disk.
@@ -47,8 +50,12 @@ impl LogWriter {
                     batch.put_cf(cf, index.to_be_bytes(), bytes);
                 }
             }
-            LogOp::TruncateFrom(i) => batch.delete_range_cf(cf, i.to_be_bytes(), u64::MAX.to_be_bytes()),
-            LogOp::PurgeTo(i) => batch.delete_range_cf(cf, 0u64.to_be_bytes(), (i + 1).to_be_bytes()),
+            LogOp::TruncateFrom(i) => {
+                batch.delete_range_cf(cf, i.to_be_bytes(), u64::MAX.to_be_bytes())
+            }
+            LogOp::PurgeTo(i) => {
+                batch.delete_range_cf(cf, 0u64.to_be_bytes(), (i + 1).to_be_bytes())
+            }
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(true);

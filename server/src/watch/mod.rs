@@ -98,7 +98,14 @@ impl Hub {
                 })
                 .cloned()
                 .collect();
-            if !mine.is_empty() && w.tx.send(HubMsg::Events { watch_id: w.watch_id, events: mine }).is_err() {
+            if !mine.is_empty()
+                && w.tx
+                    .send(HubMsg::Events {
+                        watch_id: w.watch_id,
+                        events: mine,
+                    })
+                    .is_err()
+            {
                 gone.push(*key);
             }
         }
@@ -119,16 +126,36 @@ impl Hub {
         let mut i = self.inner.lock();
         let current = i.revision;
         if start != 0 && start < i.compacted {
-            return Registered::Compacted { compacted: i.compacted, current };
+            return Registered::Compacted {
+                compacted: i.compacted,
+                current,
+            };
         }
         let from = if start == 0 { current + 1 } else { start };
         let live_from = from.max(current + 1);
-        i.watchers.insert((stream, watch_id), Watcher { stream, watch_id, range, from: live_from, tx });
-        Registered::Replay { from, to: current, current }
+        i.watchers.insert(
+            (stream, watch_id),
+            Watcher {
+                stream,
+                watch_id,
+                range,
+                from: live_from,
+                tx,
+            },
+        );
+        Registered::Replay {
+            from,
+            to: current,
+            current,
+        }
     }
 
     pub fn cancel(&self, stream: u64, watch_id: i64) -> bool {
-        self.inner.lock().watchers.remove(&(stream, watch_id)).is_some()
+        self.inner
+            .lock()
+            .watchers
+            .remove(&(stream, watch_id))
+            .is_some()
     }
 
     /// Removes every watcher of a closed stream.
@@ -139,7 +166,10 @@ impl Hub {
     /// Queues a progress marker behind every event published so far.
     pub fn progress(&self, tx: &mpsc::UnboundedSender<HubMsg>, all: bool) {
         let i = self.inner.lock();
-        let _ = tx.send(HubMsg::Progress { revision: i.revision, all });
+        let _ = tx.send(HubMsg::Progress {
+            revision: i.revision,
+            all,
+        });
     }
 
     /// Number of registered watchers (for metrics).
@@ -154,7 +184,14 @@ mod tests {
     use crate::proto::mvccpb::KeyValue;
 
     fn ev(key: &str, rev: i64) -> Event {
-        Event { kv: Some(KeyValue { key: key.into(), mod_revision: rev, ..Default::default() }), ..Default::default() }
+        Event {
+            kv: Some(KeyValue {
+                key: key.into(),
+                mod_revision: rev,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -163,15 +200,35 @@ mod tests {
         hub.reset(5, 0);
         let (tx, mut rx) = mpsc::unbounded_channel();
         let r = hub.register(0, 1, KeyRange::new(b"a", b"\0"), 3, tx.clone());
-        assert_eq!(r, Registered::Replay { from: 3, to: 5, current: 5 });
+        assert_eq!(
+            r,
+            Registered::Replay {
+                from: 3,
+                to: 5,
+                current: 5
+            }
+        );
         hub.publish(&[ev("a", 6), ev("0", 6)], 6, 0);
         match rx.try_recv().unwrap() {
             HubMsg::Events { events, .. } => assert_eq!(events.len(), 1),
             m => panic!("{m:?}"),
         }
         let r = hub.register(0, 2, KeyRange::new(b"a", b""), 0, tx.clone());
-        assert_eq!(r, Registered::Replay { from: 7, to: 6, current: 6 });
+        assert_eq!(
+            r,
+            Registered::Replay {
+                from: 7,
+                to: 6,
+                current: 6
+            }
+        );
         hub.reset(6, 4);
-        assert_eq!(hub.register(0, 3, KeyRange::new(b"a", b""), 3, tx), Registered::Compacted { compacted: 4, current: 6 });
+        assert_eq!(
+            hub.register(0, 3, KeyRange::new(b"a", b""), 3, tx),
+            Registered::Compacted {
+                compacted: 4,
+                current: 6
+            }
+        );
     }
 }

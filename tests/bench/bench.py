@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Runs etcd's own `benchmark` tool against fresh single-member etcd 3.4 and
+cairn servers started with identical flags on the same disk, alternating
+between them round by round, and prints medians and cairn/etcd ratios.
+
+Usage: bench.py [--rounds N] [--only WORKLOAD ...]
+"""
+import argparse
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+TOOLS = os.environ.get("CAIRN_TOOLS", os.path.expanduser("~/.cache/cairn-tools"))
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/cairn-target"))
+SERVERS = {"etcd": shutil.which("etcd") or "etcd", "cairn": os.path.join(TARGET, "release", "cairn")}
+
+# name -> benchmark arguments (after global flags)
+WORKLOADS = {
+    "put, 1 client": (["--conns", "1", "--clients", "1"],
+                      ["put", "--key-size", "8", "--sequential-keys", "--total", "3000", "--val-size", "256"]),
+    "put, 64 clients": (["--conns", "8", "--clients", "64"],
+                        ["put", "--key-size", "8", "--sequential-keys", "--total", "40000", "--val-size", "256"]),
+    "range (linearizable), 64 clients": (["--conns", "8", "--clients", "64"],
+                                         ["range", "bench-key", "--total", "40000"]),
+    "txn-put, 64 clients": (["--conns", "8", "--clients", "64"],
+                            ["txn-put", "--txn-ops", "1", "--key-size", "8", "--key-space-size", "100000",
+                             "--val-size", "256", "--total", "30000"]),
+}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, kind, base):
+        self.kind = kind
+        self.dir = tempfile.mkdtemp(prefix=f"{kind}-", dir=base)
+        self.port, peer = free_port(), free_port()
+        url, purl = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{peer}"
+        flags = ["--name", "bench", "--data-dir", os.path.join(self.dir, "data"),
+                 "--listen-client-urls", url, "--advertise-client-urls", url,
+                 "--listen-peer-urls", purl, "--initial-advertise-peer-urls", purl,
+                 "--initial-cluster", f"bench={purl}", "--logger", "zap", "--log-level", "error"]
+        self.log = open(os.path.join(self.dir, "log"), "w")
+        self.proc = subprocess.Popen([SERVERS[kind]] + flags, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                    if b'"health":"true"' in r.read():
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{kind} did not become healthy")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def run_benchmark(port, global_args, args):
+    cmd = [os.path.join(TOOLS, "benchmark"), "--endpoints", f"127.0.0.1:{port}"] + global_args + args
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p50 = float(re.search(r"50% in ([\d.]+) secs", out).group(1))
+    p99 = float(re.search(r"99% in ([\d.]+) secs", out).group(1))
+    return rps, p50, p99
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--only", nargs="*", default=None)
+    opts = ap.parse_args()
+    base = os.path.expanduser("~/.cache/cairn-bench")
+    os.makedirs(base, exist_ok=True)
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    print(f"machine: {os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}; "
+          f"data on {subprocess.run(['df', '--output=source', base], capture_output=True, text=True).stdout.split()[-1]}")
+    print(f"etcd: {subprocess.run(['etcd', '--version'], capture_output=True, text=True).stdout.splitlines()[0]}; "
+          f"rounds: {opts.rounds} (fresh servers each run, order alternating), medians shown\n")
+    rows = []
+    for name, (gargs, args) in WORKLOADS.items():
+        if opts.only and not any(o in name for o in opts.only):
+            continue
+        results = {"etcd": [], "cairn": []}
+        for r in range(opts.rounds):
+            order = ["etcd", "cairn"] if r % 2 == 0 else ["cairn", "etcd"]
+            for kind in order:
+                s = Server(kind, base)
+                try:
+                    if args[0] == "range":
+                        subprocess.run(["etcdctl", "--endpoints", f"127.0.0.1:{s.port}", "put", "bench-key", "v" * 256],
+                                       env=dict(os.environ, ETCDCTL_API="3"), check=True, capture_output=True)
+                    results[kind].append(run_benchmark(s.port, gargs, args))
+                finally:
+                    s.stop()
+        med = {k: tuple(statistics.median(x[i] for x in v) for i in range(3)) for k, v in results.items()}
+        rows.append((name, med["etcd"], med["cairn"]))
+        e, c = med["etcd"], med["cairn"]
+        print(f"{name:36} etcd {e[0]:9.0f}/s p50 {e[1]*1e3:6.2f}ms p99 {e[2]*1e3:6.2f}ms | "
+              f"cairn {c[0]:9.0f}/s p50 {c[1]*1e3:6.2f}ms p99 {c[2]*1e3:6.2f}ms | "
+              f"throughput x{c[0]/e[0]:.2f}, p99 x{c[2]/e[2]:.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

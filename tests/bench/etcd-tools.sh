@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Builds etcd 3.4's own tools (`benchmark`, `etcd-runner`) from Debian's
+# etcd source package with Debian's Go 1.19 and the golang-*-dev packages
+# (GOPATH mode, no module downloads). Output: $CAIRN_TOOLS (default
+# ~/.cache/cairn-tools). Nothing is built when both binaries exist.
+set -euo pipefail
+
+out="${CAIRN_TOOLS:-$HOME/.cache/cairn-tools}"
+if [ -x "$out/benchmark" ] && [ -x "$out/etcd-runner" ]; then
+  exit 0
+fi
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO="sudo"
+if ! grep -rqs "deb-src" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  $SUDO tee /etc/apt/sources.list.d/cairn-deb-src.sources >/dev/null <<'SRC'
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: bookworm
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+fi
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+  dpkg-dev golang-1.19-go golang-etcd-server-dev >/dev/null
+
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+(cd "$work" && apt-get source -qq etcd >/dev/null 2>&1)
+src="$(find "$work" -maxdepth 1 -type d -name 'etcd-3.4*' | head -n1)"
+[ -n "$src" ] || { echo "etcd source package not found" >&2; exit 1; }
+mkdir -p "$work/gopath/src/go.etcd.io" "$out"
+mv "$src" "$work/gopath/src/go.etcd.io/etcd"
+# Debian builds against its packaged dependencies, not the vendor tree.
+rm -rf "$work/gopath/src/go.etcd.io/etcd/vendor"
+export PATH="/usr/lib/go-1.19/bin:$PATH" GO111MODULE=off GOPATH="$work/gopath:/usr/share/gocode" GOCACHE="$work/gocache"
+go build -o "$out/benchmark" go.etcd.io/etcd/tools/benchmark
+go build -o "$out/etcd-runner" go.etcd.io/etcd/functional/cmd/etcd-runner
+echo "built $out/benchmark $out/etcd-runner" >&2

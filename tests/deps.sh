@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what building and testing cairn needs, from Debian's packages:
+# protoc, RocksDB (linked from the system instead of compiling its C++),
+# libclang for the RocksDB bindings, and etcd 3.4 + etcdctl, which the tests
+# run side by side with cairn. Idempotent; quiet when everything is there.
+set -euo pipefail
+
+packages=(protobuf-compiler librocksdb-dev libclang-dev clang pkg-config etcd-server etcd-client curl)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo"
+  echo "installing: ${missing[*]}" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The etcd package starts a system etcd on 2379; cairn's tests use free ports,
+# but a developer running `cargo run` wants 2379 free.
+if command -v systemctl >/dev/null && systemctl is-active --quiet etcd 2>/dev/null; then
+  systemctl stop etcd || true
+fi

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The whole test suite: installs prerequisites, checks formatting and lints,
+# then runs every unit and integration test (differential tests against
+# etcd 3.4, the kill -9 crash test, openraft's storage suite).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash tests/deps.sh
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cairn-target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
