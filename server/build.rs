@@ -7,6 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // with serde; deriving it on the wire types avoids a parallel model.
         .type_attribute(".", "#[derive(serde::Serialize, serde::Deserialize)]")
         .build_client(false)
+        // Malformed requests get InvalidArgument, not tonic's Internal.
+        .codec_path("crate::codec::EtcdCodec")
         .compile_protos(
             &["proto/kv.proto", "proto/rpc.proto", "proto/raftpb.proto"],
             &["proto"],

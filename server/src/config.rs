@@ -81,6 +81,13 @@ pub struct Flags {
     /// Raise alarms when backend size exceeds the given quota (0 defaults to 2 GiB).
     #[arg(long, env = "ETCD_QUOTA_BACKEND_BYTES", default_value_t = 0)]
     pub quota_backend_bytes: i64,
+    /// Interpret 'auto-compaction-retention' as a duration ('periodic') or a revision count ('revision').
+    #[arg(long, env = "ETCD_AUTO_COMPACTION_MODE", default_value = "periodic", value_parser = ["periodic", "revision"])]
+    pub auto_compaction_mode: String,
+    /// Auto compaction retention: a duration ('1h', '30m'; a bare number means hours) for
+    /// 'periodic', a revision count for 'revision'. 0 disables auto compaction.
+    #[arg(long, env = "ETCD_AUTO_COMPACTION_RETENTION", default_value = "0")]
+    pub auto_compaction_retention: String,
     /// Maximum client request size in bytes the server will accept.
     #[arg(long, env = "ETCD_MAX_REQUEST_BYTES", default_value_t = 1_572_864)]
     pub max_request_bytes: usize,
@@ -168,6 +175,39 @@ pub struct Config {
     pub max_txn_ops: usize,
     pub progress_notify_interval: Duration,
     pub log_level: String,
+    pub auto_compaction: Option<AutoCompaction>,
+}
+
+/// What auto compaction keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AutoCompaction {
+    /// Keep this much time of history.
+    Periodic(Duration),
+    /// Keep this many revisions of history.
+    Revision(i64),
+}
+
+fn parse_auto_compaction(
+    mode: &str,
+    retention: &str,
+) -> Result<Option<AutoCompaction>, ConfigError> {
+    let bad = || {
+        ConfigError(format!(
+            "invalid auto-compaction-retention {retention:?} for mode {mode:?}"
+        ))
+    };
+    let ac = match mode {
+        "revision" => AutoCompaction::Revision(retention.parse::<i64>().map_err(|_| bad())?),
+        _ => AutoCompaction::Periodic(match retention.parse::<u64>() {
+            Ok(hours) => Duration::from_secs(hours * 3600),
+            Err(_) => parse_go_duration(retention).map_err(|_| bad())?,
+        }),
+    };
+    Ok(match ac {
+        AutoCompaction::Revision(n) if n <= 0 => None,
+        AutoCompaction::Periodic(d) if d.is_zero() => None,
+        ac => Some(ac),
+    })
 }
 
 /// A configuration error, reported as etcd reports them.
@@ -307,6 +347,10 @@ impl Config {
             max_txn_ops: f.max_txn_ops,
             progress_notify_interval: f.experimental_watch_progress_notify_interval,
             log_level: f.log_level,
+            auto_compaction: parse_auto_compaction(
+                &f.auto_compaction_mode,
+                &f.auto_compaction_retention,
+            )?,
         })
     }
 
@@ -391,5 +435,30 @@ mod tests {
         assert!(parse(&["--enable-v2"]).is_err());
         assert!(parse(&["--enable-v2=false"]).is_ok());
         assert_eq!(parse_go_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(
+            parse(&["--auto-compaction-retention", "2"])
+                .unwrap()
+                .auto_compaction,
+            Some(AutoCompaction::Periodic(Duration::from_secs(7200)))
+        );
+        assert_eq!(
+            parse(&[
+                "--auto-compaction-mode",
+                "revision",
+                "--auto-compaction-retention",
+                "1000"
+            ])
+            .unwrap()
+            .auto_compaction,
+            Some(AutoCompaction::Revision(1000))
+        );
+        assert_eq!(parse(&[]).unwrap().auto_compaction, None);
+        assert!(parse(&[
+            "--auto-compaction-mode",
+            "revision",
+            "--auto-compaction-retention",
+            "1h"
+        ])
+        .is_err());
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,11 +15,14 @@ use prost::Message;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::{info, warn};
 
-use crate::config::{cluster_id, Config};
+use crate::config::{cluster_id, AutoCompaction, Config};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::mvcc::Applied;
-use crate::proto::etcdserverpb::{LeaseRevokeRequest, ResponseHeader};
+use crate::proto::etcdserverpb::{
+    alarm_request::AlarmAction, AlarmRequest, AlarmType, CompactionRequest, LeaseRevokeRequest,
+    ResponseHeader,
+};
 use crate::proto::raftpb::{internal_request::Request, Batch, InternalRequest};
 use crate::raft::{KvState, LogStore, Member, Network, Raft, StateMachine};
 use crate::storage::{Engine, Identity};
@@ -50,6 +53,8 @@ pub struct EtcdServer {
     pub metrics: Metrics,
     term: AtomicU64,
     leader: AtomicU64,
+    /// Storage size, refreshed twice a second, for the space quota.
+    db_size: AtomicI64,
     proposals: mpsc::UnboundedSender<Proposal>,
 }
 
@@ -160,8 +165,15 @@ impl EtcdServer {
             metrics,
             term: AtomicU64::new(0),
             leader: AtomicU64::new(0),
+            db_size: AtomicI64::new(0),
             proposals: tx,
         });
+        server
+            .db_size
+            .store(server.state.engine.size(), Ordering::Relaxed);
+        if let Some(ac) = server.cfg.auto_compaction {
+            tokio::spawn(auto_compact(Arc::downgrade(&server), ac));
+        }
         tokio::spawn(batcher(server.raft.clone(), server.metrics.clone(), rx));
         tokio::spawn(track_leadership(Arc::downgrade(&server)));
         tokio::spawn(expire_leases(Arc::downgrade(&server)));
@@ -236,6 +248,13 @@ impl EtcdServer {
         if req.encoded_len() > self.cfg.max_request_bytes {
             return Err(Error::RequestTooLarge);
         }
+        if needs_space(&req)
+            && self.db_size.load(Ordering::Relaxed) + req.encoded_len() as i64
+                > self.cfg.quota_backend_bytes
+        {
+            self.raise_nospace();
+            return Err(Error::NoSpace);
+        }
         self.wait_leader().await?;
         let (tx, rx) = oneshot::channel();
         self.proposals
@@ -246,6 +265,38 @@ impl EtcdServer {
             Ok(Err(_)) => Err(Error::Internal("server stopped".into())),
             Err(_) => Err(Error::Timeout),
         }
+    }
+
+    /// Raises the NOSPACE alarm for this member (once), as etcd does when a
+    /// write would exceed `--quota-backend-bytes`; writes are refused until
+    /// space is reclaimed (compact, defrag) and the alarm disarmed.
+    fn raise_nospace(&self) {
+        let raised = self
+            .state
+            .store
+            .read()
+            .alarms()
+            .iter()
+            .any(|a| a.alarm == AlarmType::Nospace as i32 && a.member_id == self.member_id);
+        if raised {
+            return;
+        }
+        let alarm = AlarmRequest {
+            action: AlarmAction::Activate as i32,
+            member_id: self.member_id,
+            alarm: AlarmType::Nospace as i32,
+        };
+        let (tx, _rx) = oneshot::channel();
+        let _ = self.proposals.send((
+            InternalRequest {
+                request: Some(Request::Alarm(alarm)),
+            },
+            tx,
+        ));
+        warn!(
+            quota = self.cfg.quota_backend_bytes,
+            "database space exceeded; NOSPACE alarm raised"
+        );
     }
 
     /// Returns once this member has applied everything committed before the
@@ -329,6 +380,15 @@ async fn start_raft(
         .map_err(Error::internal)?;
     rx.await
         .map_err(|_| Error::Internal("raft thread failed to start".into()))?
+}
+
+/// Requests that grow the database and are refused over the quota.
+fn needs_space(r: &InternalRequest) -> bool {
+    match &r.request {
+        Some(Request::Put(_)) | Some(Request::LeaseGrant(_)) => true,
+        Some(Request::Txn(t)) => !crate::mvcc::is_read_only(t),
+        _ => false,
+    }
 }
 
 /// Turns queued proposals into Raft entries: everything waiting when an
@@ -452,10 +512,64 @@ async fn expire_leases(server: std::sync::Weak<EtcdServer>) {
         s.metrics
             .keys_total
             .set(s.state.store.read().keys_total() as i64);
-        s.metrics.db_total_size.set(s.state.engine.size());
+        let size = s.state.engine.size();
+        s.db_size.store(size, Ordering::Relaxed);
+        s.metrics.db_total_size.set(size);
         s.metrics
             .db_total_size_in_use
             .set(s.state.engine.size_in_use());
+    }
+}
+
+/// On the leader, compacts history as `--auto-compaction-*` ask: in
+/// revision mode every 5 minutes to `revision - retention`; in periodic mode
+/// to the revision the store had one retention period ago, checked every
+/// tenth of the period (etcd's compactors behave the same way).
+async fn auto_compact(server: std::sync::Weak<EtcdServer>, ac: AutoCompaction) {
+    let step = match ac {
+        AutoCompaction::Revision(_) => Duration::from_secs(300),
+        AutoCompaction::Periodic(p) => (p / 10).max(Duration::from_millis(100)),
+    };
+    let mut samples: std::collections::VecDeque<(tokio::time::Instant, i64)> = Default::default();
+    let mut tick = tokio::time::interval(step);
+    loop {
+        tick.tick().await;
+        let Some(s) = server.upgrade() else { return };
+        let (current, compacted) = {
+            let store = s.state.store.read();
+            (store.revision(), store.compacted())
+        };
+        let target = match ac {
+            AutoCompaction::Revision(keep) => current - keep,
+            AutoCompaction::Periodic(period) => {
+                let now = tokio::time::Instant::now();
+                samples.push_back((now, current));
+                // The newest sample at least one period old is the target.
+                let mut target = 0;
+                while let Some(&(t, rev)) = samples.front() {
+                    if now.duration_since(t) < period {
+                        break;
+                    }
+                    target = rev;
+                    samples.pop_front();
+                }
+                target
+            }
+        };
+        if !s.is_leader() || target <= compacted {
+            continue;
+        }
+        match s
+            .propose(Request::Compaction(CompactionRequest {
+                revision: target,
+                physical: false,
+            }))
+            .await
+        {
+            Ok(_) => info!(revision = target, "auto compaction"),
+            Err(Error::Compacted) => {}
+            Err(e) => warn!(revision = target, "auto compaction failed: {e}"),
+        }
     }
 }
 

@@ -7,3 +7,4 @@ mod harness;
 mod client_diff;
 mod crash;
 mod ctl_diff;
+mod limits;

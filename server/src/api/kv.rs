@@ -29,18 +29,6 @@ fn unexpected(a: Applied) -> Status {
     Error::Internal(format!("unexpected apply result {a:?}")).into()
 }
 
-/// A txn without writes is evaluated locally, like etcd does.
-fn txn_is_read_only(t: &TxnRequest) -> bool {
-    t.success
-        .iter()
-        .chain(&t.failure)
-        .all(|op| match &op.request {
-            Some(request_op::Request::RequestRange(_)) | None => true,
-            Some(request_op::Request::RequestTxn(n)) => txn_is_read_only(n),
-            _ => false,
-        })
-}
-
 fn txn_is_serializable(t: &TxnRequest) -> bool {
     t.success
         .iter()
@@ -102,11 +90,12 @@ impl Kv for KvService {
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let r = req.into_inner();
         validate::check_txn(&r, self.s.cfg.max_txn_ops)?;
-        let applied = if txn_is_read_only(&r) {
+        let applied = if crate::mvcc::is_read_only(&r) {
             if !txn_is_serializable(&r) {
                 self.s.read_index().await?;
             }
-            // Read-only: evaluating it changes nothing, so no proposal is needed.
+            // Read-only: evaluating it changes nothing, so no proposal is needed
+            // (etcd serves these locally too).
             let mut store = self.s.state.store.write();
             store.apply(
                 &*self.s.state.engine,

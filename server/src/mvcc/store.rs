@@ -761,7 +761,8 @@ fn count_path(t: &TxnRequest, path: &[bool]) -> usize {
     used
 }
 
-fn is_read_only(t: &TxnRequest) -> bool {
+/// Whether a txn writes nothing on either branch (such txns need no proposal).
+pub fn is_read_only(t: &TxnRequest) -> bool {
     t.success
         .iter()
         .chain(&t.failure)
