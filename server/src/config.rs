@@ -97,6 +97,10 @@ pub struct Flags {
     /// Duration of periodic watch progress notifications.
     #[arg(long, env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m", value_parser = parse_go_duration)]
     pub experimental_watch_progress_notify_interval: Duration,
+    /// cairn: threads serving client connections, each a single-threaded
+    /// runtime sharing the listen addresses (SO_REUSEPORT). 0: half the CPUs, at least 1.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_CLIENT_IO_THREADS", default_value_t = 0)]
+    pub experimental_client_io_threads: usize,
     /// Logger: 'zap' or 'capnslog' (accepted for compatibility; cairn logs with tracing).
     #[arg(long, env = "ETCD_LOGGER", default_value = "zap", value_parser = ["zap", "capnslog"])]
     pub logger: String,
@@ -176,6 +180,7 @@ pub struct Config {
     pub progress_notify_interval: Duration,
     pub log_level: String,
     pub auto_compaction: Option<AutoCompaction>,
+    pub client_io_threads: usize,
 }
 
 /// What auto compaction keeps.
@@ -351,6 +356,14 @@ impl Config {
                 &f.auto_compaction_mode,
                 &f.auto_compaction_retention,
             )?,
+            client_io_threads: match f.experimental_client_io_threads {
+                0 => (std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2)
+                    / 2)
+                .max(1),
+                n => n,
+            },
         })
     }
 

@@ -42,6 +42,7 @@ const MAX_BATCH: usize = 512;
 const MAX_INFLIGHT_BATCHES: usize = 1;
 
 type Proposal = (InternalRequest, oneshot::Sender<Result<Applied>>);
+type ReadWaiter = oneshot::Sender<Result<()>>;
 
 /// A running member.
 pub struct EtcdServer {
@@ -56,6 +57,7 @@ pub struct EtcdServer {
     /// Storage size, refreshed twice a second, for the space quota.
     db_size: AtomicI64,
     proposals: mpsc::UnboundedSender<Proposal>,
+    reads: mpsc::UnboundedSender<ReadWaiter>,
 }
 
 fn map_write_err(e: RaftError<u64, ClientWriteError<u64, Member>>) -> Error {
@@ -156,6 +158,7 @@ impl EtcdServer {
             raft.initialize(members).await.map_err(Error::internal)?;
         }
         let (tx, rx) = mpsc::unbounded_channel();
+        let (reads_tx, reads_rx) = mpsc::unbounded_channel();
         let server = Arc::new(Self {
             cfg,
             raft,
@@ -167,7 +170,9 @@ impl EtcdServer {
             leader: AtomicU64::new(0),
             db_size: AtomicI64::new(0),
             proposals: tx,
+            reads: reads_tx,
         });
+        tokio::spawn(read_batcher(Arc::downgrade(&server), reads_rx));
         server
             .db_size
             .store(server.state.engine.size(), Ordering::Relaxed);
@@ -303,6 +308,16 @@ impl EtcdServer {
     /// call: a linearizable read may then be served locally.
     pub async fn read_index(&self) -> Result<()> {
         self.wait_leader().await?;
+        let (tx, rx) = oneshot::channel();
+        self.reads
+            .send(tx)
+            .map_err(|_| Error::Internal("server stopped".into()))?;
+        rx.await
+            .map_err(|_| Error::Internal("server stopped".into()))?
+    }
+
+    /// One read-index round with Raft, for every read waiting.
+    async fn confirm_reads(&self) -> Result<()> {
         let fut = self.raft.ensure_linearizable();
         match tokio::time::timeout(self.request_timeout(), fut).await {
             Ok(Ok(_)) => Ok(()),
@@ -380,6 +395,26 @@ async fn start_raft(
         .map_err(Error::internal)?;
     rx.await
         .map_err(|_| Error::Internal("raft thread failed to start".into()))?
+}
+
+/// Batches linearizable reads (as etcd's read loop does): one read-index
+/// round serves every read that arrived before it started; reads arriving
+/// meanwhile wait for the next round.
+async fn read_batcher(
+    server: std::sync::Weak<EtcdServer>,
+    mut rx: mpsc::UnboundedReceiver<ReadWaiter>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut waiters = vec![first];
+        while let Ok(w) = rx.try_recv() {
+            waiters.push(w);
+        }
+        let Some(s) = server.upgrade() else { return };
+        let result = s.confirm_reads().await;
+        for w in waiters {
+            let _ = w.send(result.clone());
+        }
+    }
 }
 
 /// Requests that grow the database and are refused over the quota.

@@ -15,6 +15,9 @@ use crate::proto::etcdserverpb::{
 use crate::proto::raftpb::{internal_request::Request as Internal, InternalRequest};
 use crate::server::EtcdServer;
 
+/// Ranges bounded to this many keys are evaluated inline.
+const INLINE_RANGE_LIMIT: i64 = 1000;
+
 pub struct KvService {
     s: Arc<EtcdServer>,
 }
@@ -49,9 +52,18 @@ impl Kv for KvService {
         if !r.serializable {
             self.s.read_index().await?;
         }
-        let mut resp = {
+        // Client threads are single-threaded runtimes: a range that may be
+        // large is evaluated on the blocking pool so it stalls nobody else.
+        let small = r.range_end.is_empty()
+            || (!r.count_only && r.limit > 0 && r.limit <= INLINE_RANGE_LIMIT);
+        let mut resp = if small {
             let store = self.s.state.store.read();
             store.range(&*self.s.state.engine, &r)?
+        } else {
+            let state = self.s.state.clone();
+            tokio::task::spawn_blocking(move || state.store.read().range(&*state.engine, &r))
+                .await
+                .map_err(Error::internal)??
         };
         self.s.fill(&mut resp.header);
         Ok(Response::new(resp))

@@ -16,7 +16,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use futures::future::try_join_all;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
@@ -126,14 +126,57 @@ fn client_routes(s: Arc<EtcdServer>) -> Routes {
         .add_service(health_service)
 }
 
+/// A listener other threads may bind too (SO_REUSEPORT): the kernel
+/// spreads connections over the client threads.
+fn bind_shared(addr: std::net::SocketAddr) -> Result<std::net::TcpListener> {
+    let err = |e: std::io::Error| Error::Internal(format!("listen tcp {addr}: bind: {e}"));
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.set_reuseport(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(1024).map_err(err)?.into_std().map_err(err)
+}
+
 async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| Error::Internal(format!("listen tcp {addr}: bind: {e}")))
 }
 
+/// Serves gRPC and HTTP on `listener` (registered with the current
+/// runtime) until `stop` turns true.
+async fn serve_listener(
+    routes: Routes,
+    listener: std::net::TcpListener,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<()> {
+    let addr = listener.local_addr().map_err(Error::internal)?;
+    let listener = TcpListener::from_std(listener)
+        .map_err(|e| Error::Internal(format!("listen tcp {addr}: {e}")))?;
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    Server::builder()
+        .accept_http1(true)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(7200)))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stop.wait_for(|v| *v).await;
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("client server: {e}")))
+}
+
 /// Serves clients on every `--listen-client-urls` address (gRPC and HTTP)
 /// and metrics on every `--listen-metrics-urls` address until `shutdown`.
+///
+/// The calling runtime serves every client address; each further client
+/// thread (`--experimental-client-io-threads`) runs its own single-threaded
+/// runtime on listeners bound to the same addresses. A request then stays
+/// on one thread from socket to response.
 pub async fn serve_clients(
     s: Arc<EtcdServer>,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -145,23 +188,34 @@ pub async fn serve_clients(
     });
     let mut tasks = Vec::new();
     let routes = client_routes(s.clone());
+    let mut extra = Vec::new();
     for addr in s.cfg.listen_client.clone() {
-        let listener = bind(addr).await?;
-        info!(%addr, "serving client traffic");
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        let mut stop = stop_rx.clone();
-        let router = Server::builder()
-            .accept_http1(true)
-            .http2_keepalive_interval(Some(std::time::Duration::from_secs(7200)))
-            .add_routes(routes.clone());
-        tasks.push(tokio::spawn(async move {
-            router
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = stop.wait_for(|v| *v).await;
-                })
-                .await
-                .map_err(|e| Error::Internal(format!("client server: {e}")))
-        }));
+        let listener = bind_shared(addr)?;
+        info!(%addr, threads = s.cfg.client_io_threads, "serving client traffic");
+        tasks.push(tokio::spawn(serve_listener(
+            routes.clone(),
+            listener,
+            stop_rx.clone(),
+        )));
+        for _ in 1..s.cfg.client_io_threads {
+            extra.push(bind_shared(addr)?);
+        }
+    }
+    let mut threads = Vec::new();
+    for (i, listener) in extra.into_iter().enumerate() {
+        let routes = routes.clone();
+        let stop = stop_rx.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("cairn-client-{i}"))
+            .spawn(move || -> Result<()> {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(Error::internal)?
+                    .block_on(serve_listener(routes, listener, stop))
+            })
+            .map_err(Error::internal)?;
+        threads.push(thread);
     }
     for addr in s.cfg.listen_metrics.clone() {
         let listener = bind(addr).await?;
@@ -179,5 +233,9 @@ pub async fn serve_clients(
     }
     let results = try_join_all(tasks).await.map_err(Error::internal)?;
     results.into_iter().collect::<Result<Vec<()>>>()?;
+    for t in threads {
+        t.join()
+            .map_err(|_| Error::Internal("client thread panicked".into()))??;
+    }
     Ok(())
 }

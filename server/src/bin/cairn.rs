@@ -37,7 +37,10 @@ fn main() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // Single-threaded: request handling stays on one thread, free of
+    // cross-thread wakeups; more client threads are started by the server
+    // (`--experimental-client-io-threads`), Raft has its own thread.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
