@@ -106,7 +106,11 @@ impl EtcdServer {
             )),
         };
         let metrics = Metrics::default();
-        let state = Arc::new(KvState::open(engine.clone(), cfg.min_lease_ttl())?);
+        let state = Arc::new(KvState::open(
+            engine.clone(),
+            cfg.min_lease_ttl(),
+            identity.member_id,
+        )?);
         let fsync = metrics.wal_fsync.clone();
         let log = LogStore::new(engine, move |secs| fsync.observe(secs));
         let election = cfg.election_timeout.as_millis() as u64;
@@ -179,7 +183,13 @@ impl EtcdServer {
         if let Some(ac) = server.cfg.auto_compaction {
             tokio::spawn(auto_compact(Arc::downgrade(&server), ac));
         }
-        tokio::spawn(batcher(server.raft.clone(), server.metrics.clone(), rx));
+        tokio::spawn(batcher(
+            server.raft.clone(),
+            server.state.clone(),
+            server.member_id,
+            server.metrics.clone(),
+            rx,
+        ));
         tokio::spawn(track_leadership(Arc::downgrade(&server)));
         tokio::spawn(expire_leases(Arc::downgrade(&server)));
         Ok(server)
@@ -426,10 +436,19 @@ fn needs_space(r: &InternalRequest) -> bool {
     }
 }
 
-/// Turns queued proposals into Raft entries: everything waiting when an
-/// in-flight slot frees up goes into one entry.
-async fn batcher(raft: Raft, metrics: Metrics, mut rx: mpsc::UnboundedReceiver<Proposal>) {
+/// Turns queued proposals into Raft entries: everything waiting when the
+/// in-flight slot frees up goes into one entry. Results come back through
+/// [`KvState::expect`], which also frees the slot; a failed proposal is
+/// answered here.
+async fn batcher(
+    raft: Raft,
+    state: Arc<KvState>,
+    member_id: u64,
+    metrics: Metrics,
+    mut rx: mpsc::UnboundedReceiver<Proposal>,
+) {
     let slots = Arc::new(Semaphore::new(MAX_INFLIGHT_BATCHES));
+    let mut seq = 0u64;
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
@@ -442,29 +461,44 @@ async fn batcher(raft: Raft, metrics: Metrics, mut rx: mpsc::UnboundedReceiver<P
                 Err(_) => break,
             }
         }
-        metrics.batch_size.observe(batch.len() as f64);
-        metrics.proposals_pending.add(batch.len() as i64);
-        let raft = raft.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let (requests, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-            let n = waiters.len() as i64;
-            match raft.client_write(Batch { requests }).await {
-                Ok(resp) => {
-                    for (w, r) in waiters.into_iter().zip(resp.data) {
-                        let _ = w.send(r);
-                    }
+        seq += 1;
+        let n = batch.len();
+        metrics.batch_size.observe(n as f64);
+        metrics.proposals_pending.add(n as i64);
+        let (requests, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        let pending = metrics.proposals_pending.clone();
+        state.expect(
+            seq,
+            Box::new(move |results| {
+                let mut results = results.into_iter();
+                for w in waiters {
+                    let r = results
+                        .next()
+                        .unwrap_or_else(|| Err(Error::Internal("missing apply result".into())));
+                    let _ = w.send(r);
                 }
-                Err(e) => {
-                    metrics.proposals_failed.inc_by(n as u64);
+                pending.sub(n as i64);
+                drop(permit);
+            }),
+        );
+        let raft = raft.clone();
+        let state = state.clone();
+        let failed = metrics.proposals_failed.clone();
+        tokio::spawn(async move {
+            if let Err(e) = raft
+                .client_write(Batch {
+                    requests,
+                    proposer: member_id,
+                    seq,
+                })
+                .await
+            {
+                if let Some(answer) = state.cancel(seq) {
+                    failed.inc_by(n as u64);
                     let e = map_write_err(e);
-                    for w in waiters {
-                        let _ = w.send(Err(e.clone()));
-                    }
+                    answer((0..n).map(|_| Err(e.clone())).collect());
                 }
             }
-            metrics.proposals_pending.sub(n);
-            drop(permit);
         });
     }
 }

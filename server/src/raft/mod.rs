@@ -7,7 +7,7 @@ mod state_machine;
 
 pub use log_store::LogStore;
 pub use network::Network;
-pub use state_machine::{KvState, SnapshotPayload, StateMachine};
+pub use state_machine::{KvState, OnApplied, SnapshotPayload, StateMachine};
 
 use serde::{Deserialize, Serialize};
 
@@ -61,7 +61,7 @@ mod tests {
             let dir = tempfile::tempdir().map_err(io_err)?;
             let engine = crate::storage::Engine::open(dir.path()).map_err(io_err)?;
             let log = LogStore::new(engine.clone(), |_| {});
-            let state = Arc::new(KvState::open(engine, 2).map_err(io_err)?);
+            let state = Arc::new(KvState::open(engine, 2, 1).map_err(io_err)?);
             Ok((dir, log, StateMachine::new(state)))
         }
     }

@@ -28,6 +28,10 @@ pub struct SnapshotPayload {
     pub leases: Vec<(i64, i64)>,
 }
 
+/// Receives the results of a batch this member proposed, once applied,
+/// persisted and published to watchers.
+pub type OnApplied = Box<dyn FnOnce(BatchResult) + Send>;
+
 /// The last built or installed Raft snapshot, kept for openraft to send.
 type StoredSnapshot = (SnapshotMeta<u64, Member>, Vec<u8>);
 
@@ -41,6 +45,10 @@ pub struct KvState {
     snapshot: Mutex<Option<StoredSnapshot>>,
     snapshot_seq: AtomicU64,
     min_lease_ttl: i64,
+    /// This member's ID, to recognise the batches it proposed.
+    member_id: u64,
+    /// Batches proposed here and not yet applied, by sequence number.
+    pending: Mutex<std::collections::HashMap<u64, OnApplied>>,
 }
 
 fn decode_position(meta: &StateMeta) -> Result<(Option<LogId>, StoredMembership)> {
@@ -71,7 +79,7 @@ fn rebuild(engine: &Engine, meta: &StateMeta, min_lease_ttl: i64) -> Result<Mvcc
 
 impl KvState {
     /// Loads the state machine from storage, rebuilding the key index.
-    pub fn open(engine: Arc<Engine>, min_lease_ttl: i64) -> Result<Self> {
+    pub fn open(engine: Arc<Engine>, min_lease_ttl: i64, member_id: u64) -> Result<Self> {
         let meta = engine.state_meta()?;
         let position = decode_position(&meta)?;
         let store = rebuild(&engine, &meta, min_lease_ttl)?;
@@ -86,7 +94,22 @@ impl KvState {
             snapshot: Mutex::new(None),
             snapshot_seq: AtomicU64::new(0),
             min_lease_ttl,
+            member_id,
+            pending: Mutex::new(Default::default()),
         })
+    }
+
+    /// Registers the receiver of batch `seq`'s results (proposed by this
+    /// member with `proposer` = its ID). Delivering results here, on the
+    /// Raft thread right after they are durable and visible, spares the
+    /// trip back through openraft's response path.
+    pub fn expect(&self, seq: u64, on_applied: OnApplied) {
+        self.pending.lock().insert(seq, on_applied);
+    }
+
+    /// Withdraws a registration (the proposal failed); the caller answers.
+    pub fn cancel(&self, seq: u64) -> Option<OnApplied> {
+        self.pending.lock().remove(&seq)
     }
 
     /// The last applied log id and the membership as of it.
@@ -116,17 +139,28 @@ impl KvState {
         let mut store = self.store.write();
         let mut pos = self.applied.lock();
         let mut results = Vec::with_capacity(entries.len());
+        let mut ready = Vec::new();
         for e in entries {
             pos.0 = Some(e.log_id);
             match e.payload {
                 EntryPayload::Blank => results.push(Vec::new()),
-                EntryPayload::Normal(batch) => results.push(
-                    batch
+                EntryPayload::Normal(batch) => {
+                    let out: BatchResult = batch
                         .requests
                         .iter()
                         .map(|r| store.apply(&*self.engine, r))
-                        .collect(),
-                ),
+                        .collect();
+                    let mine = (batch.proposer == self.member_id)
+                        .then(|| self.pending.lock().remove(&batch.seq))
+                        .flatten();
+                    match mine {
+                        Some(on_applied) => {
+                            ready.push((on_applied, out));
+                            results.push(Vec::new());
+                        }
+                        None => results.push(out),
+                    }
+                }
                 EntryPayload::Membership(m) => {
                     pos.1 = StoredMembership::new(Some(e.log_id), m);
                     results.push(Vec::new());
@@ -143,6 +177,10 @@ impl KvState {
         }
         for id in &ws.revoked {
             self.lessor.forget(*id);
+        }
+        drop(store);
+        for (on_applied, out) in ready {
+            on_applied(out);
         }
         Ok(results)
     }
