@@ -423,6 +423,37 @@ async fn scenario(c: &mut Client) -> Vec<String> {
     .1
     .to_string());
 
+    // Fragmentation: two ~1 MiB events of one revision exceed the 1.5 MiB
+    // request limit; with `fragment` they come in two responses.
+    c.put("frag/a", vec![b'a'; 1 << 20], None).await.unwrap();
+    c.put("frag/b", vec![b'b'; 1 << 20], None).await.unwrap();
+    let d = c
+        .delete("frag/", Some(DeleteOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    let rev = d.header().unwrap().revision();
+    for fragment in [false, true] {
+        let mut o = WatchOptions::new()
+            .with_prefix()
+            .with_prev_key()
+            .with_start_revision(rev);
+        if fragment {
+            o = o.with_fragment();
+        }
+        let mut w = c.watch("frag/", Some(o)).await.unwrap();
+        w.message().await.unwrap();
+        let mut sizes = Vec::new();
+        while sizes.iter().sum::<usize>() < 2 {
+            let r = tokio::time::timeout(Duration::from_secs(10), w.message())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            sizes.push(r.events().len());
+        }
+        see!(format!("fragment={fragment} events per response {sizes:?}"));
+    }
+
     // Compaction: errors at and below it, watches from before it are canceled.
     let cur = c.get("x", None).await.unwrap().header().unwrap().revision();
     c.compact(cur - 5, None).await.unwrap();

@@ -47,7 +47,14 @@ impl Diff {
         for (r, with) in &self.masks {
             s = r.replace_all(&s, *with).into_owned();
         }
-        s
+        // etcd lists a lease's keys in Go map order, which is random.
+        let keys = Regex::new(r"attached keys\(\[([^\]]*)\]\)").unwrap();
+        keys.replace_all(&s, |c: &regex::Captures| {
+            let mut k: Vec<&str> = c[1].split(' ').collect();
+            k.sort();
+            format!("attached keys([{}])", k.join(" "))
+        })
+        .into_owned()
     }
 
     fn subst(&self, i: usize, arg: &str) -> String {

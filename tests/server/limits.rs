@@ -161,3 +161,114 @@ async fn periodic_auto_compaction_compacts_old_history() {
         "revision 2 is compacted within a few retention periods"
     );
 }
+
+#[test]
+fn flags_errors_and_environment() {
+    let bin = env!("CARGO_BIN_EXE_cairn");
+    let out = std::process::Command::new(bin)
+        .arg("--no-such-flag")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "unknown flag");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--no-such-flag"));
+    let out = std::process::Command::new(bin)
+        .args(["--heartbeat-interval", "soon"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "malformed flag");
+    // Go-style single-dash flags and ETCD_* variables work as with etcd.
+    let m = Member::start_with(Kind::Cairn, &["-snapshot-count", "5000"]);
+    let listed = m.ctl_stdin(&["member", "list"], "");
+    assert!(listed.stdout.contains(", m1, "), "{listed:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::harness::free_port();
+    let peer = crate::harness::free_port();
+    let mut child = std::process::Command::new(bin)
+        .env("ETCD_NAME", "from-env")
+        .env("ETCD_DATA_DIR", dir.path().join("d"))
+        .env(
+            "ETCD_LISTEN_CLIENT_URLS",
+            format!("http://127.0.0.1:{port}"),
+        )
+        .env(
+            "ETCD_ADVERTISE_CLIENT_URLS",
+            format!("http://127.0.0.1:{port}"),
+        )
+        .env("ETCD_LISTEN_PEER_URLS", format!("http://127.0.0.1:{peer}"))
+        .env(
+            "ETCD_INITIAL_ADVERTISE_PEER_URLS",
+            format!("http://127.0.0.1:{peer}"),
+        )
+        .env(
+            "ETCD_INITIAL_CLUSTER",
+            format!("from-env=http://127.0.0.1:{peer}"),
+        )
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut body = None;
+    for _ in 0..100 {
+        body = crate::harness::http_get(port, "/health");
+        if body
+            .as_deref()
+            .is_some_and(|b| b.contains(r#""health":"true""#))
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            &format!("127.0.0.1:{port}"),
+            "member",
+            "list",
+        ])
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(body.is_some_and(|b| b.contains("200 OK")));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(", from-env, "),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn http_endpoints_metrics_and_grpc_health() {
+    let m = Member::start(Kind::Cairn);
+    let mut c = m.client().await;
+    c.put("k", "v", None).await.unwrap();
+    for path in ["/livez", "/readyz", "/health"] {
+        let r = crate::harness::http_get(m.client_port, path).unwrap();
+        assert!(r.starts_with("HTTP/1.1 200"), "{path}: {r}");
+    }
+    let metrics = crate::harness::http_get(m.client_port, "/metrics").unwrap();
+    for name in [
+        "etcd_server_has_leader 1",
+        "etcd_server_is_leader 1",
+        "etcd_mvcc_db_total_size_in_bytes",
+        "etcd_disk_wal_fsync_duration_seconds_count",
+        "etcd_server_proposals_applied_total",
+    ] {
+        assert!(metrics.contains(name), "/metrics lacks {name}");
+    }
+    let channel = tonic::transport::Channel::from_shared(m.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let r = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        r.into_inner().status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}
