@@ -24,7 +24,7 @@ use crate::proto::etcdserverpb::{
     ResponseHeader,
 };
 use crate::proto::raftpb::{internal_request::Request, Batch, InternalRequest};
-use crate::raft::{KvState, LogStore, Member, Network, Raft, StateMachine};
+use crate::raft::{BatchResult, KvState, LogStore, Member, Network, Raft, StateMachine};
 use crate::storage::{Engine, Identity};
 
 /// The etcd API version cairn reports (kube-apiserver parses it).
@@ -466,21 +466,28 @@ async fn batcher(
         metrics.batch_size.observe(n as f64);
         metrics.proposals_pending.add(n as i64);
         let (requests, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-        let pending = metrics.proposals_pending.clone();
+        // The results cross from the Raft thread in one message and fan out
+        // here: one wakeup per batch instead of one per request, and the
+        // responses leave together (fewer socket writes).
+        let (done_tx, done_rx) = oneshot::channel::<BatchResult>();
         state.expect(
             seq,
             Box::new(move |results| {
-                let mut results = results.into_iter();
-                for w in waiters {
-                    let r = results
-                        .next()
-                        .unwrap_or_else(|| Err(Error::Internal("missing apply result".into())));
-                    let _ = w.send(r);
-                }
-                pending.sub(n as i64);
+                let _ = done_tx.send(results);
                 drop(permit);
             }),
         );
+        let pending = metrics.proposals_pending.clone();
+        tokio::spawn(async move {
+            let mut results = done_rx.await.unwrap_or_default().into_iter();
+            for w in waiters {
+                let r = results
+                    .next()
+                    .unwrap_or_else(|| Err(Error::Internal("missing apply result".into())));
+                let _ = w.send(r);
+            }
+            pending.sub(n as i64);
+        });
         let raft = raft.clone();
         let state = state.clone();
         let failed = metrics.proposals_failed.clone();
