@@ -24,7 +24,7 @@ use crate::proto::etcdserverpb::{
     ResponseHeader,
 };
 use crate::proto::raftpb::{internal_request::Request, Batch, InternalRequest};
-use crate::raft::{BatchResult, KvState, LogStore, Member, Network, Raft, StateMachine};
+use crate::raft::{BatchResult, KvState, LogStore, Member, Network, Proposal, Raft, StateMachine};
 use crate::storage::{Engine, Identity};
 
 /// The etcd API version cairn reports (kube-apiserver parses it).
@@ -41,7 +41,7 @@ const MAX_BATCH: usize = 512;
 /// clients at 1 in flight, 9.7k at 4, on a 2-core VM).
 const MAX_INFLIGHT_BATCHES: usize = 1;
 
-type Proposal = (InternalRequest, oneshot::Sender<Result<Applied>>);
+type Pending = (InternalRequest, oneshot::Sender<Result<Applied>>);
 type ReadWaiter = oneshot::Sender<Result<()>>;
 
 /// A running member.
@@ -56,7 +56,7 @@ pub struct EtcdServer {
     leader: AtomicU64,
     /// Storage size, refreshed twice a second, for the space quota.
     db_size: AtomicI64,
-    proposals: mpsc::UnboundedSender<Proposal>,
+    proposals: mpsc::UnboundedSender<Pending>,
     reads: mpsc::UnboundedSender<ReadWaiter>,
 }
 
@@ -445,7 +445,7 @@ async fn batcher(
     state: Arc<KvState>,
     member_id: u64,
     metrics: Metrics,
-    mut rx: mpsc::UnboundedReceiver<Proposal>,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_INFLIGHT_BATCHES));
     let mut seq = 0u64;
@@ -493,11 +493,11 @@ async fn batcher(
         let failed = metrics.proposals_failed.clone();
         tokio::spawn(async move {
             if let Err(e) = raft
-                .client_write(Batch {
+                .client_write(Proposal(Arc::new(Batch {
                     requests,
                     proposer: member_id,
                     seq,
-                })
+                })))
                 .await
             {
                 if let Some(answer) = state.cancel(seq) {

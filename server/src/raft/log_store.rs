@@ -1,12 +1,16 @@
 //! The Raft log on RocksDB: entries by index, bincode-encoded; every
-//! append is fsynced before openraft is told it is durable.
+//! append is fsynced before openraft is told it is durable. The newest
+//! entries are also kept in memory: openraft reads each committed entry back
+//! to apply it (and to replicate it), and those reads then cost no decoding.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, RaftLogReader, Vote};
+use parking_lot::Mutex;
 use rocksdb::IteratorMode;
 
 use super::{io_err, LogId, StorageError, TypeConfig};
@@ -16,17 +20,26 @@ const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_PURGED: &[u8] = b"purged";
 
+/// How many of the newest entries are kept in memory.
+pub const LOG_CACHE_ENTRIES: u64 = 4096;
+
 /// The log store handle (cheap to clone; clones share state).
 #[derive(Clone)]
 pub struct LogStore {
     engine: Arc<Engine>,
     writer: Arc<LogWriter>,
+    /// The newest durable entries (entry payloads are shared, clones are cheap).
+    cache: Arc<Mutex<BTreeMap<u64, Entry<TypeConfig>>>>,
 }
 
 impl LogStore {
     pub fn new(engine: Arc<Engine>, on_sync: impl Fn(f64) + Send + Sync + 'static) -> Self {
         let writer = Arc::new(LogWriter::new(engine.clone(), on_sync));
-        Self { engine, writer }
+        Self {
+            engine,
+            writer,
+            cache: Arc::default(),
+        }
     }
 
     fn last_on_disk(&self) -> Result<Option<Entry<TypeConfig>>, StorageError> {
@@ -52,6 +65,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => i + 1,
             Bound::Unbounded => 0,
         };
+        {
+            // Served from memory when the cache holds the start of the range
+            // (it holds a contiguous run up to the last entry).
+            let cache = self.cache.lock();
+            if cache.contains_key(&start) {
+                return Ok(cache.range(range).map(|(_, e)| e.clone()).collect());
+            }
+        }
         let mut out = Vec::new();
         let cf = self.engine.cf(crate::storage::engine_cf_log());
         let from = start.to_be_bytes();
@@ -120,8 +141,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: Send,
     {
         let mut encoded = Vec::new();
+        let mut appended = Vec::new();
         for e in entries {
             encoded.push((e.log_id.index, bincode::serialize(&e).map_err(io_err)?));
+            appended.push(e);
         }
         if !encoded.is_empty() {
             // Synced before returning: see `storage::log_writer` for why inline.
@@ -131,17 +154,35 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 return Err(io_err(e));
             }
         }
+        {
+            let mut cache = self.cache.lock();
+            for e in appended {
+                // A gap (after a snapshot install) restarts the contiguous run.
+                if cache
+                    .last_key_value()
+                    .is_some_and(|(i, _)| i + 1 != e.log_id.index)
+                {
+                    cache.clear();
+                }
+                cache.insert(e.log_id.index, e);
+            }
+            while cache.len() as u64 > LOG_CACHE_ENTRIES {
+                cache.pop_first();
+            }
+        }
         callback.log_io_completed(Ok(()));
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.cache.lock().retain(|i, _| *i < log_id.index);
         self.writer
             .write(LogOp::TruncateFrom(log_id.index))
             .map_err(io_err)
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.cache.lock().retain(|i, _| *i > log_id.index);
         self.engine.raft_put(KEY_PURGED, &log_id).map_err(io_err)?;
         self.writer
             .write(LogOp::PurgeTo(log_id.index))

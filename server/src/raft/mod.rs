@@ -15,6 +15,38 @@ use crate::error::Error;
 use crate::mvcc::Applied;
 use crate::proto::raftpb::Batch;
 
+/// A Raft entry's payload: a batch of client requests. Shared, so that
+/// openraft's clones of entries (log cache, apply) copy no request bytes;
+/// serialized as the protobuf encoding of the batch, one byte string.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Proposal(pub std::sync::Arc<Batch>);
+
+impl Serialize for Proposal {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use prost::Message;
+        s.serialize_bytes(&self.0.encode_to_vec())
+    }
+}
+
+impl<'de> Deserialize<'de> for Proposal {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Proposal;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a protobuf-encoded raftpb.Batch")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<Proposal, E> {
+                use prost::Message;
+                Batch::decode(b)
+                    .map(|b| Proposal(std::sync::Arc::new(b)))
+                    .map_err(E::custom)
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
 /// A member as Raft's membership records it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
@@ -29,7 +61,7 @@ pub type BatchResult = Vec<Result<Applied, Error>>;
 openraft::declare_raft_types!(
     /// cairn's Raft types: entries carry batches of etcd requests.
     pub TypeConfig:
-        D = Batch,
+        D = Proposal,
         R = BatchResult,
         NodeId = u64,
         Node = Member,

@@ -11,7 +11,9 @@ use openraft::{EntryPayload, RaftSnapshotBuilder, SnapshotMeta};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
-use super::{io_err, BatchResult, LogId, Member, StorageError, StoredMembership, TypeConfig};
+use super::{
+    io_err, BatchResult, LogId, Member, Proposal, StorageError, StoredMembership, TypeConfig,
+};
 use crate::error::{Error, Result};
 use crate::lease::Lessor;
 use crate::mvcc::{MvccStore, Revision};
@@ -144,7 +146,7 @@ impl KvState {
             pos.0 = Some(e.log_id);
             match e.payload {
                 EntryPayload::Blank => results.push(Vec::new()),
-                EntryPayload::Normal(batch) => {
+                EntryPayload::Normal(Proposal(batch)) => {
                     let out: BatchResult = batch
                         .requests
                         .iter()
