@@ -37,9 +37,9 @@ fn main() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    // Single-threaded: request handling stays on one thread, free of
-    // cross-thread wakeups; more client threads are started by the server
-    // (`--experimental-client-io-threads`), Raft has its own thread.
+    // Single-threaded: a request stays on one thread from socket through
+    // Raft, fsync and apply to response, free of cross-thread wakeups. More
+    // client threads are started by the server (`--experimental-client-io-threads`).
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -1,12 +1,11 @@
 //! Raft log writes: entries, truncations and purges, each one synced
 //! RocksDB write.
 //!
-//! Writes happen on the caller's thread. openraft runs on its own
-//! single-threaded runtime (see `server::start_raft`) and the proposer keeps
-//! one Raft entry — a batch of client requests — in flight, so there is
-//! nothing to overlap with the fsync, while handing the write to another
-//! thread would add two thread wakeups (~50-70 µs each on a small VM) to
-//! every write's latency.
+//! Writes happen on the caller's thread: openraft's core, on the
+//! single-threaded runtime that also serves clients. The proposer keeps one
+//! Raft entry — a batch of client requests — in flight, so there is nothing
+//! to overlap with the fsync, while handing the write to another thread would
+//! add two thread wakeups (~50-70 µs each on a small VM) to every write.
 
 use std::sync::Arc;
 use std::time::Instant;
