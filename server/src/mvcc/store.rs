@@ -78,6 +78,11 @@ struct Tx {
 }
 
 impl Tx {
+    /// A request applied on top of revision `begin`.
+    fn at(begin: i64) -> Self {
+        Tx { begin, sub: 0 }
+    }
+
     fn next(&mut self) -> Revision {
         self.sub += 1;
         Revision::new(self.begin + 1, self.sub - 1)
@@ -362,19 +367,13 @@ impl MvccStore {
                     return Err(Error::NoSpace);
                 }
                 self.check_put(reader, p)?;
-                let mut tx = Tx {
-                    begin: self.rev,
-                    sub: 0,
-                };
+                let mut tx = Tx::at(self.rev);
                 let resp = self.put(reader, &mut tx, p)?;
                 self.finish(tx);
                 Ok(Applied::Put(resp))
             }
             Request::DeleteRange(d) => {
-                let mut tx = Tx {
-                    begin: self.rev,
-                    sub: 0,
-                };
+                let mut tx = Tx::at(self.rev);
                 let resp = self.delete(reader, &mut tx, d)?;
                 self.finish(tx);
                 Ok(Applied::DeleteRange(resp))
@@ -385,10 +384,7 @@ impl MvccStore {
                 }
                 let path = self.compare_path(reader, t)?;
                 self.check_txn(reader, t, &path)?;
-                let mut tx = Tx {
-                    begin: self.rev,
-                    sub: 0,
-                };
+                let mut tx = Tx::at(self.rev);
                 let mut resp = self.txn(reader, &mut tx, t, &path)?;
                 resp.header = header(tx.read_rev());
                 self.finish(tx);
@@ -688,10 +684,7 @@ impl MvccStore {
             return Err(Error::LeaseNotFound);
         };
         // One revision for all keys, in key order (the same on every member).
-        let mut tx = Tx {
-            begin: self.rev,
-            sub: 0,
-        };
+        let mut tx = Tx::at(self.rev);
         for key in &lease.keys {
             let d = DeleteRangeRequest {
                 key: key.clone(),

@@ -267,17 +267,14 @@ impl Engine {
         self.db.write_opt(b, &wo).map_err(rocks)
     }
 
-    /// Approximate bytes on disk and in memory tables.
-    pub fn size(&self) -> i64 {
+    /// Sums RocksDB integer properties over every column family.
+    fn sum_properties(&self, props: &[&str]) -> i64 {
         let mut total = 0u64;
         for cf in ALL_CFS {
-            for p in [
-                "rocksdb.total-sst-files-size",
-                "rocksdb.size-all-mem-tables",
-            ] {
+            for p in props {
                 total += self
                     .db
-                    .property_int_value_cf(self.cf(cf), p)
+                    .property_int_value_cf(self.cf(cf), *p)
                     .ok()
                     .flatten()
                     .unwrap_or(0);
@@ -286,23 +283,20 @@ impl Engine {
         total as i64
     }
 
+    /// Approximate bytes on disk and in memory tables.
+    pub fn size(&self) -> i64 {
+        self.sum_properties(&[
+            "rocksdb.total-sst-files-size",
+            "rocksdb.size-all-mem-tables",
+        ])
+    }
+
     /// Bytes of live data (estimate), for `dbSizeInUse`.
     pub fn size_in_use(&self) -> i64 {
-        let mut total = 0u64;
-        for cf in ALL_CFS {
-            for p in [
-                "rocksdb.estimate-live-data-size",
-                "rocksdb.size-all-mem-tables",
-            ] {
-                total += self
-                    .db
-                    .property_int_value_cf(self.cf(cf), p)
-                    .ok()
-                    .flatten()
-                    .unwrap_or(0);
-            }
-        }
-        total as i64
+        self.sum_properties(&[
+            "rocksdb.estimate-live-data-size",
+            "rocksdb.size-all-mem-tables",
+        ])
     }
 
     /// Rewrites every column family, dropping deleted data (etcd's defrag).
