@@ -17,7 +17,6 @@ use super::{io_err, LogId, StorageError, TypeConfig};
 use crate::storage::{Engine, LogOp, LogWriter};
 
 const KEY_VOTE: &[u8] = b"vote";
-const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_PURGED: &[u8] = b"purged";
 
 /// How many of the newest entries are kept in memory.
@@ -115,20 +114,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError> {
         self.engine.raft_get(KEY_VOTE).map_err(io_err)
-    }
-
-    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        self.engine
-            .raft_put_nosync(KEY_COMMITTED, &committed)
-            .map_err(io_err)
-    }
-
-    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(self
-            .engine
-            .raft_get::<Option<LogId>>(KEY_COMMITTED)
-            .map_err(io_err)?
-            .flatten())
     }
 
     async fn append<I>(

@@ -191,12 +191,6 @@ impl Engine {
             })
     }
 
-    /// Writes a bincode value to the `raft` column family without fsync
-    /// (for values that may be lost, such as the committed index).
-    pub fn raft_put_nosync<T: Serialize>(&self, key: &[u8], v: &T) -> Result<()> {
-        self.db.put_cf(self.cf(CF_RAFT), key, enc(v)).map_err(rocks)
-    }
-
     /// Every lease and its TTL.
     pub fn leases(&self) -> Result<Vec<(i64, i64)>> {
         let mut out = Vec::new();

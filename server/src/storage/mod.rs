@@ -2,7 +2,8 @@
 //!
 //! - `log`: Raft entries by index (big-endian), each append fsynced before
 //!   it is acknowledged;
-//! - `raft`: the vote, the committed log id, the purged log id;
+//! - `raft`: the vote and the purged log id (the committed index is not
+//!   stored: after a restart entries are applied once a leader confirms them);
 //! - `kv`: MVCC history by revision (main, sub), see [`crate::mvcc`];
 //! - `lease`: lease id to granted TTL;
 //! - `meta`: applied log id, membership, current and compacted revision,
