@@ -102,8 +102,11 @@ impl Maintenance for MaintenanceService {
     async fn hash(&self, _req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
         let state = self.s.state.clone();
         let hash = tokio::task::spawn_blocking(move || {
-            let _quiet = state.store.read();
-            state.engine.hash_all()
+            let view = {
+                let _consistent = state.store.read();
+                state.engine.view()
+            };
+            view.hash_all()
         })
         .await
         .map_err(Error::internal)??;
@@ -120,16 +123,19 @@ impl Maintenance for MaintenanceService {
         let r = req.into_inner();
         let state = self.s.state.clone();
         let (hash, compacted, rev, current) = tokio::task::spawn_blocking(move || {
-            let store = state.store.read();
-            let current = store.revision();
-            let rev = if r.revision <= 0 { current } else { r.revision };
-            if rev > current {
-                return Err(Error::FutureRev);
-            }
-            if rev < store.compacted() {
-                return Err(Error::Compacted);
-            }
-            Ok((state.engine.hash_kv(rev)?, store.compacted(), rev, current))
+            let (view, compacted, rev, current) = {
+                let store = state.store.read();
+                let current = store.revision();
+                let rev = if r.revision <= 0 { current } else { r.revision };
+                if rev > current {
+                    return Err(Error::FutureRev);
+                }
+                if rev < store.compacted() {
+                    return Err(Error::Compacted);
+                }
+                (state.engine.view(), store.compacted(), rev, current)
+            };
+            Ok((view.hash_kv(rev)?, compacted, rev, current))
         })
         .await
         .map_err(Error::internal)??;

@@ -17,7 +17,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::lease::Lessor;
 use crate::mvcc::{MvccStore, Revision};
-use crate::storage::{decode_record, encode_record, Engine, StateMeta};
+use crate::storage::{decode_record, Engine, StateMeta};
 use crate::watch::Hub;
 
 /// A whole state machine, serialized: what a Raft snapshot and the
@@ -189,21 +189,17 @@ impl KvState {
 
     /// Serializes the whole state machine at its applied position.
     pub fn snapshot_payload(&self) -> Result<(Vec<u8>, Option<LogId>, StoredMembership)> {
-        // The read lock keeps applies out, so storage matches `applied`.
-        let store = self.store.read();
-        let pos = self.applied.lock().clone();
-        let meta = self.position_meta(&store, &pos);
-        let mut records = Vec::new();
-        for item in self.engine.records() {
-            let (rev, rec) = item?;
-            records.push((rev.main, rev.sub, encode_record(&rec)));
-        }
-        let leases = self.engine.leases()?;
-        drop(store);
+        // The lock keeps applies out only while the view is taken, so the
+        // view matches `applied`; reading it then blocks nobody.
+        let (view, meta, pos) = {
+            let store = self.store.read();
+            let pos = self.applied.lock().clone();
+            (self.engine.view(), self.position_meta(&store, &pos), pos)
+        };
         let payload = SnapshotPayload {
             meta,
-            records,
-            leases,
+            records: view.records()?,
+            leases: view.leases()?,
         };
         let bytes = bincode::serialize(&payload).map_err(Error::internal)?;
         Ok((bytes, pos.0, pos.1))

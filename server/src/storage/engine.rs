@@ -196,17 +196,7 @@ impl Engine {
         let mut out = Vec::new();
         for item in self.db.iterator_cf(self.cf(CF_LEASE), IteratorMode::Start) {
             let (k, v) = item.map_err(rocks)?;
-            let id = i64::from_be_bytes(
-                k.as_ref()
-                    .try_into()
-                    .map_err(|_| Error::Internal("storage: bad lease key".into()))?,
-            );
-            let ttl = i64::from_be_bytes(
-                v.as_ref()
-                    .try_into()
-                    .map_err(|_| Error::Internal("storage: bad lease".into()))?,
-            );
-            out.push((id, ttl));
+            out.push(decode_lease(&k, &v)?);
         }
         Ok(out)
     }
@@ -302,35 +292,6 @@ impl Engine {
         Ok(())
     }
 
-    /// A CRC32 over every history record up to `rev` (etcd's HashKV idea:
-    /// equal on members with the same history).
-    pub fn hash_kv(&self, rev: i64) -> Result<u32> {
-        let mut h = crc32fast::Hasher::new();
-        for item in self.records() {
-            let (r, rec) = item?;
-            if r.main > rev {
-                break;
-            }
-            h.update(&r.to_bytes());
-            h.update(&encode_record(&rec));
-        }
-        Ok(h.finalize())
-    }
-
-    /// A CRC32 over the state machine's column families.
-    pub fn hash_all(&self) -> Result<u32> {
-        let mut h = crc32fast::Hasher::new();
-        for cf in [CF_KV, CF_LEASE] {
-            h.update(cf.as_bytes());
-            for item in self.db.iterator_cf(self.cf(cf), IteratorMode::Start) {
-                let (k, v) = item.map_err(rocks)?;
-                h.update(&k);
-                h.update(&v);
-            }
-        }
-        Ok(h.finalize())
-    }
-
     /// Alarms as stored in the state meta.
     pub fn alarms_of(meta: &StateMeta) -> Vec<AlarmMember> {
         meta.alarms
@@ -341,6 +302,105 @@ impl Engine {
             })
             .collect()
     }
+}
+
+/// A point-in-time view of the database: whole-state reads (snapshots,
+/// hashes) go through one, so they need no lock while they run and writers
+/// carry on meanwhile.
+pub struct View<'a> {
+    engine: &'a Engine,
+    snap: rocksdb::Snapshot<'a>,
+}
+
+impl Engine {
+    /// A view of the database as it is now. Take it while holding whatever
+    /// keeps the state consistent (the store lock); read it after releasing.
+    pub fn view(&self) -> View<'_> {
+        View {
+            engine: self,
+            snap: self.db.snapshot(),
+        }
+    }
+}
+
+impl View<'_> {
+    fn each(&self, cf: &str, mut f: impl FnMut(&[u8], &[u8]) -> Result<bool>) -> Result<()> {
+        for item in self
+            .snap
+            .iterator_cf(self.engine.cf(cf), IteratorMode::Start)
+        {
+            let (k, v) = item.map_err(rocks)?;
+            if !f(&k, &v)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every history record as (main, sub, stored bytes).
+    pub fn records(&self) -> Result<Vec<(i64, i64, Vec<u8>)>> {
+        let mut out = Vec::new();
+        self.each(CF_KV, |k, v| {
+            let rev = Revision::from_bytes(k)
+                .ok_or_else(|| Error::Internal("storage: bad revision key".into()))?;
+            out.push((rev.main, rev.sub, v.to_vec()));
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    /// Every lease and its TTL.
+    pub fn leases(&self) -> Result<Vec<(i64, i64)>> {
+        let mut out = Vec::new();
+        self.each(CF_LEASE, |k, v| {
+            out.push(decode_lease(k, v)?);
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    /// A CRC32 over every history record up to `rev` (etcd's HashKV idea:
+    /// equal on members with the same history).
+    pub fn hash_kv(&self, rev: i64) -> Result<u32> {
+        let mut h = crc32fast::Hasher::new();
+        self.each(CF_KV, |k, v| {
+            let r = Revision::from_bytes(k)
+                .ok_or_else(|| Error::Internal("storage: bad revision key".into()))?;
+            if r.main > rev {
+                return Ok(false);
+            }
+            h.update(k);
+            h.update(v);
+            Ok(true)
+        })?;
+        Ok(h.finalize())
+    }
+
+    /// A CRC32 over the state machine's column families.
+    pub fn hash_all(&self) -> Result<u32> {
+        let mut h = crc32fast::Hasher::new();
+        for cf in [CF_KV, CF_LEASE] {
+            h.update(cf.as_bytes());
+            self.each(cf, |k, v| {
+                h.update(k);
+                h.update(v);
+                Ok(true)
+            })?;
+        }
+        Ok(h.finalize())
+    }
+}
+
+fn decode_lease(k: &[u8], v: &[u8]) -> Result<(i64, i64)> {
+    let id = i64::from_be_bytes(
+        k.try_into()
+            .map_err(|_| Error::Internal("storage: bad lease key".into()))?,
+    );
+    let ttl = i64::from_be_bytes(
+        v.try_into()
+            .map_err(|_| Error::Internal("storage: bad lease".into()))?,
+    );
+    Ok((id, ttl))
 }
 
 impl RevisionReader for Engine {

@@ -17,7 +17,7 @@
 mod engine;
 mod log_writer;
 
-pub use engine::{decode_record, encode_record, Engine, Identity, StateMeta};
+pub use engine::{decode_record, encode_record, Engine, Identity, StateMeta, View};
 pub use log_writer::{LogOp, LogWriter};
 
 /// Name of the Raft log column family.
