@@ -13,7 +13,7 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::debug;
+use tracing::{debug, info};
 
 use crate::mvcc::KeyRange;
 use crate::proto::etcdserverpb::{
@@ -22,7 +22,7 @@ use crate::proto::etcdserverpb::{
 };
 use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
 use crate::server::EtcdServer;
-use crate::watch::{HubMsg, Registered};
+use crate::watch::{stream_queue, HubMsg, Registered, StreamRx, StreamTx};
 
 /// Most revisions in one replayed watch response (etcd's `watchBatchMaxRevs`).
 const WATCH_BATCH_MAX_REVS: usize = 1000;
@@ -49,7 +49,7 @@ impl Watch for WatchService {
     ) -> Result<Response<WatchStream>, Status> {
         let inbound = req.into_inner();
         let (out, rx) = mpsc::channel(256);
-        let (hub_tx, hub_rx) = mpsc::unbounded_channel();
+        let (hub_tx, hub_rx) = stream_queue();
         let task = StreamTask {
             id: self.s.state.hub.new_stream(),
             s: self.s.clone(),
@@ -90,17 +90,13 @@ struct StreamTask {
     id: u64,
     s: Arc<EtcdServer>,
     out: mpsc::Sender<Result<WatchResponse, Status>>,
-    hub_tx: mpsc::UnboundedSender<HubMsg>,
+    hub_tx: StreamTx,
     watchers: HashMap<i64, Watcher>,
     next_id: i64,
 }
 
 impl StreamTask {
-    async fn run(
-        mut self,
-        mut inbound: Streaming<WatchRequest>,
-        mut hub_rx: mpsc::UnboundedReceiver<HubMsg>,
-    ) {
+    async fn run(mut self, mut inbound: Streaming<WatchRequest>, mut hub_rx: StreamRx) {
         let every = self
             .s
             .cfg
@@ -207,15 +203,10 @@ impl StreamTask {
                     created: true,
                     ..Default::default()
                 };
-                let cancel = WatchResponse {
-                    header: Some(self.s.header(current)),
-                    watch_id: id,
-                    canceled: true,
-                    compact_revision: compacted,
-                    cancel_reason: "etcdserver: mvcc: required revision has been compacted".into(),
-                    ..Default::default()
-                };
-                self.send(created).await && self.send(cancel).await
+                self.send(created).await
+                    && self
+                        .send(self.compacted_cancel(id, compacted, current))
+                        .await
             }
             Registered::Replay { from, to, current } => {
                 let created = WatchResponse {
@@ -248,13 +239,7 @@ impl StreamTask {
             // Compaction ran before the history was read: events may be missing.
             self.watchers.remove(&id);
             self.s.state.hub.cancel(self.id, id);
-            let r = WatchResponse {
-                header: Some(self.s.header(0)),
-                watch_id: id,
-                canceled: true,
-                compact_revision: self.s.state.hub.compacted(),
-                ..Default::default()
-            };
+            let r = self.compacted_cancel(id, self.s.state.hub.compacted(), 0);
             return self.send(r).await;
         }
         let w = &self.watchers[&id];
@@ -339,6 +324,45 @@ impl StreamTask {
                 }
                 true
             }
+            HubMsg::Lagged { watch_id, from } => self.resync(watch_id, from).await,
+        }
+    }
+
+    /// Re-registers a watcher that fell behind and replays what it missed
+    /// from storage, or cancels it if that history is compacted.
+    async fn resync(&mut self, id: i64, from: i64) -> bool {
+        let Some(range) = self.watchers.get(&id).map(|w| w.range.clone()) else {
+            return true;
+        };
+        info!(
+            watch = id,
+            from, "watch stream fell behind; resyncing from storage"
+        );
+        match self
+            .s
+            .state
+            .hub
+            .register(self.id, id, range, from, self.hub_tx.clone())
+        {
+            Registered::Replay { from, to, .. } if from <= to => self.replay(id, from, to).await,
+            Registered::Replay { .. } => true,
+            Registered::Compacted { compacted, current } => {
+                self.watchers.remove(&id);
+                self.send(self.compacted_cancel(id, compacted, current))
+                    .await
+            }
+        }
+    }
+
+    /// The response that cancels watch `id` because its history is compacted.
+    fn compacted_cancel(&self, id: i64, compacted: i64, current: i64) -> WatchResponse {
+        WatchResponse {
+            header: Some(self.s.header(current)),
+            watch_id: id,
+            canceled: true,
+            compact_revision: compacted,
+            cancel_reason: "etcdserver: mvcc: required revision has been compacted".into(),
+            ..Default::default()
         }
     }
 

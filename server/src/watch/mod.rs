@@ -6,15 +6,25 @@
 //! is replayed from storage by the stream, everything after `R` arrives
 //! through the stream's channel, behind the replay. Nothing is lost or sent
 //! twice while writes continue.
+//!
+//! A stream whose client stops reading does not grow without bound: past
+//! [`MAX_QUEUED`] undelivered messages its watchers are unregistered and told
+//! from which revision they lag; the stream resyncs each one from storage the
+//! way a new watch replays history (or cancels it, if compacted meanwhile).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use crate::mvcc::KeyRange;
 use crate::proto::mvccpb::Event;
+
+/// Undelivered event messages a stream may have queued before its watchers
+/// are moved to resync from storage.
+pub const MAX_QUEUED: usize = 1024;
 
 /// What a watch stream receives from the hub.
 #[derive(Debug)]
@@ -23,6 +33,45 @@ pub enum HubMsg {
     Events { watch_id: i64, events: Vec<Event> },
     /// Every event up to `revision` has been queued before this message.
     Progress { revision: i64, all: bool },
+    /// The stream fell behind: the watcher was unregistered and must resync
+    /// from `from` (everything before it was queued ahead of this message).
+    Lagged { watch_id: i64, from: i64 },
+}
+
+/// The hub's end of a watch stream's queue.
+#[derive(Clone)]
+pub struct StreamTx {
+    tx: mpsc::UnboundedSender<HubMsg>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// The stream's end of its queue.
+pub struct StreamRx {
+    rx: mpsc::UnboundedReceiver<HubMsg>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// A new stream queue.
+pub fn stream_queue() -> (StreamTx, StreamRx) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    (
+        StreamTx {
+            tx,
+            queued: queued.clone(),
+        },
+        StreamRx { rx, queued },
+    )
+}
+
+impl StreamRx {
+    pub async fn recv(&mut self) -> Option<HubMsg> {
+        let m = self.rx.recv().await;
+        if let Some(HubMsg::Events { .. }) = &m {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+        m
+    }
 }
 
 struct Watcher {
@@ -31,7 +80,7 @@ struct Watcher {
     range: KeyRange,
     /// Live events are delivered from this revision on.
     from: i64,
-    tx: mpsc::UnboundedSender<HubMsg>,
+    tx: StreamTx,
 }
 
 #[derive(Default)]
@@ -83,12 +132,14 @@ impl Hub {
     /// Publishes the events of revisions up to `revision`.
     pub fn publish(&self, events: &[Event], revision: i64, compacted: i64) {
         let mut i = self.inner.lock();
+        let published = i.revision;
         i.revision = revision;
         i.compacted = compacted;
         if events.is_empty() {
             return;
         }
         let mut gone = Vec::new();
+        let mut lagging = Vec::new();
         for (key, w) in &i.watchers {
             let mine: Vec<Event> = events
                 .iter()
@@ -98,19 +149,33 @@ impl Hub {
                 })
                 .cloned()
                 .collect();
-            if !mine.is_empty()
-                && w.tx
-                    .send(HubMsg::Events {
-                        watch_id: w.watch_id,
-                        events: mine,
-                    })
-                    .is_err()
-            {
+            if mine.is_empty() {
+                continue;
+            }
+            if w.tx.queued.load(Ordering::Relaxed) >= MAX_QUEUED {
+                lagging.push(*key);
+                continue;
+            }
+            w.tx.queued.fetch_add(1, Ordering::Relaxed);
+            let msg = HubMsg::Events {
+                watch_id: w.watch_id,
+                events: mine,
+            };
+            if w.tx.tx.send(msg).is_err() {
                 gone.push(*key);
             }
         }
         for k in gone {
             i.watchers.remove(&k);
+        }
+        for k in lagging {
+            if let Some(w) = i.watchers.remove(&k) {
+                let from = w.from.max(published + 1);
+                let _ = w.tx.tx.send(HubMsg::Lagged {
+                    watch_id: w.watch_id,
+                    from,
+                });
+            }
         }
     }
 
@@ -121,7 +186,7 @@ impl Hub {
         watch_id: i64,
         range: KeyRange,
         start: i64,
-        tx: mpsc::UnboundedSender<HubMsg>,
+        tx: StreamTx,
     ) -> Registered {
         let mut i = self.inner.lock();
         let current = i.revision;
@@ -164,9 +229,9 @@ impl Hub {
     }
 
     /// Queues a progress marker behind every event published so far.
-    pub fn progress(&self, tx: &mpsc::UnboundedSender<HubMsg>, all: bool) {
+    pub fn progress(&self, tx: &StreamTx, all: bool) {
         let i = self.inner.lock();
-        let _ = tx.send(HubMsg::Progress {
+        let _ = tx.tx.send(HubMsg::Progress {
             revision: i.revision,
             all,
         });
@@ -198,7 +263,7 @@ mod tests {
     fn registration_splits_replay_and_live_without_overlap() {
         let hub = Hub::default();
         hub.reset(5, 0);
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = stream_queue();
         let r = hub.register(0, 1, KeyRange::new(b"a", b"\0"), 3, tx.clone());
         assert_eq!(
             r,
@@ -209,7 +274,7 @@ mod tests {
             }
         );
         hub.publish(&[ev("a", 6), ev("0", 6)], 6, 0);
-        match rx.try_recv().unwrap() {
+        match rx.rx.try_recv().unwrap() {
             HubMsg::Events { events, .. } => assert_eq!(events.len(), 1),
             m => panic!("{m:?}"),
         }
@@ -229,6 +294,36 @@ mod tests {
                 compacted: 4,
                 current: 6
             }
+        );
+    }
+
+    #[test]
+    fn a_stream_that_stops_reading_is_told_to_resync() {
+        let hub = Hub::default();
+        hub.reset(1, 0);
+        let (tx, mut rx) = stream_queue();
+        hub.register(0, 7, KeyRange::new(b"k", b""), 0, tx);
+        for rev in 2..(2 + MAX_QUEUED as i64) {
+            hub.publish(&[ev("k", rev)], rev, 0);
+        }
+        let next = 2 + MAX_QUEUED as i64;
+        hub.publish(&[ev("k", next)], next, 0);
+        hub.publish(&[ev("k", next + 1)], next + 1, 0);
+        assert_eq!(hub.watchers(), 0, "the lagging watcher is unregistered");
+        let mut last = 0;
+        let mut lagged = None;
+        while let Ok(m) = rx.rx.try_recv() {
+            match m {
+                HubMsg::Events { events, .. } => last = events[0].kv.as_ref().unwrap().mod_revision,
+                HubMsg::Lagged { from, .. } => lagged = Some(from),
+                m => panic!("{m:?}"),
+            }
+        }
+        assert_eq!(last, next - 1, "everything before the overflow was queued");
+        assert_eq!(
+            lagged,
+            Some(next),
+            "resync starts at the first revision not queued"
         );
     }
 }
