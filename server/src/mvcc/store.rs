@@ -841,6 +841,13 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+        fn get(&self, k: &str) -> KeyValue {
+            let r = RangeRequest {
+                key: k.into(),
+                ..Default::default()
+            };
+            self.range(r).unwrap().kvs.remove(0)
+        }
         fn range(&self, r: RangeRequest) -> Result<RangeResponse> {
             self.s.range(&self.h, &r)
         }
@@ -877,13 +884,7 @@ mod tests {
         let mut t = T::new();
         t.put("a", "1");
         t.put("a", "1");
-        let kv = &t
-            .range(RangeRequest {
-                key: "a".into(),
-                ..Default::default()
-            })
-            .unwrap()
-            .kvs[0];
+        let kv = t.get("a");
         assert_eq!((kv.version, kv.create_revision, kv.mod_revision), (2, 2, 3));
         t.apply(Request::DeleteRange(DeleteRangeRequest {
             key: "a".into(),
@@ -891,13 +892,7 @@ mod tests {
         }))
         .unwrap();
         t.put("a", "2");
-        let kv = &t
-            .range(RangeRequest {
-                key: "a".into(),
-                ..Default::default()
-            })
-            .unwrap()
-            .kvs[0];
+        let kv = t.get("a");
         assert_eq!((kv.version, kv.create_revision, kv.mod_revision), (1, 5, 5));
     }
 
