@@ -54,7 +54,7 @@ pub struct EtcdServer {
     pub metrics: Metrics,
     term: AtomicU64,
     leader: AtomicU64,
-    /// Storage size, refreshed twice a second, for the space quota.
+    /// Storage size for the space quota (`refresh_sizes` keeps it current).
     db_size: AtomicI64,
     proposals: mpsc::UnboundedSender<Pending>,
     reads: mpsc::UnboundedSender<ReadWaiter>,
@@ -184,9 +184,7 @@ impl EtcdServer {
             reads: reads_tx,
         });
         tokio::spawn(read_batcher(Arc::downgrade(&server), reads_rx));
-        server
-            .db_size
-            .store(server.state.engine.size(), Ordering::Relaxed);
+        tokio::spawn(refresh_sizes(Arc::downgrade(&server)));
         if let Some(ac) = server.cfg.auto_compaction {
             tokio::spawn(auto_compact(Arc::downgrade(&server), ac));
         }
@@ -217,6 +215,16 @@ impl EtcdServer {
         }
     }
 
+    /// A header that carries no revision (etcd's Cluster responses).
+    pub fn header_without_revision(&self) -> ResponseHeader {
+        ResponseHeader {
+            cluster_id: self.cluster_id,
+            member_id: self.member_id,
+            revision: 0,
+            raft_term: self.term.load(Ordering::Relaxed),
+        }
+    }
+
     /// Completes a header filled by the state machine (which sets only the revision).
     pub fn fill(&self, h: &mut Option<ResponseHeader>) {
         let rev = h.as_ref().map(|h| h.revision).unwrap_or(0);
@@ -226,10 +234,6 @@ impl EtcdServer {
     /// The current leader's member ID, 0 when there is none.
     pub fn leader(&self) -> u64 {
         self.leader.load(Ordering::Relaxed)
-    }
-
-    pub fn term(&self) -> u64 {
-        self.term.load(Ordering::Relaxed)
     }
 
     pub fn is_leader(&self) -> bool {
@@ -548,6 +552,16 @@ async fn expire_leases(server: std::sync::Weak<EtcdServer>) {
                 revoking.lock().remove(&id);
             });
         }
+    }
+}
+
+/// On every member, refreshes the storage size the space quota checks and
+/// the size/count metrics, twice a second.
+async fn refresh_sizes(server: std::sync::Weak<EtcdServer>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let Some(s) = server.upgrade() else { return };
         s.metrics.watchers.set(s.state.hub.watchers() as i64);
         s.metrics
             .keys_total

@@ -68,10 +68,7 @@ impl Cluster for ClusterService {
         _req: Request<MemberListRequest>,
     ) -> Result<Response<MemberListResponse>, Status> {
         // etcd's Cluster responses carry no revision.
-        let header = crate::proto::etcdserverpb::ResponseHeader {
-            revision: 0,
-            ..self.s.header(1)
-        };
+        let header = self.s.header_without_revision();
         Ok(Response::new(MemberListResponse {
             header: Some(header),
             members: self.members(),

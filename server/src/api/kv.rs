@@ -33,14 +33,10 @@ fn unexpected(a: Applied) -> Status {
 }
 
 fn txn_is_serializable(t: &TxnRequest) -> bool {
-    t.success
-        .iter()
-        .chain(&t.failure)
-        .all(|op| match &op.request {
-            Some(request_op::Request::RequestRange(r)) => r.serializable,
-            Some(request_op::Request::RequestTxn(n)) => txn_is_serializable(n),
-            _ => true,
-        })
+    crate::mvcc::all_txn_ops(t, &|r| match r {
+        request_op::Request::RequestRange(r) => r.serializable,
+        _ => true,
+    })
 }
 
 #[tonic::async_trait]

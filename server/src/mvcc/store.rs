@@ -51,24 +51,10 @@ pub struct WriteSet {
     pub leases: Vec<(i64, Option<i64>)>,
     /// Events in revision order (`kv.mod_revision` is the event's revision).
     pub events: Vec<Event>,
-    /// Set when compaction ran.
-    pub compacted: Option<i64>,
-    /// Set when the alarm list changed.
-    pub alarms: Option<Vec<AlarmMember>>,
     /// Revisions of leases revoked (the lessor forgets their deadlines).
     pub revoked: Vec<i64>,
     /// Leases granted, with their TTL (the lessor starts their clocks).
     pub granted: Vec<(i64, i64)>,
-}
-
-impl WriteSet {
-    pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
-            && self.removed.is_empty()
-            && self.leases.is_empty()
-            && self.compacted.is_none()
-            && self.alarms.is_none()
-    }
 }
 
 /// One request's write context: its writes share `begin + 1` as revision.
@@ -647,7 +633,6 @@ impl MvccStore {
         }
         self.ws.removed.extend(removed);
         self.compacted = c.revision;
-        self.ws.compacted = Some(c.revision);
         Ok(CompactionResponse {
             header: header(self.rev),
         })
@@ -719,7 +704,6 @@ impl MvccStore {
                 };
                 if a.alarm != AlarmType::None as i32 && !self.alarms.contains(&m) {
                     self.alarms.push(m);
-                    self.ws.alarms = Some(self.alarms.clone());
                 }
                 alarms.push(m);
             }
@@ -730,7 +714,6 @@ impl MvccStore {
                 };
                 if let Some(i) = self.alarms.iter().position(|x| *x == m) {
                     self.alarms.remove(i);
-                    self.ws.alarms = Some(self.alarms.clone());
                     alarms.push(m);
                 }
             }
@@ -754,16 +737,22 @@ fn count_path(t: &TxnRequest, path: &[bool]) -> usize {
     used
 }
 
-/// Whether a txn writes nothing on either branch (such txns need no proposal).
-pub fn is_read_only(t: &TxnRequest) -> bool {
+/// Whether `pred` holds for every operation of both branches of `t` and of
+/// its nested txns (which are walked, not passed to `pred`).
+pub fn all_txn_ops(t: &TxnRequest, pred: &impl Fn(&request_op::Request) -> bool) -> bool {
     t.success
         .iter()
         .chain(&t.failure)
         .all(|op| match &op.request {
-            Some(request_op::Request::RequestRange(_)) | None => true,
-            Some(request_op::Request::RequestTxn(n)) => is_read_only(n),
-            _ => false,
+            Some(request_op::Request::RequestTxn(n)) => all_txn_ops(n, pred),
+            Some(r) => pred(r),
+            None => true,
         })
+}
+
+/// Whether a txn writes nothing on either branch (such txns need no proposal).
+pub fn is_read_only(t: &TxnRequest) -> bool {
+    all_txn_ops(t, &|r| matches!(r, request_op::Request::RequestRange(_)))
 }
 
 fn compare_kv(c: &Compare, target: CompareTarget, kv: &KeyValue) -> bool {

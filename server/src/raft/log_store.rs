@@ -42,7 +42,7 @@ impl LogStore {
     }
 
     fn last_on_disk(&self) -> Result<Option<Entry<TypeConfig>>, StorageError> {
-        let cf = self.engine.cf(crate::storage::engine_cf_log());
+        let cf = self.engine.cf(crate::storage::CF_LOG);
         match self.engine.db.iterator_cf(cf, IteratorMode::End).next() {
             Some(item) => {
                 let (_, v) = item.map_err(io_err)?;
@@ -73,7 +73,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             }
         }
         let mut out = Vec::new();
-        let cf = self.engine.cf(crate::storage::engine_cf_log());
+        let cf = self.engine.cf(crate::storage::CF_LOG);
         let from = start.to_be_bytes();
         for item in self
             .engine

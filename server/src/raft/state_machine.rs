@@ -57,12 +57,12 @@ fn decode_position(meta: &StateMeta) -> Result<(Option<LogId>, StoredMembership)
     let applied = if meta.applied.is_empty() {
         None
     } else {
-        crate::storage::engine_dec(&meta.applied)?
+        crate::storage::dec(&meta.applied)?
     };
     let membership = if meta.membership.is_empty() {
         StoredMembership::default()
     } else {
-        crate::storage::engine_dec(&meta.membership)?
+        crate::storage::dec(&meta.membership)?
     };
     Ok((applied, membership))
 }

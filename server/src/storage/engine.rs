@@ -48,7 +48,8 @@ fn enc<T: Serialize>(v: &T) -> Vec<u8> {
     bincode::serialize(v).expect("in-memory serialization cannot fail")
 }
 
-pub(crate) fn dec<T: DeserializeOwned>(b: &[u8]) -> Result<T> {
+/// Decodes a bincode value written by the engine.
+pub fn dec<T: DeserializeOwned>(b: &[u8]) -> Result<T> {
     bincode::deserialize(b).map_err(|e| Error::Internal(format!("storage: corrupt record: {e}")))
 }
 

@@ -17,15 +17,5 @@
 mod engine;
 mod log_writer;
 
-pub use engine::{decode_record, encode_record, Engine, Identity, StateMeta, View};
+pub use engine::{dec, decode_record, encode_record, Engine, Identity, StateMeta, View, CF_LOG};
 pub use log_writer::{LogOp, LogWriter};
-
-/// Name of the Raft log column family.
-pub fn engine_cf_log() -> &'static str {
-    engine::CF_LOG
-}
-
-/// Decodes a bincode value written by the engine.
-pub fn engine_dec<T: serde::de::DeserializeOwned>(b: &[u8]) -> crate::error::Result<T> {
-    engine::dec(b)
-}

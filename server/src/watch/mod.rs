@@ -119,11 +119,6 @@ impl Hub {
         self.next_stream.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The last published revision.
-    pub fn revision(&self) -> i64 {
-        self.inner.lock().revision
-    }
-
     /// The compacted revision as last published.
     pub fn compacted(&self) -> i64 {
         self.inner.lock().compacted
