@@ -13,5 +13,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &["proto/kv.proto", "proto/rpc.proto", "proto/raftpb.proto"],
             &["proto"],
         )?;
+    // The peer service has a client too (members call each other). It goes
+    // to a directory of its own: the imported packages' (empty) files would
+    // overwrite the ones generated above.
+    let peer_out = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("peer");
+    std::fs::create_dir_all(&peer_out)?;
+    tonic_prost_build::configure()
+        .out_dir(peer_out)
+        .type_attribute(".peerpb", "#[derive(serde::Serialize, serde::Deserialize)]")
+        .extern_path(".etcdserverpb", "crate::proto::etcdserverpb")
+        .extern_path(".raftpb", "crate::proto::raftpb")
+        .extern_path(".mvccpb", "crate::proto::mvccpb")
+        .codec_path("crate::codec::EtcdCodec")
+        .compile_protos(&["proto/peer.proto"], &["proto"])?;
     Ok(())
 }

@@ -47,6 +47,24 @@ pub enum Error {
     NotSupportedForLearner,
     #[error("etcdserver: member not found")]
     MemberNotFound,
+    #[error("etcdserver: given member URLs are invalid")]
+    BadUrls,
+    #[error("etcdserver: Peer URLs already exists")]
+    PeerUrlExist,
+    #[error("etcdserver: member ID already exist")]
+    MemberExist,
+    #[error("etcdserver: can only promote a learner member")]
+    MemberNotLearner,
+    #[error("etcdserver: can only promote a learner member which is in sync with leader")]
+    LearnerNotReady,
+    #[error("etcdserver: too many learner members in cluster")]
+    TooManyLearners,
+    #[error("etcdserver: re-configuration failed due to not enough started members")]
+    NotEnoughStartedMembers,
+    #[error("etcdserver: unhealthy cluster")]
+    Unhealthy,
+    #[error("etcdserver: the member has been permanently removed from the cluster")]
+    MemberRemoved,
     #[error("etcdserver: {0}")]
     InvalidArgument(String),
     #[error("etcdserver: {0}")]
@@ -62,15 +80,75 @@ impl Error {
         use Error::*;
         match self {
             EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey
-            | InvalidSortOption | RequestTooLarge | InvalidArgument(_) => Code::InvalidArgument,
+            | InvalidSortOption | RequestTooLarge | BadUrls | InvalidArgument(_) => {
+                Code::InvalidArgument
+            }
             Compacted | FutureRev | LeaseTtlTooLarge => Code::OutOfRange,
             NoSpace => Code::ResourceExhausted,
             LeaseNotFound | MemberNotFound => Code::NotFound,
-            LeaseExist | NotLeader => Code::FailedPrecondition,
-            NoLeader | LeaderChanged | Timeout => Code::Unavailable,
+            LeaseExist
+            | NotLeader
+            | PeerUrlExist
+            | MemberExist
+            | MemberNotLearner
+            | LearnerNotReady
+            | TooManyLearners
+            | NotEnoughStartedMembers => Code::FailedPrecondition,
+            NoLeader | LeaderChanged | Timeout | Unhealthy | MemberRemoved => Code::Unavailable,
             NotSupportedForLearner => Code::Unavailable,
             Unsupported(_) => Code::Unimplemented,
             Internal(_) => Code::Internal,
+        }
+    }
+
+    /// The error another member answered with (through the peer service),
+    /// recognised by its code and message.
+    pub fn from_peer(status: &Status) -> Self {
+        use Error::*;
+        const KNOWN: &[Error] = &[
+            EmptyKey,
+            KeyNotFound,
+            ValueProvided,
+            LeaseProvided,
+            TooManyOps,
+            DuplicateKey,
+            InvalidSortOption,
+            Compacted,
+            FutureRev,
+            NoSpace,
+            LeaseNotFound,
+            LeaseExist,
+            LeaseTtlTooLarge,
+            RequestTooLarge,
+            NoLeader,
+            NotLeader,
+            LeaderChanged,
+            Timeout,
+            NotSupportedForLearner,
+            MemberNotFound,
+            BadUrls,
+            PeerUrlExist,
+            MemberExist,
+            MemberNotLearner,
+            LearnerNotReady,
+            TooManyLearners,
+            NotEnoughStartedMembers,
+            Unhealthy,
+            MemberRemoved,
+        ];
+        if let Some(e) = KNOWN
+            .iter()
+            .find(|e| e.code() == status.code() && e.to_string() == status.message())
+        {
+            return e.clone();
+        }
+        let msg = status.message();
+        match (status.code(), msg.strip_prefix("etcdserver: ")) {
+            (Code::InvalidArgument, Some(m)) => InvalidArgument(m.to_string()),
+            (Code::Unimplemented, Some(m)) => Unsupported(m.to_string()),
+            // The leader could not be reached or did not answer in time.
+            (Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled, _) => Timeout,
+            _ => Internal(format!("peer: {msg}")),
         }
     }
 

@@ -11,6 +11,7 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod lease;
+pub mod membership;
 pub mod metrics;
 pub mod mvcc;
 pub mod proto;

@@ -1,5 +1,5 @@
 //! Generated etcd v3 wire types (`mvccpb`, `etcdserverpb`) and cairn's Raft
-//! entry payload (`raftpb`). Nothing else lives here.
+//! entry payload (`raftpb`) and member-to-member service (`peerpb`). Nothing else lives here.
 #![allow(clippy::all, missing_docs)]
 
 pub mod mvccpb {
@@ -12,4 +12,8 @@ pub mod etcdserverpb {
 
 pub mod raftpb {
     tonic::include_proto!("raftpb");
+}
+
+pub mod peerpb {
+    include!(concat!(env!("OUT_DIR"), "/peer/peerpb.rs"));
 }

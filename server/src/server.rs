@@ -23,8 +23,14 @@ use crate::proto::etcdserverpb::{
     alarm_request::AlarmAction, AlarmRequest, AlarmType, CompactionRequest, LeaseRevokeRequest,
     ResponseHeader,
 };
+use crate::proto::peerpb::peer_client::PeerClient;
+use crate::proto::peerpb::{
+    LeaseRemainingRequest, LeaseRenewRequest, MembersRequest, ReadIndexRequest,
+};
 use crate::proto::raftpb::{internal_request::Request, Batch, InternalRequest};
-use crate::raft::{BatchResult, KvState, LogStore, Member, Network, Proposal, Raft, StateMachine};
+use crate::raft::{
+    BatchResult, KvState, LogStore, Member, Network, Peers, Proposal, Raft, StateMachine,
+};
 use crate::storage::{Engine, Identity};
 
 /// The etcd API version cairn reports (kube-apiserver parses it).
@@ -58,17 +64,21 @@ pub struct EtcdServer {
     db_size: AtomicI64,
     proposals: mpsc::UnboundedSender<Pending>,
     reads: mpsc::UnboundedSender<ReadWaiter>,
+    /// Channels to the other members.
+    pub peers: Arc<Peers>,
+    /// One membership change at a time (on the leader).
+    pub(crate) membership_lock: tokio::sync::Mutex<()>,
+    /// Turns true once this member has been removed from the cluster.
+    pub(crate) removed: tokio::sync::watch::Sender<bool>,
+    /// Every member ID a membership config seen here had.
+    pub(crate) seen_members: Mutex<HashSet<u64>>,
 }
 
 fn map_write_err(e: RaftError<u64, ClientWriteError<u64, Member>>) -> Error {
     match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-            if f.leader_id.is_some() {
-                Error::NotLeader
-            } else {
-                Error::NoLeader
-            }
-        }
+        // The entry may or may not have been appended before leadership
+        // moved: etcd says "leader changed" for such proposals.
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => Error::LeaderChanged,
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => Error::internal(e),
         RaftError::Fatal(e) => Error::Internal(format!("raft stopped: {e}")),
     }
@@ -100,11 +110,18 @@ impl EtcdServer {
                 engine.save_identity(&id)?;
                 id
             }
-            None => return Err(Error::Unsupported(
-                "--initial-cluster-state=existing: joining a running cluster is not supported yet"
-                    .into(),
-            )),
+            None => {
+                let id = discover(&cfg).await?;
+                info!(
+                    member = format!("{:x}", id.member_id),
+                    cluster = format!("{:x}", id.cluster_id),
+                    "joining an existing cluster"
+                );
+                engine.save_identity(&id)?;
+                id
+            }
         };
+        let peers = Peers::new(identity.cluster_id);
         let metrics = Metrics::default();
         let state = Arc::new(KvState::open(
             engine.clone(),
@@ -121,7 +138,10 @@ impl EtcdServer {
             election_timeout_max: election * 2,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_count),
             max_in_snapshot_log_to_keep: 5000,
+            // A snapshot of hundreds of MiB travels in 8 MiB chunks, each
+            // with a minute to arrive.
             install_snapshot_timeout: 60_000,
+            snapshot_max_chunk_size: 8 << 20,
             max_payload_entries: 64,
             ..Default::default()
         };
@@ -134,29 +154,27 @@ impl EtcdServer {
         let raft = Raft::new(
             identity.member_id,
             raft_cfg,
-            Network,
+            Network::new(peers.clone()),
             log,
             StateMachine::new(state.clone()),
         )
         .await
         .map_err(Error::internal)?;
-        if !raft.is_initialized().await.map_err(Error::internal)? {
+        if cfg.initial_cluster_new && !raft.is_initialized().await.map_err(Error::internal)? {
+            // Every member bootstraps the same membership (Raft's first
+            // entry must be identical everywhere); each then publishes its
+            // client URLs once it runs, as etcd members do.
             let ids = cfg.initial_member_ids();
             let members: BTreeMap<u64, Member> = cfg
                 .initial_cluster
                 .iter()
                 .map(|(name, urls)| {
-                    let client_urls = if *name == cfg.name {
-                        cfg.advertise_client_urls.clone()
-                    } else {
-                        Vec::new()
-                    };
                     (
                         ids[name],
                         Member {
                             name: name.clone(),
                             peer_urls: urls.clone(),
-                            client_urls,
+                            client_urls: Vec::new(),
                         },
                     )
                 })
@@ -182,19 +200,18 @@ impl EtcdServer {
             db_size: AtomicI64::new(0),
             proposals: tx,
             reads: reads_tx,
+            peers,
+            membership_lock: Default::default(),
+            removed: tokio::sync::watch::channel(false).0,
+            seen_members: Default::default(),
         });
         tokio::spawn(read_batcher(Arc::downgrade(&server), reads_rx));
         tokio::spawn(refresh_sizes(Arc::downgrade(&server)));
         if let Some(ac) = server.cfg.auto_compaction {
             tokio::spawn(auto_compact(Arc::downgrade(&server), ac));
         }
-        tokio::spawn(batcher(
-            server.raft.clone(),
-            server.state.clone(),
-            server.member_id,
-            server.metrics.clone(),
-            rx,
-        ));
+        tokio::spawn(batcher(Arc::downgrade(&server), rx));
+        tokio::spawn(crate::membership::publish(Arc::downgrade(&server)));
         tokio::spawn(track_leadership(Arc::downgrade(&server)));
         tokio::spawn(expire_leases(Arc::downgrade(&server)));
         Ok(server)
@@ -240,13 +257,13 @@ impl EtcdServer {
         self.leader() == self.member_id
     }
 
-    fn request_timeout(&self) -> Duration {
+    pub fn request_timeout(&self) -> Duration {
         // etcd: 5s plus two election timeouts.
         Duration::from_secs(5) + 2 * self.cfg.election_timeout
     }
 
     /// Waits (bounded) until some member leads.
-    async fn wait_leader(&self) -> Result<()> {
+    pub async fn wait_leader(&self) -> Result<()> {
         if self.leader() != 0 {
             return Ok(());
         }
@@ -337,22 +354,113 @@ impl EtcdServer {
             .map_err(|_| Error::Internal("server stopped".into()))?
     }
 
-    /// One read-index round with Raft, for every read waiting.
+    /// One read-index round, for every read waiting: on the leader a
+    /// heartbeat round to a quorum; on any other member the leader's read
+    /// index, then waiting until this member has applied up to it.
     async fn confirm_reads(&self) -> Result<()> {
-        let fut = self.raft.ensure_linearizable();
-        match tokio::time::timeout(self.request_timeout(), fut).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
-                f,
-            )))) => Err(if f.leader_id.is_some() {
-                Error::NotLeader
-            } else {
-                Error::NoLeader
-            }),
-            Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::QuorumNotEnough(
-                _,
-            )))) => Err(Error::Timeout),
-            Ok(Err(RaftError::Fatal(e))) => Err(Error::Internal(format!("raft stopped: {e}"))),
+        let deadline = self.request_timeout();
+        let round = async {
+            if self.is_leader() {
+                return match self.raft.ensure_linearizable().await {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(check_leader_err(e)),
+                };
+            }
+            let mut leader = self.leader_client()?;
+            let index = leader
+                .read_index(self.peers.request(ReadIndexRequest {}))
+                .await
+                .map_err(|s| Error::from_peer(&s))?
+                .into_inner()
+                .index;
+            self.wait_applied(index, deadline).await
+        };
+        match tokio::time::timeout(deadline, round).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+
+    /// Waits until this member has applied log index `index`.
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> Result<()> {
+        if self.state.applied().0.map(|l| l.index).unwrap_or(0) >= index {
+            return Ok(());
+        }
+        self.raft
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(index), "read index")
+            .await
+            .map(|_| ())
+            .map_err(|e| match e {
+                openraft::metrics::WaitError::Timeout(..) => Error::Timeout,
+                openraft::metrics::WaitError::ShuttingDown => {
+                    Error::Internal("server stopped".into())
+                }
+            })
+    }
+
+    /// The leader's read index (called by other members through the peer
+    /// service): confirms leadership with a quorum first.
+    pub async fn leader_read_index(&self) -> Result<u64> {
+        if !self.is_leader() {
+            return Err(Error::NotLeader);
+        }
+        match self.raft.get_read_log_id().await {
+            Ok((read, _applied)) => Ok(read.map(|l| l.index).unwrap_or(0)),
+            Err(e) => Err(check_leader_err(e)),
+        }
+    }
+
+    /// A peer client for the current leader.
+    pub fn leader_client(&self) -> Result<PeerClient<tonic::transport::Channel>> {
+        let leader = self.leader();
+        if leader == 0 {
+            return Err(Error::NoLeader);
+        }
+        let node = self
+            .members()
+            .into_iter()
+            .find(|(id, _, _)| *id == leader)
+            .map(|(_, m, _)| m)
+            .ok_or(Error::NoLeader)?;
+        self.peers.client(leader, &node.peer_urls)
+    }
+
+    /// Renews a lease on the leader's clock (forwarded there from other
+    /// members). Returns the TTL, 0 if the lease does not exist.
+    pub async fn lease_renew(&self, id: i64) -> Result<i64> {
+        self.wait_leader().await?;
+        if !self.is_leader() {
+            let mut leader = self.leader_client()?;
+            let call = leader.lease_renew(self.peers.request(LeaseRenewRequest { id }));
+            return match tokio::time::timeout(self.request_timeout(), call).await {
+                Ok(r) => Ok(r.map_err(|s| Error::from_peer(&s))?.into_inner().ttl),
+                Err(_) => Err(Error::Timeout),
+            };
+        }
+        let ttl = self.state.store.read().lease(id).map(|l| l.ttl);
+        Ok(match ttl {
+            Some(ttl) => {
+                self.state.lessor.renew(id, ttl);
+                ttl
+            }
+            None => 0,
+        })
+    }
+
+    /// Seconds left on lease `id`'s clock, from the leader; None if this
+    /// member has no clock for it.
+    pub async fn lease_remaining(&self, id: i64) -> Result<Option<i64>> {
+        if self.is_leader() {
+            return Ok(self.state.lessor.remaining(id).map(|d| d.as_secs() as i64));
+        }
+        let mut leader = self.leader_client()?;
+        let call = leader.lease_remaining(self.peers.request(LeaseRemainingRequest { id }));
+        match tokio::time::timeout(self.request_timeout(), call).await {
+            Ok(r) => {
+                let ttl = r.map_err(|s| Error::from_peer(&s))?.into_inner().ttl;
+                Ok((ttl >= 0).then_some(ttl))
+            }
             Err(_) => Err(Error::Timeout),
         }
     }
@@ -405,23 +513,25 @@ fn needs_space(r: &InternalRequest) -> bool {
 }
 
 /// Turns queued proposals into Raft entries: everything waiting when the
-/// in-flight slot frees up goes into one entry. Results come back through
-/// [`KvState::expect`], which also frees the slot; a failed proposal is
-/// answered here.
-async fn batcher(
-    raft: Raft,
-    state: Arc<KvState>,
-    member_id: u64,
-    metrics: Metrics,
-    mut rx: mpsc::UnboundedReceiver<Pending>,
-) {
+/// in-flight slot frees up goes into one entry. The leader proposes it to
+/// Raft; any other member forwards it to the leader. Either way the results
+/// come back through [`KvState::expect`] when this member applies the entry
+/// (which also frees the slot); a proposal that fails, or is not applied
+/// here in time, is answered with the error.
+async fn batcher(server: std::sync::Weak<EtcdServer>, mut rx: mpsc::UnboundedReceiver<Pending>) {
     let slots = Arc::new(Semaphore::new(MAX_INFLIGHT_BATCHES));
-    let mut seq = 0u64;
+    // Unique across restarts: an entry proposed before a restart and applied
+    // after it must not match a new batch's number.
+    let mut seq = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
         let Some(first) = rx.recv().await else { return };
+        let Some(s) = server.upgrade() else { return };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -431,21 +541,21 @@ async fn batcher(
         }
         seq += 1;
         let n = batch.len();
-        metrics.batch_size.observe(n as f64);
-        metrics.proposals_pending.add(n as i64);
+        s.metrics.batch_size.observe(n as f64);
+        s.metrics.proposals_pending.add(n as i64);
         let (requests, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         // The results cross from the Raft thread in one message and fan out
         // here: one wakeup per batch instead of one per request, and the
         // responses leave together (fewer socket writes).
         let (done_tx, done_rx) = oneshot::channel::<BatchResult>();
-        state.expect(
+        s.state.expect(
             seq,
             Box::new(move |results| {
                 let _ = done_tx.send(results);
                 drop(permit);
             }),
         );
-        let pending = metrics.proposals_pending.clone();
+        let pending = s.metrics.proposals_pending.clone();
         tokio::spawn(async move {
             let mut results = done_rx.await.unwrap_or_default().into_iter();
             for w in waiters {
@@ -456,26 +566,146 @@ async fn batcher(
             }
             pending.sub(n as i64);
         });
-        let raft = raft.clone();
-        let state = state.clone();
-        let failed = metrics.proposals_failed.clone();
+        let batch = Batch {
+            requests,
+            proposer: s.member_id,
+            seq,
+        };
         tokio::spawn(async move {
-            if let Err(e) = raft
-                .client_write(Proposal(Arc::new(Batch {
-                    requests,
-                    proposer: member_id,
-                    seq,
-                })))
-                .await
-            {
-                if let Some(answer) = state.cancel(seq) {
-                    failed.inc_by(n as u64);
-                    let e = map_write_err(e);
-                    answer((0..n).map(|_| Err(e.clone())).collect());
+            let timeout = s.request_timeout();
+            let outcome = tokio::time::timeout(timeout, submit(&s, batch)).await;
+            let err = match outcome {
+                Ok(Ok(())) => {
+                    // Committed; wait (bounded) for this member's apply to answer.
+                    if s.state.is_expected(seq) {
+                        tokio::time::sleep(timeout).await;
+                    }
+                    Error::Timeout
                 }
+                Ok(Err(e)) => e,
+                Err(_) => Error::Timeout,
+            };
+            if let Some(answer) = s.state.cancel(seq) {
+                s.metrics.proposals_failed.inc_by(n as u64);
+                answer((0..n).map(|_| Err(err.clone())).collect());
             }
         });
     }
+}
+
+/// Proposes a batch: to Raft on the leader, through the peer service
+/// elsewhere. A forward the leader refused before proposing (it was not
+/// the leader, or could not be reached) is retried once a leader is known.
+async fn submit(s: &EtcdServer, batch: Batch) -> Result<()> {
+    let batch = Arc::new(batch);
+    loop {
+        s.wait_leader().await?;
+        if s.is_leader() {
+            return s
+                .raft
+                .client_write(Proposal(batch))
+                .await
+                .map(|_| ())
+                .map_err(map_write_err);
+        }
+        let mut leader = s.leader_client()?;
+        let leader_id = s.leader();
+        match leader.propose(s.peers.request((*batch).clone())).await {
+            Ok(_) => return Ok(()),
+            Err(status) => {
+                let e = Error::from_peer(&status);
+                let undelivered = matches!(e, Error::NotLeader | Error::NoLeader)
+                    || crate::raft::not_connected(&status);
+                if !undelivered {
+                    return Err(e);
+                }
+                // Wait for a different (or first) leader, then try again.
+                let mut m = s.raft.metrics();
+                let changed = m.wait_for(|m| m.current_leader.is_some_and(|l| l != leader_id));
+                if tokio::time::timeout(Duration::from_millis(100), changed)
+                    .await
+                    .is_err()
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// The leader's side of a forwarded batch.
+pub async fn propose_forwarded(s: &EtcdServer, batch: Batch) -> Result<()> {
+    if !s.is_leader() {
+        return Err(if s.leader() == 0 {
+            Error::NoLeader
+        } else {
+            Error::NotLeader
+        });
+    }
+    s.raft
+        .client_write(Proposal(Arc::new(batch)))
+        .await
+        .map(|_| ())
+        .map_err(map_write_err)
+}
+
+fn check_leader_err(e: RaftError<u64, openraft::error::CheckIsLeaderError<u64, Member>>) -> Error {
+    use openraft::error::CheckIsLeaderError;
+    match e {
+        RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)) => Error::LeaderChanged,
+        RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)) => Error::Timeout,
+        RaftError::Fatal(e) => Error::Internal(format!("raft stopped: {e}")),
+    }
+}
+
+/// A joining member (`--initial-cluster-state existing`) asks the members
+/// in `--initial-cluster` for the cluster's membership and finds itself in
+/// it by its peer URLs (it must have been added with MemberAdd).
+async fn discover(cfg: &Config) -> Result<Identity> {
+    let mut mine = cfg.advertise_peer_urls.clone();
+    mine.sort();
+    let mut last = String::from("no other member in --initial-cluster");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
+        for (name, urls) in &cfg.initial_cluster {
+            if *name == cfg.name {
+                continue;
+            }
+            for url in urls {
+                let mut client = PeerClient::new(crate::raft::connect(url)?);
+                let call = client.members(MembersRequest {});
+                let resp = match tokio::time::timeout(Duration::from_secs(2), call).await {
+                    Ok(Ok(r)) => r.into_inner(),
+                    Ok(Err(e)) => {
+                        last = format!("{url}: {}", e.message());
+                        continue;
+                    }
+                    Err(_) => {
+                        last = format!("{url}: timed out");
+                        continue;
+                    }
+                };
+                for m in &resp.members {
+                    let mut theirs = m.peer_ur_ls.clone();
+                    theirs.sort();
+                    if theirs == mine {
+                        return Ok(Identity {
+                            cluster_id: resp.cluster_id,
+                            member_id: m.id,
+                        });
+                    }
+                }
+                return Err(Error::Internal(format!(
+                    "member with peer URLs {} is not in the cluster's membership (add it with `etcdctl member add` first)",
+                    mine.join(",")
+                )));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(Error::Internal(format!(
+        "cannot fetch the cluster's membership from --initial-cluster: {last}"
+    )))
 }
 
 /// Follows Raft's metrics: term and leader for headers and metrics; on
@@ -499,6 +729,24 @@ async fn track_leadership(server: std::sync::Weak<EtcdServer>) {
             if m.current_leader.is_some() && m.current_leader != last_leader {
                 s.metrics.leader_changes.inc();
                 last_leader = m.current_leader;
+            }
+            let nodes: HashSet<u64> = m
+                .membership_config
+                .membership()
+                .nodes()
+                .map(|(id, _)| *id)
+                .collect();
+            let removed = {
+                let mut seen = s.seen_members.lock();
+                seen.extend(nodes.iter().copied());
+                seen.contains(&s.member_id) && !nodes.contains(&s.member_id)
+            };
+            if removed || s.peers.removed.load(Ordering::Relaxed) {
+                warn!(
+                    member = format!("{:x}", s.member_id),
+                    "the member has been permanently removed from the cluster; stopping"
+                );
+                s.removed.send_replace(true);
             }
             if let Some(a) = m.last_applied {
                 s.metrics.proposals_applied.set(a.index as i64);
@@ -631,7 +879,14 @@ async fn auto_compact(server: std::sync::Weak<EtcdServer>, ac: AutoCompaction) {
 /// `cairn` binary.
 pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
     let server = EtcdServer::start(cfg).await?;
-    let result = crate::api::serve_clients(server.clone(), shutdown).await;
+    let mut removed = server.removed.subscribe();
+    let stop = async move {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = removed.wait_for(|r| *r) => {}
+        }
+    };
+    let result = crate::api::serve(server.clone(), stop).await;
     server.shutdown().await;
     result
 }

@@ -1,12 +1,13 @@
-//! etcdserverpb.Cluster: the member list from Raft's membership.
-//! Membership changes (add, remove, update, promote) come with replication.
+//! etcdserverpb.Cluster: membership from Raft's config; changes run on the
+//! leader (`crate::membership`), forwarded there from any other member.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use crate::membership::on_leader;
 use crate::proto::etcdserverpb::{
-    cluster_server::Cluster, Member, MemberAddRequest, MemberAddResponse, MemberListRequest,
+    cluster_server::Cluster, MemberAddRequest, MemberAddResponse, MemberListRequest,
     MemberListResponse, MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest,
     MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse,
 };
@@ -20,65 +21,87 @@ impl ClusterService {
     pub fn new(s: Arc<EtcdServer>) -> Self {
         Self { s }
     }
-
-    fn members(&self) -> Vec<Member> {
-        self.s
-            .members()
-            .into_iter()
-            .map(|(id, m, learner)| Member {
-                id,
-                name: m.name,
-                peer_ur_ls: m.peer_urls,
-                client_ur_ls: m.client_urls,
-                is_learner: learner,
-            })
-            .collect()
-    }
-}
-
-fn not_yet() -> Status {
-    Status::unimplemented("etcdserver: membership changes are not supported by this cairn version")
 }
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn member_add(
         &self,
-        _req: Request<MemberAddRequest>,
+        req: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
-        Err(not_yet())
+        let r = req.into_inner();
+        let s = &self.s;
+        let r2 = r.clone();
+        let resp = on_leader(
+            s,
+            || s.member_add(r),
+            |mut c| async move { c.member_add(s.peers.request(r2)).await },
+        )
+        .await?;
+        Ok(Response::new(resp))
     }
 
     async fn member_remove(
         &self,
-        _req: Request<MemberRemoveRequest>,
+        req: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
-        Err(not_yet())
+        let r = req.into_inner();
+        let s = &self.s;
+        let r2 = r.clone();
+        let resp = on_leader(
+            s,
+            || s.member_remove(r),
+            |mut c| async move { c.member_remove(s.peers.request(r2)).await },
+        )
+        .await?;
+        Ok(Response::new(resp))
     }
 
     async fn member_update(
         &self,
-        _req: Request<MemberUpdateRequest>,
+        req: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
-        Err(not_yet())
+        let r = req.into_inner();
+        let s = &self.s;
+        let r2 = r.clone();
+        let resp = on_leader(
+            s,
+            || s.member_update(r),
+            |mut c| async move { c.member_update(s.peers.request(r2)).await },
+        )
+        .await?;
+        Ok(Response::new(resp))
     }
 
     async fn member_list(
         &self,
-        _req: Request<MemberListRequest>,
+        req: Request<MemberListRequest>,
     ) -> Result<Response<MemberListResponse>, Status> {
+        // A linearizable list reflects every change acknowledged before it.
+        if req.get_ref().linearizable {
+            self.s.read_index().await?;
+        }
         // etcd's Cluster responses carry no revision.
         let header = self.s.header_without_revision();
         Ok(Response::new(MemberListResponse {
             header: Some(header),
-            members: self.members(),
+            members: self.s.member_list(),
         }))
     }
 
     async fn member_promote(
         &self,
-        _req: Request<MemberPromoteRequest>,
+        req: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
-        Err(not_yet())
+        let r = req.into_inner();
+        let s = &self.s;
+        let r2 = r.clone();
+        let resp = on_leader(
+            s,
+            || s.member_promote(r),
+            |mut c| async move { c.member_promote(s.peers.request(r2)).await },
+        )
+        .await?;
+        Ok(Response::new(resp))
     }
 }

@@ -50,23 +50,10 @@ impl LeaseService {
         }
     }
 
-    fn keep_alive_one(&self, id: i64) -> Result<LeaseKeepAliveResponse, Error> {
-        if !self.s.is_leader() {
-            return Err(if self.s.leader() == 0 {
-                Error::NoLeader
-            } else {
-                Error::NotLeader
-            });
-        }
-        let ttl = self.s.state.store.read().lease(id).map(|l| l.ttl);
-        let ttl = match ttl {
-            Some(ttl) => {
-                self.s.state.lessor.renew(id, ttl);
-                ttl
-            }
-            // etcd answers an unknown lease with TTL 0, not an error.
-            None => 0,
-        };
+    /// Renews on the leader's clock (forwarded there from other members);
+    /// etcd answers an unknown lease with TTL 0, not an error.
+    async fn keep_alive_one(&self, id: i64) -> Result<LeaseKeepAliveResponse, Error> {
+        let ttl = self.s.lease_renew(id).await?;
         Ok(LeaseKeepAliveResponse {
             header: Some(self.s.header(0)),
             id,
@@ -129,7 +116,7 @@ impl Lease for Arc<LeaseService> {
         let me = self.clone();
         tokio::spawn(async move {
             while let Ok(Some(r)) = inbound.message().await {
-                let resp = me.keep_alive_one(r.id).map_err(Status::from);
+                let resp = me.keep_alive_one(r.id).await.map_err(Status::from);
                 let stop = resp.is_err();
                 if tx.send(resp).await.is_err() || stop {
                     break;
@@ -146,6 +133,8 @@ impl Lease for Arc<LeaseService> {
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let r = req.into_inner();
         self.s.read_index().await?;
+        // The remaining TTL is the leader's clock.
+        let remaining = self.s.lease_remaining(r.id).await?;
         let store = self.s.state.store.read();
         let resp = match store.lease(r.id) {
             // etcd answers an unknown lease with TTL -1, not an error.
@@ -156,13 +145,7 @@ impl Lease for Arc<LeaseService> {
                 ..Default::default()
             },
             Some(l) => {
-                let remaining = self
-                    .s
-                    .state
-                    .lessor
-                    .remaining(r.id)
-                    .map(|d| d.as_secs() as i64)
-                    .unwrap_or(l.ttl);
+                let remaining = remaining.unwrap_or(l.ttl);
                 LeaseTimeToLiveResponse {
                     header: Some(self.s.header(store.revision())),
                     id: r.id,

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod kv;
 pub mod lease;
 pub mod maintenance;
+pub mod peer;
 pub mod watch;
 
 use std::future::Future;
@@ -168,6 +169,43 @@ async fn serve_listener(
         })
         .await
         .map_err(|e| Error::Internal(format!("client server: {e}")))
+}
+
+/// Serves members on every `--listen-peer-urls` address and clients as
+/// [`serve_clients`] does, until `shutdown`.
+pub async fn serve(
+    s: Arc<EtcdServer>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut peers = Vec::new();
+    for addr in s.cfg.listen_peer.clone() {
+        let listener = bind(addr).await?;
+        info!(%addr, "serving peer traffic");
+        let svc =
+            crate::proto::peerpb::peer_server::PeerServer::new(peer::PeerService::new(s.clone()))
+                .max_decoding_message_size(crate::raft::MAX_PEER_MESSAGE)
+                .max_encoding_message_size(crate::raft::MAX_PEER_MESSAGE);
+        let mut stop = stop_rx.clone();
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        peers.push(tokio::spawn(async move {
+            Server::builder()
+                .initial_stream_window_size(Some(8 << 20))
+                .initial_connection_window_size(Some(32 << 20))
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.wait_for(|v| *v).await;
+                })
+                .await
+                .map_err(|e| Error::Internal(format!("peer server: {e}")))
+        }));
+    }
+    let result = serve_clients(s, shutdown).await;
+    let _ = stop_tx.send(true);
+    for p in peers {
+        p.await.map_err(Error::internal)??;
+    }
+    result
 }
 
 /// Serves clients on every `--listen-client-urls` address (gRPC and HTTP)

@@ -6,7 +6,29 @@ mod network;
 mod state_machine;
 
 pub use log_store::LogStore;
-pub use network::Network;
+pub use network::{connect, decode, encode, Network, Peers, CLUSTER_ID_HEADER, MAX_PEER_MESSAGE};
+
+/// Whether a failed peer call never reached the peer (no connection could
+/// be made), so that the request is known not to have been delivered.
+pub fn not_connected(status: &tonic::Status) -> bool {
+    use std::error::Error as _;
+    if status.code() != tonic::Code::Unavailable {
+        return false;
+    }
+    let mut source = status.source();
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::HostUnreachable
+                    | std::io::ErrorKind::NetworkUnreachable
+            );
+        }
+        source = e.source();
+    }
+    status.message().contains("tcp connect error")
+}
 pub use state_machine::{KvState, OnApplied, SnapshotPayload, StateMachine};
 
 use serde::{Deserialize, Serialize};

@@ -1,70 +1,255 @@
-//! The peer network openraft uses to reach other members.
-//!
-//! This member-to-member transport is the replication issue's work: until it
-//! lands every peer is reported unreachable, which openraft treats as a
-//! network partition (a one-member cluster never calls it).
+//! The peer network: gRPC channels to the other members (one per member,
+//! connected lazily and reused), and openraft's client side of the Raft
+//! RPCs over them. The server side is `crate::api::peer`.
 
-use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use parking_lot::Mutex;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
 
 use super::{Member, TypeConfig};
+use crate::error::{Error, Result};
+use crate::proto::peerpb::peer_client::PeerClient;
+use crate::proto::peerpb::RaftMessage;
 
-/// Creates peer clients.
-#[derive(Clone, Default)]
-pub struct Network;
+/// The metadata key that carries the sender's cluster ID: a member refuses
+/// peers of another cluster, as etcd does.
+pub const CLUSTER_ID_HEADER: &str = "x-cairn-cluster-id";
 
-/// A client for one peer.
-pub struct PeerClient {
+/// Most bytes of one peer message (snapshot chunks and entry batches stay
+/// well under it).
+pub const MAX_PEER_MESSAGE: usize = 256 << 20;
+
+/// Channels to the other members.
+#[derive(Default)]
+pub struct Peers {
+    /// The cluster ID sent with every call (0 until it is known).
+    cluster_id: AtomicU64,
+    channels: Mutex<HashMap<u64, (String, Channel)>>,
+    /// When each peer last answered a Raft RPC.
+    last_ok: Mutex<HashMap<u64, std::time::Instant>>,
+    /// Set when a peer says this member was removed from the cluster.
+    pub removed: std::sync::atomic::AtomicBool,
+}
+
+impl Peers {
+    pub fn new(cluster_id: u64) -> Arc<Self> {
+        let p = Self::default();
+        p.cluster_id.store(cluster_id, Ordering::Relaxed);
+        Arc::new(p)
+    }
+
+    /// A client for member `id` at the first of `urls`, reusing its channel
+    /// while the URL stays the same.
+    pub fn client(&self, id: u64, urls: &[String]) -> Result<PeerClient<Channel>> {
+        let url = urls
+            .first()
+            .ok_or_else(|| Error::Internal(format!("member {id:x} has no peer URL")))?;
+        let mut channels = self.channels.lock();
+        if let Some((u, ch)) = channels.get(&id) {
+            if u == url {
+                return Ok(Self::wrap(ch.clone()));
+            }
+        }
+        let ch = connect(url)?;
+        channels.insert(id, (url.clone(), ch.clone()));
+        Ok(Self::wrap(ch))
+    }
+
+    fn wrap(ch: Channel) -> PeerClient<Channel> {
+        PeerClient::new(ch)
+            .max_decoding_message_size(MAX_PEER_MESSAGE)
+            .max_encoding_message_size(MAX_PEER_MESSAGE)
+    }
+
+    /// Whether member `id` answered a Raft RPC within `within`.
+    pub fn active(&self, id: u64, within: Duration) -> bool {
+        self.last_ok
+            .lock()
+            .get(&id)
+            .is_some_and(|t| t.elapsed() <= within)
+    }
+
+    /// A request carrying this cluster's ID.
+    pub fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        let id = self.cluster_id.load(Ordering::Relaxed);
+        if id != 0 {
+            r.metadata_mut().insert(
+                CLUSTER_ID_HEADER,
+                format!("{id:x}").parse().expect("hex is valid metadata"),
+            );
+        }
+        r
+    }
+}
+
+/// A lazily connected channel to a peer URL.
+pub fn connect(url: &str) -> Result<Channel> {
+    Ok(Endpoint::from_shared(url.to_string())
+        .map_err(|e| Error::Internal(format!("bad peer URL {url}: {e}")))?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(32 << 20)
+        .connect_lazy())
+}
+
+/// Creates openraft's per-peer clients.
+#[derive(Clone)]
+pub struct Network {
+    peers: Arc<Peers>,
+}
+
+impl Network {
+    pub fn new(peers: Arc<Peers>) -> Self {
+        Self { peers }
+    }
+}
+
+/// openraft's client for one peer.
+pub struct Conn {
     target: u64,
+    peers: Arc<Peers>,
+    client: std::result::Result<PeerClient<Channel>, String>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
-    type Network = PeerClient;
+    type Network = Conn;
 
-    async fn new_client(&mut self, target: u64, _node: &Member) -> Self::Network {
-        PeerClient { target }
+    async fn new_client(&mut self, target: u64, node: &Member) -> Self::Network {
+        Conn {
+            target,
+            peers: self.peers.clone(),
+            client: self
+                .peers
+                .client(target, &node.peer_urls)
+                .map_err(|e| e.to_string()),
+        }
     }
 }
 
-impl PeerClient {
-    fn unreachable<E: std::error::Error>(&self) -> RPCError<u64, Member, E> {
-        let e = std::io::Error::other(format!(
-            "peer {:x}: no peer transport in this build",
-            self.target
-        ));
-        RPCError::Unreachable(Unreachable::new(&e))
+/// Encodes an openraft message for the wire.
+pub fn encode<T: Serialize>(msg: &T) -> Result<RaftMessage> {
+    Ok(RaftMessage {
+        data: bincode::serialize(msg).map_err(Error::internal)?,
+    })
+}
+
+/// Decodes an openraft message from the wire.
+pub fn decode<T: DeserializeOwned>(msg: &RaftMessage) -> Result<T> {
+    bincode::deserialize(&msg.data).map_err(Error::internal)
+}
+
+impl Conn {
+    /// One Raft RPC: the reply is the bincode of `Result<Resp, E>` (the
+    /// remote Raft's own error travels back as a remote error).
+    async fn call<Req, Resp, E>(
+        &mut self,
+        req: &Req,
+        option: &RPCOption,
+        f: impl AsyncFnOnce(
+            PeerClient<Channel>,
+            tonic::Request<RaftMessage>,
+        ) -> std::result::Result<tonic::Response<RaftMessage>, tonic::Status>,
+    ) -> std::result::Result<Resp, RPCError<u64, Member, E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let client = match &self.client {
+            Ok(c) => c.clone(),
+            Err(e) => {
+                return Err(RPCError::Unreachable(Unreachable::new(
+                    &std::io::Error::other(e.clone()),
+                )))
+            }
+        };
+        let msg = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut request = self.peers.request(msg);
+        request.set_timeout(option.hard_ttl());
+        let reply = match tokio::time::timeout(option.hard_ttl(), f(client, request)).await {
+            Err(_) => {
+                let e = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("peer {:x}: timed out", self.target),
+                );
+                return Err(RPCError::Network(NetworkError::new(&e)));
+            }
+            Ok(Err(status)) => {
+                if status.message() == Error::MemberRemoved.to_string() {
+                    self.peers.removed.store(true, Ordering::Relaxed);
+                }
+                let e = std::io::Error::other(format!("peer {:x}: {status}", self.target));
+                return Err(match status.code() {
+                    tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&e)),
+                    _ => RPCError::Network(NetworkError::new(&e)),
+                });
+            }
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        self.peers
+            .last_ok
+            .lock()
+            .insert(self.target, std::time::Instant::now());
+        let result: std::result::Result<Resp, E> =
+            decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
 
-impl RaftNetwork<TypeConfig> for PeerClient {
+impl RaftNetwork<TypeConfig> for Conn {
     async fn append_entries(
         &mut self,
-        _rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, Member, RaftError<u64>>> {
-        Err(self.unreachable())
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> std::result::Result<AppendEntriesResponse<u64>, RPCError<u64, Member, RaftError<u64>>>
+    {
+        self.call(&rpc, &option, async |mut c, r| c.append_entries(r).await)
+            .await
     }
 
     async fn install_snapshot(
         &mut self,
-        _rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> Result<
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> std::result::Result<
         InstallSnapshotResponse<u64>,
         RPCError<u64, Member, RaftError<u64, InstallSnapshotError>>,
     > {
-        Err(self.unreachable())
+        self.call(&rpc, &option, async |mut c, r| c.install_snapshot(r).await)
+            .await
     }
 
     async fn vote(
         &mut self,
-        _rpc: VoteRequest<u64>,
-        _option: RPCOption,
-    ) -> Result<VoteResponse<u64>, RPCError<u64, Member, RaftError<u64>>> {
-        Err(self.unreachable())
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> std::result::Result<VoteResponse<u64>, RPCError<u64, Member, RaftError<u64>>> {
+        self.call(&rpc, &option, async |mut c, r| c.vote(r).await)
+            .await
+    }
+
+    fn backoff(&self) -> openraft::network::Backoff {
+        // A member that is down is retried every 200 ms: a restarted member
+        // rejoins quickly.
+        openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(200)))
     }
 }

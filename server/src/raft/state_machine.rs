@@ -109,6 +109,11 @@ impl KvState {
         self.pending.lock().insert(seq, on_applied);
     }
 
+    /// Whether batch `seq` still waits for its results.
+    pub fn is_expected(&self, seq: u64) -> bool {
+        self.pending.lock().contains_key(&seq)
+    }
+
     /// Withdraws a registration (the proposal failed); the caller answers.
     pub fn cancel(&self, seq: u64) -> Option<OnApplied> {
         self.pending.lock().remove(&seq)

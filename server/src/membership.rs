@@ -1,0 +1,320 @@
+//! Cluster membership as etcd's Cluster API exposes it, on Raft's
+//! membership config: add (voter or learner), remove, update, promote, and
+//! each member publishing its name and client URLs once it runs.
+//!
+//! Changes run on the leader, one at a time; any other member forwards them
+//! there through the peer service.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
+use openraft::ChangeMembers;
+use tracing::{info, warn};
+
+use crate::error::{Error, Result};
+use crate::proto::etcdserverpb::{
+    Member as PbMember, MemberAddRequest, MemberAddResponse, MemberPromoteRequest,
+    MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest,
+    MemberUpdateResponse,
+};
+use crate::proto::peerpb::PublishRequest;
+use crate::raft::Member;
+use crate::server::EtcdServer;
+
+/// etcd allows one learner at a time (`maxLearners`).
+const MAX_LEARNERS: usize = 1;
+/// A learner may be promoted once it has this share of the leader's log.
+const LEARNER_READY_PERCENT: f64 = 0.9;
+
+impl EtcdServer {
+    /// Members in etcd's wire form.
+    pub fn member_list(&self) -> Vec<PbMember> {
+        self.members()
+            .into_iter()
+            .map(|(id, m, learner)| PbMember {
+                id,
+                name: m.name,
+                peer_ur_ls: m.peer_urls,
+                client_ur_ls: m.client_urls,
+                is_learner: learner,
+            })
+            .collect()
+    }
+
+    /// Voters that answered the leader recently (the leader counts itself).
+    fn started_voters(&self, voters: impl Iterator<Item = u64>) -> usize {
+        let within = 2 * self.cfg.election_timeout;
+        voters
+            .filter(|id| *id == self.member_id || self.peers.active(*id, within))
+            .count()
+    }
+
+    /// Applies a membership change on the leader, retrying while another
+    /// change is still in progress.
+    async fn change(&self, changes: ChangeMembers<u64, Member>) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + self.request_timeout();
+        loop {
+            if !self.is_leader() {
+                return Err(Error::NotLeader);
+            }
+            match self.raft.change_membership(changes.clone(), false).await {
+                Ok(_) => return Ok(()),
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    ChangeMembershipError::InProgress(_),
+                ))) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                    return Err(Error::LeaderChanged)
+                }
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    ChangeMembershipError::InProgress(_),
+                ))) => return Err(Error::Timeout),
+                Err(e) => return Err(Error::Internal(format!("membership change: {e}"))),
+            }
+        }
+    }
+
+    /// MemberAdd on the leader.
+    pub async fn member_add(&self, req: MemberAddRequest) -> Result<MemberAddResponse> {
+        let mut urls = Vec::new();
+        for u in &req.peer_ur_ls {
+            match url::Url::parse(u) {
+                Ok(p) if matches!(p.scheme(), "http" | "https") && p.host().is_some() => {
+                    urls.push(u.trim_end_matches('/').to_string())
+                }
+                _ => return Err(Error::BadUrls),
+            }
+        }
+        if urls.is_empty() {
+            return Err(Error::BadUrls);
+        }
+        let _guard = self.membership_lock.lock().await;
+        let members = self.members();
+        if members
+            .iter()
+            .any(|(_, m, _)| m.peer_urls.iter().any(|u| urls.contains(u)))
+        {
+            return Err(Error::PeerUrlExist);
+        }
+        if req.is_learner {
+            if members.iter().filter(|(_, _, l)| *l).count() >= MAX_LEARNERS {
+                return Err(Error::TooManyLearners);
+            }
+        } else {
+            // etcd's strict reconfiguration check: the new voter has not
+            // started, so the started voters must be a quorum of the new
+            // configuration.
+            let voters: Vec<u64> = members
+                .iter()
+                .filter(|(_, _, l)| !*l)
+                .map(|(id, _, _)| *id)
+                .collect();
+            if self.started_voters(voters.iter().copied()) < (voters.len() + 1) / 2 + 1 {
+                return Err(Error::NotEnoughStartedMembers);
+            }
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let id =
+            crate::config::member_id(&urls, &format!("{}{now}", self.cfg.initial_cluster_token));
+        if id == 0 || members.iter().any(|(m, _, _)| *m == id) {
+            return Err(Error::MemberExist);
+        }
+        let node = Member {
+            name: String::new(),
+            peer_urls: urls.clone(),
+            client_urls: Vec::new(),
+        };
+        let nodes = BTreeMap::from([(id, node)]);
+        let change = if req.is_learner {
+            ChangeMembers::AddNodes(nodes)
+        } else {
+            ChangeMembers::AddVoters(nodes)
+        };
+        self.change(change).await?;
+        info!(
+            member = format!("{id:x}"),
+            learner = req.is_learner,
+            urls = urls.join(","),
+            "added member"
+        );
+        Ok(MemberAddResponse {
+            header: Some(self.header_without_revision()),
+            member: Some(PbMember {
+                id,
+                name: String::new(),
+                peer_ur_ls: urls,
+                client_ur_ls: Vec::new(),
+                is_learner: req.is_learner,
+            }),
+            members: self.member_list(),
+        })
+    }
+
+    /// MemberRemove on the leader.
+    pub async fn member_remove(&self, req: MemberRemoveRequest) -> Result<MemberRemoveResponse> {
+        let _guard = self.membership_lock.lock().await;
+        let members = self.members();
+        let Some((_, _, learner)) = members.iter().find(|(id, _, _)| *id == req.id) else {
+            return Err(Error::MemberNotFound);
+        };
+        let change = if *learner {
+            ChangeMembers::RemoveNodes(BTreeSet::from([req.id]))
+        } else {
+            let rest: Vec<u64> = members
+                .iter()
+                .filter(|(id, _, l)| !*l && *id != req.id)
+                .map(|(id, _, _)| *id)
+                .collect();
+            if rest.is_empty() || self.started_voters(rest.iter().copied()) < rest.len() / 2 + 1 {
+                return Err(Error::Unhealthy);
+            }
+            ChangeMembers::RemoveVoters(BTreeSet::from([req.id]))
+        };
+        self.change(change).await?;
+        info!(member = format!("{:x}", req.id), "removed member");
+        Ok(MemberRemoveResponse {
+            header: Some(self.header_without_revision()),
+            members: self.member_list(),
+        })
+    }
+
+    /// MemberUpdate (new peer URLs) on the leader.
+    pub async fn member_update(&self, req: MemberUpdateRequest) -> Result<MemberUpdateResponse> {
+        let _guard = self.membership_lock.lock().await;
+        let members = self.members();
+        let Some((_, node, _)) = members.iter().find(|(id, _, _)| *id == req.id) else {
+            return Err(Error::MemberNotFound);
+        };
+        if members.iter().any(|(id, m, _)| {
+            *id != req.id && m.peer_urls.iter().any(|u| req.peer_ur_ls.contains(u))
+        }) {
+            return Err(Error::PeerUrlExist);
+        }
+        let node = Member {
+            peer_urls: req.peer_ur_ls.clone(),
+            ..node.clone()
+        };
+        self.change(ChangeMembers::SetNodes(BTreeMap::from([(req.id, node)])))
+            .await?;
+        Ok(MemberUpdateResponse {
+            header: Some(self.header_without_revision()),
+            members: self.member_list(),
+        })
+    }
+
+    /// MemberPromote on the leader: only a learner that has caught up.
+    pub async fn member_promote(&self, req: MemberPromoteRequest) -> Result<MemberPromoteResponse> {
+        let _guard = self.membership_lock.lock().await;
+        let Some((_, _, learner)) = self.members().into_iter().find(|(id, _, _)| *id == req.id)
+        else {
+            return Err(Error::MemberNotFound);
+        };
+        if !learner {
+            return Err(Error::MemberNotLearner);
+        }
+        let m = self.raft.metrics().borrow().clone();
+        let leader_index = m.last_log_index.unwrap_or(0);
+        let matched = m
+            .replication
+            .as_ref()
+            .and_then(|r| r.get(&req.id).cloned().flatten())
+            .map(|l| l.index)
+            .unwrap_or(0);
+        if (matched as f64) < (leader_index as f64) * LEARNER_READY_PERCENT {
+            return Err(Error::LearnerNotReady);
+        }
+        self.change(ChangeMembers::AddVoterIds(BTreeSet::from([req.id])))
+            .await?;
+        info!(member = format!("{:x}", req.id), "promoted learner");
+        Ok(MemberPromoteResponse {
+            header: Some(self.header_without_revision()),
+            members: self.member_list(),
+        })
+    }
+
+    /// Records a member's name and client URLs (on the leader).
+    pub async fn publish_member(&self, req: PublishRequest) -> Result<()> {
+        let _guard = self.membership_lock.lock().await;
+        let Some((_, node, _)) = self.members().into_iter().find(|(id, _, _)| *id == req.id) else {
+            return Err(Error::MemberNotFound);
+        };
+        if node.name == req.name && node.client_urls == req.client_urls {
+            return Ok(());
+        }
+        let node = Member {
+            name: req.name,
+            client_urls: req.client_urls,
+            ..node
+        };
+        self.change(ChangeMembers::SetNodes(BTreeMap::from([(req.id, node)])))
+            .await
+    }
+}
+
+/// Publishes this member's name and client URLs into the membership once a
+/// leader is known (again whenever they differ, e.g. after a restart with
+/// new flags), as etcd members do on start.
+pub async fn publish(server: std::sync::Weak<EtcdServer>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Some(s) = server.upgrade() else { return };
+        let me = s
+            .members()
+            .into_iter()
+            .find(|(id, _, _)| *id == s.member_id);
+        let Some((_, node, _)) = me else { continue };
+        if node.name == s.cfg.name && node.client_urls == s.cfg.advertise_client_urls {
+            return;
+        }
+        if s.leader() == 0 {
+            continue;
+        }
+        let req = PublishRequest {
+            id: s.member_id,
+            name: s.cfg.name.clone(),
+            client_urls: s.cfg.advertise_client_urls.clone(),
+        };
+        let result = if s.is_leader() {
+            s.publish_member(req).await
+        } else {
+            match s.leader_client() {
+                Ok(mut c) => c
+                    .publish(s.peers.request(req))
+                    .await
+                    .map(|_| ())
+                    .map_err(|st| Error::from_peer(&st)),
+                Err(e) => Err(e),
+            }
+        };
+        match result {
+            Ok(()) => info!(name = s.cfg.name, "published member attributes"),
+            Err(e) => warn!("publishing member attributes: {e}"),
+        }
+    }
+}
+
+/// Forwards a membership call to the leader unless this member leads.
+pub async fn on_leader<T, F, Fut, G, GFut>(s: &Arc<EtcdServer>, local: F, remote: G) -> Result<T>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+    G: FnOnce(crate::proto::peerpb::peer_client::PeerClient<tonic::transport::Channel>) -> GFut,
+    GFut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+{
+    s.wait_leader().await?;
+    if s.is_leader() {
+        return local().await;
+    }
+    let client = s.leader_client()?;
+    match tokio::time::timeout(s.request_timeout(), remote(client)).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(st)) => Err(Error::from_peer(&st)),
+        Err(_) => Err(Error::Timeout),
+    }
+}
