@@ -5,7 +5,7 @@
 # run side by side with cairn. Idempotent; quiet when everything is there.
 set -euo pipefail
 
-packages=(protobuf-compiler librocksdb-dev libclang-dev clang pkg-config etcd-server etcd-client curl)
+packages=(protobuf-compiler libprotobuf-dev iproute2 librocksdb-dev libclang-dev clang pkg-config etcd-server etcd-client curl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -307,6 +307,7 @@ where
     G: FnOnce(crate::proto::peerpb::peer_client::PeerClient<tonic::transport::Channel>) -> GFut,
     GFut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
 {
+    s.not_learner()?;
     s.wait_leader().await?;
     if s.is_leader() {
         return local().await;

@@ -134,10 +134,16 @@ impl EtcdServer {
         let raft_cfg = openraft::Config {
             cluster_name: cfg.initial_cluster_token.clone(),
             heartbeat_interval: cfg.heartbeat.as_millis() as u64,
-            election_timeout_min: election,
-            election_timeout_max: election * 2,
+            // openraft's followers refuse votes for one election_timeout_max
+            // after hearing from the leader (etcd's check-quorum does the same
+            // for one election timeout): max is the election timeout, and a
+            // follower campaigns after a random half to whole of it.
+            election_timeout_min: election / 2,
+            election_timeout_max: election,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_count),
-            max_in_snapshot_log_to_keep: 5000,
+            // A member lagging further than this catches up by snapshot
+            // (etcd keeps 5000 entries too, fewer with a small snapshot count).
+            max_in_snapshot_log_to_keep: cfg.snapshot_count.min(5000),
             // A snapshot of hundreds of MiB travels in 8 MiB chunks, each
             // with a minute to arrive.
             install_snapshot_timeout: 60_000,
@@ -257,6 +263,24 @@ impl EtcdServer {
         self.leader() == self.member_id
     }
 
+    /// Whether this member is a learner: learners serve only what etcd's
+    /// do (serializable reads, member list, status).
+    pub fn is_learner(&self) -> bool {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let me = self.member_id;
+        m.membership().nodes().any(|(id, _)| *id == me)
+            && !m.membership().voter_ids().any(|id| id == me)
+    }
+
+    /// Refuses what learners do not serve.
+    pub fn not_learner(&self) -> Result<()> {
+        if self.is_learner() {
+            Err(Error::NotSupportedForLearner)
+        } else {
+            Ok(())
+        }
+    }
+
     pub fn request_timeout(&self) -> Duration {
         // etcd: 5s plus two election timeouts.
         Duration::from_secs(5) + 2 * self.cfg.election_timeout
@@ -285,6 +309,7 @@ impl EtcdServer {
 
     /// Replicates and applies one write request.
     pub async fn propose(&self, request: Request) -> Result<Applied> {
+        self.not_learner()?;
         let req = InternalRequest {
             request: Some(request),
         };
@@ -345,6 +370,7 @@ impl EtcdServer {
     /// Returns once this member has applied everything committed before the
     /// call: a linearizable read may then be served locally.
     pub async fn read_index(&self) -> Result<()> {
+        self.not_learner()?;
         self.wait_leader().await?;
         let (tx, rx) = oneshot::channel();
         self.reads
@@ -429,6 +455,7 @@ impl EtcdServer {
     /// Renews a lease on the leader's clock (forwarded there from other
     /// members). Returns the TTL, 0 if the lease does not exist.
     pub async fn lease_renew(&self, id: i64) -> Result<i64> {
+        self.not_learner()?;
         self.wait_leader().await?;
         if !self.is_leader() {
             let mut leader = self.leader_client()?;
@@ -608,8 +635,12 @@ async fn submit(s: &EtcdServer, batch: Batch) -> Result<()> {
                 .map(|_| ())
                 .map_err(map_write_err);
         }
-        let mut leader = s.leader_client()?;
         let leader_id = s.leader();
+        let Ok(mut leader) = s.leader_client() else {
+            // Leadership moved between the checks: look again shortly.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
         match leader.propose(s.peers.request((*batch).clone())).await {
             Ok(_) => return Ok(()),
             Err(status) => {
@@ -888,5 +919,8 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
     };
     let result = crate::api::serve(server.clone(), stop).await;
     server.shutdown().await;
+    if *server.removed.borrow() {
+        return Err(Error::MemberRemoved);
+    }
     result
 }

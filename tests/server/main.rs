@@ -2,9 +2,12 @@
 //! etcdctl and the `etcd-client` crate. Requires `etcd` and `etcdctl` on
 //! PATH (Debian's etcd-server and etcd-client; `tests/run` installs them).
 
+mod cluster;
 mod harness;
+mod linearizability;
 
 mod client_diff;
 mod crash;
 mod ctl_diff;
+mod faults;
 mod limits;

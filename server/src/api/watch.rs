@@ -47,6 +47,7 @@ impl Watch for WatchService {
         &self,
         req: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<WatchStream>, Status> {
+        self.s.not_learner()?;
         let inbound = req.into_inner();
         let (out, rx) = mpsc::channel(256);
         let (hub_tx, hub_rx) = stream_queue();
