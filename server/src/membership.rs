@@ -28,6 +28,11 @@ const MAX_LEARNERS: usize = 1;
 /// A learner may be promoted once it has this share of the leader's log.
 const LEARNER_READY_PERCENT: f64 = 0.9;
 
+/// A majority of `voters`.
+fn quorum(voters: usize) -> usize {
+    voters / 2 + 1
+}
+
 impl EtcdServer {
     /// Members in etcd's wire form.
     pub fn member_list(&self) -> Vec<PbMember> {
@@ -112,7 +117,7 @@ impl EtcdServer {
                 .filter(|(_, _, l)| !*l)
                 .map(|(id, _, _)| *id)
                 .collect();
-            if self.started_voters(voters.iter().copied()) < (voters.len() + 1) / 2 + 1 {
+            if self.started_voters(voters.iter().copied()) < quorum(voters.len() + 1) {
                 return Err(Error::NotEnoughStartedMembers);
             }
         }
@@ -171,7 +176,7 @@ impl EtcdServer {
                 .filter(|(id, _, l)| !*l && *id != req.id)
                 .map(|(id, _, _)| *id)
                 .collect();
-            if rest.is_empty() || self.started_voters(rest.iter().copied()) < rest.len() / 2 + 1 {
+            if rest.is_empty() || self.started_voters(rest.iter().copied()) < quorum(rest.len()) {
                 return Err(Error::Unhealthy);
             }
             ChangeMembers::RemoveVoters(BTreeSet::from([req.id]))

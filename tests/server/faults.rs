@@ -188,6 +188,13 @@ async fn fault_suite(n: usize) {
                 );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
+            // History far beyond the snapshot count: it caught up by snapshot.
+            assert!(
+                c.log(new_slot)
+                    .contains("installed a snapshot from the leader"),
+                "the new member did not catch up by snapshot:\n{}",
+                c.log(new_slot)
+            );
             let list = c.ctl(&c.live(), &["member", "list"]).stdout;
             assert_eq!(list.lines().count(), new_slot, "{list}");
             assert!(list.lines().all(|l| l.ends_with(", false")), "{list}");

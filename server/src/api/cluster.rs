@@ -47,11 +47,10 @@ impl Cluster for ClusterService {
     ) -> Result<Response<MemberRemoveResponse>, Status> {
         let r = req.into_inner();
         let s = &self.s;
-        let r2 = r.clone();
         let resp = on_leader(
             s,
             || s.member_remove(r),
-            |mut c| async move { c.member_remove(s.peers.request(r2)).await },
+            |mut c| async move { c.member_remove(s.peers.request(r)).await },
         )
         .await?;
         Ok(Response::new(resp))
@@ -95,11 +94,10 @@ impl Cluster for ClusterService {
     ) -> Result<Response<MemberPromoteResponse>, Status> {
         let r = req.into_inner();
         let s = &self.s;
-        let r2 = r.clone();
         let resp = on_leader(
             s,
             || s.member_promote(r),
-            |mut c| async move { c.member_promote(s.peers.request(r2)).await },
+            |mut c| async move { c.member_promote(s.peers.request(r)).await },
         )
         .await?;
         Ok(Response::new(resp))

@@ -303,6 +303,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .await
             .map_err(io_err)?
             .map_err(io_err)?;
+        tracing::info!(
+            snapshot = meta.snapshot_id,
+            bytes = bytes.len(),
+            "installed a snapshot from the leader"
+        );
         // The payload's position is the state machine's; the meta is Raft's word on it.
         *self.state.applied.lock() = (meta.last_log_id, meta.last_membership.clone());
         *self.state.snapshot.lock() = Some((meta.clone(), bytes));
