@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The whole test suite: installs prerequisites, checks formatting and lints,
 # then runs every unit and integration test (differential tests against
-# etcd 3.4, the kill -9 crash test, openraft's storage suite).
+# etcd 3.4, the kill -9 crash test, openraft's storage suite, the 3- and
+# 5-member fault suites in network namespaces, etcd's etcd-runner checkers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash tests/deps.sh
+# etcd's etcd-runner (and benchmark), built once from Debian's etcd source.
+bash tests/bench/etcd-tools.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cairn-target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 

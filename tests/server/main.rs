@@ -11,3 +11,4 @@ mod crash;
 mod ctl_diff;
 mod faults;
 mod limits;
+mod runner;
