@@ -42,10 +42,12 @@ pub struct Net {
 }
 
 impl Net {
-    fn new() -> Self {
-        let id = (std::process::id() as u64 % 50) * 4
-            + NEXT_NET.fetch_add(1, Ordering::Relaxed) % 4
-            + 20;
+    /// A fresh network number for this process (4 at a time).
+    pub fn next_id() -> u64 {
+        (std::process::id() as u64 % 50) * 4 + NEXT_NET.fetch_add(1, Ordering::Relaxed) % 4 + 20
+    }
+
+    fn new(id: u64) -> Self {
         let net = Net { id };
         net.teardown();
         let sw = net.switch();
@@ -236,9 +238,15 @@ pub const PEER_PORT: u16 = 2380;
 impl Cluster {
     /// Starts `n` members bootstrapped together with `--initial-cluster`.
     pub fn start(kind: Kind, n: usize, extra: &[&str]) -> Self {
+        Self::start_on(Net::next_id(), kind, n, extra)
+    }
+
+    /// Starts a cluster on network number `net` (same addresses, hence the
+    /// same member and cluster IDs, as another cluster started on it).
+    pub fn start_on(net: u64, kind: Kind, n: usize, extra: &[&str]) -> Self {
         let mut c = Cluster {
             kind,
-            net: Net::new(),
+            net: Net::new(net),
             nodes: Vec::new(),
             root: tempfile::tempdir().unwrap(),
             extra: extra.iter().map(|s| s.to_string()).collect(),

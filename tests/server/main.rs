@@ -11,4 +11,5 @@ mod crash;
 mod ctl_diff;
 mod faults;
 mod limits;
+mod members;
 mod runner;

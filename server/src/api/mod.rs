@@ -2,6 +2,7 @@
 //! endpoints (`/health`, `/livez`, `/readyz`, `/metrics`, `/version`) on the
 //! same port, as etcd serves them.
 
+mod authority;
 pub mod cluster;
 pub mod kv;
 pub mod lease;
@@ -17,6 +18,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use futures::future::try_join_all;
+use futures::StreamExt;
 use tokio::net::{TcpListener, TcpSocket};
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
@@ -159,7 +161,9 @@ async fn serve_listener(
     let addr = listener.local_addr().map_err(Error::internal)?;
     let listener = TcpListener::from_std(listener)
         .map_err(|e| Error::Internal(format!("listen tcp {addr}: {e}")))?;
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map(|conn| conn.map(authority::FixAuthority::new));
     Server::builder()
         .accept_http1(true)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(7200)))
