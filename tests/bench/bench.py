@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Runs etcd's own `benchmark` tool against fresh single-member etcd 3.4 and
-cairn servers started with identical flags on the same disk, alternating
-between them round by round, and prints medians and cairn/etcd ratios.
+"""Runs etcd's own `benchmark` tool against fresh etcd 3.4 and cairn
+clusters (1 member, then 3 members on loopback) started with identical
+flags on the same disk, alternating between them round by round, and prints
+medians and cairn/etcd ratios. With 3 members the tool's connections are
+spread over all members' endpoints, as clients would be.
 
-Usage: bench.py [--rounds N] [--only WORKLOAD ...]
+Usage: bench.py [--rounds N] [--members 1 3] [--only WORKLOAD ...]
 """
 import argparse
 import os
@@ -42,38 +44,53 @@ def free_port():
         return s.getsockname()[1]
 
 
-class Server:
-    def __init__(self, kind, base):
+class Cluster:
+    """n members on loopback, bootstrapped together."""
+
+    def __init__(self, kind, base, n):
         self.kind = kind
         self.dir = tempfile.mkdtemp(prefix=f"{kind}-", dir=base)
-        self.port, peer = free_port(), free_port()
-        url, purl = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{peer}"
-        flags = ["--name", "bench", "--data-dir", os.path.join(self.dir, "data"),
-                 "--listen-client-urls", url, "--advertise-client-urls", url,
-                 "--listen-peer-urls", purl, "--initial-advertise-peer-urls", purl,
-                 "--initial-cluster", f"bench={purl}", "--logger", "zap", "--log-level", "error"]
-        self.log = open(os.path.join(self.dir, "log"), "w")
-        self.proc = subprocess.Popen([SERVERS[kind]] + flags, stdout=self.log, stderr=subprocess.STDOUT)
+        ports = [(free_port(), free_port()) for _ in range(n)]
+        self.ports = [c for c, _ in ports]
+        initial = ",".join(f"m{i}=http://127.0.0.1:{p}" for i, (_, p) in enumerate(ports))
+        self.procs, self.logs = [], []
+        for i, (cport, pport) in enumerate(ports):
+            url, purl = f"http://127.0.0.1:{cport}", f"http://127.0.0.1:{pport}"
+            flags = ["--name", f"m{i}", "--data-dir", os.path.join(self.dir, f"m{i}"),
+                     "--listen-client-urls", url, "--advertise-client-urls", url,
+                     "--listen-peer-urls", purl, "--initial-advertise-peer-urls", purl,
+                     "--initial-cluster", initial, "--logger", "zap", "--log-level", "error"]
+            log = open(os.path.join(self.dir, f"m{i}.log"), "w")
+            self.logs.append(log)
+            self.procs.append(subprocess.Popen([SERVERS[kind]] + flags, stdout=log, stderr=subprocess.STDOUT))
         deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
-                    if b'"health":"true"' in r.read():
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"{kind} did not become healthy")
+        for port in self.ports:
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                        if b'"health":"true"' in r.read():
+                            break
+                except OSError:
+                    pass
+                if time.time() > deadline:
+                    raise RuntimeError(f"{kind} did not become healthy")
+                time.sleep(0.1)
+
+    def endpoints(self):
+        return ",".join(f"127.0.0.1:{p}" for p in self.ports)
 
     def stop(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-        self.log.close()
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait(timeout=30)
+        for log in self.logs:
+            log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def run_benchmark(port, global_args, args):
-    cmd = [os.path.join(TOOLS, "benchmark"), "--endpoints", f"127.0.0.1:{port}"] + global_args + args
+def run_benchmark(endpoints, global_args, args):
+    cmd = [os.path.join(TOOLS, "benchmark"), "--endpoints", endpoints] + global_args + args
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p50 = float(re.search(r"50% in ([\d.]+) secs", out).group(1))
@@ -85,6 +102,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--members", nargs="*", type=int, default=[1, 3])
     opts = ap.parse_args()
     base = os.path.expanduser("~/.cache/cairn-bench")
     os.makedirs(base, exist_ok=True)
@@ -93,29 +111,33 @@ def main():
           f"data on {subprocess.run(['df', '--output=source', base], capture_output=True, text=True).stdout.split()[-1]}")
     print(f"etcd: {subprocess.run(['etcd', '--version'], capture_output=True, text=True).stdout.splitlines()[0]}; "
           f"rounds: {opts.rounds} (fresh servers each run, order alternating), medians shown\n")
-    rows = []
-    for name, (gargs, args) in WORKLOADS.items():
-        if opts.only and not any(o in name for o in opts.only):
-            continue
+    for members in opts.members:
+        print(f"{members} member{'s' if members > 1 else ''}:")
+        for name, (gargs, args) in WORKLOADS.items():
+            if opts.only and not any(o in name for o in opts.only):
+                continue
+            bench(name, gargs, args, members, opts.rounds, base)
+    return 0
+
+
+def bench(name, gargs, args, members, rounds, base):
         results = {"etcd": [], "cairn": []}
-        for r in range(opts.rounds):
+        for r in range(rounds):
             order = ["etcd", "cairn"] if r % 2 == 0 else ["cairn", "etcd"]
             for kind in order:
-                s = Server(kind, base)
+                c = Cluster(kind, base, members)
                 try:
                     if args[0] == "range":
-                        subprocess.run(["etcdctl", "--endpoints", f"127.0.0.1:{s.port}", "put", "bench-key", "v" * 256],
+                        subprocess.run(["etcdctl", "--endpoints", c.endpoints(), "put", "bench-key", "v" * 256],
                                        env=dict(os.environ, ETCDCTL_API="3"), check=True, capture_output=True)
-                    results[kind].append(run_benchmark(s.port, gargs, args))
+                    results[kind].append(run_benchmark(c.endpoints(), gargs, args))
                 finally:
-                    s.stop()
+                    c.stop()
         med = {k: tuple(statistics.median(x[i] for x in v) for i in range(3)) for k, v in results.items()}
-        rows.append((name, med["etcd"], med["cairn"]))
         e, c = med["etcd"], med["cairn"]
-        print(f"{name:36} etcd {e[0]:9.0f}/s p50 {e[1]*1e3:6.2f}ms p99 {e[2]*1e3:6.2f}ms | "
+        print(f"  {name:34} etcd {e[0]:9.0f}/s p50 {e[1]*1e3:6.2f}ms p99 {e[2]*1e3:6.2f}ms | "
               f"cairn {c[0]:9.0f}/s p50 {c[1]*1e3:6.2f}ms p99 {c[2]*1e3:6.2f}ms | "
               f"throughput x{c[0]/e[0]:.2f}, p99 x{c[2]/e[2]:.2f}", flush=True)
-    return 0
 
 
 if __name__ == "__main__":
