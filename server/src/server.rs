@@ -72,6 +72,8 @@ pub struct EtcdServer {
     pub(crate) removed: tokio::sync::watch::Sender<bool>,
     /// Every member ID a membership config seen here had.
     pub(crate) seen_members: Mutex<HashSet<u64>>,
+    /// Whether other members exist (the log then syncs in the background).
+    replicated: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn map_write_err(e: RaftError<u64, ClientWriteError<u64, Member>>) -> Error {
@@ -130,6 +132,7 @@ impl EtcdServer {
         )?);
         let fsync = metrics.wal_fsync.clone();
         let log = LogStore::new(engine, move |secs| fsync.observe(secs));
+        let replicated = log.replicated();
         let election = cfg.election_timeout.as_millis() as u64;
         let raft_cfg = openraft::Config {
             cluster_name: cfg.initial_cluster_token.clone(),
@@ -210,6 +213,7 @@ impl EtcdServer {
             membership_lock: Default::default(),
             removed: tokio::sync::watch::channel(false).0,
             seen_members: Default::default(),
+            replicated,
         });
         tokio::spawn(read_batcher(Arc::downgrade(&server), reads_rx));
         tokio::spawn(refresh_sizes(Arc::downgrade(&server)));
@@ -767,6 +771,7 @@ async fn track_leadership(server: std::sync::Weak<EtcdServer>) {
                 .nodes()
                 .map(|(id, _)| *id)
                 .collect();
+            s.replicated.store(nodes.len() > 1, Ordering::Relaxed);
             let removed = {
                 let mut seen = s.seen_members.lock();
                 seen.extend(nodes.iter().copied());

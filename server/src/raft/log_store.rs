@@ -27,8 +27,11 @@ pub const LOG_CACHE_ENTRIES: u64 = 4096;
 pub struct LogStore {
     engine: Arc<Engine>,
     writer: Arc<LogWriter>,
-    /// The newest durable entries (entry payloads are shared, clones are cheap).
+    /// The newest entries (entry payloads are shared, clones are cheap).
     cache: Arc<Mutex<BTreeMap<u64, Entry<TypeConfig>>>>,
+    /// Set while the cluster has other members: appends are then synced in
+    /// the background (see `storage::log_writer`).
+    replicated: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl LogStore {
@@ -38,7 +41,13 @@ impl LogStore {
             engine,
             writer,
             cache: Arc::default(),
+            replicated: Arc::default(),
         }
+    }
+
+    /// The switch between inline and background syncs.
+    pub fn replicated(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.replicated.clone()
     }
 
     fn last_on_disk(&self) -> Result<Option<Entry<TypeConfig>>, StorageError> {
@@ -131,11 +140,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             encoded.push((e.log_id.index, bincode::serialize(&e).map_err(io_err)?));
             appended.push(e);
         }
+        let mut callback = Some(callback);
         if !encoded.is_empty() {
-            // Synced before returning: see `storage::log_writer` for why inline.
-            if let Err(e) = self.writer.write(LogOp::Append(encoded)) {
-                let err = std::io::Error::other(e.to_string());
-                callback.log_io_completed(Err(err));
+            let result = if self.replicated.load(std::sync::atomic::Ordering::Relaxed) {
+                let cb = callback.take().expect("not yet used");
+                self.writer.write_then_sync(
+                    LogOp::Append(encoded),
+                    Box::new(move |r| {
+                        cb.log_io_completed(r.map_err(std::io::Error::other));
+                    }),
+                )
+            } else {
+                // Synced before returning: see `storage::log_writer`.
+                self.writer.write(LogOp::Append(encoded))
+            };
+            if let Err(e) = result {
+                if let Some(cb) = callback.take() {
+                    cb.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                }
                 return Err(io_err(e));
             }
         }
@@ -155,7 +177,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 cache.pop_first();
             }
         }
-        callback.log_io_completed(Ok(()));
+        if let Some(cb) = callback {
+            cb.log_io_completed(Ok(()));
+        }
         Ok(())
     }
 
