@@ -61,6 +61,8 @@ pub enum Error {
     TooManyLearners,
     #[error("etcdserver: re-configuration failed due to not enough started members")]
     NotEnoughStartedMembers,
+    #[error("etcdserver: bad leader transferee")]
+    BadLeaderTransferee,
     #[error("etcdserver: unhealthy cluster")]
     Unhealthy,
     #[error("etcdserver: the member has been permanently removed from the cluster")]
@@ -93,7 +95,8 @@ impl Error {
             | MemberNotLearner
             | LearnerNotReady
             | TooManyLearners
-            | NotEnoughStartedMembers => Code::FailedPrecondition,
+            | NotEnoughStartedMembers
+            | BadLeaderTransferee => Code::FailedPrecondition,
             NoLeader | LeaderChanged | Timeout | Unhealthy | MemberRemoved => Code::Unavailable,
             NotSupportedForLearner => Code::Unavailable,
             Unsupported(_) => Code::Unimplemented,
@@ -133,6 +136,7 @@ impl Error {
             LearnerNotReady,
             TooManyLearners,
             NotEnoughStartedMembers,
+            BadLeaderTransferee,
             Unhealthy,
             MemberRemoved,
         ];

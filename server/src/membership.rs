@@ -262,6 +262,105 @@ impl EtcdServer {
     }
 }
 
+impl EtcdServer {
+    /// MoveLeader on the leader. openraft 0.9 has no leadership transfer,
+    /// and its voters refuse to vote while they heard from a leader within
+    /// an election timeout; so: proposals and reads wait, the other voters
+    /// hold off campaigning, the transferee catches up, the leader goes
+    /// quiet for an election timeout, then the transferee campaigns. Writes
+    /// pause for about one election timeout (etcd's transfer also waits for
+    /// the transferee to catch up).
+    pub async fn move_leader(&self, target: u64) -> Result<()> {
+        if !self.is_leader() {
+            return Err(Error::NotLeader);
+        }
+        if target == self.member_id {
+            return Ok(());
+        }
+        let members = self.members();
+        let Some((_, node, false)) = members.iter().find(|(id, _, _)| *id == target) else {
+            return Err(Error::BadLeaderTransferee);
+        };
+        let target_client = self.peers.client(target, &node.peer_urls)?;
+        let others: Vec<(u64, Member)> = members
+            .iter()
+            .filter(|(id, _, learner)| !*learner && *id != target && *id != self.member_id)
+            .map(|(id, m, _)| (*id, m.clone()))
+            .collect();
+        let _membership = self.membership_lock.lock().await;
+        let _quiet = self.transfer_gate.write().await;
+        let hold = |kind: crate::proto::peerpb::elect_request::Kind| {
+            let others = others.clone();
+            async move {
+                for (id, m) in others {
+                    if let Ok(mut c) = self.peers.client(id, &m.peer_urls) {
+                        let mut r = self
+                            .peers
+                            .request(crate::proto::peerpb::ElectRequest { kind: kind as i32 });
+                        r.set_timeout(Duration::from_secs(1));
+                        let _ = c.elect(r).await;
+                    }
+                }
+            }
+        };
+        use crate::proto::peerpb::elect_request::Kind;
+        hold(Kind::Hold).await;
+        let rc = self.raft.runtime_config();
+        rc.elect(false);
+        let result = self.transfer(target, target_client).await;
+        rc.heartbeat(true);
+        rc.elect(true);
+        hold(Kind::Release).await;
+        result
+    }
+
+    async fn transfer(
+        &self,
+        target: u64,
+        mut client: crate::proto::peerpb::peer_client::PeerClient<tonic::transport::Channel>,
+    ) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + self.request_timeout();
+        // The transferee catches up with the (now still) log.
+        loop {
+            let m = self.raft.metrics().borrow().clone();
+            let last = m.last_log_index.unwrap_or(0);
+            let matched = m
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&target).cloned().flatten())
+                .map(|l| l.index)
+                .unwrap_or(0);
+            if matched >= last {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(Error::Timeout);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Quiet for an election timeout: the voters' leader leases run out.
+        self.raft.runtime_config().heartbeat(false);
+        tokio::time::sleep(self.cfg.election_timeout + self.cfg.heartbeat).await;
+        let r = self.peers.request(crate::proto::peerpb::ElectRequest {
+            kind: crate::proto::peerpb::elect_request::Kind::Campaign as i32,
+        });
+        client.elect(r).await.map_err(|s| Error::from_peer(&s))?;
+        let mut rx = self.raft.metrics();
+        let moved = async move {
+            rx.wait_for(|m| m.current_leader == Some(target))
+                .await
+                .is_ok()
+        };
+        match tokio::time::timeout(2 * self.cfg.election_timeout, moved).await {
+            Ok(true) => {
+                info!(to = format!("{target:x}"), "leadership moved");
+                Ok(())
+            }
+            _ => Err(Error::Timeout),
+        }
+    }
+}
+
 /// Publishes this member's name and client URLs into the membership once a
 /// leader is known (again whenever they differ, e.g. after a restart with
 /// new flags), as etcd members do on start.

@@ -72,6 +72,9 @@ pub struct EtcdServer {
     pub(crate) removed: tokio::sync::watch::Sender<bool>,
     /// Every member ID a membership config seen here had.
     pub(crate) seen_members: Mutex<HashSet<u64>>,
+    /// Held (shared) around Raft proposals and read rounds; MoveLeader holds
+    /// it exclusively while the leader goes quiet.
+    pub(crate) transfer_gate: tokio::sync::RwLock<()>,
     /// Whether other members exist (the log then syncs in the background).
     replicated: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -213,6 +216,7 @@ impl EtcdServer {
             membership_lock: Default::default(),
             removed: tokio::sync::watch::channel(false).0,
             seen_members: Default::default(),
+            transfer_gate: Default::default(),
             replicated,
         });
         tokio::spawn(read_batcher(Arc::downgrade(&server), reads_rx));
@@ -274,6 +278,22 @@ impl EtcdServer {
         let me = self.member_id;
         m.membership().nodes().any(|(id, _)| *id == me)
             && !m.membership().voter_ids().any(|id| id == me)
+    }
+
+    /// Waits until Raft's membership has this member.
+    pub async fn wait_joined(&self) {
+        let me = self.member_id;
+        let mut rx = self.raft.metrics();
+        let joined = |m: &openraft::RaftMetrics<u64, Member>| {
+            m.membership_config
+                .membership()
+                .nodes()
+                .any(|(id, _)| *id == me)
+        };
+        if !joined(&rx.borrow()) {
+            info!("waiting for the cluster's membership before serving clients");
+            let _ = rx.wait_for(joined).await;
+        }
     }
 
     /// Refuses what learners do not serve.
@@ -391,6 +411,7 @@ impl EtcdServer {
         let deadline = self.request_timeout();
         let round = async {
             if self.is_leader() {
+                let _gate = self.transfer_gate.read().await;
                 return match self.raft.ensure_linearizable().await {
                     Ok(_) => Ok(()),
                     Err(e) => Err(check_leader_err(e)),
@@ -435,6 +456,7 @@ impl EtcdServer {
         if !self.is_leader() {
             return Err(Error::NotLeader);
         }
+        let _gate = self.transfer_gate.read().await;
         match self.raft.get_read_log_id().await {
             Ok((read, _applied)) => Ok(read.map(|l| l.index).unwrap_or(0)),
             Err(e) => Err(check_leader_err(e)),
@@ -632,6 +654,7 @@ async fn submit(s: &EtcdServer, batch: Batch) -> Result<()> {
     loop {
         s.wait_leader().await?;
         if s.is_leader() {
+            let _gate = s.transfer_gate.read().await;
             return s
                 .raft
                 .client_write(Proposal(batch))
@@ -677,6 +700,7 @@ pub async fn propose_forwarded(s: &EtcdServer, batch: Batch) -> Result<()> {
             Error::NotLeader
         });
     }
+    let _gate = s.transfer_gate.read().await;
     s.raft
         .client_write(Proposal(Arc::new(batch)))
         .await

@@ -15,6 +15,8 @@ fn mask(s: &str) -> String {
         // clientv3's retry warnings: time and client ID.
         (r#""ts":"[^"]*""#, r#""ts":"T""#),
         (r"client-[0-9a-f-]+", "client-ID"),
+        // The endpoint a warning names: move-leader dials whichever member leads.
+        (r#""target":"endpoint://client-ID/[^"]*""#, r#""target":"EP""#),
         (r"took = [0-9.]+[µmn]?s", "took = T"),
         // HashKV values differ by design (cairn hashes its own encoding).
         (r", \d{3,}\n", ", HASH\n"),
@@ -133,6 +135,31 @@ fn transcript(net: u64, kind: Kind) -> Vec<String> {
         "status --cluster: {} members, {} leader(s)",
         status.lines().count(),
         leaders
+    ));
+    // MoveLeader to a follower: etcdctl finds the leader among the endpoints.
+    let leader_id = status
+        .lines()
+        .find(|l| l.contains(", true, false, "))
+        .and_then(|l| l.split(", ").nth(1))
+        .unwrap_or_default()
+        .to_string();
+    let target = status
+        .lines()
+        .find(|l| l.contains(", false, false, "))
+        .and_then(|l| l.split(", ").nth(1))
+        .unwrap_or_default()
+        .to_string();
+    let moved = ctl(&["move-leader", &target])
+        .replace(&leader_id, "LEADER")
+        .replace(&target, "TARGET");
+    out.push(moved);
+    out.push(ctl(&["move-leader", "1234"]));
+    let after = c.ctl(&all, &["endpoint", "status", "--cluster"]).stdout;
+    out.push(format!(
+        "after move-leader, the target leads: {}",
+        after
+            .lines()
+            .any(|l| l.contains(&target) && l.contains(", true, false, "))
     ));
     out.into_iter().map(|s| mask(&tidy(&s, &new_id))).collect()
 }

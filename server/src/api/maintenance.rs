@@ -183,18 +183,11 @@ impl Maintenance for MaintenanceService {
         &self,
         req: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
-        let target = req.into_inner().target_id;
-        if !self.s.is_leader() {
-            return Err(Error::NotLeader.into());
-        }
-        if target == self.s.member_id {
-            return Ok(Response::new(MoveLeaderResponse {
-                header: Some(self.s.header(0)),
-            }));
-        }
-        Err(Status::failed_precondition(
-            "etcdserver: bad leader transferee",
-        ))
+        self.s.not_learner()?;
+        self.s.move_leader(req.into_inner().target_id).await?;
+        Ok(Response::new(MoveLeaderResponse {
+            header: Some(self.s.header(0)),
+        }))
     }
 
     async fn downgrade(

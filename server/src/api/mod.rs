@@ -204,6 +204,10 @@ pub async fn serve(
                 .map_err(|e| Error::Internal(format!("peer server: {e}")))
         }));
     }
+    // As etcd: clients are served once this member is part of the cluster
+    // (at once when bootstrapping; a joining member first receives the log
+    // or a snapshot that has it in the membership).
+    s.wait_joined().await;
     let result = serve_clients(s, shutdown).await;
     let _ = stop_tx.send(true);
     for p in peers {

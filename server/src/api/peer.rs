@@ -196,7 +196,21 @@ impl Peer for PeerService {
 
     async fn elect(&self, req: Request<ElectRequest>) -> Result<Response<ElectResponse>, Status> {
         self.check(&req)?;
-        self.s.raft.trigger().elect().await.map_err(raft_err)?;
+        use crate::proto::peerpb::elect_request::Kind;
+        match req.get_ref().kind() {
+            Kind::Campaign => self.s.raft.trigger().elect().await.map_err(raft_err)?,
+            Kind::Hold => {
+                self.s.raft.runtime_config().elect(false);
+                // Released by the transferor, or by itself if that never comes.
+                let s = self.s.clone();
+                let after = 4 * s.cfg.election_timeout;
+                tokio::spawn(async move {
+                    tokio::time::sleep(after).await;
+                    s.raft.runtime_config().elect(true);
+                });
+            }
+            Kind::Release => self.s.raft.runtime_config().elect(true),
+        }
         Ok(Response::new(ElectResponse {}))
     }
 }
