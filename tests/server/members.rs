@@ -16,7 +16,10 @@ fn mask(s: &str) -> String {
         (r#""ts":"[^"]*""#, r#""ts":"T""#),
         (r"client-[0-9a-f-]+", "client-ID"),
         // The endpoint a warning names: move-leader dials whichever member leads.
-        (r#""target":"endpoint://client-ID/[^"]*""#, r#""target":"EP""#),
+        (
+            r#""target":"endpoint://client-ID/[^"]*""#,
+            r#""target":"EP""#,
+        ),
         (r"took = [0-9.]+[µmn]?s", "took = T"),
         // HashKV values differ by design (cairn hashes its own encoding).
         (r", \d{3,}\n", ", HASH\n"),
