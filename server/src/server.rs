@@ -75,7 +75,7 @@ pub struct EtcdServer {
     /// Held (shared) around Raft proposals and read rounds; MoveLeader holds
     /// it exclusively while the leader goes quiet.
     pub(crate) transfer_gate: tokio::sync::RwLock<()>,
-    /// Whether other members exist (the log then syncs in the background).
+    /// Whether this member leads others (its log then syncs in the background).
     replicated: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -795,7 +795,8 @@ async fn track_leadership(server: std::sync::Weak<EtcdServer>) {
                 .nodes()
                 .map(|(id, _)| *id)
                 .collect();
-            s.replicated.store(nodes.len() > 1, Ordering::Relaxed);
+            s.replicated
+                .store(nodes.len() > 1 && leader, Ordering::Relaxed);
             let removed = {
                 let mut seen = s.seen_members.lock();
                 seen.extend(nodes.iter().copied());

@@ -7,12 +7,16 @@
 //! fsync, while handing it to another thread would add two thread wakeups
 //! (~50-70 µs each on a small VM) to every write.
 //!
-//! With other members, an append is written without sync and its fsync
-//! handed to a syncer thread ([`LogWriter::write_then_sync`]): openraft's
-//! core goes on to send the entries to the followers while the leader's own
-//! fsync runs, so the leader's and the followers' fsyncs overlap instead of
-//! adding up (etcd's leader does the same). Durability is unchanged: the
-//! append is reported flushed only after the fsync.
+//! On the leader of several members, an append is written without sync and
+//! its fsync handed to a syncer thread ([`LogWriter::write_then_sync`]):
+//! openraft's core goes on to send the entries to the followers while the
+//! leader's own fsync runs, so the leader's and the followers' fsyncs
+//! overlap instead of adding up (etcd's leader does the same). Followers
+//! sync inline: they have nothing to overlap, and the handoff would cost
+//! them two thread switches per append (measured on a 2-core VM, 3 members,
+//! 64 clients: 7.6k puts/s with followers syncing on the thread, 9.1k
+//! inline). Durability is unchanged: an append is reported flushed only
+//! after its fsync.
 
 use std::sync::Arc;
 use std::time::Instant;
