@@ -74,6 +74,40 @@ impl Peer for PeerService {
         Ok(Response::new(encode(&result)?))
     }
 
+    type AppendStreamStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftMessage, Status>> + Send>>;
+
+    async fn append_stream(
+        &self,
+        req: Request<tonic::Streaming<RaftMessage>>,
+    ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        self.check(&req)?;
+        let mut inbound = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let s = self.s.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = inbound.message().await {
+                let reply = match decode::<AppendEntriesRequest<TypeConfig>>(&m) {
+                    Ok(rpc) => {
+                        let result = s.raft.append_entries(rpc).await;
+                        encode(&result).map(|mut r| {
+                            r.id = m.id;
+                            r
+                        })
+                    }
+                    Err(e) => Err(e),
+                };
+                let failed = reply.is_err();
+                if tx.send(reply.map_err(Status::from)).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         self.check(&req)?;
         let rpc: VoteRequest<u64> = decode(req.get_ref())?;

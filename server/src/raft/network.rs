@@ -128,6 +128,14 @@ pub struct Conn {
     target: u64,
     peers: Arc<Peers>,
     client: std::result::Result<PeerClient<Channel>, String>,
+    /// The AppendEntries stream, opened on first use, dropped on any error.
+    stream: Option<AppendStream>,
+}
+
+struct AppendStream {
+    tx: tokio::sync::mpsc::Sender<RaftMessage>,
+    rx: tonic::Streaming<RaftMessage>,
+    next_id: u64,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -141,6 +149,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
                 .peers
                 .client(target, &node.peer_urls)
                 .map_err(|e| e.to_string()),
+            stream: None,
         }
     }
 }
@@ -149,6 +158,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 pub fn encode<T: Serialize>(msg: &T) -> Result<RaftMessage> {
     Ok(RaftMessage {
         data: bincode::serialize(msg).map_err(Error::internal)?,
+        id: 0,
     })
 }
 
@@ -215,6 +225,41 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// One request and its reply on the AppendEntries stream (opened if
+    /// needed).
+    async fn on_stream(
+        &self,
+        stream: Option<AppendStream>,
+        mut msg: RaftMessage,
+    ) -> std::result::Result<(AppendStream, RaftMessage), tonic::Status> {
+        let mut s = match stream {
+            Some(s) => s,
+            None => {
+                let mut client = self.client.clone().map_err(tonic::Status::unavailable)?;
+                let (tx, rx) = tokio::sync::mpsc::channel(4);
+                let req = self
+                    .peers
+                    .request(tokio_stream::wrappers::ReceiverStream::new(rx));
+                let rx = client.append_stream(req).await?.into_inner();
+                AppendStream { tx, rx, next_id: 0 }
+            }
+        };
+        s.next_id += 1;
+        msg.id = s.next_id;
+        s.tx.send(msg)
+            .await
+            .map_err(|_| tonic::Status::unavailable("peer stream closed"))?;
+        loop {
+            match s.rx.message().await? {
+                Some(reply) if reply.id == s.next_id => return Ok((s, reply)),
+                Some(_) => continue,
+                None => return Err(tonic::Status::unavailable("peer stream ended")),
+            }
+        }
+    }
+}
+
 impl RaftNetwork<TypeConfig> for Conn {
     async fn append_entries(
         &mut self,
@@ -222,8 +267,36 @@ impl RaftNetwork<TypeConfig> for Conn {
         option: RPCOption,
     ) -> std::result::Result<AppendEntriesResponse<u64>, RPCError<u64, Member, RaftError<u64>>>
     {
-        self.call(&rpc, &option, async |mut c, r| c.append_entries(r).await)
-            .await
+        let msg = encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let stream = self.stream.take();
+        let reply = match tokio::time::timeout(option.hard_ttl(), self.on_stream(stream, msg)).await
+        {
+            Ok(Ok((stream, reply))) => {
+                self.stream = Some(stream);
+                reply
+            }
+            Ok(Err(status)) => {
+                let e = std::io::Error::other(format!("peer {:x}: {status}", self.target));
+                return Err(match status.code() {
+                    tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&e)),
+                    _ => RPCError::Network(NetworkError::new(&e)),
+                });
+            }
+            Err(_) => {
+                let e = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("peer {:x}: timed out", self.target),
+                );
+                return Err(RPCError::Network(NetworkError::new(&e)));
+            }
+        };
+        self.peers
+            .last_ok
+            .lock()
+            .insert(self.target, std::time::Instant::now());
+        let result: std::result::Result<AppendEntriesResponse<u64>, RaftError<u64>> =
+            decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 
     async fn install_snapshot(
