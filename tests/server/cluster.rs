@@ -130,30 +130,17 @@ impl Net {
 
     /// Cuts member `i` off from everyone (members and clients).
     pub fn cut(&self, i: usize) {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.switch(),
-            "ip",
-            "link",
-            "set",
-            &self.port(i),
-            "down",
-        ]);
+        self.link(i, "down");
     }
 
     pub fn heal(&self, i: usize) {
+        self.link(i, "up");
+    }
+
+    fn link(&self, i: usize, state: &str) {
+        let (sw, port) = (self.switch(), self.port(i));
         sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.switch(),
-            "ip",
-            "link",
-            "set",
-            &self.port(i),
-            "up",
+            "ip", "netns", "exec", &sw, "ip", "link", "set", &port, state,
         ]);
     }
 
@@ -583,9 +570,18 @@ pub fn http_get(ip: &str, port: u16, path: &str) -> Option<String> {
     Some(buf)
 }
 
+/// The load value a get returned (None: key absent).
+pub fn value_of(resp: &etcd_client::GetResponse) -> Option<u64> {
+    resp.kvs()
+        .first()
+        .map(|kv| kv.value_str().unwrap().parse::<u64>().unwrap())
+}
+
 /// Concurrent clients doing linearizable gets and puts of unique values on
 /// a set of keys, each bound to one member, recording every operation.
 pub struct Load {
+    /// The origin of every recorded time.
+    pub started: Instant,
     stop: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<Vec<Op>>>,
     pub acked: Arc<AtomicU64>,
@@ -617,7 +613,12 @@ impl Load {
                 worker(url, w as u64, started, stop, acked, next_value).await
             }));
         }
-        Load { stop, tasks, acked }
+        Load {
+            started,
+            stop,
+            tasks,
+            acked,
+        }
     }
 
     /// Stops the clients and returns the history.
@@ -686,10 +687,7 @@ async fn worker(
             let r = tokio::time::timeout(Duration::from_secs(4), c.get(k, None)).await;
             match r {
                 Ok(Ok(resp)) => {
-                    let seen = resp
-                        .kvs()
-                        .first()
-                        .map(|kv| kv.value_str().unwrap().parse::<u64>().unwrap());
+                    let seen = value_of(&resp);
                     ops.push(Op {
                         key,
                         kind: OpKind::Get(seen),

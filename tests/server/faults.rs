@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::cluster::{Cluster, Load, LOAD_KEYS};
+use crate::cluster::{value_of, Cluster, Load, LOAD_KEYS};
 use crate::harness::Kind;
 use crate::linearizability::{self, Kind as OpKind, Op};
 
@@ -22,8 +22,8 @@ where
 {
     // Each key's value before the load (left by earlier scenarios).
     let initial = read_all(c, c.live()[0]).await;
-    let started = Instant::now();
     let load = Load::start(c, WORKERS).await;
+    let started = load.started;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     fault(c).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -32,21 +32,17 @@ where
     let (rev, hash) = c.converge().await;
     // Final reads of every key on every member join the history: an
     // acknowledged write missing anywhere fails the check.
-    let base = started.elapsed().as_nanos() as u64;
+    let now = || started.elapsed().as_nanos() as u64;
     for slot in c.live() {
         let mut client = c.client(&[slot]).await;
         for key in 0..LOAD_KEYS {
-            let call = base + started.elapsed().as_nanos() as u64;
+            let call = now();
             let r = client.get(format!("lin/{key:03}"), None).await.unwrap();
-            let seen = r
-                .kvs()
-                .first()
-                .map(|kv| kv.value_str().unwrap().parse::<u64>().unwrap());
             ops.push(Op {
                 key,
-                kind: OpKind::Get(seen),
+                kind: OpKind::Get(value_of(&r)),
                 call,
-                ret: Some(base + started.elapsed().as_nanos() as u64),
+                ret: Some(now()),
             });
         }
     }
