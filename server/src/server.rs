@@ -748,6 +748,15 @@ async fn discover(cfg: &Config) -> Result<Identity> {
                     let mut theirs = m.peer_ur_ls.clone();
                     theirs.sort();
                     if theirs == mine {
+                        // A member that already ran (it published its name)
+                        // has a log this empty data dir lost: it must be
+                        // removed and added again, as etcd requires.
+                        if !m.name.is_empty() {
+                            return Err(Error::Internal(format!(
+                                "member {:x} has already been bootstrapped",
+                                m.id
+                            )));
+                        }
                         return Ok(Identity {
                             cluster_id: resp.cluster_id,
                             member_id: m.id,

@@ -244,4 +244,27 @@ fn a_learner_serves_only_what_etcd_learners_serve() {
     let status = c.ctl(&[4], &["endpoint", "status"]);
     assert!(status.stdout.contains(", false, true, "), "{status:?}");
     assert_eq!(c.ctl(&[4], &["member", "list"]).code, 0);
+
+    // Its data lost, the member may not rejoin under the same ID (as etcd:
+    // it must be removed and added again).
+    c.kill9(4);
+    let dir = c
+        .nodes
+        .iter()
+        .find(|n| n.slot == 4)
+        .unwrap()
+        .dir
+        .join("data");
+    std::fs::remove_dir_all(&dir).unwrap();
+    c.restart(4);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !c.exited(4) {
+        assert!(std::time::Instant::now() < deadline, "{}", c.log(4));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        c.log(4).contains("has already been bootstrapped"),
+        "{}",
+        c.log(4)
+    );
 }
