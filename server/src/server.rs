@@ -806,6 +806,7 @@ async fn track_leadership(server: std::sync::Weak<EtcdServer>) {
                 .collect();
             s.replicated
                 .store(nodes.len() > 1 && leader, Ordering::Relaxed);
+            s.state.replicated.store(nodes.len() > 1, Ordering::Relaxed);
             let removed = {
                 let mut seen = s.seen_members.lock();
                 seen.extend(nodes.iter().copied());

@@ -49,6 +49,8 @@ pub struct KvState {
     min_lease_ttl: i64,
     /// This member's ID, to recognise the batches it proposed.
     member_id: u64,
+    /// Set while the cluster has other members (see `StateMachine::apply`).
+    pub replicated: std::sync::atomic::AtomicBool,
     /// Batches proposed here and not yet applied, by sequence number.
     pending: Mutex<std::collections::HashMap<u64, OnApplied>>,
 }
@@ -97,6 +99,7 @@ impl KvState {
             snapshot_seq: AtomicU64::new(0),
             min_lease_ttl,
             member_id,
+            replicated: Default::default(),
             pending: Mutex::new(Default::default()),
         })
     }
@@ -280,6 +283,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: Send,
     {
         let entries: Vec<_> = entries.into_iter().collect();
+        if self.state.replicated.load(Ordering::Relaxed) {
+            // With other members, let the Raft messages that are ready go
+            // first (openraft shares this thread): a follower then answers
+            // the leader's commit heartbeat before applying, and the
+            // leader's next entry, which waits for that answer (openraft
+            // keeps one message in flight per follower), leaves sooner.
+            // Measured on a 2-core VM, 3 members: 64-client puts 9.5k ->
+            // ~11k/s, 1-client 771 -> ~940/s; on one member it only costs.
+            tokio::task::yield_now().await;
+        }
         self.state.apply_entries(entries).map_err(io_err)
     }
 
