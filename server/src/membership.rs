@@ -6,7 +6,6 @@
 //! there through the peer service.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
@@ -19,7 +18,7 @@ use crate::proto::etcdserverpb::{
     MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest,
     MemberUpdateResponse,
 };
-use crate::proto::peerpb::PublishRequest;
+use crate::proto::peerpb::{PublishRequest, PublishResponse};
 use crate::raft::Member;
 use crate::server::EtcdServer;
 
@@ -216,8 +215,7 @@ impl EtcdServer {
     /// MemberPromote on the leader: only a learner that has caught up.
     pub async fn member_promote(&self, req: MemberPromoteRequest) -> Result<MemberPromoteResponse> {
         let _guard = self.membership_lock.lock().await;
-        let Some((_, _, learner)) = self.members().into_iter().find(|(id, _, _)| *id == req.id)
-        else {
+        let Some((_, learner)) = self.member(req.id) else {
             return Err(Error::MemberNotFound);
         };
         if !learner {
@@ -246,7 +244,7 @@ impl EtcdServer {
     /// Records a member's name and client URLs (on the leader).
     pub async fn publish_member(&self, req: PublishRequest) -> Result<()> {
         let _guard = self.membership_lock.lock().await;
-        let Some((_, node, _)) = self.members().into_iter().find(|(id, _, _)| *id == req.id) else {
+        let Some((node, _)) = self.member(req.id) else {
             return Err(Error::MemberNotFound);
         };
         if node.name == req.name && node.client_urls == req.client_urls {
@@ -368,11 +366,9 @@ pub async fn publish(server: std::sync::Weak<EtcdServer>) {
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let Some(s) = server.upgrade() else { return };
-        let me = s
-            .members()
-            .into_iter()
-            .find(|(id, _, _)| *id == s.member_id);
-        let Some((_, node, _)) = me else { continue };
+        let Some((node, _)) = s.member(s.member_id) else {
+            continue;
+        };
         if node.name == s.cfg.name && node.client_urls == s.cfg.advertise_client_urls {
             return;
         }
@@ -384,42 +380,16 @@ pub async fn publish(server: std::sync::Weak<EtcdServer>) {
             name: s.cfg.name.clone(),
             client_urls: s.cfg.advertise_client_urls.clone(),
         };
-        let result = if s.is_leader() {
-            s.publish_member(req).await
-        } else {
-            match s.leader_client() {
-                Ok(mut c) => c
-                    .publish(s.peers.request(req))
-                    .await
-                    .map(|_| ())
-                    .map_err(|st| Error::from_peer(&st)),
-                Err(e) => Err(e),
-            }
-        };
+        let forwarded = req.clone();
+        let result = s
+            .on_leader(
+                async || s.publish_member(req).await.map(|()| PublishResponse {}),
+                async |mut c| c.publish(s.peers.request(forwarded)).await,
+            )
+            .await;
         match result {
-            Ok(()) => info!(name = s.cfg.name, "published member attributes"),
+            Ok(_) => info!(name = s.cfg.name, "published member attributes"),
             Err(e) => warn!("publishing member attributes: {e}"),
         }
-    }
-}
-
-/// Forwards a membership call to the leader unless this member leads.
-pub async fn on_leader<T, F, Fut, G, GFut>(s: &Arc<EtcdServer>, local: F, remote: G) -> Result<T>
-where
-    F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = Result<T>>,
-    G: FnOnce(crate::proto::peerpb::peer_client::PeerClient<tonic::transport::Channel>) -> GFut,
-    GFut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
-{
-    s.not_learner()?;
-    s.wait_leader().await?;
-    if s.is_leader() {
-        return local().await;
-    }
-    let client = s.leader_client()?;
-    match tokio::time::timeout(s.request_timeout(), remote(client)).await {
-        Ok(Ok(r)) => Ok(r.into_inner()),
-        Ok(Err(st)) => Err(Error::from_peer(&st)),
-        Err(_) => Err(Error::Timeout),
     }
 }

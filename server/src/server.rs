@@ -25,7 +25,8 @@ use crate::proto::etcdserverpb::{
 };
 use crate::proto::peerpb::peer_client::PeerClient;
 use crate::proto::peerpb::{
-    LeaseRemainingRequest, LeaseRenewRequest, MembersRequest, ReadIndexRequest,
+    LeaseRemainingRequest, LeaseRemainingResponse, LeaseRenewRequest, LeaseRenewResponse,
+    MembersRequest, ReadIndexRequest,
 };
 use crate::proto::raftpb::{internal_request::Request, Batch, InternalRequest};
 use crate::raft::{
@@ -76,7 +77,7 @@ pub struct EtcdServer {
     /// it exclusively while the leader goes quiet.
     pub(crate) transfer_gate: tokio::sync::RwLock<()>,
     /// Whether this member leads others (its log then syncs in the background).
-    replicated: Arc<std::sync::atomic::AtomicBool>,
+    log_background_sync: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn map_write_err(e: RaftError<u64, ClientWriteError<u64, Member>>) -> Error {
@@ -135,7 +136,7 @@ impl EtcdServer {
         )?);
         let fsync = metrics.wal_fsync.clone();
         let log = LogStore::new(engine, move |secs| fsync.observe(secs));
-        let replicated = log.replicated();
+        let log_background_sync = log.background_sync();
         let election = cfg.election_timeout.as_millis() as u64;
         let raft_cfg = openraft::Config {
             cluster_name: cfg.initial_cluster_token.clone(),
@@ -217,7 +218,7 @@ impl EtcdServer {
             removed: tokio::sync::watch::channel(false).0,
             seen_members: Default::default(),
             transfer_gate: Default::default(),
-            replicated,
+            log_background_sync,
         });
         tokio::spawn(read_batcher(Arc::downgrade(&server), reads_rx));
         tokio::spawn(refresh_sizes(Arc::downgrade(&server)));
@@ -274,10 +275,8 @@ impl EtcdServer {
     /// Whether this member is a learner: learners serve only what etcd's
     /// do (serializable reads, member list, status).
     pub fn is_learner(&self) -> bool {
-        let m = self.raft.metrics().borrow().membership_config.clone();
-        let me = self.member_id;
-        m.membership().nodes().any(|(id, _)| *id == me)
-            && !m.membership().voter_ids().any(|id| id == me)
+        self.member(self.member_id)
+            .is_some_and(|(_, learner)| learner)
     }
 
     /// Waits until Raft's membership has this member.
@@ -469,53 +468,67 @@ impl EtcdServer {
         if leader == 0 {
             return Err(Error::NoLeader);
         }
-        let node = self
-            .members()
-            .into_iter()
-            .find(|(id, _, _)| *id == leader)
-            .map(|(_, m, _)| m)
-            .ok_or(Error::NoLeader)?;
+        let (node, _) = self.member(leader).ok_or(Error::NoLeader)?;
         self.peers.client(leader, &node.peer_urls)
+    }
+
+    /// Runs `local` on the leader, or has the leader run it through the
+    /// peer service (`remote`, given a client for the leader), bounded by
+    /// the request timeout.
+    pub async fn on_leader<T>(
+        &self,
+        local: impl AsyncFnOnce() -> Result<T>,
+        remote: impl AsyncFnOnce(
+            PeerClient<tonic::transport::Channel>,
+        ) -> std::result::Result<tonic::Response<T>, tonic::Status>,
+    ) -> Result<T> {
+        self.wait_leader().await?;
+        if self.is_leader() {
+            return local().await;
+        }
+        let client = self.leader_client()?;
+        match tokio::time::timeout(self.request_timeout(), remote(client)).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(st)) => Err(Error::from_peer(&st)),
+            Err(_) => Err(Error::Timeout),
+        }
     }
 
     /// Renews a lease on the leader's clock (forwarded there from other
     /// members). Returns the TTL, 0 if the lease does not exist.
     pub async fn lease_renew(&self, id: i64) -> Result<i64> {
         self.not_learner()?;
-        self.wait_leader().await?;
-        if !self.is_leader() {
-            let mut leader = self.leader_client()?;
-            let call = leader.lease_renew(self.peers.request(LeaseRenewRequest { id }));
-            return match tokio::time::timeout(self.request_timeout(), call).await {
-                Ok(r) => Ok(r.map_err(|s| Error::from_peer(&s))?.into_inner().ttl),
-                Err(_) => Err(Error::Timeout),
-            };
-        }
-        let ttl = self.state.store.read().lease(id).map(|l| l.ttl);
-        Ok(match ttl {
-            Some(ttl) => {
+        let local = async || {
+            let ttl = self.state.store.read().lease(id).map(|l| l.ttl);
+            if let Some(ttl) = ttl {
                 self.state.lessor.renew(id, ttl);
-                ttl
             }
-            None => 0,
-        })
+            Ok(LeaseRenewResponse {
+                ttl: ttl.unwrap_or(0),
+            })
+        };
+        let remote = async |mut c: PeerClient<_>| {
+            c.lease_renew(self.peers.request(LeaseRenewRequest { id }))
+                .await
+        };
+        Ok(self.on_leader(local, remote).await?.ttl)
     }
 
-    /// Seconds left on lease `id`'s clock, from the leader; None if this
-    /// member has no clock for it.
+    /// Seconds left on lease `id`'s clock, from the leader; None if the
+    /// leader has no clock for it.
     pub async fn lease_remaining(&self, id: i64) -> Result<Option<i64>> {
-        if self.is_leader() {
-            return Ok(self.state.lessor.remaining(id).map(|d| d.as_secs() as i64));
-        }
-        let mut leader = self.leader_client()?;
-        let call = leader.lease_remaining(self.peers.request(LeaseRemainingRequest { id }));
-        match tokio::time::timeout(self.request_timeout(), call).await {
-            Ok(r) => {
-                let ttl = r.map_err(|s| Error::from_peer(&s))?.into_inner().ttl;
-                Ok((ttl >= 0).then_some(ttl))
-            }
-            Err(_) => Err(Error::Timeout),
-        }
+        let local = async || {
+            let ttl = self.state.lessor.remaining(id).map(|d| d.as_secs() as i64);
+            Ok(LeaseRemainingResponse {
+                ttl: ttl.unwrap_or(-1),
+            })
+        };
+        let remote = async |mut c: PeerClient<_>| {
+            c.lease_remaining(self.peers.request(LeaseRemainingRequest { id }))
+                .await
+        };
+        let ttl = self.on_leader(local, remote).await?.ttl;
+        Ok((ttl >= 0).then_some(ttl))
     }
 
     /// Members as Raft's applied membership has them: (id, member, is_learner).
@@ -526,6 +539,14 @@ impl EtcdServer {
             .nodes()
             .map(|(id, node)| (*id, node.clone(), !voters.contains(id)))
             .collect()
+    }
+
+    /// One member as Raft's membership has it: (member, is_learner).
+    pub fn member(&self, id: u64) -> Option<(Member, bool)> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let node = m.membership().get_node(&id)?.clone();
+        let voter = m.membership().voter_ids().any(|v| v == id);
+        Some((node, !voter))
     }
 
     /// Stops Raft.
@@ -804,7 +825,7 @@ async fn track_leadership(server: std::sync::Weak<EtcdServer>) {
                 .nodes()
                 .map(|(id, _)| *id)
                 .collect();
-            s.replicated
+            s.log_background_sync
                 .store(nodes.len() > 1 && leader, Ordering::Relaxed);
             s.state.replicated.store(nodes.len() > 1, Ordering::Relaxed);
             let removed = {

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::membership::on_leader;
 use crate::proto::etcdserverpb::{
     cluster_server::Cluster, MemberAddRequest, MemberAddResponse, MemberListRequest,
     MemberListResponse, MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest,
@@ -29,15 +28,16 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
-        let r = req.into_inner();
         let s = &self.s;
-        let r2 = r.clone();
-        let resp = on_leader(
-            s,
-            || s.member_add(r),
-            |mut c| async move { c.member_add(s.peers.request(r2)).await },
-        )
-        .await?;
+        s.not_learner()?;
+        let r = req.into_inner();
+        let forwarded = r.clone();
+        let resp = s
+            .on_leader(
+                async || s.member_add(r).await,
+                async |mut c| c.member_add(s.peers.request(forwarded)).await,
+            )
+            .await?;
         Ok(Response::new(resp))
     }
 
@@ -45,14 +45,15 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
-        let r = req.into_inner();
         let s = &self.s;
-        let resp = on_leader(
-            s,
-            || s.member_remove(r),
-            |mut c| async move { c.member_remove(s.peers.request(r)).await },
-        )
-        .await?;
+        s.not_learner()?;
+        let r = req.into_inner();
+        let resp = s
+            .on_leader(
+                async || s.member_remove(r).await,
+                async |mut c| c.member_remove(s.peers.request(r)).await,
+            )
+            .await?;
         Ok(Response::new(resp))
     }
 
@@ -60,15 +61,16 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
-        let r = req.into_inner();
         let s = &self.s;
-        let r2 = r.clone();
-        let resp = on_leader(
-            s,
-            || s.member_update(r),
-            |mut c| async move { c.member_update(s.peers.request(r2)).await },
-        )
-        .await?;
+        s.not_learner()?;
+        let r = req.into_inner();
+        let forwarded = r.clone();
+        let resp = s
+            .on_leader(
+                async || s.member_update(r).await,
+                async |mut c| c.member_update(s.peers.request(forwarded)).await,
+            )
+            .await?;
         Ok(Response::new(resp))
     }
 
@@ -92,14 +94,15 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
-        let r = req.into_inner();
         let s = &self.s;
-        let resp = on_leader(
-            s,
-            || s.member_promote(r),
-            |mut c| async move { c.member_promote(s.peers.request(r)).await },
-        )
-        .await?;
+        s.not_learner()?;
+        let r = req.into_inner();
+        let resp = s
+            .on_leader(
+                async || s.member_promote(r).await,
+                async |mut c| c.member_promote(s.peers.request(r)).await,
+            )
+            .await?;
         Ok(Response::new(resp))
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
+use super::unexpected;
 use crate::error::Error;
 use crate::mvcc::{validate, Applied};
 use crate::proto::etcdserverpb::{
@@ -26,10 +27,6 @@ impl KvService {
     pub fn new(s: Arc<EtcdServer>) -> Self {
         Self { s }
     }
-}
-
-fn unexpected(a: Applied) -> Status {
-    Error::Internal(format!("unexpected apply result {a:?}")).into()
 }
 
 fn txn_is_serializable(t: &TxnRequest) -> bool {

@@ -83,7 +83,7 @@ impl Lease for Arc<LeaseService> {
                 self.s.fill(&mut resp.header);
                 Ok(Response::new(resp))
             }
-            other => Err(Error::Internal(format!("unexpected apply result {other:?}")).into()),
+            other => Err(super::unexpected(other)),
         }
     }
 
@@ -101,7 +101,7 @@ impl Lease for Arc<LeaseService> {
                 self.s.fill(&mut resp.header);
                 Ok(Response::new(resp))
             }
-            other => Err(Error::Internal(format!("unexpected apply result {other:?}")).into()),
+            other => Err(super::unexpected(other)),
         }
     }
 

@@ -43,7 +43,7 @@ impl Maintenance for MaintenanceService {
                 self.s.fill(&mut resp.header);
                 Ok(Response::new(resp))
             }
-            other => Err(Error::Internal(format!("unexpected apply result {other:?}")).into()),
+            other => Err(super::unexpected(other)),
         }
     }
 

@@ -32,6 +32,11 @@ use crate::proto::etcdserverpb::{
 };
 use crate::server::{EtcdServer, ETCD_CLUSTER_VERSION, ETCD_VERSION};
 
+/// A state-machine result of the wrong kind for the request (a bug).
+pub(crate) fn unexpected(a: crate::mvcc::Applied) -> tonic::Status {
+    Error::Internal(format!("unexpected apply result {a:?}")).into()
+}
+
 /// gRPC allows this much above `--max-request-bytes` (etcd's `grpcOverheadBytes`).
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 

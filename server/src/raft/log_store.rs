@@ -29,9 +29,9 @@ pub struct LogStore {
     writer: Arc<LogWriter>,
     /// The newest entries (entry payloads are shared, clones are cheap).
     cache: Arc<Mutex<BTreeMap<u64, Entry<TypeConfig>>>>,
-    /// Set while the cluster has other members: appends are then synced in
-    /// the background (see `storage::log_writer`).
-    replicated: Arc<std::sync::atomic::AtomicBool>,
+    /// Set while this member leads others: appends are then synced in the
+    /// background (see `storage::log_writer`).
+    background_sync: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl LogStore {
@@ -41,13 +41,13 @@ impl LogStore {
             engine,
             writer,
             cache: Arc::default(),
-            replicated: Arc::default(),
+            background_sync: Arc::default(),
         }
     }
 
     /// The switch between inline and background syncs.
-    pub fn replicated(&self) -> Arc<std::sync::atomic::AtomicBool> {
-        self.replicated.clone()
+    pub fn background_sync(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.background_sync.clone()
     }
 
     fn last_on_disk(&self) -> Result<Option<Entry<TypeConfig>>, StorageError> {
@@ -142,7 +142,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         let mut callback = Some(callback);
         if !encoded.is_empty() {
-            let result = if self.replicated.load(std::sync::atomic::Ordering::Relaxed) {
+            let result = if self
+                .background_sync
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
                 let cb = callback.take().expect("not yet used");
                 self.writer.write_then_sync(
                     LogOp::Append(encoded),

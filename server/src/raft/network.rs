@@ -195,7 +195,28 @@ impl Conn {
         let msg = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut request = self.peers.request(msg);
         request.set_timeout(option.hard_ttl());
-        let reply = match tokio::time::timeout(option.hard_ttl(), f(client, request)).await {
+        let outcome = tokio::time::timeout(option.hard_ttl(), f(client, request))
+            .await
+            .map(|r| r.map(tonic::Response::into_inner));
+        self.reply(outcome)
+    }
+
+    /// Turns a call's outcome into openraft's terms: a timeout or transport
+    /// failure is a network error (Unreachable when no connection was had),
+    /// the reply the bincode of `Result<Resp, E>`, whose error is the remote
+    /// Raft's own.
+    fn reply<Resp, E>(
+        &self,
+        outcome: std::result::Result<
+            std::result::Result<RaftMessage, tonic::Status>,
+            tokio::time::error::Elapsed,
+        >,
+    ) -> std::result::Result<Resp, RPCError<u64, Member, E>>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let reply = match outcome {
             Err(_) => {
                 let e = std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
@@ -213,7 +234,7 @@ impl Conn {
                     _ => RPCError::Network(NetworkError::new(&e)),
                 });
             }
-            Ok(Ok(r)) => r.into_inner(),
+            Ok(Ok(r)) => r,
         };
         self.peers
             .last_ok
@@ -223,9 +244,7 @@ impl Conn {
             decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
-}
 
-impl Conn {
     /// One request and its reply on the AppendEntries stream (opened if
     /// needed).
     async fn on_stream(
@@ -268,35 +287,17 @@ impl RaftNetwork<TypeConfig> for Conn {
     ) -> std::result::Result<AppendEntriesResponse<u64>, RPCError<u64, Member, RaftError<u64>>>
     {
         let msg = encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        // The stream is kept only while it works: any failure drops it.
         let stream = self.stream.take();
-        let reply = match tokio::time::timeout(option.hard_ttl(), self.on_stream(stream, msg)).await
-        {
-            Ok(Ok((stream, reply))) => {
-                self.stream = Some(stream);
-                reply
-            }
-            Ok(Err(status)) => {
-                let e = std::io::Error::other(format!("peer {:x}: {status}", self.target));
-                return Err(match status.code() {
-                    tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&e)),
-                    _ => RPCError::Network(NetworkError::new(&e)),
-                });
-            }
-            Err(_) => {
-                let e = std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("peer {:x}: timed out", self.target),
-                );
-                return Err(RPCError::Network(NetworkError::new(&e)));
-            }
-        };
-        self.peers
-            .last_ok
-            .lock()
-            .insert(self.target, std::time::Instant::now());
-        let result: std::result::Result<AppendEntriesResponse<u64>, RaftError<u64>> =
-            decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        let outcome = tokio::time::timeout(option.hard_ttl(), self.on_stream(stream, msg))
+            .await
+            .map(|r| {
+                r.map(|(stream, reply)| {
+                    self.stream = Some(stream);
+                    reply
+                })
+            });
+        self.reply(outcome)
     }
 
     async fn install_snapshot(
