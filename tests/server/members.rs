@@ -167,10 +167,15 @@ fn transcript(net: u64, kind: Kind) -> Vec<String> {
     out.into_iter().map(|s| mask(&tidy(&s, &new_id))).collect()
 }
 
-/// The added member's random ID as NEWID; member lines and the
+/// The added member's random ID (and its padding) as NEWID; member lines and the
 /// ETCD_INITIAL_CLUSTER entries (printed in Go's map order) sorted.
 fn tidy(s: &str, new_id: &str) -> String {
     let s = s.replace(new_id, "NEWID");
+    // etcdctl prints "Member %16x": an ID under 16 hex digits comes padded.
+    let s = Regex::new(" +NEWID")
+        .unwrap()
+        .replace_all(&s, " NEWID")
+        .into_owned();
     let s = Regex::new(r#"ETCD_INITIAL_CLUSTER="([^"]*)""#)
         .unwrap()
         .replace(&s, |c: &regex::Captures| {
