@@ -216,6 +216,8 @@ pub struct Cluster {
     pub net: Net,
     pub nodes: Vec<Node>,
     pub root: tempfile::TempDir,
+    /// Writes of earlier loads on this cluster whose outcome is unknown.
+    pub unknown_writes: Vec<crate::linearizability::Op>,
     extra: Vec<String>,
 }
 
@@ -236,6 +238,7 @@ impl Cluster {
             net: Net::new(net),
             nodes: Vec::new(),
             root: tempfile::tempdir().unwrap(),
+            unknown_writes: Vec::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         let initial: Vec<String> = (1..=n).map(|i| format!("m{i}={}", c.peer_url(i))).collect();
@@ -582,6 +585,8 @@ pub fn value_of(resp: &etcd_client::GetResponse) -> Option<u64> {
 pub struct Load {
     /// The origin of every recorded time.
     pub started: Instant,
+    /// The first value this load writes (values are unique across loads).
+    pub first_value: u64,
     stop: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<Vec<Op>>>,
     pub acked: Arc<AtomicU64>,
@@ -598,10 +603,8 @@ impl Load {
         let acked = Arc::new(AtomicU64::new(0));
         let started = Instant::now();
         let next_value = Arc::new(AtomicU64::new(0));
-        next_value.store(
-            NEXT_VALUE.fetch_add(1 << 32, Ordering::Relaxed) + 1,
-            Ordering::Relaxed,
-        );
+        let first_value = NEXT_VALUE.fetch_add(1 << 32, Ordering::Relaxed) + 1;
+        next_value.store(first_value, Ordering::Relaxed);
         let live = c.live();
         let mut tasks = Vec::new();
         for w in 0..workers {
@@ -615,6 +618,7 @@ impl Load {
         }
         Load {
             started,
+            first_value,
             stop,
             tasks,
             acked,

@@ -24,6 +24,7 @@ where
     let initial = read_all(c, c.live()[0]).await;
     let load = Load::start(c, WORKERS).await;
     let started = load.started;
+    let load_first_value = load.first_value;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     fault(c).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -47,6 +48,20 @@ where
         }
     }
     let unknown = ops.iter().filter(|o| o.ret.is_none()).count();
+    // Writes of earlier scenarios whose outcome is unknown may still take
+    // effect now (a request held up by a cut link can reach a member
+    // seconds after its client gave up): they join as invoked at the start.
+    let carried: Vec<Op> = c
+        .unknown_writes
+        .iter()
+        .map(|o| Op {
+            call: 0,
+            ..o.clone()
+        })
+        .collect();
+    c.unknown_writes
+        .extend(ops.iter().filter(|o| o.ret.is_none()).cloned());
+    ops.extend(carried);
     let acked = acked.load(std::sync::atomic::Ordering::Relaxed);
     eprintln!(
         "{name}: {} ops, {acked} acknowledged writes, {unknown} unknown outcomes; converged at revision {rev} (hash {hash})",
@@ -58,7 +73,11 @@ where
         c.logs()
     );
     if let Err(e) = linearizability::check(&ops, &initial) {
-        panic!("{name}: history not linearizable: {e}\n{}", c.logs());
+        panic!(
+            "{name}: history not linearizable: {e} (this scenario's values start at {})\n{}",
+            load_first_value,
+            c.logs()
+        );
     }
 }
 
