@@ -1,0 +1,351 @@
+//! The `EtcdCluster` custom resource (group `cairn.dev`, version `v1alpha1`): spec, status and
+//! conditions. Pure types and small helpers; nothing here talks to Kubernetes or to members.
+//!
+//! The schema is generated from these types (`crdgen`), so the API server itself refuses bad
+//! objects: `size` outside 1..9, storage sizes that are not quantities, unknown enum values.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The Kubernetes quantity syntax (`resource.Quantity`): `1Gi`, `500M`, `0.5`, `1e3`.
+pub const QUANTITY_PATTERN: &str =
+    r"^([+-]?[0-9]+(\.[0-9]*)?|[+-]?\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?[0-9]+))?$";
+
+/// Desired state of a cairn cluster.
+// Each `printcolumn(...)` repeats `type_ = …`, which clippy takes for a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "cairn.dev",
+    version = "v1alpha1",
+    kind = "EtcdCluster",
+    plural = "etcdclusters",
+    shortname = "etcd",
+    category = "cairn",
+    namespaced,
+    status = "EtcdClusterStatus",
+    derive = "PartialEq",
+    doc = "An etcd-compatible cairn cluster: a StatefulSet of members, their Services and a PodDisruptionBudget.",
+    printcolumn(name = "Size", type_ = "integer", json_path = ".spec.size"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyMembers"),
+    printcolumn(name = "Leader", type_ = "string", json_path = ".status.leader"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct EtcdClusterSpec {
+    /// Number of voting members. Even sizes are allowed but tolerate no more failures than the
+    /// odd size below them.
+    #[serde(default = "default_size")]
+    #[schemars(range(min = 1, max = 9))]
+    pub size: i32,
+    /// Container image of cairn. Default: the cairn image of the operator's own version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Persistent storage: one PersistentVolumeClaim per member.
+    #[serde(default)]
+    pub storage: StorageSpec,
+    /// CPU and memory of each member's container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// How members are spread across the topology (by default one per node, preferred).
+    #[serde(default)]
+    pub anti_affinity: AntiAffinitySpec,
+    /// Additions to the members' pods.
+    #[serde(default)]
+    pub pod_template: PodTemplateSpec,
+    /// The PodDisruptionBudget that keeps voluntary disruptions from breaking quorum.
+    #[serde(default)]
+    pub pod_disruption_budget: PodDisruptionBudgetSpec,
+    /// While true the operator changes nothing (it still reports status).
+    #[serde(default)]
+    pub paused: bool,
+}
+
+fn default_size() -> i32 {
+    3
+}
+
+/// Persistent storage of each member.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
+    /// Requested size of each member's volume, a Kubernetes quantity such as `10Gi`.
+    #[serde(default = "default_storage_size")]
+    #[schemars(regex(pattern = QUANTITY_PATTERN))]
+    pub size: String,
+    /// StorageClass of the volumes; the cluster's default class when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+}
+
+impl Default for StorageSpec {
+    fn default() -> Self {
+        StorageSpec {
+            size: default_storage_size(),
+            storage_class_name: None,
+        }
+    }
+}
+
+fn default_storage_size() -> String {
+    "8Gi".to_string()
+}
+
+/// Whether spreading members apart is a preference or a requirement of the scheduler.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum AntiAffinityMode {
+    /// Spread when possible; members may share a topology domain when nothing else fits.
+    #[default]
+    Preferred,
+    /// Never place two members in one topology domain (pods stay Pending instead).
+    Required,
+}
+
+/// Pod anti-affinity between the members of one cluster.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AntiAffinitySpec {
+    /// `preferred` (default) or `required`.
+    #[serde(default)]
+    pub mode: AntiAffinityMode,
+    /// The node label that defines a failure domain.
+    #[serde(default = "default_topology_key")]
+    #[schemars(length(min = 1))]
+    pub topology_key: String,
+}
+
+impl Default for AntiAffinitySpec {
+    fn default() -> Self {
+        AntiAffinitySpec {
+            mode: AntiAffinityMode::default(),
+            topology_key: default_topology_key(),
+        }
+    }
+}
+
+fn default_topology_key() -> String {
+    "kubernetes.io/hostname".to_string()
+}
+
+/// What users may add to the members' pods.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodTemplateSpec {
+    /// Extra pod labels (the operator's own labels win on conflict).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Extra pod annotations.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Node and pod affinity, merged with the members' own anti-affinity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+}
+
+/// The PodDisruptionBudget of the members.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodDisruptionBudgetSpec {
+    /// Create one (default true). Its maxUnavailable keeps a quorum of voters.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+impl Default for PodDisruptionBudgetSpec {
+    fn default() -> Self {
+        PodDisruptionBudgetSpec { enabled: true }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Observed state of a cairn cluster.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EtcdClusterStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Voting members in the cluster's member list.
+    #[serde(default)]
+    pub size: i32,
+    /// Members that answer their Status RPC.
+    #[serde(default)]
+    pub ready_members: i32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberStatus>,
+    /// Name of the leader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+    /// The cluster ID (hex, as etcdctl prints it). Set once the first bootstrap succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
+    /// The membership step in progress; an edit of `spec.size` waits until it is finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<Operation>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// One member as the cluster reports it.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberStatus {
+    /// Member (and pod) name; empty for a member added but not started yet.
+    pub name: String,
+    /// Member ID, hex.
+    pub id: String,
+    #[serde(default)]
+    pub leader: bool,
+    #[serde(default)]
+    pub learner: bool,
+    #[serde(default)]
+    pub healthy: bool,
+}
+
+/// The kind of a membership step.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum OperationKind {
+    /// A learner was added for the next ordinal; it is promoted once it caught up.
+    ScaleUp,
+    /// The highest ordinal was removed from the member list; its pod and volume go next.
+    ScaleDown,
+    /// A member that lost its data is being removed and added again as a new member.
+    Replace,
+}
+
+/// A membership step in progress.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Operation {
+    pub kind: OperationKind,
+    /// The member (pod) the step is about.
+    pub member: String,
+    /// The size the step leads to.
+    pub target_size: i32,
+    pub started_at: Time,
+}
+
+/// Condition types.
+pub mod condition {
+    pub const AVAILABLE: &str = "Available";
+    pub const PROGRESSING: &str = "Progressing";
+    pub const DEGRADED: &str = "Degraded";
+}
+
+impl EtcdClusterStatus {
+    /// Sets a condition, keeping its `lastTransitionTime` when the status did not change.
+    pub fn set_condition(
+        &mut self,
+        type_: &str,
+        status: bool,
+        reason: &str,
+        message: impl Into<String>,
+        generation: Option<i64>,
+        now: &Time,
+    ) {
+        let status = if status { "True" } else { "False" }.to_string();
+        let message = message.into();
+        if let Some(c) = self.conditions.iter_mut().find(|c| c.type_ == type_) {
+            if c.status != status {
+                c.last_transition_time = now.clone();
+            }
+            c.status = status;
+            c.reason = reason.to_string();
+            c.message = message;
+            c.observed_generation = generation;
+        } else {
+            self.conditions.push(Condition {
+                type_: type_.to_string(),
+                status,
+                reason: reason.to_string(),
+                message,
+                observed_generation: generation,
+                last_transition_time: now.clone(),
+            });
+        }
+    }
+
+    /// The condition of a type, if set.
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_fill_an_empty_spec() {
+        let spec: EtcdClusterSpec = serde_json::from_str("{}").unwrap();
+        assert_eq!(spec.size, 3);
+        assert_eq!(spec.storage.size, "8Gi");
+        assert_eq!(spec.anti_affinity.mode, AntiAffinityMode::Preferred);
+        assert_eq!(spec.anti_affinity.topology_key, "kubernetes.io/hostname");
+        assert!(spec.pod_disruption_budget.enabled);
+        assert!(!spec.paused);
+    }
+
+    #[test]
+    fn quantity_pattern_accepts_quantities_only() {
+        let re = regex::Regex::new(QUANTITY_PATTERN).unwrap();
+        for ok in [
+            "1Gi", "500M", "10", "0.5", "1e3", "100Mi", "2Ti", "+1", ".5",
+        ] {
+            assert!(re.is_match(ok), "{ok}");
+        }
+        for bad in ["", "Gi", "1GB", "ten", "1 Gi", "-"] {
+            assert!(!re.is_match(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn condition_keeps_transition_time_while_status_holds() {
+        let mut st = EtcdClusterStatus::default();
+        let t0 = Time(jiff::Timestamp::from_second(1000).unwrap());
+        let t1 = Time(jiff::Timestamp::from_second(2000).unwrap());
+        st.set_condition(condition::AVAILABLE, true, "QuorumUp", "ok", Some(1), &t0);
+        st.set_condition(
+            condition::AVAILABLE,
+            true,
+            "QuorumUp",
+            "still",
+            Some(2),
+            &t1,
+        );
+        let c = st.condition(condition::AVAILABLE).unwrap();
+        assert_eq!(c.last_transition_time, t0);
+        assert_eq!(c.message, "still");
+        st.set_condition(
+            condition::AVAILABLE,
+            false,
+            "QuorumLost",
+            "no",
+            Some(2),
+            &t1,
+        );
+        let c = st.condition(condition::AVAILABLE).unwrap();
+        assert_eq!(c.last_transition_time, t1);
+        assert_eq!(c.status, "False");
+        assert_eq!(st.conditions.len(), 1);
+    }
+}

@@ -1,0 +1,883 @@
+//! Pure builders: an `EtcdCluster` (plus the few facts the controller observed) in, the desired
+//! children out: the headless peer Service, the client Service, the bootstrap ConfigMap, the
+//! StatefulSet and the PodDisruptionBudget. No I/O; every name is derived from the cluster's name,
+//! so repeated reconciles apply the same objects.
+//!
+//! How a member learns its flags: `--name` and the advertised URLs come from the pod name
+//! (`$(POD_NAME)`) and the peer Service's DNS name; `--initial-cluster`, `--initial-cluster-state`
+//! and `--initial-cluster-token` come from the ConfigMap, read when the container starts. The
+//! controller keeps that ConfigMap at `new` with the first members only until the first bootstrap
+//! succeeded, then at `existing` with the current member list, so a member started later (scale
+//! up, replacement) joins instead of founding a cluster of its own. Changing it never restarts a
+//! running pod, and neither does a resize: the pod template does not depend on the member count.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
+    StatefulSetUpdateStrategy,
+};
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, ConfigMap, ConfigMapKeySelector, Container, ContainerPort, EnvVar,
+    EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, SecurityContext, Service, ServicePort, ServiceSpec, VolumeMount,
+    VolumeResourceRequirements, WeightedPodAffinityTerm,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+
+use crate::crd::{AntiAffinityMode, EtcdCluster};
+
+/// Client port of every member.
+pub const CLIENT_PORT: i32 = 2379;
+/// Peer (Raft) port of every member.
+pub const PEER_PORT: i32 = 2380;
+/// Where each member's volume is mounted; the data dir lives below it.
+pub const DATA_MOUNT: &str = "/var/lib/cairn";
+/// Name of the volume claim template (PVCs are `data-<pod>`).
+pub const DATA_VOLUME: &str = "data";
+/// ConfigMap keys read by the members at start.
+pub const KEY_INITIAL_CLUSTER: &str = "initial-cluster";
+pub const KEY_INITIAL_CLUSTER_STATE: &str = "initial-cluster-state";
+pub const KEY_INITIAL_CLUSTER_TOKEN: &str = "initial-cluster-token";
+/// The uid/gid cairn runs as (the image's user).
+pub const RUN_AS: i64 = 65532;
+
+/// The image members run when `spec.image` is unset: cairn of the operator's own version.
+pub fn default_image() -> String {
+    format!("cairn:{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Deterministic names of a cluster's children and members.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Names {
+    pub cluster: String,
+    pub namespace: String,
+}
+
+impl Names {
+    pub fn of(ec: &EtcdCluster) -> Names {
+        Names {
+            cluster: ec.name_any(),
+            namespace: ec.namespace().unwrap_or_else(|| "default".to_string()),
+        }
+    }
+    /// The client Service (and the StatefulSet, PDB): the cluster's own name.
+    pub fn client_service(&self) -> String {
+        self.cluster.clone()
+    }
+    /// The headless Service that gives every member a stable DNS name.
+    pub fn peer_service(&self) -> String {
+        format!("{}-peer", self.cluster)
+    }
+    pub fn statefulset(&self) -> String {
+        self.cluster.clone()
+    }
+    pub fn pdb(&self) -> String {
+        self.cluster.clone()
+    }
+    pub fn configmap(&self) -> String {
+        format!("{}-bootstrap", self.cluster)
+    }
+    /// Member (and pod) name of an ordinal.
+    pub fn member(&self, ordinal: i32) -> String {
+        format!("{}-{}", self.cluster, ordinal)
+    }
+    /// The ordinal of a member name of this cluster.
+    pub fn ordinal(&self, member: &str) -> Option<i32> {
+        let rest = member.strip_prefix(&self.cluster)?.strip_prefix('-')?;
+        if rest.is_empty()
+            || !rest.bytes().all(|b| b.is_ascii_digit())
+            || rest.len() > 1 && rest.starts_with('0')
+        {
+            return None;
+        }
+        rest.parse().ok()
+    }
+    /// The PVC of an ordinal.
+    pub fn pvc(&self, ordinal: i32) -> String {
+        format!("{DATA_VOLUME}-{}", self.member(ordinal))
+    }
+    /// DNS name of a member, resolvable inside the cluster.
+    pub fn host(&self, ordinal: i32) -> String {
+        format!(
+            "{}.{}.{}.svc",
+            self.member(ordinal),
+            self.peer_service(),
+            self.namespace
+        )
+    }
+    pub fn peer_url(&self, ordinal: i32) -> String {
+        format!("http://{}:{PEER_PORT}", self.host(ordinal))
+    }
+    pub fn client_url(&self, ordinal: i32) -> String {
+        format!("http://{}:{CLIENT_PORT}", self.host(ordinal))
+    }
+    /// `--initial-cluster` naming the given ordinals.
+    pub fn initial_cluster(&self, ordinals: impl IntoIterator<Item = i32>) -> String {
+        ordinals
+            .into_iter()
+            .map(|i| format!("{}={}", self.member(i), self.peer_url(i)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// Labels that select a cluster's member pods.
+pub fn selector_labels(ec: &EtcdCluster) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "cairn".to_string()),
+        ("app.kubernetes.io/instance".to_string(), ec.name_any()),
+    ])
+}
+
+/// Labels of every child object.
+pub fn labels(ec: &EtcdCluster) -> BTreeMap<String, String> {
+    let mut l = selector_labels(ec);
+    l.insert(
+        "app.kubernetes.io/managed-by".to_string(),
+        "cairn-operator".to_string(),
+    );
+    l.insert(
+        "app.kubernetes.io/component".to_string(),
+        "etcd".to_string(),
+    );
+    l
+}
+
+fn meta(ec: &EtcdCluster, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: ec.namespace(),
+        labels: Some(labels(ec)),
+        owner_references: ec.controller_owner_ref(&()).map(|r| vec![r]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The headless Service behind the members' DNS names. It publishes members before they are
+/// ready: peers must find each other to become ready at all.
+pub fn peer_service(ec: &EtcdCluster) -> Service {
+    let names = Names::of(ec);
+    Service {
+        metadata: meta(ec, names.peer_service()),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".to_string()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(selector_labels(ec)),
+            ports: Some(vec![port("peer", PEER_PORT), port("client", CLIENT_PORT)]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The Service clients use: ready members only.
+pub fn client_service(ec: &EtcdCluster) -> Service {
+    let names = Names::of(ec);
+    Service {
+        metadata: meta(ec, names.client_service()),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".to_string()),
+            selector: Some(selector_labels(ec)),
+            ports: Some(vec![port("client", CLIENT_PORT)]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+fn port(name: &str, port: i32) -> ServicePort {
+    ServicePort {
+        name: Some(name.to_string()),
+        port,
+        target_port: Some(IntOrString::Int(port)),
+        protocol: Some("TCP".to_string()),
+        ..ServicePort::default()
+    }
+}
+
+/// What members read at start: `initial_cluster` for `--initial-cluster`, and whether they found
+/// a new cluster (`new`, the first bootstrap only) or join one (`existing`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bootstrap {
+    pub initial_cluster: String,
+    pub new_cluster: bool,
+}
+
+/// The `--initial-cluster-token`: unique per EtcdCluster object, so a cluster deleted and created
+/// again under the same name gets a new cluster ID.
+pub fn cluster_token(ec: &EtcdCluster) -> String {
+    match ec.uid() {
+        Some(uid) => format!("{}-{uid}", ec.name_any()),
+        None => ec.name_any(),
+    }
+}
+
+/// The ConfigMap the members read their bootstrap flags from.
+pub fn bootstrap_configmap(ec: &EtcdCluster, b: &Bootstrap) -> ConfigMap {
+    let names = Names::of(ec);
+    let state = if b.new_cluster { "new" } else { "existing" };
+    ConfigMap {
+        metadata: meta(ec, names.configmap()),
+        data: Some(BTreeMap::from([
+            (KEY_INITIAL_CLUSTER.to_string(), b.initial_cluster.clone()),
+            (KEY_INITIAL_CLUSTER_STATE.to_string(), state.to_string()),
+            (KEY_INITIAL_CLUSTER_TOKEN.to_string(), cluster_token(ec)),
+        ])),
+        ..ConfigMap::default()
+    }
+}
+
+fn env_value(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value: Some(value.into()),
+        value_from: None,
+    }
+}
+
+fn env_from_configmap(name: &str, configmap: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            config_map_key_ref: Some(ConfigMapKeySelector {
+                name: configmap.to_string(),
+                key: key.to_string(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
+/// The flags of a member, as the container's arguments. `$(VAR)` is expanded by the kubelet.
+pub fn member_args(ec: &EtcdCluster) -> Vec<String> {
+    let names = Names::of(ec);
+    let host = format!(
+        "$(POD_NAME).{}.{}.svc",
+        names.peer_service(),
+        names.namespace
+    );
+    vec![
+        "--name=$(POD_NAME)".to_string(),
+        format!("--data-dir={DATA_MOUNT}/data"),
+        format!("--listen-client-urls=http://0.0.0.0:{CLIENT_PORT}"),
+        format!("--advertise-client-urls=http://{host}:{CLIENT_PORT}"),
+        format!("--listen-peer-urls=http://0.0.0.0:{PEER_PORT}"),
+        format!("--initial-advertise-peer-urls=http://{host}:{PEER_PORT}"),
+        "--initial-cluster=$(INITIAL_CLUSTER)".to_string(),
+        "--initial-cluster-state=$(INITIAL_CLUSTER_STATE)".to_string(),
+        "--initial-cluster-token=$(INITIAL_CLUSTER_TOKEN)".to_string(),
+    ]
+}
+
+/// The members' affinity: the user's, plus anti-affinity between this cluster's members.
+pub fn affinity(ec: &EtcdCluster) -> Affinity {
+    let spec = &ec.spec;
+    let term = PodAffinityTerm {
+        label_selector: Some(LabelSelector {
+            match_labels: Some(selector_labels(ec)),
+            match_expressions: None,
+        }),
+        topology_key: spec.anti_affinity.topology_key.clone(),
+        ..PodAffinityTerm::default()
+    };
+    let mut affinity = spec.pod_template.affinity.clone().unwrap_or_default();
+    let anti = affinity
+        .pod_anti_affinity
+        .get_or_insert_with(PodAntiAffinity::default);
+    match spec.anti_affinity.mode {
+        AntiAffinityMode::Preferred => anti
+            .preferred_during_scheduling_ignored_during_execution
+            .get_or_insert_with(Vec::new)
+            .push(WeightedPodAffinityTerm {
+                weight: 100,
+                pod_affinity_term: term,
+            }),
+        AntiAffinityMode::Required => anti
+            .required_during_scheduling_ignored_during_execution
+            .get_or_insert_with(Vec::new)
+            .push(term),
+    }
+    affinity
+}
+
+fn probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_string()),
+            port: IntOrString::Int(CLIENT_PORT),
+            scheme: Some("HTTP".to_string()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(5),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    }
+}
+
+/// The members' StatefulSet with `replicas` pods. The template does not depend on the size, so
+/// growing or shrinking it restarts no running member.
+pub fn statefulset(ec: &EtcdCluster, replicas: i32) -> StatefulSet {
+    let names = Names::of(ec);
+    let spec = &ec.spec;
+    let tmpl = &spec.pod_template;
+    let configmap = names.configmap();
+
+    let mut pod_labels = tmpl.labels.clone();
+    pod_labels.extend(labels(ec));
+
+    let container = Container {
+        name: "cairn".to_string(),
+        image: Some(spec.image.clone().unwrap_or_else(default_image)),
+        args: Some(member_args(ec)),
+        env: Some(vec![
+            EnvVar {
+                name: "POD_NAME".to_string(),
+                value: None,
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: "metadata.name".to_string(),
+                        api_version: None,
+                    }),
+                    ..EnvVarSource::default()
+                }),
+            },
+            env_from_configmap("INITIAL_CLUSTER", &configmap, KEY_INITIAL_CLUSTER),
+            env_from_configmap(
+                "INITIAL_CLUSTER_STATE",
+                &configmap,
+                KEY_INITIAL_CLUSTER_STATE,
+            ),
+            env_from_configmap(
+                "INITIAL_CLUSTER_TOKEN",
+                &configmap,
+                KEY_INITIAL_CLUSTER_TOKEN,
+            ),
+            // Keep the full backtrace of a crash in the termination message.
+            env_value("RUST_BACKTRACE", "1"),
+        ]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("client".to_string()),
+                container_port: CLIENT_PORT,
+                protocol: Some("TCP".to_string()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("peer".to_string()),
+                container_port: PEER_PORT,
+                protocol: Some("TCP".to_string()),
+                ..ContainerPort::default()
+            },
+        ]),
+        readiness_probe: Some(probe("/readyz", 5, 3)),
+        // Liveness only restarts a process that stopped answering HTTP; it never depends on
+        // quorum, so a partitioned cluster is not restarted into a worse state.
+        liveness_probe: Some(probe("/livez", 10, 6)),
+        resources: spec.resources.clone(),
+        volume_mounts: Some(vec![VolumeMount {
+            name: DATA_VOLUME.to_string(),
+            mount_path: DATA_MOUNT.to_string(),
+            ..VolumeMount::default()
+        }]),
+        // A member that refuses to start (e.g. "member … has already been bootstrapped" after
+        // losing its data) says why in the pod status; the controller reads it to repair.
+        termination_message_policy: Some("FallbackToLogsOnError".to_string()),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_string()]),
+                add: None,
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+
+    let pvc = PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(DATA_VOLUME.to_string()),
+            labels: Some(selector_labels(ec)),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".to_string()]),
+            storage_class_name: spec.storage.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".to_string(),
+                    Quantity(spec.storage.size.clone()),
+                )])),
+                limits: None,
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        status: None,
+    };
+
+    StatefulSet {
+        metadata: meta(ec, names.statefulset()),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(replicas),
+            service_name: Some(names.peer_service()),
+            // The first members must start together: none is ready before a quorum runs.
+            pod_management_policy: Some("Parallel".to_string()),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(ec)),
+                match_expressions: None,
+            },
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("RollingUpdate".to_string()),
+                rolling_update: None,
+            }),
+            // The controller deletes a removed member's volume itself; deleting the
+            // EtcdCluster keeps the data.
+            persistent_volume_claim_retention_policy: Some(
+                StatefulSetPersistentVolumeClaimRetentionPolicy {
+                    when_deleted: Some("Retain".to_string()),
+                    when_scaled: Some("Delete".to_string()),
+                },
+            ),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: (!tmpl.annotations.is_empty()).then(|| tmpl.annotations.clone()),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    affinity: Some(affinity(ec)),
+                    node_selector: (!tmpl.node_selector.is_empty())
+                        .then(|| tmpl.node_selector.clone()),
+                    tolerations: (!tmpl.tolerations.is_empty()).then(|| tmpl.tolerations.clone()),
+                    priority_class_name: tmpl.priority_class_name.clone(),
+                    security_context: Some(PodSecurityContext {
+                        run_as_user: Some(RUN_AS),
+                        run_as_group: Some(RUN_AS),
+                        fs_group: Some(RUN_AS),
+                        run_as_non_root: Some(true),
+                        ..PodSecurityContext::default()
+                    }),
+                    termination_grace_period_seconds: Some(30),
+                    ..PodSpec::default()
+                }),
+            },
+            volume_claim_templates: Some(vec![pvc]),
+            ..StatefulSetSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// How many voters may be down at once without losing quorum.
+pub fn tolerated_failures(voters: i32) -> i32 {
+    (voters.max(1) - 1) / 2
+}
+
+/// The PodDisruptionBudget: at most as many members unavailable as the voters can spare. With 1
+/// or 2 voters that is none: draining a node then waits for the cluster to be resized.
+pub fn pdb(ec: &EtcdCluster, voters: i32) -> PodDisruptionBudget {
+    let names = Names::of(ec);
+    PodDisruptionBudget {
+        metadata: meta(ec, names.pdb()),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(tolerated_failures(voters))),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(ec)),
+                match_expressions: None,
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::EtcdClusterSpec;
+    use k8s_openapi::api::core::v1::{
+        NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+        ResourceRequirements, Toleration,
+    };
+
+    fn cluster(spec: serde_json::Value) -> EtcdCluster {
+        let spec: EtcdClusterSpec = serde_json::from_value(spec).unwrap();
+        let mut ec = EtcdCluster::new("demo", spec);
+        ec.metadata.namespace = Some("prod".to_string());
+        ec.metadata.uid = Some("0f5e".to_string());
+        ec
+    }
+
+    fn pod_spec(s: &StatefulSet) -> &PodSpec {
+        s.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+    }
+
+    #[test]
+    fn names_are_derived_from_the_cluster() {
+        let n = Names::of(&cluster(serde_json::json!({})));
+        assert_eq!(n.member(2), "demo-2");
+        assert_eq!(n.pvc(2), "data-demo-2");
+        assert_eq!(n.peer_url(0), "http://demo-0.demo-peer.prod.svc:2380");
+        assert_eq!(n.client_url(1), "http://demo-1.demo-peer.prod.svc:2379");
+        assert_eq!(n.ordinal("demo-12"), Some(12));
+        for not in ["demo", "demo-", "demo-x", "demo-01", "other-1", "demo-1-2"] {
+            assert_eq!(n.ordinal(not), None, "{not}");
+        }
+        assert_eq!(
+            n.initial_cluster(0..2),
+            "demo-0=http://demo-0.demo-peer.prod.svc:2380,demo-1=http://demo-1.demo-peer.prod.svc:2380"
+        );
+    }
+
+    #[test]
+    fn every_child_is_owned_by_the_cluster_and_labelled() {
+        let ec = cluster(serde_json::json!({}));
+        let b = Bootstrap {
+            initial_cluster: String::new(),
+            new_cluster: true,
+        };
+        let metas = [
+            peer_service(&ec).metadata,
+            client_service(&ec).metadata,
+            bootstrap_configmap(&ec, &b).metadata,
+            statefulset(&ec, 3).metadata,
+            pdb(&ec, 3).metadata,
+        ];
+        for m in metas {
+            let owner = &m.owner_references.as_ref().unwrap()[0];
+            assert_eq!(owner.kind, "EtcdCluster");
+            assert_eq!(owner.api_version, "cairn.dev/v1alpha1");
+            assert_eq!(owner.name, "demo");
+            assert_eq!(owner.controller, Some(true));
+            assert_eq!(m.namespace.as_deref(), Some("prod"));
+            let l = m.labels.unwrap();
+            assert_eq!(l["app.kubernetes.io/instance"], "demo");
+            assert_eq!(l["app.kubernetes.io/managed-by"], "cairn-operator");
+        }
+    }
+
+    #[test]
+    fn services_headless_peers_published_before_ready() {
+        let ec = cluster(serde_json::json!({}));
+        let peer = peer_service(&ec).spec.unwrap();
+        assert_eq!(peer.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(peer.publish_not_ready_addresses, Some(true));
+        let ports: Vec<i32> = peer.ports.unwrap().iter().map(|p| p.port).collect();
+        assert_eq!(ports, vec![2380, 2379]);
+        let client = client_service(&ec);
+        assert_eq!(client.metadata.name.as_deref(), Some("demo"));
+        let spec = client.spec.unwrap();
+        assert_eq!(spec.publish_not_ready_addresses, None);
+        assert_eq!(spec.selector.unwrap(), selector_labels(&ec));
+        assert_eq!(spec.ports.unwrap()[0].port, 2379);
+    }
+
+    #[test]
+    fn bootstrap_configmap_new_then_existing() {
+        let ec = cluster(serde_json::json!({}));
+        let names = Names::of(&ec);
+        let b = Bootstrap {
+            initial_cluster: names.initial_cluster(0..3),
+            new_cluster: true,
+        };
+        let cm = bootstrap_configmap(&ec, &b);
+        assert_eq!(cm.metadata.name.as_deref(), Some("demo-bootstrap"));
+        let d = cm.data.unwrap();
+        assert_eq!(d[KEY_INITIAL_CLUSTER_STATE], "new");
+        assert_eq!(d[KEY_INITIAL_CLUSTER_TOKEN], "demo-0f5e");
+        assert_eq!(d[KEY_INITIAL_CLUSTER].matches("=http://").count(), 3);
+        let b = Bootstrap {
+            new_cluster: false,
+            ..b
+        };
+        assert_eq!(
+            bootstrap_configmap(&ec, &b).data.unwrap()[KEY_INITIAL_CLUSTER_STATE],
+            "existing"
+        );
+    }
+
+    #[test]
+    fn statefulset_carries_every_spec_field() {
+        let ec = cluster(serde_json::json!({
+            "size": 5,
+            "image": "registry.local/cairn:test",
+            "storage": {"size": "20Gi", "storageClassName": "fast"},
+            "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
+            "podTemplate": {
+                "labels": {"team": "infra", "app.kubernetes.io/instance": "spoofed"},
+                "annotations": {"prometheus.io/scrape": "true"},
+                "nodeSelector": {"disk": "ssd"},
+                "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "etcd", "effect": "NoSchedule"}],
+                "priorityClassName": "system-cluster-critical"
+            }
+        }));
+        let sts = statefulset(&ec, 4);
+        let spec = sts.spec.as_ref().unwrap();
+        assert_eq!(spec.replicas, Some(4));
+        assert_eq!(spec.service_name.as_deref(), Some("demo-peer"));
+        assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+        assert_eq!(
+            spec.selector.match_labels.as_ref().unwrap(),
+            &selector_labels(&ec)
+        );
+        let meta = spec.template.metadata.as_ref().unwrap();
+        let l = meta.labels.as_ref().unwrap();
+        assert_eq!(l["team"], "infra");
+        assert_eq!(
+            l["app.kubernetes.io/instance"], "demo",
+            "our selector label wins"
+        );
+        assert_eq!(
+            meta.annotations.as_ref().unwrap()["prometheus.io/scrape"],
+            "true"
+        );
+        let pod = pod_spec(&sts);
+        assert_eq!(pod.node_selector.as_ref().unwrap()["disk"], "ssd");
+        assert_eq!(
+            pod.tolerations.as_ref().unwrap()[0],
+            Toleration {
+                key: Some("dedicated".into()),
+                operator: Some("Equal".into()),
+                value: Some("etcd".into()),
+                effect: Some("NoSchedule".into()),
+                toleration_seconds: None
+            }
+        );
+        assert_eq!(
+            pod.priority_class_name.as_deref(),
+            Some("system-cluster-critical")
+        );
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("registry.local/cairn:test"));
+        let want: ResourceRequirements = serde_json::from_value(serde_json::json!(
+            {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}}
+        ))
+        .unwrap();
+        assert_eq!(c.resources.as_ref(), Some(&want));
+        let pvc = &spec.volume_claim_templates.as_ref().unwrap()[0];
+        assert_eq!(pvc.metadata.name.as_deref(), Some("data"));
+        let pvc = pvc.spec.as_ref().unwrap();
+        assert_eq!(pvc.storage_class_name.as_deref(), Some("fast"));
+        assert_eq!(
+            pvc.resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"],
+            Quantity("20Gi".into())
+        );
+        assert_eq!(c.volume_mounts.as_ref().unwrap()[0].mount_path, DATA_MOUNT);
+    }
+
+    #[test]
+    fn statefulset_defaults_and_size_independent_template() {
+        let ec = cluster(serde_json::json!({}));
+        let a = statefulset(&ec, 1);
+        let b = statefulset(&ec, 7);
+        assert_eq!(
+            a.spec.as_ref().unwrap().template,
+            b.spec.as_ref().unwrap().template
+        );
+        let c = &pod_spec(&a).containers[0];
+        assert_eq!(c.image.as_deref(), Some(default_image().as_str()));
+        assert!(c.resources.is_none());
+        let pvc = a
+            .spec
+            .as_ref()
+            .unwrap()
+            .volume_claim_templates
+            .as_ref()
+            .unwrap()[0]
+            .spec
+            .clone()
+            .unwrap();
+        assert_eq!(pvc.storage_class_name, None);
+        assert_eq!(
+            pvc.resources.unwrap().requests.unwrap()["storage"],
+            Quantity("8Gi".into())
+        );
+        let policy = a
+            .spec
+            .as_ref()
+            .unwrap()
+            .persistent_volume_claim_retention_policy
+            .clone()
+            .unwrap();
+        assert_eq!(policy.when_deleted.as_deref(), Some("Retain"));
+    }
+
+    #[test]
+    fn probes_and_flags() {
+        let ec = cluster(serde_json::json!({}));
+        let sts = statefulset(&ec, 3);
+        let c = &pod_spec(&sts).containers[0];
+        let path = |p: &Option<Probe>| {
+            let g = p.as_ref().unwrap().http_get.as_ref().unwrap();
+            (g.path.clone().unwrap(), g.port.clone())
+        };
+        assert_eq!(
+            path(&c.readiness_probe),
+            ("/readyz".to_string(), IntOrString::Int(2379))
+        );
+        assert_eq!(
+            path(&c.liveness_probe),
+            ("/livez".to_string(), IntOrString::Int(2379))
+        );
+        let args = c.args.as_ref().unwrap();
+        for want in [
+            "--name=$(POD_NAME)",
+            "--data-dir=/var/lib/cairn/data",
+            "--listen-client-urls=http://0.0.0.0:2379",
+            "--advertise-client-urls=http://$(POD_NAME).demo-peer.prod.svc:2379",
+            "--listen-peer-urls=http://0.0.0.0:2380",
+            "--initial-advertise-peer-urls=http://$(POD_NAME).demo-peer.prod.svc:2380",
+            "--initial-cluster=$(INITIAL_CLUSTER)",
+            "--initial-cluster-state=$(INITIAL_CLUSTER_STATE)",
+            "--initial-cluster-token=$(INITIAL_CLUSTER_TOKEN)",
+        ] {
+            assert!(args.iter().any(|a| a == want), "missing {want} in {args:?}");
+        }
+        // Every $(VAR) in the flags is defined before use, as the kubelet requires.
+        let env = c.env.as_ref().unwrap();
+        for var in [
+            "POD_NAME",
+            "INITIAL_CLUSTER",
+            "INITIAL_CLUSTER_STATE",
+            "INITIAL_CLUSTER_TOKEN",
+        ] {
+            let e = env
+                .iter()
+                .find(|e| e.name == var)
+                .unwrap_or_else(|| panic!("{var}"));
+            if var != "POD_NAME" {
+                let r = e
+                    .value_from
+                    .as_ref()
+                    .unwrap()
+                    .config_map_key_ref
+                    .as_ref()
+                    .unwrap();
+                assert_eq!(r.name, "demo-bootstrap");
+            }
+        }
+        assert_eq!(
+            c.termination_message_policy.as_deref(),
+            Some("FallbackToLogsOnError")
+        );
+    }
+
+    #[test]
+    fn anti_affinity_preferred_by_default_required_on_request() {
+        let ec = cluster(serde_json::json!({}));
+        let a = affinity(&ec).pod_anti_affinity.unwrap();
+        let p = &a
+            .preferred_during_scheduling_ignored_during_execution
+            .unwrap()[0];
+        assert_eq!(p.weight, 100);
+        assert_eq!(p.pod_affinity_term.topology_key, "kubernetes.io/hostname");
+        assert_eq!(
+            p.pod_affinity_term
+                .label_selector
+                .as_ref()
+                .unwrap()
+                .match_labels
+                .as_ref()
+                .unwrap(),
+            &selector_labels(&ec)
+        );
+        assert!(a
+            .required_during_scheduling_ignored_during_execution
+            .is_none());
+
+        let ec = cluster(serde_json::json!({
+            "antiAffinity": {"mode": "required", "topologyKey": "topology.kubernetes.io/zone"}
+        }));
+        let sts = statefulset(&ec, 3);
+        let a = pod_spec(&sts)
+            .affinity
+            .clone()
+            .unwrap()
+            .pod_anti_affinity
+            .unwrap();
+        assert!(a
+            .preferred_during_scheduling_ignored_during_execution
+            .is_none());
+        let r = &a
+            .required_during_scheduling_ignored_during_execution
+            .unwrap()[0];
+        assert_eq!(r.topology_key, "topology.kubernetes.io/zone");
+    }
+
+    #[test]
+    fn user_affinity_is_kept_and_merged() {
+        let node = NodeAffinity {
+            required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                node_selector_terms: vec![NodeSelectorTerm {
+                    match_expressions: Some(vec![NodeSelectorRequirement {
+                        key: "arch".into(),
+                        operator: "In".into(),
+                        values: Some(vec!["amd64".into()]),
+                    }]),
+                    match_fields: None,
+                }],
+            }),
+            preferred_during_scheduling_ignored_during_execution: None,
+        };
+        let user_anti = WeightedPodAffinityTerm {
+            weight: 10,
+            pod_affinity_term: PodAffinityTerm {
+                topology_key: "rack".into(),
+                ..PodAffinityTerm::default()
+            },
+        };
+        let ec = cluster(serde_json::json!({"podTemplate": {"affinity": {
+            "nodeAffinity": serde_json::to_value(&node).unwrap(),
+            "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [serde_json::to_value(&user_anti).unwrap()]}
+        }}}));
+        let a = affinity(&ec);
+        assert_eq!(a.node_affinity, Some(node));
+        let pref = a
+            .pod_anti_affinity
+            .unwrap()
+            .preferred_during_scheduling_ignored_during_execution
+            .unwrap();
+        assert_eq!(pref.len(), 2);
+        assert_eq!(pref[0], user_anti);
+        assert_eq!(
+            pref[1].pod_affinity_term.topology_key,
+            "kubernetes.io/hostname"
+        );
+    }
+
+    #[test]
+    fn pdb_never_allows_losing_quorum() {
+        let ec = cluster(serde_json::json!({}));
+        for (voters, unavailable) in [
+            (1, 0),
+            (2, 0),
+            (3, 1),
+            (4, 1),
+            (5, 2),
+            (6, 2),
+            (7, 3),
+            (9, 4),
+        ] {
+            let p = pdb(&ec, voters).spec.unwrap();
+            assert_eq!(
+                p.max_unavailable,
+                Some(IntOrString::Int(unavailable)),
+                "{voters} voters"
+            );
+            assert_eq!(p.min_available, None);
+            // Whatever is disrupted, the rest still holds a majority.
+            assert!(voters - unavailable > voters / 2);
+        }
+    }
+}
