@@ -52,6 +52,38 @@ pub fn default_image() -> String {
     format!("cairn:{}", env!("CARGO_PKG_VERSION"))
 }
 
+/// Highest member ordinal the operator looks for (sizes stop at 9; replacements and learners
+/// stay below this).
+pub const MAX_ORDINAL: i32 = 64;
+
+/// How members are named and reached: in Kubernetes by their pod's DNS name ([`Names`]); the
+/// membership tests run members on loopback ports instead.
+pub trait Layout {
+    /// Member (and pod) name of an ordinal.
+    fn member(&self, ordinal: i32) -> String;
+    fn peer_url(&self, ordinal: i32) -> String;
+    fn client_url(&self, ordinal: i32) -> String;
+    /// The ordinal of a member name of this cluster.
+    fn ordinal(&self, member: &str) -> Option<i32> {
+        (0..MAX_ORDINAL).find(|o| self.member(*o) == member)
+    }
+    /// The ordinal whose peer URL this is.
+    fn ordinal_of_peer_url(&self, url: &str) -> Option<i32> {
+        (0..MAX_ORDINAL).find(|o| self.peer_url(*o) == url)
+    }
+    /// `--initial-cluster` naming the given ordinals.
+    fn initial_cluster(&self, ordinals: impl IntoIterator<Item = i32>) -> String
+    where
+        Self: Sized,
+    {
+        ordinals
+            .into_iter()
+            .map(|i| format!("{}={}", self.member(i), self.peer_url(i)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
 /// Deterministic names of a cluster's children and members.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Names {
@@ -83,21 +115,6 @@ impl Names {
     pub fn configmap(&self) -> String {
         format!("{}-bootstrap", self.cluster)
     }
-    /// Member (and pod) name of an ordinal.
-    pub fn member(&self, ordinal: i32) -> String {
-        format!("{}-{}", self.cluster, ordinal)
-    }
-    /// The ordinal of a member name of this cluster.
-    pub fn ordinal(&self, member: &str) -> Option<i32> {
-        let rest = member.strip_prefix(&self.cluster)?.strip_prefix('-')?;
-        if rest.is_empty()
-            || !rest.bytes().all(|b| b.is_ascii_digit())
-            || rest.len() > 1 && rest.starts_with('0')
-        {
-            return None;
-        }
-        rest.parse().ok()
-    }
     /// The PVC of an ordinal.
     pub fn pvc(&self, ordinal: i32) -> String {
         format!("{DATA_VOLUME}-{}", self.member(ordinal))
@@ -111,19 +128,17 @@ impl Names {
             self.namespace
         )
     }
-    pub fn peer_url(&self, ordinal: i32) -> String {
+}
+
+impl Layout for Names {
+    fn member(&self, ordinal: i32) -> String {
+        format!("{}-{}", self.cluster, ordinal)
+    }
+    fn peer_url(&self, ordinal: i32) -> String {
         format!("http://{}:{PEER_PORT}", self.host(ordinal))
     }
-    pub fn client_url(&self, ordinal: i32) -> String {
+    fn client_url(&self, ordinal: i32) -> String {
         format!("http://{}:{CLIENT_PORT}", self.host(ordinal))
-    }
-    /// `--initial-cluster` naming the given ordinals.
-    pub fn initial_cluster(&self, ordinals: impl IntoIterator<Item = i32>) -> String {
-        ordinals
-            .into_iter()
-            .map(|i| format!("{}={}", self.member(i), self.peer_url(i)))
-            .collect::<Vec<_>>()
-            .join(",")
     }
 }
 
@@ -531,7 +546,9 @@ mod tests {
         assert_eq!(n.peer_url(0), "http://demo-0.demo-peer.prod.svc:2380");
         assert_eq!(n.client_url(1), "http://demo-1.demo-peer.prod.svc:2379");
         assert_eq!(n.ordinal("demo-12"), Some(12));
-        for not in ["demo", "demo-", "demo-x", "demo-01", "other-1", "demo-1-2"] {
+        for not in [
+            "demo", "demo-", "demo-x", "demo-01", "other-1", "demo-1-2", "demo-64",
+        ] {
             assert_eq!(n.ordinal(not), None, "{not}");
         }
         assert_eq!(

@@ -1,0 +1,183 @@
+//! Membership through the etcd API, with the `etcd-client` crate, exactly as a user would do it
+//! with etcdctl: observe (MemberList plus a Status per member), add a learner, promote it, move
+//! leadership, remove a member. Deciding which of these to do is `plan`'s job, not this module's.
+
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, MemberAddOptions};
+use futures::future::join_all;
+
+use crate::plan::{ClusterView, ObservedMember};
+
+/// How long one call to a member may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to wait for a connection to a member.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// etcd's answer to promoting a learner that is still behind.
+const NOT_IN_SYNC: &str = "can only promote a learner member which is in sync with leader";
+
+/// Errors of membership calls.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no member answered at {endpoints:?}: {source}")]
+    Unreachable {
+        endpoints: Vec<String>,
+        source: etcd_client::Error,
+    },
+    #[error("{op}: {source}")]
+    Call {
+        op: &'static str,
+        source: etcd_client::Error,
+    },
+    #[error("the leader has no client URL")]
+    LeaderUnknown,
+}
+
+fn options() -> ConnectOptions {
+    ConnectOptions::new()
+        .with_connect_timeout(CONNECT_TIMEOUT)
+        .with_timeout(CALL_TIMEOUT)
+}
+
+async fn connect(endpoints: &[String]) -> Result<Client, Error> {
+    Client::connect(endpoints, Some(options()))
+        .await
+        .map_err(|source| Error::Unreachable {
+            endpoints: endpoints.to_vec(),
+            source,
+        })
+}
+
+/// The result of a promotion attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Promotion {
+    Promoted,
+    /// The learner has not caught up with the leader yet (etcd refuses until it has).
+    NotInSync,
+}
+
+/// A handle on one cluster, reached through any of `endpoints`.
+pub struct Members {
+    endpoints: Vec<String>,
+}
+
+impl Members {
+    pub fn new(endpoints: Vec<String>) -> Members {
+        Members { endpoints }
+    }
+
+    /// The member list, the leader and each member's health (its own Status answer).
+    pub async fn observe(&self) -> Result<ClusterView, Error> {
+        let mut client = connect(&self.endpoints).await?;
+        let list = client
+            .member_list()
+            .await
+            .map_err(|source| Error::Unreachable {
+                endpoints: self.endpoints.clone(),
+                source,
+            })?;
+        let cluster_id = list.header().map_or(0, |h| h.cluster_id());
+        let statuses = join_all(list.members().iter().map(|m| async move {
+            if m.client_urls().is_empty() {
+                return None;
+            }
+            let mut c = Client::connect(m.client_urls(), Some(options()))
+                .await
+                .ok()?;
+            tokio::time::timeout(CALL_TIMEOUT, c.status())
+                .await
+                .ok()?
+                .ok()
+        }))
+        .await;
+        let mut leader = None;
+        let members = list
+            .members()
+            .iter()
+            .zip(&statuses)
+            .map(|(m, status)| {
+                if let Some(s) = status {
+                    if s.leader() != 0 {
+                        leader = Some(s.leader());
+                    }
+                }
+                ObservedMember {
+                    id: m.id(),
+                    name: m.name().to_string(),
+                    peer_urls: m.peer_urls().to_vec(),
+                    learner: m.is_learner(),
+                    healthy: status.is_some(),
+                }
+            })
+            .collect();
+        Ok(ClusterView {
+            cluster_id,
+            leader,
+            members,
+        })
+    }
+
+    /// Adds a learner with `peer_url`; returns its new member ID.
+    pub async fn add_learner(&self, peer_url: &str) -> Result<u64, Error> {
+        let mut client = connect(&self.endpoints).await?;
+        let resp = client
+            .member_add([peer_url], Some(MemberAddOptions::new().with_is_learner()))
+            .await
+            .map_err(|source| Error::Call {
+                op: "MemberAdd",
+                source,
+            })?;
+        Ok(resp.member().map_or(0, |m| m.id()))
+    }
+
+    /// Promotes a learner, or reports that it has not caught up yet.
+    pub async fn promote(&self, id: u64) -> Result<Promotion, Error> {
+        let mut client = connect(&self.endpoints).await?;
+        match client.member_promote(id).await {
+            Ok(_) => Ok(Promotion::Promoted),
+            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains(NOT_IN_SYNC) => {
+                Ok(Promotion::NotInSync)
+            }
+            Err(source) => Err(Error::Call {
+                op: "MemberPromote",
+                source,
+            }),
+        }
+    }
+
+    /// Removes a member.
+    pub async fn remove(&self, id: u64) -> Result<(), Error> {
+        let mut client = connect(&self.endpoints).await?;
+        client
+            .member_remove(id)
+            .await
+            .map_err(|source| Error::Call {
+                op: "MemberRemove",
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// Moves leadership from the leader `from` to `to`. MoveLeader must be sent to the leader.
+    pub async fn move_leader(&self, from: u64, to: u64) -> Result<(), Error> {
+        let mut client = connect(&self.endpoints).await?;
+        let list = client.member_list().await.map_err(|source| Error::Call {
+            op: "MemberList",
+            source,
+        })?;
+        let urls = list
+            .members()
+            .iter()
+            .find(|m| m.id() == from)
+            .map(|m| m.client_urls().to_vec())
+            .filter(|u| !u.is_empty())
+            .ok_or(Error::LeaderUnknown)?;
+        let mut leader = connect(&urls).await?;
+        leader.move_leader(to).await.map_err(|source| Error::Call {
+            op: "MoveLeader",
+            source,
+        })?;
+        Ok(())
+    }
+}

@@ -1,0 +1,511 @@
+//! The membership planner: from what the controller observed (the cluster's member list and
+//! health, the StatefulSet's replicas, members that lost their data) to the one next step. Pure
+//! logic, no I/O, so every rule below is unit-tested.
+//!
+//! The rules, in order:
+//! - The member list, never the pods, says how big the cluster is: a pod that is gone for a while
+//!   changes nothing (etcd-io/etcd-operator#193 shrank clusters on pod loss).
+//! - A member whose pod lost its data is replaced (removed, then added again as a learner with the
+//!   same peer URL), or it would refuse to start forever.
+//! - One step at a time, one learner at a time: a learner is promoted before anything else
+//!   happens; it is added before its pod exists, and its pod starts with `existing`.
+//! - The StatefulSet only ever grows to cover a member in the list and only shrinks after the
+//!   highest member was removed from the list; the removed member's volume is deleted then.
+//! - Shrinking removes the highest ordinal, after moving leadership away from it, and only when
+//!   the healthy voters left still form a quorum; otherwise the step is refused.
+
+use crate::resources::Layout;
+
+/// One member as observed through the etcd API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObservedMember {
+    pub id: u64,
+    /// Empty until the member started and published its name.
+    pub name: String,
+    pub peer_urls: Vec<String>,
+    pub learner: bool,
+    /// Answered its Status RPC.
+    pub healthy: bool,
+}
+
+/// The cluster as observed through the etcd API.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterView {
+    pub cluster_id: u64,
+    /// ID of the leader, if any member knows one.
+    pub leader: Option<u64>,
+    pub members: Vec<ObservedMember>,
+}
+
+impl ClusterView {
+    /// The ordinal of a member of this cluster: by peer URL (set from the moment it is added),
+    /// else by name.
+    pub fn ordinal(&self, names: &impl Layout, m: &ObservedMember) -> Option<i32> {
+        m.peer_urls
+            .iter()
+            .find_map(|url| names.ordinal_of_peer_url(url))
+            .or_else(|| names.ordinal(&m.name))
+    }
+
+    pub fn voters(&self) -> impl Iterator<Item = &ObservedMember> {
+        self.members.iter().filter(|m| !m.learner)
+    }
+
+    pub fn by_ordinal(&self, names: &impl Layout, ordinal: i32) -> Option<&ObservedMember> {
+        self.members
+            .iter()
+            .find(|m| self.ordinal(names, m) == Some(ordinal))
+    }
+
+    /// Highest ordinal of a member in the list.
+    pub fn max_ordinal(&self, names: &impl Layout) -> Option<i32> {
+        self.members
+            .iter()
+            .filter_map(|m| self.ordinal(names, m))
+            .max()
+    }
+}
+
+/// Majority of `voters`.
+pub fn quorum(voters: usize) -> usize {
+    voters / 2 + 1
+}
+
+/// What the controller saw this round.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// `spec.replicas` of the StatefulSet, `None` if it does not exist.
+    pub statefulset_replicas: Option<i32>,
+    /// The member list and health; `None` when no member could be reached.
+    pub view: Option<ClusterView>,
+    /// Ordinals whose pod reported that its member lost its data.
+    pub lost_data: Vec<i32>,
+}
+
+/// Why a step is not taken.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// No member answered.
+    Unreachable,
+    /// Members answered but there is no leader.
+    NoLeader,
+    /// Removing the member would leave fewer healthy voters than a quorum.
+    WouldLoseQuorum { healthy_after: usize, needed: usize },
+}
+
+impl Refusal {
+    /// Condition reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Unreachable => "Unreachable",
+            Refusal::NoLeader => "QuorumLost",
+            Refusal::WouldLoseQuorum { .. } => "WouldLoseQuorum",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            Refusal::Unreachable => "no member of the cluster answers".to_string(),
+            Refusal::NoLeader => "the cluster has no leader (quorum lost?)".to_string(),
+            Refusal::WouldLoseQuorum {
+                healthy_after,
+                needed,
+            } => format!(
+                "removing a member now would leave {healthy_after} healthy voters where {needed} are needed for quorum"
+            ),
+        }
+    }
+}
+
+/// The next step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Create the StatefulSet for the first members, started together with `new`.
+    Bootstrap { replicas: i32 },
+    /// Nothing to do until members answer (the first bootstrap is under way).
+    WaitBootstrap,
+    /// Remove the member that lost its data, then add it again as a learner.
+    Replace { id: u64, ordinal: i32 },
+    /// Grow the StatefulSet so the listed member `ordinal` gets its pod.
+    Grow { replicas: i32 },
+    /// Promote a learner.
+    Promote { id: u64, ordinal: i32 },
+    /// The learner's pod is not serving yet.
+    WaitLearner { ordinal: i32 },
+    /// Shrink the StatefulSet to `replicas` and delete the volumes of the ordinals above it.
+    Shrink {
+        replicas: i32,
+        delete_volumes: Vec<i32>,
+    },
+    /// Add a learner for the next ordinal (its pod comes with the following Grow).
+    AddLearner { ordinal: i32 },
+    /// Move leadership away from the member about to be removed.
+    MoveLeader { from: u64, to: u64 },
+    /// Remove the highest member from the list.
+    Remove { id: u64, ordinal: i32 },
+    /// A step is needed but unsafe now.
+    Refuse(Refusal),
+    /// Size reached, nothing to do.
+    Steady,
+}
+
+/// The next membership step towards `desired` voters.
+pub fn next_step(names: &impl Layout, desired: i32, bootstrapped: bool, obs: &Observed) -> Step {
+    let Some(replicas) = obs.statefulset_replicas else {
+        return Step::Bootstrap { replicas: desired };
+    };
+    let Some(view) = &obs.view else {
+        return if bootstrapped {
+            Step::Refuse(Refusal::Unreachable)
+        } else {
+            Step::WaitBootstrap
+        };
+    };
+    if view.leader.is_none() {
+        return Step::Refuse(Refusal::NoLeader);
+    }
+
+    // A member that lost its data: replace it first; it cannot serve as it is.
+    for &ordinal in &obs.lost_data {
+        if let Some(m) = view.by_ordinal(names, ordinal) {
+            return Step::Replace { id: m.id, ordinal };
+        }
+    }
+
+    // The learner in flight: give it a pod, then promote it.
+    if let Some(l) = view.members.iter().find(|m| m.learner) {
+        if let Some(ordinal) = view.ordinal(names, l) {
+            if replicas <= ordinal {
+                return Step::Grow {
+                    replicas: ordinal + 1,
+                };
+            }
+            return if l.healthy {
+                Step::Promote { id: l.id, ordinal }
+            } else {
+                Step::WaitLearner { ordinal }
+            };
+        }
+    }
+
+    // Pods above the highest listed member were removed from the cluster: shrink.
+    let top = view.max_ordinal(names).map_or(0, |o| o + 1);
+    if replicas > top {
+        return Step::Shrink {
+            replicas: top,
+            delete_volumes: (top..replicas).collect(),
+        };
+    }
+    // Listed members without pods (a grow that did not happen yet).
+    if replicas < top {
+        return Step::Grow { replicas: top };
+    }
+
+    let voters = view.voters().count() as i32;
+    if voters < desired {
+        return Step::AddLearner { ordinal: top };
+    }
+    if voters > desired {
+        let Some((victim, ordinal)) = view
+            .voters()
+            .filter_map(|m| view.ordinal(names, m).map(|o| (m, o)))
+            .max_by_key(|(_, o)| *o)
+        else {
+            return Step::Steady;
+        };
+        let healthy_after = view
+            .voters()
+            .filter(|m| m.id != victim.id && m.healthy)
+            .count();
+        let needed = quorum(voters as usize - 1);
+        if healthy_after < needed {
+            return Step::Refuse(Refusal::WouldLoseQuorum {
+                healthy_after,
+                needed,
+            });
+        }
+        if view.leader == Some(victim.id) {
+            let to = view
+                .voters()
+                .filter(|m| m.id != victim.id && m.healthy)
+                .min_by_key(|m| view.ordinal(names, m).unwrap_or(i32::MAX))
+                .map(|m| m.id);
+            if let Some(to) = to {
+                return Step::MoveLeader {
+                    from: victim.id,
+                    to,
+                };
+            }
+        }
+        return Step::Remove {
+            id: victim.id,
+            ordinal,
+        };
+    }
+    Step::Steady
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::Names;
+
+    fn names() -> Names {
+        Names {
+            cluster: "demo".into(),
+            namespace: "ns".into(),
+        }
+    }
+
+    /// A member per ordinal: (ordinal, learner, healthy).
+    fn view(members: &[(i32, bool, bool)], leader: Option<i32>) -> ClusterView {
+        let n = names();
+        ClusterView {
+            cluster_id: 7,
+            leader: leader.map(|o| 100 + o as u64),
+            members: members
+                .iter()
+                .map(|&(o, learner, healthy)| ObservedMember {
+                    id: 100 + o as u64,
+                    name: if healthy { n.member(o) } else { String::new() },
+                    peer_urls: vec![n.peer_url(o)],
+                    learner,
+                    healthy,
+                })
+                .collect(),
+        }
+    }
+
+    fn obs(replicas: i32, v: ClusterView) -> Observed {
+        Observed {
+            statefulset_replicas: Some(replicas),
+            view: Some(v),
+            lost_data: vec![],
+        }
+    }
+
+    fn healthy(n: i32) -> Vec<(i32, bool, bool)> {
+        (0..n).map(|o| (o, false, true)).collect()
+    }
+
+    #[test]
+    fn ordinals_come_from_peer_urls_even_without_names() {
+        let n = names();
+        let v = view(&[(0, false, true), (3, true, false)], Some(0));
+        assert_eq!(v.ordinal(&n, &v.members[1]), Some(3));
+        let foreign = ObservedMember {
+            id: 1,
+            name: String::new(),
+            peer_urls: vec!["http://demo-1.elsewhere:2380".into()],
+            learner: false,
+            healthy: true,
+        };
+        assert_eq!(v.ordinal(&n, &foreign), None);
+    }
+
+    #[test]
+    fn bootstrap_when_there_is_no_statefulset() {
+        let o = Observed::default();
+        assert_eq!(
+            next_step(&names(), 3, false, &o),
+            Step::Bootstrap { replicas: 3 }
+        );
+    }
+
+    #[test]
+    fn unreachable_waits_during_bootstrap_and_refuses_after() {
+        let o = Observed {
+            statefulset_replicas: Some(3),
+            view: None,
+            lost_data: vec![],
+        };
+        assert_eq!(next_step(&names(), 3, false, &o), Step::WaitBootstrap);
+        assert_eq!(
+            next_step(&names(), 5, true, &o),
+            Step::Refuse(Refusal::Unreachable)
+        );
+        let o = obs(3, view(&healthy(3), None));
+        assert_eq!(
+            next_step(&names(), 5, true, &o),
+            Step::Refuse(Refusal::NoLeader)
+        );
+    }
+
+    #[test]
+    fn steady_at_size() {
+        assert_eq!(
+            next_step(&names(), 3, true, &obs(3, view(&healthy(3), Some(1)))),
+            Step::Steady
+        );
+    }
+
+    #[test]
+    fn transient_pod_loss_changes_nothing() {
+        // Two members down (pods gone): no shrink, no re-add, no replace.
+        let v = view(
+            &[(0, false, true), (1, false, false), (2, false, false)],
+            Some(0),
+        );
+        assert_eq!(next_step(&names(), 3, true, &obs(3, v)), Step::Steady);
+    }
+
+    #[test]
+    fn scale_up_adds_a_learner_grows_then_promotes() {
+        let n = names();
+        assert_eq!(
+            next_step(&n, 5, true, &obs(3, view(&healthy(3), Some(0)))),
+            Step::AddLearner { ordinal: 3 }
+        );
+        let mut m = healthy(3);
+        m.push((3, true, false));
+        assert_eq!(
+            next_step(&n, 5, true, &obs(3, view(&m, Some(0)))),
+            Step::Grow { replicas: 4 }
+        );
+        assert_eq!(
+            next_step(&n, 5, true, &obs(4, view(&m, Some(0)))),
+            Step::WaitLearner { ordinal: 3 }
+        );
+        m[3] = (3, true, true);
+        assert_eq!(
+            next_step(&n, 5, true, &obs(4, view(&m, Some(0)))),
+            Step::Promote {
+                id: 103,
+                ordinal: 3
+            }
+        );
+        m[3] = (3, false, true);
+        assert_eq!(
+            next_step(&n, 5, true, &obs(4, view(&m, Some(0)))),
+            Step::AddLearner { ordinal: 4 }
+        );
+    }
+
+    #[test]
+    fn a_learner_is_finished_even_if_the_size_went_back_down() {
+        // spec.size edited from 4 back to 3 mid-step: the learner is promoted first, then removed.
+        let mut m = healthy(3);
+        m.push((3, true, true));
+        assert_eq!(
+            next_step(&names(), 3, true, &obs(4, view(&m, Some(0)))),
+            Step::Promote {
+                id: 103,
+                ordinal: 3
+            }
+        );
+    }
+
+    #[test]
+    fn scale_down_moves_leadership_then_removes_then_shrinks() {
+        let n = names();
+        let v = view(&healthy(5), Some(4));
+        assert_eq!(
+            next_step(&n, 3, true, &obs(5, v)),
+            Step::MoveLeader { from: 104, to: 100 }
+        );
+        let v = view(&healthy(5), Some(0));
+        assert_eq!(
+            next_step(&n, 3, true, &obs(5, v)),
+            Step::Remove {
+                id: 104,
+                ordinal: 4
+            }
+        );
+        let v = view(&healthy(4), Some(0));
+        assert_eq!(
+            next_step(&n, 3, true, &obs(5, v.clone())),
+            Step::Shrink {
+                replicas: 4,
+                delete_volumes: vec![4]
+            }
+        );
+        assert_eq!(
+            next_step(&n, 3, true, &obs(4, v)),
+            Step::Remove {
+                id: 103,
+                ordinal: 3
+            }
+        );
+    }
+
+    #[test]
+    fn removal_refused_when_the_rest_cannot_keep_quorum() {
+        // 3 voters, one of the two that would stay is down: removing the third leaves 1 of 2.
+        let v = view(
+            &[(0, false, true), (1, false, false), (2, false, true)],
+            Some(0),
+        );
+        assert_eq!(
+            next_step(&names(), 2, true, &obs(3, v)),
+            Step::Refuse(Refusal::WouldLoseQuorum {
+                healthy_after: 1,
+                needed: 2
+            })
+        );
+        // The member being removed is the one down: the rest keep quorum.
+        let v = view(
+            &[(0, false, true), (1, false, true), (2, false, false)],
+            Some(0),
+        );
+        assert_eq!(
+            next_step(&names(), 2, true, &obs(3, v)),
+            Step::Remove {
+                id: 102,
+                ordinal: 2
+            }
+        );
+    }
+
+    #[test]
+    fn lost_data_is_replaced_first() {
+        let v = view(
+            &[(0, false, true), (1, false, false), (2, false, true)],
+            Some(0),
+        );
+        let o = Observed {
+            lost_data: vec![1],
+            ..obs(3, v)
+        };
+        assert_eq!(
+            next_step(&names(), 5, true, &o),
+            Step::Replace {
+                id: 101,
+                ordinal: 1
+            }
+        );
+        // Already replaced (now a learner with a new ID): carry on promoting it.
+        let v = view(
+            &[(0, false, true), (1, true, true), (2, false, true)],
+            Some(0),
+        );
+        let o = Observed {
+            lost_data: vec![],
+            ..obs(3, v)
+        };
+        assert_eq!(
+            next_step(&names(), 3, true, &o),
+            Step::Promote {
+                id: 101,
+                ordinal: 1
+            }
+        );
+    }
+
+    #[test]
+    fn never_shrinks_below_a_listed_member() {
+        // Members 0..4 listed, StatefulSet at 3 (a grow was lost): grow, never remove.
+        let v = view(&healthy(4), Some(0));
+        assert_eq!(
+            next_step(&names(), 4, true, &obs(3, v)),
+            Step::Grow { replicas: 4 }
+        );
+    }
+
+    #[test]
+    fn quorum_sizes() {
+        assert_eq!(
+            (1..=6).map(quorum).collect::<Vec<_>>(),
+            vec![1, 2, 2, 3, 3, 4]
+        );
+    }
+}
