@@ -4,10 +4,11 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, MemberAddOptions};
+use etcd_client::{Client, ConnectOptions, MemberAddOptions, MemberListResponse};
 use futures::future::join_all;
 
-use crate::plan::{ClusterView, ObservedMember};
+use crate::plan::{ClusterView, ObservedMember, Step};
+use crate::resources::Layout;
 
 /// How long one call to a member may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -49,12 +50,12 @@ async fn connect(endpoints: &[String]) -> Result<Client, Error> {
         })
 }
 
-/// The result of a promotion attempt.
+/// The result of a step's membership calls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Promotion {
-    Promoted,
+pub enum Outcome {
+    Done,
     /// The learner has not caught up with the leader yet (etcd refuses until it has).
-    NotInSync,
+    LearnerBehind,
 }
 
 /// A handle on one cluster, reached through any of `endpoints`.
@@ -67,16 +68,32 @@ impl Members {
         Members { endpoints }
     }
 
+    /// A client on the first endpoint whose member answers, with the member list it gave. One
+    /// endpoint at a time: a balanced channel over all of them would send some calls to members
+    /// that are down.
+    async fn reach(&self) -> Result<(Client, MemberListResponse), Error> {
+        let mut last = None;
+        for e in &self.endpoints {
+            let attempt = async {
+                let mut c = Client::connect([e], Some(options())).await?;
+                let list = c.member_list().await?;
+                Ok::<_, etcd_client::Error>((c, list))
+            };
+            match tokio::time::timeout(CALL_TIMEOUT, attempt).await {
+                Ok(Ok(found)) => return Ok(found),
+                Ok(Err(err)) => last = Some(err),
+                Err(_) => last = Some(etcd_client::Error::InvalidArgs(format!("{e}: timed out"))),
+            }
+        }
+        Err(Error::Unreachable {
+            endpoints: self.endpoints.clone(),
+            source: last.unwrap_or_else(|| etcd_client::Error::InvalidArgs("no endpoints".into())),
+        })
+    }
+
     /// The member list, the leader and each member's health (its own Status answer).
     pub async fn observe(&self) -> Result<ClusterView, Error> {
-        let mut client = connect(&self.endpoints).await?;
-        let list = client
-            .member_list()
-            .await
-            .map_err(|source| Error::Unreachable {
-                endpoints: self.endpoints.clone(),
-                source,
-            })?;
+        let (_, list) = self.reach().await?;
         let cluster_id = list.header().map_or(0, |h| h.cluster_id());
         let statuses = join_all(list.members().iter().map(|m| async move {
             if m.client_urls().is_empty() {
@@ -91,24 +108,23 @@ impl Members {
                 .ok()
         }))
         .await;
-        let mut leader = None;
+        // The leader as it reports itself: the others may still name a leader that just died.
+        let leader = list
+            .members()
+            .iter()
+            .zip(&statuses)
+            .find(|(m, s)| s.as_ref().is_some_and(|s| s.leader() == m.id()))
+            .map(|(m, _)| m.id());
         let members = list
             .members()
             .iter()
             .zip(&statuses)
-            .map(|(m, status)| {
-                if let Some(s) = status {
-                    if s.leader() != 0 {
-                        leader = Some(s.leader());
-                    }
-                }
-                ObservedMember {
-                    id: m.id(),
-                    name: m.name().to_string(),
-                    peer_urls: m.peer_urls().to_vec(),
-                    learner: m.is_learner(),
-                    healthy: status.is_some(),
-                }
+            .map(|(m, status)| ObservedMember {
+                id: m.id(),
+                name: m.name().to_string(),
+                peer_urls: m.peer_urls().to_vec(),
+                learner: m.is_learner(),
+                healthy: status.is_some(),
             })
             .collect();
         Ok(ClusterView {
@@ -118,9 +134,28 @@ impl Members {
         })
     }
 
+    /// Makes the membership calls of a step (the pods and volumes of a step are the caller's).
+    /// Steps without membership calls are no-ops here.
+    pub async fn execute(&self, layout: &impl Layout, step: &Step) -> Result<Outcome, Error> {
+        match step {
+            Step::Replace { id, ordinal } => {
+                self.remove(*id).await?;
+                self.add_learner(&layout.peer_url(*ordinal)).await?;
+            }
+            Step::AddLearner { ordinal } => {
+                self.add_learner(&layout.peer_url(*ordinal)).await?;
+            }
+            Step::Promote { id, .. } => return self.promote(*id).await,
+            Step::MoveLeader { from, to } => self.move_leader(*from, *to).await?,
+            Step::Remove { id, .. } => self.remove(*id).await?,
+            _ => {}
+        }
+        Ok(Outcome::Done)
+    }
+
     /// Adds a learner with `peer_url`; returns its new member ID.
     pub async fn add_learner(&self, peer_url: &str) -> Result<u64, Error> {
-        let mut client = connect(&self.endpoints).await?;
+        let (mut client, _) = self.reach().await?;
         let resp = client
             .member_add([peer_url], Some(MemberAddOptions::new().with_is_learner()))
             .await
@@ -132,12 +167,12 @@ impl Members {
     }
 
     /// Promotes a learner, or reports that it has not caught up yet.
-    pub async fn promote(&self, id: u64) -> Result<Promotion, Error> {
-        let mut client = connect(&self.endpoints).await?;
+    pub async fn promote(&self, id: u64) -> Result<Outcome, Error> {
+        let (mut client, _) = self.reach().await?;
         match client.member_promote(id).await {
-            Ok(_) => Ok(Promotion::Promoted),
+            Ok(_) => Ok(Outcome::Done),
             Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains(NOT_IN_SYNC) => {
-                Ok(Promotion::NotInSync)
+                Ok(Outcome::LearnerBehind)
             }
             Err(source) => Err(Error::Call {
                 op: "MemberPromote",
@@ -148,7 +183,7 @@ impl Members {
 
     /// Removes a member.
     pub async fn remove(&self, id: u64) -> Result<(), Error> {
-        let mut client = connect(&self.endpoints).await?;
+        let (mut client, _) = self.reach().await?;
         client
             .member_remove(id)
             .await
@@ -161,7 +196,7 @@ impl Members {
 
     /// Moves leadership from the leader `from` to `to`. MoveLeader must be sent to the leader.
     pub async fn move_leader(&self, from: u64, to: u64) -> Result<(), Error> {
-        let mut client = connect(&self.endpoints).await?;
+        let (mut client, _) = self.reach().await?;
         let list = client.member_list().await.map_err(|source| Error::Call {
             op: "MemberList",
             source,

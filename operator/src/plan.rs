@@ -14,7 +14,7 @@
 //! - Shrinking removes the highest ordinal, after moving leadership away from it, and only when
 //!   the healthy voters left still form a quorum; otherwise the step is refused.
 
-use crate::resources::Layout;
+use crate::resources::{Bootstrap, Layout};
 
 /// One member as observed through the etcd API.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,6 +64,16 @@ impl ClusterView {
             .filter_map(|m| self.ordinal(names, m))
             .max()
     }
+}
+
+/// What cairn (like etcd) says when a member whose data directory was lost tries to start again
+/// under its old member ID. It then exits; Kubernetes keeps the end of its log as the container's
+/// termination message.
+pub const LOST_DATA_MESSAGE: &str = "has already been bootstrapped";
+
+/// Whether a member's termination message says it lost its data.
+pub fn reports_lost_data(termination_message: &str) -> bool {
+    termination_message.contains(LOST_DATA_MESSAGE)
 }
 
 /// Majority of `voters`.
@@ -149,6 +159,31 @@ pub enum Step {
     Steady,
 }
 
+/// What a member starting now reads from the bootstrap ConfigMap. Before the first bootstrap
+/// succeeded: `new` with the `initial` first ordinals. After it: `existing` with every member in
+/// the list (a learner just added included), so a member that starts later joins.
+pub fn bootstrap(names: &impl Layout, initial: i32, view: Option<&ClusterView>) -> Bootstrap {
+    match view {
+        None => Bootstrap {
+            initial_cluster: names.initial_cluster(0..initial),
+            new_cluster: true,
+        },
+        Some(view) => {
+            let mut ordinals: Vec<i32> = view
+                .members
+                .iter()
+                .filter_map(|m| view.ordinal(names, m))
+                .collect();
+            ordinals.sort_unstable();
+            ordinals.dedup();
+            Bootstrap {
+                initial_cluster: names.initial_cluster(ordinals),
+                new_cluster: false,
+            }
+        }
+    }
+}
+
 /// The next membership step towards `desired` voters.
 pub fn next_step(names: &impl Layout, desired: i32, bootstrapped: bool, obs: &Observed) -> Step {
     let Some(replicas) = obs.statefulset_replicas else {
@@ -203,7 +238,11 @@ pub fn next_step(names: &impl Layout, desired: i32, bootstrapped: bool, obs: &Ob
 
     let voters = view.voters().count() as i32;
     if voters < desired {
-        return Step::AddLearner { ordinal: top };
+        // Fill a hole first (a replaced member whose re-add did not happen), else the next one.
+        let ordinal = (0..top)
+            .find(|o| view.by_ordinal(names, *o).is_none())
+            .unwrap_or(top);
+        return Step::AddLearner { ordinal };
     }
     if voters > desired {
         let Some((victim, ordinal)) = view
@@ -489,6 +528,28 @@ mod tests {
                 ordinal: 1
             }
         );
+    }
+
+    #[test]
+    fn a_hole_left_by_an_interrupted_replacement_is_filled_first() {
+        let v = view(&[(0, false, true), (2, false, true)], Some(0));
+        assert_eq!(
+            next_step(&names(), 3, true, &obs(3, v)),
+            Step::AddLearner { ordinal: 1 }
+        );
+    }
+
+    #[test]
+    fn bootstrap_flags_new_then_existing_with_the_member_list() {
+        let n = names();
+        let b = bootstrap(&n, 3, None);
+        assert!(b.new_cluster);
+        assert_eq!(b.initial_cluster, n.initial_cluster(0..3));
+        let mut m = healthy(3);
+        m.push((3, true, false));
+        let b = bootstrap(&n, 3, Some(&view(&m, Some(0))));
+        assert!(!b.new_cluster);
+        assert_eq!(b.initial_cluster, n.initial_cluster(0..4));
     }
 
     #[test]

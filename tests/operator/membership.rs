@@ -1,0 +1,515 @@
+//! The operator's membership logic against real cairn clusters on loopback. The test plays the
+//! StatefulSet's part (a cairn process per ordinal, started with the flags the bootstrap ConfigMap
+//! would give it, its data dir as the volume) and drives the same planner and etcd calls as the
+//! controller: scale up learner-first, scale down with a leader move, refusal when a removal
+//! would lose quorum or no member answers, and the repair of a member that lost its data. A
+//! writer runs through every resize; no acknowledged write may be missing afterwards.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cairn_operator::members::{Members, Outcome};
+use cairn_operator::plan::{self, bootstrap, next_step, Observed, Refusal, Step};
+use cairn_operator::resources::{Bootstrap, Layout};
+
+const SLOTS: usize = 8;
+
+/// Members on loopback: ordinal `o` listens on its own pair of free ports.
+#[derive(Clone)]
+struct Loopback {
+    cluster: String,
+    client: Vec<u16>,
+    peer: Vec<u16>,
+}
+
+impl Layout for Loopback {
+    fn member(&self, o: i32) -> String {
+        format!("{}-{o}", self.cluster)
+    }
+    fn peer_url(&self, o: i32) -> String {
+        self.peer
+            .get(o as usize)
+            .map_or_else(String::new, |p| format!("http://127.0.0.1:{p}"))
+    }
+    fn client_url(&self, o: i32) -> String {
+        self.client
+            .get(o as usize)
+            .map_or_else(String::new, |p| format!("http://127.0.0.1:{p}"))
+    }
+}
+
+fn free_ports(n: usize) -> Vec<u16> {
+    // Hold every listener until all ports are chosen, so none is handed out twice.
+    let ls: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+fn cairn_binary() -> PathBuf {
+    // target/<profile>/deps/operator-<hash> -> target/<profile>/cairn
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("cairn");
+    if !bin.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "cairn", "--bin", "cairn"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "building cairn failed");
+    }
+    bin
+}
+
+/// The "StatefulSet": one cairn process per ordinal below `replicas`, a data dir per ordinal.
+struct Pods {
+    layout: Loopback,
+    root: tempfile::TempDir,
+    bin: PathBuf,
+    procs: BTreeMap<i32, Child>,
+    replicas: i32,
+}
+
+impl Pods {
+    fn new(cluster: &str) -> Pods {
+        let ports = free_ports(2 * SLOTS);
+        Pods {
+            layout: Loopback {
+                cluster: cluster.to_string(),
+                client: ports[..SLOTS].to_vec(),
+                peer: ports[SLOTS..].to_vec(),
+            },
+            root: tempfile::tempdir().unwrap(),
+            bin: cairn_binary(),
+            procs: BTreeMap::new(),
+            replicas: 0,
+        }
+    }
+
+    fn volume(&self, o: i32) -> PathBuf {
+        self.root.path().join(format!("data-{o}"))
+    }
+
+    fn log(&self, o: i32) -> PathBuf {
+        self.root.path().join(format!("member-{o}.log"))
+    }
+
+    /// Starts ordinal `o` with the flags the bootstrap ConfigMap gives a pod.
+    fn start(&mut self, o: i32, b: &Bootstrap) {
+        let l = &self.layout;
+        let log = std::fs::File::create(self.log(o)).unwrap();
+        let child = Command::new(&self.bin)
+            .arg(format!("--name={}", l.member(o)))
+            .arg(format!("--data-dir={}", self.volume(o).display()))
+            .arg(format!("--listen-client-urls={}", l.client_url(o)))
+            .arg(format!("--advertise-client-urls={}", l.client_url(o)))
+            .arg(format!("--listen-peer-urls={}", l.peer_url(o)))
+            .arg(format!("--initial-advertise-peer-urls={}", l.peer_url(o)))
+            .arg(format!("--initial-cluster={}", b.initial_cluster))
+            .arg(format!(
+                "--initial-cluster-state={}",
+                if b.new_cluster { "new" } else { "existing" }
+            ))
+            .arg("--initial-cluster-token=operator-test")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.procs.insert(o, child);
+    }
+
+    fn stop(&mut self, o: i32) {
+        if let Some(mut c) = self.procs.remove(&o) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The pod's termination message: the log of a member that exited.
+    fn exited_log(&mut self, o: i32) -> Option<String> {
+        let c = self.procs.get_mut(&o)?;
+        c.try_wait().ok()??;
+        std::fs::read_to_string(self.log(o)).ok()
+    }
+
+    fn endpoints(&self) -> Vec<String> {
+        (0..self.replicas.max(1))
+            .map(|o| self.layout.client_url(o))
+            .collect()
+    }
+
+    fn members(&self) -> Members {
+        Members::new(self.endpoints())
+    }
+
+    fn bootstrap(&mut self, size: i32) {
+        let b = bootstrap(&self.layout, size, None);
+        for o in 0..size {
+            self.start(o, &b);
+        }
+        self.replicas = size;
+    }
+}
+
+impl Drop for Pods {
+    fn drop(&mut self) {
+        for o in self.procs.keys().copied().collect::<Vec<_>>() {
+            self.stop(o);
+        }
+    }
+}
+
+/// Runs the controller's loop (observe, plan, act) until the size is reached or a step is
+/// refused. Returns the steps taken; checks on every observation that there is never more than
+/// one learner.
+async fn drive(pods: &mut Pods, desired: i32) -> Vec<Step> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut steps = Vec::new();
+    loop {
+        assert!(Instant::now() < deadline, "no steady state after {steps:?}");
+        let view = pods.members().observe().await.ok();
+        if let Some(v) = &view {
+            assert!(v.members.iter().filter(|m| m.learner).count() <= 1, "{v:?}");
+        }
+        let lost_data = (0..pods.replicas)
+            .filter(|o| {
+                pods.exited_log(*o)
+                    .is_some_and(|log| plan::reports_lost_data(&log))
+            })
+            .collect();
+        let obs = Observed {
+            statefulset_replicas: Some(pods.replicas),
+            view: view.clone(),
+            lost_data,
+        };
+        let step = next_step(&pods.layout, desired, true, &obs);
+        if !matches!(step, Step::WaitLearner { .. }) && steps.last() != Some(&step) {
+            steps.push(step.clone());
+        }
+        match &step {
+            Step::Steady | Step::Refuse(_) => return steps,
+            Step::Grow { replicas } => {
+                let b = bootstrap(&pods.layout, 0, view.as_ref());
+                for o in pods.replicas..*replicas {
+                    pods.start(o, &b);
+                }
+                pods.replicas = *replicas;
+            }
+            Step::Shrink {
+                replicas,
+                delete_volumes,
+            } => {
+                for o in *replicas..pods.replicas {
+                    pods.stop(o);
+                }
+                for o in delete_volumes {
+                    let _ = std::fs::remove_dir_all(pods.volume(*o));
+                }
+                pods.replicas = *replicas;
+            }
+            Step::Replace { ordinal, .. } | Step::AddLearner { ordinal } => {
+                if let Err(e) = pods.members().execute(&pods.layout, &step).await {
+                    for o in 0..pods.replicas {
+                        eprintln!(
+                            "--- member {o}\n{}",
+                            std::fs::read_to_string(pods.log(o)).unwrap_or_default()
+                        );
+                    }
+                    panic!("{step:?}: {e}");
+                }
+                if *ordinal < pods.replicas {
+                    // The pod exists (it lost its data): restart it with the new member list.
+                    let view = pods.members().observe().await.unwrap();
+                    pods.stop(*ordinal);
+                    pods.start(*ordinal, &bootstrap(&pods.layout, 0, Some(&view)));
+                }
+            }
+            Step::MoveLeader { .. } => {
+                // A member may still report the old leader right after a move: observe again.
+                if let Err(e) = pods.members().execute(&pods.layout, &step).await {
+                    eprintln!("{step:?}: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            Step::Promote { .. } | Step::Remove { .. } => {
+                let out = pods
+                    .members()
+                    .execute(&pods.layout, &step)
+                    .await
+                    .unwrap_or_else(|e| panic!("{step:?}: {e}"));
+                if out == Outcome::LearnerBehind {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            Step::WaitLearner { .. } | Step::WaitBootstrap => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Step::Bootstrap { .. } => unreachable!("the cluster was bootstrapped"),
+        }
+    }
+}
+
+/// Writes keys one after another through ordinal 0 until stopped; returns the acknowledged ones.
+fn writer(endpoint: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<String>> {
+    tokio::spawn(async move {
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let opts = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(3));
+        let mut c = etcd_client::Client::connect([endpoint], Some(opts))
+            .await
+            .unwrap();
+        let mut i = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let key = format!("load/{i:06}");
+            if c.put(key.clone(), "v", None).await.is_ok() {
+                acked.lock().unwrap().push(key);
+            }
+            i += 1;
+        }
+        let v = acked.lock().unwrap().clone();
+        v
+    })
+}
+
+async fn wait_steady(pods: &mut Pods, size: i32) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(v) = pods.members().observe().await {
+            if v.leader.is_some()
+                && v.members.len() == size as usize
+                && v.members.iter().all(|m| m.healthy && !m.name.is_empty())
+            {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "cluster did not come up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until a member reports itself leader (after the old one was stopped).
+async fn wait_leader(pods: &Pods) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pods
+        .members()
+        .observe()
+        .await
+        .ok()
+        .and_then(|v| v.leader)
+        .is_none()
+    {
+        assert!(Instant::now() < deadline, "no new leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every acknowledged key is present, read from every member's own store.
+async fn assert_all_present(pods: &Pods, acked: &[String]) {
+    assert!(!acked.is_empty(), "the writer got no write through");
+    for o in 0..pods.replicas {
+        let mut c = etcd_client::Client::connect([pods.layout.client_url(o)], None)
+            .await
+            .unwrap();
+        // A linearizable read first, so the member has applied everything acknowledged.
+        c.get(
+            "load/",
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_count_only(),
+            ),
+        )
+        .await
+        .unwrap();
+        let r = c
+            .get(
+                "load/",
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only()
+                        .with_serializable(),
+                ),
+            )
+            .await
+            .unwrap();
+        let have: std::collections::HashSet<&str> =
+            r.kvs().iter().map(|kv| kv.key_str().unwrap()).collect();
+        for k in acked {
+            assert!(
+                have.contains(k.as_str()),
+                "member {o} lost acknowledged {k}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resize_up_and_down_learner_first_leader_moved_volumes_deleted() {
+    let mut pods = Pods::new("grow");
+    pods.bootstrap(3);
+    wait_steady(&mut pods, 3).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = writer(pods.layout.client_url(0), stop.clone());
+
+    let steps = drive(&mut pods, 5).await;
+    assert_eq!(
+        steps
+            .iter()
+            .filter(|s| !matches!(s, Step::Promote { .. }))
+            .cloned()
+            .collect::<Vec<_>>(),
+        vec![
+            Step::AddLearner { ordinal: 3 },
+            Step::Grow { replicas: 4 },
+            Step::AddLearner { ordinal: 4 },
+            Step::Grow { replicas: 5 },
+            Step::Steady,
+        ],
+        "{steps:?}"
+    );
+    assert_eq!(
+        steps
+            .iter()
+            .filter(|s| matches!(s, Step::Promote { .. }))
+            .count(),
+        2
+    );
+    let v = pods.members().observe().await.unwrap();
+    assert_eq!(v.voters().count(), 5);
+    assert!(v.members.iter().all(|m| m.healthy));
+
+    // Put leadership on the highest ordinal, so shrinking has to move it first.
+    let top = v.by_ordinal(&pods.layout, 4).unwrap().id;
+    let leader = v.leader.unwrap();
+    if leader != top {
+        pods.members().move_leader(leader, top).await.unwrap();
+    }
+    let steps = drive(&mut pods, 3).await;
+    assert_eq!(
+        steps[0],
+        Step::MoveLeader {
+            from: top,
+            to: v.by_ordinal(&pods.layout, 0).unwrap().id
+        },
+        "{steps:?}"
+    );
+    let rest: Vec<Step> = steps[1..]
+        .iter()
+        .filter(|s| !matches!(s, Step::MoveLeader { .. }))
+        .cloned()
+        .collect();
+    assert!(
+        matches!(
+            rest.as_slice(),
+            [
+                Step::Remove { ordinal: 4, .. },
+                Step::Shrink { replicas: 4, .. },
+                Step::Remove { ordinal: 3, .. },
+                Step::Shrink { replicas: 3, .. },
+                Step::Steady
+            ]
+        ),
+        "{steps:?}"
+    );
+    assert!(!pods.volume(3).exists() && !pods.volume(4).exists());
+    let v = pods.members().observe().await.unwrap();
+    assert_eq!(v.members.len(), 3);
+    assert!(v.leader.is_some() && v.members.iter().all(|m| m.healthy && !m.learner));
+
+    stop.store(true, Ordering::Relaxed);
+    let acked = load.await.unwrap();
+    assert_all_present(&pods, &acked).await;
+
+    // Grow again: the new members start from empty volumes, not the removed members' data.
+    let steps = drive(&mut pods, 4).await;
+    assert_eq!(steps.last(), Some(&Step::Steady));
+    assert_all_present(&pods, &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_removal_without_quorum_and_when_unreachable() {
+    let mut pods = Pods::new("quorum");
+    pods.bootstrap(3);
+    wait_steady(&mut pods, 3).await;
+    // One of the members that would stay is down: shrinking to 2 would leave 1 healthy voter.
+    pods.stop(1);
+    wait_leader(&pods).await;
+    let steps = drive(&mut pods, 2).await;
+    assert_eq!(
+        steps.last(),
+        Some(&Step::Refuse(Refusal::WouldLoseQuorum {
+            healthy_after: 1,
+            needed: 2
+        })),
+        "{steps:?}"
+    );
+    // Nothing was removed.
+    let v = pods.members().observe().await.unwrap();
+    assert_eq!(v.members.len(), 3);
+    // Transient loss of a member changes nothing at the target size.
+    assert_eq!(drive(&mut pods, 3).await, vec![Step::Steady]);
+    // No member answers at all.
+    pods.stop(0);
+    pods.stop(2);
+    assert_eq!(
+        drive(&mut pods, 2).await,
+        vec![Step::Refuse(Refusal::Unreachable)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_lost_its_data_is_replaced() {
+    let mut pods = Pods::new("repair");
+    pods.bootstrap(3);
+    wait_steady(&mut pods, 3).await;
+    let mut c = etcd_client::Client::connect([pods.layout.client_url(0)], None)
+        .await
+        .unwrap();
+    c.put("before", "loss", None).await.unwrap();
+    let old = pods.members().observe().await.unwrap();
+    let old_id = old.by_ordinal(&pods.layout, 2).unwrap().id;
+
+    // The volume of member 2 is lost; its pod comes back empty and refuses to start.
+    pods.stop(2);
+    std::fs::remove_dir_all(pods.volume(2)).unwrap();
+    pods.start(2, &bootstrap(&pods.layout, 0, Some(&old)));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pods.exited_log(2).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "member 2 did not refuse to start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(plan::reports_lost_data(&pods.exited_log(2).unwrap()));
+    // Member 2 may have been the leader: the controller retries a refusal; here, wait it out.
+    wait_leader(&pods).await;
+
+    let steps = drive(&mut pods, 3).await;
+    assert!(
+        matches!(
+            steps.as_slice(),
+            [Step::Replace { ordinal: 2, id }, Step::Promote { ordinal: 2, .. }, Step::Steady] if *id == old_id
+        ),
+        "{steps:?}"
+    );
+    let v = pods.members().observe().await.unwrap();
+    let new = v.by_ordinal(&pods.layout, 2).unwrap();
+    assert_ne!(new.id, old_id);
+    assert!(new.healthy && !new.learner);
+    let mut c2 = etcd_client::Client::connect([pods.layout.client_url(2)], None)
+        .await
+        .unwrap();
+    let r = c2
+        .get(
+            "before",
+            Some(etcd_client::GetOptions::new().with_serializable()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.kvs()[0].value(), b"loss");
+}
