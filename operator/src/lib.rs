@@ -4,8 +4,13 @@
 //! - [`resources`]: pure builders of the children (Services, ConfigMap, StatefulSet, PDB).
 //! - [`plan`]: pure membership planning: observed cluster in, next step out.
 //! - [`members`]: membership calls through the etcd API (etcd-client).
+//! - [`controller`]: the reconcile loop that ties them together.
+//! - [`leader`], [`metrics`]: leader election between replicas; Prometheus metrics.
 
+pub mod controller;
 pub mod crd;
+pub mod leader;
 pub mod members;
+pub mod metrics;
 pub mod plan;
 pub mod resources;

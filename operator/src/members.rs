@@ -136,7 +136,7 @@ impl Members {
 
     /// Makes the membership calls of a step (the pods and volumes of a step are the caller's).
     /// Steps without membership calls are no-ops here.
-    pub async fn execute(&self, layout: &impl Layout, step: &Step) -> Result<Outcome, Error> {
+    pub async fn execute(&self, layout: &dyn Layout, step: &Step) -> Result<Outcome, Error> {
         match step {
             Step::Replace { id, ordinal } => {
                 self.remove(*id).await?;

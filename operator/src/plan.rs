@@ -40,7 +40,7 @@ pub struct ClusterView {
 impl ClusterView {
     /// The ordinal of a member of this cluster: by peer URL (set from the moment it is added),
     /// else by name.
-    pub fn ordinal(&self, names: &impl Layout, m: &ObservedMember) -> Option<i32> {
+    pub fn ordinal(&self, names: &dyn Layout, m: &ObservedMember) -> Option<i32> {
         m.peer_urls
             .iter()
             .find_map(|url| names.ordinal_of_peer_url(url))
@@ -51,14 +51,14 @@ impl ClusterView {
         self.members.iter().filter(|m| !m.learner)
     }
 
-    pub fn by_ordinal(&self, names: &impl Layout, ordinal: i32) -> Option<&ObservedMember> {
+    pub fn by_ordinal(&self, names: &dyn Layout, ordinal: i32) -> Option<&ObservedMember> {
         self.members
             .iter()
             .find(|m| self.ordinal(names, m) == Some(ordinal))
     }
 
     /// Highest ordinal of a member in the list.
-    pub fn max_ordinal(&self, names: &impl Layout) -> Option<i32> {
+    pub fn max_ordinal(&self, names: &dyn Layout) -> Option<i32> {
         self.members
             .iter()
             .filter_map(|m| self.ordinal(names, m))
@@ -162,10 +162,10 @@ pub enum Step {
 /// What a member starting now reads from the bootstrap ConfigMap. Before the first bootstrap
 /// succeeded: `new` with the `initial` first ordinals. After it: `existing` with every member in
 /// the list (a learner just added included), so a member that starts later joins.
-pub fn bootstrap(names: &impl Layout, initial: i32, view: Option<&ClusterView>) -> Bootstrap {
+pub fn bootstrap(names: &dyn Layout, initial: i32, view: Option<&ClusterView>) -> Bootstrap {
     match view {
         None => Bootstrap {
-            initial_cluster: names.initial_cluster(0..initial),
+            initial_cluster: names.initial_cluster(&(0..initial).collect::<Vec<_>>()),
             new_cluster: true,
         },
         Some(view) => {
@@ -177,7 +177,7 @@ pub fn bootstrap(names: &impl Layout, initial: i32, view: Option<&ClusterView>) 
             ordinals.sort_unstable();
             ordinals.dedup();
             Bootstrap {
-                initial_cluster: names.initial_cluster(ordinals),
+                initial_cluster: names.initial_cluster(&ordinals),
                 new_cluster: false,
             }
         }
@@ -185,7 +185,7 @@ pub fn bootstrap(names: &impl Layout, initial: i32, view: Option<&ClusterView>) 
 }
 
 /// The next membership step towards `desired` voters.
-pub fn next_step(names: &impl Layout, desired: i32, bootstrapped: bool, obs: &Observed) -> Step {
+pub fn next_step(names: &dyn Layout, desired: i32, bootstrapped: bool, obs: &Observed) -> Step {
     let Some(replicas) = obs.statefulset_replicas else {
         return Step::Bootstrap { replicas: desired };
     };
@@ -544,12 +544,18 @@ mod tests {
         let n = names();
         let b = bootstrap(&n, 3, None);
         assert!(b.new_cluster);
-        assert_eq!(b.initial_cluster, n.initial_cluster(0..3));
+        assert_eq!(
+            b.initial_cluster,
+            n.initial_cluster(&(0..3).collect::<Vec<_>>())
+        );
         let mut m = healthy(3);
         m.push((3, true, false));
         let b = bootstrap(&n, 3, Some(&view(&m, Some(0))));
         assert!(!b.new_cluster);
-        assert_eq!(b.initial_cluster, n.initial_cluster(0..4));
+        assert_eq!(
+            b.initial_cluster,
+            n.initial_cluster(&(0..4).collect::<Vec<_>>())
+        );
     }
 
     #[test]

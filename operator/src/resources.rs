@@ -58,7 +58,7 @@ pub const MAX_ORDINAL: i32 = 64;
 
 /// How members are named and reached: in Kubernetes by their pod's DNS name ([`Names`]); the
 /// membership tests run members on loopback ports instead.
-pub trait Layout {
+pub trait Layout: Send + Sync {
     /// Member (and pod) name of an ordinal.
     fn member(&self, ordinal: i32) -> String;
     fn peer_url(&self, ordinal: i32) -> String;
@@ -72,13 +72,10 @@ pub trait Layout {
         (0..MAX_ORDINAL).find(|o| self.peer_url(*o) == url)
     }
     /// `--initial-cluster` naming the given ordinals.
-    fn initial_cluster(&self, ordinals: impl IntoIterator<Item = i32>) -> String
-    where
-        Self: Sized,
-    {
+    fn initial_cluster(&self, ordinals: &[i32]) -> String {
         ordinals
-            .into_iter()
-            .map(|i| format!("{}={}", self.member(i), self.peer_url(i)))
+            .iter()
+            .map(|i| format!("{}={}", self.member(*i), self.peer_url(*i)))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -552,7 +549,7 @@ mod tests {
             assert_eq!(n.ordinal(not), None, "{not}");
         }
         assert_eq!(
-            n.initial_cluster(0..2),
+            n.initial_cluster(&(0..2).collect::<Vec<_>>()),
             "demo-0=http://demo-0.demo-peer.prod.svc:2380,demo-1=http://demo-1.demo-peer.prod.svc:2380"
         );
     }
@@ -605,7 +602,7 @@ mod tests {
         let ec = cluster(serde_json::json!({}));
         let names = Names::of(&ec);
         let b = Bootstrap {
-            initial_cluster: names.initial_cluster(0..3),
+            initial_cluster: names.initial_cluster(&(0..3).collect::<Vec<_>>()),
             new_cluster: true,
         };
         let cm = bootstrap_configmap(&ec, &b);

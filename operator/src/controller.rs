@@ -1,0 +1,707 @@
+//! The reconcile loop: reads the world (the StatefulSet, the member pods, the cluster's member
+//! list through the etcd API), asks [`plan`] for the next membership step, applies the builders of
+//! [`resources`] with server-side apply under one field manager, makes the step's etcd calls and
+//! reports everything in the status and in Events.
+//!
+//! It never derives membership from pods: a pod that is gone or crash-looping is reported, not
+//! acted on, unless it says it lost its data (then its member is replaced).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tracing::{info, warn, Instrument};
+
+use crate::crd::{
+    condition, EtcdCluster, EtcdClusterStatus, MemberStatus, Operation, OperationKind,
+};
+use crate::members::{self, Members, Outcome};
+use crate::metrics::Metrics;
+use crate::plan::{self, bootstrap, next_step, ClusterView, Observed, Step};
+use crate::resources::{self, Layout, Names};
+
+/// The one field manager of everything the operator applies.
+pub const FIELD_MANAGER: &str = "cairn-operator";
+
+/// How often a steady cluster is looked at again (membership and health are not watched).
+const STEADY_REQUEUE: Duration = Duration::from_secs(30);
+/// How soon a step in progress is looked at again.
+const STEP_REQUEUE: Duration = Duration::from_secs(2);
+/// How soon a refused or waiting step is tried again.
+const WAIT_REQUEUE: Duration = Duration::from_secs(10);
+
+/// Errors of one reconcile.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("membership: {0}")]
+    Members(#[from] members::Error),
+    #[error("the EtcdCluster has no namespace")]
+    NoNamespace,
+}
+
+impl Error {
+    /// The `error` label of the error metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Members(_) => "membership",
+            Error::NoNamespace => "invalid",
+        }
+    }
+}
+
+/// Where the operator reaches a cluster's members: their pod DNS names in Kubernetes; tests
+/// substitute loopback members.
+pub type LayoutFn = dyn Fn(&EtcdCluster) -> Arc<dyn Layout> + Send + Sync;
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    pub layout: Box<LayoutFn>,
+}
+
+impl Context {
+    pub fn new(client: Client, metrics: Metrics, instance: Option<String>) -> Context {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.to_string(),
+            instance,
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            layout: Box::new(|ec: &EtcdCluster| Arc::new(Names::of(ec)) as Arc<dyn Layout>),
+        }
+    }
+}
+
+fn apply_params() -> PatchParams {
+    PatchParams::apply(FIELD_MANAGER).force()
+}
+
+async fn apply<K>(api: &Api<K>, obj: &K) -> Result<(), Error>
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+{
+    let name = obj.meta().name.clone().unwrap_or_default();
+    api.patch(&name, &apply_params(), &Patch::Apply(obj))
+        .await?;
+    Ok(())
+}
+
+async fn delete_if_exists<K>(api: &Api<K>, name: &str) -> Result<(), Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn now() -> Time {
+    Time(jiff::Timestamp::now())
+}
+
+/// Ordinals whose member pod says it lost its data (its termination message, now or last time).
+fn pods_reporting_lost_data(pods: &[Pod], names: &Names) -> Vec<i32> {
+    let mut out: Vec<i32> = pods
+        .iter()
+        .filter(|p| {
+            let statuses = p
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref());
+            statuses.into_iter().flatten().any(|c| {
+                let messages = [c.state.as_ref(), c.last_state.as_ref()];
+                messages.into_iter().flatten().any(|s| {
+                    s.terminated
+                        .as_ref()
+                        .and_then(|t| t.message.as_deref())
+                        .is_some_and(plan::reports_lost_data)
+                })
+            })
+        })
+        .filter_map(|p| names.ordinal(&p.name_any()))
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// Reconciles one EtcdCluster.
+pub async fn reconcile(ec: Arc<EtcdCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = ec.namespace().ok_or(Error::NoNamespace)?;
+    let name = ec.name_any();
+    let _timer = ctx.metrics.reconcile(&ns, &name);
+    let span = tracing::info_span!("reconcile", namespace = %ns, cluster = %name);
+    Reconciler::new(&ec, &ctx, &ns).run().instrument(span).await
+}
+
+/// The operator's answer to a failed reconcile: count it, log it, try again soon.
+pub fn error_policy(ec: Arc<EtcdCluster>, err: &Error, ctx: Arc<Context>) -> Action {
+    let ns = ec.namespace().unwrap_or_default();
+    warn!(namespace = %ns, cluster = %ec.name_any(), error = %err, "reconcile failed");
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&[&ns, &ec.name_any(), err.metric_label()])
+        .inc();
+    Action::requeue(WAIT_REQUEUE)
+}
+
+struct Reconciler<'a> {
+    ec: &'a EtcdCluster,
+    ctx: &'a Context,
+    ns: &'a str,
+    names: Names,
+    layout: Arc<dyn Layout>,
+}
+
+impl<'a> Reconciler<'a> {
+    fn new(ec: &'a EtcdCluster, ctx: &'a Context, ns: &'a str) -> Self {
+        Reconciler {
+            ec,
+            ctx,
+            ns,
+            names: Names::of(ec),
+            layout: (ctx.layout)(ec),
+        }
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.ctx.client.clone(), self.ns)
+    }
+
+    async fn event(&self, type_: EventType, reason: &str, action: &str, note: String) {
+        let ev = Event {
+            type_,
+            reason: reason.to_string(),
+            note: Some(note),
+            action: action.to_string(),
+            secondary: None,
+        };
+        if let Err(e) = self
+            .ctx
+            .recorder
+            .publish(&ev, &self.ec.object_ref(&()))
+            .await
+        {
+            warn!(error = %e, "could not publish an event");
+        }
+    }
+
+    fn count_op(&self, op: &str, result: &str) {
+        self.ctx
+            .metrics
+            .membership_operations
+            .with_label_values(&[self.ns, &self.names.cluster, op, result])
+            .inc();
+    }
+
+    async fn run(&self) -> Result<Action, Error> {
+        let ec = self.ec;
+        let spec = &ec.spec;
+        let prev = ec.status.clone().unwrap_or_default();
+        let sts_api: Api<StatefulSet> = self.api();
+        let sts = sts_api.get_opt(&self.names.statefulset()).await?;
+        let replicas = sts
+            .as_ref()
+            .and_then(|s| s.spec.as_ref())
+            .and_then(|s| s.replicas);
+
+        // What the members say.
+        let view = match replicas {
+            Some(r) => {
+                let endpoints = (0..r.max(1)).map(|o| self.layout.client_url(o)).collect();
+                Members::new(endpoints).observe().await.ok()
+            }
+            None => None,
+        };
+        let pods: Api<Pod> = self.api();
+        let selector = resources::selector_labels(ec)
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let pod_list = match replicas {
+            Some(_) => {
+                pods.list(&ListParams::default().labels(&selector))
+                    .await?
+                    .items
+            }
+            None => Vec::new(),
+        };
+        let lost_data = pods_reporting_lost_data(&pod_list, &self.names);
+
+        // The first bootstrap is done once the members answer with a leader.
+        let cluster_id = prev.cluster_id.clone().or_else(|| {
+            view.as_ref()
+                .filter(|v| v.leader.is_some())
+                .map(|v| format!("{:x}", v.cluster_id))
+        });
+        let bootstrapped = cluster_id.is_some();
+        if let (Some(want), Some(v)) = (&prev.cluster_id, &view) {
+            if *want != format!("{:x}", v.cluster_id) {
+                let msg = format!(
+                    "members answer with cluster ID {:x}, expected {want}: not touching them",
+                    v.cluster_id
+                );
+                self.event(
+                    EventType::Warning,
+                    "ClusterIDMismatch",
+                    "Observe",
+                    msg.clone(),
+                )
+                .await;
+                let mut status = prev.clone();
+                status.set_condition(
+                    condition::DEGRADED,
+                    true,
+                    "ClusterIDMismatch",
+                    msg,
+                    ec.metadata.generation,
+                    &now(),
+                );
+                self.patch_status(status).await?;
+                return Ok(Action::requeue(WAIT_REQUEUE));
+            }
+        }
+
+        let obs = Observed {
+            statefulset_replicas: replicas,
+            view: view.clone(),
+            lost_data,
+        };
+        let step = next_step(self.layout.as_ref(), spec.size, bootstrapped, &obs);
+
+        if spec.paused {
+            let status = self.status(&prev, view.as_ref(), cluster_id, &Step::Steady, None, true);
+            self.patch_status(status).await?;
+            return Ok(Action::requeue(STEADY_REQUEUE));
+        }
+
+        if spec.size % 2 == 0 && prev.observed_generation != ec.metadata.generation {
+            self.event(
+                EventType::Warning,
+                "EvenSize",
+                "Validate",
+                format!(
+                    "size {} tolerates no more failures than size {}",
+                    spec.size,
+                    spec.size - 1
+                ),
+            )
+            .await;
+        }
+
+        // Children that do not depend on the step.
+        apply(&self.api::<Service>(), &resources::peer_service(ec)).await?;
+        apply(&self.api::<Service>(), &resources::client_service(ec)).await?;
+        // What a member starting now must read: `new` only before the first bootstrap.
+        let initial = replicas.unwrap_or(spec.size);
+        let boot = match (&view, bootstrapped) {
+            (Some(v), true) => Some(bootstrap(self.layout.as_ref(), initial, Some(v))),
+            (_, false) => Some(bootstrap(self.layout.as_ref(), initial, None)),
+            (None, true) => None,
+        };
+        if let Some(b) = &boot {
+            apply(
+                &self.api::<ConfigMap>(),
+                &resources::bootstrap_configmap(ec, b),
+            )
+            .await?;
+        }
+
+        let mut operation = prev.operation.clone();
+        let mut replicas_now = replicas.unwrap_or(0);
+        let requeue = self.act(&step, &mut replicas_now, &mut operation).await?;
+
+        // Template changes (image, resources, ...) roll out through the StatefulSet itself,
+        // one pod at a time.
+        if replicas.is_some() || matches!(step, Step::Bootstrap { .. }) {
+            apply(&sts_api, &resources::statefulset(ec, replicas_now)).await?;
+        }
+        let voters = view
+            .as_ref()
+            .map_or(replicas_now, |v| v.voters().count() as i32)
+            .min(spec.size)
+            .max(1);
+        let pdb_api: Api<PodDisruptionBudget> = self.api();
+        if spec.pod_disruption_budget.enabled {
+            apply(&pdb_api, &resources::pdb(ec, voters)).await?;
+        } else {
+            delete_if_exists(&pdb_api, &self.names.pdb()).await?;
+        }
+
+        let status = self.status(&prev, view.as_ref(), cluster_id, &step, operation, false);
+        self.patch_status(status).await?;
+        Ok(requeue)
+    }
+
+    /// Carries out a step; returns when to look again.
+    async fn act(
+        &self,
+        step: &Step,
+        replicas: &mut i32,
+        operation: &mut Option<Operation>,
+    ) -> Result<Action, Error> {
+        let spec = &self.ec.spec;
+        let members = Members::new(
+            (0..(*replicas).max(1))
+                .map(|o| self.layout.client_url(o))
+                .collect(),
+        );
+        let layout = self.layout.as_ref();
+        let start = |kind, member: String| {
+            Some(Operation {
+                kind,
+                member,
+                target_size: spec.size,
+                started_at: now(),
+            })
+        };
+        match step {
+            Step::Bootstrap { replicas: r } => {
+                info!(members = r, "bootstrapping");
+                *replicas = *r;
+                self.event(
+                    EventType::Normal,
+                    "Bootstrapping",
+                    "Create",
+                    format!("starting {r} members"),
+                )
+                .await;
+                Ok(Action::requeue(STEP_REQUEUE))
+            }
+            Step::WaitBootstrap | Step::WaitLearner { .. } => Ok(Action::requeue(STEP_REQUEUE)),
+            Step::Grow { replicas: r } => {
+                // A volume left from an earlier member of this ordinal would hand it stale data.
+                let pvcs: Api<PersistentVolumeClaim> = self.api();
+                for o in *replicas..*r {
+                    delete_if_exists(&pvcs, &self.names.pvc(o)).await?;
+                }
+                *replicas = *r;
+                Ok(Action::requeue(STEP_REQUEUE))
+            }
+            Step::Shrink {
+                replicas: r,
+                delete_volumes,
+            } => {
+                *replicas = *r;
+                let sts_api: Api<StatefulSet> = self.api();
+                apply(&sts_api, &resources::statefulset(self.ec, *r)).await?;
+                let pvcs: Api<PersistentVolumeClaim> = self.api();
+                for o in delete_volumes {
+                    delete_if_exists(&pvcs, &self.names.pvc(*o)).await?;
+                }
+                self.event(
+                    EventType::Normal,
+                    "VolumesDeleted",
+                    "ScaleDown",
+                    format!("deleted the volumes of removed members {delete_volumes:?}"),
+                )
+                .await;
+                *operation = None;
+                Ok(Action::requeue(STEP_REQUEUE))
+            }
+            Step::AddLearner { ordinal } | Step::Replace { ordinal, .. } => {
+                let (op, kind, reason) = match step {
+                    Step::Replace { .. } => ("replace", OperationKind::Replace, "MemberReplaced"),
+                    _ => ("add", OperationKind::ScaleUp, "MemberAdded"),
+                };
+                let member = layout.member(*ordinal);
+                match members.execute(layout, step).await {
+                    Ok(_) => self.count_op(op, "ok"),
+                    Err(e) => {
+                        self.count_op(op, "error");
+                        return Err(e.into());
+                    }
+                }
+                self.event(
+                    EventType::Normal,
+                    reason,
+                    "AddLearner",
+                    format!(
+                        "added {member} as a learner ({})",
+                        layout.peer_url(*ordinal)
+                    ),
+                )
+                .await;
+                *operation = start(kind, member);
+                if *ordinal < *replicas {
+                    // Its pod exists (it lost its data or was removed by hand): restart it now
+                    // so that it joins with the new member list instead of waiting out a
+                    // crash-loop back-off.
+                    let pods: Api<Pod> = self.api();
+                    delete_if_exists(&pods, &layout.member(*ordinal)).await?;
+                }
+                Ok(Action::requeue(STEP_REQUEUE))
+            }
+            Step::Promote { ordinal, .. } => match members.execute(layout, step).await {
+                Ok(Outcome::Done) => {
+                    self.count_op("promote", "ok");
+                    let member = layout.member(*ordinal);
+                    self.event(
+                        EventType::Normal,
+                        "MemberPromoted",
+                        "Promote",
+                        format!("promoted {member} to voter"),
+                    )
+                    .await;
+                    *operation = None;
+                    Ok(Action::requeue(STEP_REQUEUE))
+                }
+                Ok(Outcome::LearnerBehind) => Ok(Action::requeue(STEP_REQUEUE)),
+                Err(e) => {
+                    self.count_op("promote", "error");
+                    Err(e.into())
+                }
+            },
+            Step::MoveLeader { from, to } => {
+                let result = members.execute(layout, step).await;
+                self.count_op("move_leader", if result.is_ok() { "ok" } else { "error" });
+                result?;
+                self.event(
+                    EventType::Normal,
+                    "LeaderMoved",
+                    "MoveLeader",
+                    format!("moved leadership from {from:x} to {to:x} before removing {from:x}"),
+                )
+                .await;
+                Ok(Action::requeue(STEP_REQUEUE))
+            }
+            Step::Remove { id, ordinal } => {
+                let result = members.execute(layout, step).await;
+                self.count_op("remove", if result.is_ok() { "ok" } else { "error" });
+                result?;
+                let member = layout.member(*ordinal);
+                self.event(
+                    EventType::Normal,
+                    "MemberRemoved",
+                    "Remove",
+                    format!("removed {member} ({id:x}) from the cluster"),
+                )
+                .await;
+                *operation = start(OperationKind::ScaleDown, member);
+                Ok(Action::requeue(STEP_REQUEUE))
+            }
+            Step::Refuse(r) => {
+                self.event(EventType::Warning, r.reason(), "Resize", r.message())
+                    .await;
+                Ok(Action::requeue(WAIT_REQUEUE))
+            }
+            Step::Steady => {
+                *operation = None;
+                Ok(Action::requeue(STEADY_REQUEUE))
+            }
+        }
+    }
+
+    fn status(
+        &self,
+        prev: &EtcdClusterStatus,
+        view: Option<&ClusterView>,
+        cluster_id: Option<String>,
+        step: &Step,
+        operation: Option<Operation>,
+        paused: bool,
+    ) -> EtcdClusterStatus {
+        let ec = self.ec;
+        let generation = ec.metadata.generation;
+        let t = now();
+        let layout = self.layout.as_ref();
+        let mut st = EtcdClusterStatus {
+            observed_generation: generation,
+            cluster_id,
+            operation,
+            conditions: prev.conditions.clone(),
+            ..EtcdClusterStatus::default()
+        };
+        if let Some(v) = view {
+            let mut members: Vec<(i32, MemberStatus)> = v
+                .members
+                .iter()
+                .map(|m| {
+                    let ordinal = v.ordinal(layout, m);
+                    let name = if m.name.is_empty() {
+                        ordinal.map(|o| layout.member(o)).unwrap_or_default()
+                    } else {
+                        m.name.clone()
+                    };
+                    (
+                        ordinal.unwrap_or(i32::MAX),
+                        MemberStatus {
+                            name,
+                            id: format!("{:x}", m.id),
+                            leader: v.leader == Some(m.id),
+                            learner: m.learner,
+                            healthy: m.healthy,
+                        },
+                    )
+                })
+                .collect();
+            members.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.name.cmp(&b.1.name)));
+            st.members = members.into_iter().map(|(_, m)| m).collect();
+            st.size = v.voters().count() as i32;
+            st.ready_members = v.members.iter().filter(|m| m.healthy).count() as i32;
+            st.leader = st.members.iter().find(|m| m.leader).map(|m| m.name.clone());
+        } else {
+            st.size = prev.size;
+        }
+
+        let has_leader = st.leader.is_some();
+        let (avail_reason, avail_msg) = match (view, has_leader) {
+            (_, true) => (
+                "QuorumAvailable",
+                format!("{} of {} members ready", st.ready_members, st.members.len()),
+            ),
+            (None, false) if st.cluster_id.is_none() => {
+                ("Bootstrapping", "waiting for the first members".to_string())
+            }
+            (None, false) => ("Unreachable", "no member answers".to_string()),
+            (Some(_), false) => (
+                "QuorumLost",
+                "members answer but there is no leader".to_string(),
+            ),
+        };
+        st.set_condition(
+            condition::AVAILABLE,
+            has_leader,
+            avail_reason,
+            avail_msg,
+            generation,
+            &t,
+        );
+
+        let (progressing, reason, msg) = if paused {
+            (
+                false,
+                "Paused",
+                "spec.paused is set: nothing is changed".to_string(),
+            )
+        } else {
+            match step {
+                Step::Steady => (false, "Steady", format!("{} voting members", st.size)),
+                Step::Bootstrap { .. } | Step::WaitBootstrap => (
+                    true,
+                    "Bootstrapping",
+                    "starting the first members".to_string(),
+                ),
+                Step::AddLearner { .. }
+                | Step::Grow { .. }
+                | Step::Promote { .. }
+                | Step::WaitLearner { .. } => (
+                    true,
+                    "ScalingUp",
+                    format!("growing to {} members", ec.spec.size),
+                ),
+                Step::MoveLeader { .. } | Step::Remove { .. } | Step::Shrink { .. } => (
+                    true,
+                    "ScalingDown",
+                    format!("shrinking to {} members", ec.spec.size),
+                ),
+                Step::Replace { ordinal, .. } => (
+                    true,
+                    "MemberReplaced",
+                    format!("replacing {}, which lost its data", layout.member(*ordinal)),
+                ),
+                Step::Refuse(r) => (false, r.reason(), r.message()),
+            }
+        };
+        st.set_condition(
+            condition::PROGRESSING,
+            progressing,
+            reason,
+            msg,
+            generation,
+            &t,
+        );
+
+        let unhealthy: Vec<&str> = st
+            .members
+            .iter()
+            .filter(|m| !m.healthy)
+            .map(|m| m.name.as_str())
+            .collect();
+        let (degraded, reason, msg) = match step {
+            Step::Refuse(r) if !paused => (true, r.reason(), r.message()),
+            _ if !has_leader && st.cluster_id.is_some() => {
+                (true, avail_reason, "the cluster has no leader".to_string())
+            }
+            _ if !unhealthy.is_empty() => (
+                true,
+                "MembersUnhealthy",
+                format!("not answering: {}", unhealthy.join(", ")),
+            ),
+            _ => (false, "AllHealthy", "every member answers".to_string()),
+        };
+        st.set_condition(condition::DEGRADED, degraded, reason, msg, generation, &t);
+        st
+    }
+
+    async fn patch_status(&self, status: EtcdClusterStatus) -> Result<(), Error> {
+        let api: Api<EtcdCluster> = self.api();
+        let patch = serde_json::json!({
+            "apiVersion": "cairn.dev/v1alpha1",
+            "kind": "EtcdCluster",
+            "status": status,
+        });
+        api.patch_status(&self.names.cluster, &apply_params(), &Patch::Apply(&patch))
+            .await?;
+        Ok(())
+    }
+}
+
+/// Runs the controller until the stream of reconciles ends (on shutdown).
+pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
+    let client = ctx.client.clone();
+    let (clusters, stss, svcs, cms, pdbs) = match &namespace {
+        Some(ns) => (
+            Api::<EtcdCluster>::namespaced(client.clone(), ns),
+            Api::<StatefulSet>::namespaced(client.clone(), ns),
+            Api::<Service>::namespaced(client.clone(), ns),
+            Api::<ConfigMap>::namespaced(client.clone(), ns),
+            Api::<PodDisruptionBudget>::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
+    };
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=cairn-operator");
+    Controller::new(clusters, watcher::Config::default())
+        .owns(stss, owned.clone())
+        .owns(svcs, owned.clone())
+        .owns(cms, owned.clone())
+        .owns(pdbs, owned)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                warn!(error = %e, "reconcile stream");
+            }
+        })
+        .await;
+}
