@@ -565,7 +565,17 @@ impl<'a> Reconciler<'a> {
             st.ready_members = v.members.iter().filter(|m| m.healthy).count() as i32;
             st.leader = st.members.iter().find(|m| m.leader).map(|m| m.name.clone());
         } else {
+            // Nobody answers: keep the last known members, none of them healthy.
             st.size = prev.size;
+            st.members = prev
+                .members
+                .iter()
+                .map(|m| MemberStatus {
+                    healthy: false,
+                    leader: false,
+                    ..m.clone()
+                })
+                .collect();
         }
 
         let has_leader = st.leader.is_some();

@@ -196,7 +196,7 @@ pub struct EtcdClusterStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader: Option<String>,
     /// The cluster ID (hex, as etcdctl prints it). Set once the first bootstrap succeeded.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, rename = "clusterID", skip_serializing_if = "Option::is_none")]
     pub cluster_id: Option<String>,
     /// The membership step in progress; an edit of `spec.size` waits until it is finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]

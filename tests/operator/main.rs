@@ -1,4 +1,7 @@
 //! The operator's tests beyond unit tests: membership steps against real cairn clusters on
-//! loopback, and reconciles against a mock Kubernetes API server.
+//! loopback, and reconciles against a mock Kubernetes API server (kube-rs's tower-test pattern)
+//! with real cairn members behind it.
 
+mod cluster;
 mod membership;
+mod reconcile;

@@ -1,0 +1,159 @@
+//! Real cairn members on loopback for the operator's tests: a [`Loopback`] layout (each ordinal
+//! on its own free ports) and [`Pods`], which plays the StatefulSet and kubelet: a cairn process
+//! per ordinal started with the flags the bootstrap ConfigMap gives a pod, a data dir per ordinal
+//! as its volume.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use cairn_operator::members::Members;
+use cairn_operator::plan::bootstrap;
+use cairn_operator::resources::{Bootstrap, Layout};
+
+const SLOTS: usize = 8;
+
+/// Members on loopback: ordinal `o` listens on its own pair of free ports.
+#[derive(Clone)]
+pub struct Loopback {
+    pub cluster: String,
+    pub client: Vec<u16>,
+    pub peer: Vec<u16>,
+}
+
+impl Layout for Loopback {
+    fn member(&self, o: i32) -> String {
+        format!("{}-{o}", self.cluster)
+    }
+    fn peer_url(&self, o: i32) -> String {
+        self.peer
+            .get(o as usize)
+            .map_or_else(String::new, |p| format!("http://127.0.0.1:{p}"))
+    }
+    fn client_url(&self, o: i32) -> String {
+        self.client
+            .get(o as usize)
+            .map_or_else(String::new, |p| format!("http://127.0.0.1:{p}"))
+    }
+}
+
+fn free_ports(n: usize) -> Vec<u16> {
+    // Hold every listener until all ports are chosen, so none is handed out twice.
+    let ls: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+fn cairn_binary() -> PathBuf {
+    // target/<profile>/deps/operator-<hash> -> target/<profile>/cairn
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("cairn");
+    if !bin.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "cairn", "--bin", "cairn"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "building cairn failed");
+    }
+    bin
+}
+
+/// The "StatefulSet": one cairn process per ordinal below `replicas`, a data dir per ordinal.
+pub struct Pods {
+    pub layout: Loopback,
+    root: tempfile::TempDir,
+    bin: PathBuf,
+    procs: BTreeMap<i32, Child>,
+    pub replicas: i32,
+}
+
+impl Pods {
+    pub fn new(cluster: &str) -> Pods {
+        let ports = free_ports(2 * SLOTS);
+        Pods {
+            layout: Loopback {
+                cluster: cluster.to_string(),
+                client: ports[..SLOTS].to_vec(),
+                peer: ports[SLOTS..].to_vec(),
+            },
+            root: tempfile::tempdir().unwrap(),
+            bin: cairn_binary(),
+            procs: BTreeMap::new(),
+            replicas: 0,
+        }
+    }
+
+    pub fn volume(&self, o: i32) -> PathBuf {
+        self.root.path().join(format!("data-{o}"))
+    }
+
+    pub fn log(&self, o: i32) -> PathBuf {
+        self.root.path().join(format!("member-{o}.log"))
+    }
+
+    /// Starts ordinal `o` with the flags the bootstrap ConfigMap gives a pod.
+    pub fn start(&mut self, o: i32, b: &Bootstrap) {
+        let l = &self.layout;
+        let log = std::fs::File::create(self.log(o)).unwrap();
+        let child = Command::new(&self.bin)
+            .arg(format!("--name={}", l.member(o)))
+            .arg(format!("--data-dir={}", self.volume(o).display()))
+            .arg(format!("--listen-client-urls={}", l.client_url(o)))
+            .arg(format!("--advertise-client-urls={}", l.client_url(o)))
+            .arg(format!("--listen-peer-urls={}", l.peer_url(o)))
+            .arg(format!("--initial-advertise-peer-urls={}", l.peer_url(o)))
+            .arg(format!("--initial-cluster={}", b.initial_cluster))
+            .arg(format!(
+                "--initial-cluster-state={}",
+                if b.new_cluster { "new" } else { "existing" }
+            ))
+            .arg("--initial-cluster-token=operator-test")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.procs.insert(o, child);
+    }
+
+    pub fn stop(&mut self, o: i32) {
+        if let Some(mut c) = self.procs.remove(&o) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The pod's termination message: the log of a member that exited.
+    pub fn exited_log(&mut self, o: i32) -> Option<String> {
+        let c = self.procs.get_mut(&o)?;
+        c.try_wait().ok()??;
+        std::fs::read_to_string(self.log(o)).ok()
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        (0..self.replicas.max(1))
+            .map(|o| self.layout.client_url(o))
+            .collect()
+    }
+
+    pub fn members(&self) -> Members {
+        Members::new(self.endpoints())
+    }
+
+    pub fn bootstrap(&mut self, size: i32) {
+        let b = bootstrap(&self.layout, size, None);
+        for o in 0..size {
+            self.start(o, &b);
+        }
+        self.replicas = size;
+    }
+}
+
+impl Drop for Pods {
+    fn drop(&mut self) {
+        for o in self.procs.keys().copied().collect::<Vec<_>>() {
+            self.stop(o);
+        }
+    }
+}

@@ -1,0 +1,544 @@
+//! Reconciles against a mock Kubernetes API server (kube-rs's tower-test pattern): a task answers
+//! the client's requests from an in-memory object store, like a tiny API server, and logs every
+//! request so tests can check method, path, field manager and body. Members are real cairn
+//! processes on loopback, started and stopped by the test as the StatefulSet says (the kubelet's
+//! part), with the flags the operator's ConfigMap gives them.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cairn_operator::controller::{reconcile, Context};
+use cairn_operator::crd::EtcdCluster;
+use cairn_operator::metrics::Metrics;
+use cairn_operator::resources::{Bootstrap, Layout};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use kube::client::Body;
+use kube::Client;
+use serde_json::{json, Value};
+
+use crate::cluster::Pods;
+
+const NS: &str = "db";
+
+/// One request the operator made.
+#[derive(Clone, Debug)]
+struct Call {
+    method: Method,
+    path: String,
+    query: String,
+    body: Value,
+}
+
+/// The mock API server's state: objects by path, and the request log.
+#[derive(Default)]
+struct Store {
+    objects: BTreeMap<String, Value>,
+    calls: Vec<Call>,
+    next_version: u64,
+}
+
+#[derive(Clone, Default)]
+struct FakeApi(Arc<Mutex<Store>>);
+
+fn status_json(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "reason": reason, "code": code, "message": message})
+}
+
+impl FakeApi {
+    fn get(&self, path: &str) -> Option<Value> {
+        self.0.lock().unwrap().objects.get(path).cloned()
+    }
+
+    fn put(&self, path: &str, v: Value) {
+        self.0.lock().unwrap().objects.insert(path.to_string(), v);
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.0.lock().unwrap().calls.clone()
+    }
+
+    fn clear_calls(&self) {
+        self.0.lock().unwrap().calls.clear();
+    }
+
+    /// Answers one request like the API server would, for the verbs the operator uses.
+    fn answer(&self, method: Method, path: &str, query: &str, body: Value) -> (StatusCode, Value) {
+        let mut st = self.0.lock().unwrap();
+        st.calls.push(Call {
+            method: method.clone(),
+            path: path.to_string(),
+            query: query.to_string(),
+            body: body.clone(),
+        });
+        st.next_version += 1;
+        let version = st.next_version.to_string();
+        let (base, sub) = match path.strip_suffix("/status") {
+            Some(b) => (b.to_string(), true),
+            None => (path.to_string(), false),
+        };
+        match method {
+            Method::GET => {
+                if let Some(o) = st.objects.get(&base) {
+                    return (StatusCode::OK, o.clone());
+                }
+                // A collection: every object directly under it.
+                let prefix = format!("{base}/");
+                let items: Vec<Value> = st
+                    .objects
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(&prefix) && !k[prefix.len()..].contains('/'))
+                    .map(|(_, v)| v.clone())
+                    .collect();
+                if base.ends_with("/pods") {
+                    return (
+                        StatusCode::OK,
+                        json!({"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": version}, "items": items}),
+                    );
+                }
+                (
+                    StatusCode::NOT_FOUND,
+                    status_json(404, "NotFound", &format!("{base} not found")),
+                )
+            }
+            Method::PATCH => {
+                let mut obj = st.objects.get(&base).cloned().unwrap_or_else(|| json!({}));
+                if sub {
+                    obj["status"] = body["status"].clone();
+                } else {
+                    let status = obj.get("status").cloned();
+                    obj = body;
+                    if let Some(s) = status {
+                        obj["status"] = s;
+                    }
+                }
+                obj["metadata"]["resourceVersion"] = json!(version);
+                st.objects.insert(base, obj.clone());
+                (StatusCode::OK, obj)
+            }
+            Method::POST => {
+                let mut obj = body;
+                let name = obj["metadata"]["name"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("gen-{version}"));
+                obj["metadata"]["name"] = json!(name);
+                obj["metadata"]["resourceVersion"] = json!(version);
+                st.objects.insert(format!("{base}/{name}"), obj.clone());
+                (StatusCode::CREATED, obj)
+            }
+            Method::DELETE => match st.objects.remove(&base) {
+                Some(o) => (StatusCode::OK, o),
+                None => (
+                    StatusCode::NOT_FOUND,
+                    status_json(404, "NotFound", &format!("{base} not found")),
+                ),
+            },
+            _ => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                status_json(405, "MethodNotAllowed", ""),
+            ),
+        }
+    }
+
+    /// A kube Client whose requests this store answers.
+    fn client(&self) -> Client {
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let me = self.clone();
+        tokio::spawn(async move {
+            while let Some((req, send)) = handle.next_request().await {
+                let (parts, body) = req.into_parts();
+                let bytes = body.collect().await.unwrap().to_bytes();
+                let body: Value = if bytes.is_empty() {
+                    Value::Null
+                } else {
+                    serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+                };
+                let (code, out) = me.answer(
+                    parts.method,
+                    parts.uri.path(),
+                    parts.uri.query().unwrap_or(""),
+                    body,
+                );
+                let resp = Response::builder()
+                    .status(code)
+                    .header("content-type", "application/json")
+                    .body(Body::from(serde_json::to_vec(&out).unwrap()))
+                    .unwrap();
+                send.send_response(resp);
+            }
+        });
+        Client::new(svc, NS)
+    }
+}
+
+fn cluster_path(name: &str) -> String {
+    format!("/apis/cairn.dev/v1alpha1/namespaces/{NS}/etcdclusters/{name}")
+}
+fn sts_path(name: &str) -> String {
+    format!("/apis/apps/v1/namespaces/{NS}/statefulsets/{name}")
+}
+fn cm_path(name: &str) -> String {
+    format!("/api/v1/namespaces/{NS}/configmaps/{name}-bootstrap")
+}
+fn pdb_path(name: &str) -> String {
+    format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/{name}")
+}
+fn events(api: &FakeApi) -> Vec<(String, String)> {
+    api.calls()
+        .into_iter()
+        .filter(|c| c.method == Method::POST && c.path.ends_with("/events"))
+        .map(|c| {
+            (
+                c.body["reason"].as_str().unwrap_or("").to_string(),
+                c.body["note"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The test's world: the mock API server, a context on it, members on loopback.
+struct World {
+    api: FakeApi,
+    ctx: Arc<Context>,
+    pods: Pods,
+    name: String,
+}
+
+impl World {
+    fn new(name: &str, spec: Value) -> World {
+        let api = FakeApi::default();
+        let pods = Pods::new(name);
+        let layout: Arc<dyn Layout> = Arc::new(pods.layout.clone());
+        let mut ctx = Context::new(api.client(), Metrics::default(), Some("test".into()));
+        ctx.layout = Box::new(move |_: &EtcdCluster| layout.clone());
+        api.put(
+            &cluster_path(name),
+            json!({
+                "apiVersion": "cairn.dev/v1alpha1", "kind": "EtcdCluster",
+                "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}"), "generation": 1},
+                "spec": spec,
+            }),
+        );
+        World {
+            api,
+            ctx: Arc::new(ctx),
+            pods,
+            name: name.to_string(),
+        }
+    }
+
+    fn object(&self) -> EtcdCluster {
+        serde_json::from_value(self.api.get(&cluster_path(&self.name)).unwrap()).unwrap()
+    }
+
+    fn set_spec(&self, f: impl FnOnce(&mut Value)) {
+        let mut o = self.api.get(&cluster_path(&self.name)).unwrap();
+        f(&mut o["spec"]);
+        let g = o["metadata"]["generation"].as_i64().unwrap();
+        o["metadata"]["generation"] = json!(g + 1);
+        self.api.put(&cluster_path(&self.name), o);
+    }
+
+    async fn reconcile(&self) -> Result<(), String> {
+        reconcile(Arc::new(self.object()), self.ctx.clone())
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn status(&self) -> Value {
+        self.api.get(&cluster_path(&self.name)).unwrap()["status"].clone()
+    }
+
+    fn condition(&self, type_: &str) -> (String, String) {
+        let st = self.status();
+        let c = st["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == type_)
+            .unwrap_or_else(|| panic!("no {type_} condition in {st}"))
+            .clone();
+        (
+            c["status"].as_str().unwrap().to_string(),
+            c["reason"].as_str().unwrap().to_string(),
+        )
+    }
+
+    fn sts_replicas(&self) -> Option<i64> {
+        self.api
+            .get(&sts_path(&self.name))
+            .map(|s| s["spec"]["replicas"].as_i64().unwrap())
+    }
+
+    /// What the members read from the ConfigMap.
+    fn configmap(&self) -> Bootstrap {
+        let cm = self
+            .api
+            .get(&cm_path(&self.name))
+            .expect("bootstrap ConfigMap");
+        Bootstrap {
+            initial_cluster: cm["data"]["initial-cluster"].as_str().unwrap().to_string(),
+            new_cluster: cm["data"]["initial-cluster-state"] == "new",
+        }
+    }
+
+    /// The kubelet's part: run a member per StatefulSet replica, with the ConfigMap's flags.
+    fn kubelet(&mut self) {
+        let want = self.sts_replicas().unwrap_or(0) as i32;
+        for o in self.pods.replicas..want {
+            let b = self.configmap();
+            self.pods.start(o, &b);
+        }
+        for o in want..self.pods.replicas {
+            self.pods.stop(o);
+        }
+        self.pods.replicas = want;
+    }
+
+    /// Reconciles (and runs members) until `done` holds.
+    async fn until(&mut self, what: &str, done: impl Fn(&World) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Err(e) = self.reconcile().await {
+                eprintln!("reconcile: {e}");
+            }
+            self.kubelet();
+            if done(self) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: status {}",
+                self.status()
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+}
+
+fn every_patch_uses_our_field_manager(api: &FakeApi) {
+    // Events are the recorder's business (it patches a repeated event's series).
+    let patches: Vec<Call> = api
+        .calls()
+        .into_iter()
+        .filter(|c| c.method == Method::PATCH && !c.path.contains("/events/"))
+        .collect();
+    assert!(!patches.is_empty());
+    for c in patches {
+        assert!(
+            c.query.contains("fieldManager=cairn-operator") && c.query.contains("force=true"),
+            "{} {}?{}",
+            c.method,
+            c.path,
+            c.query
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_applies_children_then_reports_the_bootstrapped_cluster() {
+    let mut w = World::new("alpha", json!({"size": 3, "image": "cairn:test"}));
+    w.reconcile().await.unwrap();
+
+    // Children, by server-side apply, owned by the EtcdCluster.
+    let sts = w.api.get(&sts_path("alpha")).expect("StatefulSet applied");
+    assert_eq!(sts["spec"]["replicas"], 3);
+    assert_eq!(sts["metadata"]["ownerReferences"][0]["kind"], "EtcdCluster");
+    assert_eq!(
+        sts["spec"]["template"]["spec"]["containers"][0]["image"],
+        "cairn:test"
+    );
+    assert!(w
+        .api
+        .get(&format!("/api/v1/namespaces/{NS}/services/alpha"))
+        .is_some());
+    let peer = w
+        .api
+        .get(&format!("/api/v1/namespaces/{NS}/services/alpha-peer"))
+        .unwrap();
+    assert_eq!(peer["spec"]["clusterIP"], "None");
+    assert_eq!(
+        w.api.get(&pdb_path("alpha")).unwrap()["spec"]["maxUnavailable"],
+        1
+    );
+    let b = w.configmap();
+    assert!(b.new_cluster);
+    assert_eq!(b.initial_cluster.matches('=').count(), 3);
+    every_patch_uses_our_field_manager(&w.api);
+    assert_eq!(
+        w.condition("Progressing"),
+        ("True".into(), "Bootstrapping".into())
+    );
+    assert_eq!(
+        w.condition("Available"),
+        ("False".into(), "Bootstrapping".into())
+    );
+    assert_eq!(w.status()["observedGeneration"], 1);
+    assert!(events(&w.api).iter().any(|(r, _)| r == "Bootstrapping"));
+
+    // The members start (kubelet) and the next reconciles see them.
+    w.until("bootstrapped", |w| w.status()["readyMembers"] == 3)
+        .await;
+    let st = w.status();
+    assert_eq!(st["size"], 3);
+    assert!(st["clusterID"].as_str().is_some_and(|s| !s.is_empty()));
+    let members = st["members"].as_array().unwrap();
+    let names: Vec<&str> = members
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["alpha-0", "alpha-1", "alpha-2"]);
+    assert_eq!(members.iter().filter(|m| m["leader"] == true).count(), 1);
+    assert_eq!(
+        st["leader"],
+        members.iter().find(|m| m["leader"] == true).unwrap()["name"]
+    );
+    assert_eq!(
+        w.condition("Available"),
+        ("True".into(), "QuorumAvailable".into())
+    );
+    assert_eq!(
+        w.condition("Progressing"),
+        ("False".into(), "Steady".into())
+    );
+    assert_eq!(
+        w.condition("Degraded"),
+        ("False".into(), "AllHealthy".into())
+    );
+    // From now on a starting member joins instead of founding a cluster.
+    assert!(!w.configmap().new_cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resize_up_then_down() {
+    let mut w = World::new("beta", json!({"size": 3}));
+    w.until("bootstrapped", |w| w.status()["readyMembers"] == 3)
+        .await;
+    let id = w.status()["clusterID"].clone();
+    assert!(id.as_str().is_some_and(|s| s.len() >= 8), "{id}");
+
+    w.set_spec(|s| s["size"] = json!(4));
+    w.api.clear_calls();
+    w.reconcile().await.unwrap();
+    // First the learner, while the StatefulSet still has 3 pods.
+    let st = w.status();
+    assert_eq!(st["operation"]["kind"], "ScaleUp");
+    assert_eq!(st["operation"]["member"], "beta-3");
+    assert_eq!(w.sts_replicas(), Some(3));
+    assert!(events(&w.api)
+        .iter()
+        .any(|(r, n)| r == "MemberAdded" && n.contains("beta-3")));
+    assert_eq!(
+        w.condition("Progressing"),
+        ("True".into(), "ScalingUp".into())
+    );
+    // Then the pod, which joins with the member list it reads from the ConfigMap.
+    w.reconcile().await.unwrap();
+    assert_eq!(w.sts_replicas(), Some(4));
+    let b = w.configmap();
+    assert!(!b.new_cluster && b.initial_cluster.contains(&w.pods.layout.peer_url(3)));
+    w.until("promoted", |w| {
+        let st = w.status();
+        st["size"] == 4 && st["readyMembers"] == 4 && st.get("operation").is_none()
+    })
+    .await;
+    assert!(events(&w.api).iter().any(|(r, _)| r == "MemberPromoted"));
+    assert_eq!(
+        w.api.get(&pdb_path("beta")).unwrap()["spec"]["maxUnavailable"],
+        1
+    );
+    assert_eq!(w.status()["clusterID"], id);
+
+    w.set_spec(|s| s["size"] = json!(3));
+    w.api.clear_calls();
+    w.until("shrunk", |w| {
+        w.status()["size"] == 3 && w.sts_replicas() == Some(3)
+    })
+    .await;
+    let ev = events(&w.api);
+    assert!(
+        ev.iter()
+            .any(|(r, n)| r == "MemberRemoved" && n.contains("beta-3")),
+        "{ev:?}"
+    );
+    let deleted: Vec<String> = w
+        .api
+        .calls()
+        .into_iter()
+        .filter(|c| c.method == Method::DELETE)
+        .map(|c| c.path)
+        .collect();
+    assert!(
+        deleted.contains(&format!(
+            "/api/v1/namespaces/{NS}/persistentvolumeclaims/data-beta-3"
+        )),
+        "{deleted:?}"
+    );
+    w.until("steady", |w| w.condition("Progressing").1 == "Steady")
+        .await;
+    assert_eq!(w.status()["members"].as_array().unwrap().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_changes_nothing_but_status() {
+    let mut w = World::new("gamma", json!({"size": 3}));
+    w.until("bootstrapped", |w| w.status()["readyMembers"] == 3)
+        .await;
+    w.set_spec(|s| {
+        s["size"] = json!(5);
+        s["paused"] = json!(true);
+        s["image"] = json!("cairn:other");
+    });
+    w.api.clear_calls();
+    w.reconcile().await.unwrap();
+    let writes: Vec<String> = w
+        .api
+        .calls()
+        .into_iter()
+        .filter(|c| c.method != Method::GET)
+        .map(|c| c.path)
+        .collect();
+    assert_eq!(writes, vec![format!("{}/status", cluster_path("gamma"))]);
+    assert_eq!(
+        w.condition("Progressing"),
+        ("False".into(), "Paused".into())
+    );
+    assert_eq!(w.status()["observedGeneration"], 2);
+    let v = w.pods.members().observe().await.unwrap();
+    assert_eq!(v.members.len(), 3, "no member was added while paused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_cluster_is_reported_and_left_alone() {
+    let mut w = World::new("delta", json!({"size": 3}));
+    w.until("bootstrapped", |w| w.status()["readyMembers"] == 3)
+        .await;
+    for o in 0..3 {
+        w.pods.stop(o);
+    }
+    w.set_spec(|s| s["size"] = json!(1));
+    w.api.clear_calls();
+    w.reconcile().await.unwrap();
+    assert_eq!(
+        w.condition("Degraded"),
+        ("True".into(), "Unreachable".into())
+    );
+    assert_eq!(
+        w.condition("Available"),
+        ("False".into(), "Unreachable".into())
+    );
+    assert_eq!(w.sts_replicas(), Some(3), "never shrunk while unreachable");
+    assert!(events(&w.api).iter().any(|(r, _)| r == "Unreachable"));
+    // The ConfigMap is not rewritten without a member list to write.
+    assert!(!w
+        .api
+        .calls()
+        .iter()
+        .any(|c| c.method == Method::PATCH && c.path == cm_path("delta")));
+    // Members were last seen as three: the status keeps that size.
+    assert_eq!(w.status()["size"], 3);
+}
