@@ -73,6 +73,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Metrics,
     pub layout: Box<LayoutFn>,
+    /// The image of members whose EtcdCluster names none.
+    pub default_image: String,
 }
 
 impl Context {
@@ -85,6 +87,7 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             metrics,
+            default_image: resources::default_image(),
             layout: Box::new(|ec: &EtcdCluster| Arc::new(Names::of(ec)) as Arc<dyn Layout>),
         }
     }
@@ -338,7 +341,11 @@ impl<'a> Reconciler<'a> {
         // Template changes (image, resources, ...) roll out through the StatefulSet itself,
         // one pod at a time.
         if replicas.is_some() || matches!(step, Step::Bootstrap { .. }) {
-            apply(&sts_api, &resources::statefulset(ec, replicas_now)).await?;
+            apply(
+                &sts_api,
+                &resources::statefulset(ec, replicas_now, &self.ctx.default_image),
+            )
+            .await?;
         }
         let voters = view
             .as_ref()
@@ -408,7 +415,11 @@ impl<'a> Reconciler<'a> {
             } => {
                 *replicas = *r;
                 let sts_api: Api<StatefulSet> = self.api();
-                apply(&sts_api, &resources::statefulset(self.ec, *r)).await?;
+                apply(
+                    &sts_api,
+                    &resources::statefulset(self.ec, *r, &self.ctx.default_image),
+                )
+                .await?;
                 let pvcs: Api<PersistentVolumeClaim> = self.api();
                 for o in delete_volumes {
                     delete_if_exists(&pvcs, &self.names.pvc(*o)).await?;

@@ -335,9 +335,10 @@ fn probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
-/// The members' StatefulSet with `replicas` pods. The template does not depend on the size, so
-/// growing or shrinking it restarts no running member.
-pub fn statefulset(ec: &EtcdCluster, replicas: i32) -> StatefulSet {
+/// The members' StatefulSet with `replicas` pods, running `spec.image` or else `default_image`.
+/// The template does not depend on the size, so growing or shrinking it restarts no running
+/// member.
+pub fn statefulset(ec: &EtcdCluster, replicas: i32, default_image: &str) -> StatefulSet {
     let names = Names::of(ec);
     let spec = &ec.spec;
     let tmpl = &spec.pod_template;
@@ -348,7 +349,11 @@ pub fn statefulset(ec: &EtcdCluster, replicas: i32) -> StatefulSet {
 
     let container = Container {
         name: "cairn".to_string(),
-        image: Some(spec.image.clone().unwrap_or_else(default_image)),
+        image: Some(
+            spec.image
+                .clone()
+                .unwrap_or_else(|| default_image.to_string()),
+        ),
         args: Some(member_args(ec)),
         env: Some(vec![
             EnvVar {
@@ -565,7 +570,7 @@ mod tests {
             peer_service(&ec).metadata,
             client_service(&ec).metadata,
             bootstrap_configmap(&ec, &b).metadata,
-            statefulset(&ec, 3).metadata,
+            statefulset(&ec, 3, &default_image()).metadata,
             pdb(&ec, 3).metadata,
         ];
         for m in metas {
@@ -636,7 +641,7 @@ mod tests {
                 "priorityClassName": "system-cluster-critical"
             }
         }));
-        let sts = statefulset(&ec, 4);
+        let sts = statefulset(&ec, 4, &default_image());
         let spec = sts.spec.as_ref().unwrap();
         assert_eq!(spec.replicas, Some(4));
         assert_eq!(spec.service_name.as_deref(), Some("demo-peer"));
@@ -693,8 +698,8 @@ mod tests {
     #[test]
     fn statefulset_defaults_and_size_independent_template() {
         let ec = cluster(serde_json::json!({}));
-        let a = statefulset(&ec, 1);
-        let b = statefulset(&ec, 7);
+        let a = statefulset(&ec, 1, &default_image());
+        let b = statefulset(&ec, 7, &default_image());
         assert_eq!(
             a.spec.as_ref().unwrap().template,
             b.spec.as_ref().unwrap().template
@@ -730,7 +735,7 @@ mod tests {
     #[test]
     fn probes_and_flags() {
         let ec = cluster(serde_json::json!({}));
-        let sts = statefulset(&ec, 3);
+        let sts = statefulset(&ec, 3, &default_image());
         let c = &pod_spec(&sts).containers[0];
         let path = |p: &Option<Probe>| {
             let g = p.as_ref().unwrap().http_get.as_ref().unwrap();
@@ -813,7 +818,7 @@ mod tests {
         let ec = cluster(serde_json::json!({
             "antiAffinity": {"mode": "required", "topologyKey": "topology.kubernetes.io/zone"}
         }));
-        let sts = statefulset(&ec, 3);
+        let sts = statefulset(&ec, 3, &default_image());
         let a = pod_spec(&sts)
             .affinity
             .clone()

@@ -45,6 +45,9 @@ struct Flags {
     /// This replica's identity in the Lease (the pod name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// The cairn image of members whose EtcdCluster sets no `spec.image`.
+    #[arg(long, env = "CAIRN_IMAGE")]
+    cairn_image: Option<String>,
     /// How long a Lease lasts without renewal before another replica takes over.
     #[arg(long, env = "CAIRN_OPERATOR_LEASE_SECONDS", default_value_t = 15)]
     lease_seconds: u64,
