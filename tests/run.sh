@@ -13,7 +13,9 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cairn-target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 cargo fmt --all --check
-# Generated files are committed: regenerate and fail on any difference.
+# Generated files (CRDs, deploy/) are committed: regenerate and fail on any difference.
 bash tests/generated.sh --check
+# The Helm chart, deploy/ and example EtcdClusters against Kubernetes' and the CRD's schemas.
+bash tests/delivery/check.sh
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked

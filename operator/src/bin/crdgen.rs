@@ -1,11 +1,42 @@
 //! Prints the CustomResourceDefinitions as YAML; the output is committed under `crds/`.
+//!
+//! `crdgen children FILE` prints instead the children the operator would apply for the
+//! EtcdCluster in FILE at bootstrap, so CI can check them against Kubernetes' own schemas.
 
+use cairn_operator::crd::EtcdCluster;
+use cairn_operator::resources::{self, Bootstrap, Layout, Names};
 use kube::CustomResourceExt;
 
 fn main() -> anyhow::Result<()> {
-    print!(
-        "{}",
-        serde_yaml::to_string(&cairn_operator::crd::EtcdCluster::crd())?
-    );
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [] => print!("{}", serde_yaml::to_string(&EtcdCluster::crd())?),
+        [cmd, file] if cmd == "children" => {
+            let mut ec: EtcdCluster = serde_yaml::from_str(&std::fs::read_to_string(file)?)?;
+            ec.metadata
+                .namespace
+                .get_or_insert_with(|| "default".to_string());
+            ec.metadata.uid = Some("00000000-0000-0000-0000-000000000000".to_string());
+            let names = Names::of(&ec);
+            let size = ec.spec.size;
+            let boot = Bootstrap {
+                initial_cluster: names.initial_cluster(&(0..size).collect::<Vec<_>>()),
+                new_cluster: true,
+            };
+            let docs = [
+                serde_yaml::to_string(&resources::peer_service(&ec))?,
+                serde_yaml::to_string(&resources::client_service(&ec))?,
+                serde_yaml::to_string(&resources::bootstrap_configmap(&ec, &boot))?,
+                serde_yaml::to_string(&resources::statefulset(
+                    &ec,
+                    size,
+                    &resources::default_image(),
+                ))?,
+                serde_yaml::to_string(&resources::pdb(&ec, size))?,
+            ];
+            print!("{}", docs.join("---\n"));
+        }
+        _ => anyhow::bail!("usage: crdgen [children ETCDCLUSTER.yaml]"),
+    }
     Ok(())
 }
