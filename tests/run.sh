@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite: installs prerequisites, checks formatting and lints,
+# checks generated files and the delivery (Helm chart, deploy/, CRD examples),
 # then runs every unit and integration test (differential tests against
 # etcd 3.4, the kill -9 crash test, openraft's storage suite, the 3- and
-# 5-member fault suites in network namespaces, etcd's etcd-runner checkers).
+# 5-member fault suites in network namespaces, etcd's etcd-runner checkers,
+# the operator's builders, planner, reconciles on a mock API server and
+# membership steps on real cairn clusters), and finally builds and
+# smoke-tests the container images.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,3 +23,5 @@ bash tests/generated.sh --check
 bash tests/delivery/check.sh
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+# Container images of cairn and cairn-operator on a locally made base, smoke-tested.
+bash tests/delivery/images.sh
