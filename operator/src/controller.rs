@@ -726,3 +726,69 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
         })
         .await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, status: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "status": {"containerStatuses": [status]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn lost_data_is_read_from_termination_messages() {
+        let names = Names {
+            cluster: "demo".into(),
+            namespace: "ns".into(),
+        };
+        let refused = serde_json::json!({"terminated": {"exitCode": 1,
+            "message": "cairn: member 9c819950b72cd2e2 has already been bootstrapped\n"}});
+        let pods = [
+            // Crash-looping after the refusal: the message is in lastState.
+            pod(
+                "demo-2",
+                serde_json::json!({"name": "cairn", "image": "cairn", "imageID": "", "ready": false,
+                "restartCount": 3, "lastState": refused, "state": {"waiting": {"reason": "CrashLoopBackOff"}}}),
+            ),
+            // Just refused.
+            pod(
+                "demo-0",
+                serde_json::json!({"name": "cairn", "image": "cairn", "imageID": "", "ready": false,
+                "restartCount": 0, "state": refused}),
+            ),
+            // Other failures are not data loss: never replaced for them.
+            pod(
+                "demo-1",
+                serde_json::json!({"name": "cairn", "image": "cairn", "imageID": "", "ready": false,
+                "restartCount": 1, "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}),
+            ),
+            pod(
+                "other-3",
+                serde_json::json!({"name": "cairn", "image": "cairn", "imageID": "", "ready": false,
+                "restartCount": 0, "state": refused}),
+            ),
+        ];
+        assert_eq!(pods_reporting_lost_data(&pods, &names), vec![0, 2]);
+    }
+
+    #[test]
+    fn metrics_render_with_their_names() {
+        let m = Metrics::default();
+        drop(m.reconcile("ns", "demo"));
+        m.membership_operations
+            .with_label_values(&["ns", "demo", "add", "ok"])
+            .inc();
+        let text = m.render();
+        for name in [
+            "cairn_operator_reconciles_total{cluster=\"demo\",namespace=\"ns\"} 1",
+            "cairn_operator_reconcile_duration_seconds_count{cluster=\"demo\",namespace=\"ns\"} 1",
+            "cairn_operator_membership_operations_total{cluster=\"demo\",namespace=\"ns\",operation=\"add\",result=\"ok\"} 1",
+        ] {
+            assert!(text.contains(name), "{name} missing in\n{text}");
+        }
+    }
+}

@@ -118,12 +118,35 @@ impl FakeApi {
                 st.objects.insert(base, obj.clone());
                 (StatusCode::OK, obj)
             }
+            Method::PUT => {
+                // Optimistic concurrency, as the API server does it.
+                let current = st
+                    .objects
+                    .get(&base)
+                    .map(|o| o["metadata"]["resourceVersion"].clone());
+                if current != Some(body["metadata"]["resourceVersion"].clone()) {
+                    return (
+                        StatusCode::CONFLICT,
+                        status_json(409, "Conflict", "the object has been modified"),
+                    );
+                }
+                let mut obj = body;
+                obj["metadata"]["resourceVersion"] = json!(version);
+                st.objects.insert(base, obj.clone());
+                (StatusCode::OK, obj)
+            }
             Method::POST => {
                 let mut obj = body;
                 let name = obj["metadata"]["name"]
                     .as_str()
                     .map(str::to_string)
                     .unwrap_or_else(|| format!("gen-{version}"));
+                if st.objects.contains_key(&format!("{base}/{name}")) {
+                    return (
+                        StatusCode::CONFLICT,
+                        status_json(409, "AlreadyExists", &format!("{name} already exists")),
+                    );
+                }
                 obj["metadata"]["name"] = json!(name);
                 obj["metadata"]["resourceVersion"] = json!(version);
                 st.objects.insert(format!("{base}/{name}"), obj.clone());
@@ -541,4 +564,37 @@ async fn unreachable_cluster_is_reported_and_left_alone() {
         .any(|c| c.method == Method::PATCH && c.path == cm_path("delta")));
     // Members were last seen as three: the status keeps that size.
     assert_eq!(w.status()["size"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_leader_among_operator_replicas() {
+    use cairn_operator::leader::LeaderElection;
+    use k8s_openapi::api::coordination::v1::Lease;
+    let api = FakeApi::default();
+    let candidate = |id: &str| {
+        LeaderElection::new(
+            kube::Api::<Lease>::namespaced(api.client(), "ops"),
+            "cairn-operator",
+            id,
+            Duration::from_secs(2),
+        )
+    };
+    let (a, b) = (candidate("a"), candidate("b"));
+    // Both try at once: exactly one wins.
+    let (ra, rb) = tokio::join!(a.try_acquire_or_renew(), b.try_acquire_or_renew());
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert!(ra ^ rb, "a: {ra}, b: {rb}");
+    let (leader, other) = if ra { (&a, &b) } else { (&b, &a) };
+    // The holder renews; the other is refused while the lease is fresh.
+    assert!(leader.try_acquire_or_renew().await.unwrap());
+    assert!(!other.try_acquire_or_renew().await.unwrap());
+    // The holder stops renewing (it died): once the lease expired the other takes over.
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    assert!(other.try_acquire_or_renew().await.unwrap());
+    assert!(!leader.try_acquire_or_renew().await.unwrap());
+    let lease = api
+        .get("/apis/coordination.k8s.io/v1/namespaces/ops/leases/cairn-operator")
+        .unwrap();
+    assert_eq!(lease["spec"]["leaseTransitions"], 1);
+    assert_eq!(lease["spec"]["holderIdentity"], if ra { "b" } else { "a" });
 }
