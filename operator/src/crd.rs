@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -55,7 +56,7 @@ pub struct EtcdClusterSpec {
     pub storage: StorageSpec,
     /// CPU and memory of each member's container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resources: Option<ResourceRequirements>,
+    pub resources: Option<ResourcesSpec>,
     /// How members are spread across the topology (by default one per node, preferred).
     #[serde(default)]
     pub anti_affinity: AntiAffinitySpec,
@@ -98,6 +99,42 @@ impl Default for StorageSpec {
 
 fn default_storage_size() -> String {
     "8Gi".to_string()
+}
+
+/// Requests and limits of each member's container (`cpu`, `memory`, ...), as Kubernetes
+/// quantities; the schema refuses anything that is not one.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct ResourcesSpec {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "quantity_map")]
+    pub requests: BTreeMap<String, Quantity>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "quantity_map")]
+    pub limits: BTreeMap<String, Quantity>,
+}
+
+impl ResourcesSpec {
+    /// The container's `resources`.
+    pub fn requirements(&self) -> ResourceRequirements {
+        let map = |m: &BTreeMap<String, Quantity>| (!m.is_empty()).then(|| m.clone());
+        ResourceRequirements {
+            requests: map(&self.requests),
+            limits: map(&self.limits),
+            claims: None,
+        }
+    }
+}
+
+/// A map of resource names to quantities: an integer, or a string in quantity syntax.
+fn quantity_map(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "additionalProperties": {
+            // The pattern applies to strings only; integers are quantities as they are.
+            "x-kubernetes-int-or-string": true,
+            "pattern": QUANTITY_PATTERN
+        }
+    })
 }
 
 /// Whether spreading members apart is a preference or a requirement of the scheduler.

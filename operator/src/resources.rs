@@ -399,7 +399,7 @@ pub fn statefulset(ec: &EtcdCluster, replicas: i32, default_image: &str) -> Stat
         // Liveness only restarts a process that stopped answering HTTP; it never depends on
         // quorum, so a partitioned cluster is not restarted into a worse state.
         liveness_probe: Some(probe("/livez", 10, 6)),
-        resources: spec.resources.clone(),
+        resources: spec.resources.as_ref().map(|r| r.requirements()),
         volume_mounts: Some(vec![VolumeMount {
             name: DATA_VOLUME.to_string(),
             mount_path: DATA_MOUNT.to_string(),

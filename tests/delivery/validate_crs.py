@@ -29,8 +29,8 @@ def structural(schema):
         for key in ("allOf", "anyOf", "oneOf"):
             if key in node:
                 node[key] = [walk(v) for v in node[key]]
-        if node.pop("x-kubernetes-int-or-string", False):
-            node["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+        if node.pop("x-kubernetes-int-or-string", False) and "anyOf" not in node:
+            node["type"] = ["integer", "string"]
         if node.get("type") == "object" and "properties" in node \
                 and "additionalProperties" not in node \
                 and not node.get("x-kubernetes-preserve-unknown-fields"):
