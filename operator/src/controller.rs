@@ -352,16 +352,57 @@ impl<'a> Reconciler<'a> {
             .map_or(replicas_now, |v| v.voters().count() as i32)
             .min(spec.size)
             .max(1);
-        let pdb_api: Api<PodDisruptionBudget> = self.api();
-        if spec.pod_disruption_budget.enabled {
-            apply(&pdb_api, &resources::pdb(ec, voters)).await?;
-        } else {
-            delete_if_exists(&pdb_api, &self.names.pdb()).await?;
-        }
+        let pdb = self.disruption_budget(voters).await?;
 
-        let status = self.status(&prev, view.as_ref(), cluster_id, &step, operation, false);
+        let mut status = self.status(&prev, view.as_ref(), cluster_id, &step, operation, false);
+        let (ok, reason, msg) = pdb;
+        status.set_condition(
+            condition::DISRUPTION_BUDGET,
+            ok,
+            reason,
+            msg,
+            ec.metadata.generation,
+            &now(),
+        );
         self.patch_status(status).await?;
         Ok(requeue)
+    }
+
+    /// Applies (or, when disabled, deletes) the PodDisruptionBudget. An API server that does not
+    /// serve `policy/v1` gets a warning, not a failed reconcile: the cluster matters more.
+    async fn disruption_budget(&self, voters: i32) -> Result<(bool, &'static str, String), Error> {
+        let pdb_api: Api<PodDisruptionBudget> = self.api();
+        if !self.ec.spec.pod_disruption_budget.enabled {
+            delete_if_exists(&pdb_api, &self.names.pdb()).await?;
+            return Ok((
+                false,
+                "Disabled",
+                "spec.podDisruptionBudget.enabled is false".into(),
+            ));
+        }
+        match apply(&pdb_api, &resources::pdb(self.ec, voters)).await {
+            Ok(()) => Ok((
+                true,
+                "Applied",
+                format!(
+                    "at most {} members may be disrupted",
+                    resources::tolerated_failures(voters)
+                ),
+            )),
+            // Server-side apply creates what is missing: a 404 means the API itself is not served.
+            Err(Error::Kube(kube::Error::Api(e))) if e.code == 404 => {
+                let msg = "the API server does not serve policy/v1 PodDisruptionBudgets; voluntary disruptions are not limited".to_string();
+                self.event(
+                    EventType::Warning,
+                    "PodDisruptionBudgetUnsupported",
+                    "Apply",
+                    msg.clone(),
+                )
+                .await;
+                Ok((false, "APINotServed", msg))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Carries out a step; returns when to look again.

@@ -286,6 +286,8 @@ pub mod condition {
     pub const AVAILABLE: &str = "Available";
     pub const PROGRESSING: &str = "Progressing";
     pub const DEGRADED: &str = "Degraded";
+    /// Whether the PodDisruptionBudget is in place.
+    pub const DISRUPTION_BUDGET: &str = "DisruptionBudget";
 }
 
 impl EtcdClusterStatus {

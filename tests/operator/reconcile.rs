@@ -37,6 +37,8 @@ struct Store {
     objects: BTreeMap<String, Value>,
     calls: Vec<Call>,
     next_version: u64,
+    /// API path prefixes this server does not serve (like an old Kubernetes).
+    unserved: Vec<String>,
 }
 
 #[derive(Clone, Default)]
@@ -75,6 +77,16 @@ impl FakeApi {
         });
         st.next_version += 1;
         let version = st.next_version.to_string();
+        if st.unserved.iter().any(|p| path.starts_with(p.as_str())) {
+            return (
+                StatusCode::NOT_FOUND,
+                status_json(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                ),
+            );
+        }
         let (base, sub) = match path.strip_suffix("/status") {
             Some(b) => (b.to_string(), true),
             None => (path.to_string(), false),
@@ -597,4 +609,29 @@ async fn one_leader_among_operator_replicas() {
         .unwrap();
     assert_eq!(lease["spec"]["leaseTransitions"], 1);
     assert_eq!(lease["spec"]["holderIdentity"], if ra { "b" } else { "a" });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unserved_pdb_api_is_reported_not_fatal() {
+    let mut w = World::new("eps", json!({"size": 1}));
+    w.api
+        .0
+        .lock()
+        .unwrap()
+        .unserved
+        .push("/apis/policy/v1/".into());
+    w.until("bootstrapped", |w| w.status()["readyMembers"] == 1)
+        .await;
+    assert_eq!(w.sts_replicas(), Some(1));
+    assert_eq!(
+        w.condition("Available"),
+        ("True".into(), "QuorumAvailable".into())
+    );
+    assert_eq!(
+        w.condition("DisruptionBudget"),
+        ("False".into(), "APINotServed".into())
+    );
+    assert!(events(&w.api)
+        .iter()
+        .any(|(r, _)| r == "PodDisruptionBudgetUnsupported"));
 }
