@@ -444,6 +444,10 @@ async fn create_applies_children_then_reports_the_bootstrapped_cluster() {
         w.condition("Degraded"),
         ("False".into(), "AllHealthy".into())
     );
+    assert_eq!(
+        w.condition("DisruptionBudget"),
+        ("True".into(), "Applied".into())
+    );
     // From now on a starting member joins instead of founding a cluster.
     assert!(!w.configmap().new_cluster);
 }
