@@ -6,7 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Raft entries and state-machine responses are serialized by openraft
         // with serde; deriving it on the wire types avoids a parallel model.
         .type_attribute(".", "#[derive(serde::Serialize, serde::Deserialize)]")
-        .build_client(false)
+        // Clients too: `cairn snapshot save` talks to a member like etcdctl does.
+        .build_client(true)
         // Malformed requests get InvalidArgument, not tonic's Internal.
         .codec_path("crate::codec::EtcdCodec")
         .compile_protos(

@@ -18,6 +18,7 @@ pub mod proto;
 pub mod raft;
 pub mod server;
 pub mod snapshot;
+pub mod snapshot_cmd;
 pub mod storage;
 pub mod watch;
 

@@ -13,3 +13,4 @@ mod faults;
 mod limits;
 mod members;
 mod runner;
+mod snapshot;

@@ -22,8 +22,35 @@ fn go_style_args() -> Vec<String> {
         .collect()
 }
 
+/// `cairn snapshot save | restore | status`, as etcdctl and etcdutl have them.
+fn snapshot_command(args: Vec<String>) -> ! {
+    let cmd = cairn::snapshot_cmd::SnapshotCommand::parse_from(args);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(cairn::snapshot_cmd::run(cmd.cmd)) {
+        Ok(out) => {
+            println!("{out}");
+            std::process::exit(0)
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            eprintln!(
+                "Error: {}",
+                msg.strip_prefix("etcdserver: ").unwrap_or(&msg)
+            );
+            std::process::exit(1)
+        }
+    }
+}
+
 fn main() {
-    let flags = cairn::Flags::parse_from(go_style_args());
+    let args = go_style_args();
+    if args.get(1).map(String::as_str) == Some("snapshot") {
+        snapshot_command(args[1..].to_vec());
+    }
+    let flags = cairn::Flags::parse_from(args);
     let config = match cairn::Config::from_flags(flags) {
         Ok(c) => c,
         Err(e) => {
