@@ -69,6 +69,130 @@ pub struct EtcdClusterSpec {
     /// While true the operator changes nothing (it still reports status).
     #[serde(default)]
     pub paused: bool,
+    /// Scheduled backups to object storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupSpec>,
+    /// How a new cluster starts: empty, or from a backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<BootstrapSpec>,
+}
+
+/// Scheduled backups of a cluster.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupSpec {
+    /// When to take a backup: a cron expression in UTC (`minute hour day-of-month month
+    /// day-of-week`, optionally with a leading seconds field), e.g. `0 */6 * * *`.
+    #[schemars(length(min = 1))]
+    pub schedule: String,
+    /// Where backups go.
+    pub destination: BackupDestination,
+    /// Which backups to keep; older ones of this cluster are deleted.
+    #[serde(default)]
+    pub retention: RetentionSpec,
+    /// Stop scheduling backups (a running one finishes).
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+/// Which backups to keep. Both limits apply when both are set; the newest backup is always kept.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetentionSpec {
+    /// Keep at most this many backups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub keep_last: Option<i32>,
+    /// Delete backups older than this: a number with a unit, `s`, `m`, `h` or `d` (`30d`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(s|m|h|d)$"))]
+    pub max_age: Option<String>,
+}
+
+/// An object store location. Exactly one kind is set; `s3` is the one supported today.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupDestination {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Destination>,
+}
+
+/// An S3-compatible bucket.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct S3Destination {
+    #[schemars(length(min = 1))]
+    pub bucket: String,
+    /// Key prefix under which this cluster's backups go (`<prefix>/<namespace>/<name>/...`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prefix: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Endpoint URL of an S3-compatible server other than AWS (`http://minio.storage:9000`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Address buckets as `endpoint/bucket` instead of `bucket.endpoint`.
+    #[serde(default)]
+    pub force_path_style: bool,
+    /// A Secret in the cluster's namespace with the credentials (keys `AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY`, optionally `AWS_SESSION_TOKEN`). Without one the operator's
+    /// ambient identity is used (environment, web identity, instance metadata).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
+}
+
+/// How a new cluster starts.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BootstrapSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_backup: Option<FromBackup>,
+}
+
+/// The backup a new cluster starts from.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FromBackup {
+    pub destination: BackupDestination,
+    /// The object key of the backup; without it, the latest backup under `prefix`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// With no `key`: where to look for the latest backup (a prefix ending in
+    /// `<namespace>/<name>/` of the cluster that made it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+}
+
+/// One backup in object storage.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupRecord {
+    pub time: Time,
+    pub key: String,
+    pub size: i64,
+    pub revision: i64,
+    /// SHA-256 of the object, hex.
+    pub sha256: String,
+}
+
+/// Backup progress of a cluster.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_backup: Option<BackupRecord>,
+    /// The scheduled time the last backup was taken for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_schedule_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_backup_time: Option<Time>,
+    /// Consecutive failures of the current scheduled backup.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failures: i32,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }
 
 fn default_size() -> i32 {
@@ -238,6 +362,8 @@ pub struct EtcdClusterStatus {
     /// The membership step in progress; an edit of `spec.size` waits until it is finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operation: Option<Operation>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupStatus>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
@@ -281,6 +407,62 @@ pub struct Operation {
     pub started_at: Time,
 }
 
+/// An on-demand backup of a cluster.
+// Each `printcolumn(...)` repeats `type_ = …`, which clippy takes for a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "cairn.dev",
+    version = "v1alpha1",
+    kind = "EtcdBackup",
+    plural = "etcdbackups",
+    category = "cairn",
+    namespaced,
+    status = "EtcdBackupStatus",
+    derive = "PartialEq",
+    doc = "An on-demand backup of an EtcdCluster in the same namespace to object storage.",
+    printcolumn(name = "Cluster", type_ = "string", json_path = ".spec.clusterName"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Key", type_ = "string", json_path = ".status.backup.key"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct EtcdBackupSpec {
+    /// The EtcdCluster (same namespace) to back up.
+    #[schemars(length(min = 1))]
+    pub cluster_name: String,
+    pub destination: BackupDestination,
+}
+
+/// Where an on-demand backup stands.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum BackupPhase {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// Observed state of an on-demand backup.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EtcdBackupStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<BackupPhase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupRecord>,
+    /// Why the backup failed, or is still pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Attempts made so far.
+    #[serde(default)]
+    pub attempts: i32,
+}
+
 /// Condition types.
 pub mod condition {
     pub const AVAILABLE: &str = "Available";
@@ -288,6 +470,8 @@ pub mod condition {
     pub const DEGRADED: &str = "Degraded";
     /// Whether the PodDisruptionBudget is in place.
     pub const DISRUPTION_BUDGET: &str = "DisruptionBudget";
+    /// Whether the last scheduled backup succeeded.
+    pub const BACKUP_SUCCEEDED: &str = "BackupSucceeded";
 }
 
 impl EtcdClusterStatus {

@@ -1,16 +1,37 @@
-//! Prints the CustomResourceDefinitions as YAML; the output is committed under `crds/`.
+//! Prints the CustomResourceDefinitions as YAML (`crdgen`), or writes one file per CRD into a
+//! directory (`crdgen --dir crds`); the output is committed under `crds/`.
 //!
 //! `crdgen children FILE` prints instead the children the operator would apply for the
 //! EtcdCluster in FILE at bootstrap, so CI can check them against Kubernetes' own schemas.
 
-use cairn_operator::crd::EtcdCluster;
+use cairn_operator::crd::{EtcdBackup, EtcdCluster};
 use cairn_operator::resources::{self, Bootstrap, Layout, Names};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
+
+fn crds() -> Vec<CustomResourceDefinition> {
+    vec![EtcdCluster::crd(), EtcdBackup::crd()]
+}
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.as_slice() {
-        [] => print!("{}", serde_yaml::to_string(&EtcdCluster::crd())?),
+        [] => {
+            let docs = crds()
+                .iter()
+                .map(serde_yaml::to_string)
+                .collect::<Result<Vec<_>, _>>()?;
+            print!("{}", docs.join("---\n"));
+        }
+        [flag, dir] if flag == "--dir" => {
+            for crd in crds() {
+                let name = crd.metadata.name.clone().unwrap_or_default();
+                std::fs::write(
+                    std::path::Path::new(dir).join(format!("{name}.yaml")),
+                    serde_yaml::to_string(&crd)?,
+                )?;
+            }
+        }
         [cmd, file] if cmd == "children" => {
             let mut ec: EtcdCluster = serde_yaml::from_str(&std::fs::read_to_string(file)?)?;
             ec.metadata
@@ -36,7 +57,7 @@ fn main() -> anyhow::Result<()> {
             ];
             print!("{}", docs.join("---\n"));
         }
-        _ => anyhow::bail!("usage: crdgen [children ETCDCLUSTER.yaml]"),
+        _ => anyhow::bail!("usage: crdgen [--dir DIR | children ETCDCLUSTER.yaml]"),
     }
     Ok(())
 }
