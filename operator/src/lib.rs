@@ -7,6 +7,7 @@
 //! - [`controller`]: the reconcile loop that ties them together.
 //! - [`leader`], [`metrics`]: leader election between replicas; Prometheus metrics.
 
+pub mod backup;
 pub mod controller;
 pub mod crd;
 pub mod leader;

@@ -46,7 +46,7 @@ fn free_ports(n: usize) -> Vec<u16> {
     ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
-fn cairn_binary() -> PathBuf {
+pub fn cairn_binary() -> PathBuf {
     // target/<profile>/deps/operator-<hash> -> target/<profile>/cairn
     let exe = std::env::current_exe().unwrap();
     let bin = exe.parent().unwrap().parent().unwrap().join("cairn");
@@ -83,6 +83,11 @@ impl Pods {
             procs: BTreeMap::new(),
             replicas: 0,
         }
+    }
+
+    /// A directory for the test's own files, removed with the cluster.
+    pub fn scratch(&self) -> PathBuf {
+        self.root.path().to_path_buf()
     }
 
     pub fn volume(&self, o: i32) -> PathBuf {

@@ -2,6 +2,8 @@
 //! loopback, and reconciles against a mock Kubernetes API server (kube-rs's tower-test pattern)
 //! with real cairn members behind it.
 
+mod backup;
 mod cluster;
 mod membership;
 mod reconcile;
+mod s3;

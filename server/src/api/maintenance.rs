@@ -154,11 +154,13 @@ impl Maintenance for MaintenanceService {
         _req: Request<SnapshotRequest>,
     ) -> Result<Response<SnapshotStream>, Status> {
         let state = self.s.state.clone();
-        let (payload, _, _) = tokio::task::spawn_blocking(move || state.snapshot_payload())
-            .await
-            .map_err(Error::internal)??;
+        let (payload, _, _, revision) =
+            tokio::task::spawn_blocking(move || state.snapshot_payload())
+                .await
+                .map_err(Error::internal)??;
         let file = crate::snapshot::encode(&payload);
-        let header = self.s.header(0);
+        // The header names the revision the snapshot holds (backups record it).
+        let header = self.s.header(revision.max(1));
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             let total = file.len();

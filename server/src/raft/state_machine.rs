@@ -195,8 +195,9 @@ impl KvState {
         Ok(results)
     }
 
-    /// Serializes the whole state machine at its applied position.
-    pub fn snapshot_payload(&self) -> Result<(Vec<u8>, Option<LogId>, StoredMembership)> {
+    /// Serializes the whole state machine at its applied position; also returns that position
+    /// and the MVCC revision the payload holds.
+    pub fn snapshot_payload(&self) -> Result<(Vec<u8>, Option<LogId>, StoredMembership, i64)> {
         // The lock keeps applies out only while the view is taken, so the
         // view matches `applied`; reading it then blocks nobody.
         let (view, meta, pos) = {
@@ -209,8 +210,9 @@ impl KvState {
             records: view.records()?,
             leases: view.leases()?,
         };
+        let revision = payload.meta.revision;
         let bytes = bincode::serialize(&payload).map_err(Error::internal)?;
-        Ok((bytes, pos.0, pos.1))
+        Ok((bytes, pos.0, pos.1, revision))
     }
 
     /// Replaces the state machine with a snapshot's content.
@@ -247,7 +249,7 @@ impl StateMachine {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let state = self.state.clone();
-        let (bytes, last, membership) =
+        let (bytes, last, membership, _) =
             tokio::task::spawn_blocking(move || state.snapshot_payload())
                 .await
                 .map_err(io_err)?

@@ -1,0 +1,520 @@
+//! Backups: a member's snapshot (Maintenance.Snapshot, through `etcd-client`) streamed straight
+//! into a multipart upload with its SHA-256 computed on the way, so memory stays flat whatever
+//! the snapshot's size; a manifest next to it; retention that only ever deletes this cluster's
+//! own backups; schedules; and the download, verified, that a restore starts from.
+//!
+//! Object layout under a destination's prefix:
+//! `<prefix>/<namespace>/<cluster>/<cluster uid>/<UTC time>.snap` and `<UTC time>.json` (the
+//! manifest: key, size, revision, SHA-256, time). Retention lists that one directory and touches
+//! only names of that exact form.
+
+use std::path::Path as FsPath;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use sha2::{Digest, Sha256};
+
+use crate::crd::{BackupDestination, BackupRecord, RetentionSpec};
+
+/// Size of each uploaded part (S3 wants at least 5 MiB but the last).
+const PART_SIZE: usize = 8 << 20;
+/// Parts uploading at once; with the part being filled, this bounds the memory a backup uses.
+const PARTS_IN_FLIGHT: usize = 2;
+
+/// Errors of backups and restores.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("backup destination: {0}")]
+    Destination(String),
+    #[error("object storage: {0}")]
+    Store(#[from] object_store::Error),
+    #[error("snapshot from {endpoint}: {source}")]
+    Snapshot {
+        endpoint: String,
+        source: etcd_client::Error,
+    },
+    #[error("no member answered a snapshot request at {0:?}")]
+    NoMember(Vec<String>),
+    #[error("backup {key}: checksum mismatch (expected sha256 {expected}, got {actual})")]
+    Checksum {
+        key: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("backup {0}: no manifest")]
+    NoManifest(String),
+    #[error("no backup found under {0:?}")]
+    NoBackup(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Static credentials for an object store (from a Secret).
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: Option<String>,
+}
+
+/// An opened destination: the store and the key prefix inside it.
+#[derive(Clone, Debug)]
+pub struct Destination {
+    pub store: Arc<dyn ObjectStore>,
+    pub prefix: String,
+}
+
+impl Destination {
+    /// Opens a destination; without `credentials`, the ambient identity (environment, web
+    /// identity, instance metadata) is used.
+    pub fn open(d: &BackupDestination, credentials: Option<&Credentials>) -> Result<Self, Error> {
+        let Some(s3) = &d.s3 else {
+            return Err(Error::Destination("no destination kind is set (s3)".into()));
+        };
+        let mut b = AmazonS3Builder::from_env()
+            .with_bucket_name(&s3.bucket)
+            .with_region(s3.region.clone().unwrap_or_else(|| "us-east-1".into()))
+            .with_virtual_hosted_style_request(!s3.force_path_style);
+        if let Some(e) = &s3.endpoint {
+            b = b.with_endpoint(e).with_allow_http(e.starts_with("http://"));
+        }
+        if let Some(c) = credentials {
+            b = b
+                .with_access_key_id(&c.access_key_id)
+                .with_secret_access_key(&c.secret_access_key);
+            if let Some(t) = &c.session_token {
+                b = b.with_token(t);
+            }
+        }
+        let store = b.build().map_err(|e| Error::Destination(e.to_string()))?;
+        Ok(Destination {
+            store: Arc::new(store),
+            prefix: s3.prefix.trim_matches('/').to_string(),
+        })
+    }
+
+    /// The directory of one cluster's backups.
+    pub fn cluster_dir(&self, namespace: &str, cluster: &str, uid: &str) -> String {
+        join(&[&self.prefix, namespace, cluster, uid])
+    }
+}
+
+fn join(parts: &[&str]) -> String {
+    parts
+        .iter()
+        .map(|p| p.trim_matches('/'))
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// The object name of a backup taken at `t` (second precision, sortable).
+pub fn object_name(t: Timestamp) -> String {
+    format!("{}.snap", t.strftime("%Y%m%dT%H%M%SZ"))
+}
+
+/// Whether `name` (the last path segment) is one of ours, and its time.
+fn parse_object_name(name: &str) -> Option<Timestamp> {
+    let stamp = name.strip_suffix(".snap")?;
+    if stamp.len() != 16 {
+        return None;
+    }
+    let dt = jiff::civil::DateTime::strptime("%Y%m%dT%H%M%SZ", stamp).ok()?;
+    dt.to_zoned(jiff::tz::TimeZone::UTC)
+        .ok()
+        .map(|z| z.timestamp())
+}
+
+fn manifest_key(snapshot_key: &str) -> String {
+    format!("{}.json", snapshot_key.trim_end_matches(".snap"))
+}
+
+/// Streams a snapshot from the first member of `endpoints` that answers into
+/// `<dir>/<time>.snap`, then writes the manifest. Returns the record of the backup.
+pub async fn stream_backup(
+    endpoints: &[String],
+    dest: &Destination,
+    dir: &str,
+    now: Timestamp,
+) -> Result<BackupRecord, Error> {
+    let mut stream = None;
+    let mut last_err = None;
+    for e in endpoints {
+        let opts = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(10));
+        let attempt = async {
+            let mut c = etcd_client::Client::connect([e], Some(opts)).await?;
+            c.snapshot().await
+        };
+        match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+            Ok(Ok(s)) => {
+                stream = Some((e.clone(), s));
+                break;
+            }
+            Ok(Err(err)) => last_err = Some((e.clone(), err)),
+            Err(_) => {}
+        }
+    }
+    let Some((endpoint, mut stream)) = stream else {
+        return Err(match last_err {
+            Some((endpoint, source)) => Error::Snapshot { endpoint, source },
+            None => Error::NoMember(endpoints.to_vec()),
+        });
+    };
+
+    let key = join(&[dir, &object_name(now)]);
+    let path = Path::from(key.as_str());
+    let upload = dest.store.put_multipart(&path).await?;
+    let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+    let mut hasher = Sha256::new();
+    let mut size: u64 = 0;
+    let mut revision = 0;
+    loop {
+        let msg = match stream.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(source) => {
+                let _ = writer.abort().await;
+                return Err(Error::Snapshot { endpoint, source });
+            }
+        };
+        if revision == 0 {
+            revision = msg.header().map_or(0, |h| h.revision());
+        }
+        let blob = msg.blob();
+        hasher.update(blob);
+        size += blob.len() as u64;
+        if let Err(e) = writer.wait_for_capacity(PARTS_IN_FLIGHT).await {
+            return Err(e.into());
+        }
+        writer.write(blob);
+    }
+    writer.finish().await?;
+    let record = BackupRecord {
+        time: Time(now),
+        key: key.clone(),
+        size: size as i64,
+        revision,
+        sha256: hex(&hasher.finalize()),
+    };
+    let manifest = serde_json::to_vec_pretty(&record).expect("a record serializes");
+    dest.store
+        .put(
+            &Path::from(manifest_key(&key).as_str()),
+            PutPayload::from(manifest),
+        )
+        .await?;
+    Ok(record)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The backups in one cluster's directory, oldest first: (object key, time).
+pub async fn list_backups(
+    dest: &Destination,
+    dir: &str,
+) -> Result<Vec<(String, Timestamp)>, Error> {
+    let prefix = Path::from(dir);
+    let mut out = Vec::new();
+    let listing = dest.store.list_with_delimiter(Some(&prefix)).await?;
+    for o in listing.objects {
+        let Some(name) = o.location.filename() else {
+            continue;
+        };
+        if let Some(t) = parse_object_name(name) {
+            out.push((o.location.to_string(), t));
+        }
+    }
+    out.sort_by_key(|(_, t)| *t);
+    Ok(out)
+}
+
+/// Parses a retention age: a number with `s`, `m`, `h` or `d`.
+pub fn parse_age(s: &str) -> Option<Duration> {
+    let (n, unit) = s.split_at(s.len().checked_sub(1)?);
+    let n: u64 = n.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return None,
+    };
+    Some(Duration::from_secs(secs))
+}
+
+/// Which of `backups` (oldest first) retention removes. The newest is always kept.
+pub fn retention_victims(
+    backups: &[(String, Timestamp)],
+    retention: &RetentionSpec,
+    now: Timestamp,
+) -> Vec<String> {
+    let n = backups.len();
+    let mut victims = Vec::new();
+    for (i, (key, t)) in backups.iter().enumerate() {
+        if i + 1 == n {
+            break;
+        }
+        let too_many = retention
+            .keep_last
+            .is_some_and(|k| n - i > k.max(1) as usize);
+        let too_old = retention
+            .max_age
+            .as_deref()
+            .and_then(parse_age)
+            .is_some_and(|age| now.duration_since(*t).as_secs_f64() > age.as_secs_f64());
+        if too_many || too_old {
+            victims.push(key.clone());
+        }
+    }
+    victims
+}
+
+/// Applies retention to one cluster's directory; returns the deleted backups' keys.
+pub async fn apply_retention(
+    dest: &Destination,
+    dir: &str,
+    retention: &RetentionSpec,
+    now: Timestamp,
+) -> Result<Vec<String>, Error> {
+    let backups = list_backups(dest, dir).await?;
+    let victims = retention_victims(&backups, retention, now);
+    for key in &victims {
+        dest.store.delete(&Path::from(key.as_str())).await?;
+        match dest
+            .store
+            .delete(&Path::from(manifest_key(key).as_str()))
+            .await
+        {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(victims)
+}
+
+/// The record (manifest) of a backup.
+pub async fn record(dest: &Destination, key: &str) -> Result<BackupRecord, Error> {
+    let got = match dest
+        .store
+        .get(&Path::from(manifest_key(key).as_str()))
+        .await
+    {
+        Ok(g) => g,
+        Err(object_store::Error::NotFound { .. }) => return Err(Error::NoManifest(key.into())),
+        Err(e) => return Err(e.into()),
+    };
+    let bytes = got.bytes().await?;
+    serde_json::from_slice(&bytes).map_err(|_| Error::NoManifest(key.into()))
+}
+
+/// The newest backup anywhere under `prefix` (by the time in its manifest).
+pub async fn latest(dest: &Destination, prefix: &str) -> Result<BackupRecord, Error> {
+    let mut newest: Option<(Timestamp, String)> = None;
+    let mut listing = dest.store.list(Some(&Path::from(prefix)));
+    while let Some(o) = listing.next().await {
+        let o = o?;
+        let Some(t) = o.location.filename().and_then(parse_object_name) else {
+            continue;
+        };
+        if newest.as_ref().is_none_or(|(nt, _)| t > *nt) {
+            newest = Some((t, o.location.to_string()));
+        }
+    }
+    let (_, key) = newest.ok_or_else(|| Error::NoBackup(prefix.to_string()))?;
+    record(dest, &key).await
+}
+
+/// Downloads a backup into `out`, streaming, and checks it against its manifest's SHA-256
+/// (and size). On a mismatch `out` is removed and nothing is restored from it.
+pub async fn fetch(dest: &Destination, key: &str, out: &FsPath) -> Result<BackupRecord, Error> {
+    use tokio::io::AsyncWriteExt;
+    let rec = record(dest, key).await?;
+    let got = dest.store.get(&Path::from(key)).await?;
+    let mut stream = got.into_stream();
+    let part = out.with_extension("part");
+    let mut file = tokio::fs::File::create(&part).await?;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        hasher.update(&chunk);
+        size += chunk.len() as u64;
+        file.write_all(&chunk).await?;
+    }
+    file.sync_all().await?;
+    drop(file);
+    let actual = hex(&hasher.finalize());
+    if actual != rec.sha256 || size as i64 != rec.size {
+        let _ = tokio::fs::remove_file(&part).await;
+        return Err(Error::Checksum {
+            key: key.to_string(),
+            expected: rec.sha256,
+            actual,
+        });
+    }
+    tokio::fs::rename(&part, out).await?;
+    Ok(rec)
+}
+
+/// When a schedule is due next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Due {
+    /// Run now, for this scheduled time (the latest one that passed).
+    Now(Timestamp),
+    /// Not before this time.
+    At(Timestamp),
+}
+
+fn chrono_of(t: Timestamp) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp(t.as_second(), t.subsec_nanosecond() as u32)
+        .unwrap_or_default()
+}
+
+fn jiff_of(t: chrono::DateTime<chrono::Utc>) -> Timestamp {
+    Timestamp::new(t.timestamp(), t.timestamp_subsec_nanos() as i32)
+        .unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+/// Parses a cron schedule (5 fields, or 6 with seconds first), in UTC.
+pub fn parse_schedule(s: &str) -> Result<croner::Cron, String> {
+    s.parse::<croner::Cron>()
+        .map_err(|e| format!("invalid schedule {s:?}: {e}"))
+}
+
+/// Whether a backup is due: the first scheduled time after `last` (the last scheduled time
+/// handled, or the cluster's creation). A schedule missed while the operator was down is due at
+/// once; several missed ones make one backup, for the latest.
+pub fn due(schedule: &croner::Cron, last: Timestamp, now: Timestamp) -> Due {
+    let Ok(next) = schedule.find_next_occurrence(&chrono_of(last), false) else {
+        return Due::At(Timestamp::MAX);
+    };
+    let next = jiff_of(next);
+    if next > now {
+        return Due::At(next);
+    }
+    let latest = schedule
+        .find_previous_occurrence(&chrono_of(now), true)
+        .map(jiff_of)
+        .unwrap_or(next);
+    Due::Now(latest.max(next))
+}
+
+/// How long to wait before retrying a failed backup: 10 s doubling up to 10 min.
+pub fn retry_backoff(failures: i32) -> Duration {
+    let exp = failures.clamp(1, 7) as u32 - 1;
+    Duration::from_secs((10u64 << exp).min(600))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn object_names_sort_by_time_and_only_ours_parse() {
+        let t = ts("2026-11-21T10:05:09Z");
+        assert_eq!(object_name(t), "20261121T100509Z.snap");
+        assert_eq!(parse_object_name("20261121T100509Z.snap"), Some(t));
+        for not in [
+            "20261121T100509Z.json",
+            "notes.snap",
+            "x20261121T100509Z.snap",
+            "20261121T100509.snap",
+        ] {
+            assert_eq!(parse_object_name(not), None, "{not}");
+        }
+        assert_eq!(
+            manifest_key("a/b/20261121T100509Z.snap"),
+            "a/b/20261121T100509Z.json"
+        );
+    }
+
+    #[test]
+    fn retention_keeps_last_and_max_age_and_always_the_newest() {
+        let now = ts("2026-11-21T12:00:00Z");
+        let b: Vec<(String, Timestamp)> = (0..5)
+            .map(|h| (format!("k{h}"), ts(&format!("2026-11-21T0{h}:00:00Z"))))
+            .collect();
+        let keep2 = RetentionSpec {
+            keep_last: Some(2),
+            max_age: None,
+        };
+        assert_eq!(retention_victims(&b, &keep2, now), vec!["k0", "k1", "k2"]);
+        let age = RetentionSpec {
+            keep_last: None,
+            max_age: Some("10h".into()),
+        };
+        assert_eq!(retention_victims(&b, &age, now), vec!["k0", "k1"]);
+        let both = RetentionSpec {
+            keep_last: Some(4),
+            max_age: Some("9h".into()),
+        };
+        assert_eq!(retention_victims(&b, &both, now), vec!["k0", "k1", "k2"]);
+        let ancient = RetentionSpec {
+            keep_last: None,
+            max_age: Some("1s".into()),
+        };
+        assert_eq!(
+            retention_victims(&b, &ancient, now),
+            vec!["k0", "k1", "k2", "k3"]
+        );
+        assert!(retention_victims(&b, &RetentionSpec::default(), now).is_empty());
+    }
+
+    #[test]
+    fn ages() {
+        assert_eq!(parse_age("30d"), Some(Duration::from_secs(30 * 86400)));
+        assert_eq!(parse_age("90m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_age("10"), None);
+        assert_eq!(parse_age(""), None);
+    }
+
+    #[test]
+    fn schedules_due_and_missed() {
+        let every6h = parse_schedule("0 */6 * * *").unwrap();
+        let last = ts("2026-11-21T06:00:00Z");
+        assert_eq!(
+            due(&every6h, last, ts("2026-11-21T07:00:00Z")),
+            Due::At(ts("2026-11-21T12:00:00Z"))
+        );
+        assert_eq!(
+            due(&every6h, last, ts("2026-11-21T12:00:30Z")),
+            Due::Now(ts("2026-11-21T12:00:00Z"))
+        );
+        // The operator was down for a day: one backup, for the latest missed time.
+        assert_eq!(
+            due(&every6h, last, ts("2026-11-22T13:00:00Z")),
+            Due::Now(ts("2026-11-22T12:00:00Z"))
+        );
+        let every2s = parse_schedule("*/2 * * * * *").unwrap();
+        assert_eq!(
+            due(
+                &every2s,
+                ts("2026-11-21T06:00:00Z"),
+                ts("2026-11-21T06:00:01Z")
+            ),
+            Due::At(ts("2026-11-21T06:00:02Z"))
+        );
+        assert!(parse_schedule("every day").is_err());
+        assert!(parse_schedule("61 * * * *").is_err());
+    }
+
+    #[test]
+    fn backoff_doubles_to_ten_minutes() {
+        let b: Vec<u64> = (1..=8).map(|f| retry_backoff(f).as_secs()).collect();
+        assert_eq!(b, vec![10, 20, 40, 80, 160, 320, 600, 600]);
+    }
+}

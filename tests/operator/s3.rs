@@ -1,0 +1,96 @@
+//! A real S3-compatible server for the tests: moto's `moto_server` (PyPI), on a free loopback
+//! port, in memory. It can be stopped and started again on the same port (its content is then
+//! gone) to test failed uploads.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cairn_operator::backup::{Credentials, Destination};
+use cairn_operator::crd::{BackupDestination, S3Destination};
+
+pub struct Moto {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut m = Moto { port, child: None };
+        m.restart();
+        m
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// (Re)starts the server; it comes back empty.
+    pub fn restart(&mut self) {
+        self.stop();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server runs (pip install 'moto[server]')");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Creates a bucket (path-style PUT, as any S3 client would).
+    pub fn create_bucket(&self, bucket: &str) {
+        let out = Command::new("curl")
+            .args(["-sf", "-X", "PUT", &format!("{}/{bucket}", self.url())])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "create bucket: {out:?}");
+    }
+
+    pub fn destination(&self, bucket: &str, prefix: &str) -> BackupDestination {
+        BackupDestination {
+            s3: Some(S3Destination {
+                bucket: bucket.into(),
+                prefix: prefix.into(),
+                region: Some("us-east-1".into()),
+                endpoint: Some(self.url()),
+                force_path_style: true,
+                credentials_secret: None,
+            }),
+        }
+    }
+
+    pub fn open(&self, bucket: &str, prefix: &str) -> Destination {
+        Destination::open(&self.destination(bucket, prefix), Some(&credentials())).unwrap()
+    }
+}
+
+/// moto accepts any credentials.
+pub fn credentials() -> Credentials {
+    Credentials {
+        access_key_id: "testing".into(),
+        secret_access_key: "testing".into(),
+        session_token: None,
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
