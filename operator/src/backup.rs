@@ -366,6 +366,98 @@ pub async fn fetch(dest: &Destination, key: &str, out: &FsPath) -> Result<Backup
     Ok(rec)
 }
 
+/// Who started a backup run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunOwner {
+    /// The cluster's schedule, for this scheduled time.
+    Schedule(Timestamp),
+    /// An EtcdBackup, by UID.
+    OnDemand(String),
+}
+
+/// A backup in progress (a task streaming a snapshot).
+pub struct Run {
+    pub owner: RunOwner,
+    pub task: tokio::task::JoinHandle<Result<BackupRecord, String>>,
+}
+
+/// The backups in progress, at most one per cluster (`namespace/name`): a scheduled and an
+/// on-demand backup of the same cluster never run at once.
+#[derive(Default)]
+pub struct Runs(std::sync::Mutex<std::collections::HashMap<String, Run>>);
+
+/// What [`Runs::poll`] found for a cluster.
+pub enum RunState {
+    /// No backup runs for it.
+    Idle,
+    /// One runs, started by this owner.
+    Running(RunOwner),
+    /// One finished: its owner and result (it is no longer registered).
+    Finished(RunOwner, Result<BackupRecord, String>),
+}
+
+impl Runs {
+    /// The state of a cluster's backup, taking a finished run's result out.
+    pub async fn poll(&self, cluster: &str) -> RunState {
+        let finished = {
+            let mut runs = self.0.lock().unwrap();
+            match runs.get(cluster) {
+                None => return RunState::Idle,
+                Some(r) if !r.task.is_finished() => return RunState::Running(r.owner.clone()),
+                Some(_) => runs.remove(cluster).expect("present"),
+            }
+        };
+        let result = finished
+            .task
+            .await
+            .unwrap_or_else(|e| Err(format!("backup task failed: {e}")));
+        RunState::Finished(finished.owner, result)
+    }
+
+    /// Starts `work` as the cluster's backup; false if one already runs.
+    pub fn start<F>(&self, cluster: &str, owner: RunOwner, work: F) -> bool
+    where
+        F: std::future::Future<Output = Result<BackupRecord, String>> + Send + 'static,
+    {
+        let mut runs = self.0.lock().unwrap();
+        if runs.contains_key(cluster) {
+            return false;
+        }
+        runs.insert(
+            cluster.to_string(),
+            Run {
+                owner,
+                task: tokio::spawn(work),
+            },
+        );
+        true
+    }
+}
+
+/// Takes one backup and applies retention to the cluster's directory (retention failures are
+/// logged, not fatal: the backup itself succeeded).
+pub async fn backup_and_prune(
+    endpoints: Vec<String>,
+    dest: Destination,
+    dir: String,
+    retention: Option<RetentionSpec>,
+) -> Result<BackupRecord, String> {
+    let now = Timestamp::now();
+    let rec = stream_backup(&endpoints, &dest, &dir, now)
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some(r) = retention {
+        match apply_retention(&dest, &dir, &r, now).await {
+            Ok(deleted) if !deleted.is_empty() => {
+                tracing::info!(?deleted, "retention deleted old backups")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "retention"),
+        }
+    }
+    Ok(rec)
+}
+
 /// When a schedule is due next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Due {

@@ -23,6 +23,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tracing::{info, warn, Instrument};
 
+use crate::backup::{self, Credentials, Destination, Due, RunOwner, RunState, Runs};
 use crate::crd::{
     condition, EtcdCluster, EtcdClusterStatus, MemberStatus, Operation, OperationKind,
 };
@@ -50,6 +51,8 @@ pub enum Error {
     Members(#[from] members::Error),
     #[error("the EtcdCluster has no namespace")]
     NoNamespace,
+    #[error("backup credentials: {0}")]
+    Credentials(String),
 }
 
 impl Error {
@@ -59,6 +62,7 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Members(_) => "membership",
             Error::NoNamespace => "invalid",
+            Error::Credentials(_) => "credentials",
         }
     }
 }
@@ -73,6 +77,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Metrics,
     pub layout: Box<LayoutFn>,
+    /// Backups in progress, one per cluster at most.
+    pub backups: Runs,
     /// The image of members whose EtcdCluster names none.
     pub default_image: String,
 }
@@ -88,6 +94,7 @@ impl Context {
             client,
             metrics,
             default_image: resources::default_image(),
+            backups: Runs::default(),
             layout: Box::new(|ec: &EtcdCluster| Arc::new(Names::of(ec)) as Arc<dyn Layout>),
         }
     }
@@ -145,6 +152,31 @@ fn pods_reporting_lost_data(pods: &[Pod], names: &Names) -> Vec<i32> {
         .collect();
     out.sort_unstable();
     out
+}
+
+/// Reads S3 credentials from a Secret: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and
+/// optionally `AWS_SESSION_TOKEN`.
+pub async fn read_credentials(
+    api: &Api<k8s_openapi::api::core::v1::Secret>,
+    name: &str,
+) -> Result<Credentials, Error> {
+    let secret = api
+        .get_opt(name)
+        .await?
+        .ok_or_else(|| Error::Credentials(format!("Secret {name} not found")))?;
+    let data = secret.data.unwrap_or_default();
+    let get = |k: &str| {
+        data.get(k)
+            .map(|v| String::from_utf8_lossy(&v.0).trim().to_string())
+    };
+    Ok(Credentials {
+        access_key_id: get("AWS_ACCESS_KEY_ID")
+            .ok_or_else(|| Error::Credentials(format!("Secret {name} has no AWS_ACCESS_KEY_ID")))?,
+        secret_access_key: get("AWS_SECRET_ACCESS_KEY").ok_or_else(|| {
+            Error::Credentials(format!("Secret {name} has no AWS_SECRET_ACCESS_KEY"))
+        })?,
+        session_token: get("AWS_SESSION_TOKEN"),
+    })
 }
 
 /// Reconciles one EtcdCluster.
@@ -336,7 +368,7 @@ impl<'a> Reconciler<'a> {
 
         let mut operation = prev.operation.clone();
         let mut replicas_now = replicas.unwrap_or(0);
-        let requeue = self.act(&step, &mut replicas_now, &mut operation).await?;
+        let mut requeue = self.act(&step, &mut replicas_now, &mut operation).await?;
 
         // Template changes (image, resources, ...) roll out through the StatefulSet itself,
         // one pod at a time.
@@ -364,8 +396,203 @@ impl<'a> Reconciler<'a> {
             ec.metadata.generation,
             &now(),
         );
+        if let Some(after) = self
+            .scheduled_backup(&prev, view.as_ref(), &mut status)
+            .await?
+        {
+            requeue = requeue.min(after);
+        }
         self.patch_status(status).await?;
-        Ok(requeue)
+        Ok(Action::requeue(requeue))
+    }
+
+    /// The scheduled backups: collects a finished run into the status, starts a due one, and
+    /// says when to look again. Status and an Event tell every success and failure; a failure is
+    /// retried with backoff for the same scheduled time.
+    async fn scheduled_backup(
+        &self,
+        prev: &EtcdClusterStatus,
+        view: Option<&ClusterView>,
+        status: &mut EtcdClusterStatus,
+    ) -> Result<Option<Duration>, Error> {
+        let ec = self.ec;
+        let generation = ec.metadata.generation;
+        let key = format!("{}/{}", self.ns, self.names.cluster);
+        let mut st = prev.backup.clone().unwrap_or_default();
+        let Some(spec) = &ec.spec.backup else {
+            status.backup = None;
+            return Ok(None);
+        };
+        let t = now();
+        match self.ctx.backups.poll(&key).await {
+            RunState::Running(_) => {
+                status.backup = Some(st);
+                return Ok(Some(STEP_REQUEUE));
+            }
+            RunState::Finished(owner, result) => match result {
+                Ok(rec) => {
+                    self.event(
+                        EventType::Normal,
+                        "BackupSucceeded",
+                        "Backup",
+                        format!(
+                            "{} ({} bytes, revision {})",
+                            rec.key, rec.size, rec.revision
+                        ),
+                    )
+                    .await;
+                    status.set_condition(
+                        condition::BACKUP_SUCCEEDED,
+                        true,
+                        "BackupSucceeded",
+                        rec.key.clone(),
+                        generation,
+                        &t,
+                    );
+                    if let RunOwner::Schedule(at) = owner {
+                        st.last_schedule_time = Some(Time(at));
+                        st.failures = 0;
+                    }
+                    st.last_backup = Some(rec);
+                }
+                Err(msg) => {
+                    self.event(EventType::Warning, "BackupFailed", "Backup", msg.clone())
+                        .await;
+                    status.set_condition(
+                        condition::BACKUP_SUCCEEDED,
+                        false,
+                        "BackupFailed",
+                        msg,
+                        generation,
+                        &t,
+                    );
+                    if matches!(owner, RunOwner::Schedule(_)) {
+                        st.failures += 1;
+                        let retry =
+                            jiff::SignedDuration::try_from(backup::retry_backoff(st.failures))
+                                .unwrap_or_default();
+                        st.next_backup_time = Some(Time(t.0 + retry));
+                    }
+                }
+            },
+            RunState::Idle => {}
+        }
+
+        let schedule = match backup::parse_schedule(&spec.schedule) {
+            Ok(s) => s,
+            Err(msg) => {
+                status.set_condition(
+                    condition::BACKUP_SUCCEEDED,
+                    false,
+                    "InvalidSchedule",
+                    msg,
+                    generation,
+                    &t,
+                );
+                status.backup = Some(st);
+                return Ok(None);
+            }
+        };
+        if spec.suspend {
+            st.next_backup_time = None;
+            status.backup = Some(st);
+            return Ok(None);
+        }
+        let last = st
+            .last_schedule_time
+            .clone()
+            .or_else(|| ec.metadata.creation_timestamp.clone())
+            .map_or(t.0, |x| x.0);
+        let due = backup::due(&schedule, last, t.0);
+        let retry_at = (st.failures > 0)
+            .then(|| st.next_backup_time.clone())
+            .flatten();
+        let wait = |until: jiff::Timestamp| {
+            Duration::from_secs_f64(until.duration_since(t.0).as_secs_f64().clamp(0.5, 300.0))
+        };
+        match due {
+            Due::At(next) => {
+                st.next_backup_time = Some(Time(next));
+                status.backup = Some(st);
+                Ok(Some(wait(next)))
+            }
+            Due::Now(_) if retry_at.as_ref().is_some_and(|r| r.0 > t.0) => {
+                let r = retry_at.expect("checked").0;
+                status.backup = Some(st);
+                Ok(Some(wait(r)))
+            }
+            Due::Now(scheduled) => {
+                // The healthiest source: a healthy follower first, the leader last.
+                let mut endpoints: Vec<(bool, String)> = view
+                    .map(|v| {
+                        v.members
+                            .iter()
+                            .filter(|m| m.healthy && !m.learner)
+                            .filter_map(|m| {
+                                v.ordinal(self.layout.as_ref(), m)
+                                    .map(|o| (v.leader == Some(m.id), self.layout.client_url(o)))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                endpoints.sort();
+                let endpoints: Vec<String> = endpoints.into_iter().map(|(_, e)| e).collect();
+                let dest = match self.destination(&spec.destination).await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        let msg = e.to_string();
+                        status.set_condition(
+                            condition::BACKUP_SUCCEEDED,
+                            false,
+                            "BackupFailed",
+                            msg.clone(),
+                            generation,
+                            &t,
+                        );
+                        self.event(EventType::Warning, "BackupFailed", "Backup", msg)
+                            .await;
+                        st.failures += 1;
+                        let after = backup::retry_backoff(st.failures);
+                        let retry = jiff::SignedDuration::try_from(after).unwrap_or_default();
+                        st.next_backup_time = Some(Time(t.0 + retry));
+                        status.backup = Some(st);
+                        return Ok(Some(after));
+                    }
+                };
+                let dir =
+                    dest.cluster_dir(self.ns, &self.names.cluster, &ec.uid().unwrap_or_default());
+                let work =
+                    backup::backup_and_prune(endpoints, dest, dir, Some(spec.retention.clone()));
+                if self
+                    .ctx
+                    .backups
+                    .start(&key, RunOwner::Schedule(scheduled), work)
+                {
+                    info!(scheduled = %scheduled, "backup started");
+                    self.event(
+                        EventType::Normal,
+                        "BackupStarted",
+                        "Backup",
+                        format!("scheduled for {scheduled}"),
+                    )
+                    .await;
+                }
+                st.next_backup_time = Some(Time(scheduled));
+                status.backup = Some(st);
+                Ok(Some(STEP_REQUEUE))
+            }
+        }
+    }
+
+    /// Opens a backup destination with the credentials its Secret holds (if it names one).
+    async fn destination(&self, d: &crate::crd::BackupDestination) -> Result<Destination, Error> {
+        let creds = match d.s3.as_ref().and_then(|s| s.credentials_secret.as_deref()) {
+            Some(name) => Some(
+                read_credentials(&self.api::<k8s_openapi::api::core::v1::Secret>(), name).await?,
+            ),
+            None => None,
+        };
+        Destination::open(d, creds.as_ref()).map_err(|e| Error::Credentials(e.to_string()))
     }
 
     /// Applies (or, when disabled, deletes) the PodDisruptionBudget. An API server that does not
@@ -411,7 +638,7 @@ impl<'a> Reconciler<'a> {
         step: &Step,
         replicas: &mut i32,
         operation: &mut Option<Operation>,
-    ) -> Result<Action, Error> {
+    ) -> Result<Duration, Error> {
         let spec = &self.ec.spec;
         let members = Members::new(
             (0..(*replicas).max(1))
@@ -438,9 +665,9 @@ impl<'a> Reconciler<'a> {
                     format!("starting {r} members"),
                 )
                 .await;
-                Ok(Action::requeue(STEP_REQUEUE))
+                Ok(STEP_REQUEUE)
             }
-            Step::WaitBootstrap | Step::WaitLearner { .. } => Ok(Action::requeue(STEP_REQUEUE)),
+            Step::WaitBootstrap | Step::WaitLearner { .. } => Ok(STEP_REQUEUE),
             Step::Grow { replicas: r } => {
                 // A volume left from an earlier member of this ordinal would hand it stale data.
                 let pvcs: Api<PersistentVolumeClaim> = self.api();
@@ -448,7 +675,7 @@ impl<'a> Reconciler<'a> {
                     delete_if_exists(&pvcs, &self.names.pvc(o)).await?;
                 }
                 *replicas = *r;
-                Ok(Action::requeue(STEP_REQUEUE))
+                Ok(STEP_REQUEUE)
             }
             Step::Shrink {
                 replicas: r,
@@ -473,7 +700,7 @@ impl<'a> Reconciler<'a> {
                 )
                 .await;
                 *operation = None;
-                Ok(Action::requeue(STEP_REQUEUE))
+                Ok(STEP_REQUEUE)
             }
             Step::AddLearner { ordinal } | Step::Replace { ordinal, .. } => {
                 let (op, kind, reason) = match step {
@@ -506,7 +733,7 @@ impl<'a> Reconciler<'a> {
                     let pods: Api<Pod> = self.api();
                     delete_if_exists(&pods, &layout.member(*ordinal)).await?;
                 }
-                Ok(Action::requeue(STEP_REQUEUE))
+                Ok(STEP_REQUEUE)
             }
             Step::Promote { ordinal, .. } => match members.execute(layout, step).await {
                 Ok(Outcome::Done) => {
@@ -520,9 +747,9 @@ impl<'a> Reconciler<'a> {
                     )
                     .await;
                     *operation = None;
-                    Ok(Action::requeue(STEP_REQUEUE))
+                    Ok(STEP_REQUEUE)
                 }
-                Ok(Outcome::LearnerBehind) => Ok(Action::requeue(STEP_REQUEUE)),
+                Ok(Outcome::LearnerBehind) => Ok(STEP_REQUEUE),
                 Err(e) => {
                     self.count_op("promote", "error");
                     Err(e.into())
@@ -539,7 +766,7 @@ impl<'a> Reconciler<'a> {
                     format!("moved leadership from {from:x} to {to:x} before removing {from:x}"),
                 )
                 .await;
-                Ok(Action::requeue(STEP_REQUEUE))
+                Ok(STEP_REQUEUE)
             }
             Step::Remove { id, ordinal } => {
                 let result = members.execute(layout, step).await;
@@ -554,16 +781,16 @@ impl<'a> Reconciler<'a> {
                 )
                 .await;
                 *operation = start(OperationKind::ScaleDown, member);
-                Ok(Action::requeue(STEP_REQUEUE))
+                Ok(STEP_REQUEUE)
             }
             Step::Refuse(r) => {
                 self.event(EventType::Warning, r.reason(), "Resize", r.message())
                     .await;
-                Ok(Action::requeue(WAIT_REQUEUE))
+                Ok(WAIT_REQUEUE)
             }
             Step::Steady => {
                 *operation = None;
-                Ok(Action::requeue(STEADY_REQUEUE))
+                Ok(STEADY_REQUEUE)
             }
         }
     }

@@ -253,7 +253,8 @@ impl World {
             &cluster_path(name),
             json!({
                 "apiVersion": "cairn.dev/v1alpha1", "kind": "EtcdCluster",
-                "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}"), "generation": 1},
+                "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}"), "generation": 1,
+                             "creationTimestamp": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()},
                 "spec": spec,
             }),
         );
@@ -335,7 +336,7 @@ impl World {
     }
 
     /// Reconciles (and runs members) until `done` holds.
-    async fn until(&mut self, what: &str, done: impl Fn(&World) -> bool) {
+    async fn until(&mut self, what: &str, mut done: impl FnMut(&World) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             if let Err(e) = self.reconcile().await {
@@ -638,4 +639,130 @@ async fn an_unserved_pdb_api_is_reported_not_fatal() {
     assert!(events(&w.api)
         .iter()
         .any(|(r, _)| r == "PodDisruptionBudgetUnsupported"));
+}
+
+fn backup_spec(moto: &crate::s3::Moto, schedule: &str) -> Value {
+    json!({
+        "schedule": schedule,
+        "destination": {"s3": {
+            "bucket": "scheduled", "prefix": "etcd", "endpoint": moto.url(),
+            "region": "us-east-1", "forcePathStyle": true, "credentialsSecret": "s3-creds"
+        }},
+        "retention": {"keepLast": 2}
+    })
+}
+
+fn put_credentials(api: &FakeApi) {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    api.put(
+        &format!("/api/v1/namespaces/{NS}/secrets/s3-creds"),
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds", "namespace": NS},
+               "data": {"AWS_ACCESS_KEY_ID": b64("testing"), "AWS_SECRET_ACCESS_KEY": b64("testing")}}),
+    );
+}
+
+fn last_key(w: &World) -> Option<String> {
+    w.status()["backup"]["lastBackup"]["key"]
+        .as_str()
+        .map(str::to_string)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_backups_land_prune_fail_visibly_and_recover() {
+    let mut moto = crate::s3::Moto::start();
+    moto.create_bucket("scheduled");
+    let mut w = World::new(
+        "zeta",
+        json!({"size": 1, "backup": backup_spec(&moto, "*/2 * * * * *")}),
+    );
+    put_credentials(&w.api);
+    w.until("bootstrapped", |w| w.status()["readyMembers"] == 1)
+        .await;
+    w.until("first backup", |w| last_key(w).is_some()).await;
+    let st = w.status();
+    assert_eq!(w.condition("BackupSucceeded").0, "True");
+    let rec = &st["backup"]["lastBackup"];
+    assert!(rec["sha256"].as_str().unwrap().len() == 64 && rec["size"].as_i64().unwrap() > 0);
+    assert!(rec["key"]
+        .as_str()
+        .unwrap()
+        .starts_with(&format!("etcd/{NS}/zeta/uid-zeta/")));
+    assert!(st["backup"]["nextBackupTime"].is_string());
+    // More backups on schedule; retention keeps the last two.
+    let mut seen = std::collections::BTreeSet::new();
+    w.until("three more backups", |w| {
+        if let Some(k) = last_key(w) {
+            seen.insert(k);
+        }
+        seen.len() >= 4
+    })
+    .await;
+    let dest = moto.open("scheduled", "etcd");
+    let dir = dest.cluster_dir(NS, "zeta", "uid-zeta");
+    let kept = cairn_operator::backup::list_backups(&dest, &dir)
+        .await
+        .unwrap();
+    assert!((2..=3).contains(&kept.len()), "retention: {kept:?}");
+    let oldest = seen.iter().next().unwrap();
+    assert!(
+        !kept.iter().any(|(k, _)| k == oldest),
+        "the oldest backup {oldest} survived retention: {kept:?}"
+    );
+    assert!(events(&w.api).iter().any(|(r, _)| r == "BackupSucceeded"));
+
+    // The object store goes away: the failure shows in status and an Event, the cluster is fine.
+    moto.stop();
+    w.until("failure visible", |w| {
+        w.condition("BackupSucceeded") == ("False".into(), "BackupFailed".into())
+    })
+    .await;
+    assert!(w.status()["backup"]["failures"].as_i64().unwrap() >= 1);
+    assert!(events(&w.api).iter().any(|(r, _)| r == "BackupFailed"));
+    assert_eq!(w.condition("Available").0, "True");
+    // It comes back (empty): backups resume.
+    moto.restart();
+    moto.create_bucket("scheduled");
+    w.until("recovered", |w| w.condition("BackupSucceeded").0 == "True")
+        .await;
+    assert!(w.status()["backup"].get("failures").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_missed_while_the_operator_was_down_runs_when_it_is_back() {
+    let moto = crate::s3::Moto::start();
+    moto.create_bucket("scheduled");
+    // Yearly, on January 1st: never due during a test, unless one was missed.
+    let mut w = World::new(
+        "eta",
+        json!({"size": 1, "backup": backup_spec(&moto, "0 0 1 1 *")}),
+    );
+    put_credentials(&w.api);
+    w.until("bootstrapped", |w| w.status()["readyMembers"] == 1)
+        .await;
+    let next = w.status()["backup"]["nextBackupTime"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(next.ends_with("-01-01T00:00:00Z"), "{next}");
+    assert!(last_key(&w).is_none());
+    // The operator was down across January 1st: its last scheduled backup is two years old.
+    let mut o = w.api.get(&cluster_path("eta")).unwrap();
+    o["status"]["backup"]["lastScheduleTime"] = json!("2024-06-01T00:00:00Z");
+    w.api.put(&cluster_path("eta"), o);
+    // A new operator process (nothing in memory) takes over.
+    let mut ctx = Context::new(w.api.client(), Metrics::default(), Some("restarted".into()));
+    let layout: Arc<dyn Layout> = Arc::new(w.pods.layout.clone());
+    ctx.layout = Box::new(move |_: &EtcdCluster| layout.clone());
+    w.ctx = Arc::new(ctx);
+    w.reconcile().await.unwrap();
+    assert!(events(&w.api).iter().any(|(r, _)| r == "BackupStarted"));
+    w.until("missed backup taken", |w| last_key(w).is_some())
+        .await;
+    let st = w.status();
+    let last = st["backup"]["lastScheduleTime"].as_str().unwrap();
+    assert!(
+        last.ends_with("-01-01T00:00:00Z") && !last.starts_with("2024-06"),
+        "{last}"
+    );
 }
