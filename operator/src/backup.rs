@@ -375,61 +375,76 @@ pub enum RunOwner {
     OnDemand(String),
 }
 
-/// A backup in progress (a task streaming a snapshot).
-pub struct Run {
-    pub owner: RunOwner,
-    pub task: tokio::task::JoinHandle<Result<BackupRecord, String>>,
+impl RunOwner {
+    /// The key its result is kept under until its reconcile collects it.
+    fn result_key(&self, cluster: &str) -> String {
+        match self {
+            RunOwner::Schedule(_) => format!("schedule/{cluster}"),
+            RunOwner::OnDemand(uid) => format!("backup/{uid}"),
+        }
+    }
 }
 
-/// The backups in progress, at most one per cluster (`namespace/name`): a scheduled and an
-/// on-demand backup of the same cluster never run at once.
+/// The result of a finished backup and who started it.
+pub type Finished = (RunOwner, Result<BackupRecord, String>);
+
 #[derive(Default)]
-pub struct Runs(std::sync::Mutex<std::collections::HashMap<String, Run>>);
-
-/// What [`Runs::poll`] found for a cluster.
-pub enum RunState {
-    /// No backup runs for it.
-    Idle,
-    /// One runs, started by this owner.
-    Running(RunOwner),
-    /// One finished: its owner and result (it is no longer registered).
-    Finished(RunOwner, Result<BackupRecord, String>),
+struct RunsInner {
+    /// Cluster (`namespace/name`) -> the owner of the backup running for it.
+    running: std::collections::HashMap<String, RunOwner>,
+    /// Results not collected yet, by [`RunOwner::result_key`].
+    results: std::collections::HashMap<String, Finished>,
 }
+
+/// The backups in progress, at most one per cluster: a scheduled and an on-demand backup of the
+/// same cluster never run at once. A finished backup frees its cluster at once; its result
+/// waits for the reconcile of whoever started it.
+#[derive(Clone, Default)]
+pub struct Runs(Arc<std::sync::Mutex<RunsInner>>);
 
 impl Runs {
-    /// The state of a cluster's backup, taking a finished run's result out.
-    pub async fn poll(&self, cluster: &str) -> RunState {
-        let finished = {
-            let mut runs = self.0.lock().unwrap();
-            match runs.get(cluster) {
-                None => return RunState::Idle,
-                Some(r) if !r.task.is_finished() => return RunState::Running(r.owner.clone()),
-                Some(_) => runs.remove(cluster).expect("present"),
-            }
-        };
-        let result = finished
-            .task
-            .await
-            .unwrap_or_else(|e| Err(format!("backup task failed: {e}")));
-        RunState::Finished(finished.owner, result)
+    /// Who runs a backup of `cluster` now, if anyone.
+    pub fn running(&self, cluster: &str) -> Option<RunOwner> {
+        self.0.lock().unwrap().running.get(cluster).cloned()
     }
 
-    /// Starts `work` as the cluster's backup; false if one already runs.
+    /// Takes the result of a finished scheduled backup of `cluster`.
+    pub fn take_scheduled(&self, cluster: &str) -> Option<Finished> {
+        let key = RunOwner::Schedule(Timestamp::UNIX_EPOCH).result_key(cluster);
+        self.0.lock().unwrap().results.remove(&key)
+    }
+
+    /// Takes the result of the finished on-demand backup `uid`.
+    pub fn take_on_demand(&self, uid: &str) -> Option<Finished> {
+        let key = RunOwner::OnDemand(uid.to_string()).result_key("");
+        self.0.lock().unwrap().results.remove(&key)
+    }
+
+    /// Starts `work` as the backup of `cluster`; false if one already runs.
     pub fn start<F>(&self, cluster: &str, owner: RunOwner, work: F) -> bool
     where
         F: std::future::Future<Output = Result<BackupRecord, String>> + Send + 'static,
     {
-        let mut runs = self.0.lock().unwrap();
-        if runs.contains_key(cluster) {
-            return false;
+        {
+            let mut inner = self.0.lock().unwrap();
+            if inner.running.contains_key(cluster) {
+                return false;
+            }
+            inner.running.insert(cluster.to_string(), owner.clone());
         }
-        runs.insert(
-            cluster.to_string(),
-            Run {
-                owner,
-                task: tokio::spawn(work),
-            },
-        );
+        let runs = self.clone();
+        let cluster = cluster.to_string();
+        tokio::spawn(async move {
+            // A panic in the work is a failed backup, not a cluster blocked forever.
+            let result = tokio::spawn(work)
+                .await
+                .unwrap_or_else(|e| Err(format!("backup task failed: {e}")));
+            let mut inner = runs.0.lock().unwrap();
+            inner.running.remove(&cluster);
+            inner
+                .results
+                .insert(owner.result_key(&cluster), (owner, result));
+        });
         true
     }
 }

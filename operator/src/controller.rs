@@ -23,9 +23,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tracing::{info, warn, Instrument};
 
-use crate::backup::{self, Credentials, Destination, Due, RunOwner, RunState, Runs};
+use crate::backup::{self, Credentials, Destination, Due, RunOwner, Runs};
 use crate::crd::{
-    condition, EtcdCluster, EtcdClusterStatus, MemberStatus, Operation, OperationKind,
+    condition, BackupPhase, EtcdBackup, EtcdCluster, EtcdClusterStatus, MemberStatus, Operation,
+    OperationKind,
 };
 use crate::members::{self, Members, Outcome};
 use crate::metrics::Metrics;
@@ -424,12 +425,8 @@ impl<'a> Reconciler<'a> {
             return Ok(None);
         };
         let t = now();
-        match self.ctx.backups.poll(&key).await {
-            RunState::Running(_) => {
-                status.backup = Some(st);
-                return Ok(Some(STEP_REQUEUE));
-            }
-            RunState::Finished(owner, result) => match result {
+        if let Some((owner, result)) = self.ctx.backups.take_scheduled(&key) {
+            match result {
                 Ok(rec) => {
                     self.event(
                         EventType::Normal,
@@ -451,8 +448,8 @@ impl<'a> Reconciler<'a> {
                     );
                     if let RunOwner::Schedule(at) = owner {
                         st.last_schedule_time = Some(Time(at));
-                        st.failures = 0;
                     }
+                    st.failures = 0;
                     st.last_backup = Some(rec);
                 }
                 Err(msg) => {
@@ -466,16 +463,16 @@ impl<'a> Reconciler<'a> {
                         generation,
                         &t,
                     );
-                    if matches!(owner, RunOwner::Schedule(_)) {
-                        st.failures += 1;
-                        let retry =
-                            jiff::SignedDuration::try_from(backup::retry_backoff(st.failures))
-                                .unwrap_or_default();
-                        st.next_backup_time = Some(Time(t.0 + retry));
-                    }
+                    st.failures += 1;
+                    let retry = jiff::SignedDuration::try_from(backup::retry_backoff(st.failures))
+                        .unwrap_or_default();
+                    st.next_backup_time = Some(Time(t.0 + retry));
                 }
-            },
-            RunState::Idle => {}
+            }
+        }
+        if self.ctx.backups.running(&key).is_some() {
+            status.backup = Some(st);
+            return Ok(Some(STEP_REQUEUE));
         }
 
         let schedule = match backup::parse_schedule(&spec.schedule) {
@@ -960,6 +957,130 @@ impl<'a> Reconciler<'a> {
     }
 }
 
+/// How many times an on-demand backup is tried before it is marked Failed.
+const ON_DEMAND_ATTEMPTS: i32 = 5;
+
+/// Reconciles one EtcdBackup: waits for its cluster to be free of other backups, takes the
+/// backup, and records the outcome. A Succeeded or Failed backup is never taken again.
+pub async fn reconcile_backup(eb: Arc<EtcdBackup>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = eb.namespace().ok_or(Error::NoNamespace)?;
+    let uid = eb.uid().unwrap_or_default();
+    let mut st = eb.status.clone().unwrap_or_default();
+    if matches!(st.phase, Some(BackupPhase::Succeeded | BackupPhase::Failed)) {
+        return Ok(Action::await_change());
+    }
+    let api: Api<EtcdBackup> = Api::namespaced(ctx.client.clone(), &ns);
+    let reference = eb.object_ref(&());
+    let publish = |type_, reason: &'static str, note: String| {
+        let ctx = ctx.clone();
+        let reference = reference.clone();
+        async move {
+            let ev = Event {
+                type_,
+                reason: reason.into(),
+                note: Some(note),
+                action: "Backup".into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
+                warn!(error = %e, "could not publish an event");
+            }
+        }
+    };
+    let cluster_key = format!("{ns}/{}", eb.spec.cluster_name);
+    let mut requeue = STEP_REQUEUE;
+    if let Some((_, result)) = ctx.backups.take_on_demand(&uid) {
+        st.attempts += 1;
+        match result {
+            Ok(rec) => {
+                publish(
+                    EventType::Normal,
+                    "BackupSucceeded",
+                    format!(
+                        "{} ({} bytes, revision {})",
+                        rec.key, rec.size, rec.revision
+                    ),
+                )
+                .await;
+                st.phase = Some(BackupPhase::Succeeded);
+                st.message = None;
+                st.backup = Some(rec);
+            }
+            Err(msg) => {
+                publish(EventType::Warning, "BackupFailed", msg.clone()).await;
+                st.message = Some(msg);
+                if st.attempts >= ON_DEMAND_ATTEMPTS {
+                    st.phase = Some(BackupPhase::Failed);
+                } else {
+                    st.phase = Some(BackupPhase::Pending);
+                    requeue = backup::retry_backoff(st.attempts);
+                }
+            }
+        }
+    } else if ctx.backups.running(&cluster_key) == Some(RunOwner::OnDemand(uid.clone())) {
+        st.phase = Some(BackupPhase::Running);
+    } else if ctx.backups.running(&cluster_key).is_some() {
+        st.phase = Some(BackupPhase::Pending);
+        st.message = Some("another backup of this cluster is running".into());
+    } else {
+        let clusters: Api<EtcdCluster> = Api::namespaced(ctx.client.clone(), &ns);
+        match clusters.get_opt(&eb.spec.cluster_name).await? {
+            None => {
+                st.phase = Some(BackupPhase::Pending);
+                st.message = Some(format!("EtcdCluster {} not found", eb.spec.cluster_name));
+                requeue = WAIT_REQUEUE;
+            }
+            Some(ec) => {
+                let r = Reconciler::new(&ec, &ctx, &ns);
+                let endpoints = (0..ec.spec.size.max(1))
+                    .map(|o| r.layout.client_url(o))
+                    .collect();
+                match r.destination(&eb.spec.destination).await {
+                    Ok(dest) => {
+                        let dir =
+                            dest.cluster_dir(&ns, &r.names.cluster, &ec.uid().unwrap_or_default());
+                        let work = backup::backup_and_prune(endpoints, dest, dir, None);
+                        if ctx
+                            .backups
+                            .start(&cluster_key, RunOwner::OnDemand(uid.clone()), work)
+                        {
+                            st.phase = Some(BackupPhase::Running);
+                            st.message = None;
+                        }
+                    }
+                    Err(e) => {
+                        st.attempts += 1;
+                        st.message = Some(e.to_string());
+                        st.phase = Some(if st.attempts >= ON_DEMAND_ATTEMPTS {
+                            BackupPhase::Failed
+                        } else {
+                            BackupPhase::Pending
+                        });
+                        requeue = backup::retry_backoff(st.attempts);
+                    }
+                }
+            }
+        }
+    }
+    let patch = serde_json::json!({
+        "apiVersion": "cairn.dev/v1alpha1",
+        "kind": "EtcdBackup",
+        "status": st,
+    });
+    api.patch_status(&eb.name_any(), &apply_params(), &Patch::Apply(&patch))
+        .await?;
+    Ok(match st.phase {
+        Some(BackupPhase::Succeeded | BackupPhase::Failed) => Action::await_change(),
+        _ => Action::requeue(requeue),
+    })
+}
+
+/// Error policy of the EtcdBackup controller.
+pub fn backup_error_policy(eb: Arc<EtcdBackup>, err: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(backup = %eb.name_any(), error = %err, "backup reconcile failed");
+    Action::requeue(WAIT_REQUEUE)
+}
+
 /// Runs the controller until the stream of reconciles ends (on shutdown).
 pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     let client = ctx.client.clone();
@@ -979,8 +1100,20 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
             Api::all(client.clone()),
         ),
     };
+    let backups = match &namespace {
+        Some(ns) => Api::<EtcdBackup>::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let on_demand = Controller::new(backups, watcher::Config::default())
+        .shutdown_on_signal()
+        .run(reconcile_backup, backup_error_policy, ctx.clone())
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                warn!(error = %e, "backup reconcile stream");
+            }
+        });
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=cairn-operator");
-    Controller::new(clusters, watcher::Config::default())
+    let clusters = Controller::new(clusters, watcher::Config::default())
         .owns(stss, owned.clone())
         .owns(svcs, owned.clone())
         .owns(cms, owned.clone())
@@ -991,8 +1124,8 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
             if let Err(e) = res {
                 warn!(error = %e, "reconcile stream");
             }
-        })
-        .await;
+        });
+    futures::future::join(clusters, on_demand).await;
 }
 
 #[cfg(test)]

@@ -766,3 +766,69 @@ async fn a_schedule_missed_while_the_operator_was_down_runs_when_it_is_back() {
         "{last}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_on_demand_backup_runs_once_and_reports() {
+    use cairn_operator::controller::reconcile_backup;
+    use cairn_operator::crd::EtcdBackup;
+    let moto = crate::s3::Moto::start();
+    moto.create_bucket("scheduled");
+    let mut w = World::new("theta", json!({"size": 1}));
+    put_credentials(&w.api);
+    w.until("bootstrapped", |w| w.status()["readyMembers"] == 1)
+        .await;
+    let dest = backup_spec(&moto, "@yearly")["destination"].clone();
+    let path = |n: &str| format!("/apis/cairn.dev/v1alpha1/namespaces/{NS}/etcdbackups/{n}");
+    for (name, cluster) in [("now", "theta"), ("orphan", "missing")] {
+        w.api.put(
+            &path(name),
+            json!({"apiVersion": "cairn.dev/v1alpha1", "kind": "EtcdBackup",
+                   "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}")},
+                   "spec": {"clusterName": cluster, "destination": dest}}),
+        );
+    }
+    let get = |name: &str| -> EtcdBackup {
+        serde_json::from_value(w.api.get(&path(name)).unwrap()).unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        reconcile_backup(Arc::new(get("now")), w.ctx.clone())
+            .await
+            .unwrap();
+        if w.api.get(&path("now")).unwrap()["status"]["phase"] == "Succeeded" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            w.api.get(&path("now")).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let st = w.api.get(&path("now")).unwrap()["status"].clone();
+    let key = st["backup"]["key"].as_str().unwrap().to_string();
+    assert!(
+        key.starts_with(&format!("etcd/{NS}/theta/uid-theta/")),
+        "{key}"
+    );
+    let rec = cairn_operator::backup::record(&moto.open("scheduled", "etcd"), &key)
+        .await
+        .unwrap();
+    assert_eq!(rec.sha256, st["backup"]["sha256"].as_str().unwrap());
+    assert!(events(&w.api)
+        .iter()
+        .any(|(r, n)| r == "BackupSucceeded" && n.contains(&key)));
+    // Done is done: reconciling again takes no second backup.
+    let calls = w.api.calls().len();
+    reconcile_backup(Arc::new(get("now")), w.ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(w.api.calls().len(), calls);
+    // A backup of a cluster that does not exist waits and says why.
+    reconcile_backup(Arc::new(get("orphan")), w.ctx.clone())
+        .await
+        .unwrap();
+    let st = w.api.get(&path("orphan")).unwrap()["status"].clone();
+    assert_eq!(st["phase"], "Pending");
+    assert_eq!(st["message"], "EtcdCluster missing not found");
+}
