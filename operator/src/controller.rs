@@ -82,6 +82,8 @@ pub struct Context {
     pub backups: Runs,
     /// The image of members whose EtcdCluster names none.
     pub default_image: String,
+    /// The operator's own image (restores download backups with it).
+    pub operator_image: String,
 }
 
 impl Context {
@@ -95,6 +97,7 @@ impl Context {
             client,
             metrics,
             default_image: resources::default_image(),
+            operator_image: format!("cairn-operator:{}", env!("CARGO_PKG_VERSION")),
             backups: Runs::default(),
             layout: Box::new(|ec: &EtcdCluster| Arc::new(Names::of(ec)) as Arc<dyn Layout>),
         }
@@ -177,6 +180,26 @@ pub async fn read_credentials(
             Error::Credentials(format!("Secret {name} has no AWS_SECRET_ACCESS_KEY"))
         })?,
         session_token: get("AWS_SESSION_TOKEN"),
+    })
+}
+
+/// Why the init containers of `pod` failed, if they did.
+fn init_failure(pods: &[Pod], pod: &str) -> Option<String> {
+    let p = pods.iter().find(|p| p.name_any() == pod)?;
+    let statuses = p.status.as_ref()?.init_container_statuses.as_ref()?;
+    statuses.iter().find_map(|c| {
+        [c.state.as_ref(), c.last_state.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.terminated.as_ref())
+            .find(|t| t.exit_code != 0)
+            .map(|t| {
+                format!(
+                    "{} of {pod} failed: {}",
+                    c.name,
+                    t.message.as_deref().unwrap_or("(no message)").trim()
+                )
+            })
     })
 }
 
@@ -327,7 +350,7 @@ impl<'a> Reconciler<'a> {
             view: view.clone(),
             lost_data,
         };
-        let step = next_step(self.layout.as_ref(), spec.size, bootstrapped, &obs);
+        let mut step = next_step(self.layout.as_ref(), spec.size, bootstrapped, &obs);
 
         if spec.paused {
             let status = self.status(&prev, view.as_ref(), cluster_id, &Step::Steady, None, true);
@@ -349,11 +372,84 @@ impl<'a> Reconciler<'a> {
             .await;
         }
 
+        // A cluster restored from a backup: the backup is resolved once, before anything is
+        // created, and the first member alone starts from it; the others join as learners.
+        let from_backup = spec.bootstrap.as_ref().and_then(|b| b.from_backup.as_ref());
+        let mut restored_from = prev.restored_from.clone();
+        if let Some(from) = from_backup {
+            if restored_from.is_none() && replicas.is_none() {
+                match self.resolve_backup(from).await {
+                    Ok(rec) => {
+                        self.event(
+                            EventType::Normal,
+                            "Restoring",
+                            "Create",
+                            format!(
+                                "starting from backup {} (revision {}, sha256 {})",
+                                rec.key, rec.revision, rec.sha256
+                            ),
+                        )
+                        .await;
+                        restored_from = Some(rec.key);
+                    }
+                    Err(msg) => {
+                        self.event(EventType::Warning, "RestoreFailed", "Create", msg.clone())
+                            .await;
+                        let mut status = prev.clone();
+                        let g = ec.metadata.generation;
+                        let t = now();
+                        status.observed_generation = g;
+                        status.set_condition(
+                            condition::AVAILABLE,
+                            false,
+                            "RestoreFailed",
+                            msg.clone(),
+                            g,
+                            &t,
+                        );
+                        status.set_condition(
+                            condition::PROGRESSING,
+                            false,
+                            "RestoreFailed",
+                            msg.clone(),
+                            g,
+                            &t,
+                        );
+                        status.set_condition(
+                            condition::DEGRADED,
+                            true,
+                            "RestoreFailed",
+                            msg,
+                            g,
+                            &t,
+                        );
+                        self.patch_status(status).await?;
+                        return Ok(Action::requeue(WAIT_REQUEUE));
+                    }
+                }
+            }
+            if matches!(step, Step::Bootstrap { .. }) {
+                step = Step::Bootstrap { replicas: 1 };
+            }
+        }
+        let restore =
+            restored_from
+                .clone()
+                .zip(from_backup)
+                .map(|(key, from)| resources::Restore {
+                    key,
+                    destination: from.destination.clone(),
+                    operator_image: self.ctx.operator_image.clone(),
+                });
+
         // Children that do not depend on the step.
         apply(&self.api::<Service>(), &resources::peer_service(ec)).await?;
         apply(&self.api::<Service>(), &resources::client_service(ec)).await?;
         // What a member starting now must read: `new` only before the first bootstrap.
-        let initial = replicas.unwrap_or(spec.size);
+        let initial = replicas.unwrap_or(match step {
+            Step::Bootstrap { replicas } => replicas,
+            _ => spec.size,
+        });
         let boot = match (&view, bootstrapped) {
             (Some(v), true) => Some(bootstrap(self.layout.as_ref(), initial, Some(v))),
             (_, false) => Some(bootstrap(self.layout.as_ref(), initial, None)),
@@ -369,14 +465,21 @@ impl<'a> Reconciler<'a> {
 
         let mut operation = prev.operation.clone();
         let mut replicas_now = replicas.unwrap_or(0);
-        let mut requeue = self.act(&step, &mut replicas_now, &mut operation).await?;
+        let mut requeue = self
+            .act(&step, &mut replicas_now, &mut operation, restore.as_ref())
+            .await?;
 
         // Template changes (image, resources, ...) roll out through the StatefulSet itself,
         // one pod at a time.
         if replicas.is_some() || matches!(step, Step::Bootstrap { .. }) {
             apply(
                 &sts_api,
-                &resources::statefulset(ec, replicas_now, &self.ctx.default_image),
+                &resources::statefulset_restoring(
+                    ec,
+                    replicas_now,
+                    &self.ctx.default_image,
+                    restore.as_ref(),
+                ),
             )
             .await?;
         }
@@ -388,6 +491,33 @@ impl<'a> Reconciler<'a> {
         let pdb = self.disruption_budget(voters).await?;
 
         let mut status = self.status(&prev, view.as_ref(), cluster_id, &step, operation, false);
+        status.restored_from = restored_from;
+        // A restore whose download or verification failed stops the first member in its init
+        // containers; say why (the cluster never serves from a bad backup).
+        if status.cluster_id.is_none() {
+            if let Some(msg) = init_failure(&pod_list, &self.names.member(0)) {
+                let g = ec.metadata.generation;
+                let t = now();
+                status.set_condition(
+                    condition::DEGRADED,
+                    true,
+                    "RestoreFailed",
+                    msg.clone(),
+                    g,
+                    &t,
+                );
+                status.set_condition(
+                    condition::AVAILABLE,
+                    false,
+                    "RestoreFailed",
+                    msg.clone(),
+                    g,
+                    &t,
+                );
+                self.event(EventType::Warning, "RestoreFailed", "Create", msg)
+                    .await;
+            }
+        }
         let (ok, reason, msg) = pdb;
         status.set_condition(
             condition::DISRUPTION_BUDGET,
@@ -581,6 +711,26 @@ impl<'a> Reconciler<'a> {
         }
     }
 
+    /// The backup a new cluster starts from: the named key, or the latest under the prefix;
+    /// its manifest must exist (the members verify the object against it).
+    async fn resolve_backup(
+        &self,
+        from: &crate::crd::FromBackup,
+    ) -> Result<crate::crd::BackupRecord, String> {
+        let dest = self
+            .destination(&from.destination)
+            .await
+            .map_err(|e| e.to_string())?;
+        let result = match &from.key {
+            Some(key) => backup::record(&dest, key).await,
+            None => {
+                let prefix = from.prefix.clone().unwrap_or_else(|| dest.prefix.clone());
+                backup::latest(&dest, &prefix).await
+            }
+        };
+        result.map_err(|e| format!("cannot restore: {e}"))
+    }
+
     /// Opens a backup destination with the credentials its Secret holds (if it names one).
     async fn destination(&self, d: &crate::crd::BackupDestination) -> Result<Destination, Error> {
         let creds = match d.s3.as_ref().and_then(|s| s.credentials_secret.as_deref()) {
@@ -635,6 +785,7 @@ impl<'a> Reconciler<'a> {
         step: &Step,
         replicas: &mut i32,
         operation: &mut Option<Operation>,
+        restore: Option<&resources::Restore>,
     ) -> Result<Duration, Error> {
         let spec = &self.ec.spec;
         let members = Members::new(
@@ -682,7 +833,12 @@ impl<'a> Reconciler<'a> {
                 let sts_api: Api<StatefulSet> = self.api();
                 apply(
                     &sts_api,
-                    &resources::statefulset(self.ec, *r, &self.ctx.default_image),
+                    &resources::statefulset_restoring(
+                        self.ec,
+                        *r,
+                        &self.ctx.default_image,
+                        restore,
+                    ),
                 )
                 .await?;
                 let pvcs: Api<PersistentVolumeClaim> = self.api();

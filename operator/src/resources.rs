@@ -339,6 +339,122 @@ fn probe(path: &str, period: i32, failures: i32) -> Probe {
 /// The template does not depend on the size, so growing or shrinking it restarts no running
 /// member.
 pub fn statefulset(ec: &EtcdCluster, replicas: i32, default_image: &str) -> StatefulSet {
+    statefulset_restoring(ec, replicas, default_image, None)
+}
+
+/// Where the first member of a cluster restored from a backup gets its data.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Restore {
+    /// The backup's object key (resolved once: the template never changes afterwards).
+    pub key: String,
+    pub destination: crate::crd::BackupDestination,
+    /// The operator's image, which downloads and verifies the backup.
+    pub operator_image: String,
+}
+
+/// Where a restore's download lands, inside the member's volume.
+pub const RESTORE_FILE: &str = "/var/lib/cairn/restore.snap";
+
+/// The init containers of a restored cluster's members. On ordinal 0 with no data yet, the
+/// first downloads the backup and checks its SHA-256 (a mismatch stops the pod, with the reason
+/// in its termination message), the second turns it into the data dir of the first member of a
+/// new cluster; everywhere else both do nothing, and the other members join the first.
+fn restore_containers(r: &Restore, cairn_image: &str, env: &[EnvVar]) -> Vec<Container> {
+    let data_dir = format!("{DATA_MOUNT}/data");
+    let mount = vec![VolumeMount {
+        name: DATA_VOLUME.to_string(),
+        mount_path: DATA_MOUNT.to_string(),
+        ..VolumeMount::default()
+    }];
+    let mut fetch_args = vec![
+        "fetch-backup".to_string(),
+        format!("--key={}", r.key),
+        format!("--out={RESTORE_FILE}"),
+        format!("--data-dir={data_dir}"),
+    ];
+    let mut fetch_env = env.to_vec();
+    if let Some(s3) = &r.destination.s3 {
+        fetch_args.push(format!("--bucket={}", s3.bucket));
+        if let Some(region) = &s3.region {
+            fetch_args.push(format!("--region={region}"));
+        }
+        if let Some(e) = &s3.endpoint {
+            fetch_args.push(format!("--endpoint={e}"));
+        }
+        if s3.force_path_style {
+            fetch_args.push("--force-path-style".to_string());
+        }
+        if let Some(secret) = &s3.credentials_secret {
+            for (key, optional) in [
+                ("AWS_ACCESS_KEY_ID", false),
+                ("AWS_SECRET_ACCESS_KEY", false),
+                ("AWS_SESSION_TOKEN", true),
+            ] {
+                fetch_env.push(EnvVar {
+                    name: key.to_string(),
+                    value: None,
+                    value_from: Some(EnvVarSource {
+                        secret_key_ref: Some(k8s_openapi::api::core::v1::SecretKeySelector {
+                            name: secret.clone(),
+                            key: key.to_string(),
+                            optional: Some(optional),
+                        }),
+                        ..EnvVarSource::default()
+                    }),
+                });
+            }
+        }
+    }
+    let security = Some(SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_string()]),
+            add: None,
+        }),
+        ..SecurityContext::default()
+    });
+    vec![
+        Container {
+            name: "fetch-backup".to_string(),
+            image: Some(r.operator_image.clone()),
+            args: Some(fetch_args),
+            env: Some(fetch_env),
+            volume_mounts: Some(mount.clone()),
+            termination_message_policy: Some("FallbackToLogsOnError".to_string()),
+            security_context: security.clone(),
+            ..Container::default()
+        },
+        Container {
+            name: "restore".to_string(),
+            image: Some(cairn_image.to_string()),
+            args: Some(vec![
+                "snapshot".to_string(),
+                "restore".to_string(),
+                RESTORE_FILE.to_string(),
+                "--if-needed".to_string(),
+                format!("--data-dir={data_dir}"),
+                "--name=$(POD_NAME)".to_string(),
+                "--initial-cluster=$(INITIAL_CLUSTER)".to_string(),
+                "--initial-cluster-token=$(INITIAL_CLUSTER_TOKEN)".to_string(),
+            ]),
+            env: Some(env.to_vec()),
+            volume_mounts: Some(mount),
+            termination_message_policy: Some("FallbackToLogsOnError".to_string()),
+            security_context: security,
+            ..Container::default()
+        },
+    ]
+}
+
+/// [`statefulset`], with the init containers of a restore when `restore` is given.
+pub fn statefulset_restoring(
+    ec: &EtcdCluster,
+    replicas: i32,
+    default_image: &str,
+    restore: Option<&Restore>,
+) -> StatefulSet {
     let names = Names::of(ec);
     let spec = &ec.spec;
     let tmpl = &spec.pod_template;
@@ -472,6 +588,13 @@ pub fn statefulset(ec: &EtcdCluster, replicas: i32, default_image: &str) -> Stat
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
+                    init_containers: restore.map(|r| {
+                        restore_containers(
+                            r,
+                            container.image.as_deref().unwrap_or_default(),
+                            container.env.as_deref().unwrap_or_default(),
+                        )
+                    }),
                     containers: vec![container],
                     affinity: Some(affinity(ec)),
                     node_selector: (!tmpl.node_selector.is_empty())

@@ -95,6 +95,13 @@ impl EtcdServer {
         if urls.is_empty() {
             return Err(Error::BadUrls);
         }
+        if self
+            .restore_pending
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            // Restored data is not in the Raft log yet: a new member would miss it.
+            return Err(Error::Unhealthy);
+        }
         let _guard = self.membership_lock.lock().await;
         let members = self.members();
         if members

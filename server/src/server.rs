@@ -76,6 +76,9 @@ pub struct EtcdServer {
     /// Held (shared) around Raft proposals and read rounds; MoveLeader holds
     /// it exclusively while the leader goes quiet.
     pub(crate) transfer_gate: tokio::sync::RwLock<()>,
+    /// Restored from a snapshot and not yet in a Raft snapshot of its own: members must not be
+    /// added until it is (they would replay a log that lacks the restored data).
+    pub(crate) restore_pending: std::sync::atomic::AtomicBool,
     /// Whether this member leads others (its log then syncs in the background).
     log_background_sync: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -135,6 +138,10 @@ impl EtcdServer {
             identity.member_id,
         )?);
         let fsync = metrics.wal_fsync.clone();
+        let restore_pending = engine
+            .raft_get::<bool>(RESTORED_NEEDS_SNAPSHOT)?
+            .unwrap_or(false);
+        let restore_engine = engine.clone();
         let log = LogStore::new(engine, move |secs| fsync.observe(secs));
         let log_background_sync = log.background_sync();
         let election = cfg.election_timeout.as_millis() as u64;
@@ -219,7 +226,11 @@ impl EtcdServer {
             seen_members: Default::default(),
             transfer_gate: Default::default(),
             log_background_sync,
+            restore_pending: std::sync::atomic::AtomicBool::new(restore_pending),
         });
+        if restore_pending {
+            tokio::spawn(snapshot_restored(Arc::downgrade(&server), restore_engine));
+        }
         tokio::spawn(read_batcher(Arc::downgrade(&server), reads_rx));
         tokio::spawn(refresh_sizes(Arc::downgrade(&server)));
         if let Some(ac) = server.cfg.auto_compaction {
@@ -713,6 +724,58 @@ async fn submit(s: &EtcdServer, batch: Batch) -> Result<()> {
 }
 
 /// The leader's side of a forwarded batch.
+/// Set by `cairn snapshot restore`: the restored data came from outside the Raft log.
+pub const RESTORED_NEEDS_SNAPSHOT: &[u8] = b"restored_needs_snapshot";
+
+/// After a restore, takes a Raft snapshot and purges the log up to it, so that every member
+/// added later catches up from a snapshot (which holds the restored data) rather than from the
+/// log (which does not).
+async fn snapshot_restored(server: std::sync::Weak<EtcdServer>, engine: Arc<Engine>) {
+    loop {
+        let Some(s) = server.upgrade() else { return };
+        let m = s.raft.metrics().borrow().clone();
+        let applied = m.last_applied.map(|l| l.index);
+        if m.current_leader == Some(m.id) && applied.is_some() && applied == m.last_log_index {
+            let target = m.last_applied.expect("checked");
+            if let Err(e) = s.raft.trigger().snapshot().await {
+                warn!(error = %e, "snapshot after restore");
+            } else {
+                let mut built = false;
+                for _ in 0..200 {
+                    let m = s.raft.metrics().borrow().clone();
+                    if m.snapshot.is_some_and(|l| l.index >= target.index) {
+                        built = true;
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                if built {
+                    let snap = s.raft.metrics().borrow().snapshot.expect("built");
+                    if s.raft.trigger().purge_log(snap.index).await.is_ok() {
+                        for _ in 0..200 {
+                            let m = s.raft.metrics().borrow().clone();
+                            if m.purged.is_some_and(|p| p.index >= snap.index) {
+                                if engine.raft_put(RESTORED_NEEDS_SNAPSHOT, &false).is_ok() {
+                                    s.restore_pending.store(false, Ordering::Release);
+                                    info!(
+                                        index = snap.index,
+                                        "restored data is in a Raft snapshot; members may join"
+                                    );
+                                    return;
+                                }
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(25)).await;
+                        }
+                    }
+                }
+            }
+        }
+        drop(s);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub async fn propose_forwarded(s: &EtcdServer, batch: Batch) -> Result<()> {
     if !s.is_leader() {
         return Err(if s.leader() == 0 {

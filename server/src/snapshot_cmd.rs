@@ -52,11 +52,16 @@ pub enum SnapshotCmd {
         initial_cluster: String,
         #[arg(long, default_value = "etcd-cluster")]
         initial_cluster_token: String,
-        #[arg(long, default_value = "http://localhost:2380")]
-        initial_advertise_peer_urls: String,
+        /// Default: this member's URLs in --initial-cluster.
+        #[arg(long)]
+        initial_advertise_peer_urls: Option<String>,
         /// Do not verify the snapshot's SHA-256 checksum.
         #[arg(long)]
         skip_hash_check: bool,
+        /// For init containers: do nothing when the data dir exists already or FILE does not;
+        /// remove FILE once restored.
+        #[arg(long)]
+        if_needed: bool,
     },
     /// Prints a snapshot's hash, revision, number of keys (revisions) and size.
     Status {
@@ -79,13 +84,23 @@ pub async fn run(cmd: SnapshotCmd) -> Result<String> {
             initial_cluster_token,
             initial_advertise_peer_urls,
             skip_hash_check,
+            if_needed,
         } => {
+            let advertise = initial_advertise_peer_urls.unwrap_or_else(|| {
+                initial_cluster
+                    .split(',')
+                    .filter_map(|e| e.split_once('='))
+                    .filter(|(n, _)| *n == name)
+                    .map(|(_, u)| u)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            });
             let mut args = vec![
                 "cairn".to_string(),
                 format!("--name={name}"),
                 format!("--initial-cluster={initial_cluster}"),
                 format!("--initial-cluster-token={initial_cluster_token}"),
-                format!("--initial-advertise-peer-urls={initial_advertise_peer_urls}"),
+                format!("--initial-advertise-peer-urls={advertise}"),
             ];
             if let Some(d) = &data_dir {
                 args.push(format!("--data-dir={d}"));
@@ -94,7 +109,26 @@ pub async fn run(cmd: SnapshotCmd) -> Result<String> {
                 Flags::try_parse_from(args).map_err(|e| Error::InvalidArgument(e.to_string()))?;
             let cfg =
                 Config::from_flags(flags).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-            restore(&file, &cfg, skip_hash_check)
+            if if_needed {
+                if cfg.data_dir.exists() {
+                    return Ok(format!(
+                        "{} exists: nothing to restore",
+                        cfg.data_dir.display()
+                    ));
+                }
+                if !file.exists() {
+                    return Ok(format!(
+                        "{} does not exist: nothing to restore",
+                        file.display()
+                    ));
+                }
+            }
+            let out = restore(&file, &cfg, skip_hash_check)?;
+            if if_needed {
+                std::fs::remove_file(&file)
+                    .map_err(|e| Error::Internal(format!("{}: {e}", file.display())))?;
+            }
+            Ok(out)
         }
         SnapshotCmd::Status { file, write_out } => {
             let st = status(&file)?;
@@ -216,6 +250,7 @@ pub fn restore(file: &Path, cfg: &Config, skip_hash_check: bool) -> Result<Strin
             cluster_id: crate::config::cluster_id(&all),
             member_id,
         })?;
+        engine.raft_put(crate::server::RESTORED_NEEDS_SNAPSHOT, &true)?;
         let state = KvState::open(engine, cfg.min_lease_ttl(), member_id)?;
         state.install_payload(&encoded)?;
     }

@@ -204,7 +204,7 @@ async fn restore_gives_back_the_same_data_and_a_corrupted_backup_is_refused() {
 
     // Restore into a new one-member cluster and compare everything.
     let mut restored = Pods::new("dst");
-    let data = restored.volume(0);
+    let data = restored.data_dir(0);
     let l = &restored.layout;
     let out = Command::new(cairn_binary())
         .args(["snapshot", "restore", file.to_str().unwrap()])

@@ -67,6 +67,8 @@ pub struct Pods {
     bin: PathBuf,
     procs: BTreeMap<i32, Child>,
     pub replicas: i32,
+    /// `--initial-cluster-token` of the members (a pod reads it from the ConfigMap).
+    pub token: String,
 }
 
 impl Pods {
@@ -82,6 +84,7 @@ impl Pods {
             bin: cairn_binary(),
             procs: BTreeMap::new(),
             replicas: 0,
+            token: "operator-test".to_string(),
         }
     }
 
@@ -90,8 +93,14 @@ impl Pods {
         self.root.path().to_path_buf()
     }
 
+    /// The volume of ordinal `o` (mounted at /var/lib/cairn in a pod).
     pub fn volume(&self, o: i32) -> PathBuf {
-        self.root.path().join(format!("data-{o}"))
+        self.root.path().join(format!("volume-{o}"))
+    }
+
+    /// The member's data dir, inside its volume.
+    pub fn data_dir(&self, o: i32) -> PathBuf {
+        self.volume(o).join("data")
     }
 
     pub fn log(&self, o: i32) -> PathBuf {
@@ -104,7 +113,7 @@ impl Pods {
         let log = std::fs::File::create(self.log(o)).unwrap();
         let child = Command::new(&self.bin)
             .arg(format!("--name={}", l.member(o)))
-            .arg(format!("--data-dir={}", self.volume(o).display()))
+            .arg(format!("--data-dir={}", self.data_dir(o).display()))
             .arg(format!("--listen-client-urls={}", l.client_url(o)))
             .arg(format!("--advertise-client-urls={}", l.client_url(o)))
             .arg(format!("--listen-peer-urls={}", l.peer_url(o)))
@@ -114,7 +123,7 @@ impl Pods {
                 "--initial-cluster-state={}",
                 if b.new_cluster { "new" } else { "existing" }
             ))
-            .arg("--initial-cluster-token=operator-test")
+            .arg(format!("--initial-cluster-token={}", self.token))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -326,13 +326,105 @@ impl World {
     fn kubelet(&mut self) {
         let want = self.sts_replicas().unwrap_or(0) as i32;
         for o in self.pods.replicas..want {
+            if let Err(message) = self.init_containers(o) {
+                // The pod stays in its init phase; its status says why, as a kubelet's would.
+                let name = self.pods.layout.member(o);
+                self.api.put(
+                    &format!("/api/v1/namespaces/{NS}/pods/{name}"),
+                    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS},
+                           "status": {"phase": "Pending", "initContainerStatuses": [{
+                               "name": message.0, "image": "", "imageID": "", "ready": false, "restartCount": 0,
+                               "state": {"terminated": {"exitCode": 1, "message": message.1}}}]}}),
+                );
+                return;
+            }
             let b = self.configmap();
+            let cm = self.api.get(&cm_path(&self.name)).unwrap();
+            self.pods.token = cm["data"]["initial-cluster-token"]
+                .as_str()
+                .unwrap()
+                .to_string();
             self.pods.start(o, &b);
         }
         for o in want..self.pods.replicas {
             self.pods.stop(o);
         }
         self.pods.replicas = want;
+    }
+
+    /// Runs the StatefulSet's init containers for ordinal `o` with this workspace's binaries:
+    /// the kubelet's expansion of `$(VAR)` from the pod's env (field, ConfigMap and Secret
+    /// references), the volume at /var/lib/cairn. Returns the failed container and its output.
+    fn init_containers(&self, o: i32) -> Result<(), (String, String)> {
+        let sts = self.api.get(&sts_path(&self.name)).unwrap();
+        let Some(inits) = sts["spec"]["template"]["spec"]["initContainers"].as_array() else {
+            return Ok(());
+        };
+        let cm = self.api.get(&cm_path(&self.name)).unwrap();
+        let volume = self.pods.volume(o);
+        std::fs::create_dir_all(&volume).unwrap();
+        for c in inits {
+            let mut env: Vec<(String, String)> = Vec::new();
+            for e in c["env"].as_array().into_iter().flatten() {
+                let from = &e["valueFrom"];
+                let value = if let Some(v) = e["value"].as_str() {
+                    Some(v.to_string())
+                } else if from["fieldRef"]["fieldPath"] == "metadata.name" {
+                    Some(self.pods.layout.member(o))
+                } else if let Some(k) = from["configMapKeyRef"]["key"].as_str() {
+                    cm["data"][k].as_str().map(str::to_string)
+                } else if let Some(k) = from["secretKeyRef"]["key"].as_str() {
+                    use base64::Engine as _;
+                    let secret = self
+                        .api
+                        .get(&format!(
+                            "/api/v1/namespaces/{NS}/secrets/{}",
+                            from["secretKeyRef"]["name"].as_str().unwrap()
+                        ))
+                        .unwrap();
+                    secret["data"][k].as_str().map(|b| {
+                        String::from_utf8(
+                            base64::engine::general_purpose::STANDARD.decode(b).unwrap(),
+                        )
+                        .unwrap()
+                    })
+                } else {
+                    None
+                };
+                if let Some(v) = value {
+                    env.push((e["name"].as_str().unwrap().to_string(), v));
+                }
+            }
+            let args: Vec<String> = c["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| {
+                    let mut a = a.as_str().unwrap().to_string();
+                    for (k, v) in &env {
+                        a = a.replace(&format!("$({k})"), v);
+                    }
+                    a.replace("/var/lib/cairn", volume.to_str().unwrap())
+                })
+                .collect();
+            let image = c["image"].as_str().unwrap();
+            let bin = if image.starts_with("cairn-operator:") {
+                std::path::PathBuf::from(env!("CARGO_BIN_EXE_cairn-operator"))
+            } else {
+                crate::cluster::cairn_binary()
+            };
+            let out = std::process::Command::new(bin)
+                .args(&args)
+                .env_clear()
+                .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .output()
+                .unwrap();
+            if !out.status.success() {
+                let name = c["name"].as_str().unwrap().to_string();
+                return Err((name, String::from_utf8_lossy(&out.stderr).into_owned()));
+            }
+        }
+        Ok(())
     }
 
     /// Reconciles (and runs members) until `done` holds.
@@ -831,4 +923,170 @@ async fn an_on_demand_backup_runs_once_and_reports() {
     let st = w.api.get(&path("orphan")).unwrap()["status"].clone();
     assert_eq!(st["phase"], "Pending");
     assert_eq!(st["message"], "EtcdCluster missing not found");
+}
+
+fn restore_spec(moto: &crate::s3::Moto, from: Value) -> Value {
+    let mut from = from;
+    from["destination"] = backup_spec(moto, "@yearly")["destination"].clone();
+    json!({"size": 3, "bootstrap": {"fromBackup": from}})
+}
+
+/// A one-member source cluster with keys, and a backup of it.
+async fn source_with_backup(
+    moto: &crate::s3::Moto,
+    name: &str,
+) -> (
+    World,
+    cairn_operator::crd::BackupRecord,
+    Vec<(Vec<u8>, Vec<u8>, i64, i64, i64)>,
+) {
+    let mut w = World::new(name, json!({"size": 1}));
+    w.until("source bootstrapped", |w| w.status()["readyMembers"] == 1)
+        .await;
+    let mut c = etcd_client::Client::connect([w.pods.layout.client_url(0)], None)
+        .await
+        .unwrap();
+    for i in 0..150 {
+        c.put(format!("k/{i:03}"), format!("v{i}"), None)
+            .await
+            .unwrap();
+    }
+    c.delete("k/000", None).await.unwrap();
+    let kvs = dump(&mut c).await;
+    let dest = moto.open("scheduled", "etcd");
+    let dir = dest.cluster_dir(NS, name, &format!("uid-{name}"));
+    let rec = cairn_operator::backup::stream_backup(
+        &[w.pods.layout.client_url(0)],
+        &dest,
+        &dir,
+        jiff::Timestamp::now(),
+    )
+    .await
+    .unwrap();
+    (w, rec, kvs)
+}
+
+async fn dump(c: &mut etcd_client::Client) -> Vec<(Vec<u8>, Vec<u8>, i64, i64, i64)> {
+    let r = c
+        .get("", Some(etcd_client::GetOptions::new().with_all_keys()))
+        .await
+        .unwrap();
+    r.kvs()
+        .iter()
+        .map(|kv| {
+            (
+                kv.key().to_vec(),
+                kv.value().to_vec(),
+                kv.create_revision(),
+                kv.mod_revision(),
+                kv.version(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_cluster_starts_from_the_latest_backup() {
+    let moto = crate::s3::Moto::start();
+    moto.create_bucket("scheduled");
+    let (_source, rec, kvs) = source_with_backup(&moto, "iota").await;
+    let mut w = World::new(
+        "kappa",
+        restore_spec(&moto, json!({"prefix": format!("etcd/{NS}/iota")})),
+    );
+    put_credentials(&w.api);
+    w.until("restored and grown to 3", |w| {
+        let st = w.status();
+        st["size"] == 3 && st["readyMembers"] == 3 && st.get("operation").is_none()
+    })
+    .await;
+    let st = w.status();
+    assert_eq!(st["restoredFrom"], json!(rec.key));
+    assert!(events(&w.api)
+        .iter()
+        .any(|(r, n)| r == "Restoring" && n.contains(&rec.key)));
+    let sts = w.api.get(&sts_path("kappa")).unwrap();
+    let inits: Vec<&str> = sts["spec"]["template"]["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(inits, vec!["fetch-backup", "restore"]);
+    // Every member has the source's keys, values and revisions; the cluster is a new one.
+    for o in 0..3 {
+        let mut c = etcd_client::Client::connect([w.pods.layout.client_url(o)], None)
+            .await
+            .unwrap();
+        assert_eq!(dump(&mut c).await, kvs, "member {o}");
+    }
+    let mut c = etcd_client::Client::connect([w.pods.layout.client_url(0)], None)
+        .await
+        .unwrap();
+    let r = c.put("after", "restore", None).await.unwrap();
+    assert_eq!(
+        r.header().unwrap().revision(),
+        rec.revision + 1,
+        "revisions continue from the backup's"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_or_missing_backup_never_bootstraps() {
+    use object_store::{ObjectStoreExt, PutPayload};
+    let moto = crate::s3::Moto::start();
+    moto.create_bucket("scheduled");
+    let (_source, rec, _) = source_with_backup(&moto, "lambda").await;
+    let dest = moto.open("scheduled", "etcd");
+    let path = object_store::path::Path::from(rec.key.as_str());
+    let mut bytes = dest
+        .store
+        .get(&path)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    bytes[700] ^= 0x10;
+    dest.store
+        .put(&path, PutPayload::from(bytes))
+        .await
+        .unwrap();
+
+    let mut w = World::new("mu", restore_spec(&moto, json!({"key": rec.key})));
+    put_credentials(&w.api);
+    w.until("restore refused", |w| {
+        w.condition("Degraded").1 == "RestoreFailed"
+    })
+    .await;
+    let msg = w.status()["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Degraded")
+        .unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("checksum mismatch"), "{msg}");
+    assert_eq!(w.condition("Available").0, "False");
+    assert!(
+        w.pods.members().observe().await.is_err(),
+        "nothing serves from a bad backup"
+    );
+    assert!(!w.pods.data_dir(0).exists());
+
+    // A backup that does not exist: nothing is created at all.
+    let w = World::new(
+        "nu",
+        restore_spec(&moto, json!({"key": "etcd/db/none/20200101T000000Z.snap"})),
+    );
+    put_credentials(&w.api);
+    w.reconcile().await.unwrap();
+    assert_eq!(
+        w.condition("Degraded"),
+        ("True".into(), "RestoreFailed".into())
+    );
+    assert!(w.api.get(&sts_path("nu")).is_none());
 }

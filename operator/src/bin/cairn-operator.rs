@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::routing::get;
+use cairn_operator::backup::{self, Destination};
 use cairn_operator::controller::{self, Context};
+use cairn_operator::crd::{BackupDestination, S3Destination};
 use cairn_operator::leader::LeaderElection;
 use cairn_operator::metrics::Metrics;
 use clap::Parser;
@@ -48,9 +50,118 @@ struct Flags {
     /// The cairn image of members whose EtcdCluster sets no `spec.image`.
     #[arg(long, env = "CAIRN_IMAGE")]
     cairn_image: Option<String>,
+    /// The operator's own image, which restores run to download a backup.
+    #[arg(long, env = "CAIRN_OPERATOR_IMAGE")]
+    operator_image: Option<String>,
     /// How long a Lease lasts without renewal before another replica takes over.
     #[arg(long, env = "CAIRN_OPERATOR_LEASE_SECONDS", default_value_t = 15)]
     lease_seconds: u64,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// An S3 destination on the command line; credentials come from the environment
+/// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...) or the ambient identity.
+#[derive(clap::Args, Debug)]
+struct S3Args {
+    #[arg(long)]
+    bucket: String,
+    #[arg(long, default_value = "")]
+    prefix: String,
+    #[arg(long)]
+    region: Option<String>,
+    #[arg(long)]
+    endpoint: Option<String>,
+    #[arg(long)]
+    force_path_style: bool,
+}
+
+impl S3Args {
+    fn destination(&self) -> anyhow::Result<Destination> {
+        let d = BackupDestination {
+            s3: Some(S3Destination {
+                bucket: self.bucket.clone(),
+                prefix: self.prefix.clone(),
+                region: self.region.clone(),
+                endpoint: self.endpoint.clone(),
+                force_path_style: self.force_path_style,
+                credentials_secret: None,
+            }),
+        };
+        Ok(Destination::open(&d, None)?)
+    }
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Streams one backup from a member into object storage, as the operator does, and prints
+    /// its record (key, size, revision, SHA-256) as JSON.
+    Backup {
+        #[command(flatten)]
+        s3: S3Args,
+        /// Client URL(s) of the member(s) to take it from, first that answers.
+        #[arg(long, value_delimiter = ',')]
+        endpoints: Vec<String>,
+        /// Directory under the prefix (the operator uses `<namespace>/<cluster>/<uid>`).
+        #[arg(long, default_value = "manual")]
+        dir: String,
+    },
+    /// Downloads a backup and verifies its SHA-256 (the init step of a restore). Does nothing
+    /// when `--data-dir` exists or the pod is not the cluster's first member.
+    FetchBackup {
+        #[command(flatten)]
+        s3: S3Args,
+        /// Object key of the backup.
+        #[arg(long)]
+        key: String,
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// The member's data dir: if it exists there is nothing to restore.
+        #[arg(long)]
+        data_dir: Option<std::path::PathBuf>,
+        /// The pod's name: only ordinal 0 restores (the others join it).
+        #[arg(long, env = "POD_NAME")]
+        pod_name: Option<String>,
+    },
+}
+
+async fn command(cmd: Command) -> anyhow::Result<()> {
+    match cmd {
+        Command::Backup { s3, endpoints, dir } => {
+            let dest = s3.destination()?;
+            let dir = [dest.prefix.as_str(), dir.as_str()]
+                .iter()
+                .filter(|p| !p.is_empty())
+                .copied()
+                .collect::<Vec<_>>()
+                .join("/");
+            let rec =
+                backup::stream_backup(&endpoints, &dest, &dir, jiff::Timestamp::now()).await?;
+            println!("{}", serde_json::to_string(&rec)?);
+        }
+        Command::FetchBackup {
+            s3,
+            key,
+            out,
+            data_dir,
+            pod_name,
+        } => {
+            if data_dir.as_ref().is_some_and(|d| d.exists()) {
+                println!("data dir exists: nothing to restore");
+                return Ok(());
+            }
+            if pod_name.as_deref().is_some_and(|p| !p.ends_with("-0")) {
+                println!("not the first member: it joins the restored one");
+                return Ok(());
+            }
+            let rec = backup::fetch(&s3.destination()?, &key, &out).await?;
+            println!(
+                "fetched {} ({} bytes, revision {}, sha256 {} verified)",
+                rec.key, rec.size, rec.revision, rec.sha256
+            );
+        }
+    }
+    Ok(())
 }
 
 #[tokio::main]
@@ -62,6 +173,9 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let flags = Flags::parse();
+    if let Some(cmd) = flags.command {
+        return command(cmd).await;
+    }
     let client = Client::try_default().await?;
     let metrics = Metrics::default();
     let identity = flags.identity.clone().unwrap_or_else(|| {
@@ -77,11 +191,14 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(addr = %flags.metrics_addr, "serving /healthz and /metrics");
     tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        metrics,
-        Some(identity.clone()),
-    ));
+    let mut ctx = Context::new(client.clone(), metrics, Some(identity.clone()));
+    if let Some(image) = flags.cairn_image {
+        ctx.default_image = image;
+    }
+    if let Some(image) = flags.operator_image {
+        ctx.operator_image = image;
+    }
+    let ctx = Arc::new(ctx);
     if !flags.leader_elect {
         controller::run(ctx, flags.watch_namespace).await;
         return Ok(());
