@@ -2,7 +2,7 @@
 """Validates EtcdCluster objects against the committed CRD's OpenAPI schema, the way the API
 server would (unknown fields refused, as with kubectl's strict field validation).
 
-usage: validate_crs.py CRD.yaml --valid FILE... --invalid FILE...
+usage: validate_crs.py CRD.yaml [CRD.yaml ...] --valid FILE... --invalid FILE...
 Every --valid file must pass and every --invalid file must be refused; exits 1 otherwise.
 """
 import argparse
@@ -44,21 +44,24 @@ def structural(schema):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("crd")
+    ap.add_argument("crds", nargs="+")
     ap.add_argument("--valid", nargs="*", default=[])
     ap.add_argument("--invalid", nargs="*", default=[])
     args = ap.parse_args()
-    crd = yaml.safe_load(open(args.crd))
-    group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
-    versions = {f"{group}/{v['name']}": structural(v["schema"]["openAPIV3Schema"])
-                for v in crd["spec"]["versions"]}
+    schemas = {}
+    for path in args.crds:
+        crd = yaml.safe_load(open(path))
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        for v in crd["spec"]["versions"]:
+            schemas[(f"{group}/{v['name']}", kind)] = structural(v["schema"]["openAPIV3Schema"])
+    kinds = {k for (_, k) in schemas}
     # metadata is validated by the API server itself, not by the CRD schema.
     failed = False
     for path, want_valid in [(p, True) for p in args.valid] + [(p, False) for p in args.invalid]:
         for doc in yaml.safe_load_all(open(path)):
-            if doc is None or doc.get("kind") != kind:
+            if doc is None or doc.get("kind") not in kinds:
                 continue
-            schema = versions.get(doc.get("apiVersion"))
+            schema = schemas.get((doc.get("apiVersion"), doc.get("kind")))
             if schema is None:
                 print(f"FAIL {path}: unknown apiVersion {doc.get('apiVersion')}")
                 failed = True

@@ -8,6 +8,7 @@ use cairn_operator::crd::{EtcdBackup, EtcdCluster};
 use cairn_operator::resources::{self, Bootstrap, Layout, Names};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
+use serde::Deserialize;
 
 fn crds() -> Vec<CustomResourceDefinition> {
     vec![EtcdCluster::crd(), EtcdBackup::crd()]
@@ -33,7 +34,14 @@ fn main() -> anyhow::Result<()> {
             }
         }
         [cmd, file] if cmd == "children" => {
-            let mut ec: EtcdCluster = serde_yaml::from_str(&std::fs::read_to_string(file)?)?;
+            // The file may hold other objects too (a Secret): take the EtcdCluster.
+            let text = std::fs::read_to_string(file)?;
+            let mut ec: EtcdCluster = serde_yaml::Deserializer::from_str(&text)
+                .map(serde_yaml::Value::deserialize)
+                .filter_map(Result::ok)
+                .find(|v| v.get("kind").and_then(|k| k.as_str()) == Some("EtcdCluster"))
+                .map(serde_yaml::from_value)
+                .ok_or_else(|| anyhow::anyhow!("{file}: no EtcdCluster"))??;
             ec.metadata
                 .namespace
                 .get_or_insert_with(|| "default".to_string());
@@ -44,14 +52,28 @@ fn main() -> anyhow::Result<()> {
                 initial_cluster: names.initial_cluster(&(0..size).collect::<Vec<_>>()),
                 new_cluster: true,
             };
+            let restore = ec
+                .spec
+                .bootstrap
+                .as_ref()
+                .and_then(|b| b.from_backup.as_ref())
+                .map(|f| resources::Restore {
+                    key: f
+                        .key
+                        .clone()
+                        .unwrap_or_else(|| "example/20260101T000000Z.snap".into()),
+                    destination: f.destination.clone(),
+                    operator_image: "cairn-operator:example".into(),
+                });
             let docs = [
                 serde_yaml::to_string(&resources::peer_service(&ec))?,
                 serde_yaml::to_string(&resources::client_service(&ec))?,
                 serde_yaml::to_string(&resources::bootstrap_configmap(&ec, &boot))?,
-                serde_yaml::to_string(&resources::statefulset(
+                serde_yaml::to_string(&resources::statefulset_restoring(
                     &ec,
                     size,
                     &resources::default_image(),
+                    restore.as_ref(),
                 ))?,
                 serde_yaml::to_string(&resources::pdb(&ec, size))?,
             ];
