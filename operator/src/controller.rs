@@ -396,33 +396,8 @@ impl<'a> Reconciler<'a> {
                         self.event(EventType::Warning, "RestoreFailed", "Create", msg.clone())
                             .await;
                         let mut status = prev.clone();
-                        let g = ec.metadata.generation;
-                        let t = now();
-                        status.observed_generation = g;
-                        status.set_condition(
-                            condition::AVAILABLE,
-                            false,
-                            "RestoreFailed",
-                            msg.clone(),
-                            g,
-                            &t,
-                        );
-                        status.set_condition(
-                            condition::PROGRESSING,
-                            false,
-                            "RestoreFailed",
-                            msg.clone(),
-                            g,
-                            &t,
-                        );
-                        status.set_condition(
-                            condition::DEGRADED,
-                            true,
-                            "RestoreFailed",
-                            msg,
-                            g,
-                            &t,
-                        );
+                        status.observed_generation = ec.metadata.generation;
+                        status.restore_failed(msg, ec.metadata.generation, &now());
                         self.patch_status(status).await?;
                         return Ok(Action::requeue(WAIT_REQUEUE));
                     }
@@ -496,24 +471,7 @@ impl<'a> Reconciler<'a> {
         // containers; say why (the cluster never serves from a bad backup).
         if status.cluster_id.is_none() {
             if let Some(msg) = init_failure(&pod_list, &self.names.member(0)) {
-                let g = ec.metadata.generation;
-                let t = now();
-                status.set_condition(
-                    condition::DEGRADED,
-                    true,
-                    "RestoreFailed",
-                    msg.clone(),
-                    g,
-                    &t,
-                );
-                status.set_condition(
-                    condition::AVAILABLE,
-                    false,
-                    "RestoreFailed",
-                    msg.clone(),
-                    g,
-                    &t,
-                );
+                status.restore_failed(msg.clone(), ec.metadata.generation, &now());
                 self.event(EventType::Warning, "RestoreFailed", "Create", msg)
                     .await;
             }

@@ -510,6 +510,24 @@ impl EtcdClusterStatus {
         }
     }
 
+    /// A restore that cannot go on: not available, not progressing, degraded, with why.
+    pub fn restore_failed(&mut self, message: String, generation: Option<i64>, now: &Time) {
+        for (type_, status) in [
+            (condition::AVAILABLE, false),
+            (condition::PROGRESSING, false),
+            (condition::DEGRADED, true),
+        ] {
+            self.set_condition(
+                type_,
+                status,
+                "RestoreFailed",
+                message.clone(),
+                generation,
+                now,
+            );
+        }
+    }
+
     /// The condition of a type, if set.
     pub fn condition(&self, type_: &str) -> Option<&Condition> {
         self.conditions.iter().find(|c| c.type_ == type_)

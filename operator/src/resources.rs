@@ -335,6 +335,20 @@ fn probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
+/// Every container of a member pod: no privileges, read-only root, no capabilities.
+fn container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_string()]),
+            add: None,
+        }),
+        ..SecurityContext::default()
+    }
+}
+
 /// The members' StatefulSet with `replicas` pods, running `spec.image` or else `default_image`.
 /// The template does not depend on the size, so growing or shrinking it restarts no running
 /// member.
@@ -405,16 +419,7 @@ fn restore_containers(r: &Restore, cairn_image: &str, env: &[EnvVar]) -> Vec<Con
             }
         }
     }
-    let security = Some(SecurityContext {
-        allow_privilege_escalation: Some(false),
-        read_only_root_filesystem: Some(true),
-        run_as_non_root: Some(true),
-        capabilities: Some(Capabilities {
-            drop: Some(vec!["ALL".to_string()]),
-            add: None,
-        }),
-        ..SecurityContext::default()
-    });
+    let security = Some(container_security());
     vec![
         Container {
             name: "fetch-backup".to_string(),
@@ -524,16 +529,7 @@ pub fn statefulset_restoring(
         // A member that refuses to start (e.g. "member … has already been bootstrapped" after
         // losing its data) says why in the pod status; the controller reads it to repair.
         termination_message_policy: Some("FallbackToLogsOnError".to_string()),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".to_string()]),
-                add: None,
-            }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(container_security()),
         ..Container::default()
     };
 
