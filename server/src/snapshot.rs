@@ -45,6 +45,107 @@ pub fn verify(file: &[u8]) -> Result<&[u8]> {
         .ok_or_else(|| Error::InvalidArgument("snapshot: truncated payload".into()))
 }
 
+/// Writes a snapshot file in chunks without holding it: the payload is fed piece by piece
+/// (its length must be known up front), the padding and checksum are added by [`finish`].
+/// The bytes are exactly those [`encode`] makes of the same payload.
+///
+/// [`finish`]: StreamWriter::finish
+pub struct StreamWriter<F: FnMut(&[u8], u64) -> bool> {
+    hasher: Sha256,
+    buf: Vec<u8>,
+    chunk: usize,
+    payload_len: usize,
+    written: usize,
+    total: u64,
+    sent: u64,
+    sink: F,
+    stopped: bool,
+}
+
+impl<F: FnMut(&[u8], u64) -> bool> StreamWriter<F> {
+    /// `sink` gets each chunk and the bytes remaining after it; it returns false to stop.
+    pub fn new(payload_len: usize, chunk: usize, sink: F) -> Self {
+        let body = (HEADER + payload_len).div_ceil(512) * 512;
+        let mut w = StreamWriter {
+            hasher: Sha256::new(),
+            buf: Vec::with_capacity(chunk),
+            chunk: chunk.max(1),
+            payload_len,
+            written: 0,
+            total: (body + 32) as u64,
+            sent: 0,
+            sink,
+            stopped: false,
+        };
+        w.hashed(MAGIC);
+        w.hashed(&(payload_len as u64).to_le_bytes());
+        w
+    }
+
+    /// The size of the whole file.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Whether the sink asked to stop.
+    pub fn stopped(&self) -> bool {
+        self.stopped
+    }
+
+    fn hashed(&mut self, bytes: &[u8]) {
+        self.hasher.update(bytes);
+        self.raw(bytes);
+    }
+
+    fn raw(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() && !self.stopped {
+            let take = (self.chunk - self.buf.len()).min(bytes.len());
+            self.buf.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.buf.len() == self.chunk {
+                self.flush();
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.buf.is_empty() || self.stopped {
+            return;
+        }
+        self.sent += self.buf.len() as u64;
+        if !(self.sink)(&self.buf, self.total - self.sent) {
+            self.stopped = true;
+        }
+        self.buf.clear();
+    }
+
+    /// Appends payload bytes.
+    pub fn write(&mut self, bytes: &[u8]) {
+        self.written += bytes.len();
+        self.hashed(bytes);
+    }
+
+    /// Pads, appends the checksum and sends what is left. Fails if the payload written differs
+    /// from the length announced.
+    pub fn finish(mut self) -> Result<()> {
+        if self.stopped {
+            return Ok(());
+        }
+        if self.written != self.payload_len {
+            return Err(Error::Internal(format!(
+                "snapshot: wrote {} payload bytes, announced {}",
+                self.written, self.payload_len
+            )));
+        }
+        let pad = (self.total as usize - 32) - HEADER - self.payload_len;
+        self.hashed(&vec![0u8; pad]);
+        let digest = std::mem::take(&mut self.hasher).finalize();
+        self.raw(&digest);
+        self.flush();
+        Ok(())
+    }
+}
+
 /// A snapshot file's payload without checking its checksum (`restore --skip-hash-check`).
 pub fn payload_unchecked(file: &[u8]) -> Result<&[u8]> {
     if file.len() < HEADER || &file[..MAGIC.len()] != MAGIC {
@@ -60,6 +161,33 @@ pub fn payload_unchecked(file: &[u8]) -> Result<&[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn streamed_file_equals_encoded_file() {
+        for (len, chunk) in [(0, 7), (5, 3), (1000, 64), (4096, 512), (70_000, 32 * 1024)] {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            let mut out = Vec::new();
+            let mut remaining = Vec::new();
+            let mut w = StreamWriter::new(len, chunk, |b, left| {
+                assert!(b.len() <= chunk);
+                out.extend_from_slice(b);
+                remaining.push(left);
+                true
+            });
+            let total = w.total();
+            for piece in payload.chunks(13) {
+                w.write(piece);
+            }
+            w.finish().unwrap();
+            assert_eq!(out, encode(&payload), "len {len} chunk {chunk}");
+            assert_eq!(total, out.len() as u64);
+            assert_eq!(remaining.last(), Some(&0));
+        }
+        // A payload shorter than announced is an error, not a bad file.
+        let mut w = StreamWriter::new(10, 4, |_, _| true);
+        w.write(b"short");
+        assert!(w.finish().is_err());
+    }
 
     #[test]
     fn round_trip_alignment_and_corruption() {

@@ -43,14 +43,24 @@ echo "loading about $mib MiB into cairn..."
 "$tools/benchmark" --endpoints "127.0.0.1:$cp" --clients 8 --conns 2 put \
   --key-size 32 --val-size 102400 --total $((mib * 10)) --sequential-keys --key-space-size $((mib * 10)) >/dev/null 2>&1
 
+# The server's resident memory while it streams the snapshot, sampled every 50 ms.
+cairn_pid=${pids[0]}
+rss() { awk '/^VmRSS/ {print $2}' "/proc/$cairn_pid/status"; }
+echo "$(rss)" >"$work/rss-before"
+( while :; do rss; sleep 0.05; done ) >"$work/rss-samples" 2>/dev/null &
+sampler=$!
+
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing
 /usr/bin/time -v "$bin/cairn-operator" backup --bucket backups --endpoint "http://127.0.0.1:$sp" \
   --region us-east-1 --force-path-style --endpoints "http://127.0.0.1:$cp" \
   >"$work/record.json" 2>"$work/time.txt"
-python3 - "$work/record.json" "$work/time.txt" <<'PY'
+kill "$sampler" 2>/dev/null || true
+python3 - "$work/record.json" "$work/time.txt" "$work/rss-before" "$work/rss-samples" <<'PY'
 import json, re, sys
 rec = json.load(open(sys.argv[1]))
 t = open(sys.argv[2]).read()
+before = int(open(sys.argv[3]).read().split()[0])
+samples = [int(x) for x in open(sys.argv[4]).read().split() if x.isdigit()]
 rss_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", t).group(1))
 wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", t).group(1)
 secs = 0.0
@@ -60,4 +70,5 @@ size_mib = rec["size"] / 2**20
 print(f"snapshot: {size_mib:.1f} MiB at revision {rec['revision']}, sha256 {rec['sha256'][:16]}...")
 print(f"streamed into S3 (moto) in {secs:.2f} s: {size_mib / secs:.1f} MiB/s")
 print(f"backup process peak RSS: {rss_kib / 1024:.1f} MiB")
+print(f"cairn server RSS: {before / 1024:.1f} MiB before, at most {max(samples + [before]) / 1024:.1f} MiB while streaming")
 PY

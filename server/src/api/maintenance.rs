@@ -14,8 +14,8 @@ use crate::mvcc::Applied;
 use crate::proto::etcdserverpb::{
     maintenance_server::Maintenance, AlarmRequest, AlarmResponse, AlarmType, DefragmentRequest,
     DefragmentResponse, DowngradeRequest, DowngradeResponse, HashKvRequest, HashKvResponse,
-    HashRequest, HashResponse, MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest,
-    SnapshotResponse, StatusRequest, StatusResponse,
+    HashRequest, HashResponse, MoveLeaderRequest, MoveLeaderResponse, ResponseHeader,
+    SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
 };
 use crate::proto::raftpb::internal_request::Request as Internal;
 use crate::server::{EtcdServer, ETCD_VERSION};
@@ -153,29 +153,29 @@ impl Maintenance for MaintenanceService {
         &self,
         _req: Request<SnapshotRequest>,
     ) -> Result<Response<SnapshotStream>, Status> {
+        // Streamed from a consistent view of the store as it is read: neither the state nor
+        // the file is held in memory, whatever their size. The channel's few chunks are all
+        // that waits for a slow client.
         let state = self.s.state.clone();
-        let (payload, _, _, revision) =
-            tokio::task::spawn_blocking(move || state.snapshot_payload())
-                .await
-                .map_err(Error::internal)??;
-        let file = crate::snapshot::encode(&payload);
-        // The header names the revision the snapshot holds (backups record it).
-        let header = self.s.header(revision.max(1));
+        let header = self.s.header(0);
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(async move {
-            let total = file.len();
-            let mut sent = 0;
-            for chunk in file.chunks(SNAPSHOT_CHUNK) {
-                sent += chunk.len();
+        tokio::task::spawn_blocking(move || {
+            let errors = tx.clone();
+            let result = state.stream_snapshot(SNAPSHOT_CHUNK, |blob, remaining, revision| {
                 let r = SnapshotResponse {
-                    header: Some(header),
-                    remaining_bytes: (total - sent) as u64,
-                    blob: chunk.to_vec(),
+                    // The header names the revision the snapshot holds (backups record it).
+                    header: Some(ResponseHeader {
+                        revision: revision.max(1),
+                        ..header
+                    }),
+                    remaining_bytes: remaining,
+                    blob: blob.to_vec(),
                     version: String::new(),
                 };
-                if tx.send(Ok(r)).await.is_err() {
-                    return;
-                }
+                tx.blocking_send(Ok(r)).is_ok()
+            });
+            if let Err(e) = result {
+                let _ = errors.blocking_send(Err(Status::from(e)));
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -195,9 +195,8 @@ impl KvState {
         Ok(results)
     }
 
-    /// Serializes the whole state machine at its applied position; also returns that position
-    /// and the MVCC revision the payload holds.
-    pub fn snapshot_payload(&self) -> Result<(Vec<u8>, Option<LogId>, StoredMembership, i64)> {
+    /// Serializes the whole state machine at its applied position.
+    pub fn snapshot_payload(&self) -> Result<(Vec<u8>, Option<LogId>, StoredMembership)> {
         // The lock keeps applies out only while the view is taken, so the
         // view matches `applied`; reading it then blocks nobody.
         let (view, meta, pos) = {
@@ -210,9 +209,51 @@ impl KvState {
             records: view.records()?,
             leases: view.leases()?,
         };
-        let revision = payload.meta.revision;
         let bytes = bincode::serialize(&payload).map_err(Error::internal)?;
-        Ok((bytes, pos.0, pos.1, revision))
+        Ok((bytes, pos.0, pos.1))
+    }
+
+    /// Streams the snapshot file of the state machine at its applied position to `sink` in
+    /// chunks of `chunk` bytes, holding neither the state nor the file in memory: the payload
+    /// is the bincode of a [`SnapshotPayload`], written field by field from one consistent view
+    /// (a first pass over it sizes the payload). `sink` gets each chunk, the bytes remaining
+    /// and the revision the snapshot holds; it returns false to stop.
+    pub fn stream_snapshot(
+        &self,
+        chunk: usize,
+        mut sink: impl FnMut(&[u8], u64, i64) -> bool,
+    ) -> Result<()> {
+        let engine = self.engine.clone();
+        let (view, meta) = {
+            let store = self.store.read();
+            let pos = self.applied.lock().clone();
+            (engine.view(), self.position_meta(&store, &pos))
+        };
+        let revision = meta.revision;
+        let meta_bytes = bincode::serialize(&meta).map_err(Error::internal)?;
+        let lease_bytes = bincode::serialize(&view.leases()?).map_err(Error::internal)?;
+        // (main, sub, bytes) encodes as two i64, a u64 length and the bytes.
+        let (mut count, mut size) = (0u64, 0usize);
+        view.each_record(|_, _, v| {
+            count += 1;
+            size += 24 + v.len();
+            Ok(true)
+        })?;
+        let payload_len = meta_bytes.len() + 8 + size + lease_bytes.len();
+        let mut w = crate::snapshot::StreamWriter::new(payload_len, chunk, |b, left| {
+            sink(b, left, revision)
+        });
+        w.write(&meta_bytes);
+        w.write(&count.to_le_bytes());
+        view.each_record(|main, sub, v| {
+            w.write(&main.to_le_bytes());
+            w.write(&sub.to_le_bytes());
+            w.write(&(v.len() as u64).to_le_bytes());
+            w.write(v);
+            Ok(!w.stopped())
+        })?;
+        w.write(&lease_bytes);
+        w.finish()
     }
 
     /// Replaces the state machine with a snapshot's content.
@@ -249,7 +290,7 @@ impl StateMachine {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let state = self.state.clone();
-        let (bytes, last, membership, _) =
+        let (bytes, last, membership) =
             tokio::task::spawn_blocking(move || state.snapshot_payload())
                 .await
                 .map_err(io_err)?

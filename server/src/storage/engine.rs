@@ -338,6 +338,16 @@ impl View<'_> {
         Ok(())
     }
 
+    /// Calls `f` with every history record (main, sub, stored bytes), in revision order, until
+    /// it returns false; nothing is collected.
+    pub fn each_record(&self, mut f: impl FnMut(i64, i64, &[u8]) -> Result<bool>) -> Result<()> {
+        self.each(CF_KV, |k, v| {
+            let rev = Revision::from_bytes(k)
+                .ok_or_else(|| Error::Internal("storage: bad revision key".into()))?;
+            f(rev.main, rev.sub, v)
+        })
+    }
+
     /// Every history record as (main, sub, stored bytes).
     pub fn records(&self) -> Result<Vec<(i64, i64, Vec<u8>)>> {
         let mut out = Vec::new();
