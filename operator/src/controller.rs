@@ -80,6 +80,8 @@ pub struct Context {
     pub layout: Box<LayoutFn>,
     /// Backups in progress, one per cluster at most.
     pub backups: Runs,
+    /// The API server's minor version, asked once.
+    pub server_minor: tokio::sync::OnceCell<u32>,
     /// The image of members whose EtcdCluster names none.
     pub default_image: String,
     /// The operator's own image (restores download backups with it).
@@ -99,6 +101,7 @@ impl Context {
             default_image: resources::default_image(),
             operator_image: format!("cairn-operator:{}", env!("CARGO_PKG_VERSION")),
             backups: Runs::default(),
+            server_minor: tokio::sync::OnceCell::new(),
             layout: Box::new(|ec: &EtcdCluster| Arc::new(Names::of(ec)) as Arc<dyn Layout>),
         }
     }
@@ -449,12 +452,14 @@ impl<'a> Reconciler<'a> {
         if replicas.is_some() || matches!(step, Step::Bootstrap { .. }) {
             apply(
                 &sts_api,
-                &resources::statefulset_restoring(
-                    ec,
-                    replicas_now,
-                    &self.ctx.default_image,
-                    restore.as_ref(),
-                ),
+                &self
+                    .for_server(resources::statefulset_restoring(
+                        ec,
+                        replicas_now,
+                        &self.ctx.default_image,
+                        restore.as_ref(),
+                    ))
+                    .await,
             )
             .await?;
         }
@@ -737,6 +742,29 @@ impl<'a> Reconciler<'a> {
         }
     }
 
+    /// The StatefulSet as this API server can take it: servers before Kubernetes 1.27 do not
+    /// know `persistentVolumeClaimRetentionPolicy`, and server-side apply refuses unknown fields
+    /// (the operator deletes removed members' volumes itself either way).
+    async fn for_server(&self, mut sts: StatefulSet) -> StatefulSet {
+        let minor = *self
+            .ctx
+            .server_minor
+            .get_or_init(|| async {
+                match self.ctx.client.apiserver_version().await {
+                    Ok(v) => v.minor.trim_end_matches('+').parse().unwrap_or(u32::MAX),
+                    // Unknown: assume a current server.
+                    Err(_) => u32::MAX,
+                }
+            })
+            .await;
+        if minor < 27 {
+            if let Some(spec) = sts.spec.as_mut() {
+                spec.persistent_volume_claim_retention_policy = None;
+            }
+        }
+        sts
+    }
+
     /// Carries out a step; returns when to look again.
     async fn act(
         &self,
@@ -791,12 +819,14 @@ impl<'a> Reconciler<'a> {
                 let sts_api: Api<StatefulSet> = self.api();
                 apply(
                     &sts_api,
-                    &resources::statefulset_restoring(
-                        self.ec,
-                        *r,
-                        &self.ctx.default_image,
-                        restore,
-                    ),
+                    &self
+                        .for_server(resources::statefulset_restoring(
+                            self.ec,
+                            *r,
+                            &self.ctx.default_image,
+                            restore,
+                        ))
+                        .await,
                 )
                 .await?;
                 let pvcs: Api<PersistentVolumeClaim> = self.api();

@@ -1090,3 +1090,29 @@ async fn a_corrupted_or_missing_backup_never_bootstraps() {
     );
     assert!(w.api.get(&sts_path("nu")).is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_api_server_gets_no_fields_it_does_not_know() {
+    let w = World::new("xi", json!({"size": 1}));
+    w.api.put(
+        "/version",
+        json!({"major": "1", "minor": "20", "gitVersion": "v1.20.15", "gitCommit": "", "gitTreeState": "",
+               "buildDate": "", "goVersion": "", "compiler": "", "platform": ""}),
+    );
+    w.reconcile().await.unwrap();
+    let sts = w.api.get(&sts_path("xi")).unwrap();
+    assert!(
+        sts["spec"]
+            .get("persistentVolumeClaimRetentionPolicy")
+            .is_none(),
+        "{sts}"
+    );
+    // A current server gets it.
+    let w = World::new("omicron", json!({"size": 1}));
+    w.reconcile().await.unwrap();
+    let sts = w.api.get(&sts_path("omicron")).unwrap();
+    assert_eq!(
+        sts["spec"]["persistentVolumeClaimRetentionPolicy"]["whenScaled"],
+        "Delete"
+    );
+}
