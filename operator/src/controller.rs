@@ -1257,11 +1257,22 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
             }
         });
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=cairn-operator");
-    let clusters = Controller::new(clusters, watcher::Config::default())
+    // An API server without policy/v1 (Kubernetes before 1.21) cannot be watched for PDBs;
+    // reconciles report that in each cluster's status instead.
+    let pdbs_served = !matches!(
+        pdbs.list(&ListParams::default().limit(1)).await,
+        Err(kube::Error::Api(ref e)) if e.code == 404
+    );
+    let mut clusters = Controller::new(clusters, watcher::Config::default())
         .owns(stss, owned.clone())
         .owns(svcs, owned.clone())
-        .owns(cms, owned.clone())
-        .owns(pdbs, owned)
+        .owns(cms, owned.clone());
+    if pdbs_served {
+        clusters = clusters.owns(pdbs, owned);
+    } else {
+        warn!("policy/v1 PodDisruptionBudgets are not served: not watching them");
+    }
+    let clusters = clusters
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {

@@ -450,11 +450,22 @@ pub enum BackupPhase {
     Failed,
 }
 
+/// An optional phase: a plain string enum (schemars would list `null` among the values, which
+/// kubectl's validation rejects).
+fn phase_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "Where an on-demand backup stands.",
+        "type": "string",
+        "enum": ["Pending", "Running", "Succeeded", "Failed"]
+    })
+}
+
 /// Observed state of an on-demand backup.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EtcdBackupStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "phase_schema")]
     pub phase: Option<BackupPhase>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupRecord>,

@@ -90,4 +90,27 @@ if out=$(timeout 30 docker run --rm -e KUBECONFIG=/nonexistent "cairn-operator:$
   exit 1
 fi
 echo "$out" | grep -m1 -i error
+# With a kubeconfig for an HTTPS API server (none listens there) it must fail cleanly too: this
+# is where a TLS set-up problem (such as an ambiguous rustls crypto provider) would panic.
+kdir=$(mktemp -d)
+cat >"$kdir/kubeconfig" <<'KC'
+apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "https://127.0.0.1:1", insecure-skip-tls-verify: true}}]
+users: [{name: u, user: {token: t}}]
+contexts: [{name: c, context: {cluster: c, user: u}}]
+current-context: c
+KC
+chmod 644 "$kdir/kubeconfig"
+set +e
+out=$(timeout 60 docker run --rm -v "$kdir:/kube:ro" -e KUBECONFIG=/kube/kubeconfig "cairn-operator:$version" --leader-elect=false 2>&1)
+code=$?
+set -e
+rm -rf "$kdir"
+if [ "$code" = 0 ] || [ "$code" = 101 ] || echo "$out" | grep -q panicked; then
+  echo "the operator did not fail cleanly against an unreachable HTTPS API server (exit $code):" >&2
+  echo "$out" | tail -20 >&2
+  exit 1
+fi
+echo "$out" | grep -m1 -iE "error|refused" || true
 echo "images passed"

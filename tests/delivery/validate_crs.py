@@ -49,14 +49,31 @@ def main():
     ap.add_argument("--invalid", nargs="*", default=[])
     args = ap.parse_args()
     schemas = {}
+    failed = False
+
+    def enum_nulls(node, where):
+        """kubectl refuses a CRD whose enums list null (schemars does that for Option<enum>)."""
+        found = []
+        if isinstance(node, dict):
+            if None in node.get("enum", []):
+                found.append(where)
+            for k, v in node.items():
+                found += enum_nulls(v, f"{where}.{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                found += enum_nulls(v, f"{where}[{i}]")
+        return found
+
     for path in args.crds:
         crd = yaml.safe_load(open(path))
+        for where in enum_nulls(crd, "crd"):
+            print(f"FAIL {path}: null in the enum at {where}")
+            failed = True
         group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
         for v in crd["spec"]["versions"]:
             schemas[(f"{group}/{v['name']}", kind)] = structural(v["schema"]["openAPIV3Schema"])
     kinds = {k for (_, k) in schemas}
     # metadata is validated by the API server itself, not by the CRD schema.
-    failed = False
     for path, want_valid in [(p, True) for p in args.valid] + [(p, False) for p in args.invalid]:
         for doc in yaml.safe_load_all(open(path)):
             if doc is None or doc.get("kind") not in kinds:
