@@ -781,6 +781,13 @@ async fn scheduled_backups_land_prune_fail_visibly_and_recover() {
         .unwrap()
         .starts_with(&format!("etcd/{NS}/zeta/uid-zeta/")));
     assert!(st["backup"]["nextBackupTime"].is_string());
+    // On time: taken within a few seconds of the scheduled time it is for.
+    let ts = |v: &Value| v.as_str().unwrap().parse::<jiff::Timestamp>().unwrap();
+    let late = ts(&rec["time"]).duration_since(ts(&st["backup"]["lastScheduleTime"]));
+    assert!(
+        late.as_secs_f64() >= 0.0 && late.as_secs_f64() < 3.0,
+        "taken {late:?} after its scheduled time"
+    );
     // More backups on schedule; retention keeps the last two.
     let mut seen = std::collections::BTreeSet::new();
     w.until("three more backups", |w| {
