@@ -785,7 +785,7 @@ async fn scheduled_backups_land_prune_fail_visibly_and_recover() {
     let ts = |v: &Value| v.as_str().unwrap().parse::<jiff::Timestamp>().unwrap();
     let late = ts(&rec["time"]).duration_since(ts(&st["backup"]["lastScheduleTime"]));
     assert!(
-        late.as_secs_f64() >= 0.0 && late.as_secs_f64() < 3.0,
+        late.as_secs_f64() >= 0.0 && late.as_secs_f64() < 5.0,
         "taken {late:?} after its scheduled time"
     );
     // More backups on schedule; retention keeps the last two.
