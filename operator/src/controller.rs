@@ -443,9 +443,7 @@ impl<'a> Reconciler<'a> {
 
         let mut operation = prev.operation.clone();
         let mut replicas_now = replicas.unwrap_or(0);
-        let mut requeue = self
-            .act(&step, &mut replicas_now, &mut operation, restore.as_ref())
-            .await?;
+        let mut requeue = self.act(&step, &mut replicas_now, &mut operation).await?;
 
         // Template changes (image, resources, ...) roll out through the StatefulSet itself,
         // one pod at a time.
@@ -462,6 +460,21 @@ impl<'a> Reconciler<'a> {
                     .await,
             )
             .await?;
+        }
+        // A shrunk StatefulSet no longer has the removed members' pods: delete their volumes,
+        // or a later grow would start a member on stale data.
+        if let Step::Shrink { delete_volumes, .. } = &step {
+            let pvcs: Api<PersistentVolumeClaim> = self.api();
+            for o in delete_volumes {
+                delete_if_exists(&pvcs, &self.names.pvc(*o)).await?;
+            }
+            self.event(
+                EventType::Normal,
+                "VolumesDeleted",
+                "ScaleDown",
+                format!("deleted the volumes of removed members {delete_volumes:?}"),
+            )
+            .await;
         }
         let voters = view
             .as_ref()
@@ -771,7 +784,6 @@ impl<'a> Reconciler<'a> {
         step: &Step,
         replicas: &mut i32,
         operation: &mut Option<Operation>,
-        restore: Option<&resources::Restore>,
     ) -> Result<Duration, Error> {
         let spec = &self.ec.spec;
         let members = Members::new(
@@ -811,35 +823,9 @@ impl<'a> Reconciler<'a> {
                 *replicas = *r;
                 Ok(STEP_REQUEUE)
             }
-            Step::Shrink {
-                replicas: r,
-                delete_volumes,
-            } => {
+            Step::Shrink { replicas: r, .. } => {
+                // The volumes go once the StatefulSet has shrunk (see `run`).
                 *replicas = *r;
-                let sts_api: Api<StatefulSet> = self.api();
-                apply(
-                    &sts_api,
-                    &self
-                        .for_server(resources::statefulset_restoring(
-                            self.ec,
-                            *r,
-                            &self.ctx.default_image,
-                            restore,
-                        ))
-                        .await,
-                )
-                .await?;
-                let pvcs: Api<PersistentVolumeClaim> = self.api();
-                for o in delete_volumes {
-                    delete_if_exists(&pvcs, &self.names.pvc(*o)).await?;
-                }
-                self.event(
-                    EventType::Normal,
-                    "VolumesDeleted",
-                    "ScaleDown",
-                    format!("deleted the volumes of removed members {delete_volumes:?}"),
-                )
-                .await;
                 *operation = None;
                 Ok(STEP_REQUEUE)
             }
