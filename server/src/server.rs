@@ -13,7 +13,7 @@ use openraft::{ServerState, SnapshotPolicy};
 use parking_lot::Mutex;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot, Semaphore};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{cluster_id, AutoCompaction, Config};
 use crate::error::{Error, Result};
@@ -452,12 +452,7 @@ impl EtcdServer {
             .applied_index_at_least(Some(index), "read index")
             .await
             .map(|_| ())
-            .map_err(|e| match e {
-                openraft::metrics::WaitError::Timeout(..) => Error::Timeout,
-                openraft::metrics::WaitError::ShuttingDown => {
-                    Error::Internal("server stopped".into())
-                }
-            })
+            .map_err(wait_err)
     }
 
     /// The leader's read index (called by other members through the peer
@@ -723,59 +718,83 @@ async fn submit(s: &EtcdServer, batch: Batch) -> Result<()> {
     }
 }
 
-/// The leader's side of a forwarded batch.
 /// Set by `cairn snapshot restore`: the restored data came from outside the Raft log.
 pub const RESTORED_NEEDS_SNAPSHOT: &[u8] = b"restored_needs_snapshot";
 
 /// After a restore, takes a Raft snapshot and purges the log up to it, so that every member
 /// added later catches up from a snapshot (which holds the restored data) rather than from the
-/// log (which does not).
+/// log (which does not). Tries until it succeeds or the server stops.
 async fn snapshot_restored(server: std::sync::Weak<EtcdServer>, engine: Arc<Engine>) {
     loop {
         let Some(s) = server.upgrade() else { return };
-        let m = s.raft.metrics().borrow().clone();
-        let applied = m.last_applied.map(|l| l.index);
-        if m.current_leader == Some(m.id) && applied.is_some() && applied == m.last_log_index {
-            let target = m.last_applied.expect("checked");
-            if let Err(e) = s.raft.trigger().snapshot().await {
-                warn!(error = %e, "snapshot after restore");
-            } else {
-                let mut built = false;
-                for _ in 0..200 {
-                    let m = s.raft.metrics().borrow().clone();
-                    if m.snapshot.is_some_and(|l| l.index >= target.index) {
-                        built = true;
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(25)).await;
-                }
-                if built {
-                    let snap = s.raft.metrics().borrow().snapshot.expect("built");
-                    if s.raft.trigger().purge_log(snap.index).await.is_ok() {
-                        for _ in 0..200 {
-                            let m = s.raft.metrics().borrow().clone();
-                            if m.purged.is_some_and(|p| p.index >= snap.index) {
-                                if engine.raft_put(RESTORED_NEEDS_SNAPSHOT, &false).is_ok() {
-                                    s.restore_pending.store(false, Ordering::Release);
-                                    info!(
-                                        index = snap.index,
-                                        "restored data is in a Raft snapshot; members may join"
-                                    );
-                                    return;
-                                }
-                                break;
-                            }
-                            tokio::time::sleep(Duration::from_millis(25)).await;
-                        }
-                    }
-                }
+        match put_restored_in_snapshot(&s, &engine).await {
+            Ok(index) => {
+                s.restore_pending.store(false, Ordering::Release);
+                info!(
+                    index,
+                    "restored data is in a Raft snapshot; members may join"
+                );
+                return;
             }
+            Err(e) => debug!(error = %e, "restored data not in a Raft snapshot yet"),
         }
         drop(s);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
+/// One attempt of [`snapshot_restored`]: as the leader with its whole log applied, builds a
+/// snapshot, purges the log up to it and clears the restore mark. Returns the snapshot's index.
+async fn put_restored_in_snapshot(s: &EtcdServer, engine: &Engine) -> Result<u64> {
+    let step = Some(Duration::from_secs(5));
+    let m = s
+        .raft
+        .wait(step)
+        .metrics(
+            |m| {
+                m.current_leader == Some(m.id)
+                    && m.last_applied.is_some()
+                    && m.last_applied.map(|l| l.index) == m.last_log_index
+            },
+            "leading with the log applied",
+        )
+        .await
+        .map_err(wait_err)?;
+    let target = m.last_applied.expect("waited for it").index;
+    s.raft.trigger().snapshot().await.map_err(Error::internal)?;
+    let m = s
+        .raft
+        .wait(step)
+        .metrics(
+            |m| m.snapshot.is_some_and(|l| l.index >= target),
+            "snapshot built",
+        )
+        .await
+        .map_err(wait_err)?;
+    let index = m.snapshot.expect("waited for it").index;
+    s.raft
+        .trigger()
+        .purge_log(index)
+        .await
+        .map_err(Error::internal)?;
+    s.raft
+        .wait(step)
+        .metrics(|m| m.purged.is_some_and(|p| p.index >= index), "log purged")
+        .await
+        .map_err(wait_err)?;
+    engine.raft_put(RESTORED_NEEDS_SNAPSHOT, &false)?;
+    Ok(index)
+}
+
+/// What a timed-out or interrupted wait on Raft's metrics means to clients.
+fn wait_err(e: openraft::metrics::WaitError) -> Error {
+    match e {
+        openraft::metrics::WaitError::Timeout(..) => Error::Timeout,
+        openraft::metrics::WaitError::ShuttingDown => Error::Internal("server stopped".into()),
+    }
+}
+
+/// The leader's side of a forwarded batch.
 pub async fn propose_forwarded(s: &EtcdServer, batch: Batch) -> Result<()> {
     if !s.is_leader() {
         return Err(if s.leader() == 0 {
