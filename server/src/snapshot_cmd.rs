@@ -203,6 +203,10 @@ fn payload_of(bytes: &[u8], skip_hash_check: bool) -> Result<SnapshotPayload> {
     } else {
         crate::snapshot::verify(bytes)?
     };
+    decode(payload)
+}
+
+fn decode(payload: &[u8]) -> Result<SnapshotPayload> {
     bincode::deserialize(payload)
         .map_err(|e| Error::InvalidArgument(format!("snapshot: undecodable content: {e}")))
 }
@@ -332,7 +336,7 @@ pub fn status(file: &Path) -> Result<SnapshotStatus> {
         .map_err(|e| Error::InvalidArgument(format!("{}: {e}", file.display())))?;
     let payload = crate::snapshot::verify(&bytes)?;
     let hash = crc32fast::hash(payload);
-    let p = payload_of(&bytes, false)?;
+    let p = decode(payload)?;
     Ok(SnapshotStatus {
         hash,
         revision: p.meta.revision,

@@ -67,30 +67,28 @@ impl Member {
 
     /// Starts a member with extra flags appended to the common ones.
     pub fn start_with(kind: Kind, extra: &[&str]) -> Self {
-        let mut m = Member {
+        let mut m = Self::new(kind, extra);
+        m.spawn();
+        m
+    }
+
+    /// A member with its directory and ports, not started.
+    fn new(kind: Kind, extra: &[&str]) -> Self {
+        Member {
             kind,
             dir: tempfile::tempdir().unwrap(),
             client_port: free_port(),
             peer_port: free_port(),
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
-        m.spawn();
-        m
+        }
     }
 
     /// Restores `snapshot` into a new member's data dir with the tool of its kind
     /// (`etcdctl snapshot restore` for etcd, `cairn snapshot restore` for cairn), then starts
     /// it with the usual flags. Returns what the restore printed if it failed.
     pub fn start_from_snapshot(kind: Kind, snapshot: &std::path::Path) -> Result<Self, Out> {
-        let mut m = Member {
-            kind,
-            dir: tempfile::tempdir().unwrap(),
-            client_port: free_port(),
-            peer_port: free_port(),
-            child: None,
-            extra: Vec::new(),
-        };
+        let mut m = Self::new(kind, &[]);
         let out = m.restore(snapshot);
         if out.code != 0 {
             return Err(out);
