@@ -13,7 +13,7 @@ use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload};
 use sha2::{Digest, Sha256};
 
-use crate::cluster::{cairn_binary, Pods};
+use crate::cluster::{cairn_binary, key_states, wait_leader, Pods};
 use crate::s3::Moto;
 
 async fn write_keys(pods: &Pods, n: usize) -> i64 {
@@ -35,18 +35,7 @@ async fn write_keys(pods: &Pods, n: usize) -> i64 {
 async fn one_member(name: &str) -> Pods {
     let mut pods = Pods::new(name);
     pods.bootstrap(1);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while pods
-        .members()
-        .observe()
-        .await
-        .ok()
-        .and_then(|v| v.leader)
-        .is_none()
-    {
-        assert!(std::time::Instant::now() < deadline, "member did not start");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_leader(&pods).await;
     pods
 }
 
@@ -240,24 +229,9 @@ async fn restore_gives_back_the_same_data_and_a_corrupted_backup_is_refused() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     };
     assert_eq!(ra.kvs().len(), 299);
-    let kvs = |r: &etcd_client::GetResponse| {
-        r.kvs()
-            .iter()
-            .map(|kv| {
-                (
-                    kv.key().to_vec(),
-                    kv.value().to_vec(),
-                    kv.create_revision(),
-                    kv.mod_revision(),
-                    kv.version(),
-                    kv.lease(),
-                )
-            })
-            .collect::<Vec<_>>()
-    };
     assert_eq!(
-        kvs(&ra),
-        kvs(&rb),
+        key_states(&ra),
+        key_states(&rb),
         "keys, values, create/mod revisions, versions"
     );
     assert_eq!(rb.header().unwrap().revision(), revision);

@@ -171,3 +171,48 @@ impl Drop for Pods {
         }
     }
 }
+
+/// Waits until a member reports itself leader (after start, or after the old one was stopped).
+pub async fn wait_leader(pods: &Pods) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while pods
+        .members()
+        .observe()
+        .await
+        .ok()
+        .and_then(|v| v.leader)
+        .is_none()
+    {
+        assert!(std::time::Instant::now() < deadline, "no leader");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// A key as two clusters compare it: key, value, create and mod revisions, version, lease.
+pub type KeyState = (Vec<u8>, Vec<u8>, i64, i64, i64, i64);
+
+/// The keys of a range response, as compared.
+pub fn key_states(r: &etcd_client::GetResponse) -> Vec<KeyState> {
+    r.kvs()
+        .iter()
+        .map(|kv| {
+            (
+                kv.key().to_vec(),
+                kv.value().to_vec(),
+                kv.create_revision(),
+                kv.mod_revision(),
+                kv.version(),
+                kv.lease(),
+            )
+        })
+        .collect()
+}
+
+/// Every key of a member (a linearizable range), as compared.
+pub async fn dump(c: &mut etcd_client::Client) -> Vec<KeyState> {
+    let r = c
+        .get("", Some(etcd_client::GetOptions::new().with_all_keys()))
+        .await
+        .unwrap();
+    key_states(&r)
+}

@@ -13,7 +13,7 @@ use cairn_operator::members::Outcome;
 use cairn_operator::plan::{self, bootstrap, next_step, Observed, Refusal, Step};
 use cairn_operator::resources::Layout;
 
-use crate::cluster::Pods;
+use crate::cluster::{wait_leader, Pods};
 
 /// Runs the controller's loop (observe, plan, act) until the size is reached or a step is
 /// refused. Returns the steps taken; checks on every observation that there is never more than
@@ -139,22 +139,6 @@ async fn wait_steady(pods: &mut Pods, size: i32) {
         }
         assert!(Instant::now() < deadline, "cluster did not come up");
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Waits until a member reports itself leader (after the old one was stopped).
-async fn wait_leader(pods: &Pods) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while pods
-        .members()
-        .observe()
-        .await
-        .ok()
-        .and_then(|v| v.leader)
-        .is_none()
-    {
-        assert!(Instant::now() < deadline, "no new leader");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -18,7 +18,7 @@ use kube::client::Body;
 use kube::Client;
 use serde_json::{json, Value};
 
-use crate::cluster::Pods;
+use crate::cluster::{dump, KeyState, Pods};
 
 const NS: &str = "db";
 
@@ -942,11 +942,7 @@ fn restore_spec(moto: &crate::s3::Moto, from: Value) -> Value {
 async fn source_with_backup(
     moto: &crate::s3::Moto,
     name: &str,
-) -> (
-    World,
-    cairn_operator::crd::BackupRecord,
-    Vec<(Vec<u8>, Vec<u8>, i64, i64, i64)>,
-) {
+) -> (World, cairn_operator::crd::BackupRecord, Vec<KeyState>) {
     let mut w = World::new(name, json!({"size": 1}));
     w.until("source bootstrapped", |w| w.status()["readyMembers"] == 1)
         .await;
@@ -971,25 +967,6 @@ async fn source_with_backup(
     .await
     .unwrap();
     (w, rec, kvs)
-}
-
-async fn dump(c: &mut etcd_client::Client) -> Vec<(Vec<u8>, Vec<u8>, i64, i64, i64)> {
-    let r = c
-        .get("", Some(etcd_client::GetOptions::new().with_all_keys()))
-        .await
-        .unwrap();
-    r.kvs()
-        .iter()
-        .map(|kv| {
-            (
-                kv.key().to_vec(),
-                kv.value().to_vec(),
-                kv.create_revision(),
-                kv.mod_revision(),
-                kv.version(),
-            )
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
