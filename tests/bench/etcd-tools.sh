@@ -11,15 +11,7 @@ if [ -x "$out/benchmark" ] && [ -x "$out/etcd-runner" ]; then
 fi
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
-if ! grep -rqs "deb-src" /etc/apt/sources.list /etc/apt/sources.list.d/; then
-  $SUDO tee /etc/apt/sources.list.d/cairn-deb-src.sources >/dev/null <<'SRC'
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-fi
+bash "$(dirname "$0")/../deb-src.sh"
 $SUDO apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
   dpkg-dev golang-1.19-go golang-etcd-server-dev >/dev/null

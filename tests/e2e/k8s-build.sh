@@ -12,16 +12,7 @@ if [ -x "$out/kube-apiserver" ] && [ -x "$out/kube-controller-manager" ]; then
 fi
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
-if ! grep -rqs "deb-src" /etc/apt/sources.list /etc/apt/sources.list.d/; then
-  $SUDO tee /etc/apt/sources.list.d/cairn-deb-src.sources >/dev/null <<'SRC'
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-  $SUDO apt-get update -qq
-fi
+bash "$(dirname "$0")/../deb-src.sh"
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
   dpkg-dev golang-1.19-go golang-github-modern-go-reflect2-dev rsync >/dev/null
 
