@@ -379,10 +379,18 @@ impl RunOwner {
     /// The key its result is kept under until its reconcile collects it.
     fn result_key(&self, cluster: &str) -> String {
         match self {
-            RunOwner::Schedule(_) => format!("schedule/{cluster}"),
-            RunOwner::OnDemand(uid) => format!("backup/{uid}"),
+            RunOwner::Schedule(_) => schedule_result_key(cluster),
+            RunOwner::OnDemand(uid) => on_demand_result_key(uid),
         }
     }
+}
+
+fn schedule_result_key(cluster: &str) -> String {
+    format!("schedule/{cluster}")
+}
+
+fn on_demand_result_key(uid: &str) -> String {
+    format!("backup/{uid}")
 }
 
 /// The result of a finished backup and who started it.
@@ -410,14 +418,20 @@ impl Runs {
 
     /// Takes the result of a finished scheduled backup of `cluster`.
     pub fn take_scheduled(&self, cluster: &str) -> Option<Finished> {
-        let key = RunOwner::Schedule(Timestamp::UNIX_EPOCH).result_key(cluster);
-        self.0.lock().unwrap().results.remove(&key)
+        self.0
+            .lock()
+            .unwrap()
+            .results
+            .remove(&schedule_result_key(cluster))
     }
 
     /// Takes the result of the finished on-demand backup `uid`.
     pub fn take_on_demand(&self, uid: &str) -> Option<Finished> {
-        let key = RunOwner::OnDemand(uid.to_string()).result_key("");
-        self.0.lock().unwrap().results.remove(&key)
+        self.0
+            .lock()
+            .unwrap()
+            .results
+            .remove(&on_demand_result_key(uid))
     }
 
     /// Starts `work` as the backup of `cluster`; false if one already runs.

@@ -559,20 +559,7 @@ impl<'a> Reconciler<'a> {
                     st.last_backup = Some(rec);
                 }
                 Err(msg) => {
-                    self.event(EventType::Warning, "BackupFailed", "Backup", msg.clone())
-                        .await;
-                    status.set_condition(
-                        condition::BACKUP_SUCCEEDED,
-                        false,
-                        "BackupFailed",
-                        msg,
-                        generation,
-                        &t,
-                    );
-                    st.failures += 1;
-                    let retry = jiff::SignedDuration::try_from(backup::retry_backoff(st.failures))
-                        .unwrap_or_default();
-                    st.next_backup_time = Some(Time(t.0 + retry));
+                    self.backup_failed(msg, &mut st, status, &t).await;
                 }
             }
         }
@@ -643,21 +630,7 @@ impl<'a> Reconciler<'a> {
                 let dest = match self.destination(&spec.destination).await {
                     Ok(d) => d,
                     Err(e) => {
-                        let msg = e.to_string();
-                        status.set_condition(
-                            condition::BACKUP_SUCCEEDED,
-                            false,
-                            "BackupFailed",
-                            msg.clone(),
-                            generation,
-                            &t,
-                        );
-                        self.event(EventType::Warning, "BackupFailed", "Backup", msg)
-                            .await;
-                        st.failures += 1;
-                        let after = backup::retry_backoff(st.failures);
-                        let retry = jiff::SignedDuration::try_from(after).unwrap_or_default();
-                        st.next_backup_time = Some(Time(t.0 + retry));
+                        let after = self.backup_failed(e.to_string(), &mut st, status, &t).await;
                         status.backup = Some(st);
                         return Ok(Some(after));
                     }
@@ -705,6 +678,33 @@ impl<'a> Reconciler<'a> {
             }
         };
         result.map_err(|e| format!("cannot restore: {e}"))
+    }
+
+    /// Records a failed scheduled backup: Event, condition, one more failure, and the retry time
+    /// (returned as how long to wait).
+    async fn backup_failed(
+        &self,
+        msg: String,
+        st: &mut crate::crd::BackupStatus,
+        status: &mut EtcdClusterStatus,
+        t: &Time,
+    ) -> Duration {
+        self.event(EventType::Warning, "BackupFailed", "Backup", msg.clone())
+            .await;
+        status.set_condition(
+            condition::BACKUP_SUCCEEDED,
+            false,
+            "BackupFailed",
+            msg,
+            self.ec.metadata.generation,
+            t,
+        );
+        st.failures += 1;
+        let after = backup::retry_backoff(st.failures);
+        st.next_backup_time = Some(Time(
+            t.0 + jiff::SignedDuration::try_from(after).unwrap_or_default(),
+        ));
+        after
     }
 
     /// Opens a backup destination with the credentials its Secret holds (if it names one).
