@@ -247,20 +247,7 @@ async fn restore_gives_back_the_same_data_and_a_corrupted_backup_is_refused() {
     );
 
     // A corrupted object is refused and leaves no file to restore from.
-    let mut bytes = dest
-        .store
-        .get(&Path::from(rec.key.as_str()))
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap()
-        .to_vec();
-    bytes[1000] ^= 0x01;
-    dest.store
-        .put(&Path::from(rec.key.as_str()), PutPayload::from(bytes))
-        .await
-        .unwrap();
+    crate::s3::corrupt(&dest, &rec.key, 1000, 0x01).await;
     let bad = pods.scratch().join("bad.snap");
     let err = backup::fetch(&dest, &rec.key, &bad).await.unwrap_err();
     assert!(matches!(err, Error::Checksum { .. }), "{err}");

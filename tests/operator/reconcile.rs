@@ -1017,26 +1017,11 @@ async fn a_new_cluster_starts_from_the_latest_backup() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupted_or_missing_backup_never_bootstraps() {
-    use object_store::{ObjectStoreExt, PutPayload};
     let moto = crate::s3::Moto::start();
     moto.create_bucket("scheduled");
     let (_source, rec, _) = source_with_backup(&moto, "lambda").await;
     let dest = moto.open("scheduled", "etcd");
-    let path = object_store::path::Path::from(rec.key.as_str());
-    let mut bytes = dest
-        .store
-        .get(&path)
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap()
-        .to_vec();
-    bytes[700] ^= 0x10;
-    dest.store
-        .put(&path, PutPayload::from(bytes))
-        .await
-        .unwrap();
+    crate::s3::corrupt(&dest, &rec.key, 700, 0x10).await;
 
     let mut w = World::new("mu", restore_spec(&moto, json!({"key": rec.key})));
     put_credentials(&w.api);

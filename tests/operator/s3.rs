@@ -94,3 +94,23 @@ impl Drop for Moto {
         self.stop();
     }
 }
+
+/// Corrupts a stored object: flips bits of the byte at `at`.
+pub async fn corrupt(dest: &Destination, key: &str, at: usize, mask: u8) {
+    use object_store::{ObjectStoreExt, PutPayload};
+    let path = object_store::path::Path::from(key);
+    let mut bytes = dest
+        .store
+        .get(&path)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    bytes[at] ^= mask;
+    dest.store
+        .put(&path, PutPayload::from(bytes))
+        .await
+        .unwrap();
+}
