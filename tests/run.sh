@@ -5,8 +5,9 @@
 # etcd 3.4, the kill -9 crash test, openraft's storage suite, the 3- and
 # 5-member fault suites in network namespaces, etcd's etcd-runner checkers,
 # the operator's builders, planner, reconciles on a mock API server and
-# membership steps on real cairn clusters), and finally builds and
-# smoke-tests the container images.
+# membership steps on real cairn clusters), builds and smoke-tests the
+# container images, and last runs the end-to-end scenarios on a real
+# Kubernetes control plane with those images.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,3 +26,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
 # Container images of cairn and cairn-operator on a locally made base, smoke-tested.
 bash tests/delivery/images.sh
+# End-to-end: a real kube-apiserver and kube-controller-manager 1.20 (built once from Debian's
+# source), pods on Docker through the tests' node agent, the operator installed with Helm.
+bash tests/e2e/run.sh

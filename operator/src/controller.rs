@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -254,12 +254,44 @@ impl<'a> Reconciler<'a> {
     }
 
     async fn event(&self, type_: EventType, reason: &str, action: &str, note: String) {
+        self.publish(type_, reason, action, note, None).await
+    }
+
+    /// An Event about one member: its pod is the related object, so that the same step on two
+    /// members makes two Events rather than one series (the recorder groups by reason, action
+    /// and objects, not by note).
+    async fn member_event(
+        &self,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+        member: &str,
+    ) {
+        let pod = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(member.to_string()),
+            namespace: Some(self.ns.to_string()),
+            ..ObjectReference::default()
+        };
+        self.publish(type_, reason, action, note, Some(pod)).await
+    }
+
+    async fn publish(
+        &self,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+        secondary: Option<ObjectReference>,
+    ) {
         let ev = Event {
             type_,
             reason: reason.to_string(),
             note: Some(note),
             action: action.to_string(),
-            secondary: None,
+            secondary,
         };
         if let Err(e) = self
             .ctx
@@ -627,6 +659,12 @@ impl<'a> Reconciler<'a> {
                     .unwrap_or_default();
                 endpoints.sort();
                 let endpoints: Vec<String> = endpoints.into_iter().map(|(_, e)| e).collect();
+                if endpoints.is_empty() && status.cluster_id.is_none() {
+                    // Not bootstrapped yet: there is nothing to back up, and no failure either.
+                    st.next_backup_time = Some(Time(scheduled));
+                    status.backup = Some(st);
+                    return Ok(Some(STEP_REQUEUE));
+                }
                 let dest = match self.destination(&spec.destination).await {
                     Ok(d) => d,
                     Err(e) => {
@@ -842,7 +880,7 @@ impl<'a> Reconciler<'a> {
                         return Err(e.into());
                     }
                 }
-                self.event(
+                self.member_event(
                     EventType::Normal,
                     reason,
                     "AddLearner",
@@ -850,6 +888,7 @@ impl<'a> Reconciler<'a> {
                         "added {member} as a learner ({})",
                         layout.peer_url(*ordinal)
                     ),
+                    &member,
                 )
                 .await;
                 *operation = start(kind, member);
@@ -866,11 +905,12 @@ impl<'a> Reconciler<'a> {
                 Ok(Outcome::Done) => {
                     self.count_op("promote", "ok");
                     let member = layout.member(*ordinal);
-                    self.event(
+                    self.member_event(
                         EventType::Normal,
                         "MemberPromoted",
                         "Promote",
                         format!("promoted {member} to voter"),
+                        &member,
                     )
                     .await;
                     *operation = None;
@@ -900,11 +940,12 @@ impl<'a> Reconciler<'a> {
                 self.count_op("remove", if result.is_ok() { "ok" } else { "error" });
                 result?;
                 let member = layout.member(*ordinal);
-                self.event(
+                self.member_event(
                     EventType::Normal,
                     "MemberRemoved",
                     "Remove",
                     format!("removed {member} ({id:x}) from the cluster"),
+                    &member,
                 )
                 .await;
                 *operation = start(OperationKind::ScaleDown, member);

@@ -1,0 +1,912 @@
+//! The scenarios: each starts its own control plane and leaves nothing running.
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cairn_operator::crd::EtcdCluster;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use serde_json::{json, Value};
+
+use crate::agent::{claim_volume_name, SANDBOX_IMAGE};
+use crate::docker::docker_sync;
+use crate::plane::{ControlPlane, Storage};
+
+/// `kubectl apply -f -` of a manifest; its output, or its error output.
+fn apply(cp: &ControlPlane, ns: &str, manifest: &str) -> Result<String, String> {
+    kubectl_apply(cp, ns, manifest, &[])
+}
+
+fn kubectl_apply(
+    cp: &ControlPlane,
+    ns: &str,
+    manifest: &str,
+    extra: &[&str],
+) -> Result<String, String> {
+    use std::io::Write;
+    let mut child = cp
+        .kubectl()
+        .args(["apply", "-n", ns, "-f", "-"])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(manifest.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into())
+    }
+}
+
+fn create_namespace(cp: &ControlPlane, ns: &str) {
+    let out = cp
+        .kubectl()
+        .args(["create", "namespace", ns])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+fn cluster_yaml(name: &str, size: i32, extra: &str) -> String {
+    format!(
+        "apiVersion: cairn.dev/v1alpha1\nkind: EtcdCluster\nmetadata:\n  name: {name}\nspec:\n  size: {size}\n  storage:\n    size: 1Gi\n{extra}"
+    )
+}
+
+/// Real etcdctl (Debian's etcd-client) in a container on the pods' network, so that it
+/// resolves Service and pod names as a pod would.
+fn etcdctl(cp: &ControlPlane, endpoint: &str, args: &[&str]) -> Result<String, String> {
+    let label = format!("cairn-e2e.run={}", cp.run);
+    let ep = format!("--endpoints={endpoint}");
+    let mut a = vec![
+        "run",
+        "--rm",
+        "--label",
+        &label,
+        "--network",
+        &cp.network,
+        "-v",
+        "/usr/bin/etcdctl:/usr/bin/etcdctl:ro",
+        "-e",
+        "ETCDCTL_API=3",
+        "--entrypoint",
+        "etcdctl",
+        SANDBOX_IMAGE,
+        &ep,
+        "--command-timeout=10s",
+    ];
+    a.extend(args);
+    docker_sync(&a)
+}
+
+/// A shell script with etcdctl on the pods' network (`$EP` is the endpoint): many requests in
+/// one container.
+fn etcdctl_sh(cp: &ControlPlane, endpoint: &str, script: &str) -> Result<String, String> {
+    let label = format!("cairn-e2e.run={}", cp.run);
+    let ep = format!("EP={endpoint}");
+    docker_sync(&[
+        "run",
+        "--rm",
+        "--label",
+        &label,
+        "--network",
+        &cp.network,
+        "-v",
+        "/usr/bin/etcdctl:/usr/bin/etcdctl:ro",
+        "-e",
+        "ETCDCTL_API=3",
+        "-e",
+        &ep,
+        "--entrypoint",
+        "sh",
+        SANDBOX_IMAGE,
+        "-ec",
+        script,
+    ])
+}
+
+/// Puts `writer/00000000..n` (value `v<i>`) through `endpoint`; the keys.
+fn put_many(cp: &ControlPlane, endpoint: &str, n: usize) -> Vec<String> {
+    etcdctl_sh(
+        cp,
+        endpoint,
+        &format!(
+            "for i in $(seq 0 {}); do etcdctl --endpoints=$EP put $(printf writer/%08d $i) v$i >/dev/null; done",
+            n - 1
+        ),
+    )
+    .unwrap();
+    (0..n).map(|i| format!("writer/{i:08}")).collect()
+}
+
+struct Cluster<'a> {
+    cp: &'a ControlPlane,
+    ns: String,
+    name: String,
+    api: Api<EtcdCluster>,
+}
+
+impl<'a> Cluster<'a> {
+    fn new(cp: &'a ControlPlane, ns: &str, name: &str) -> Cluster<'a> {
+        Cluster {
+            cp,
+            ns: ns.into(),
+            name: name.into(),
+            api: Api::namespaced(cp.client.clone(), ns),
+        }
+    }
+
+    async fn status(&self) -> Value {
+        match self.api.get(&self.name).await {
+            Ok(ec) => serde_json::to_value(ec.status).unwrap_or(Value::Null),
+            Err(_) => Value::Null,
+        }
+    }
+
+    async fn condition(&self, type_: &str) -> (String, String, String) {
+        let st = self.status().await;
+        st["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == type_)
+            .map(|c| {
+                (
+                    c["status"].as_str().unwrap_or_default().to_string(),
+                    c["reason"].as_str().unwrap_or_default().to_string(),
+                    c["message"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .unwrap_or_default()
+    }
+
+    /// Waits until the cluster has `size` ready voters, no operation in progress, and is
+    /// Available; returns how long that took.
+    async fn until_settled(&self, size: i32, timeout: Duration) -> Duration {
+        let t = Instant::now();
+        let generation = self
+            .api
+            .get(&self.name)
+            .await
+            .ok()
+            .and_then(|ec| ec.metadata.generation)
+            .unwrap_or(1);
+        loop {
+            let st = self.status().await;
+            let seen = st["observedGeneration"].as_i64().unwrap_or(0) >= generation;
+            let voters = st["members"]
+                .as_array()
+                .map(|m| {
+                    m.iter()
+                        .filter(|m| m["learner"] != json!(true) && m["healthy"] == json!(true))
+                        .count()
+                })
+                .unwrap_or(0);
+            let available = st["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Available" && c["status"] == "True");
+            if seen
+                && st["readyMembers"] == json!(size)
+                && voters == size as usize
+                && st["members"].as_array().map(|m| m.len()) == Some(size as usize)
+                && st["operation"].is_null()
+                && available
+            {
+                return t.elapsed();
+            }
+            if t.elapsed() > timeout {
+                panic!(
+                    "{}/{} did not settle at {size} members in {timeout:?}: {st:#}\n{}",
+                    self.ns,
+                    self.name,
+                    self.cp.operator_logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    fn service(&self) -> String {
+        format!("http://{}.{}.svc:2379", self.name, self.ns)
+    }
+
+    fn member_endpoint(&self, ordinal: i32) -> String {
+        format!(
+            "http://{}-{ordinal}.{}-peer.{}.svc:2379",
+            self.name, self.name, self.ns
+        )
+    }
+
+    async fn pods(&self) -> Vec<Pod> {
+        let api: Api<Pod> = Api::namespaced(self.cp.client.clone(), &self.ns);
+        let lp = ListParams::default().labels(&format!("app.kubernetes.io/instance={}", self.name));
+        api.list(&lp).await.map(|l| l.items).unwrap_or_default()
+    }
+
+    async fn pod_ip(&self, ordinal: i32) -> String {
+        let api: Api<Pod> = Api::namespaced(self.cp.client.clone(), &self.ns);
+        let pod = api.get(&format!("{}-{ordinal}", self.name)).await.unwrap();
+        pod.status.unwrap().pod_ip.unwrap()
+    }
+
+    async fn resize(&self, size: i32) {
+        self.api
+            .patch(
+                &self.name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"size": size}})),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// The reasons of the Events about this cluster, oldest first.
+    async fn event_reasons(&self) -> Vec<String> {
+        let api: Api<Event> = Api::namespaced(self.cp.client.clone(), &self.ns);
+        let mut evs: Vec<Event> = api
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(&self.name))
+            .collect();
+        // eventTime has microseconds; creationTimestamp only seconds.
+        evs.sort_by_key(|e| {
+            (
+                e.event_time.clone().map(|t| t.0),
+                e.metadata.creation_timestamp.clone().map(|t| t.0),
+            )
+        });
+        evs.into_iter().filter_map(|e| e.reason).collect()
+    }
+
+    /// name -> member ID, from etcdctl through the client Service.
+    fn members(&self) -> BTreeMap<String, String> {
+        let out = etcdctl(self.cp, &self.service(), &["member", "list", "-w", "json"]).unwrap();
+        let v: Value = serde_json::from_str(&out).unwrap();
+        v["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["name"].as_str().unwrap_or_default().to_string(),
+                    format!("{:x}", m["ID"].as_u64().unwrap()),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Scenario 1 (and 5 on cairn): helm install the operator, apply a 3-member EtcdCluster, see
+/// it become Available, write and read with etcdctl through its client Service.
+async fn install_apply_use(storage: Storage) {
+    let cp = ControlPlane::start(storage).await;
+    cp.install_operator();
+    create_namespace(&cp, "apps");
+    let t = Instant::now();
+    apply(&cp, "apps", &cluster_yaml("alpha", 3, "")).unwrap();
+    let c = Cluster::new(&cp, "apps", "alpha");
+    c.until_settled(3, Duration::from_secs(240)).await;
+    eprintln!(
+        "e2e[{storage:?}]: 3-member cluster Available {:.1}s after kubectl apply",
+        t.elapsed().as_secs_f64()
+    );
+    // Through the client Service, with real etcdctl.
+    etcdctl(&cp, &c.service(), &["put", "greeting", "hello"]).unwrap();
+    let got = etcdctl(
+        &cp,
+        &c.service(),
+        &["get", "greeting", "--print-value-only"],
+    )
+    .unwrap();
+    assert_eq!(got, "hello");
+    // Every member serves it, and they agree on who is in the cluster.
+    for i in 0..3 {
+        let got = etcdctl(
+            &cp,
+            &c.member_endpoint(i),
+            &["get", "greeting", "--print-value-only", "--consistency=s"],
+        )
+        .unwrap();
+        assert_eq!(got, "hello", "member {i}");
+    }
+    let members = c.members();
+    assert_eq!(
+        members.keys().cloned().collect::<Vec<_>>(),
+        vec!["alpha-0", "alpha-1", "alpha-2"]
+    );
+    let st = c.status().await;
+    assert_eq!(st["size"], 3);
+    assert!(st["leader"]
+        .as_str()
+        .is_some_and(|l| l.starts_with("alpha-")));
+    assert!(st["clusterID"].is_string());
+    // The operator's children are real objects of this API server.
+    let out = cp
+        .kubectl()
+        .args([
+            "get",
+            "statefulset,service,configmap",
+            "-n",
+            "apps",
+            "-o",
+            "name",
+        ])
+        .output()
+        .unwrap();
+    let names = String::from_utf8_lossy(&out.stdout);
+    for n in [
+        "statefulset.apps/alpha",
+        "service/alpha",
+        "service/alpha-peer",
+        "configmap/alpha-bootstrap",
+    ] {
+        assert!(names.contains(n), "{n} missing: {names}");
+    }
+    // Kubernetes 1.20 serves no policy/v1: the operator says so instead of failing.
+    let (status, reason, _) = c.condition("DisruptionBudget").await;
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "APINotServed")
+    );
+    let reasons = c.event_reasons().await;
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r == "PodDisruptionBudgetUnsupported"),
+        "events: {reasons:?}"
+    );
+    if storage == Storage::Cairn {
+        // The control plane's own data is in the cairn member: a namespace made above is
+        // under /registry there.
+        let out = Command::new("etcdctl")
+            .args([
+                &format!("--endpoints={}", cp.storage_url),
+                "get",
+                "/registry/namespaces/apps",
+                "--keys-only",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "/registry/namespaces/apps"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_install_apply_and_use_on_etcd() {
+    install_apply_use(Storage::Etcd).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s5_control_plane_on_cairn() {
+    install_apply_use(Storage::Cairn).await;
+}
+
+/// A writer on the host: puts unique keys through members 0..2 (which stay through a resize)
+/// until stopped; the keys it saw acknowledged.
+struct Writer {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    acked: Arc<Mutex<Vec<String>>>,
+    failed: Arc<std::sync::atomic::AtomicUsize>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    fn start(endpoints: Vec<String>) -> Writer {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(vec![]));
+        let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (s, a, f) = (stop.clone(), acked.clone(), failed.clone());
+        let handle = tokio::spawn(async move {
+            let opts = etcd_client::ConnectOptions::new()
+                .with_timeout(Duration::from_secs(5))
+                .with_connect_timeout(Duration::from_secs(2));
+            let mut client = etcd_client::Client::connect(&endpoints, Some(opts))
+                .await
+                .unwrap();
+            let mut i = 0u64;
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                let key = format!("writer/{i:08}");
+                match client.put(key.clone(), format!("v{i}"), None).await {
+                    Ok(_) => a.lock().unwrap().push(key),
+                    Err(_) => {
+                        f.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        Writer {
+            stop,
+            acked,
+            failed,
+            handle,
+        }
+    }
+
+    async fn finish(self) -> (Vec<String>, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.handle.await.unwrap();
+        let acked = self.acked.lock().unwrap().clone();
+        (acked, self.failed.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
+/// Every acknowledged key is readable (linearizable read through the Service).
+fn assert_all_present(cp: &ControlPlane, c: &Cluster<'_>, acked: &[String]) {
+    let out = etcdctl(
+        cp,
+        &c.service(),
+        &["get", "writer/", "--prefix", "--keys-only"],
+    )
+    .unwrap();
+    let present: std::collections::HashSet<&str> = out.lines().filter(|l| !l.is_empty()).collect();
+    let missing: Vec<&String> = acked
+        .iter()
+        .filter(|k| !present.contains(k.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged writes missing, e.g. {:?}",
+        missing.len(),
+        acked.len(),
+        &missing[..missing.len().min(5)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_resize_3_5_3_under_a_writer() {
+    let cp = ControlPlane::start(Storage::Etcd).await;
+    cp.install_operator();
+    create_namespace(&cp, "grow");
+    apply(&cp, "grow", &cluster_yaml("beta", 3, "")).unwrap();
+    let c = Cluster::new(&cp, "grow", "beta");
+    c.until_settled(3, Duration::from_secs(240)).await;
+    let mut eps = vec![];
+    for i in 0..3 {
+        eps.push(format!("http://{}:2379", c.pod_ip(i).await));
+    }
+    let writer = Writer::start(eps);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    c.resize(5).await;
+    let up = c.until_settled(5, Duration::from_secs(300)).await;
+    eprintln!("e2e: resize 3 -> 5 took {:.1}s", up.as_secs_f64());
+    assert_eq!(c.members().len(), 5);
+
+    c.resize(3).await;
+    let down = c.until_settled(3, Duration::from_secs(300)).await;
+    eprintln!("e2e: resize 5 -> 3 took {:.1}s", down.as_secs_f64());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (acked, failed) = writer.finish().await;
+    eprintln!(
+        "e2e: writer: {} acknowledged, {failed} failed during the resizes",
+        acked.len()
+    );
+    assert!(
+        acked.len() > 50,
+        "the writer made no progress: {}",
+        acked.len()
+    );
+    assert_all_present(&cp, &c, &acked);
+    assert_eq!(
+        c.members().keys().cloned().collect::<Vec<_>>(),
+        vec!["beta-0", "beta-1", "beta-2"]
+    );
+
+    // The removed members' pods, claims and volumes are gone.
+    let t = Instant::now();
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(cp.client.clone(), "grow");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let names: Vec<String> = pvcs
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .map(|p| p.name_any())
+            .collect();
+        let pods: Vec<String> = c.pods().await.iter().map(|p| p.name_any()).collect();
+        let vols_gone = [3, 4].iter().all(|i| {
+            docker_sync(&[
+                "volume",
+                "inspect",
+                &claim_volume_name(&cp.run, "grow", &format!("data-beta-{i}")),
+            ])
+            .is_err()
+        });
+        if names == ["data-beta-0", "data-beta-1", "data-beta-2"] && pods.len() == 3 && vols_gone {
+            eprintln!(
+                "e2e: removed members' pods, claims and volumes gone {:.1}s later",
+                t.elapsed().as_secs_f64()
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "claims {names:?}, pods {pods:?}, volumes gone: {vols_gone}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Events tell the story, in order.
+    let reasons = c.event_reasons().await;
+    let story: Vec<&str> = reasons
+        .iter()
+        .map(String::as_str)
+        .filter(|r| ["MemberAdded", "MemberPromoted", "MemberRemoved"].contains(r))
+        .collect();
+    assert_eq!(
+        story,
+        [
+            "MemberAdded",
+            "MemberPromoted",
+            "MemberAdded",
+            "MemberPromoted",
+            "MemberRemoved",
+            "MemberRemoved"
+        ],
+        "events: {reasons:?}"
+    );
+    assert_eq!(c.status().await["size"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_deleted_pod_returns_and_wiped_member_is_replaced() {
+    let cp = ControlPlane::start(Storage::Etcd).await;
+    cp.install_operator();
+    create_namespace(&cp, "heal");
+    apply(&cp, "heal", &cluster_yaml("gamma", 3, "")).unwrap();
+    let c = Cluster::new(&cp, "heal", "gamma");
+    c.until_settled(3, Duration::from_secs(240)).await;
+    let acked = put_many(&cp, &c.service(), 20);
+    let before = c.members();
+    let pods: Api<Pod> = Api::namespaced(cp.client.clone(), "heal");
+
+    // A deleted pod comes back as the same member.
+    let old_uid = pods.get("gamma-1").await.unwrap().uid();
+    let t = Instant::now();
+    pods.delete("gamma-1", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_new_pod(&pods, "gamma-1", &old_uid).await;
+    c.until_settled(3, Duration::from_secs(180)).await;
+    eprintln!(
+        "e2e: deleted pod back and the cluster Available in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(c.members(), before, "a restarted pod is the same member");
+    let got = etcdctl(
+        &cp,
+        &c.member_endpoint(1),
+        &[
+            "get",
+            "writer/",
+            "--prefix",
+            "--keys-only",
+            "--consistency=s",
+        ],
+    )
+    .unwrap();
+    assert_eq!(got.lines().filter(|l| !l.is_empty()).count(), 20);
+
+    // A wiped volume: the member is removed and added again under the same name.
+    let vol = claim_volume_name(&cp.run, "heal", "data-gamma-2");
+    docker_sync(&[
+        "run",
+        "--rm",
+        "--mount",
+        &format!("type=volume,source={vol},target=/v"),
+        "--entrypoint",
+        "sh",
+        SANDBOX_IMAGE,
+        "-c",
+        "rm -rf /v/* /v/.[!.]*",
+    ])
+    .unwrap();
+    let old_uid = pods.get("gamma-2").await.unwrap().uid();
+    let t = Instant::now();
+    pods.delete("gamma-2", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_new_pod(&pods, "gamma-2", &old_uid).await;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let now = c.members();
+        if now
+            .get("gamma-2")
+            .is_some_and(|id| *id != before["gamma-2"])
+            && now.len() == 3
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gamma-2 not replaced: {now:?}\n{}",
+            cp.operator_logs()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    c.until_settled(3, Duration::from_secs(180)).await;
+    eprintln!(
+        "e2e: wiped member replaced and the cluster Available in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    let reasons = c.event_reasons().await;
+    assert!(
+        reasons.iter().any(|r| r == "MemberReplaced"),
+        "events: {reasons:?}"
+    );
+    // The new member has every write.
+    let got = etcdctl(
+        &cp,
+        &c.member_endpoint(2),
+        &[
+            "get",
+            "writer/",
+            "--prefix",
+            "--keys-only",
+            "--consistency=s",
+        ],
+    )
+    .unwrap();
+    assert_eq!(got.lines().filter(|l| !l.is_empty()).count(), 20);
+    assert_all_present(&cp, &c, &acked);
+}
+
+async fn wait_new_pod(pods: &Api<Pod>, name: &str, old_uid: &Option<String>) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(p) = pods.get(name).await {
+            if p.uid() != *old_uid {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{name} was not recreated");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// moto_server on the Docker network's gateway, so that pods reach it.
+struct Moto {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Moto {
+    fn start(cp: &ControlPlane) -> Moto {
+        let port = crate::plane::free_port();
+        let child = Command::new("moto_server")
+            .args(["-H", &cp.gateway, "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server (pip install 'moto[server]')");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect((cp.gateway.as_str(), port)).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let url = format!("http://{}:{port}", cp.gateway);
+        let out = Command::new("curl")
+            .args(["-sf", "-X", "PUT", &format!("{url}/backups")])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        Moto { child, url }
+    }
+
+    /// The object keys under a prefix.
+    fn keys(&self, prefix: &str) -> Vec<String> {
+        let out = Command::new("curl")
+            .args([
+                "-sf",
+                &format!("{}/backups?list-type=2&prefix={prefix}", self.url),
+            ])
+            .output()
+            .unwrap();
+        let body = String::from_utf8_lossy(&out.stdout);
+        body.split("<Key>")
+            .skip(1)
+            .filter_map(|s| s.split("</Key>").next())
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const CREDENTIALS: &str = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: s3\nstringData:\n  AWS_ACCESS_KEY_ID: e2e\n  AWS_SECRET_ACCESS_KEY: e2e\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s4_scheduled_backups_retention_and_restore() {
+    let cp = ControlPlane::start(Storage::Etcd).await;
+    cp.install_operator();
+    let moto = Moto::start(&cp);
+    create_namespace(&cp, "keep");
+    apply(&cp, "keep", CREDENTIALS).unwrap();
+    let backup = format!(
+        "  backup:\n    schedule: \"*/20 * * * * *\"\n    destination:\n      s3:\n        bucket: backups\n        prefix: e2e\n        region: us-east-1\n        endpoint: {}\n        forcePathStyle: true\n        credentialsSecret: s3\n    retention:\n      keepLast: 2\n",
+        moto.url
+    );
+    apply(&cp, "keep", &cluster_yaml("delta", 3, &backup)).unwrap();
+    let c = Cluster::new(&cp, "keep", "delta");
+    c.until_settled(3, Duration::from_secs(240)).await;
+    put_many(&cp, &c.service(), 50);
+    // Backups land on schedule (every 20 s); retention keeps the last two.
+    let t = Instant::now();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut first = None;
+    let deadline = Instant::now() + Duration::from_secs(150);
+    while seen.len() < 4 {
+        let st = c.status().await;
+        if let Some(k) = st["backup"]["lastBackup"]["key"].as_str() {
+            seen.insert(k.to_string());
+            first.get_or_insert(t.elapsed());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backups seen: {seen:?}, status {st:#}\n{}",
+            cp.operator_logs()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    eprintln!(
+        "e2e: first scheduled backup recorded {:.1}s after the writes, four in {:.1}s",
+        first.unwrap().as_secs_f64(),
+        t.elapsed().as_secs_f64()
+    );
+    let (ok, _, _) = c.condition("BackupSucceeded").await;
+    assert_eq!(ok, "True");
+    let snaps: Vec<String> = moto
+        .keys("e2e/keep/delta/")
+        .into_iter()
+        .filter(|k| k.ends_with(".snap"))
+        .collect();
+    assert!(
+        (1..=3).contains(&snaps.len()),
+        "retention keeps the last 2 (one more may be in flight): {snaps:?}"
+    );
+    // Suspend the schedule so the source stops changing, then restore into a new cluster.
+    c.api
+        .patch(
+            "delta",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"backup": {"suspend": true}}})),
+        )
+        .await
+        .unwrap();
+    let restore = "  bootstrap:\n    fromBackup:\n      destination:\n        s3:\n          bucket: backups\n          prefix: e2e\n          region: us-east-1\n          endpoint: URL\n          forcePathStyle: true\n          credentialsSecret: s3\n      prefix: e2e/keep/delta/\n"
+        .replace("URL", &moto.url);
+    let t = Instant::now();
+    apply(&cp, "keep", &cluster_yaml("epsilon", 3, &restore)).unwrap();
+    let r = Cluster::new(&cp, "keep", "epsilon");
+    r.until_settled(3, Duration::from_secs(300)).await;
+    eprintln!(
+        "e2e: 3-member cluster restored from the latest backup and Available in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    let st = r.status().await;
+    assert!(
+        st["restoredFrom"]
+            .as_str()
+            .is_some_and(|k| k.starts_with("e2e/keep/delta/")),
+        "{st:#}"
+    );
+    let src = etcdctl(&cp, &c.service(), &["get", "writer/", "--prefix"]).unwrap();
+    let dst = etcdctl(&cp, &r.service(), &["get", "writer/", "--prefix"]).unwrap();
+    assert_eq!(src, dst, "the restored cluster has the same data");
+    assert_eq!(dst.lines().count(), 100);
+    // A new cluster: its own ID.
+    assert_ne!(c.status().await["clusterID"], r.status().await["clusterID"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s6_bad_input_is_refused_and_unreachable_backups_show_in_status() {
+    let cp = ControlPlane::start(Storage::Etcd).await;
+    cp.install_operator();
+    create_namespace(&cp, "bad");
+    // Refused by the API server, with the schema's message.
+    let cases = [
+        (cluster_yaml("zero", 0, ""), "spec.size"),
+        (cluster_yaml("huge", 10, ""), "spec.size"),
+        (
+            "apiVersion: cairn.dev/v1alpha1\nkind: EtcdCluster\nmetadata:\n  name: disk\nspec:\n  size: 3\n  storage:\n    size: lots\n".to_string(),
+            "spec.storage.size",
+        ),
+        (cluster_yaml("aff", 3, "  antiAffinity:\n    mode: sometimes\n"), "spec.antiAffinity.mode"),
+        (
+            cluster_yaml("res", 3, "  resources:\n    limits:\n      memory: plenty\n"),
+            "spec.resources.limits.memory",
+        ),
+    ];
+    for (manifest, field) in &cases {
+        // kubectl's own schema check off: the API server is the one refusing.
+        let err = kubectl_apply(&cp, "bad", manifest, &["--validate=false"])
+            .expect_err("an invalid EtcdCluster was accepted");
+        assert!(
+            err.contains("is invalid") && err.contains(field),
+            "error for {field} does not name it: {err}"
+        );
+        eprintln!("e2e: refused by the API server: {}", err.trim());
+    }
+    // A misspelt field: Kubernetes 1.20 prunes unknown fields of custom resources instead of
+    // refusing them (server-side field validation came in 1.25); kubectl, which reads the
+    // CRD's published schema, refuses the manifest.
+    let err = apply(&cp, "bad", &cluster_yaml("typo", 3, "  sise: 3\n"))
+        .expect_err("a misspelt field was accepted");
+    assert!(err.contains("unknown field \"sise\""), "{err}");
+    eprintln!("e2e: refused by kubectl: {}", err.trim());
+    let all: Api<EtcdCluster> = Api::namespaced(cp.client.clone(), "bad");
+    assert!(all
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+
+    // A backup destination nobody listens on: the failure is in status and Events, the
+    // cluster stays Available and writable.
+    let dead = crate::plane::free_port();
+    apply(&cp, "bad", CREDENTIALS).unwrap();
+    let backup = format!(
+        "  backup:\n    schedule: \"*/10 * * * * *\"\n    destination:\n      s3:\n        bucket: nowhere\n        region: us-east-1\n        endpoint: http://{}:{dead}\n        forcePathStyle: true\n        credentialsSecret: s3\n",
+        cp.gateway
+    );
+    apply(&cp, "bad", &cluster_yaml("omega", 3, &backup)).unwrap();
+    let c = Cluster::new(&cp, "bad", "omega");
+    c.until_settled(3, Duration::from_secs(240)).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (status, reason, msg) = c.condition("BackupSucceeded").await;
+        let st = c.status().await;
+        if status == "False" && st["backup"]["failures"].as_i64().unwrap_or(0) >= 1 {
+            eprintln!("e2e: unreachable destination in status: {reason}: {msg}");
+            assert!(
+                msg.contains(&dead.to_string()),
+                "the message names the endpoint: {msg}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no backup failure in status: {st:#}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let reasons = c.event_reasons().await;
+    assert!(
+        reasons.iter().any(|r| r == "BackupFailed"),
+        "events: {reasons:?}"
+    );
+    let (avail, _, _) = c.condition("Available").await;
+    assert_eq!(avail, "True");
+    etcdctl(&cp, &c.service(), &["put", "still", "writable"]).unwrap();
+}
