@@ -27,3 +27,10 @@ docker network ls -q --filter label=cairn-e2e.run | xargs -r docker network rm >
 start=$(date +%s)
 cargo test -p cairn-operator --test e2e --locked -- --test-threads=1 --nocapture "$@"
 echo "== end-to-end scenarios: $(( $(date +%s) - start )) s"
+# Each scenario leaves nothing running.
+left=$(docker ps -aq --filter label=cairn-e2e.run; docker volume ls -q --filter label=cairn-e2e.run;
+  docker network ls -q --filter label=cairn-e2e.run; pgrep -x 'kube-apiserver|kube-controller|moto_server' || true)
+if [ -n "$left" ]; then
+  echo "the scenarios left these behind: $left" >&2
+  exit 1
+fi

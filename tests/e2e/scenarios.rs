@@ -495,7 +495,15 @@ async fn s2_resize_3_5_3_under_a_writer() {
     let up = c.until_settled(5, Duration::from_secs(300)).await;
     eprintln!("e2e: resize 3 -> 5 took {:.1}s", up.as_secs_f64());
     assert_eq!(c.members().len(), 5);
+    let volume = |i: i32| claim_volume_name(&cp.run, "grow", &format!("data-beta-{i}"));
+    for i in 0..5 {
+        assert!(
+            docker_sync(&["volume", "inspect", &volume(i)]).is_ok(),
+            "member {i} has no volume"
+        );
+    }
 
+    let t = Instant::now();
     c.resize(3).await;
     let down = c.until_settled(3, Duration::from_secs(300)).await;
     eprintln!("e2e: resize 5 -> 3 took {:.1}s", down.as_secs_f64());
@@ -517,7 +525,6 @@ async fn s2_resize_3_5_3_under_a_writer() {
     );
 
     // The removed members' pods, claims and volumes are gone.
-    let t = Instant::now();
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(cp.client.clone(), "grow");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -530,17 +537,12 @@ async fn s2_resize_3_5_3_under_a_writer() {
             .map(|p| p.name_any())
             .collect();
         let pods: Vec<String> = c.pods().await.iter().map(|p| p.name_any()).collect();
-        let vols_gone = [3, 4].iter().all(|i| {
-            docker_sync(&[
-                "volume",
-                "inspect",
-                &claim_volume_name(&cp.run, "grow", &format!("data-beta-{i}")),
-            ])
-            .is_err()
-        });
+        let vols_gone = [3, 4]
+            .iter()
+            .all(|i| docker_sync(&["volume", "inspect", &volume(*i)]).is_err());
         if names == ["data-beta-0", "data-beta-1", "data-beta-2"] && pods.len() == 3 && vols_gone {
             eprintln!(
-                "e2e: removed members' pods, claims and volumes gone {:.1}s later",
+                "e2e: removed members' pods, claims and volumes gone {:.1}s after the resize",
                 t.elapsed().as_secs_f64()
             );
             break;
@@ -768,7 +770,16 @@ async fn s4_scheduled_backups_retention_and_restore() {
     while seen.len() < 4 {
         let st = c.status().await;
         if let Some(k) = st["backup"]["lastBackup"]["key"].as_str() {
-            seen.insert(k.to_string());
+            if seen.insert(k.to_string()) {
+                // On time: taken within a few seconds of the scheduled time it is for.
+                let ts = |v: &Value| v.as_str().unwrap().parse::<jiff::Timestamp>().unwrap();
+                let late = ts(&st["backup"]["lastBackup"]["time"])
+                    .duration_since(ts(&st["backup"]["lastScheduleTime"]));
+                assert!(
+                    (0.0..10.0).contains(&late.as_secs_f64()),
+                    "{k} taken {late:?} after its scheduled time"
+                );
+            }
             first.get_or_insert(t.elapsed());
         }
         assert!(
