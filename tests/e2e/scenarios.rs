@@ -51,6 +51,23 @@ fn kubectl_apply(
     }
 }
 
+/// Polls `check` every `period` until it gives a value; after `timeout` fails with its last
+/// complaint.
+async fn eventually<T>(
+    timeout: Duration,
+    period: Duration,
+    mut check: impl AsyncFnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(why) if Instant::now() > deadline => panic!("not within {timeout:?}: {why}"),
+            Err(_) => tokio::time::sleep(period).await,
+        }
+    }
+}
+
 fn create_namespace(cp: &ControlPlane, ns: &str) {
     let out = cp
         .kubectl()
@@ -66,11 +83,17 @@ fn cluster_yaml(name: &str, size: i32, extra: &str) -> String {
     )
 }
 
-/// Real etcdctl (Debian's etcd-client) in a container on the pods' network, so that it
-/// resolves Service and pod names as a pod would.
-fn etcdctl(cp: &ControlPlane, endpoint: &str, args: &[&str]) -> Result<String, String> {
+/// Runs `entrypoint args` in a throwaway container on the pods' network, with the host's
+/// etcdctl (Debian's etcd-client) mounted, so that it resolves Service and pod names as a pod
+/// would. `$EP` is `endpoint`.
+fn on_network(
+    cp: &ControlPlane,
+    endpoint: &str,
+    entrypoint: &str,
+    args: &[&str],
+) -> Result<String, String> {
     let label = format!("cairn-e2e.run={}", cp.run);
-    let ep = format!("--endpoints={endpoint}");
+    let ep = format!("EP={endpoint}");
     let mut a = vec![
         "run",
         "--rm",
@@ -82,40 +105,27 @@ fn etcdctl(cp: &ControlPlane, endpoint: &str, args: &[&str]) -> Result<String, S
         "/usr/bin/etcdctl:/usr/bin/etcdctl:ro",
         "-e",
         "ETCDCTL_API=3",
-        "--entrypoint",
-        "etcdctl",
-        SANDBOX_IMAGE,
+        "-e",
         &ep,
-        "--command-timeout=10s",
+        "--entrypoint",
+        entrypoint,
+        SANDBOX_IMAGE,
     ];
     a.extend(args);
     docker_sync(&a)
 }
 
-/// A shell script with etcdctl on the pods' network (`$EP` is the endpoint): many requests in
-/// one container.
+/// Real etcdctl against `endpoint`.
+fn etcdctl(cp: &ControlPlane, endpoint: &str, args: &[&str]) -> Result<String, String> {
+    let ep = format!("--endpoints={endpoint}");
+    let mut a = vec![ep.as_str(), "--command-timeout=10s"];
+    a.extend(args);
+    on_network(cp, endpoint, "etcdctl", &a)
+}
+
+/// A shell script using etcdctl: many requests in one container.
 fn etcdctl_sh(cp: &ControlPlane, endpoint: &str, script: &str) -> Result<String, String> {
-    let label = format!("cairn-e2e.run={}", cp.run);
-    let ep = format!("EP={endpoint}");
-    docker_sync(&[
-        "run",
-        "--rm",
-        "--label",
-        &label,
-        "--network",
-        &cp.network,
-        "-v",
-        "/usr/bin/etcdctl:/usr/bin/etcdctl:ro",
-        "-e",
-        "ETCDCTL_API=3",
-        "-e",
-        &ep,
-        "--entrypoint",
-        "sh",
-        SANDBOX_IMAGE,
-        "-ec",
-        script,
-    ])
+    on_network(cp, endpoint, "sh", &["-ec", script])
 }
 
 /// Puts `writer/00000000..n` (value `v<i>`) through `endpoint`; the keys.
@@ -184,7 +194,7 @@ impl<'a> Cluster<'a> {
             .ok()
             .and_then(|ec| ec.metadata.generation)
             .unwrap_or(1);
-        loop {
+        eventually(timeout, Duration::from_millis(500), async || {
             let st = self.status().await;
             let seen = st["observedGeneration"].as_i64().unwrap_or(0) >= generation;
             let voters = st["members"]
@@ -207,18 +217,16 @@ impl<'a> Cluster<'a> {
                 && st["operation"].is_null()
                 && available
             {
-                return t.elapsed();
+                return Ok(t.elapsed());
             }
-            if t.elapsed() > timeout {
-                panic!(
-                    "{}/{} did not settle at {size} members in {timeout:?}: {st:#}\n{}",
-                    self.ns,
-                    self.name,
-                    self.cp.operator_logs()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+            Err(format!(
+                "{}/{} did not settle at {size} members: {st:#}\n{}",
+                self.ns,
+                self.name,
+                self.cp.operator_logs()
+            ))
+        })
+        .await
     }
 
     fn service(&self) -> String {
@@ -242,6 +250,43 @@ impl<'a> Cluster<'a> {
         let api: Api<Pod> = Api::namespaced(self.cp.client.clone(), &self.ns);
         let pod = api.get(&format!("{}-{ordinal}", self.name)).await.unwrap();
         pod.status.unwrap().pod_ip.unwrap()
+    }
+
+    /// The `writer/` keys in one member's own store (a serializable read).
+    fn local_keys(&self, ordinal: i32) -> Vec<String> {
+        let out = etcdctl(
+            self.cp,
+            &self.member_endpoint(ordinal),
+            &[
+                "get",
+                "writer/",
+                "--prefix",
+                "--keys-only",
+                "--consistency=s",
+            ],
+        )
+        .unwrap();
+        out.lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Deletes a member's pod and waits for the StatefulSet to make a new one.
+    async fn delete_pod(&self, ordinal: i32) {
+        let pods: Api<Pod> = Api::namespaced(self.cp.client.clone(), &self.ns);
+        let name = format!("{}-{ordinal}", self.name);
+        let old = pods.get(&name).await.unwrap().uid();
+        pods.delete(&name, &DeleteParams::default()).await.unwrap();
+        eventually(
+            Duration::from_secs(120),
+            Duration::from_millis(300),
+            async || match pods.get(&name).await {
+                Ok(p) if p.uid() != old => Ok(()),
+                _ => Err(format!("{name} was not recreated")),
+            },
+        )
+        .await
     }
 
     async fn resize(&self, size: i32) {
@@ -526,33 +571,38 @@ async fn s2_resize_3_5_3_under_a_writer() {
 
     // The removed members' pods, claims and volumes are gone.
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(cp.client.clone(), "grow");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let names: Vec<String> = pvcs
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .iter()
-            .map(|p| p.name_any())
-            .collect();
-        let pods: Vec<String> = c.pods().await.iter().map(|p| p.name_any()).collect();
-        let vols_gone = [3, 4]
-            .iter()
-            .all(|i| docker_sync(&["volume", "inspect", &volume(*i)]).is_err());
-        if names == ["data-beta-0", "data-beta-1", "data-beta-2"] && pods.len() == 3 && vols_gone {
-            eprintln!(
-                "e2e: removed members' pods, claims and volumes gone {:.1}s after the resize",
-                t.elapsed().as_secs_f64()
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "claims {names:?}, pods {pods:?}, volumes gone: {vols_gone}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    eventually(
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        async || {
+            let names: Vec<String> = pvcs
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .map(|p| p.name_any())
+                .collect();
+            let pods: Vec<String> = c.pods().await.iter().map(|p| p.name_any()).collect();
+            let vols_gone = [3, 4]
+                .iter()
+                .all(|i| docker_sync(&["volume", "inspect", &volume(*i)]).is_err());
+            if names == ["data-beta-0", "data-beta-1", "data-beta-2"]
+                && pods.len() == 3
+                && vols_gone
+            {
+                return Ok(());
+            }
+            Err(format!(
+                "claims {names:?}, pods {pods:?}, volumes gone: {vols_gone}"
+            ))
+        },
+    )
+    .await;
+    eprintln!(
+        "e2e: removed members' pods, claims and volumes gone {:.1}s after the resize",
+        t.elapsed().as_secs_f64()
+    );
     // Events tell the story, in order.
     let reasons = c.event_reasons().await;
     let story: Vec<&str> = reasons
@@ -585,34 +635,17 @@ async fn s3_deleted_pod_returns_and_wiped_member_is_replaced() {
     c.until_settled(3, Duration::from_secs(240)).await;
     let acked = put_many(&cp, &c.service(), 20);
     let before = c.members();
-    let pods: Api<Pod> = Api::namespaced(cp.client.clone(), "heal");
 
     // A deleted pod comes back as the same member.
-    let old_uid = pods.get("gamma-1").await.unwrap().uid();
     let t = Instant::now();
-    pods.delete("gamma-1", &DeleteParams::default())
-        .await
-        .unwrap();
-    wait_new_pod(&pods, "gamma-1", &old_uid).await;
+    c.delete_pod(1).await;
     c.until_settled(3, Duration::from_secs(180)).await;
     eprintln!(
         "e2e: deleted pod back and the cluster Available in {:.1}s",
         t.elapsed().as_secs_f64()
     );
     assert_eq!(c.members(), before, "a restarted pod is the same member");
-    let got = etcdctl(
-        &cp,
-        &c.member_endpoint(1),
-        &[
-            "get",
-            "writer/",
-            "--prefix",
-            "--keys-only",
-            "--consistency=s",
-        ],
-    )
-    .unwrap();
-    assert_eq!(got.lines().filter(|l| !l.is_empty()).count(), 20);
+    assert_eq!(c.local_keys(1), acked);
 
     // A wiped volume: the member is removed and added again under the same name.
     let vol = claim_volume_name(&cp.run, "heal", "data-gamma-2");
@@ -628,29 +661,27 @@ async fn s3_deleted_pod_returns_and_wiped_member_is_replaced() {
         "rm -rf /v/* /v/.[!.]*",
     ])
     .unwrap();
-    let old_uid = pods.get("gamma-2").await.unwrap().uid();
     let t = Instant::now();
-    pods.delete("gamma-2", &DeleteParams::default())
-        .await
-        .unwrap();
-    wait_new_pod(&pods, "gamma-2", &old_uid).await;
-    let deadline = Instant::now() + Duration::from_secs(240);
-    loop {
-        let now = c.members();
-        if now
-            .get("gamma-2")
-            .is_some_and(|id| *id != before["gamma-2"])
-            && now.len() == 3
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "gamma-2 not replaced: {now:?}\n{}",
-            cp.operator_logs()
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    c.delete_pod(2).await;
+    eventually(
+        Duration::from_secs(240),
+        Duration::from_secs(1),
+        async || {
+            let now = c.members();
+            if now
+                .get("gamma-2")
+                .is_some_and(|id| *id != before["gamma-2"])
+                && now.len() == 3
+            {
+                return Ok(());
+            }
+            Err(format!(
+                "gamma-2 not replaced: {now:?}\n{}",
+                cp.operator_logs()
+            ))
+        },
+    )
+    .await;
     c.until_settled(3, Duration::from_secs(180)).await;
     eprintln!(
         "e2e: wiped member replaced and the cluster Available in {:.1}s",
@@ -662,33 +693,8 @@ async fn s3_deleted_pod_returns_and_wiped_member_is_replaced() {
         "events: {reasons:?}"
     );
     // The new member has every write.
-    let got = etcdctl(
-        &cp,
-        &c.member_endpoint(2),
-        &[
-            "get",
-            "writer/",
-            "--prefix",
-            "--keys-only",
-            "--consistency=s",
-        ],
-    )
-    .unwrap();
-    assert_eq!(got.lines().filter(|l| !l.is_empty()).count(), 20);
+    assert_eq!(c.local_keys(2), acked);
     assert_all_present(&cp, &c, &acked);
-}
-
-async fn wait_new_pod(pods: &Api<Pod>, name: &str, old_uid: &Option<String>) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Ok(p) = pods.get(name).await {
-            if p.uid() != *old_uid {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "{name} was not recreated");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
 }
 
 /// moto_server on the Docker network's gateway, so that pods reach it.
@@ -766,29 +772,34 @@ async fn s4_scheduled_backups_retention_and_restore() {
     let t = Instant::now();
     let mut seen = std::collections::BTreeSet::new();
     let mut first = None;
-    let deadline = Instant::now() + Duration::from_secs(150);
-    while seen.len() < 4 {
-        let st = c.status().await;
-        if let Some(k) = st["backup"]["lastBackup"]["key"].as_str() {
-            if seen.insert(k.to_string()) {
-                // On time: taken within a few seconds of the scheduled time it is for.
-                let ts = |v: &Value| v.as_str().unwrap().parse::<jiff::Timestamp>().unwrap();
-                let late = ts(&st["backup"]["lastBackup"]["time"])
-                    .duration_since(ts(&st["backup"]["lastScheduleTime"]));
-                assert!(
-                    (0.0..10.0).contains(&late.as_secs_f64()),
-                    "{k} taken {late:?} after its scheduled time"
-                );
+    eventually(
+        Duration::from_secs(150),
+        Duration::from_secs(1),
+        async || {
+            let st = c.status().await;
+            if let Some(k) = st["backup"]["lastBackup"]["key"].as_str() {
+                if seen.insert(k.to_string()) {
+                    // On time: taken within a few seconds of the scheduled time it is for.
+                    let ts = |v: &Value| v.as_str().unwrap().parse::<jiff::Timestamp>().unwrap();
+                    let late = ts(&st["backup"]["lastBackup"]["time"])
+                        .duration_since(ts(&st["backup"]["lastScheduleTime"]));
+                    assert!(
+                        (0.0..10.0).contains(&late.as_secs_f64()),
+                        "{k} taken {late:?} after its scheduled time"
+                    );
+                }
+                first.get_or_insert(t.elapsed());
             }
-            first.get_or_insert(t.elapsed());
-        }
-        assert!(
-            Instant::now() < deadline,
-            "backups seen: {seen:?}, status {st:#}\n{}",
-            cp.operator_logs()
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+            if seen.len() >= 4 {
+                return Ok(());
+            }
+            Err(format!(
+                "backups seen: {seen:?}, status {st:#}\n{}",
+                cp.operator_logs()
+            ))
+        },
+    )
+    .await;
     eprintln!(
         "e2e: first scheduled backup recorded {:.1}s after the writes, four in {:.1}s",
         first.unwrap().as_secs_f64(),
@@ -894,24 +905,24 @@ async fn s6_bad_input_is_refused_and_unreachable_backups_show_in_status() {
     apply(&cp, "bad", &cluster_yaml("omega", 3, &backup)).unwrap();
     let c = Cluster::new(&cp, "bad", "omega");
     c.until_settled(3, Duration::from_secs(240)).await;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (status, reason, msg) = c.condition("BackupSucceeded").await;
-        let st = c.status().await;
-        if status == "False" && st["backup"]["failures"].as_i64().unwrap_or(0) >= 1 {
-            eprintln!("e2e: unreachable destination in status: {reason}: {msg}");
-            assert!(
-                msg.contains(&dead.to_string()),
-                "the message names the endpoint: {msg}"
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no backup failure in status: {st:#}"
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    let (reason, msg) = eventually(
+        Duration::from_secs(120),
+        Duration::from_secs(1),
+        async || {
+            let (status, reason, msg) = c.condition("BackupSucceeded").await;
+            let st = c.status().await;
+            if status == "False" && st["backup"]["failures"].as_i64().unwrap_or(0) >= 1 {
+                return Ok((reason, msg));
+            }
+            Err(format!("no backup failure in status: {st:#}"))
+        },
+    )
+    .await;
+    eprintln!("e2e: unreachable destination in status: {reason}: {msg}");
+    assert!(
+        msg.contains(&dead.to_string()),
+        "the message names the endpoint: {msg}"
+    );
     let reasons = c.event_reasons().await;
     assert!(
         reasons.iter().any(|r| r == "BackupFailed"),
