@@ -410,7 +410,13 @@ impl<'a> Reconciler<'a> {
         // A cluster restored from a backup: the backup is resolved once, before anything is
         // created, and the first member alone starts from it; the others join as learners.
         let from_backup = spec.bootstrap.as_ref().and_then(|b| b.from_backup.as_ref());
-        let mut restored_from = prev.restored_from.clone();
+        // The status may be stale (a reconcile can start before the status it wrote last is
+        // in the cache): the StatefulSet's annotation says it too.
+        let mut restored_from = prev.restored_from.clone().or_else(|| {
+            sts.as_ref()
+                .and_then(|s| s.metadata.annotations.as_ref())
+                .and_then(|a| a.get(resources::RESTORED_FROM_ANNOTATION).cloned())
+        });
         if let Some(from) = from_backup {
             if restored_from.is_none() && replicas.is_none() {
                 match self.resolve_backup(from).await {

@@ -369,6 +369,11 @@ pub struct Restore {
 /// Where a restore's download lands, inside the member's volume.
 pub const RESTORE_FILE: &str = "/var/lib/cairn/restore.snap";
 
+/// On the StatefulSet of a restored cluster: the backup key it started from. The controller
+/// reads it back, so that the members' template keeps its restore containers even when it
+/// reconciles from a stale status.
+pub const RESTORED_FROM_ANNOTATION: &str = "cairn.dev/restored-from";
+
 /// The init containers of a restored cluster's members. On ordinal 0 with no data yet, the
 /// first downloads the backup and checks its SHA-256 (a mismatch stops the pod, with the reason
 /// in its termination message), the second turns it into the data dir of the first member of a
@@ -554,8 +559,15 @@ pub fn statefulset_restoring(
         status: None,
     };
 
+    let mut metadata = meta(ec, names.statefulset());
+    if let Some(r) = restore {
+        metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(RESTORED_FROM_ANNOTATION.to_string(), r.key.clone());
+    }
     StatefulSet {
-        metadata: meta(ec, names.statefulset()),
+        metadata,
         spec: Some(StatefulSetSpec {
             replicas: Some(replicas),
             service_name: Some(names.peer_service()),
@@ -657,6 +669,29 @@ mod tests {
 
     fn pod_spec(s: &StatefulSet) -> &PodSpec {
         s.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+    }
+
+    #[test]
+    fn a_restored_statefulset_names_its_backup() {
+        let ec = cluster(serde_json::json!({"size": 3}));
+        let restore = Restore {
+            key: "e2e/prod/demo/0f5e/20261121T000000Z.snap".into(),
+            destination: crate::crd::BackupDestination::default(),
+            operator_image: "cairn-operator:1".into(),
+        };
+        let s = statefulset_restoring(&ec, 1, "cairn:1", Some(&restore));
+        let ann = s.metadata.annotations.clone().unwrap_or_default();
+        assert_eq!(ann.get(RESTORED_FROM_ANNOTATION), Some(&restore.key));
+        let init: Vec<&str> = pod_spec(&s)
+            .init_containers
+            .iter()
+            .flatten()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(init, ["fetch-backup", "restore"]);
+        let plain = statefulset(&ec, 1, "cairn:1");
+        assert!(plain.metadata.annotations.is_none());
+        assert!(pod_spec(&plain).init_containers.is_none());
     }
 
     #[test]

@@ -440,8 +440,15 @@ impl ControlPlane {
     }
 
     /// `helm install` of the operator from charts/, with the images built from this tree.
+    ///
+    /// For debugging, `CAIRN_E2E_OPERATOR_BINARY=target/debug/cairn-operator` runs that binary
+    /// instead, with the control plane's kubeconfig (the chart then installs no replica): no
+    /// image to rebuild. It runs in a container on the pods' network, since it reaches members
+    /// by their DNS names.
     pub fn install_operator(&self) {
         let t = Instant::now();
+        let binary = std::env::var("CAIRN_E2E_OPERATOR_BINARY").ok();
+        let replicas = format!("replicaCount={}", if binary.is_some() { 0 } else { 1 });
         let out = self
             .helm()
             .args([
@@ -453,6 +460,8 @@ impl ControlPlane {
                 "--create-namespace",
                 "--set",
                 "image.pullPolicy=Never",
+                "--set",
+                &replicas,
                 "--set",
                 "logLevel=info\\,kube=warn\\,cairn_operator=debug",
                 "--wait",
@@ -473,6 +482,39 @@ impl ControlPlane {
             "e2e: helm install --wait took {:.1}s",
             t.elapsed().as_secs_f64()
         );
+        if let Some(bin) = binary {
+            let bin = std::fs::canonicalize(bin).expect("CAIRN_E2E_OPERATOR_BINARY");
+            let version = env!("CARGO_PKG_VERSION");
+            docker_sync(&[
+                "run",
+                "-d",
+                "--name",
+                &format!("{}-cairn-system-cairn-operator-kubeconfig", self.run),
+                "--label",
+                &format!("cairn-e2e.run={}", self.run),
+                "--network",
+                &self.network,
+                "-v",
+                &format!("{}:/cairn-operator:ro", bin.display()),
+                "-v",
+                &format!("{}:/kubeconfig:ro", self.kubeconfig.display()),
+                "-e",
+                "KUBECONFIG=/kubeconfig",
+                "-e",
+                "POD_NAMESPACE=cairn-system",
+                "-e",
+                &format!("CAIRN_IMAGE=cairn:{version}"),
+                "-e",
+                &format!("CAIRN_OPERATOR_IMAGE=cairn-operator:{version}"),
+                "-e",
+                "RUST_LOG=info,kube=warn,cairn_operator=debug",
+                "--entrypoint",
+                "/cairn-operator",
+                crate::agent::SANDBOX_IMAGE,
+            ])
+            .expect("the operator runs from its binary");
+            eprintln!("e2e: operator running from {}", bin.display());
+        }
     }
 
     /// The operator pod's output (for failure messages).
