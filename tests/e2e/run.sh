@@ -29,7 +29,8 @@ cargo test -p cairn-operator --test e2e --locked -- --test-threads=1 --nocapture
 echo "== end-to-end scenarios: $(( $(date +%s) - start )) s"
 # Each scenario leaves nothing running.
 left=$(docker ps -aq --filter label=cairn-e2e.run; docker volume ls -q --filter label=cairn-e2e.run;
-  docker network ls -q --filter label=cairn-e2e.run; pgrep -x 'kube-apiserver|kube-controller|moto_server' || true)
+  docker network ls -q --filter label=cairn-e2e.run
+  for p in kube-apiserver kube-controller moto_server; do pgrep -x "$p" || true; done)
 if [ -n "$left" ]; then
   echo "the scenarios left these behind: $left" >&2
   exit 1
