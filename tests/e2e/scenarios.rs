@@ -626,7 +626,7 @@ async fn s2_resize_3_5_3_under_a_writer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn s3_deleted_pod_returns_and_wiped_member_is_replaced() {
+async fn s3_deleted_or_killed_member_returns_and_wiped_member_is_replaced() {
     let cp = ControlPlane::start(Storage::Etcd).await;
     cp.install_operator();
     create_namespace(&cp, "heal");
@@ -646,6 +646,47 @@ async fn s3_deleted_pod_returns_and_wiped_member_is_replaced() {
     );
     assert_eq!(c.members(), before, "a restarted pod is the same member");
     assert_eq!(c.local_keys(1), acked);
+
+    // kill -9 of a member's process: its container is restarted in place (restartCount 1,
+    // lastState Error 137), and it is the same member with every write.
+    let filter = format!("name=^{}-heal-gamma-0-.*-cairn$", cp.run);
+    let id = docker_sync(&["ps", "-q", "--filter", &filter]).unwrap();
+    assert!(
+        !id.is_empty() && !id.contains('\n'),
+        "one cairn container of gamma-0: {id:?}"
+    );
+    let t = Instant::now();
+    docker_sync(&["kill", "--signal", "KILL", &id]).unwrap();
+    let pods: Api<Pod> = Api::namespaced(cp.client.clone(), "heal");
+    let last = eventually(
+        Duration::from_secs(120),
+        Duration::from_millis(300),
+        async || {
+            let pod = pods.get("gamma-0").await.map_err(|e| e.to_string())?;
+            let cs = pod
+                .status
+                .and_then(|s| s.container_statuses)
+                .and_then(|c| c.into_iter().next())
+                .ok_or("no container status")?;
+            match (
+                cs.restart_count,
+                cs.ready,
+                cs.last_state.and_then(|l| l.terminated),
+            ) {
+                (1, true, Some(term)) => Ok(term),
+                (n, ready, _) => Err(format!("restartCount {n}, ready {ready}")),
+            }
+        },
+    )
+    .await;
+    assert_eq!(last.exit_code, 137);
+    c.until_settled(3, Duration::from_secs(120)).await;
+    eprintln!(
+        "e2e: killed member restarted and the cluster Available in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(c.members(), before, "a killed member comes back as itself");
+    assert_eq!(c.local_keys(0), acked);
 
     // A wiped volume: the member is removed and added again under the same name.
     let vol = claim_volume_name(&cp.run, "heal", "data-gamma-2");
