@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Makes Debian's source packages available to `apt-get source` (a deb-src entry for bookworm),
-# updating the package lists when it adds the entry. Used by the scripts that build tools from
-# Debian's sources. Idempotent.
+# What the scripts that build Go tools from Debian's source packages share: a deb-src entry for
+# bookworm (so that `apt-get source` works), fresh package lists, and dpkg-dev, Debian's Go 1.19
+# and the packages given as arguments. Idempotent.
+#   bash tests/deb-src.sh [PACKAGE...]
 set -euo pipefail
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -13,5 +14,7 @@ Suites: bookworm
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
-  $SUDO apt-get update -qq
 fi
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+  dpkg-dev golang-1.19-go "$@" >/dev/null

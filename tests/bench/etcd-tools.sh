@@ -9,12 +9,7 @@ out="${CAIRN_TOOLS:-$HOME/.cache/cairn-tools}"
 if [ -x "$out/benchmark" ] && [ -x "$out/etcd-runner" ]; then
   exit 0
 fi
-SUDO=""
-[ "$(id -u)" = 0 ] || SUDO="sudo"
-bash "$(dirname "$0")/../deb-src.sh"
-$SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-  dpkg-dev golang-1.19-go golang-etcd-server-dev >/dev/null
+bash "$(dirname "$0")/../deb-src.sh" golang-etcd-server-dev
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT

@@ -10,11 +10,7 @@ out="${CAIRN_K8S:-$HOME/.cache/cairn-k8s}"
 if [ -x "$out/kube-apiserver" ] && [ -x "$out/kube-controller-manager" ]; then
   exit 0
 fi
-SUDO=""
-[ "$(id -u)" = 0 ] || SUDO="sudo"
-bash "$(dirname "$0")/../deb-src.sh"
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-  dpkg-dev golang-1.19-go golang-github-modern-go-reflect2-dev rsync >/dev/null
+bash "$(dirname "$0")/../deb-src.sh" golang-github-modern-go-reflect2-dev rsync
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
