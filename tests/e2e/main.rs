@@ -7,4 +7,8 @@
 mod agent;
 mod docker;
 mod plane;
+#[path = "../common/ports.rs"]
+mod ports;
 mod scenarios;
+#[path = "../common/writer.rs"]
+mod writer;

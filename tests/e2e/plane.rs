@@ -3,7 +3,6 @@
 //! a Docker network for the pods, the node agent, and the operator installed by `helm install`.
 //! Everything is torn down when the value is dropped, even when the test panicked.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,7 +14,8 @@ use kube::{Api, Client, Config};
 use tokio::task::JoinHandle;
 
 use crate::agent::{self, AgentConfig};
-use crate::docker::{docker_sync, remove_labelled};
+use crate::docker::{docker_sync, remove_labelled, run_label};
+use crate::ports::{free_port, free_ports};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Storage {
@@ -39,14 +39,6 @@ pub struct ControlPlane {
 }
 
 static RUNS: AtomicUsize = AtomicUsize::new(0);
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The repository's root.
 pub fn repo() -> PathBuf {
@@ -120,15 +112,9 @@ impl ControlPlane {
         );
         let network = format!("{run}-net");
         // Leftovers of a killed run of this same process id would collide: remove them.
-        remove_labelled(&format!("cairn-e2e.run={run}"), Some(&network));
-        docker_sync(&[
-            "network",
-            "create",
-            "--label",
-            &format!("cairn-e2e.run={run}"),
-            &network,
-        ])
-        .expect("docker network create");
+        remove_labelled(&run_label(&run), Some(&network));
+        docker_sync(&["network", "create", "--label", &run_label(&run), &network])
+            .expect("docker network create");
         let gateway = docker_sync(&[
             "network",
             "inspect",
@@ -276,7 +262,8 @@ impl ControlPlane {
     }
 
     fn start_storage(&mut self) {
-        let (client, peer) = (free_port(), free_port());
+        let ports = free_ports(2);
+        let (client, peer) = (ports[0], ports[1]);
         let data = self.p("storage");
         let bin = match self.storage {
             Storage::Etcd => PathBuf::from("etcd"),
@@ -491,7 +478,7 @@ impl ControlPlane {
                 "--name",
                 &format!("{}-cairn-system-cairn-operator-kubeconfig", self.run),
                 "--label",
-                &format!("cairn-e2e.run={}", self.run),
+                &run_label(&self.run),
                 "--network",
                 &self.network,
                 "-v",
@@ -545,7 +532,7 @@ impl Drop for ControlPlane {
         if let Some(a) = self.agent.take() {
             a.abort();
         }
-        remove_labelled(&format!("cairn-e2e.run={}", self.run), Some(&self.network));
+        remove_labelled(&run_label(&self.run), Some(&self.network));
         for (_, c) in self.procs.iter_mut().rev() {
             let _ = c.kill();
             let _ = c.wait();

@@ -2,7 +2,8 @@
 
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cairn_operator::crd::EtcdCluster;
@@ -92,7 +93,7 @@ fn on_network(
     entrypoint: &str,
     args: &[&str],
 ) -> Result<String, String> {
-    let label = format!("cairn-e2e.run={}", cp.run);
+    let label = crate::docker::run_label(&cp.run);
     let ep = format!("EP={endpoint}");
     let mut a = vec![
         "run",
@@ -447,58 +448,6 @@ async fn s5_control_plane_on_cairn() {
     install_apply_use(Storage::Cairn).await;
 }
 
-/// A writer on the host: puts unique keys through members 0..2 (which stay through a resize)
-/// until stopped; the keys it saw acknowledged.
-struct Writer {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    acked: Arc<Mutex<Vec<String>>>,
-    failed: Arc<std::sync::atomic::AtomicUsize>,
-    handle: tokio::task::JoinHandle<()>,
-}
-
-impl Writer {
-    fn start(endpoints: Vec<String>) -> Writer {
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let acked = Arc::new(Mutex::new(vec![]));
-        let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (s, a, f) = (stop.clone(), acked.clone(), failed.clone());
-        let handle = tokio::spawn(async move {
-            let opts = etcd_client::ConnectOptions::new()
-                .with_timeout(Duration::from_secs(5))
-                .with_connect_timeout(Duration::from_secs(2));
-            let mut client = etcd_client::Client::connect(&endpoints, Some(opts))
-                .await
-                .unwrap();
-            let mut i = 0u64;
-            while !s.load(std::sync::atomic::Ordering::SeqCst) {
-                let key = format!("writer/{i:08}");
-                match client.put(key.clone(), format!("v{i}"), None).await {
-                    Ok(_) => a.lock().unwrap().push(key),
-                    Err(_) => {
-                        f.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-                i += 1;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        });
-        Writer {
-            stop,
-            acked,
-            failed,
-            handle,
-        }
-    }
-
-    async fn finish(self) -> (Vec<String>, usize) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.handle.await.unwrap();
-        let acked = self.acked.lock().unwrap().clone();
-        (acked, self.failed.load(std::sync::atomic::Ordering::SeqCst))
-    }
-}
-
 /// Every acknowledged key is readable (linearizable read through the Service).
 fn assert_all_present(cp: &ControlPlane, c: &Cluster<'_>, acked: &[String]) {
     let out = etcdctl(
@@ -533,7 +482,18 @@ async fn s2_resize_3_5_3_under_a_writer() {
     for i in 0..3 {
         eps.push(format!("http://{}:2379", c.pod_ip(i).await));
     }
-    let writer = Writer::start(eps);
+    // A writer on the host, through members 0..2 (which stay through the resizes).
+    let stop = Arc::new(AtomicBool::new(false));
+    let opts = etcd_client::ConnectOptions::new()
+        .with_timeout(Duration::from_secs(5))
+        .with_connect_timeout(Duration::from_secs(2));
+    let writer = crate::writer::spawn(
+        eps,
+        opts,
+        "writer/",
+        Duration::from_millis(20),
+        stop.clone(),
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     c.resize(5).await;
@@ -553,7 +513,8 @@ async fn s2_resize_3_5_3_under_a_writer() {
     let down = c.until_settled(3, Duration::from_secs(300)).await;
     eprintln!("e2e: resize 5 -> 3 took {:.1}s", down.as_secs_f64());
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (acked, failed) = writer.finish().await;
+    stop.store(true, Ordering::SeqCst);
+    let (acked, failed) = writer.await.unwrap();
     eprintln!(
         "e2e: writer: {} acknowledged, {failed} failed during the resizes",
         acked.len()
@@ -746,7 +707,7 @@ struct Moto {
 
 impl Moto {
     fn start(cp: &ControlPlane) -> Moto {
-        let port = crate::plane::free_port();
+        let port = crate::ports::free_port();
         let child = Command::new("moto_server")
             .args(["-H", &cp.gateway, "-p", &port.to_string()])
             .stdout(Stdio::null())
@@ -937,7 +898,7 @@ async fn s6_bad_input_is_refused_and_unreachable_backups_show_in_status() {
 
     // A backup destination nobody listens on: the failure is in status and Events, the
     // cluster stays Available and writable.
-    let dead = crate::plane::free_port();
+    let dead = crate::ports::free_port();
     apply(&cp, "bad", CREDENTIALS).unwrap();
     let backup = format!(
         "  backup:\n    schedule: \"*/10 * * * * *\"\n    destination:\n      s3:\n        bucket: nowhere\n        region: us-east-1\n        endpoint: http://{}:{dead}\n        forcePathStyle: true\n        credentialsSecret: s3\n",

@@ -4,7 +4,6 @@
 //! as its volume.
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
@@ -38,14 +37,6 @@ impl Layout for Loopback {
     }
 }
 
-fn free_ports(n: usize) -> Vec<u16> {
-    // Hold every listener until all ports are chosen, so none is handed out twice.
-    let ls: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
-}
-
 pub fn cairn_binary() -> PathBuf {
     // target/<profile>/deps/operator-<hash> -> target/<profile>/cairn
     let exe = std::env::current_exe().unwrap();
@@ -73,7 +64,7 @@ pub struct Pods {
 
 impl Pods {
     pub fn new(cluster: &str) -> Pods {
-        let ports = free_ports(2 * SLOTS);
+        let ports = crate::ports::free_ports(2 * SLOTS);
         Pods {
             layout: Loopback {
                 cluster: cluster.to_string(),

@@ -5,5 +5,9 @@
 mod backup;
 mod cluster;
 mod membership;
+#[path = "../common/ports.rs"]
+mod ports;
 mod reconcile;
 mod s3;
+#[path = "../common/writer.rs"]
+mod writer;

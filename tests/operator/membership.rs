@@ -6,7 +6,7 @@
 //! writer runs through every resize; no acknowledged write may be missing afterwards.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cairn_operator::members::Outcome;
@@ -105,27 +105,6 @@ async fn drive(pods: &mut Pods, desired: i32) -> Vec<Step> {
     }
 }
 
-/// Writes keys one after another through ordinal 0 until stopped; returns the acknowledged ones.
-fn writer(endpoint: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<String>> {
-    tokio::spawn(async move {
-        let acked = Arc::new(Mutex::new(Vec::new()));
-        let opts = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(3));
-        let mut c = etcd_client::Client::connect([endpoint], Some(opts))
-            .await
-            .unwrap();
-        let mut i = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            let key = format!("load/{i:06}");
-            if c.put(key.clone(), "v", None).await.is_ok() {
-                acked.lock().unwrap().push(key);
-            }
-            i += 1;
-        }
-        let v = acked.lock().unwrap().clone();
-        v
-    })
-}
-
 async fn wait_steady(pods: &mut Pods, size: i32) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -189,7 +168,14 @@ async fn resize_up_and_down_learner_first_leader_moved_volumes_deleted() {
     pods.bootstrap(3);
     wait_steady(&mut pods, 3).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let load = writer(pods.layout.client_url(0), stop.clone());
+    // Through ordinal 0, as fast as it goes.
+    let load = crate::writer::spawn(
+        vec![pods.layout.client_url(0)],
+        etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(3)),
+        "load/",
+        Duration::ZERO,
+        stop.clone(),
+    );
 
     let steps = drive(&mut pods, 5).await;
     assert_eq!(
@@ -257,7 +243,7 @@ async fn resize_up_and_down_learner_first_leader_moved_volumes_deleted() {
     assert!(v.leader.is_some() && v.members.iter().all(|m| m.healthy && !m.learner));
 
     stop.store(true, Ordering::Relaxed);
-    let acked = load.await.unwrap();
+    let (acked, _) = load.await.unwrap();
     assert_all_present(&pods, &acked).await;
 
     // Grow again: the new members start from empty volumes, not the removed members' data.

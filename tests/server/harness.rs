@@ -3,7 +3,9 @@
 //! each in its own temporary data directory.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
+
+use crate::ports::free_ports;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -21,15 +23,6 @@ impl Kind {
             Kind::Etcd => "etcd",
         }
     }
-}
-
-/// A free TCP port on 127.0.0.1 (bound once, released, then used).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One single-member server process.
@@ -74,11 +67,12 @@ impl Member {
 
     /// A member with its directory and ports, not started.
     fn new(kind: Kind, extra: &[&str]) -> Self {
+        let ports = free_ports(2);
         Member {
             kind,
             dir: tempfile::tempdir().unwrap(),
-            client_port: free_port(),
-            peer_port: free_port(),
+            client_port: ports[0],
+            peer_port: ports[1],
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
         }

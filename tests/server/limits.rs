@@ -181,8 +181,8 @@ fn flags_errors_and_environment() {
     let listed = m.ctl_stdin(&["member", "list"], "");
     assert!(listed.stdout.contains(", m1, "), "{listed:?}");
     let dir = tempfile::tempdir().unwrap();
-    let port = crate::harness::free_port();
-    let peer = crate::harness::free_port();
+    let ports = crate::ports::free_ports(2);
+    let (port, peer) = (ports[0], ports[1]);
     let mut child = std::process::Command::new(bin)
         .env("ETCD_NAME", "from-env")
         .env("ETCD_DATA_DIR", dir.path().join("d"))

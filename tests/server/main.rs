@@ -5,6 +5,8 @@
 mod cluster;
 mod harness;
 mod linearizability;
+#[path = "../common/ports.rs"]
+mod ports;
 
 mod client_diff;
 mod crash;
