@@ -154,8 +154,7 @@ async fn round(cfg: &Arc<AgentConfig>, tasks: &mut HashMap<String, PodTask>) -> 
     let live: std::collections::HashSet<String> = list.iter().filter_map(|p| p.uid()).collect();
     tasks.retain(|uid, t| {
         if !live.contains(uid) {
-            let pod = t.tx.borrow().clone();
-            let mut gone = pod;
+            let mut gone = t.tx.borrow().clone();
             gone.metadata.deletion_timestamp = Some(
                 k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()),
             );
@@ -687,7 +686,7 @@ impl PodRun {
             "--name".into(),
             name.clone(),
             "--label".into(),
-            format!("cairn-e2e.run={}", cfg.run),
+            docker::run_label(&cfg.run),
             "--network".into(),
             cfg.network.clone(),
             "--hostname".into(),
@@ -772,23 +771,20 @@ impl PodRun {
             } else {
                 let mut files: Vec<(String, Vec<u8>)> = vec![];
                 if let Some(s) = &v.secret {
-                    files.extend(
-                        self.secret_files(
-                            &ns,
-                            s.secret_name.as_deref().unwrap_or_default(),
-                            &s.items,
-                        )
-                        .await?,
-                    );
+                    let name = s.secret_name.as_deref().unwrap_or_default();
+                    files.extend(pick(self.data(Source::Secret, name).await?, &s.items));
                 } else if let Some(c) = &v.config_map {
-                    files.extend(self.configmap_files(&ns, &c.name, &c.items).await?);
+                    files.extend(pick(self.data(Source::ConfigMap, &c.name).await?, &c.items));
                 } else if let Some(p) = &v.projected {
                     for src in p.sources.iter().flatten() {
                         if let Some(s) = &src.secret {
-                            files.extend(self.secret_files(&ns, &s.name, &s.items).await?);
+                            files.extend(pick(self.data(Source::Secret, &s.name).await?, &s.items));
                         }
                         if let Some(c) = &src.config_map {
-                            files.extend(self.configmap_files(&ns, &c.name, &c.items).await?);
+                            files.extend(pick(
+                                self.data(Source::ConfigMap, &c.name).await?,
+                                &c.items,
+                            ));
                         }
                     }
                 } else {
@@ -817,44 +813,27 @@ impl PodRun {
         Ok(())
     }
 
-    async fn secret_files(
-        &self,
-        ns: &str,
-        name: &str,
-        items: &Option<Vec<k8s_openapi::api::core::v1::KeyToPath>>,
-    ) -> Result<Vec<(String, Vec<u8>)>, String> {
-        let api: Api<Secret> = Api::namespaced(self.cfg.client.clone(), ns);
-        let s = api
-            .get(name)
-            .await
-            .map_err(|e| format!("secret {name}: {e}"))?;
-        let data: BTreeMap<String, Vec<u8>> = s
-            .data
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, v.0))
-            .collect();
-        Ok(pick(data, items))
-    }
-
-    async fn configmap_files(
-        &self,
-        ns: &str,
-        name: &str,
-        items: &Option<Vec<k8s_openapi::api::core::v1::KeyToPath>>,
-    ) -> Result<Vec<(String, Vec<u8>)>, String> {
-        let api: Api<ConfigMap> = Api::namespaced(self.cfg.client.clone(), ns);
-        let c = api
-            .get(name)
-            .await
-            .map_err(|e| format!("configmap {name}: {e}"))?;
-        let data: BTreeMap<String, Vec<u8>> = c
-            .data
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, v.into_bytes()))
-            .collect();
-        Ok(pick(data, items))
+    /// The data of a ConfigMap or Secret in the pod's namespace.
+    async fn data(&self, kind: Source, name: &str) -> Result<BTreeMap<String, Vec<u8>>, String> {
+        let ns = self.pod.namespace().unwrap_or_default();
+        let client = self.cfg.client.clone();
+        let got = match kind {
+            Source::ConfigMap => Api::<ConfigMap>::namespaced(client, &ns)
+                .get(name)
+                .await
+                .map(|c| {
+                    let data = c.data.unwrap_or_default().into_iter();
+                    data.map(|(k, v)| (k, v.into_bytes())).collect()
+                }),
+            Source::Secret => Api::<Secret>::namespaced(client, &ns)
+                .get(name)
+                .await
+                .map(|s| {
+                    let data = s.data.unwrap_or_default().into_iter();
+                    data.map(|(k, v)| (k, v.0)).collect()
+                }),
+        };
+        got.map_err(|e| format!("{kind:?} {ns}/{name}: {e}"))
     }
 
     /// The container's environment, resolved as the kubelet does.
@@ -881,35 +860,26 @@ impl PodRun {
         };
         for from in c.env_from.iter().flatten() {
             let prefix = from.prefix.clone().unwrap_or_default();
-            if let Some(r) = &from.config_map_ref {
-                let api: Api<ConfigMap> = Api::namespaced(self.cfg.client.clone(), &ns);
-                match api.get(&r.name).await {
-                    Ok(cm) => {
-                        for (k, v) in cm.data.unwrap_or_default() {
+            let refs = [
+                (
+                    Source::ConfigMap,
+                    from.config_map_ref.as_ref().map(|r| (&r.name, r.optional)),
+                ),
+                (
+                    Source::Secret,
+                    from.secret_ref.as_ref().map(|r| (&r.name, r.optional)),
+                ),
+            ];
+            for (kind, r) in refs {
+                let Some((name, optional)) = r else { continue };
+                match self.data(kind, name).await {
+                    Ok(data) => {
+                        for (k, v) in data {
+                            let v = String::from_utf8_lossy(&v).into_owned();
                             set(&mut env, format!("{prefix}{k}"), v);
                         }
                     }
-                    Err(e) if r.optional != Some(true) => {
-                        return Err(format!("configmap {}: {e}", r.name))
-                    }
-                    Err(_) => {}
-                }
-            }
-            if let Some(r) = &from.secret_ref {
-                let api: Api<Secret> = Api::namespaced(self.cfg.client.clone(), &ns);
-                match api.get(&r.name).await {
-                    Ok(s) => {
-                        for (k, v) in s.data.unwrap_or_default() {
-                            set(
-                                &mut env,
-                                format!("{prefix}{k}"),
-                                String::from_utf8_lossy(&v.0).into(),
-                            );
-                        }
-                    }
-                    Err(e) if r.optional != Some(true) => {
-                        return Err(format!("secret {}: {e}", r.name))
-                    }
+                    Err(e) if optional != Some(true) => return Err(e),
                     Err(_) => {}
                 }
             }
@@ -926,38 +896,24 @@ impl PodRun {
             } else if let Some(from) = value_from {
                 if let Some(f) = &from.field_ref {
                     Some(self.field(&f.field_path))
-                } else if let Some(r) = &from.config_map_key_ref {
-                    let api: Api<ConfigMap> = Api::namespaced(self.cfg.client.clone(), &ns);
-                    let got = api
-                        .get(&r.name)
-                        .await
-                        .ok()
-                        .and_then(|cm| cm.data.and_then(|d| d.get(&r.key).cloned()));
+                } else if let Some((kind, name, key, optional)) = from
+                    .config_map_key_ref
+                    .as_ref()
+                    .map(|r| (Source::ConfigMap, &r.name, &r.key, r.optional))
+                    .or_else(|| {
+                        let r = from.secret_key_ref.as_ref()?;
+                        Some((Source::Secret, &r.name, &r.key, r.optional))
+                    })
+                {
+                    let got =
+                        self.data(kind, name).await.ok().and_then(|d| {
+                            d.get(key).map(|b| String::from_utf8_lossy(b).into_owned())
+                        });
                     match got {
                         Some(v) => Some(v),
-                        None if r.optional == Some(true) => None,
+                        None if optional == Some(true) => None,
                         None => {
-                            return Err(format!(
-                                "couldn't find key {} in ConfigMap {ns}/{}",
-                                r.key, r.name
-                            ))
-                        }
-                    }
-                } else if let Some(r) = &from.secret_key_ref {
-                    let api: Api<Secret> = Api::namespaced(self.cfg.client.clone(), &ns);
-                    let got = api.get(&r.name).await.ok().and_then(|s| {
-                        s.data.and_then(|d| {
-                            d.get(&r.key).map(|b| String::from_utf8_lossy(&b.0).into())
-                        })
-                    });
-                    match got {
-                        Some(v) => Some(v),
-                        None if r.optional == Some(true) => None,
-                        None => {
-                            return Err(format!(
-                                "couldn't find key {} in Secret {ns}/{}",
-                                r.key, r.name
-                            ))
+                            return Err(format!("couldn't find key {key} in {kind:?} {ns}/{name}"))
                         }
                     }
                 } else {
@@ -1009,7 +965,7 @@ impl PodRun {
             "--name".into(),
             name.into(),
             "--label".into(),
-            format!("cairn-e2e.run={}", self.cfg.run),
+            docker::run_label(&self.cfg.run),
             "--network".into(),
             format!("container:{}-sandbox", self.prefix),
         ];
@@ -1231,6 +1187,13 @@ impl PodRun {
     }
 }
 
+/// Where a volume's files or a container's env come from.
+#[derive(Clone, Copy, Debug)]
+enum Source {
+    ConfigMap,
+    Secret,
+}
+
 fn period(p: &Probe) -> Duration {
     Duration::from_secs(p.period_seconds.unwrap_or(10).max(1) as u64)
 }
@@ -1271,7 +1234,7 @@ async fn ensure_volume(name: &str, labels: &[String], run: &str) -> Result<(), S
         "volume".to_string(),
         "create".into(),
         "--label".into(),
-        format!("cairn-e2e.run={run}"),
+        docker::run_label(run),
     ];
     for l in labels {
         args.push("--label".into());

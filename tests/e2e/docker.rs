@@ -2,6 +2,12 @@
 
 use std::process::Stdio;
 
+/// The label on every container, volume and network of one control plane's run (tests/e2e/run.sh
+/// looks for leftovers by its key).
+pub fn run_label(run: &str) -> String {
+    format!("cairn-e2e.run={run}")
+}
+
 /// Runs `docker ARGS`; its trimmed stdout, or its stderr as the error.
 pub async fn docker<S: AsRef<str>>(args: &[S]) -> Result<String, String> {
     let out = tokio::process::Command::new("docker")
