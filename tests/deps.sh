@@ -2,12 +2,12 @@
 # Installs what building and testing cairn needs, from Debian's packages:
 # protoc, RocksDB (linked from the system instead of compiling its C++),
 # libclang for the RocksDB bindings, and etcd 3.4 + etcdctl, which the tests
-# run side by side with cairn; curl and openssl (the end-to-end tests' S3 calls
-# and certificates); and from PyPI, moto's S3-compatible server for
+# run side by side with cairn; curl, openssl and procps (the end-to-end tests' S3 calls,
+# certificates and leftover check); and from PyPI, moto's S3-compatible server for
 # the backup tests. Idempotent; quiet when everything is there.
 set -euo pipefail
 
-packages=(protobuf-compiler libprotobuf-dev iproute2 librocksdb-dev libclang-dev clang pkg-config etcd-server etcd-client curl openssl)
+packages=(protobuf-compiler libprotobuf-dev iproute2 librocksdb-dev libclang-dev clang pkg-config etcd-server etcd-client curl openssl procps)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
