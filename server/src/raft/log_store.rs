@@ -1,7 +1,22 @@
-//! The Raft log on RocksDB: entries by index, bincode-encoded; every
-//! append is fsynced before openraft is told it is durable. The newest
+//! The Raft log on RocksDB: entries by index, bincode-encoded. The newest
 //! entries are also kept in memory: openraft reads each committed entry back
 //! to apply it (and to replicate it), and those reads then cost no decoding.
+//!
+//! Durability. openraft 0.9's core waits for every append to be reported on
+//! disk before it goes on (it replicates nothing meanwhile). A leader's own
+//! appends are therefore reported at once and synced in the background, the
+//! way etcd's leader persists its entries while they travel to the
+//! followers; [`Durable`] tracks how far this member's log really is on disk,
+//! and nothing leaves the leader that depends on an entry before that entry
+//! is durable here:
+//! - the state machine applies an entry (and so answers its client, serves
+//!   it to reads and watchers) only once it is durable on this member;
+//! - the leader tells followers a commit index only once the entries up to it
+//!   are durable on the leader (`raft::network`), so no follower applies or
+//!   acknowledges an entry that a majority does not hold on disk.
+//!
+//! A follower's appends are synced before they are reported (its answer
+//! counts towards a commit), as are truncations, purges and votes.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -9,7 +24,7 @@ use std::ops::RangeBounds;
 use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
-use openraft::{Entry, RaftLogReader, Vote};
+use openraft::{Entry, EntryPayload, RaftLogReader, Vote};
 use parking_lot::Mutex;
 use rocksdb::IteratorMode;
 
@@ -22,32 +37,122 @@ const KEY_PURGED: &[u8] = b"purged";
 /// How many of the newest entries are kept in memory.
 pub const LOG_CACHE_ENTRIES: u64 = 4096;
 
+/// How far this member's own log is known to be on disk: the index up to
+/// which every entry has been synced.
+pub struct Durable {
+    index: tokio::sync::watch::Sender<u64>,
+    /// Bumped by a truncation: a background sync of entries written before
+    /// it no longer speaks for the indexes it covered.
+    epoch: Mutex<u64>,
+}
+
+impl Durable {
+    pub fn new(index: u64) -> Arc<Self> {
+        Arc::new(Self {
+            index: tokio::sync::watch::channel(index).0,
+            epoch: Mutex::new(0),
+        })
+    }
+
+    fn epoch(&self) -> u64 {
+        *self.epoch.lock()
+    }
+
+    /// Entries up to `index`, written in `epoch`, are on disk.
+    fn advance(&self, epoch: u64, index: u64) {
+        let current = self.epoch.lock();
+        if *current == epoch {
+            self.index.send_if_modified(|i| {
+                let moved = index > *i;
+                *i = (*i).max(index);
+                moved
+            });
+        }
+    }
+
+    /// The log was cut back to `index` (everything up to it synced).
+    fn reset(&self, index: u64) {
+        let mut epoch = self.epoch.lock();
+        *epoch += 1;
+        self.index.send_replace(index);
+    }
+
+    /// Returns once entries up to `index` are on disk.
+    pub async fn wait(&self, index: u64) {
+        if *self.index.borrow() >= index {
+            return;
+        }
+        let mut rx = self.index.subscribe();
+        // The sender lives as long as `self`.
+        let _ = rx.wait_for(|i| *i >= index).await;
+    }
+}
+
 /// The log store handle (cheap to clone; clones share state).
 #[derive(Clone)]
 pub struct LogStore {
     engine: Arc<Engine>,
     writer: Arc<LogWriter>,
+    /// This member's Raft ID.
+    id: u64,
+    /// The vote as last saved: tells whether an append is this member's own
+    /// as leader of the current term.
+    vote: Arc<Mutex<Option<Vote<u64>>>>,
+    durable: Arc<Durable>,
     /// The newest entries (entry payloads are shared, clones are cheap).
     cache: Arc<Mutex<BTreeMap<u64, Entry<TypeConfig>>>>,
-    /// Set while this member leads others: appends are then synced in the
-    /// background (see `storage::log_writer`).
+    /// Set while this member leads others: its appends are then always
+    /// synced in the background, overlapping replication.
     background_sync: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl LogStore {
-    pub fn new(engine: Arc<Engine>, on_sync: impl Fn(f64) + Send + Sync + 'static) -> Self {
+    pub fn new(
+        engine: Arc<Engine>,
+        id: u64,
+        on_sync: impl Fn(f64) + Send + Sync + 'static,
+    ) -> Result<Self, StorageError> {
         let writer = Arc::new(LogWriter::new(engine.clone(), on_sync));
-        Self {
+        let mut store = Self {
             engine,
             writer,
+            id,
+            vote: Arc::default(),
+            durable: Durable::new(0),
             cache: Arc::default(),
             background_sync: Arc::default(),
-        }
+        };
+        // What is on disk at start is durable, as is what was purged (it is
+        // in a snapshot).
+        let purged: Option<LogId> = store.engine.raft_get(KEY_PURGED).map_err(io_err)?;
+        let last = store
+            .last_on_disk()?
+            .map(|e| e.log_id.index)
+            .or(purged.map(|p| p.index))
+            .unwrap_or(0);
+        store.durable = Durable::new(last);
+        *store.vote.lock() = store.engine.raft_get(KEY_VOTE).map_err(io_err)?;
+        Ok(store)
     }
 
     /// The switch between inline and background syncs.
     pub fn background_sync(&self) -> Arc<std::sync::atomic::AtomicBool> {
         self.background_sync.clone()
+    }
+
+    /// How far this member's log is on disk.
+    pub fn durable(&self) -> Arc<Durable> {
+        self.durable.clone()
+    }
+
+    /// Whether `entries` are appended by this member as the leader of the
+    /// term of its saved vote (not replicated to it by another leader).
+    fn own_as_leader(&self, entries: &[Entry<TypeConfig>]) -> bool {
+        let vote = self.vote.lock();
+        let Some(v) = vote.as_ref() else { return false };
+        v.is_committed()
+            && v.leader_id().voted_for() == Some(self.id)
+            && entries.iter().all(|e| e.log_id.leader_id == *v.leader_id())
     }
 
     fn last_on_disk(&self) -> Result<Option<Entry<TypeConfig>>, StorageError> {
@@ -118,7 +223,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError> {
-        self.engine.raft_put(KEY_VOTE, vote).map_err(io_err)
+        self.engine.raft_put(KEY_VOTE, vote).map_err(io_err)?;
+        *self.vote.lock() = Some(*vote);
+        Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError> {
@@ -134,35 +241,51 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        let mut encoded = Vec::new();
-        let mut appended = Vec::new();
-        for e in entries {
-            encoded.push((e.log_id.index, bincode::serialize(&e).map_err(io_err)?));
-            appended.push(e);
+        let appended: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        let Some(last) = appended.last().map(|e| e.log_id.index) else {
+            callback.log_io_completed(Ok(()));
+            return Ok(());
+        };
+        let mut encoded = Vec::with_capacity(appended.len());
+        let mut requests = 0;
+        for e in &appended {
+            encoded.push((e.log_id.index, bincode::serialize(e).map_err(io_err)?));
+            if let EntryPayload::Normal(p) = &e.payload {
+                requests += p.0.requests.len();
+            }
         }
-        let mut callback = Some(callback);
-        if !encoded.is_empty() {
-            let result = if self
+        // The leader's own entries are reported written at once and synced
+        // in the background (see the module notes) while it leads others or
+        // clients write concurrently; a lone write on one member is synced
+        // inline, which is quicker when there is nothing to overlap.
+        let background = self.own_as_leader(&appended)
+            && (self
                 .background_sync
                 .load(std::sync::atomic::Ordering::Relaxed)
-            {
-                let cb = callback.take().expect("not yet used");
-                self.writer.write_then_sync(
-                    LogOp::Append(encoded),
-                    Box::new(move |r| {
-                        cb.log_io_completed(r.map_err(std::io::Error::other));
-                    }),
-                )
-            } else {
-                // Synced before returning: see `storage::log_writer`.
-                self.writer.write(LogOp::Append(encoded))
-            };
-            if let Err(e) = result {
-                if let Some(cb) = callback.take() {
-                    cb.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                }
-                return Err(io_err(e));
-            }
+                || requests > 1);
+        let epoch = self.durable.epoch();
+        let result = if background {
+            let durable = self.durable.clone();
+            self.writer.write_then_sync(
+                LogOp::Append(encoded),
+                Box::new(move |r| match r {
+                    Ok(()) => durable.advance(epoch, last),
+                    Err(e) => {
+                        // Raft was told these entries are written: going on
+                        // could acknowledge what is not on disk.
+                        tracing::error!(error = %e, "syncing the Raft log failed; stopping");
+                        std::process::abort();
+                    }
+                }),
+            )
+        } else {
+            self.writer.write(LogOp::Append(encoded)).inspect(|_| {
+                self.durable.advance(epoch, last);
+            })
+        };
+        if let Err(e) = result {
+            callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+            return Err(io_err(e));
         }
         {
             let mut cache = self.cache.lock();
@@ -180,9 +303,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 cache.pop_first();
             }
         }
-        if let Some(cb) = callback {
-            cb.log_io_completed(Ok(()));
-        }
+        callback.log_io_completed(Ok(()));
         Ok(())
     }
 
@@ -190,7 +311,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.cache.lock().retain(|i, _| *i < log_id.index);
         self.writer
             .write(LogOp::TruncateFrom(log_id.index))
-            .map_err(io_err)
+            .map_err(io_err)?;
+        // The synced write made everything before it durable too.
+        self.durable.reset(log_id.index.saturating_sub(1));
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -198,6 +322,41 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.engine.raft_put(KEY_PURGED, &log_id).map_err(io_err)?;
         self.writer
             .write(LogOp::PurgeTo(log_id.index))
-            .map_err(io_err)
+            .map_err(io_err)?;
+        // Purged entries are in a snapshot (one installed from the leader
+        // included): nothing up to them waits for a sync any more.
+        self.durable.advance(self.durable.epoch(), log_id.index);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Durable;
+
+    #[tokio::test]
+    async fn a_sync_from_before_a_truncation_does_not_count() {
+        let d = Durable::new(3);
+        d.wait(3).await;
+        let before = d.epoch();
+        // Entries 4..=9 written; the log is cut back to 5 before their sync ends.
+        d.reset(5);
+        d.advance(before, 9);
+        assert_eq!(
+            *d.index.borrow(),
+            5,
+            "a stale sync must not vouch for 6..=9"
+        );
+        let waiter = {
+            let d = std::sync::Arc::clone(&d);
+            tokio::spawn(async move { d.wait(7).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "7 is not durable yet");
+        d.advance(d.epoch(), 7);
+        waiter.await.unwrap();
+        // Only forward.
+        d.advance(d.epoch(), 6);
+        assert_eq!(*d.index.borrow(), 7);
     }
 }

@@ -5,7 +5,7 @@ mod log_store;
 mod network;
 mod state_machine;
 
-pub use log_store::LogStore;
+pub use log_store::{Durable, LogStore};
 pub use network::{connect, decode, encode, Network, Peers, CLUSTER_ID_HEADER, MAX_PEER_MESSAGE};
 
 /// Whether a failed peer call never reached the peer (no connection could
@@ -114,9 +114,12 @@ mod tests {
         async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
             let dir = tempfile::tempdir().map_err(io_err)?;
             let engine = crate::storage::Engine::open(dir.path()).map_err(io_err)?;
-            let log = LogStore::new(engine.clone(), |_| {});
+            let log = LogStore::new(engine.clone(), 1, |_| {})?;
             let state = Arc::new(KvState::open(engine, 2, 1).map_err(io_err)?);
-            Ok((dir, log, StateMachine::new(state)))
+            // The suite applies entries it never appended to the log: the
+            // state machine is tested on its own, every index durable.
+            let durable = Durable::new(u64::MAX);
+            Ok((dir, log, StateMachine::new(state, durable)))
         }
     }
 

@@ -115,11 +115,13 @@ pub fn connect(url: &str) -> Result<Channel> {
 #[derive(Clone)]
 pub struct Network {
     peers: Arc<Peers>,
+    durable: Arc<super::Durable>,
 }
 
 impl Network {
-    pub fn new(peers: Arc<Peers>) -> Self {
-        Self { peers }
+    /// `durable`: how far this member's log is on disk (see below).
+    pub fn new(peers: Arc<Peers>, durable: Arc<super::Durable>) -> Self {
+        Self { peers, durable }
     }
 }
 
@@ -128,6 +130,7 @@ pub struct Conn {
     target: u64,
     peers: Arc<Peers>,
     client: std::result::Result<PeerClient<Channel>, String>,
+    durable: Arc<super::Durable>,
     /// The AppendEntries stream, opened on first use, dropped on any error.
     stream: Option<AppendStream>,
 }
@@ -149,6 +152,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
                 .peers
                 .client(target, &node.peer_urls)
                 .map_err(|e| e.to_string()),
+            durable: self.durable.clone(),
             stream: None,
         }
     }
@@ -286,6 +290,13 @@ impl RaftNetwork<TypeConfig> for Conn {
         option: RPCOption,
     ) -> std::result::Result<AppendEntriesResponse<u64>, RPCError<u64, Member, RaftError<u64>>>
     {
+        // A leader reports its own entries written before their fsync ends
+        // (`raft::log_store`), so a commit index may count a copy that is not
+        // yet on its disk: followers learn it only once it is, and so never
+        // apply (or answer a client for) an entry a majority does not hold.
+        if let Some(commit) = &rpc.leader_commit {
+            self.durable.wait(commit.index).await;
+        }
         let msg = encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         // The stream is kept only while it works: any failure drops it.
         let stream = self.stream.take();

@@ -279,11 +279,13 @@ impl KvState {
 #[derive(Clone)]
 pub struct StateMachine {
     state: Arc<KvState>,
+    /// How far this member's log is on disk: nothing is applied before it is.
+    durable: Arc<super::log_store::Durable>,
 }
 
 impl StateMachine {
-    pub fn new(state: Arc<KvState>) -> Self {
-        Self { state }
+    pub fn new(state: Arc<KvState>, durable: Arc<super::log_store::Durable>) -> Self {
+        Self { state, durable }
     }
 }
 
@@ -326,6 +328,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: Send,
     {
         let entries: Vec<_> = entries.into_iter().collect();
+        // On the leader an entry can be committed before its own fsync has
+        // finished (`raft::log_store`): it is applied, and so answered, once
+        // it is on disk here too.
+        if let Some(last) = entries.last() {
+            self.durable.wait(last.log_id.index).await;
+        }
         if self.state.replicated.load(Ordering::Relaxed) {
             // With other members, let the Raft messages that are ready go
             // first (openraft shares this thread): a follower then answers

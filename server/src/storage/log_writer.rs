@@ -1,22 +1,15 @@
-//! Raft log writes: entries, truncations and purges, each one synced
-//! RocksDB write.
+//! Raft log writes: entries, truncations and purges, each a RocksDB write
+//! that is synced before it counts.
 //!
-//! On one member, writes are synced on the caller's thread: openraft's core,
-//! on the single-threaded runtime that also serves clients. The proposer
-//! keeps one Raft entry in flight, so there is nothing to overlap with the
-//! fsync, while handing it to another thread would add two thread wakeups
-//! (~50-70 µs each on a small VM) to every write.
-//!
-//! On the leader of several members, an append is written without sync and
-//! its fsync handed to a syncer thread ([`LogWriter::write_then_sync`]):
-//! openraft's core goes on to send the entries to the followers while the
-//! leader's own fsync runs, so the leader's and the followers' fsyncs
-//! overlap instead of adding up (etcd's leader does the same). Followers
-//! sync inline: they have nothing to overlap, and the handoff would cost
-//! them two thread switches per append (measured on a 2-core VM, 3 members,
-//! 64 clients: 7.6k puts/s with followers syncing on the thread, 9.1k
-//! inline). Durability is unchanged: an append is reported flushed only
-//! after its fsync.
+//! A write is synced either inline, on the caller's thread (openraft's core,
+//! on the single-threaded runtime that also serves clients), or in the
+//! background ([`LogWriter::write_then_sync`]): written now, its fsync run by
+//! a syncer thread that syncs everything queued by then at once. Which one is
+//! the log store's choice (`raft::log_store`): the leader's own appends are
+//! synced in the background, overlapping its fsync with the followers' and
+//! with the next batch, as etcd's leader does; a lone write on one member and
+//! every follower append are synced inline, which saves two thread wakeups
+//! (~50-70 µs on a small VM) when there is nothing to overlap.
 
 use std::sync::Arc;
 use std::time::Instant;
