@@ -112,27 +112,20 @@ impl LogStore {
         id: u64,
         on_sync: impl Fn(f64) + Send + Sync + 'static,
     ) -> Result<Self, StorageError> {
-        let writer = Arc::new(LogWriter::new(engine.clone(), on_sync));
-        let mut store = Self {
-            engine,
-            writer,
-            id,
-            vote: Arc::default(),
-            durable: Durable::new(0),
-            cache: Arc::default(),
-            background_sync: Arc::default(),
-        };
         // What is on disk at start is durable, as is what was purged (it is
         // in a snapshot).
-        let purged: Option<LogId> = store.engine.raft_get(KEY_PURGED).map_err(io_err)?;
-        let last = store
-            .last_on_disk()?
-            .map(|e| e.log_id.index)
-            .or(purged.map(|p| p.index))
-            .unwrap_or(0);
-        store.durable = Durable::new(last);
-        *store.vote.lock() = store.engine.raft_get(KEY_VOTE).map_err(io_err)?;
-        Ok(store)
+        let state = log_state(&engine)?;
+        let durable = Durable::new(state.last_log_id.map(|l| l.index).unwrap_or(0));
+        let vote = engine.raft_get(KEY_VOTE).map_err(io_err)?;
+        Ok(Self {
+            writer: Arc::new(LogWriter::new(engine.clone(), on_sync)),
+            engine,
+            id,
+            vote: Arc::new(Mutex::new(vote)),
+            durable,
+            cache: Arc::default(),
+            background_sync: Arc::default(),
+        })
     }
 
     /// The switch between inline and background syncs.
@@ -154,17 +147,25 @@ impl LogStore {
             && v.leader_id().voted_for() == Some(self.id)
             && entries.iter().all(|e| e.log_id.leader_id == *v.leader_id())
     }
+}
 
-    fn last_on_disk(&self) -> Result<Option<Entry<TypeConfig>>, StorageError> {
-        let cf = self.engine.cf(crate::storage::CF_LOG);
-        match self.engine.db.iterator_cf(cf, IteratorMode::End).next() {
-            Some(item) => {
-                let (_, v) = item.map_err(io_err)?;
-                Ok(Some(bincode::deserialize(&v).map_err(io_err)?))
-            }
-            None => Ok(None),
+/// The log's bounds on disk: the last purged entry and the last entry (the
+/// last purged one when the log is empty).
+fn log_state(engine: &Engine) -> Result<LogState<TypeConfig>, StorageError> {
+    let last_purged: Option<LogId> = engine.raft_get(KEY_PURGED).map_err(io_err)?;
+    let cf = engine.cf(crate::storage::CF_LOG);
+    let last = match engine.db.iterator_cf(cf, IteratorMode::End).next() {
+        Some(item) => {
+            let (_, v) = item.map_err(io_err)?;
+            let e: Entry<TypeConfig> = bincode::deserialize(&v).map_err(io_err)?;
+            Some(e.log_id)
         }
-    }
+        None => None,
+    };
+    Ok(LogState {
+        last_purged_log_id: last_purged,
+        last_log_id: last.or(last_purged),
+    })
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -209,13 +210,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let last_purged: Option<LogId> = self.engine.raft_get(KEY_PURGED).map_err(io_err)?;
-        let last = self.last_on_disk()?.map(|e| e.log_id);
-        let last_log_id = last.or(last_purged);
-        Ok(LogState {
-            last_purged_log_id: last_purged,
-            last_log_id,
-        })
+        log_state(&self.engine)
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -229,7 +224,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError> {
-        self.engine.raft_get(KEY_VOTE).map_err(io_err)
+        // Read from disk at open, kept by every save.
+        Ok(*self.vote.lock())
     }
 
     async fn append<I>(
