@@ -143,8 +143,11 @@ impl EtcdServer {
             .raft_get::<bool>(RESTORED_NEEDS_SNAPSHOT)?
             .unwrap_or(false);
         let restore_engine = engine.clone();
-        let log = LogStore::new(engine, identity.member_id, move |secs| fsync.observe(secs))
-            .map_err(Error::internal)?;
+        let wal = cfg.data_dir.join("member").join("cairn-wal");
+        let log = LogStore::new(engine, &wal, identity.member_id, move |secs| {
+            fsync.observe(secs)
+        })
+        .map_err(Error::internal)?;
         let log_background_sync = log.background_sync();
         let durable = log.durable();
         let election = cfg.election_timeout.as_millis() as u64;

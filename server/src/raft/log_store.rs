@@ -1,6 +1,8 @@
-//! The Raft log on RocksDB: entries by index, bincode-encoded. The newest
-//! entries are also kept in memory: openraft reads each committed entry back
-//! to apply it (and to replicate it), and those reads then cost no decoding.
+//! The Raft log: bincode-encoded entries in the log's own segment files
+//! (`storage::LogWriter`); the vote and the purged log id in RocksDB. The
+//! newest entries are also kept in memory: openraft reads each committed
+//! entry back to apply it (and to replicate it), and those reads then cost
+//! no decoding.
 //!
 //! Durability. openraft 0.9's core waits for every append to be reported on
 //! disk before it goes on (it replicates nothing meanwhile). A leader's own
@@ -26,7 +28,7 @@ use std::sync::Arc;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, EntryPayload, RaftLogReader, Vote};
 use parking_lot::Mutex;
-use rocksdb::IteratorMode;
+use rocksdb::{IteratorMode, WriteOptions};
 
 use super::{io_err, LogId, StorageError, TypeConfig};
 use crate::storage::{Engine, LogOp, LogWriter};
@@ -107,18 +109,23 @@ pub struct LogStore {
 }
 
 impl LogStore {
+    /// Opens the log kept in `dir` (with its vote and purge mark in `engine`).
     pub fn new(
         engine: Arc<Engine>,
+        dir: &std::path::Path,
         id: u64,
         on_sync: impl Fn(f64) + Send + Sync + 'static,
     ) -> Result<Self, StorageError> {
+        let purged: Option<LogId> = engine.raft_get(KEY_PURGED).map_err(io_err)?;
+        let writer = LogWriter::open(dir, purged.map(|l| l.index), on_sync).map_err(io_err)?;
+        move_log_out_of_rocksdb(&engine, &writer)?;
         // What is on disk at start is durable, as is what was purged (it is
         // in a snapshot).
-        let state = log_state(&engine)?;
+        let state = log_state(&engine, &writer)?;
         let durable = Durable::new(state.last_log_id.map(|l| l.index).unwrap_or(0));
         let vote = engine.raft_get(KEY_VOTE).map_err(io_err)?;
         Ok(Self {
-            writer: Arc::new(LogWriter::new(engine.clone(), on_sync)),
+            writer: Arc::new(writer),
             engine,
             id,
             vote: Arc::new(Mutex::new(vote)),
@@ -149,14 +156,43 @@ impl LogStore {
     }
 }
 
+/// Data directories written before the log had files of its own kept it in
+/// RocksDB's `log` column family: such a log moves to the files (synced)
+/// before it leaves RocksDB.
+fn move_log_out_of_rocksdb(engine: &Engine, writer: &LogWriter) -> Result<(), StorageError> {
+    let cf = engine.cf(crate::storage::CF_LOG);
+    let mut entries = Vec::new();
+    for item in engine.db.iterator_cf(cf, IteratorMode::Start) {
+        let (k, v) = item.map_err(io_err)?;
+        let index = u64::from_be_bytes(k.as_ref().try_into().map_err(io_err)?);
+        entries.push((index, v.to_vec()));
+    }
+    if entries.is_empty() {
+        return Ok(());
+    }
+    if !writer.is_empty() {
+        return Err(io_err(
+            "the Raft log is both in RocksDB and in its own files: refusing to choose",
+        ));
+    }
+    tracing::info!(
+        entries = entries.len(),
+        "moving the Raft log out of RocksDB"
+    );
+    writer.write(LogOp::Append(entries)).map_err(io_err)?;
+    let mut wo = WriteOptions::default();
+    wo.set_sync(true);
+    let mut batch = rocksdb::WriteBatch::default();
+    batch.delete_range_cf(cf, 0u64.to_be_bytes(), u64::MAX.to_be_bytes());
+    engine.db.write_opt(batch, &wo).map_err(io_err)
+}
+
 /// The log's bounds on disk: the last purged entry and the last entry (the
 /// last purged one when the log is empty).
-fn log_state(engine: &Engine) -> Result<LogState<TypeConfig>, StorageError> {
+fn log_state(engine: &Engine, writer: &LogWriter) -> Result<LogState<TypeConfig>, StorageError> {
     let last_purged: Option<LogId> = engine.raft_get(KEY_PURGED).map_err(io_err)?;
-    let cf = engine.cf(crate::storage::CF_LOG);
-    let last = match engine.db.iterator_cf(cf, IteratorMode::End).next() {
-        Some(item) => {
-            let (_, v) = item.map_err(io_err)?;
+    let last = match writer.last().map_err(io_err)? {
+        Some((_, v)) => {
             let e: Entry<TypeConfig> = bincode::deserialize(&v).map_err(io_err)?;
             Some(e.log_id)
         }
@@ -187,22 +223,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
                 return Ok(cache.range(range).map(|(_, e)| e.clone()).collect());
             }
         }
-        let mut out = Vec::new();
-        let cf = self.engine.cf(crate::storage::CF_LOG);
-        let from = start.to_be_bytes();
-        for item in self
-            .engine
-            .db
-            .iterator_cf(cf, IteratorMode::From(&from, rocksdb::Direction::Forward))
-        {
-            let (k, v) = item.map_err(io_err)?;
-            let idx = u64::from_be_bytes(k.as_ref().try_into().map_err(io_err)?);
-            if !range.contains(&idx) {
-                break;
-            }
-            out.push(bincode::deserialize(&v).map_err(io_err)?);
-        }
-        Ok(out)
+        self.writer
+            .read(range)
+            .map_err(io_err)?
+            .into_iter()
+            .map(|(_, v)| bincode::deserialize(&v).map_err(io_err))
+            .collect()
     }
 }
 
@@ -210,7 +236,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        log_state(&self.engine)
+        log_state(&self.engine, &self.writer)
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -315,6 +341,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         self.cache.lock().retain(|i, _| *i > log_id.index);
+        // The state machine's writes are not synced as they are applied (a
+        // crash re-applies them from the log): they must be on disk before
+        // the entries that would re-apply them go. The purge mark's synced
+        // write syncs RocksDB's WAL, and with it every write before it.
         self.engine.raft_put(KEY_PURGED, &log_id).map_err(io_err)?;
         self.writer
             .write(LogOp::PurgeTo(log_id.index))
