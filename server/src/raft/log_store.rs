@@ -358,7 +358,50 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
 #[cfg(test)]
 mod tests {
-    use super::Durable;
+    use super::*;
+
+    #[tokio::test]
+    async fn a_log_left_in_rocksdb_by_an_earlier_version_moves_to_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(&dir.path().join("db")).unwrap();
+        let wal = dir.path().join("wal");
+        let leader = openraft::CommittedLeaderId::new(3, 1);
+        let entries: Vec<Entry<TypeConfig>> = (0..5)
+            .map(|i| Entry {
+                log_id: LogId::new(leader, i),
+                payload: EntryPayload::Blank,
+            })
+            .collect();
+        let cf = engine.cf(crate::storage::CF_LOG);
+        for e in &entries {
+            let bytes = bincode::serialize(e).unwrap();
+            engine
+                .db
+                .put_cf(cf, e.log_id.index.to_be_bytes(), bytes)
+                .unwrap();
+        }
+        let ids = |es: &[Entry<TypeConfig>]| es.iter().map(|e| e.log_id).collect::<Vec<_>>();
+
+        let mut store = LogStore::new(engine.clone(), &wal, 1, |_| {}).unwrap();
+        let got = store.try_get_log_entries(0..5).await.unwrap();
+        assert_eq!(ids(&got), ids(&entries));
+        assert!(
+            engine
+                .db
+                .iterator_cf(cf, IteratorMode::Start)
+                .next()
+                .is_none(),
+            "the old copy is still in RocksDB"
+        );
+        drop(store);
+
+        // Read back from the files alone.
+        let mut store = LogStore::new(engine.clone(), &wal, 1, |_| {}).unwrap();
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id, Some(entries[4].log_id));
+        let got = store.try_get_log_entries(0..5).await.unwrap();
+        assert_eq!(ids(&got), ids(&entries));
+    }
 
     #[tokio::test]
     async fn a_sync_from_before_a_truncation_does_not_count() {
