@@ -427,28 +427,42 @@ impl EtcdServer {
     /// heartbeat round to a quorum; on any other member the leader's read
     /// index, then waiting until this member has applied up to it.
     async fn confirm_reads(&self) -> Result<()> {
-        let deadline = self.request_timeout();
-        let round = async {
-            if self.is_leader() {
-                let _gate = self.transfer_gate.read().await;
-                return match self.raft.ensure_linearizable().await {
-                    Ok(_) => Ok(()),
-                    Err(e) => Err(check_leader_err(e)),
-                };
+        let timeout = self.request_timeout();
+        let until = tokio::time::Instant::now() + timeout;
+        let rounds = async {
+            loop {
+                match self.read_round(timeout).await {
+                    // A round that did not hear from a quorum in time (one
+                    // slow or lost heartbeat) is tried again until the request
+                    // times out, as etcd's read loop retries its ReadIndex.
+                    Err(Error::Timeout) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    r => return r,
+                }
             }
-            let mut leader = self.leader_client()?;
-            let index = leader
-                .read_index(self.peers.request(ReadIndexRequest {}))
-                .await
-                .map_err(|s| Error::from_peer(&s))?
-                .into_inner()
-                .index;
-            self.wait_applied(index, deadline).await
         };
-        match tokio::time::timeout(deadline, round).await {
+        match tokio::time::timeout_at(until, rounds).await {
             Ok(r) => r,
             Err(_) => Err(Error::Timeout),
         }
+    }
+
+    /// One read-index round (see [`Self::confirm_reads`]).
+    async fn read_round(&self, timeout: Duration) -> Result<()> {
+        if self.is_leader() {
+            let _gate = self.transfer_gate.read().await;
+            return match self.raft.ensure_linearizable().await {
+                Ok(_) => Ok(()),
+                Err(e) => Err(check_leader_err(e)),
+            };
+        }
+        let mut leader = self.leader_client()?;
+        let index = leader
+            .read_index(self.peers.request(ReadIndexRequest {}))
+            .await
+            .map_err(|s| Error::from_peer(&s))?
+            .into_inner()
+            .index;
+        self.wait_applied(index, timeout).await
     }
 
     /// Waits until this member has applied log index `index`.
