@@ -688,23 +688,34 @@ mod tests {
         let end = w.inner.lock().write_offset;
         w.write(LogOp::Append(entries(6..=6, "a"))).unwrap();
         drop(w);
-        // The last record half on disk: flip a byte of its payload.
-        let path = segment_path(dir.path(), 0);
-        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(b"X", end + (RECORD_HEADER + RECORD_PREFIX) as u64 + 1)
-            .unwrap();
-        // And stray bytes further on, as a write that reached the disk in part
-        // may leave them.
-        f.write_all_at(b"stray", end + 4000).unwrap();
-        drop(f);
+        // The last record half on disk: flip a byte of its payload; and stray
+        // bytes further on, as a write that reached the disk in part may leave.
+        overwrite(
+            dir.path(),
+            end + (RECORD_HEADER + RECORD_PREFIX) as u64 + 1,
+            b"X",
+        );
+        overwrite(dir.path(), end + 4000, b"stray");
+        reads_1_to_5_then_goes_on(dir.path());
+    }
 
-        let w = open(dir.path(), None, SEGMENT_BYTES);
+    /// Writes `bytes` at `offset` of segment 0, as a crash or a disk might.
+    fn overwrite(dir: &Path, offset: u64, bytes: &[u8]) {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(segment_path(dir, 0))
+            .unwrap();
+        f.write_all_at(bytes, offset).unwrap();
+    }
+
+    /// The log in `dir` reads back as entries 1 to 5 of tag "a", takes a
+    /// new entry 6 and reads back with it (and nothing else) once reopened.
+    fn reads_1_to_5_then_goes_on(dir: &Path) {
+        let w = open(dir, None, SEGMENT_BYTES);
         assert_eq!(all(&w), expect(1..=5, "a"));
-        // Rewritten in place of the torn record: the bytes after the new,
-        // shorter record must not come back as entries.
         w.write(LogOp::Append(vec![(6, b"z".to_vec())])).unwrap();
         drop(w);
-        let w = open(dir.path(), None, SEGMENT_BYTES);
+        let w = open(dir, None, SEGMENT_BYTES);
         let mut want = expect(1..=5, "a");
         want.push((6, "z".into()));
         assert_eq!(all(&w), want);
@@ -721,20 +732,13 @@ mod tests {
         drop(w);
         let mut stale = Vec::new();
         encode_record(&mut stale, KIND_ENTRY, 7, b"stale");
-        let next = (RECORD_HEADER + RECORD_PREFIX + 1) as u64;
-        let path = segment_path(dir.path(), 0);
-        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(&stale, end + next).unwrap();
-        drop(f);
-
-        let w = open(dir.path(), None, SEGMENT_BYTES);
-        assert_eq!(all(&w), expect(1..=5, "a"));
-        w.write(LogOp::Append(vec![(6, b"z".to_vec())])).unwrap();
-        drop(w);
-        let w = open(dir.path(), None, SEGMENT_BYTES);
-        let mut want = expect(1..=5, "a");
-        want.push((6, "z".into()));
-        assert_eq!(all(&w), want);
+        // Where a one-byte entry 6 would end.
+        overwrite(
+            dir.path(),
+            end + (RECORD_HEADER + RECORD_PREFIX + 1) as u64,
+            &stale,
+        );
+        reads_1_to_5_then_goes_on(dir.path());
     }
 
     #[test]
@@ -745,10 +749,7 @@ mod tests {
             w.write(LogOp::Append(entries(i..=i, "a"))).unwrap();
         }
         drop(w);
-        let path = segment_path(dir.path(), 0);
-        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(b"XX", SEGMENT_HEADER + 12).unwrap();
-        drop(f);
+        overwrite(dir.path(), SEGMENT_HEADER + 12, b"XX");
         let err = LogWriter::open_with(dir.path(), None, 128, |_| {})
             .err()
             .expect("a damaged older segment must not open");
