@@ -121,7 +121,7 @@ impl LogStore {
         move_log_out_of_rocksdb(&engine, &writer)?;
         // What is on disk at start is durable, as is what was purged (it is
         // in a snapshot).
-        let state = log_state(&engine, &writer)?;
+        let state = log_state(purged, &writer)?;
         let durable = Durable::new(state.last_log_id.map(|l| l.index).unwrap_or(0));
         let vote = engine.raft_get(KEY_VOTE).map_err(io_err)?;
         Ok(Self {
@@ -187,10 +187,12 @@ fn move_log_out_of_rocksdb(engine: &Engine, writer: &LogWriter) -> Result<(), St
     engine.db.write_opt(batch, &wo).map_err(io_err)
 }
 
-/// The log's bounds on disk: the last purged entry and the last entry (the
-/// last purged one when the log is empty).
-fn log_state(engine: &Engine, writer: &LogWriter) -> Result<LogState<TypeConfig>, StorageError> {
-    let last_purged: Option<LogId> = engine.raft_get(KEY_PURGED).map_err(io_err)?;
+/// The log's bounds on disk, given the last purged entry: that and the last
+/// entry (the last purged one when the log is empty).
+fn log_state(
+    last_purged: Option<LogId>,
+    writer: &LogWriter,
+) -> Result<LogState<TypeConfig>, StorageError> {
     let last = match writer.last().map_err(io_err)? {
         Some((_, v)) => {
             let e: Entry<TypeConfig> = bincode::deserialize(&v).map_err(io_err)?;
@@ -236,7 +238,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        log_state(&self.engine, &self.writer)
+        let purged = self.engine.raft_get(KEY_PURGED).map_err(io_err)?;
+        log_state(purged, &self.writer)
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {

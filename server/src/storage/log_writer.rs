@@ -171,6 +171,16 @@ fn encode_record(out: &mut Vec<u8>, kind: u8, index: u64, payload: &[u8]) {
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// Records entry `i` at `loc`: it replaces the entry at its index and drops
+/// all after it (openraft truncates before it overwrites; this keeps a log
+/// read back consistent either way).
+fn place_entry(index: &mut BTreeMap<u64, Loc>, i: u64, loc: Loc) {
+    if index.last_key_value().is_some_and(|(last, _)| *last >= i) {
+        index.split_off(&i);
+    }
+    index.insert(i, loc);
+}
+
 /// A segment read back: where its valid records end, whether a damaged
 /// record was found there, and the highest index its records name.
 struct Replayed {
@@ -233,20 +243,15 @@ fn replay_segment(
         }
         let i = u64::from_le_bytes(body[1..9].try_into().expect("8 bytes"));
         match body[0] {
-            KIND_ENTRY => {
-                // An entry replaces the one at its index and drops all after
-                // it (openraft truncates before it overwrites; this keeps a
-                // log read back consistent either way).
-                index.split_off(&i);
-                index.insert(
-                    i,
-                    Loc {
-                        seq,
-                        offset: off + (RECORD_HEADER + RECORD_PREFIX) as u64,
-                        len: (len - RECORD_PREFIX) as u32,
-                    },
-                );
-            }
+            KIND_ENTRY => place_entry(
+                index,
+                i,
+                Loc {
+                    seq,
+                    offset: off + (RECORD_HEADER + RECORD_PREFIX) as u64,
+                    len: (len - RECORD_PREFIX) as u32,
+                },
+            ),
             KIND_TRUNCATE => {
                 index.split_off(&i);
             }
@@ -309,20 +314,15 @@ impl LogWriter {
                 // Older segments were synced whole before the next one began.
                 return Err(corrupt(&path, r.end, "damaged record"));
             }
-            if newest && r.end < SEGMENT_HEADER {
-                // Torn while being created: it never held a record.
+            if newest && r.end <= SEGMENT_HEADER {
+                // No record in it (or torn while being created): nothing to keep.
+                drop(file);
                 std::fs::remove_file(&path)?;
                 continue;
             }
             if newest {
                 if r.torn {
                     tracing::warn!(path = %path.display(), offset = r.end, "raft log: cut an incomplete write at the end");
-                }
-                if r.end <= SEGMENT_HEADER {
-                    // No record in it: nothing to keep.
-                    drop(file);
-                    std::fs::remove_file(&path)?;
-                    continue;
                 }
                 file.set_len(r.end)?;
                 file.sync_all()?;
@@ -429,10 +429,7 @@ impl LogWriter {
         {
             // The full segment is synced before the next one starts, so
             // only the newest segment can ever hold a torn record.
-            let full = inner.current().file.clone();
-            let start = Instant::now();
-            full.sync_data()?;
-            (self.on_sync)(start.elapsed().as_secs_f64());
+            self.sync(&inner.current().file)?;
             let seq = inner.current().seq + 1;
             self.add_segment(inner, seq)?;
         }
@@ -464,21 +461,12 @@ impl LogWriter {
                 }
                 let (file, seq, at) = self.append_records(&mut inner, &buf, max)?;
                 for ((i, bytes), start) in entries.iter().zip(starts) {
-                    if inner
-                        .index
-                        .last_key_value()
-                        .is_some_and(|(last, _)| last >= i)
-                    {
-                        inner.index.split_off(i);
-                    }
-                    inner.index.insert(
-                        *i,
-                        Loc {
-                            seq,
-                            offset: at + start + (RECORD_HEADER + RECORD_PREFIX) as u64,
-                            len: bytes.len() as u32,
-                        },
-                    );
+                    let loc = Loc {
+                        seq,
+                        offset: at + start + (RECORD_HEADER + RECORD_PREFIX) as u64,
+                        len: bytes.len() as u32,
+                    };
+                    place_entry(&mut inner.index, *i, loc);
                 }
                 Ok(Some(file))
             }
@@ -501,14 +489,20 @@ impl LogWriter {
         }
     }
 
+    /// Syncs `file` on the caller's thread, timed for the metrics.
+    fn sync(&self, file: &File) -> io::Result<()> {
+        let start = Instant::now();
+        file.sync_data()?;
+        (self.on_sync)(start.elapsed().as_secs_f64());
+        Ok(())
+    }
+
     /// Applies `op` and returns once it is on disk.
     pub fn write(&self, op: LogOp) -> io::Result<()> {
-        if let Some(file) = self.apply(op)? {
-            let start = Instant::now();
-            file.sync_data()?;
-            (self.on_sync)(start.elapsed().as_secs_f64());
+        match self.apply(op)? {
+            Some(file) => self.sync(&file),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Applies `op` now and calls `done` once it is on disk: syncs happen in
