@@ -143,8 +143,8 @@ impl EtcdServer {
             .raft_get::<bool>(RESTORED_NEEDS_SNAPSHOT)?
             .unwrap_or(false);
         let restore_engine = engine.clone();
-        let wal = cfg.data_dir.join("member").join("cairn-wal");
-        let log = LogStore::new(engine, &wal, identity.member_id, move |secs| {
+        let legacy_log = cfg.data_dir.join("member").join("cairn-wal");
+        let log = LogStore::new(engine, &legacy_log, identity.member_id, move |secs| {
             fsync.observe(secs)
         })
         .map_err(Error::internal)?;

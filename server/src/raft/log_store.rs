@@ -1,8 +1,6 @@
-//! The Raft log: bincode-encoded entries in the log's own segment files
-//! (`storage::LogWriter`); the vote and the purged log id in RocksDB. The
-//! newest entries are also kept in memory: openraft reads each committed
-//! entry back to apply it (and to replicate it), and those reads then cost
-//! no decoding.
+//! The Raft log on RocksDB: entries by index, bincode-encoded. The newest
+//! entries are also kept in memory: openraft reads each committed entry back
+//! to apply it (and to replicate it), and those reads then cost no decoding.
 //!
 //! Durability. openraft 0.9's core waits for every append to be reported on
 //! disk before it goes on (it replicates nothing meanwhile). A leader's own
@@ -28,7 +26,7 @@ use std::sync::Arc;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, EntryPayload, RaftLogReader, Vote};
 use parking_lot::Mutex;
-use rocksdb::{IteratorMode, WriteOptions};
+use rocksdb::IteratorMode;
 
 use super::{io_err, LogId, StorageError, TypeConfig};
 use crate::storage::{Engine, LogOp, LogWriter};
@@ -109,23 +107,23 @@ pub struct LogStore {
 }
 
 impl LogStore {
-    /// Opens the log kept in `dir` (with its vote and purge mark in `engine`).
+    /// Opens the log in `engine`, first moving into it a log that an
+    /// earlier build left in files under `legacy_dir` (see
+    /// [`crate::storage::log_files`]).
     pub fn new(
         engine: Arc<Engine>,
-        dir: &std::path::Path,
+        legacy_dir: &std::path::Path,
         id: u64,
         on_sync: impl Fn(f64) + Send + Sync + 'static,
     ) -> Result<Self, StorageError> {
-        let purged: Option<LogId> = engine.raft_get(KEY_PURGED).map_err(io_err)?;
-        let writer = LogWriter::open(dir, purged.map(|l| l.index), on_sync).map_err(io_err)?;
-        move_log_out_of_rocksdb(&engine, &writer)?;
+        move_log_files_into_rocksdb(&engine, legacy_dir)?;
         // What is on disk at start is durable, as is what was purged (it is
         // in a snapshot).
-        let state = log_state(purged, &writer)?;
+        let state = log_state(&engine)?;
         let durable = Durable::new(state.last_log_id.map(|l| l.index).unwrap_or(0));
         let vote = engine.raft_get(KEY_VOTE).map_err(io_err)?;
         Ok(Self {
-            writer: Arc::new(writer),
+            writer: Arc::new(LogWriter::new(engine.clone(), on_sync)),
             engine,
             id,
             vote: Arc::new(Mutex::new(vote)),
@@ -156,45 +154,49 @@ impl LogStore {
     }
 }
 
-/// Data directories written before the log had files of its own kept it in
-/// RocksDB's `log` column family: such a log moves to the files (synced)
-/// before it leaves RocksDB.
-fn move_log_out_of_rocksdb(engine: &Engine, writer: &LogWriter) -> Result<(), StorageError> {
+/// Builds between 146416b and 816ab1f kept the log in files of its own:
+/// such a log moves into RocksDB (synced) before the files go. If RocksDB
+/// already holds a log, the files are a copy left by an interrupted move (a
+/// move either way writes the new copy, synced, before it removes the old),
+/// and RocksDB's copy is the log.
+fn move_log_files_into_rocksdb(engine: &Engine, dir: &std::path::Path) -> Result<(), StorageError> {
+    use crate::storage::log_files;
+    if log_files::segments(dir).map_err(io_err)?.is_empty() {
+        return log_files::remove(dir).map_err(io_err);
+    }
     let cf = engine.cf(crate::storage::CF_LOG);
-    let mut entries = Vec::new();
-    for item in engine.db.iterator_cf(cf, IteratorMode::Start) {
-        let (k, v) = item.map_err(io_err)?;
-        let index = u64::from_be_bytes(k.as_ref().try_into().map_err(io_err)?);
-        entries.push((index, v.to_vec()));
+    if engine
+        .db
+        .iterator_cf(cf, IteratorMode::Start)
+        .next()
+        .is_none()
+    {
+        let purged: Option<LogId> = engine.raft_get(KEY_PURGED).map_err(io_err)?;
+        let entries = log_files::read(dir, purged.map(|l| l.index)).map_err(io_err)?;
+        tracing::info!(
+            entries = entries.len(),
+            dir = %dir.display(),
+            "moving the Raft log from its files into RocksDB"
+        );
+        let mut batch = rocksdb::WriteBatch::default();
+        for (index, bytes) in entries {
+            batch.put_cf(cf, index.to_be_bytes(), bytes);
+        }
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        engine.db.write_opt(batch, &wo).map_err(io_err)?;
     }
-    if entries.is_empty() {
-        return Ok(());
-    }
-    if !writer.is_empty() {
-        return Err(io_err(
-            "the Raft log is both in RocksDB and in its own files: refusing to choose",
-        ));
-    }
-    tracing::info!(
-        entries = entries.len(),
-        "moving the Raft log out of RocksDB"
-    );
-    writer.write(LogOp::Append(entries)).map_err(io_err)?;
-    let mut wo = WriteOptions::default();
-    wo.set_sync(true);
-    let mut batch = rocksdb::WriteBatch::default();
-    batch.delete_range_cf(cf, 0u64.to_be_bytes(), u64::MAX.to_be_bytes());
-    engine.db.write_opt(batch, &wo).map_err(io_err)
+    log_files::remove(dir).map_err(io_err)
 }
 
-/// The log's bounds on disk, given the last purged entry: that and the last
-/// entry (the last purged one when the log is empty).
-fn log_state(
-    last_purged: Option<LogId>,
-    writer: &LogWriter,
-) -> Result<LogState<TypeConfig>, StorageError> {
-    let last = match writer.last().map_err(io_err)? {
-        Some((_, v)) => {
+/// The log's bounds on disk: the last purged entry and the last entry (the
+/// last purged one when the log is empty).
+fn log_state(engine: &Engine) -> Result<LogState<TypeConfig>, StorageError> {
+    let last_purged: Option<LogId> = engine.raft_get(KEY_PURGED).map_err(io_err)?;
+    let cf = engine.cf(crate::storage::CF_LOG);
+    let last = match engine.db.iterator_cf(cf, IteratorMode::End).next() {
+        Some(item) => {
+            let (_, v) = item.map_err(io_err)?;
             let e: Entry<TypeConfig> = bincode::deserialize(&v).map_err(io_err)?;
             Some(e.log_id)
         }
@@ -225,12 +227,22 @@ impl RaftLogReader<TypeConfig> for LogStore {
                 return Ok(cache.range(range).map(|(_, e)| e.clone()).collect());
             }
         }
-        self.writer
-            .read(range)
-            .map_err(io_err)?
-            .into_iter()
-            .map(|(_, v)| bincode::deserialize(&v).map_err(io_err))
-            .collect()
+        let mut out = Vec::new();
+        let cf = self.engine.cf(crate::storage::CF_LOG);
+        let from = start.to_be_bytes();
+        for item in self
+            .engine
+            .db
+            .iterator_cf(cf, IteratorMode::From(&from, rocksdb::Direction::Forward))
+        {
+            let (k, v) = item.map_err(io_err)?;
+            let idx = u64::from_be_bytes(k.as_ref().try_into().map_err(io_err)?);
+            if !range.contains(&idx) {
+                break;
+            }
+            out.push(bincode::deserialize(&v).map_err(io_err)?);
+        }
+        Ok(out)
     }
 }
 
@@ -238,8 +250,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let purged = self.engine.raft_get(KEY_PURGED).map_err(io_err)?;
-        log_state(purged, &self.writer)
+        log_state(&self.engine)
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -344,10 +355,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         self.cache.lock().retain(|i, _| *i > log_id.index);
-        // The state machine's writes are not synced as they are applied (a
-        // crash re-applies them from the log): they must be on disk before
-        // the entries that would re-apply them go. The purge mark's synced
-        // write syncs RocksDB's WAL, and with it every write before it.
         self.engine.raft_put(KEY_PURGED, &log_id).map_err(io_err)?;
         self.writer
             .write(LogOp::PurgeTo(log_id.index))
@@ -362,46 +369,49 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::log_files::tests::write_segment;
+
+    fn blank(index: u64) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(3, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
 
     #[tokio::test]
-    async fn a_log_left_in_rocksdb_by_an_earlier_version_moves_to_the_files() {
+    async fn a_log_left_in_files_by_an_earlier_build_moves_into_rocksdb() {
         let dir = tempfile::tempdir().unwrap();
         let engine = Engine::open(&dir.path().join("db")).unwrap();
-        let wal = dir.path().join("wal");
-        let leader = openraft::CommittedLeaderId::new(3, 1);
-        let entries: Vec<Entry<TypeConfig>> = (0..5)
-            .map(|i| Entry {
-                log_id: LogId::new(leader, i),
-                payload: EntryPayload::Blank,
-            })
+        let files = dir.path().join("cairn-wal");
+        let entries: Vec<Entry<TypeConfig>> = (0..5).map(blank).collect();
+        let encoded: Vec<Vec<u8>> = entries
+            .iter()
+            .map(|e| bincode::serialize(e).unwrap())
             .collect();
-        let cf = engine.cf(crate::storage::CF_LOG);
-        for e in &entries {
-            let bytes = bincode::serialize(e).unwrap();
-            engine
-                .db
-                .put_cf(cf, e.log_id.index.to_be_bytes(), bytes)
-                .unwrap();
-        }
+        let records: Vec<(u8, u64, &[u8])> = encoded
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (1, i as u64, b.as_slice()))
+            .collect();
+        write_segment(&files, 0, &records[..3]);
+        write_segment(&files, 1, &records[3..]);
         let ids = |es: &[Entry<TypeConfig>]| es.iter().map(|e| e.log_id).collect::<Vec<_>>();
 
-        let mut store = LogStore::new(engine.clone(), &wal, 1, |_| {}).unwrap();
+        let mut store = LogStore::new(engine.clone(), &files, 1, |_| {}).unwrap();
+        assert!(!files.exists(), "the files are left behind");
+        assert_eq!(
+            store.get_log_state().await.unwrap().last_log_id,
+            Some(entries[4].log_id)
+        );
         let got = store.try_get_log_entries(0..5).await.unwrap();
         assert_eq!(ids(&got), ids(&entries));
-        assert!(
-            engine
-                .db
-                .iterator_cf(cf, IteratorMode::Start)
-                .next()
-                .is_none(),
-            "the old copy is still in RocksDB"
-        );
         drop(store);
 
-        // Read back from the files alone.
-        let mut store = LogStore::new(engine.clone(), &wal, 1, |_| {}).unwrap();
-        let state = store.get_log_state().await.unwrap();
-        assert_eq!(state.last_log_id, Some(entries[4].log_id));
+        // A stale copy of the files beside a log in RocksDB (a move cut
+        // short) is removed, and RocksDB's log is kept.
+        write_segment(&files, 0, &records[..1]);
+        let mut store = LogStore::new(engine.clone(), &files, 1, |_| {}).unwrap();
+        assert!(!files.exists());
         let got = store.try_get_log_entries(0..5).await.unwrap();
         assert_eq!(ids(&got), ids(&entries));
     }

@@ -113,8 +113,8 @@ mod tests {
     {
         async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
             let dir = tempfile::tempdir().map_err(io_err)?;
-            let engine = crate::storage::Engine::open(&dir.path().join("db")).map_err(io_err)?;
-            let log = LogStore::new(engine.clone(), &dir.path().join("wal"), 1, |_| {})?;
+            let engine = crate::storage::Engine::open(dir.path()).map_err(io_err)?;
+            let log = LogStore::new(engine.clone(), &dir.path().join("cairn-wal"), 1, |_| {})?;
             let state = Arc::new(KvState::open(engine, 2, 1).map_err(io_err)?);
             // The suite applies entries it never appended to the log: the
             // state machine is tested on its own, every index durable.

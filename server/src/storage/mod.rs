@@ -1,9 +1,7 @@
-//! Durable storage: the Raft log in files of its own ([`LogWriter`], as
-//! etcd keeps its WAL), everything else in one RocksDB database, a column
-//! family per concern:
+//! Durable storage on RocksDB: one database, a column family per concern.
 //!
-//! - `log`: unused since the log moved to its own files (a log found there,
-//!   written by an earlier version, is moved out at open);
+//! - `log`: Raft entries by index (big-endian), each append fsynced before
+//!   it is acknowledged;
 //! - `raft`: the vote and the purged log id (the committed index is not
 //!   stored: after a restart entries are applied once a leader confirms them);
 //! - `kv`: MVCC history by revision (main, sub), see [`crate::mvcc`];
@@ -11,13 +9,16 @@
 //! - `meta`: applied log id, membership, current and compacted revision,
 //!   cluster identity, alarms.
 //!
-//! State-machine writes are not fsynced as they are applied: a crash before
-//! they reach the disk is repaired by re-applying the (durable) log from the
+//! State-machine writes are not fsynced themselves: they share the RocksDB
+//! WAL with the log, so the next synced log write makes them durable, and a
+//! crash before that is repaired by re-applying the (durable) log from the
 //! persisted applied id, which is written in the same batch as the data.
-//! Before log entries are purged, the synced write of the purge mark syncs
-//! RocksDB's WAL, and with it every state-machine write before it.
+//!
+//! [`log_files`] reads the Raft log that some earlier builds kept in files
+//! of their own, to move it back into RocksDB at open.
 
 mod engine;
+pub mod log_files;
 mod log_writer;
 
 pub use engine::{dec, decode_record, encode_record, Engine, Identity, StateMeta, View, CF_LOG};

@@ -1,0 +1,207 @@
+//! Reads a Raft log left in segment files by cairn builds that kept the log
+//! outside RocksDB (`<data-dir>/member/cairn-wal`), so that it can be moved
+//! back into RocksDB at open. Nothing writes this format any more.
+//!
+//! Layout: `<dir>/<seq as 16 hex digits>.wal`, each starting with the magic
+//! `cairnwal` and its sequence number (u64), then records
+//! `[length u32][crc32 u32][kind u8][index u64][payload]`, length and CRC
+//! covering kind, index and payload, all little-endian. An entry record holds
+//! one encoded Raft entry and replaces the entry at its index and every entry
+//! after it; a truncation record drops every entry at and after its index.
+//! A length of zero (or the file's end) ends a segment. Only the newest
+//! segment may end in a damaged record (a write that never completed, so was
+//! never acknowledged); damage in an older one is an error.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 8] = b"cairnwal";
+const SEGMENT_HEADER: usize = 16;
+const RECORD_HEADER: usize = 8;
+/// Kind and index, before the payload.
+const RECORD_PREFIX: usize = 9;
+const KIND_ENTRY: u8 = 1;
+const KIND_TRUNCATE: u8 = 2;
+
+fn corrupt(path: &Path, offset: usize, what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("raft log {} at offset {offset}: {what}", path.display()),
+    )
+}
+
+/// The segment files in `dir`, oldest first (none if `dir` does not exist).
+pub fn segments(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut seqs = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    for e in entries {
+        let name = e?.file_name();
+        if let Some(hex) = name.to_string_lossy().strip_suffix(".wal") {
+            if let Ok(seq) = u64::from_str_radix(hex, 16) {
+                seqs.push(seq);
+            }
+        }
+    }
+    seqs.sort_unstable();
+    Ok(seqs
+        .into_iter()
+        .map(|s| dir.join(format!("{s:016x}.wal")))
+        .collect())
+}
+
+/// The entries (index, encoded entry) that the files in `dir` hold after
+/// `purged`, in index order.
+pub fn read(dir: &Path, purged: Option<u64>) -> io::Result<Vec<(u64, Vec<u8>)>> {
+    let paths = segments(dir)?;
+    let mut log = BTreeMap::new();
+    for (k, path) in paths.iter().enumerate() {
+        let newest = k + 1 == paths.len();
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)?.read_to_end(&mut bytes)?;
+        if bytes.len() < SEGMENT_HEADER {
+            if newest {
+                // Torn while being created: no record in it.
+                continue;
+            }
+            return Err(corrupt(path, 0, "truncated segment header"));
+        }
+        let seq = path
+            .file_stem()
+            .and_then(|s| u64::from_str_radix(&s.to_string_lossy(), 16).ok())
+            .expect("listed by name");
+        if &bytes[..8] != MAGIC || bytes[8..16] != seq.to_le_bytes() {
+            return Err(corrupt(path, 0, "not a cairn log segment"));
+        }
+        let mut off = SEGMENT_HEADER;
+        while off + RECORD_HEADER <= bytes.len() {
+            let len = u32::from_le_bytes(bytes[off..off + 4].try_into().expect("4 bytes")) as usize;
+            if len == 0 {
+                break;
+            }
+            let crc = u32::from_le_bytes(bytes[off + 4..off + 8].try_into().expect("4 bytes"));
+            let body = bytes.get(off + RECORD_HEADER..off + RECORD_HEADER + len);
+            let whole = body.filter(|b| len >= RECORD_PREFIX && crc32fast::hash(b) == crc);
+            let Some(body) = whole else {
+                if newest {
+                    break;
+                }
+                return Err(corrupt(path, off, "damaged record"));
+            };
+            let i = u64::from_le_bytes(body[1..9].try_into().expect("8 bytes"));
+            match body[0] {
+                KIND_ENTRY => {
+                    log.split_off(&i);
+                    log.insert(i, body[RECORD_PREFIX..].to_vec());
+                }
+                KIND_TRUNCATE => {
+                    log.split_off(&i);
+                }
+                _ => return Err(corrupt(path, off, "unknown record kind")),
+            }
+            off += RECORD_HEADER + len;
+        }
+    }
+    if let Some(p) = purged {
+        log = log.split_off(&(p + 1));
+    }
+    Ok(log.into_iter().collect())
+}
+
+/// Removes the log files and `dir` itself, durably.
+pub fn remove(dir: &Path) -> io::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    std::fs::remove_dir_all(dir)?;
+    if let Some(parent) = dir.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Writes segment `seq` holding `records` (kind, index, payload) in the
+    /// files' format.
+    pub(crate) fn write_segment(dir: &Path, seq: u64, records: &[(u8, u64, &[u8])]) -> PathBuf {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&seq.to_le_bytes());
+        for (kind, index, payload) in records {
+            let mut body = vec![*kind];
+            body.extend_from_slice(&index.to_le_bytes());
+            body.extend_from_slice(payload);
+            out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+            out.extend_from_slice(&body);
+        }
+        // Zero-filled past the last record, as the files were.
+        out.resize(out.len() + 64, 0);
+        let path = dir.join(format!("{seq:016x}.wal"));
+        std::fs::write(&path, out).unwrap();
+        path
+    }
+
+    fn indexes(log: &[(u64, Vec<u8>)]) -> Vec<(u64, String)> {
+        log.iter()
+            .map(|(i, b)| (*i, String::from_utf8(b.clone()).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn replays_appends_overwrites_truncations_and_purges() {
+        let dir = tempfile::tempdir().unwrap();
+        write_segment(
+            dir.path(),
+            0,
+            &[(1, 0, b"a0"), (1, 1, b"a1"), (1, 2, b"a2"), (1, 3, b"a3")],
+        );
+        // An entry overwrites its index and drops those after it; a
+        // truncation drops its index and after.
+        write_segment(
+            dir.path(),
+            1,
+            &[(1, 2, b"b2"), (1, 3, b"b3"), (1, 4, b"b4"), (2, 4, b"")],
+        );
+        let got = read(dir.path(), Some(0)).unwrap();
+        assert_eq!(
+            indexes(&got),
+            vec![(1, "a1".into()), (2, "b2".into()), (3, "b3".into())]
+        );
+        assert_eq!(read(dir.path(), None).unwrap().len(), 4);
+    }
+
+    #[test]
+    fn a_torn_tail_of_the_newest_segment_is_dropped_elsewhere_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        write_segment(dir.path(), 0, &[(1, 1, b"x1")]);
+        let newest = write_segment(dir.path(), 1, &[(1, 2, b"x2"), (1, 3, b"x3")]);
+        // Damage the last record's payload.
+        let mut bytes = std::fs::read(&newest).unwrap();
+        let at = SEGMENT_HEADER + 2 * (RECORD_HEADER + RECORD_PREFIX) + 2 + 1;
+        bytes[at] ^= 0xff;
+        std::fs::write(&newest, &bytes).unwrap();
+        assert_eq!(
+            indexes(&read(dir.path(), None).unwrap()),
+            vec![(1, "x1".into()), (2, "x2".into())]
+        );
+        // The same damage in an older segment is not a shorter log.
+        write_segment(dir.path(), 2, &[(1, 4, b"x4")]);
+        let err = read(dir.path(), None).unwrap_err();
+        assert!(err.to_string().contains("damaged record"), "{err}");
+    }
+
+    #[test]
+    fn no_directory_is_an_empty_log() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(read(&dir.path().join("absent"), None).unwrap().is_empty());
+        remove(&dir.path().join("absent")).unwrap();
+    }
+}
