@@ -89,10 +89,11 @@ impl Engine {
         // The log column family is written with sync=true; the WAL is what is
         // synced, so all column families share its durability order.
         opts.set_manual_wal_flush(false);
-        // Reuse WAL files instead of growing new ones: an fdatasync then
-        // flushes data only, not the file size (etcd preallocates its WAL
-        // segments for the same reason).
-        opts.set_recycle_log_file_num(4);
+        // The WAL grows as it is written, so a sync that grew it also writes
+        // the file's inode. WAL recycling would avoid that, but RocksDB 7.x
+        // turns it off (recycle_log_file_num reset to 0, as its LOG shows)
+        // under the point-in-time recovery used here, and the one recovery
+        // mode it allows skips damaged records anywhere in the WAL.
         // Debian's librocksdb logs at DEBUG by default: a line in LOG for
         // every WAL sync, which cost ~12% of the sync thread's CPU.
         opts.set_log_level(rocksdb::LogLevel::Info);
