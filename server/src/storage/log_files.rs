@@ -63,12 +63,14 @@ pub fn read(dir: &Path, purged: Option<u64>) -> io::Result<Vec<(u64, Vec<u8>)>> 
         let newest = k + 1 == paths.len();
         let mut bytes = Vec::new();
         std::fs::File::open(path)?.read_to_end(&mut bytes)?;
-        if bytes.len() < SEGMENT_HEADER {
+        let header = bytes.get(..SEGMENT_HEADER);
+        if header.is_none_or(|h| h.iter().all(|b| *b == 0)) {
             if newest {
-                // Torn while being created: no record in it.
+                // Cut short while being created (segments were renamed into
+                // place zero-filled, then given their header): no record.
                 continue;
             }
-            return Err(corrupt(path, 0, "truncated segment header"));
+            return Err(corrupt(path, 0, "missing segment header"));
         }
         let seq = path
             .file_stem()
@@ -196,6 +198,22 @@ pub(crate) mod tests {
         write_segment(dir.path(), 2, &[(1, 4, b"x4")]);
         let err = read(dir.path(), None).unwrap_err();
         assert!(err.to_string().contains("damaged record"), "{err}");
+    }
+
+    #[test]
+    fn a_newest_segment_without_its_header_holds_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        write_segment(dir.path(), 0, &[(1, 1, b"y1")]);
+        std::fs::write(dir.path().join(format!("{:016x}.wal", 1)), vec![0u8; 4096]).unwrap();
+        assert_eq!(
+            indexes(&read(dir.path(), None).unwrap()),
+            vec![(1, "y1".into())]
+        );
+        write_segment(dir.path(), 2, &[(1, 2, b"y2")]);
+        assert!(
+            read(dir.path(), None).is_err(),
+            "an older headerless segment"
+        );
     }
 
     #[test]
