@@ -31,8 +31,9 @@ fn corrupt(path: &Path, offset: usize, what: &str) -> io::Error {
     )
 }
 
-/// The segment files in `dir`, oldest first (none if `dir` does not exist).
-pub fn segments(dir: &Path) -> io::Result<Vec<PathBuf>> {
+/// The segment files in `dir` with their sequence numbers, oldest first
+/// (none if `dir` does not exist).
+pub fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     let mut seqs = Vec::new();
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
@@ -50,7 +51,7 @@ pub fn segments(dir: &Path) -> io::Result<Vec<PathBuf>> {
     seqs.sort_unstable();
     Ok(seqs
         .into_iter()
-        .map(|s| dir.join(format!("{s:016x}.wal")))
+        .map(|s| (s, dir.join(format!("{s:016x}.wal"))))
         .collect())
 }
 
@@ -59,7 +60,7 @@ pub fn segments(dir: &Path) -> io::Result<Vec<PathBuf>> {
 pub fn read(dir: &Path, purged: Option<u64>) -> io::Result<Vec<(u64, Vec<u8>)>> {
     let paths = segments(dir)?;
     let mut log = BTreeMap::new();
-    for (k, path) in paths.iter().enumerate() {
+    for (k, (seq, path)) in paths.iter().enumerate() {
         let newest = k + 1 == paths.len();
         let mut bytes = Vec::new();
         std::fs::File::open(path)?.read_to_end(&mut bytes)?;
@@ -72,10 +73,6 @@ pub fn read(dir: &Path, purged: Option<u64>) -> io::Result<Vec<(u64, Vec<u8>)>> 
             }
             return Err(corrupt(path, 0, "missing segment header"));
         }
-        let seq = path
-            .file_stem()
-            .and_then(|s| u64::from_str_radix(&s.to_string_lossy(), 16).ok())
-            .expect("listed by name");
         if &bytes[..8] != MAGIC || bytes[8..16] != seq.to_le_bytes() {
             return Err(corrupt(path, 0, "not a cairn log segment"));
         }
