@@ -82,6 +82,9 @@ pub struct EtcdServer {
     pub(crate) restore_pending: std::sync::atomic::AtomicBool,
     /// Whether this member leads others (its log then syncs in the background).
     log_background_sync: Arc<std::sync::atomic::AtomicBool>,
+    /// The leadership openraft restored at start, if it did: its reads wait
+    /// for the log this member had then ([`Self::read_index_floor`]).
+    restored_leadership: Option<crate::raft::RestoredLeadership>,
 }
 
 fn map_write_err(e: RaftError<u64, ClientWriteError<u64, Member>>) -> Error {
@@ -149,6 +152,7 @@ impl EtcdServer {
         })
         .map_err(Error::internal)?;
         let log_background_sync = log.background_sync();
+        let restored_leadership = log.restored_leadership();
         let durable = log.durable();
         let election = cfg.election_timeout.as_millis() as u64;
         let raft_cfg = openraft::Config {
@@ -232,6 +236,7 @@ impl EtcdServer {
             seen_members: Default::default(),
             transfer_gate: Default::default(),
             log_background_sync,
+            restored_leadership,
             restore_pending: std::sync::atomic::AtomicBool::new(restore_pending),
         });
         if restore_pending {
@@ -449,11 +454,8 @@ impl EtcdServer {
     /// One read-index round (see [`Self::confirm_reads`]).
     async fn read_round(&self, timeout: Duration) -> Result<()> {
         if self.is_leader() {
-            let _gate = self.transfer_gate.read().await;
-            return match self.raft.ensure_linearizable().await {
-                Ok(_) => Ok(()),
-                Err(e) => Err(check_leader_err(e)),
-            };
+            let index = self.leader_read_index().await?;
+            return self.wait_applied(index, timeout).await;
         }
         let mut leader = self.leader_client()?;
         let index = leader
@@ -485,9 +487,26 @@ impl EtcdServer {
             return Err(Error::NotLeader);
         }
         let _gate = self.transfer_gate.read().await;
+        // The term is taken before leadership is confirmed: the index then
+        // comes from a leadership of this term or a later one.
+        let term = self.raft.metrics().borrow().current_term;
         match self.raft.get_read_log_id().await {
-            Ok((read, _applied)) => Ok(read.map(|l| l.index).unwrap_or(0)),
+            Ok((read, _applied)) => {
+                Ok(self.read_index_floor(term, read.map(|l| l.index).unwrap_or(0)))
+            }
             Err(e) => Err(check_leader_err(e)),
+        }
+    }
+
+    /// Raises openraft's read index `index`, given while leading `term`, to
+    /// the last entry this member had at start if `term` is the leadership
+    /// openraft restored then, without an election (see
+    /// [`crate::raft::LogStore::restored_leadership`]). Any later
+    /// leadership begins with an entry after its whole log.
+    fn read_index_floor(&self, term: u64, index: u64) -> u64 {
+        match self.restored_leadership {
+            Some(r) if r.term == term => index.max(r.last_index),
+            _ => index,
         }
     }
 

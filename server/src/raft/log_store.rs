@@ -104,6 +104,18 @@ pub struct LogStore {
     /// Set while this member leads others: its appends are then always
     /// synced in the background, overlapping replication.
     background_sync: Arc<std::sync::atomic::AtomicBool>,
+    /// See [`Self::restored_leadership`].
+    restored: Option<RestoredLeadership>,
+}
+
+/// A leadership that openraft restores at start, with no election: this
+/// member's saved vote was a committed vote for itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RestoredLeadership {
+    /// The term it leads.
+    pub term: u64,
+    /// The last entry of its log at start.
+    pub last_index: u64,
 }
 
 impl LogStore {
@@ -121,7 +133,13 @@ impl LogStore {
         // in a snapshot).
         let state = log_state(&engine)?;
         let durable = Durable::new(state.last_log_id.map(|l| l.index).unwrap_or(0));
-        let vote = engine.raft_get(KEY_VOTE).map_err(io_err)?;
+        let vote: Option<Vote<u64>> = engine.raft_get(KEY_VOTE).map_err(io_err)?;
+        let restored = vote
+            .filter(|v| v.is_committed() && v.leader_id().voted_for() == Some(id))
+            .map(|v| RestoredLeadership {
+                term: v.leader_id().get_term(),
+                last_index: state.last_log_id.map(|l| l.index).unwrap_or(0),
+            });
         Ok(Self {
             writer: Arc::new(LogWriter::new(engine.clone(), on_sync)),
             engine,
@@ -130,7 +148,19 @@ impl LogStore {
             durable,
             cache: Arc::default(),
             background_sync: Arc::default(),
+            restored,
         })
+    }
+
+    /// The leadership openraft restores at start, if any. Its read index
+    /// needs a floor: openraft takes the larger of the commit index and the
+    /// first entry of the leader's term, and after a restart both can be
+    /// older than writes this leader acknowledged before it stopped (the
+    /// commit index restarts at the applied position, which is persisted
+    /// lazily; the term's first entry was committed long before). Every
+    /// acknowledged write is in its log at start, so reads wait for that.
+    pub fn restored_leadership(&self) -> Option<RestoredLeadership> {
+        self.restored
     }
 
     /// The switch between inline and background syncs.
@@ -414,6 +444,44 @@ mod tests {
         assert!(!files.exists());
         let got = store.try_get_log_entries(0..5).await.unwrap();
         assert_eq!(ids(&got), ids(&entries));
+    }
+
+    /// openraft restores a leadership at start, without an election, when
+    /// the saved vote is a committed vote for this member: the store tells
+    /// which term that is and how far its log went (the read index floor).
+    #[test]
+    fn a_restored_leadership_is_recognised_with_its_last_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(&dir.path().join("db")).unwrap();
+        let files = dir.path().join("cairn-wal");
+        let open = || LogStore::new(engine.clone(), &files, 1, |_| {}).unwrap();
+        assert_eq!(open().restored_leadership(), None, "no vote yet");
+
+        let cf = engine.cf(crate::storage::CF_LOG);
+        for i in 1..=7 {
+            let e = bincode::serialize(&blank(i)).unwrap();
+            engine.db.put_cf(cf, i.to_be_bytes(), e).unwrap();
+        }
+        engine.raft_put(KEY_VOTE, &Vote::<u64>::new(3, 1)).unwrap();
+        assert_eq!(
+            open().restored_leadership(),
+            None,
+            "a candidate's vote is not a leadership"
+        );
+        engine
+            .raft_put(KEY_VOTE, &Vote::<u64>::new_committed(3, 2))
+            .unwrap();
+        assert_eq!(open().restored_leadership(), None, "another member leads");
+        engine
+            .raft_put(KEY_VOTE, &Vote::<u64>::new_committed(3, 1))
+            .unwrap();
+        assert_eq!(
+            open().restored_leadership(),
+            Some(RestoredLeadership {
+                term: 3,
+                last_index: 7
+            })
+        );
     }
 
     #[tokio::test]

@@ -5,7 +5,7 @@ mod log_store;
 mod network;
 mod state_machine;
 
-pub use log_store::{Durable, LogStore};
+pub use log_store::{Durable, LogStore, RestoredLeadership};
 pub use network::{connect, decode, encode, Network, Peers, CLUSTER_ID_HEADER, MAX_PEER_MESSAGE};
 
 /// Whether a failed peer call never reached the peer (no connection could
