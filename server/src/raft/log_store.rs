@@ -384,6 +384,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // Applied changes are written without the WAL: after a crash they are
+        // re-applied from the log, so the log keeps every entry until the
+        // state it produced is on disk (a flush, off the Raft thread).
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || engine.persist_state())
+            .await
+            .map_err(io_err)?
+            .map_err(io_err)?;
         self.cache.lock().retain(|i, _| *i > log_id.index);
         self.engine.raft_put(KEY_PURGED, &log_id).map_err(io_err)?;
         self.writer

@@ -21,6 +21,38 @@ const ALL_CFS: [&str; 5] = [CF_LOG, CF_RAFT, CF_KV, CF_LEASE, CF_META];
 const META_STATE: &[u8] = b"state";
 const META_IDENTITY: &[u8] = b"identity";
 
+// The state machine lives in the `kv` column family alone, so that RocksDB
+// persists it as one unit (a flush of one column family is atomic): history
+// records under their 16-byte revision keys (the first byte is below 0x80,
+// revisions being positive i64s), leases under `LEASE_PREFIX` + id, and the
+// state's position under `STATE_KEY`, after everything else.
+const LEASE_PREFIX: u8 = 0xfe;
+const STATE_KEY: &[u8] = b"\xffstate";
+/// Every revision key sorts below this.
+const RECORDS_END: &[u8] = &[0x80];
+
+fn lease_key(id: i64) -> [u8; 9] {
+    let mut k = [LEASE_PREFIX; 9];
+    k[1..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// Read options that stop at the last history record.
+fn records_only() -> rocksdb::ReadOptions {
+    let mut ro = rocksdb::ReadOptions::default();
+    ro.set_iterate_upper_bound(RECORDS_END.to_vec());
+    ro
+}
+
+/// Read options that stop at the last lease (to start at `LEASES_START`).
+fn leases_only() -> rocksdb::ReadOptions {
+    let mut ro = rocksdb::ReadOptions::default();
+    ro.set_iterate_upper_bound(vec![LEASE_PREFIX + 1]);
+    ro
+}
+
+const LEASES_START: &[u8] = &[LEASE_PREFIX];
+
 /// Which cluster this data belongs to; written once at bootstrap.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
@@ -101,7 +133,37 @@ impl Engine {
             .iter()
             .map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(rocks)?;
-        Ok(Arc::new(Self { db }))
+        let engine = Self { db };
+        engine.move_state_into_kv()?;
+        Ok(Arc::new(engine))
+    }
+
+    /// Data written before the state machine lived in the `kv` column family
+    /// alone kept its position in `meta` and its leases in `lease`: both
+    /// move into `kv` in one synced batch.
+    fn move_state_into_kv(&self) -> Result<()> {
+        let (meta, lease, kv) = (self.cf(CF_META), self.cf(CF_LEASE), self.cf(CF_KV));
+        let Some(state) = self.db.get_cf(meta, META_STATE).map_err(rocks)? else {
+            return Ok(());
+        };
+        let mut b = WriteBatch::default();
+        b.put_cf(kv, STATE_KEY, state);
+        b.delete_cf(meta, META_STATE);
+        for item in self.db.iterator_cf(lease, IteratorMode::Start) {
+            let (k, v) = item.map_err(rocks)?;
+            let (id, _) = decode_lease(&k, &v)?;
+            b.put_cf(kv, lease_key(id), v);
+            b.delete_cf(lease, k);
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(b, &wo).map_err(rocks)
+    }
+
+    /// Makes every applied change durable (it is written without the WAL):
+    /// the state machine's column family is flushed, at once and whole.
+    pub fn persist_state(&self) -> Result<()> {
+        self.db.flush_cf(self.cf(CF_KV)).map_err(rocks)
     }
 
     pub(crate) fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -147,11 +209,7 @@ impl Engine {
     }
 
     pub fn state_meta(&self) -> Result<StateMeta> {
-        match self
-            .db
-            .get_cf(self.cf(CF_META), META_STATE)
-            .map_err(rocks)?
-        {
+        match self.db.get_cf(self.cf(CF_KV), STATE_KEY).map_err(rocks)? {
             Some(b) => dec(&b),
             None => Ok(StateMeta {
                 revision: 1,
@@ -160,8 +218,8 @@ impl Engine {
         }
     }
 
-    /// Persists a batch of applied changes with the new position, atomically.
-    /// Not fsynced: see the module documentation.
+    /// Writes a batch of applied changes with the new position, atomically,
+    /// without the WAL: see the module documentation.
     pub fn write_state(&self, ws: &WriteSet, meta: &StateMeta) -> Result<()> {
         let mut b = WriteBatch::default();
         let kv = self.cf(CF_KV);
@@ -171,23 +229,22 @@ impl Engine {
         for rev in &ws.removed {
             b.delete_cf(kv, rev.to_bytes());
         }
-        let lease = self.cf(CF_LEASE);
         for (id, ttl) in &ws.leases {
             match ttl {
-                Some(ttl) => b.put_cf(lease, id.to_be_bytes(), ttl.to_be_bytes()),
-                None => b.delete_cf(lease, id.to_be_bytes()),
+                Some(ttl) => b.put_cf(kv, lease_key(*id), ttl.to_be_bytes()),
+                None => b.delete_cf(kv, lease_key(*id)),
             }
         }
-        b.put_cf(self.cf(CF_META), META_STATE, enc(meta));
+        b.put_cf(kv, STATE_KEY, enc(meta));
         let mut wo = WriteOptions::default();
-        wo.set_sync(false);
+        wo.disable_wal(true);
         self.db.write_opt(b, &wo).map_err(rocks)
     }
 
     /// Every stored history record, in revision order.
     pub fn records(&self) -> impl Iterator<Item = Result<(Revision, Record)>> + '_ {
         self.db
-            .iterator_cf(self.cf(CF_KV), IteratorMode::Start)
+            .iterator_cf_opt(self.cf(CF_KV), records_only(), IteratorMode::Start)
             .map(|item| {
                 let (k, v) = item.map_err(rocks)?;
                 let rev = Revision::from_bytes(&k)
@@ -199,9 +256,13 @@ impl Engine {
     /// Every lease and its TTL.
     pub fn leases(&self) -> Result<Vec<(i64, i64)>> {
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(CF_LEASE), IteratorMode::Start) {
+        for item in self.db.iterator_cf_opt(
+            self.cf(CF_KV),
+            leases_only(),
+            IteratorMode::From(LEASES_START, rocksdb::Direction::Forward),
+        ) {
             let (k, v) = item.map_err(rocks)?;
-            out.push(decode_lease(&k, &v)?);
+            out.push(decode_lease(&k[1..], &v)?);
         }
         Ok(out)
     }
@@ -210,7 +271,7 @@ impl Engine {
     /// view taken now (compaction running meanwhile does not disturb it).
     pub fn history(&self, from: i64, to: i64) -> Result<Vec<(Revision, Record)>> {
         let snap = self.db.snapshot();
-        let mut ro = rocksdb::ReadOptions::default();
+        let mut ro = records_only();
         ro.set_snapshot(&snap);
         let start = Revision::new(from, 0).to_bytes();
         let mut out = Vec::new();
@@ -238,19 +299,16 @@ impl Engine {
         meta: &StateMeta,
     ) -> Result<()> {
         let mut b = WriteBatch::default();
-        for cf in [CF_KV, CF_LEASE] {
-            let h = self.cf(cf);
-            b.delete_range_cf(h, [0u8; 1].as_slice(), [0xffu8; 17].as_slice());
-        }
         let kv = self.cf(CF_KV);
+        // Every key of the state sorts below 17 bytes of 0xff.
+        b.delete_range_cf(kv, [0u8; 1].as_slice(), [0xffu8; 17].as_slice());
         for (rev, rec) in records {
             b.put_cf(kv, rev.to_bytes(), encode_record(rec));
         }
-        let lease = self.cf(CF_LEASE);
         for (id, ttl) in leases {
-            b.put_cf(lease, id.to_be_bytes(), ttl.to_be_bytes());
+            b.put_cf(kv, lease_key(*id), ttl.to_be_bytes());
         }
-        b.put_cf(self.cf(CF_META), META_STATE, enc(meta));
+        b.put_cf(kv, STATE_KEY, enc(meta));
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         self.db.write_opt(b, &wo).map_err(rocks)
@@ -329,11 +387,16 @@ impl Engine {
 }
 
 impl View<'_> {
-    fn each(&self, cf: &str, mut f: impl FnMut(&[u8], &[u8]) -> Result<bool>) -> Result<()> {
-        for item in self
-            .snap
-            .iterator_cf(self.engine.cf(cf), IteratorMode::Start)
-        {
+    /// Calls `f` with every history record (`leases` false) or lease (true)
+    /// as stored, in key order, until it returns false.
+    fn each(&self, leases: bool, mut f: impl FnMut(&[u8], &[u8]) -> Result<bool>) -> Result<()> {
+        let (ro, mode) = if leases {
+            let from = IteratorMode::From(LEASES_START, rocksdb::Direction::Forward);
+            (leases_only(), from)
+        } else {
+            (records_only(), IteratorMode::Start)
+        };
+        for item in self.snap.iterator_cf_opt(self.engine.cf(CF_KV), ro, mode) {
             let (k, v) = item.map_err(rocks)?;
             if !f(&k, &v)? {
                 break;
@@ -345,7 +408,7 @@ impl View<'_> {
     /// Calls `f` with every history record (main, sub, stored bytes), in revision order, until
     /// it returns false; nothing is collected.
     pub fn each_record(&self, mut f: impl FnMut(i64, i64, &[u8]) -> Result<bool>) -> Result<()> {
-        self.each(CF_KV, |k, v| {
+        self.each(false, |k, v| {
             let rev = Revision::from_bytes(k)
                 .ok_or_else(|| Error::Internal("storage: bad revision key".into()))?;
             f(rev.main, rev.sub, v)
@@ -355,7 +418,7 @@ impl View<'_> {
     /// Every history record as (main, sub, stored bytes).
     pub fn records(&self) -> Result<Vec<(i64, i64, Vec<u8>)>> {
         let mut out = Vec::new();
-        self.each(CF_KV, |k, v| {
+        self.each(false, |k, v| {
             let rev = Revision::from_bytes(k)
                 .ok_or_else(|| Error::Internal("storage: bad revision key".into()))?;
             out.push((rev.main, rev.sub, v.to_vec()));
@@ -367,8 +430,8 @@ impl View<'_> {
     /// Every lease and its TTL.
     pub fn leases(&self) -> Result<Vec<(i64, i64)>> {
         let mut out = Vec::new();
-        self.each(CF_LEASE, |k, v| {
-            out.push(decode_lease(k, v)?);
+        self.each(true, |k, v| {
+            out.push(decode_lease(&k[1..], v)?);
             Ok(true)
         })?;
         Ok(out)
@@ -378,7 +441,7 @@ impl View<'_> {
     /// equal on members with the same history).
     pub fn hash_kv(&self, rev: i64) -> Result<u32> {
         let mut h = crc32fast::Hasher::new();
-        self.each(CF_KV, |k, v| {
+        self.each(false, |k, v| {
             let r = Revision::from_bytes(k)
                 .ok_or_else(|| Error::Internal("storage: bad revision key".into()))?;
             if r.main > rev {
@@ -394,10 +457,11 @@ impl View<'_> {
     /// A CRC32 over the state machine's column families.
     pub fn hash_all(&self) -> Result<u32> {
         let mut h = crc32fast::Hasher::new();
-        for cf in [CF_KV, CF_LEASE] {
-            h.update(cf.as_bytes());
-            self.each(cf, |k, v| {
-                h.update(k);
+        for (name, leases) in [(CF_KV, false), (CF_LEASE, true)] {
+            h.update(name.as_bytes());
+            self.each(leases, |k, v| {
+                // Leases hashed by id, as when they had a column family.
+                h.update(if leases { &k[1..] } else { k });
                 h.update(v);
                 Ok(true)
             })?;
@@ -428,5 +492,96 @@ impl RevisionReader for Engine {
             Some(b) => Ok(Some(decode_record(&b)?)),
             None => Ok(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(revision: i64) -> StateMeta {
+        StateMeta {
+            revision,
+            compacted: 1,
+            alarms: vec![(7, 1)],
+            ..Default::default()
+        }
+    }
+
+    /// A data dir from before the state machine lived in `kv` alone: its
+    /// position and leases move into `kv`, next to the records, and the old
+    /// places are emptied.
+    #[test]
+    fn state_moves_into_kv_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let rev = Revision::new(2, 0);
+        let rec = Record {
+            kv: KeyValue {
+                key: b"a".to_vec(),
+                value: b"1".to_vec(),
+                create_revision: 2,
+                mod_revision: 2,
+                version: 1,
+                lease: 5,
+            },
+            tombstone: false,
+        };
+        {
+            let e = Engine::open(dir.path()).unwrap();
+            let mut b = WriteBatch::default();
+            b.put_cf(e.cf(CF_KV), rev.to_bytes(), encode_record(&rec));
+            b.put_cf(e.cf(CF_LEASE), 5i64.to_be_bytes(), 60i64.to_be_bytes());
+            b.put_cf(e.cf(CF_LEASE), 9i64.to_be_bytes(), 30i64.to_be_bytes());
+            b.put_cf(e.cf(CF_META), META_STATE, enc(&meta(2)));
+            e.db.write(b).unwrap();
+        }
+        let e = Engine::open(dir.path()).unwrap();
+        assert_eq!(e.state_meta().unwrap().revision, 2);
+        assert_eq!(e.state_meta().unwrap().alarms, vec![(7, 1)]);
+        assert_eq!(e.leases().unwrap(), vec![(5, 60), (9, 30)]);
+        let records = e.records().collect::<Result<Vec<_>>>().unwrap();
+        assert_eq!(records, vec![(rev, rec)]);
+        assert!(e.db.get_cf(e.cf(CF_META), META_STATE).unwrap().is_none());
+        let old = e.db.iterator_cf(e.cf(CF_LEASE), IteratorMode::Start);
+        assert_eq!(old.count(), 0);
+        // Reads that walk the history stop at its last record.
+        assert_eq!(e.history(0, i64::MAX).unwrap().len(), 1);
+        assert_eq!(e.view().records().unwrap().len(), 1);
+        assert_eq!(e.view().leases().unwrap(), vec![(5, 60), (9, 30)]);
+    }
+
+    /// Applied changes (written without the WAL) are on disk once persisted,
+    /// and a snapshot install replaces records, leases and position alike.
+    #[test]
+    fn state_writes_persist_and_replace() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = |v: &[u8]| Record {
+            kv: KeyValue {
+                key: b"k".to_vec(),
+                value: v.to_vec(),
+                ..Default::default()
+            },
+            tombstone: false,
+        };
+        {
+            let e = Engine::open(dir.path()).unwrap();
+            let ws = WriteSet {
+                records: vec![(Revision::new(2, 0), rec(b"x"))],
+                leases: vec![(3, Some(10))],
+                ..Default::default()
+            };
+            e.write_state(&ws, &meta(2)).unwrap();
+            e.persist_state().unwrap();
+            assert_eq!(e.leases().unwrap(), vec![(3, 10)]);
+        }
+        let e = Engine::open(dir.path()).unwrap();
+        assert_eq!(e.state_meta().unwrap().revision, 2);
+        assert_eq!(e.leases().unwrap(), vec![(3, 10)]);
+        e.replace_state(&[(Revision::new(5, 0), rec(b"y"))], &[(4, 20)], &meta(5))
+            .unwrap();
+        let records = e.records().collect::<Result<Vec<_>>>().unwrap();
+        assert_eq!(records, vec![(Revision::new(5, 0), rec(b"y"))]);
+        assert_eq!(e.leases().unwrap(), vec![(4, 20)]);
+        assert_eq!(e.state_meta().unwrap().revision, 5);
     }
 }

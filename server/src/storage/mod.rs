@@ -4,15 +4,18 @@
 //!   it is acknowledged;
 //! - `raft`: the vote and the purged log id (the committed index is not
 //!   stored: after a restart entries are applied once a leader confirms them);
-//! - `kv`: MVCC history by revision (main, sub), see [`crate::mvcc`];
-//! - `lease`: lease id to granted TTL;
-//! - `meta`: applied log id, membership, current and compacted revision,
-//!   cluster identity, alarms.
+//! - `kv`: the whole state machine: MVCC history by revision (main, sub),
+//!   see [`crate::mvcc`]; lease id to granted TTL; and the state's position
+//!   (applied log id, membership, current and compacted revision, alarms);
+//! - `meta`: the cluster identity;
+//! - `lease`: empty (where leases were kept before they moved into `kv`).
 //!
-//! State-machine writes are not fsynced themselves: they share the RocksDB
-//! WAL with the log, so the next synced log write makes them durable, and a
-//! crash before that is repaired by re-applying the (durable) log from the
-//! persisted applied id, which is written in the same batch as the data.
+//! State-machine writes skip the WAL: the log they are applied from is
+//! durable, so they need not be written twice. RocksDB persists them when
+//! it flushes `kv` (one column family, so the records, leases and position
+//! reach the disk together); a crash loses the changes not yet flushed,
+//! and the log, re-applied from the persisted position, brings them back.
+//! The log keeps every entry until then: a purge first flushes `kv`.
 //!
 //! [`log_files`] reads the Raft log that some earlier builds kept in files
 //! of their own, to move it back into RocksDB at open.
