@@ -388,10 +388,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // re-applied from the log, so the log keeps every entry until the
         // state it produced is on disk (a flush, off the Raft thread).
         let engine = self.engine.clone();
+        let started = std::time::Instant::now();
         tokio::task::spawn_blocking(move || engine.persist_state())
             .await
             .map_err(io_err)?
             .map_err(io_err)?;
+        tracing::info!(
+            upto = log_id.index,
+            flush_ms = started.elapsed().as_secs_f64() * 1e3,
+            "purging the Raft log; applied state flushed first"
+        );
         self.cache.lock().retain(|i, _| *i > log_id.index);
         self.engine.raft_put(KEY_PURGED, &log_id).map_err(io_err)?;
         self.writer

@@ -292,11 +292,17 @@ impl StateMachine {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let state = self.state.clone();
-        let (bytes, last, membership) =
-            tokio::task::spawn_blocking(move || state.snapshot_payload())
-                .await
-                .map_err(io_err)?
-                .map_err(io_err)?;
+        let (bytes, last, membership) = tokio::task::spawn_blocking(move || {
+            let payload = state.snapshot_payload()?;
+            // Applied changes skip the WAL, and the log purge that follows a
+            // snapshot first flushes them, with the Raft core waiting: most
+            // of that flush happens here instead, beside the core.
+            state.engine.persist_state()?;
+            Ok::<_, Error>(payload)
+        })
+        .await
+        .map_err(io_err)?
+        .map_err(io_err)?;
         let seq = self.state.snapshot_seq.fetch_add(1, Ordering::Relaxed);
         let snapshot_id = match last {
             Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
