@@ -132,13 +132,14 @@ impl LogStore {
         // What is on disk at start is durable, as is what was purged (it is
         // in a snapshot).
         let state = log_state(&engine)?;
-        let durable = Durable::new(state.last_log_id.map(|l| l.index).unwrap_or(0));
+        let last_index = state.last_log_id.map(|l| l.index).unwrap_or(0);
+        let durable = Durable::new(last_index);
         let vote: Option<Vote<u64>> = engine.raft_get(KEY_VOTE).map_err(io_err)?;
         let restored = vote
             .filter(|v| v.is_committed() && v.leader_id().voted_for() == Some(id))
             .map(|v| RestoredLeadership {
                 term: v.leader_id().get_term(),
-                last_index: state.last_log_id.map(|l| l.index).unwrap_or(0),
+                last_index,
             });
         Ok(Self {
             writer: Arc::new(LogWriter::new(engine.clone(), on_sync)),
@@ -386,7 +387,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         // Applied changes are written without the WAL: after a crash they are
         // re-applied from the log, so the log keeps every entry until the
-        // state it produced is on disk (a flush, off the Raft thread).
+        // state it produced is on disk. The Raft core waits for this flush;
+        // most of it was done when the snapshot was built (`build_snapshot`).
         let engine = self.engine.clone();
         let started = std::time::Instant::now();
         tokio::task::spawn_blocking(move || engine.persist_state())

@@ -44,14 +44,13 @@ fn records_only() -> rocksdb::ReadOptions {
     ro
 }
 
-/// Read options that stop at the last lease (to start at `LEASES_START`).
-fn leases_only() -> rocksdb::ReadOptions {
+/// Read options and start of a scan over exactly the leases.
+fn leases_scan() -> (rocksdb::ReadOptions, IteratorMode<'static>) {
     let mut ro = rocksdb::ReadOptions::default();
     ro.set_iterate_upper_bound(vec![LEASE_PREFIX + 1]);
-    ro
+    let from: &'static [u8] = &[LEASE_PREFIX];
+    (ro, IteratorMode::From(from, rocksdb::Direction::Forward))
 }
-
-const LEASES_START: &[u8] = &[LEASE_PREFIX];
 
 /// Which cluster this data belongs to; written once at bootstrap.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -256,11 +255,8 @@ impl Engine {
     /// Every lease and its TTL.
     pub fn leases(&self) -> Result<Vec<(i64, i64)>> {
         let mut out = Vec::new();
-        for item in self.db.iterator_cf_opt(
-            self.cf(CF_KV),
-            leases_only(),
-            IteratorMode::From(LEASES_START, rocksdb::Direction::Forward),
-        ) {
+        let (ro, from) = leases_scan();
+        for item in self.db.iterator_cf_opt(self.cf(CF_KV), ro, from) {
             let (k, v) = item.map_err(rocks)?;
             out.push(decode_lease(&k[1..], &v)?);
         }
@@ -391,8 +387,7 @@ impl View<'_> {
     /// as stored, in key order, until it returns false.
     fn each(&self, leases: bool, mut f: impl FnMut(&[u8], &[u8]) -> Result<bool>) -> Result<()> {
         let (ro, mode) = if leases {
-            let from = IteratorMode::From(LEASES_START, rocksdb::Direction::Forward);
-            (leases_only(), from)
+            leases_scan()
         } else {
             (records_only(), IteratorMode::Start)
         };
