@@ -121,7 +121,8 @@ pub struct RestoredLeadership {
 impl LogStore {
     /// Opens the log in `engine`, first moving into it a log that an
     /// earlier build left in files under `legacy_dir` (see
-    /// [`crate::storage::log_files`]).
+    /// [`crate::storage::log_files`]), then replaying the log's journal,
+    /// kept in `cairn-journal` beside `legacy_dir`.
     pub fn new(
         engine: Arc<Engine>,
         legacy_dir: &std::path::Path,
@@ -129,6 +130,10 @@ impl LogStore {
         on_sync: impl Fn(f64) + Send + Sync + 'static,
     ) -> Result<Self, StorageError> {
         move_log_files_into_rocksdb(&engine, legacy_dir)?;
+        let purged: Option<LogId> = engine.raft_get(KEY_PURGED).map_err(io_err)?;
+        let journal = legacy_dir.with_file_name("cairn-journal");
+        let writer = LogWriter::new(engine.clone(), &journal, purged.map(|p| p.index), on_sync)
+            .map_err(io_err)?;
         // What is on disk at start is durable, as is what was purged (it is
         // in a snapshot).
         let state = log_state(&engine)?;
@@ -142,7 +147,7 @@ impl LogStore {
                 last_index,
             });
         Ok(Self {
-            writer: Arc::new(LogWriter::new(engine.clone(), on_sync)),
+            writer: Arc::new(writer),
             engine,
             id,
             vote: Arc::new(Mutex::new(vote)),

@@ -1,6 +1,7 @@
-//! Reads a Raft log left in segment files by cairn builds that kept the log
-//! outside RocksDB (`<data-dir>/member/cairn-wal`), so that it can be moved
-//! back into RocksDB at open. Nothing writes this format any more.
+//! The Raft log's record files: the format of the log's journal
+//! (`<data-dir>/member/cairn-journal`, see [`super::journal`]), which is also
+//! the format in which builds 146416b..816ab1f kept the whole log outside
+//! RocksDB (`<data-dir>/member/cairn-wal`, moved back into RocksDB at open).
 //!
 //! Layout: `<dir>/<seq as 16 hex digits>.wal`, each starting with the magic
 //! `cairnwal` and its sequence number (u64), then records
@@ -16,13 +17,31 @@ use std::collections::BTreeMap;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 8] = b"cairnwal";
-const SEGMENT_HEADER: usize = 16;
+pub(crate) const MAGIC: &[u8; 8] = b"cairnwal";
+pub(crate) const SEGMENT_HEADER: usize = 16;
 const RECORD_HEADER: usize = 8;
 /// Kind and index, before the payload.
 const RECORD_PREFIX: usize = 9;
-const KIND_ENTRY: u8 = 1;
-const KIND_TRUNCATE: u8 = 2;
+pub(crate) const KIND_ENTRY: u8 = 1;
+pub(crate) const KIND_TRUNCATE: u8 = 2;
+
+/// The path of segment `seq` in `dir`.
+pub(crate) fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:016x}.wal"))
+}
+
+/// Appends one record to `out`.
+pub(crate) fn encode_record(out: &mut Vec<u8>, kind: u8, index: u64, payload: &[u8]) {
+    let len = (RECORD_PREFIX + payload.len()) as u32;
+    let start = out.len();
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.push(kind);
+    out.extend_from_slice(&index.to_le_bytes());
+    out.extend_from_slice(payload);
+    let crc = crc32fast::hash(&out[start + RECORD_HEADER..]);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
 
 fn corrupt(path: &Path, offset: usize, what: &str) -> io::Error {
     io::Error::new(
@@ -51,16 +70,38 @@ pub fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     seqs.sort_unstable();
     Ok(seqs
         .into_iter()
-        .map(|s| (s, dir.join(format!("{s:016x}.wal"))))
+        .map(|s| (s, segment_path(dir, s)))
         .collect())
 }
 
 /// The entries (index, encoded entry) that the files in `dir` hold after
 /// `purged`, in index order.
 pub fn read(dir: &Path, purged: Option<u64>) -> io::Result<Vec<(u64, Vec<u8>)>> {
+    let mut log = replay(dir)?.entries;
+    if let Some(p) = purged {
+        log = log.split_off(&(p + 1));
+    }
+    Ok(log.into_iter().collect())
+}
+
+/// What the records in a directory of segments amount to.
+#[derive(Debug, Default)]
+pub struct Replayed {
+    /// The entries they leave, by index.
+    pub entries: BTreeMap<u64, Vec<u8>>,
+    /// The lowest index any record names: the records replace the log from
+    /// there on (an entry replaces its index and all after it).
+    pub from: Option<u64>,
+    /// The highest segment number seen.
+    pub last_seq: Option<u64>,
+}
+
+/// Replays the records of every segment in `dir`, in order.
+pub fn replay(dir: &Path) -> io::Result<Replayed> {
     let paths = segments(dir)?;
-    let mut log = BTreeMap::new();
+    let mut out = Replayed::default();
     for (k, (seq, path)) in paths.iter().enumerate() {
+        out.last_seq = Some(*seq);
         let newest = k + 1 == paths.len();
         let mut bytes = Vec::new();
         std::fs::File::open(path)?.read_to_end(&mut bytes)?;
@@ -94,21 +135,19 @@ pub fn read(dir: &Path, purged: Option<u64>) -> io::Result<Vec<(u64, Vec<u8>)>> 
             let i = u64::from_le_bytes(body[1..9].try_into().expect("8 bytes"));
             match body[0] {
                 KIND_ENTRY => {
-                    log.split_off(&i);
-                    log.insert(i, body[RECORD_PREFIX..].to_vec());
+                    out.entries.split_off(&i);
+                    out.entries.insert(i, body[RECORD_PREFIX..].to_vec());
                 }
                 KIND_TRUNCATE => {
-                    log.split_off(&i);
+                    out.entries.split_off(&i);
                 }
                 _ => return Err(corrupt(path, off, "unknown record kind")),
             }
+            out.from = Some(out.from.map_or(i, |f| f.min(i)));
             off += RECORD_HEADER + len;
         }
     }
-    if let Some(p) = purged {
-        log = log.split_off(&(p + 1));
-    }
-    Ok(log.into_iter().collect())
+    Ok(out)
 }
 
 /// Removes the log files and `dir` itself, durably.
@@ -134,16 +173,11 @@ pub(crate) mod tests {
         let mut out = MAGIC.to_vec();
         out.extend_from_slice(&seq.to_le_bytes());
         for (kind, index, payload) in records {
-            let mut body = vec![*kind];
-            body.extend_from_slice(&index.to_le_bytes());
-            body.extend_from_slice(payload);
-            out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-            out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-            out.extend_from_slice(&body);
+            encode_record(&mut out, *kind, *index, payload);
         }
         // Zero-filled past the last record, as the files were.
         out.resize(out.len() + 64, 0);
-        let path = dir.join(format!("{seq:016x}.wal"));
+        let path = segment_path(dir, seq);
         std::fs::write(&path, out).unwrap();
         path
     }

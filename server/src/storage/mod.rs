@@ -1,7 +1,9 @@
 //! Durable storage on RocksDB: one database, a column family per concern.
 //!
-//! - `log`: Raft entries by index (big-endian), each append fsynced before
-//!   it is acknowledged;
+//! - `log`: Raft entries by index (big-endian), written without RocksDB's
+//!   WAL: each change is also recorded in the log's journal
+//!   (`<data-dir>/member/cairn-journal`, see [`journal`]), fsynced before it
+//!   is acknowledged;
 //! - `raft`: the vote and the purged log id (the committed index is not
 //!   stored: after a restart entries are applied once a leader confirms them);
 //! - `kv`: the whole state machine: MVCC history by revision (main, sub),
@@ -17,10 +19,12 @@
 //! and the log, re-applied from the persisted position, brings them back.
 //! The log keeps every entry until then: a purge first flushes `kv`.
 //!
-//! [`log_files`] reads the Raft log that some earlier builds kept in files
-//! of their own, to move it back into RocksDB at open.
+//! [`log_files`] is the journal's record format; it also reads the Raft
+//! log that some earlier builds kept in files of their own, to move it back
+//! into RocksDB at open.
 
 mod engine;
+mod journal;
 pub mod log_files;
 mod log_writer;
 
