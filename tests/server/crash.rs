@@ -1,6 +1,8 @@
 //! Crash test: concurrent writers, `kill -9` mid-stream, restart. Every
 //! acknowledged write must be there with the revision it was acknowledged
-//! at, and the revisions must be gap-free.
+//! at, and the revisions must be gap-free. Half the writers put 16 KiB
+//! values, so the Raft log's journal fills segments, rolls over and retires
+//! old ones while the writes go on.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -27,9 +29,10 @@ async fn kill9_loses_no_acknowledged_write() {
             let stop = stop.clone();
             tasks.push(tokio::spawn(async move {
                 let mut seq = 0;
+                let size = if w % 2 == 0 { 100 } else { 16 << 10 };
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let key = format!("crash/{round}/{w}/{seq:06}");
-                    match c.put(key.clone(), vec![b'v'; 100], None).await {
+                    match c.put(key.clone(), vec![b'v'; size], None).await {
                         Ok(r) => {
                             acked.lock().insert(key, r.header().unwrap().revision());
                         }
@@ -39,8 +42,24 @@ async fn kill9_loses_no_acknowledged_write() {
                 }
             }));
         }
+        let journal = m.data_dir().join("member").join("cairn-journal");
+        let opened_at = newest_segment(&journal);
+        // At least 1.5 s of writes, and until the journal has moved on to
+        // another segment.
+        let start = std::time::Instant::now();
         tokio::time::sleep(Duration::from_millis(1500)).await;
+        while newest_segment(&journal) <= opened_at && start.elapsed() < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         m.kill9();
+        let killed_at = newest_segment(&journal);
+        eprintln!(
+            "round {round}: journal segments {opened_at:?} at start, {killed_at:?} at the kill"
+        );
+        assert!(
+            killed_at > opened_at,
+            "round {round}: the journal never rolled over"
+        );
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         for t in tasks {
             t.await.unwrap();
@@ -48,7 +67,10 @@ async fn kill9_loses_no_acknowledged_write() {
         m.restart();
         let mut c = m.client().await;
         let resp = c
-            .get("crash/", Some(GetOptions::new().with_prefix()))
+            .get(
+                "crash/",
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
             .await
             .unwrap();
         let current = resp.header().unwrap().revision();
@@ -81,4 +103,15 @@ async fn kill9_loses_no_acknowledged_write() {
             stored.len()
         );
     }
+}
+
+/// The sequence number of the newest segment of the log's journal.
+fn newest_segment(dir: &std::path::Path) -> Option<u64> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| {
+            let name = e.ok()?.file_name();
+            u64::from_str_radix(name.to_str()?.strip_suffix(".wal")?, 16).ok()
+        })
+        .max()
 }
