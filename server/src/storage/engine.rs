@@ -37,6 +37,14 @@ fn lease_key(id: i64) -> [u8; 9] {
     k
 }
 
+/// Write options for what skips RocksDB's WAL: applied state (the log is
+/// re-applied after a crash) and the log itself (its journal is its WAL).
+pub(crate) fn no_wal() -> WriteOptions {
+    let mut wo = WriteOptions::default();
+    wo.disable_wal(true);
+    wo
+}
+
 /// Read options that stop at the last history record.
 fn records_only() -> rocksdb::ReadOptions {
     let mut ro = rocksdb::ReadOptions::default();
@@ -235,9 +243,7 @@ impl Engine {
             }
         }
         b.put_cf(kv, STATE_KEY, enc(meta));
-        let mut wo = WriteOptions::default();
-        wo.disable_wal(true);
-        self.db.write_opt(b, &wo).map_err(rocks)
+        self.db.write_opt(b, &no_wal()).map_err(rocks)
     }
 
     /// Every stored history record, in revision order.

@@ -24,10 +24,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
-use rocksdb::{WriteBatch, WriteOptions};
+use rocksdb::WriteBatch;
 
-use super::engine::{Engine, CF_LOG};
-use super::log_files::{self, segment_path, MAGIC, SEGMENT_HEADER};
+use super::engine::{no_wal, Engine, CF_LOG};
+use super::log_files::{self, segment_path, sync_dir, MAGIC, SEGMENT_HEADER};
 
 /// Size of a segment (a record larger than that gets a segment of its own,
 /// grown to fit).
@@ -64,10 +64,6 @@ pub struct Journal {
     jobs: Mutex<std::sync::mpsc::Sender<Job>>,
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
 /// Creates `path` as segment `seq`: its header, then zeros to
 /// [`SEGMENT_BYTES`], all on disk.
 fn zero_filled(path: &Path, seq: u64) -> io::Result<File> {
@@ -77,30 +73,22 @@ fn zero_filled(path: &Path, seq: u64) -> io::Result<File> {
         .create(true)
         .truncate(true)
         .open(path)?;
-    let mut first = vec![0u8; 1 << 20];
-    first[..8].copy_from_slice(MAGIC);
-    first[8..16].copy_from_slice(&seq.to_le_bytes());
-    file.write_all_at(&first, 0)?;
     let zeros = vec![0u8; 1 << 20];
-    let mut at = first.len() as u64;
+    let mut at = 0;
     while at < SEGMENT_BYTES {
         let n = ((SEGMENT_BYTES - at) as usize).min(zeros.len());
         file.write_all_at(&zeros[..n], at)?;
         at += n as u64;
     }
+    let mut header = MAGIC.to_vec();
+    header.extend_from_slice(&seq.to_le_bytes());
+    file.write_all_at(&header, 0)?;
     file.sync_all()?;
     Ok(file)
 }
 
 fn rocks(e: rocksdb::Error) -> io::Error {
     io::Error::other(e.to_string())
-}
-
-/// Writes without RocksDB's WAL (the journal is the log's WAL).
-pub(crate) fn no_wal() -> WriteOptions {
-    let mut wo = WriteOptions::default();
-    wo.disable_wal(true);
-    wo
 }
 
 impl Journal {

@@ -30,6 +30,11 @@ pub(crate) fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{seq:016x}.wal"))
 }
 
+/// Makes the entries of `dir` (files created, renamed or removed) durable.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// Appends one record to `out`.
 pub(crate) fn encode_record(out: &mut Vec<u8>, kind: u8, index: u64, payload: &[u8]) {
     let len = (RECORD_PREFIX + payload.len()) as u32;
@@ -157,7 +162,7 @@ pub fn remove(dir: &Path) -> io::Result<()> {
     }
     std::fs::remove_dir_all(dir)?;
     if let Some(parent) = dir.parent() {
-        std::fs::File::open(parent)?.sync_all()?;
+        sync_dir(parent)?;
     }
     Ok(())
 }
