@@ -11,7 +11,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Malformed requests get InvalidArgument, not tonic's Internal.
         .codec_path("crate::codec::EtcdCodec")
         .compile_protos(
-            &["proto/kv.proto", "proto/rpc.proto", "proto/raftpb.proto"],
+            &[
+                "proto/kv.proto",
+                "proto/auth.proto",
+                "proto/rpc.proto",
+                "proto/raftpb.proto",
+            ],
             &["proto"],
         )?;
     // The peer service has a client too (members call each other). It goes
@@ -25,6 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(".etcdserverpb", "crate::proto::etcdserverpb")
         .extern_path(".raftpb", "crate::proto::raftpb")
         .extern_path(".mvccpb", "crate::proto::mvccpb")
+        .extern_path(".authpb", "crate::proto::authpb")
         .codec_path("crate::codec::EtcdCodec")
         .compile_protos(&["proto/peer.proto"], &["proto"])?;
     Ok(())

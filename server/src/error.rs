@@ -67,6 +67,18 @@ pub enum Error {
     Unhealthy,
     #[error("etcdserver: the member has been permanently removed from the cluster")]
     MemberRemoved,
+    #[error("etcdserver: authentication is not enabled")]
+    AuthNotEnabled,
+    #[error("etcdserver: root user does not exist")]
+    RootUserNotExist,
+    #[error("etcdserver: user name is empty")]
+    UserEmpty,
+    #[error("etcdserver: user name not found")]
+    UserNotFound,
+    #[error("etcdserver: role name is empty")]
+    RoleEmpty,
+    #[error("etcdserver: role name not found")]
+    RoleNotFound,
     #[error("etcdserver: {0}")]
     InvalidArgument(String),
     #[error("etcdserver: {0}")]
@@ -82,9 +94,8 @@ impl Error {
         use Error::*;
         match self {
             EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey
-            | InvalidSortOption | RequestTooLarge | BadUrls | InvalidArgument(_) => {
-                Code::InvalidArgument
-            }
+            | InvalidSortOption | RequestTooLarge | BadUrls | UserEmpty | RoleEmpty
+            | InvalidArgument(_) => Code::InvalidArgument,
             Compacted | FutureRev | LeaseTtlTooLarge => Code::OutOfRange,
             NoSpace => Code::ResourceExhausted,
             LeaseNotFound | MemberNotFound => Code::NotFound,
@@ -96,7 +107,11 @@ impl Error {
             | LearnerNotReady
             | TooManyLearners
             | NotEnoughStartedMembers
-            | BadLeaderTransferee => Code::FailedPrecondition,
+            | BadLeaderTransferee
+            | AuthNotEnabled
+            | RootUserNotExist
+            | UserNotFound
+            | RoleNotFound => Code::FailedPrecondition,
             NoLeader | LeaderChanged | Timeout | Unhealthy | MemberRemoved => Code::Unavailable,
             NotSupportedForLearner => Code::Unavailable,
             Unsupported(_) => Code::Unimplemented,

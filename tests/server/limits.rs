@@ -236,6 +236,44 @@ fn flags_errors_and_environment() {
     );
 }
 
+/// What etcd's Go server answers for a service it does not have (as
+/// cairn has no v3lock/v3election services) and an HTTP path it does not
+/// serve; cairn must answer the same.
+#[tokio::test]
+async fn unknown_services_and_paths_are_answered_as_etcd_does() {
+    let mut answers = Vec::new();
+    for kind in [Kind::Etcd, Kind::Cairn] {
+        let m = Member::start(kind);
+        let channel = tonic::transport::Channel::from_shared(m.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let err = raw_call(channel, "/cairn.Nothing/Here", Vec::new())
+            .await
+            .unwrap_err();
+        let http = crate::harness::http_get(m.client_port, "/nothing/here").unwrap();
+        let status = http.lines().next().unwrap_or_default().to_string();
+        let body = http
+            .rsplit("\r\n\r\n")
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        answers.push((err.code(), err.message().to_string(), status, body));
+    }
+    assert_eq!(
+        answers[0],
+        (
+            Code::Unimplemented,
+            "unknown service cairn.Nothing".to_string(),
+            "HTTP/1.1 404 Not Found".to_string(),
+            "404 page not found\n".to_string()
+        ),
+        "etcd's answers"
+    );
+    assert_eq!(answers[1], answers[0], "cairn's answers differ from etcd's");
+}
+
 #[tokio::test]
 async fn http_endpoints_metrics_and_grpc_health() {
     let m = Member::start(Kind::Cairn);

@@ -2,6 +2,7 @@
 //! endpoints (`/health`, `/livez`, `/readyz`, `/metrics`, `/version`) on the
 //! same port, as etcd serves them.
 
+pub mod auth;
 mod authority;
 pub mod cluster;
 pub mod kv;
@@ -27,8 +28,8 @@ use tracing::info;
 
 use crate::error::{Error, Result};
 use crate::proto::etcdserverpb::{
-    cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
-    maintenance_server::MaintenanceServer, watch_server::WatchServer,
+    auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
+    lease_server::LeaseServer, maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
 use crate::server::{EtcdServer, ETCD_CLUSTER_VERSION, ETCD_VERSION};
 
@@ -93,7 +94,29 @@ fn http_router(s: Arc<EtcdServer>) -> axum::Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/version", get(version))
+        .fallback(not_served)
         .with_state(s)
+}
+
+/// A path nothing here serves: a gRPC call gets gRPC's Unimplemented with
+/// the message etcd's Go gRPC server gives (`unknown service ...`), not an
+/// HTTP 404 the client can only report as a transport error; anything else
+/// gets Go's plain 404.
+async fn not_served(req: axum::extract::Request) -> axum::response::Response {
+    let grpc = req
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if !grpc {
+        return (StatusCode::NOT_FOUND, "404 page not found\n").into_response();
+    }
+    let service = req.uri().path().trim_start_matches('/');
+    let service = service.split('/').next().unwrap_or_default();
+    let (parts, ()) = tonic::Status::unimplemented(format!("unknown service {service}"))
+        .into_http::<()>()
+        .into_parts();
+    axum::response::Response::from_parts(parts, axum::body::Body::empty())
 }
 
 fn client_routes(s: Arc<EtcdServer>) -> Routes {
@@ -128,6 +151,11 @@ fn client_routes(s: Arc<EtcdServer>) -> Routes {
         )
         .add_service(
             MaintenanceServer::new(maintenance::MaintenanceService::new(s.clone()))
+                .max_decoding_message_size(max_recv)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(
+            AuthServer::new(auth::AuthService::new(s.clone()))
                 .max_decoding_message_size(max_recv)
                 .max_encoding_message_size(usize::MAX),
         )
