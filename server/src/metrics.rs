@@ -43,6 +43,12 @@ fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogr
 impl Default for Metrics {
     fn default() -> Self {
         let r = Registry::new();
+        // process_resident_memory_bytes and the rest of Prometheus' process
+        // metrics, which etcd exports too (`etcdctl check datascale` reads it).
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("unique metric");
         Self {
             has_leader: gauge(
                 &r,

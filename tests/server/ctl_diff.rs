@@ -28,6 +28,12 @@ impl Diff {
             (r"\b[0-9a-f]{16}\b", "HEXID"),
             (r"remaining\(-?\d+s\)", "remaining(Ns)"),
             (r"took = \S+", "took = T"),
+            // `check datascale`: its progress bar and the memory it measured.
+            (
+                r"(?s)Start data scale check.*\n(PASS|FAIL)",
+                "Start data scale check ... $1",
+            ),
+            (r"memory used : [\d.]+ MB", "memory used : N MB"),
             (r"(?m)^\{.level.:.*\n?", ""),
             // Status fields that legitimately differ: version, storage figures, terms.
             (r#""version":"[^"]*""#, r#""version":V"#),
@@ -312,6 +318,9 @@ fn etcdctl_behaves_like_etcd() {
     d.same(&["role", "grant-permission", "r", "read", "k"]);
     d.same(&["role", "revoke-permission", "r", "k"]);
     d.same(&["--user", "u:pw", "get", "k"]);
+    // Reads the server's resident memory from /metrics before and after
+    // 10000 puts.
+    d.same(&["check", "datascale", "--load", "s"]);
     // Creating users and roles is where cairn parts from etcd: refused, plainly.
     let [_, cairn] = d.run(&["role", "add", "r"], "");
     assert_eq!(cairn.code, 1, "{cairn:?}");

@@ -290,6 +290,9 @@ async fn http_endpoints_metrics_and_grpc_health() {
         "etcd_mvcc_db_total_size_in_bytes",
         "etcd_disk_wal_fsync_duration_seconds_count",
         "etcd_server_proposals_applied_total",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
     ] {
         assert!(metrics.contains(name), "/metrics lacks {name}");
     }
