@@ -10,6 +10,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         // Malformed requests get InvalidArgument, not tonic's Internal.
         .codec_path("crate::codec::EtcdCodec")
+        // The HTTP/JSON gateway (`api::gateway`) maps JSON to these messages.
+        .file_descriptor_set_path(
+            std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("etcd_descriptor.bin"),
+        )
         .compile_protos(
             &[
                 "proto/kv.proto",

@@ -12,6 +12,7 @@ mod client_diff;
 mod crash;
 mod ctl_diff;
 mod faults;
+mod gateway;
 mod limits;
 mod members;
 mod runner;

@@ -5,6 +5,7 @@
 pub mod auth;
 mod authority;
 pub mod cluster;
+pub mod gateway;
 pub mod kv;
 pub mod lease;
 pub mod maintenance;
@@ -94,7 +95,6 @@ fn http_router(s: Arc<EtcdServer>) -> axum::Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/version", get(version))
-        .fallback(not_served)
         .with_state(s)
 }
 
@@ -119,7 +119,15 @@ async fn not_served(req: axum::extract::Request) -> axum::response::Response {
     axum::response::Response::from_parts(parts, axum::body::Body::empty())
 }
 
+/// The client port: gRPC, etcd's HTTP/JSON gateway, health and metrics.
 fn client_routes(s: Arc<EtcdServer>) -> Routes {
+    let grpc = grpc_routes(s.clone());
+    let http = http_router(s).merge(gateway::router(grpc.clone()));
+    Routes::from(grpc.into_axum_router().merge(http))
+}
+
+/// Every gRPC service of the client port, and [`not_served`] for the rest.
+fn grpc_routes(s: Arc<EtcdServer>) -> Routes {
     let max_recv = s.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let (reporter, health_service) = tonic_health::server::health_reporter();
     // Serving as soon as the listeners are up; requests wait for a leader.
@@ -128,7 +136,7 @@ fn client_routes(s: Arc<EtcdServer>) -> Routes {
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await
     });
-    Routes::from(http_router(s.clone()))
+    Routes::from(axum::Router::new().fallback(not_served))
         .add_service(
             KvServer::new(kv::KvService::new(s.clone()))
                 .max_decoding_message_size(max_recv)

@@ -204,10 +204,7 @@ impl StreamTask {
                     created: true,
                     ..Default::default()
                 };
-                self.send(created).await
-                    && self
-                        .send(self.compacted_cancel(id, compacted, current))
-                        .await
+                self.send(created).await && self.send(self.compacted_cancel(id, compacted)).await
             }
             Registered::Replay { from, to, current } => {
                 let created = WatchResponse {
@@ -240,7 +237,7 @@ impl StreamTask {
             // Compaction ran before the history was read: events may be missing.
             self.watchers.remove(&id);
             self.s.state.hub.cancel(self.id, id);
-            let r = self.compacted_cancel(id, self.s.state.hub.compacted(), 0);
+            let r = self.compacted_cancel(id, self.s.state.hub.compacted());
             return self.send(r).await;
         }
         let w = &self.watchers[&id];
@@ -347,22 +344,24 @@ impl StreamTask {
         {
             Registered::Replay { from, to, .. } if from <= to => self.replay(id, from, to).await,
             Registered::Replay { .. } => true,
-            Registered::Compacted { compacted, current } => {
+            Registered::Compacted { compacted, .. } => {
                 self.watchers.remove(&id);
-                self.send(self.compacted_cancel(id, compacted, current))
-                    .await
+                self.send(self.compacted_cancel(id, compacted)).await
             }
         }
     }
 
-    /// The response that cancels watch `id` because its history is compacted.
-    fn compacted_cancel(&self, id: i64, compacted: i64, current: i64) -> WatchResponse {
+    /// The response that cancels watch `id` because its history is
+    /// compacted, as etcd's: `compact_revision` set (clients turn it into
+    /// their compacted error), no cancel reason, a header at revision 0.
+    fn compacted_cancel(&self, id: i64, compacted: i64) -> WatchResponse {
+        let mut header = self.s.header(0);
+        header.revision = 0;
         WatchResponse {
-            header: Some(self.s.header(current)),
+            header: Some(header),
             watch_id: id,
             canceled: true,
             compact_revision: compacted,
-            cancel_reason: "etcdserver: mvcc: required revision has been compacted".into(),
             ..Default::default()
         }
     }
