@@ -180,6 +180,28 @@ fn http_gateway_answers_as_etcds() {
             ));
         }
     }
+    // A put over the 1.5 MiB request limit (2.2 MB of JSON): etcd's error.
+    let big = format!(
+        r#"{{"key":"Ymln","value":"{}"}}"#,
+        "QUFB".repeat((1_700_000 / 3) as usize)
+    );
+    let answers: Vec<(u16, String)> = members
+        .iter()
+        .map(|m| post(m.client_port, "/v3/kv/put", &big, short))
+        .collect();
+    assert_eq!(
+        answers[0],
+        (
+            400,
+            r#"{"error":"etcdserver: request is too large","message":"etcdserver: request is too large","code":3}"#
+                .to_string()
+        ),
+        "etcd's answer"
+    );
+    assert_eq!(
+        answers[1], answers[0],
+        "cairn's answer to a put over the limit"
+    );
     // A body that is not JSON: both refuse it as InvalidArgument (the
     // parser's message differs).
     for m in &members {

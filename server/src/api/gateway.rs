@@ -92,10 +92,17 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("auth/role/revoke", "Auth", "RoleRevokePermission"),
 ];
 
-/// `POST /v3/{path}` for every path in [`ROUTES`], calling `grpc`.
-pub fn router(grpc: Routes) -> axum::Router {
+/// `POST /v3/{path}` for every path in [`ROUTES`], calling `grpc`, whose
+/// requests may be up to `max_request` bytes.
+pub fn router(grpc: Routes, max_request: usize) -> axum::Router {
     axum::Router::new()
         .route("/v3/{*path}", axum::routing::post(call))
+        // Room for the largest request in base64 and JSON, so that one
+        // over the limit meets etcd's error in the gRPC service rather
+        // than an HTTP 413 here.
+        .layer(axum::extract::DefaultBodyLimit::max(
+            2 * max_request + (64 << 10),
+        ))
         .with_state(grpc)
 }
 

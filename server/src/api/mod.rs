@@ -122,7 +122,8 @@ async fn not_served(req: axum::extract::Request) -> axum::response::Response {
 /// The client port: gRPC, etcd's HTTP/JSON gateway, health and metrics.
 fn client_routes(s: Arc<EtcdServer>) -> Routes {
     let grpc = grpc_routes(s.clone());
-    let http = http_router(s).merge(gateway::router(grpc.clone()));
+    let max_request = s.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    let http = http_router(s).merge(gateway::router(grpc.clone(), max_request));
     Routes::from(grpc.into_axum_router().merge(http))
 }
 
