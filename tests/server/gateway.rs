@@ -2,26 +2,21 @@
 //! requests, in the same order, against etcd 3.4 and cairn; status and body
 //! must match once IDs and terms are masked.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 use std::time::Duration;
 
 use regex::Regex;
 
-use crate::harness::{Kind, Member};
+use crate::harness::{http_send, Kind, Member};
 
 /// POSTs `body` to `path`; the status code and body. A stream (watch) is
 /// read for `wait` and then left.
 fn post(port: u16, path: &str, body: &str, wait: Duration) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(wait)).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+    let headers = format!(
+        "Content-Type: application/json\r\nContent-Length: {}\r\n",
         body.len()
-    )
-    .unwrap();
+    );
+    let mut s = http_send(port, "POST", path, &headers, body, wait).expect("connects");
     let mut raw = Vec::new();
     let mut buf = [0u8; 4096];
     loop {

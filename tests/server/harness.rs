@@ -268,19 +268,34 @@ impl Drop for Member {
     }
 }
 
-/// A minimal HTTP/1.1 GET on 127.0.0.1; the body, if the server answered.
-pub fn http_get(port: u16, path: &str) -> Option<String> {
+/// Sends a minimal HTTP/1.1 request (`Connection: close`) to 127.0.0.1;
+/// the connection, to read the answer from with `read_timeout`.
+/// `headers` are further header lines, each ending in CRLF.
+pub fn http_send(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+    read_timeout: Duration,
+) -> Option<TcpStream> {
     let mut s = TcpStream::connect_timeout(
         &format!("127.0.0.1:{port}").parse().ok()?,
         Duration::from_millis(500),
     )
     .ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.set_read_timeout(Some(read_timeout)).ok()?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{headers}\r\n{body}"
     )
     .ok()?;
+    Some(s)
+}
+
+/// A minimal HTTP/1.1 GET on 127.0.0.1; the body, if the server answered.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = http_send(port, "GET", path, "", "", Duration::from_secs(2))?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     Some(buf)

@@ -121,15 +121,15 @@ async fn not_served(req: axum::extract::Request) -> axum::response::Response {
 
 /// The client port: gRPC, etcd's HTTP/JSON gateway, health and metrics.
 fn client_routes(s: Arc<EtcdServer>) -> Routes {
-    let grpc = grpc_routes(s.clone());
-    let max_request = s.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
-    let http = http_router(s).merge(gateway::router(grpc.clone(), max_request));
+    let max_recv = s.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    let grpc = grpc_routes(s.clone(), max_recv);
+    let http = http_router(s).merge(gateway::router(grpc.clone(), max_recv));
     Routes::from(grpc.into_axum_router().merge(http))
 }
 
-/// Every gRPC service of the client port, and [`not_served`] for the rest.
-fn grpc_routes(s: Arc<EtcdServer>) -> Routes {
-    let max_recv = s.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
+/// Every gRPC service of the client port, receiving messages of up to
+/// `max_recv` bytes, and [`not_served`] for the rest.
+fn grpc_routes(s: Arc<EtcdServer>, max_recv: usize) -> Routes {
     let (reporter, health_service) = tonic_health::server::health_reporter();
     // Serving as soon as the listeners are up; requests wait for a leader.
     tokio::spawn(async move {
