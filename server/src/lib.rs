@@ -11,11 +11,11 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod lease;
-pub mod membership;
 pub mod metrics;
 pub mod mvcc;
 pub mod proto;
 pub mod raft;
+pub mod run;
 pub mod server;
 pub mod snapshot;
 pub mod snapshot_cmd;
@@ -23,4 +23,4 @@ pub mod storage;
 pub mod watch;
 
 pub use config::{Config, Flags};
-pub use server::serve;
+pub use run::serve;

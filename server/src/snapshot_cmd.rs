@@ -254,7 +254,7 @@ pub fn restore(file: &Path, cfg: &Config, skip_hash_check: bool) -> Result<Strin
             cluster_id: crate::config::cluster_id(&all),
             member_id,
         })?;
-        engine.raft_put(crate::server::RESTORED_NEEDS_SNAPSHOT, &true)?;
+        engine.raft_put(crate::storage::RESTORED_NEEDS_SNAPSHOT, &true)?;
         let state = KvState::open(engine, cfg.min_lease_ttl(), member_id)?;
         state.install_payload(&encoded)?;
     }

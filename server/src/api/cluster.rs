@@ -1,5 +1,5 @@
 //! etcdserverpb.Cluster: membership from Raft's config; changes run on the
-//! leader (`crate::membership`), forwarded there from any other member.
+//! leader (`crate::server::membership`), forwarded there from any other member.
 
 use std::sync::Arc;
 

@@ -30,3 +30,7 @@ mod log_writer;
 
 pub use engine::{dec, decode_record, encode_record, Engine, Identity, StateMeta, View, CF_LOG};
 pub use log_writer::{LogOp, LogWriter};
+
+/// A key of the `raft` column family, set by `cairn snapshot restore`: the restored data came
+/// from outside the Raft log, and must be put in a Raft snapshot before members may join.
+pub const RESTORED_NEEDS_SNAPSHOT: &[u8] = b"restored_needs_snapshot";

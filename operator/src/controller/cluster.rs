@@ -1,140 +1,8 @@
-//! The reconcile loop: reads the world (the StatefulSet, the member pods, the cluster's member
-//! list through the etcd API), asks [`plan`] for the next membership step, applies the builders of
-//! [`resources`] with server-side apply under one field manager, makes the step's etcd calls and
-//! reports everything in the status and in Events.
-//!
-//! It never derives membership from pods: a pod that is gone or crash-looping is reported, not
-//! acted on, unless it says it lost its data (then its member is replaced).
+//! One EtcdCluster's reconcile: observe (StatefulSet, pods, the member list through the etcd
+//! API) -> plan ([`crate::plan::next_step`]) -> apply (builders, the step's etcd calls) ->
+//! report (status, Events), and its error policy.
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use futures::StreamExt;
-use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, PersistentVolumeClaim, Pod, Service};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::watcher;
-use kube::{Client, Resource, ResourceExt};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
-use tracing::{info, warn, Instrument};
-
-use crate::backup::{self, Credentials, Destination, Due, RunOwner, Runs};
-use crate::crd::{
-    condition, BackupPhase, EtcdBackup, EtcdCluster, EtcdClusterStatus, MemberStatus, Operation,
-    OperationKind,
-};
-use crate::members::{self, Members, Outcome};
-use crate::metrics::Metrics;
-use crate::plan::{self, bootstrap, next_step, ClusterView, Observed, Step};
-use crate::resources::{self, Layout, Names};
-
-/// The one field manager of everything the operator applies.
-pub const FIELD_MANAGER: &str = "cairn-operator";
-
-/// How often a steady cluster is looked at again (membership and health are not watched).
-const STEADY_REQUEUE: Duration = Duration::from_secs(30);
-/// How soon a step in progress is looked at again.
-const STEP_REQUEUE: Duration = Duration::from_secs(2);
-/// How soon a refused or waiting step is tried again.
-const WAIT_REQUEUE: Duration = Duration::from_secs(10);
-
-/// Errors of one reconcile.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("membership: {0}")]
-    Members(#[from] members::Error),
-    #[error("the EtcdCluster has no namespace")]
-    NoNamespace,
-    #[error("backup credentials: {0}")]
-    Credentials(String),
-}
-
-impl Error {
-    /// The `error` label of the error metric.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Kube(_) => "kube",
-            Error::Members(_) => "membership",
-            Error::NoNamespace => "invalid",
-            Error::Credentials(_) => "credentials",
-        }
-    }
-}
-
-/// Where the operator reaches a cluster's members: their pod DNS names in Kubernetes; tests
-/// substitute loopback members.
-pub type LayoutFn = dyn Fn(&EtcdCluster) -> Arc<dyn Layout> + Send + Sync;
-
-/// What every reconcile shares.
-pub struct Context {
-    pub client: Client,
-    pub recorder: Recorder,
-    pub metrics: Metrics,
-    pub layout: Box<LayoutFn>,
-    /// Backups in progress, one per cluster at most.
-    pub backups: Runs,
-    /// The API server's minor version, asked once.
-    pub server_minor: tokio::sync::OnceCell<u32>,
-    /// The image of members whose EtcdCluster names none.
-    pub default_image: String,
-    /// The operator's own image (restores download backups with it).
-    pub operator_image: String,
-}
-
-impl Context {
-    pub fn new(client: Client, metrics: Metrics, instance: Option<String>) -> Context {
-        let reporter = Reporter {
-            controller: FIELD_MANAGER.to_string(),
-            instance,
-        };
-        Context {
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
-            metrics,
-            default_image: resources::default_image(),
-            operator_image: format!("cairn-operator:{}", env!("CARGO_PKG_VERSION")),
-            backups: Runs::default(),
-            server_minor: tokio::sync::OnceCell::new(),
-            layout: Box::new(|ec: &EtcdCluster| Arc::new(Names::of(ec)) as Arc<dyn Layout>),
-        }
-    }
-}
-
-fn apply_params() -> PatchParams {
-    PatchParams::apply(FIELD_MANAGER).force()
-}
-
-async fn apply<K>(api: &Api<K>, obj: &K) -> Result<(), Error>
-where
-    K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
-{
-    let name = obj.meta().name.clone().unwrap_or_default();
-    api.patch(&name, &apply_params(), &Patch::Apply(obj))
-        .await?;
-    Ok(())
-}
-
-async fn delete_if_exists<K>(api: &Api<K>, name: &str) -> Result<(), Error>
-where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
-{
-    match api.delete(name, &DeleteParams::default()).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-fn now() -> Time {
-    Time(jiff::Timestamp::now())
-}
+use super::*;
 
 /// Ordinals whose member pod says it lost its data (its termination message, now or last time).
 fn pods_reporting_lost_data(pods: &[Pod], names: &Names) -> Vec<i32> {
@@ -159,31 +27,6 @@ fn pods_reporting_lost_data(pods: &[Pod], names: &Names) -> Vec<i32> {
         .collect();
     out.sort_unstable();
     out
-}
-
-/// Reads S3 credentials from a Secret: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and
-/// optionally `AWS_SESSION_TOKEN`.
-pub async fn read_credentials(
-    api: &Api<k8s_openapi::api::core::v1::Secret>,
-    name: &str,
-) -> Result<Credentials, Error> {
-    let secret = api
-        .get_opt(name)
-        .await?
-        .ok_or_else(|| Error::Credentials(format!("Secret {name} not found")))?;
-    let data = secret.data.unwrap_or_default();
-    let get = |k: &str| {
-        data.get(k)
-            .map(|v| String::from_utf8_lossy(&v.0).trim().to_string())
-    };
-    Ok(Credentials {
-        access_key_id: get("AWS_ACCESS_KEY_ID")
-            .ok_or_else(|| Error::Credentials(format!("Secret {name} has no AWS_ACCESS_KEY_ID")))?,
-        secret_access_key: get("AWS_SECRET_ACCESS_KEY").ok_or_else(|| {
-            Error::Credentials(format!("Secret {name} has no AWS_SECRET_ACCESS_KEY"))
-        })?,
-        session_token: get("AWS_SESSION_TOKEN"),
-    })
 }
 
 /// Why the init containers of `pod` failed, if they did.
@@ -226,16 +69,16 @@ pub fn error_policy(ec: Arc<EtcdCluster>, err: &Error, ctx: Arc<Context>) -> Act
     Action::requeue(WAIT_REQUEUE)
 }
 
-struct Reconciler<'a> {
+pub(super) struct Reconciler<'a> {
     ec: &'a EtcdCluster,
     ctx: &'a Context,
     ns: &'a str,
-    names: Names,
-    layout: Arc<dyn Layout>,
+    pub(super) names: Names,
+    pub(super) layout: Arc<dyn Layout>,
 }
 
 impl<'a> Reconciler<'a> {
-    fn new(ec: &'a EtcdCluster, ctx: &'a Context, ns: &'a str) -> Self {
+    pub(super) fn new(ec: &'a EtcdCluster, ctx: &'a Context, ns: &'a str) -> Self {
         Reconciler {
             ec,
             ctx,
@@ -606,7 +449,7 @@ impl<'a> Reconciler<'a> {
             return Ok(Some(STEP_REQUEUE));
         }
 
-        let schedule = match backup::parse_schedule(&spec.schedule) {
+        let schedule = match crate::backup::parse_schedule(&spec.schedule) {
             Ok(s) => s,
             Err(msg) => {
                 status.set_condition(
@@ -631,7 +474,7 @@ impl<'a> Reconciler<'a> {
             .clone()
             .or_else(|| ec.metadata.creation_timestamp.clone())
             .map_or(t.0, |x| x.0);
-        let due = backup::due(&schedule, last, t.0);
+        let due = crate::backup::due(&schedule, last, t.0);
         let retry_at = (st.failures > 0)
             .then(|| st.next_backup_time.clone())
             .flatten();
@@ -681,8 +524,12 @@ impl<'a> Reconciler<'a> {
                 };
                 let dir =
                     dest.cluster_dir(self.ns, &self.names.cluster, &ec.uid().unwrap_or_default());
-                let work =
-                    backup::backup_and_prune(endpoints, dest, dir, Some(spec.retention.clone()));
+                let work = crate::backup::backup_and_prune(
+                    endpoints,
+                    dest,
+                    dir,
+                    Some(spec.retention.clone()),
+                );
                 if self
                     .ctx
                     .backups
@@ -715,10 +562,10 @@ impl<'a> Reconciler<'a> {
             .await
             .map_err(|e| e.to_string())?;
         let result = match &from.key {
-            Some(key) => backup::record(&dest, key).await,
+            Some(key) => crate::backup::record(&dest, key).await,
             None => {
                 let prefix = from.prefix.clone().unwrap_or_else(|| dest.prefix.clone());
-                backup::latest(&dest, &prefix).await
+                crate::backup::latest(&dest, &prefix).await
             }
         };
         result.map_err(|e| format!("cannot restore: {e}"))
@@ -744,7 +591,7 @@ impl<'a> Reconciler<'a> {
             t,
         );
         st.failures += 1;
-        let after = backup::retry_backoff(st.failures);
+        let after = crate::backup::retry_backoff(st.failures);
         st.next_backup_time = Some(Time(
             t.0 + jiff::SignedDuration::try_from(after).unwrap_or_default(),
         ));
@@ -752,7 +599,10 @@ impl<'a> Reconciler<'a> {
     }
 
     /// Opens a backup destination with the credentials its Secret holds (if it names one).
-    async fn destination(&self, d: &crate::crd::BackupDestination) -> Result<Destination, Error> {
+    pub(super) async fn destination(
+        &self,
+        d: &crate::crd::BackupDestination,
+    ) -> Result<Destination, Error> {
         let creds = match d.s3.as_ref().and_then(|s| s.credentials_secret.as_deref()) {
             Some(name) => Some(
                 read_credentials(&self.api::<k8s_openapi::api::core::v1::Secret>(), name).await?,
@@ -1134,188 +984,6 @@ impl<'a> Reconciler<'a> {
     }
 }
 
-/// How many times an on-demand backup is tried before it is marked Failed.
-const ON_DEMAND_ATTEMPTS: i32 = 5;
-
-/// Reconciles one EtcdBackup: waits for its cluster to be free of other backups, takes the
-/// backup, and records the outcome. A Succeeded or Failed backup is never taken again.
-pub async fn reconcile_backup(eb: Arc<EtcdBackup>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let ns = eb.namespace().ok_or(Error::NoNamespace)?;
-    let uid = eb.uid().unwrap_or_default();
-    let mut st = eb.status.clone().unwrap_or_default();
-    if matches!(st.phase, Some(BackupPhase::Succeeded | BackupPhase::Failed)) {
-        return Ok(Action::await_change());
-    }
-    let api: Api<EtcdBackup> = Api::namespaced(ctx.client.clone(), &ns);
-    let reference = eb.object_ref(&());
-    let publish = |type_, reason: &'static str, note: String| {
-        let ctx = ctx.clone();
-        let reference = reference.clone();
-        async move {
-            let ev = Event {
-                type_,
-                reason: reason.into(),
-                note: Some(note),
-                action: "Backup".into(),
-                secondary: None,
-            };
-            if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
-                warn!(error = %e, "could not publish an event");
-            }
-        }
-    };
-    let cluster_key = format!("{ns}/{}", eb.spec.cluster_name);
-    let mut requeue = STEP_REQUEUE;
-    if let Some((_, result)) = ctx.backups.take_on_demand(&uid) {
-        st.attempts += 1;
-        match result {
-            Ok(rec) => {
-                publish(
-                    EventType::Normal,
-                    "BackupSucceeded",
-                    format!(
-                        "{} ({} bytes, revision {})",
-                        rec.key, rec.size, rec.revision
-                    ),
-                )
-                .await;
-                st.phase = Some(BackupPhase::Succeeded);
-                st.message = None;
-                st.backup = Some(rec);
-            }
-            Err(msg) => {
-                publish(EventType::Warning, "BackupFailed", msg.clone()).await;
-                st.message = Some(msg);
-                if st.attempts >= ON_DEMAND_ATTEMPTS {
-                    st.phase = Some(BackupPhase::Failed);
-                } else {
-                    st.phase = Some(BackupPhase::Pending);
-                    requeue = backup::retry_backoff(st.attempts);
-                }
-            }
-        }
-    } else if ctx.backups.running(&cluster_key) == Some(RunOwner::OnDemand(uid.clone())) {
-        st.phase = Some(BackupPhase::Running);
-    } else if ctx.backups.running(&cluster_key).is_some() {
-        st.phase = Some(BackupPhase::Pending);
-        st.message = Some("another backup of this cluster is running".into());
-    } else {
-        let clusters: Api<EtcdCluster> = Api::namespaced(ctx.client.clone(), &ns);
-        match clusters.get_opt(&eb.spec.cluster_name).await? {
-            None => {
-                st.phase = Some(BackupPhase::Pending);
-                st.message = Some(format!("EtcdCluster {} not found", eb.spec.cluster_name));
-                requeue = WAIT_REQUEUE;
-            }
-            Some(ec) => {
-                let r = Reconciler::new(&ec, &ctx, &ns);
-                let endpoints = (0..ec.spec.size.max(1))
-                    .map(|o| r.layout.client_url(o))
-                    .collect();
-                match r.destination(&eb.spec.destination).await {
-                    Ok(dest) => {
-                        let dir =
-                            dest.cluster_dir(&ns, &r.names.cluster, &ec.uid().unwrap_or_default());
-                        let work = backup::backup_and_prune(endpoints, dest, dir, None);
-                        if ctx
-                            .backups
-                            .start(&cluster_key, RunOwner::OnDemand(uid.clone()), work)
-                        {
-                            st.phase = Some(BackupPhase::Running);
-                            st.message = None;
-                        }
-                    }
-                    Err(e) => {
-                        st.attempts += 1;
-                        st.message = Some(e.to_string());
-                        st.phase = Some(if st.attempts >= ON_DEMAND_ATTEMPTS {
-                            BackupPhase::Failed
-                        } else {
-                            BackupPhase::Pending
-                        });
-                        requeue = backup::retry_backoff(st.attempts);
-                    }
-                }
-            }
-        }
-    }
-    let patch = serde_json::json!({
-        "apiVersion": "cairn.dev/v1alpha1",
-        "kind": "EtcdBackup",
-        "status": st,
-    });
-    api.patch_status(&eb.name_any(), &apply_params(), &Patch::Apply(&patch))
-        .await?;
-    Ok(match st.phase {
-        Some(BackupPhase::Succeeded | BackupPhase::Failed) => Action::await_change(),
-        _ => Action::requeue(requeue),
-    })
-}
-
-/// Error policy of the EtcdBackup controller.
-pub fn backup_error_policy(eb: Arc<EtcdBackup>, err: &Error, _ctx: Arc<Context>) -> Action {
-    warn!(backup = %eb.name_any(), error = %err, "backup reconcile failed");
-    Action::requeue(WAIT_REQUEUE)
-}
-
-/// Runs the controller until the stream of reconciles ends (on shutdown).
-pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
-    let client = ctx.client.clone();
-    let (clusters, stss, svcs, cms, pdbs) = match &namespace {
-        Some(ns) => (
-            Api::<EtcdCluster>::namespaced(client.clone(), ns),
-            Api::<StatefulSet>::namespaced(client.clone(), ns),
-            Api::<Service>::namespaced(client.clone(), ns),
-            Api::<ConfigMap>::namespaced(client.clone(), ns),
-            Api::<PodDisruptionBudget>::namespaced(client.clone(), ns),
-        ),
-        None => (
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-        ),
-    };
-    let backups = match &namespace {
-        Some(ns) => Api::<EtcdBackup>::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let on_demand = Controller::new(backups, watcher::Config::default())
-        .shutdown_on_signal()
-        .run(reconcile_backup, backup_error_policy, ctx.clone())
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                warn!(error = %e, "backup reconcile stream");
-            }
-        });
-    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=cairn-operator");
-    // An API server without policy/v1 (Kubernetes before 1.21) cannot be watched for PDBs;
-    // reconciles report that in each cluster's status instead.
-    let pdbs_served = !matches!(
-        pdbs.list(&ListParams::default().limit(1)).await,
-        Err(kube::Error::Api(ref e)) if e.code == 404
-    );
-    let mut clusters = Controller::new(clusters, watcher::Config::default())
-        .owns(stss, owned.clone())
-        .owns(svcs, owned.clone())
-        .owns(cms, owned.clone());
-    if pdbs_served {
-        clusters = clusters.owns(pdbs, owned);
-    } else {
-        warn!("policy/v1 PodDisruptionBudgets are not served: not watching them");
-    }
-    let clusters = clusters
-        .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                warn!(error = %e, "reconcile stream");
-            }
-        });
-    futures::future::join(clusters, on_demand).await;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1362,22 +1030,5 @@ mod tests {
             ),
         ];
         assert_eq!(pods_reporting_lost_data(&pods, &names), vec![0, 2]);
-    }
-
-    #[test]
-    fn metrics_render_with_their_names() {
-        let m = Metrics::default();
-        drop(m.reconcile("ns", "demo"));
-        m.membership_operations
-            .with_label_values(&["ns", "demo", "add", "ok"])
-            .inc();
-        let text = m.render();
-        for name in [
-            "cairn_operator_reconciles_total{cluster=\"demo\",namespace=\"ns\"} 1",
-            "cairn_operator_reconcile_duration_seconds_count{cluster=\"demo\",namespace=\"ns\"} 1",
-            "cairn_operator_membership_operations_total{cluster=\"demo\",namespace=\"ns\",operation=\"add\",result=\"ok\"} 1",
-        ] {
-            assert!(text.contains(name), "{name} missing in\n{text}");
-        }
     }
 }

@@ -1,0 +1,154 @@
+//! EtcdBackup reconciles: an on-demand backup waits for its cluster to be free of other
+//! backups, is taken, and its outcome recorded; and the S3 credentials backups use.
+
+use super::cluster::Reconciler;
+use super::*;
+
+/// Reads S3 credentials from a Secret: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and
+/// optionally `AWS_SESSION_TOKEN`.
+pub async fn read_credentials(
+    api: &Api<k8s_openapi::api::core::v1::Secret>,
+    name: &str,
+) -> Result<Credentials, Error> {
+    let secret = api
+        .get_opt(name)
+        .await?
+        .ok_or_else(|| Error::Credentials(format!("Secret {name} not found")))?;
+    let data = secret.data.unwrap_or_default();
+    let get = |k: &str| {
+        data.get(k)
+            .map(|v| String::from_utf8_lossy(&v.0).trim().to_string())
+    };
+    Ok(Credentials {
+        access_key_id: get("AWS_ACCESS_KEY_ID")
+            .ok_or_else(|| Error::Credentials(format!("Secret {name} has no AWS_ACCESS_KEY_ID")))?,
+        secret_access_key: get("AWS_SECRET_ACCESS_KEY").ok_or_else(|| {
+            Error::Credentials(format!("Secret {name} has no AWS_SECRET_ACCESS_KEY"))
+        })?,
+        session_token: get("AWS_SESSION_TOKEN"),
+    })
+}
+
+/// How many times an on-demand backup is tried before it is marked Failed.
+const ON_DEMAND_ATTEMPTS: i32 = 5;
+
+/// Reconciles one EtcdBackup: waits for its cluster to be free of other backups, takes the
+/// backup, and records the outcome. A Succeeded or Failed backup is never taken again.
+pub async fn reconcile_backup(eb: Arc<EtcdBackup>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = eb.namespace().ok_or(Error::NoNamespace)?;
+    let uid = eb.uid().unwrap_or_default();
+    let mut st = eb.status.clone().unwrap_or_default();
+    if matches!(st.phase, Some(BackupPhase::Succeeded | BackupPhase::Failed)) {
+        return Ok(Action::await_change());
+    }
+    let api: Api<EtcdBackup> = Api::namespaced(ctx.client.clone(), &ns);
+    let reference = eb.object_ref(&());
+    let publish = |type_, reason: &'static str, note: String| {
+        let ctx = ctx.clone();
+        let reference = reference.clone();
+        async move {
+            let ev = Event {
+                type_,
+                reason: reason.into(),
+                note: Some(note),
+                action: "Backup".into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
+                warn!(error = %e, "could not publish an event");
+            }
+        }
+    };
+    let cluster_key = format!("{ns}/{}", eb.spec.cluster_name);
+    let mut requeue = STEP_REQUEUE;
+    if let Some((_, result)) = ctx.backups.take_on_demand(&uid) {
+        st.attempts += 1;
+        match result {
+            Ok(rec) => {
+                publish(
+                    EventType::Normal,
+                    "BackupSucceeded",
+                    format!(
+                        "{} ({} bytes, revision {})",
+                        rec.key, rec.size, rec.revision
+                    ),
+                )
+                .await;
+                st.phase = Some(BackupPhase::Succeeded);
+                st.message = None;
+                st.backup = Some(rec);
+            }
+            Err(msg) => {
+                publish(EventType::Warning, "BackupFailed", msg.clone()).await;
+                st.message = Some(msg);
+                if st.attempts >= ON_DEMAND_ATTEMPTS {
+                    st.phase = Some(BackupPhase::Failed);
+                } else {
+                    st.phase = Some(BackupPhase::Pending);
+                    requeue = crate::backup::retry_backoff(st.attempts);
+                }
+            }
+        }
+    } else if ctx.backups.running(&cluster_key) == Some(RunOwner::OnDemand(uid.clone())) {
+        st.phase = Some(BackupPhase::Running);
+    } else if ctx.backups.running(&cluster_key).is_some() {
+        st.phase = Some(BackupPhase::Pending);
+        st.message = Some("another backup of this cluster is running".into());
+    } else {
+        let clusters: Api<EtcdCluster> = Api::namespaced(ctx.client.clone(), &ns);
+        match clusters.get_opt(&eb.spec.cluster_name).await? {
+            None => {
+                st.phase = Some(BackupPhase::Pending);
+                st.message = Some(format!("EtcdCluster {} not found", eb.spec.cluster_name));
+                requeue = WAIT_REQUEUE;
+            }
+            Some(ec) => {
+                let r = Reconciler::new(&ec, &ctx, &ns);
+                let endpoints = (0..ec.spec.size.max(1))
+                    .map(|o| r.layout.client_url(o))
+                    .collect();
+                match r.destination(&eb.spec.destination).await {
+                    Ok(dest) => {
+                        let dir =
+                            dest.cluster_dir(&ns, &r.names.cluster, &ec.uid().unwrap_or_default());
+                        let work = crate::backup::backup_and_prune(endpoints, dest, dir, None);
+                        if ctx
+                            .backups
+                            .start(&cluster_key, RunOwner::OnDemand(uid.clone()), work)
+                        {
+                            st.phase = Some(BackupPhase::Running);
+                            st.message = None;
+                        }
+                    }
+                    Err(e) => {
+                        st.attempts += 1;
+                        st.message = Some(e.to_string());
+                        st.phase = Some(if st.attempts >= ON_DEMAND_ATTEMPTS {
+                            BackupPhase::Failed
+                        } else {
+                            BackupPhase::Pending
+                        });
+                        requeue = crate::backup::retry_backoff(st.attempts);
+                    }
+                }
+            }
+        }
+    }
+    let patch = serde_json::json!({
+        "apiVersion": "cairn.dev/v1alpha1",
+        "kind": "EtcdBackup",
+        "status": st,
+    });
+    api.patch_status(&eb.name_any(), &apply_params(), &Patch::Apply(&patch))
+        .await?;
+    Ok(match st.phase {
+        Some(BackupPhase::Succeeded | BackupPhase::Failed) => Action::await_change(),
+        _ => Action::requeue(requeue),
+    })
+}
+
+/// Error policy of the EtcdBackup controller.
+pub fn backup_error_policy(eb: Arc<EtcdBackup>, err: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(backup = %eb.name_any(), error = %err, "backup reconcile failed");
+    Action::requeue(WAIT_REQUEUE)
+}

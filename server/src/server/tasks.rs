@@ -1,0 +1,256 @@
+//! The member's background tasks: following Raft's metrics (term, leader,
+//! removal), expiring leases and compacting on the leader, refreshing sizes,
+//! and putting restored data into a Raft snapshot.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::ServerState;
+use parking_lot::Mutex;
+use tracing::{debug, info, warn};
+
+use super::read::wait_err;
+use super::EtcdServer;
+use crate::config::AutoCompaction;
+use crate::error::{Error, Result};
+use crate::proto::etcdserverpb::{CompactionRequest, LeaseRevokeRequest};
+use crate::proto::raftpb::internal_request::Request;
+use crate::storage::Engine;
+use crate::storage::RESTORED_NEEDS_SNAPSHOT;
+
+/// After a restore, takes a Raft snapshot and purges the log up to it, so that every member
+/// added later catches up from a snapshot (which holds the restored data) rather than from the
+/// log (which does not). Tries until it succeeds or the server stops.
+pub(super) async fn snapshot_restored(server: std::sync::Weak<EtcdServer>, engine: Arc<Engine>) {
+    loop {
+        let Some(s) = server.upgrade() else { return };
+        match put_restored_in_snapshot(&s, &engine).await {
+            Ok(index) => {
+                s.restore_pending.store(false, Ordering::Release);
+                info!(
+                    index,
+                    "restored data is in a Raft snapshot; members may join"
+                );
+                return;
+            }
+            Err(e) => debug!(error = %e, "restored data not in a Raft snapshot yet"),
+        }
+        drop(s);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One attempt of [`snapshot_restored`]: as the leader with its whole log applied, builds a
+/// snapshot, purges the log up to it and clears the restore mark. Returns the snapshot's index.
+pub(super) async fn put_restored_in_snapshot(s: &EtcdServer, engine: &Engine) -> Result<u64> {
+    let step = Some(Duration::from_secs(5));
+    let m = s
+        .raft
+        .wait(step)
+        .metrics(
+            |m| {
+                m.current_leader == Some(m.id)
+                    && m.last_applied.is_some()
+                    && m.last_applied.map(|l| l.index) == m.last_log_index
+            },
+            "leading with the log applied",
+        )
+        .await
+        .map_err(wait_err)?;
+    let target = m.last_applied.expect("waited for it").index;
+    s.raft.trigger().snapshot().await.map_err(Error::internal)?;
+    let m = s
+        .raft
+        .wait(step)
+        .metrics(
+            |m| m.snapshot.is_some_and(|l| l.index >= target),
+            "snapshot built",
+        )
+        .await
+        .map_err(wait_err)?;
+    let index = m.snapshot.expect("waited for it").index;
+    s.raft
+        .trigger()
+        .purge_log(index)
+        .await
+        .map_err(Error::internal)?;
+    s.raft
+        .wait(step)
+        .metrics(|m| m.purged.is_some_and(|p| p.index >= index), "log purged")
+        .await
+        .map_err(wait_err)?;
+    engine.raft_put(RESTORED_NEEDS_SNAPSHOT, &false)?;
+    Ok(index)
+}
+
+/// Follows Raft's metrics: term and leader for headers and metrics; on
+/// becoming leader, restarts every lease clock.
+pub(super) async fn track_leadership(server: std::sync::Weak<EtcdServer>) {
+    let Some(s) = server.upgrade() else { return };
+    let mut rx = s.raft.metrics();
+    drop(s);
+    let mut was_leader = false;
+    let mut last_leader = None;
+    loop {
+        {
+            let Some(s) = server.upgrade() else { return };
+            let m = rx.borrow_and_update().clone();
+            s.term.store(m.current_term, Ordering::Relaxed);
+            s.leader
+                .store(m.current_leader.unwrap_or(0), Ordering::Relaxed);
+            s.metrics.has_leader.set(m.current_leader.is_some() as i64);
+            let leader = m.state == ServerState::Leader;
+            s.metrics.is_leader.set(leader as i64);
+            if m.current_leader.is_some() && m.current_leader != last_leader {
+                s.metrics.leader_changes.inc();
+                last_leader = m.current_leader;
+            }
+            let nodes: HashSet<u64> = m
+                .membership_config
+                .membership()
+                .nodes()
+                .map(|(id, _)| *id)
+                .collect();
+            s.log_background_sync
+                .store(nodes.len() > 1 && leader, Ordering::Relaxed);
+            s.state.replicated.store(nodes.len() > 1, Ordering::Relaxed);
+            let removed = {
+                let mut seen = s.seen_members.lock();
+                seen.extend(nodes.iter().copied());
+                seen.contains(&s.member_id) && !nodes.contains(&s.member_id)
+            };
+            if removed || s.peers.removed.load(Ordering::Relaxed) {
+                warn!(
+                    member = format!("{:x}", s.member_id),
+                    "the member has been permanently removed from the cluster; stopping"
+                );
+                s.removed.send_replace(true);
+            }
+            if let Some(a) = m.last_applied {
+                s.metrics.proposals_applied.set(a.index as i64);
+            }
+            s.metrics
+                .proposals_committed
+                .set(m.last_log_index.unwrap_or(0) as i64);
+            if leader && !was_leader {
+                let store = s.state.store.read();
+                s.state
+                    .lessor
+                    .reset_all(store.leases().map(|(id, l)| (id, l.ttl)));
+                info!(
+                    member = format!("{:x}", s.member_id),
+                    term = m.current_term,
+                    "became leader"
+                );
+            }
+            was_leader = leader;
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// On the leader, revokes leases whose clock ran out.
+pub(super) async fn expire_leases(server: std::sync::Weak<EtcdServer>) {
+    let revoking: Arc<Mutex<HashSet<i64>>> = Arc::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let Some(s) = server.upgrade() else { return };
+        if !s.is_leader() {
+            continue;
+        }
+        for id in s.state.lessor.expired() {
+            if !revoking.lock().insert(id) {
+                continue;
+            }
+            let s = s.clone();
+            let revoking = revoking.clone();
+            tokio::spawn(async move {
+                match s
+                    .propose(Request::LeaseRevoke(LeaseRevokeRequest { id }))
+                    .await
+                {
+                    Ok(_) | Err(Error::LeaseNotFound) => s.state.lessor.forget(id),
+                    Err(e) => warn!(lease = id, "revoking expired lease failed: {e}"),
+                }
+                revoking.lock().remove(&id);
+            });
+        }
+    }
+}
+
+/// On every member, refreshes the storage size the space quota checks and
+/// the size/count metrics, twice a second.
+pub(super) async fn refresh_sizes(server: std::sync::Weak<EtcdServer>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let Some(s) = server.upgrade() else { return };
+        s.metrics.watchers.set(s.state.hub.watchers() as i64);
+        s.metrics
+            .keys_total
+            .set(s.state.store.read().keys_total() as i64);
+        let size = s.state.engine.size();
+        s.db_size.store(size, Ordering::Relaxed);
+        s.metrics.db_total_size.set(size);
+        s.metrics
+            .db_total_size_in_use
+            .set(s.state.engine.size_in_use());
+    }
+}
+
+/// On the leader, compacts history as `--auto-compaction-*` ask: in
+/// revision mode every 5 minutes to `revision - retention`; in periodic mode
+/// to the revision the store had one retention period ago, checked every
+/// tenth of the period (etcd's compactors behave the same way).
+pub(super) async fn auto_compact(server: std::sync::Weak<EtcdServer>, ac: AutoCompaction) {
+    let step = match ac {
+        AutoCompaction::Revision(_) => Duration::from_secs(300),
+        AutoCompaction::Periodic(p) => (p / 10).max(Duration::from_millis(100)),
+    };
+    let mut samples: std::collections::VecDeque<(tokio::time::Instant, i64)> = Default::default();
+    let mut tick = tokio::time::interval(step);
+    loop {
+        tick.tick().await;
+        let Some(s) = server.upgrade() else { return };
+        let (current, compacted) = {
+            let store = s.state.store.read();
+            (store.revision(), store.compacted())
+        };
+        let target = match ac {
+            AutoCompaction::Revision(keep) => current - keep,
+            AutoCompaction::Periodic(period) => {
+                let now = tokio::time::Instant::now();
+                samples.push_back((now, current));
+                // The newest sample at least one period old is the target.
+                let mut target = 0;
+                while let Some(&(t, rev)) = samples.front() {
+                    if now.duration_since(t) < period {
+                        break;
+                    }
+                    target = rev;
+                    samples.pop_front();
+                }
+                target
+            }
+        };
+        if !s.is_leader() || target <= compacted {
+            continue;
+        }
+        match s
+            .propose(Request::Compaction(CompactionRequest {
+                revision: target,
+                physical: false,
+            }))
+            .await
+        {
+            Ok(_) => info!(revision = target, "auto compaction"),
+            Err(Error::Compacted) => {}
+            Err(e) => warn!(revision = target, "auto compaction failed: {e}"),
+        }
+    }
+}
