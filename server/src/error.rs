@@ -67,6 +67,10 @@ pub enum Error {
     Unhealthy,
     #[error("etcdserver: the member has been permanently removed from the cluster")]
     MemberRemoved,
+    /// How a removed member stops: etcd's text after its ID (an operator reads the ID from the
+    /// termination message to tell this member from a later one of the same name).
+    #[error("member {0:x}: the member has been permanently removed from the cluster")]
+    Removed(u64),
     #[error("etcdserver: authentication is not enabled")]
     AuthNotEnabled,
     #[error("etcdserver: root user does not exist")]
@@ -112,7 +116,9 @@ impl Error {
             | RootUserNotExist
             | UserNotFound
             | RoleNotFound => Code::FailedPrecondition,
-            NoLeader | LeaderChanged | Timeout | Unhealthy | MemberRemoved => Code::Unavailable,
+            NoLeader | LeaderChanged | Timeout | Unhealthy | MemberRemoved | Removed(_) => {
+                Code::Unavailable
+            }
             NotSupportedForLearner => Code::Unavailable,
             Unsupported(_) => Code::Unimplemented,
             Internal(_) => Code::Internal,

@@ -49,7 +49,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
     };
     server.shutdown().await;
     if *server.removed.borrow() {
-        return Err(Error::MemberRemoved);
+        return Err(Error::Removed(server.member_id));
     }
     result
 }

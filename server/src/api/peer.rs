@@ -49,12 +49,12 @@ impl PeerService {
         Ok(())
     }
 
-    /// Whether `id` was a member and has been removed: a membership this
-    /// member saw had it and the current one does not (member IDs are never
-    /// reused; a member not yet known here is never "removed").
+    /// Whether `id` was a member and has been removed, by the memberships
+    /// applied here (`raft::MemberHistory`): a member not known here yet, or
+    /// known only from memberships older than the one applied now, is never
+    /// "removed".
     fn is_removed(&self, id: u64) -> bool {
-        let m = self.s.raft.metrics().borrow().membership_config.clone();
-        self.s.seen_members.lock().contains(&id) && !m.membership().nodes().any(|(n, _)| *n == id)
+        self.s.state.removed(id)
     }
 }
 

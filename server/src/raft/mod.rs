@@ -1,10 +1,12 @@
 //! openraft wiring: the type configuration, the RocksDB log store, the
 //! state machine that applies batches to MVCC, and the peer network.
 
+mod history;
 mod log_store;
 mod network;
 mod state_machine;
 
+pub use history::MemberHistory;
 pub use log_store::{Durable, LogStore, RestoredLeadership};
 pub use network::{connect, decode, encode, Network, Peers, CLUSTER_ID_HEADER, MAX_PEER_MESSAGE};
 

@@ -230,6 +230,10 @@ impl Conn {
             }
             Ok(Err(status)) => {
                 if status.message() == Error::MemberRemoved.to_string() {
+                    tracing::warn!(
+                        peer = format!("{:x}", self.target),
+                        "a peer says this member was removed from the cluster"
+                    );
                     self.peers.removed.store(true, Ordering::Relaxed);
                 }
                 let e = std::io::Error::other(format!("peer {:x}: {status}", self.target));

@@ -53,6 +53,8 @@ pub struct KvState {
     pub replicated: std::sync::atomic::AtomicBool,
     /// Batches proposed here and not yet applied, by sequence number.
     pending: Mutex<std::collections::HashMap<u64, OnApplied>>,
+    /// Which members the applied memberships have had: who was removed.
+    pub history: super::MemberHistory,
 }
 
 fn decode_position(meta: &StateMeta) -> Result<(Option<LogId>, StoredMembership)> {
@@ -89,6 +91,9 @@ impl KvState {
         let store = rebuild(&engine, &meta, min_lease_ttl)?;
         let hub = Hub::default();
         hub.reset(store.revision(), store.compacted());
+        let history = super::MemberHistory::load(&engine)?;
+        // Data dirs of builds before the history: start it from the applied membership.
+        history.note(&engine, &position.1)?;
         Ok(Self {
             engine,
             store: RwLock::new(store),
@@ -101,6 +106,7 @@ impl KvState {
             member_id,
             replicated: Default::default(),
             pending: Mutex::new(Default::default()),
+            history,
         })
     }
 
@@ -125,6 +131,13 @@ impl KvState {
     /// The last applied log id and the membership as of it.
     pub fn applied(&self) -> (Option<LogId>, StoredMembership) {
         self.applied.lock().clone()
+    }
+
+    /// Whether member `id` was removed from the cluster, as far as the
+    /// memberships applied here tell ([`super::MemberHistory`]).
+    pub fn removed(&self, id: u64) -> bool {
+        let current = self.applied.lock().1.clone();
+        self.history.removed(id, &current)
     }
 
     fn position_meta(
@@ -173,6 +186,7 @@ impl KvState {
                 }
                 EntryPayload::Membership(m) => {
                     pos.1 = StoredMembership::new(Some(e.log_id), m);
+                    self.history.note(&self.engine, &pos.1)?;
                     results.push(Vec::new());
                 }
             }
@@ -380,6 +394,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         );
         // The payload's position is the state machine's; the meta is Raft's word on it.
         *self.state.applied.lock() = (meta.last_log_id, meta.last_membership.clone());
+        self.state
+            .history
+            .note(&self.state.engine, &meta.last_membership)
+            .map_err(io_err)?;
         *self.state.snapshot.lock() = Some((meta.clone(), bytes));
         Ok(())
     }

@@ -131,11 +131,18 @@ impl EtcdServer {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let id =
-            crate::config::member_id(&urls, &format!("{}{now}", self.cfg.initial_cluster_token));
-        if id == 0 || members.iter().any(|(m, _, _)| *m == id) {
-            return Err(Error::MemberExist);
-        }
+        // etcd's ID: peer URLs, cluster token and the time. An ID that was ever a member here
+        // is never handed out again (a replacement re-adds the same URLs, possibly within the
+        // same second): removal is told apart from "not added yet" by ID.
+        let fresh = |t: u64| {
+            let id =
+                crate::config::member_id(&urls, &format!("{}{t}", self.cfg.initial_cluster_token));
+            (id != 0 && !members.iter().any(|(m, _, _)| *m == id) && !self.state.history.ever(id))
+                .then_some(id)
+        };
+        let id = (now..now + 1000)
+            .find_map(fresh)
+            .ok_or(Error::MemberExist)?;
         let node = Member {
             name: String::new(),
             peer_urls: urls.clone(),

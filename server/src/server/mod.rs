@@ -20,9 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::SnapshotPolicy;
-use parking_lot::Mutex;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::{cluster_id, Config};
 use crate::error::{Error, Result};
@@ -59,8 +58,6 @@ pub struct EtcdServer {
     pub(crate) membership_lock: tokio::sync::Mutex<()>,
     /// Turns true once this member has been removed from the cluster.
     pub(crate) removed: tokio::sync::watch::Sender<bool>,
-    /// Every member ID a membership config seen here had.
-    pub(crate) seen_members: Mutex<HashSet<u64>>,
     /// Held (shared) around Raft proposals and read rounds; MoveLeader holds
     /// it exclusively while the leader goes quiet.
     pub(crate) transfer_gate: tokio::sync::RwLock<()>,
@@ -118,6 +115,16 @@ impl EtcdServer {
             cfg.min_lease_ttl(),
             identity.member_id,
         )?);
+        if state.removed(identity.member_id) {
+            // Its own applied log says so: it will never be a member again (etcd's
+            // stance; etcd exits 0 here, cairn exits non-zero so that the termination
+            // message reaches an operator).
+            error!(
+                member = format!("{:x}", identity.member_id),
+                "the member has been permanently removed from the cluster"
+            );
+            return Err(Error::Removed(identity.member_id));
+        }
         let fsync = metrics.wal_fsync.clone();
         let restore_pending = engine
             .raft_get::<bool>(crate::storage::RESTORED_NEEDS_SNAPSHOT)?
@@ -210,7 +217,6 @@ impl EtcdServer {
             peers,
             membership_lock: Default::default(),
             removed: tokio::sync::watch::channel(false).0,
-            seen_members: Default::default(),
             transfer_gate: Default::default(),
             log_background_sync,
             restored_leadership,

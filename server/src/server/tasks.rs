@@ -116,14 +116,20 @@ pub(super) async fn track_leadership(server: std::sync::Weak<EtcdServer>) {
             s.log_background_sync
                 .store(nodes.len() > 1 && leader, Ordering::Relaxed);
             s.state.replicated.store(nodes.len() > 1, Ordering::Relaxed);
-            let removed = {
-                let mut seen = s.seen_members.lock();
-                seen.extend(nodes.iter().copied());
-                seen.contains(&s.member_id) && !nodes.contains(&s.member_id)
-            };
-            if removed || s.peers.removed.load(Ordering::Relaxed) {
+            // Removed only by a committed membership newer than the one that added this
+            // member (`raft::MemberHistory`), or by a peer that knows that (it answered a
+            // vote request with MemberRemoved); never by the effective membership, which
+            // goes back when uncommitted entries are truncated.
+            let removed_here = s.state.removed(s.member_id);
+            let told = s.peers.removed.load(Ordering::Relaxed);
+            if (removed_here || told) && !*s.removed.borrow() {
                 warn!(
                     member = format!("{:x}", s.member_id),
+                    by = if removed_here {
+                        "applied membership"
+                    } else {
+                        "a peer"
+                    },
                     "the member has been permanently removed from the cluster; stopping"
                 );
                 s.removed.send_replace(true);
