@@ -6,7 +6,10 @@
 //! - The member list, never the pods, says how big the cluster is: a pod that is gone for a while
 //!   changes nothing (etcd-io/etcd-operator#193 shrank clusters on pod loss).
 //! - A member whose pod lost its data is replaced (removed, then added again as a learner with the
-//!   same peer URL), or it would refuse to start forever.
+//!   same peer URL), or it would refuse to start forever. A pod whose member was removed from the
+//!   cluster holds data that can never serve again: its volume and pod are deleted, and the
+//!   ordinal joins again as a new member. Both go by the member ID the pod names, so a message
+//!   left from before a replacement is never acted on twice.
 //! - One step at a time, one learner at a time: a learner is promoted before anything else
 //!   happens; it is added before its pod exists, and its pod starts with `existing`.
 //! - The StatefulSet only ever grows to cover a member in the list and only shrinks after the
@@ -67,13 +70,50 @@ impl ClusterView {
 }
 
 /// What cairn (like etcd) says when a member whose data directory was lost tries to start again
-/// under its old member ID. It then exits; Kubernetes keeps the end of its log as the container's
-/// termination message.
+/// under its old member ID: `member <id> has already been bootstrapped`. It then exits;
+/// Kubernetes keeps the end of its log as the container's termination message.
 pub const LOST_DATA_MESSAGE: &str = "has already been bootstrapped";
+
+/// What cairn says, and exits non-zero with, when its member was removed from the cluster:
+/// `member <id>: the member has been permanently removed from the cluster` (etcd's text after
+/// the ID).
+pub const REMOVED_MESSAGE: &str = ": the member has been permanently removed from the cluster";
+
+/// Why a member pod's data cannot serve, as its termination message says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unusable {
+    /// Its volume was lost: the member `id` it was must be replaced.
+    LostData { id: u64 },
+    /// Its member `id` was removed from the cluster: its data can never serve again.
+    Removed { id: u64 },
+}
+
+/// What a termination message says about the member's data, if anything (the last such line).
+pub fn unusable(termination_message: &str) -> Option<Unusable> {
+    termination_message.lines().rev().find_map(|line| {
+        let (before, kind) = if let Some(i) = line.find(LOST_DATA_MESSAGE) {
+            (&line[..i], 0)
+        } else if let Some(i) = line.find(REMOVED_MESSAGE) {
+            (&line[..i], 1)
+        } else {
+            return None;
+        };
+        let id = before.trim_end().rsplit("member ").next()?.trim();
+        let id = u64::from_str_radix(id, 16).ok()?;
+        Some(if kind == 0 {
+            Unusable::LostData { id }
+        } else {
+            Unusable::Removed { id }
+        })
+    })
+}
 
 /// Whether a member's termination message says it lost its data.
 pub fn reports_lost_data(termination_message: &str) -> bool {
-    termination_message.contains(LOST_DATA_MESSAGE)
+    matches!(
+        unusable(termination_message),
+        Some(Unusable::LostData { .. })
+    )
 }
 
 /// Majority of `voters`.
@@ -88,8 +128,8 @@ pub struct Observed {
     pub statefulset_replicas: Option<i32>,
     /// The member list and health; `None` when no member could be reached.
     pub view: Option<ClusterView>,
-    /// Ordinals whose pod reported that its member lost its data.
-    pub lost_data: Vec<i32>,
+    /// Ordinals whose pod reported that its data cannot serve, and why.
+    pub unusable: Vec<(i32, Unusable)>,
 }
 
 /// Why a step is not taken.
@@ -136,6 +176,9 @@ pub enum Step {
     WaitBootstrap,
     /// Remove the member that lost its data, then add it again as a learner.
     Replace { id: u64, ordinal: i32 },
+    /// Delete the volume and pod of `ordinal`, whose member was removed from the cluster: the
+    /// data can never serve again; the ordinal then joins as a new member.
+    Wipe { ordinal: i32 },
     /// Grow the StatefulSet so the listed member `ordinal` gets its pod.
     Grow { replicas: i32 },
     /// Promote a learner.
@@ -200,10 +243,22 @@ pub fn next_step(names: &dyn Layout, desired: i32, bootstrapped: bool, obs: &Obs
         return Step::Refuse(Refusal::NoLeader);
     }
 
-    // A member that lost its data: replace it first; it cannot serve as it is.
-    for &ordinal in &obs.lost_data {
-        if let Some(m) = view.by_ordinal(names, ordinal) {
-            return Step::Replace { id: m.id, ordinal };
+    // A member whose data cannot serve: deal with it first. Only for the member ID the pod
+    // names: a message from before a replacement names the replaced ID.
+    let top = view.max_ordinal(names).map_or(0, |o| o + 1);
+    for &(ordinal, why) in &obs.unusable {
+        match why {
+            Unusable::LostData { id } => {
+                if view.by_ordinal(names, ordinal).is_some_and(|m| m.id == id) {
+                    return Step::Replace { id, ordinal };
+                }
+            }
+            // Above the listed members it is a removal for a shrink, which deletes the volume.
+            Unusable::Removed { id } => {
+                if ordinal < top && ordinal < replicas && !view.members.iter().any(|m| m.id == id) {
+                    return Step::Wipe { ordinal };
+                }
+            }
         }
     }
 
@@ -224,7 +279,6 @@ pub fn next_step(names: &dyn Layout, desired: i32, bootstrapped: bool, obs: &Obs
     }
 
     // Pods above the highest listed member were removed from the cluster: shrink.
-    let top = view.max_ordinal(names).map_or(0, |o| o + 1);
     if replicas > top {
         return Step::Shrink {
             replicas: top,
@@ -319,7 +373,7 @@ mod tests {
         Observed {
             statefulset_replicas: Some(replicas),
             view: Some(v),
-            lost_data: vec![],
+            unusable: vec![],
         }
     }
 
@@ -356,7 +410,7 @@ mod tests {
         let o = Observed {
             statefulset_replicas: Some(3),
             view: None,
-            lost_data: vec![],
+            unusable: vec![],
         };
         assert_eq!(next_step(&names(), 3, false, &o), Step::WaitBootstrap);
         assert_eq!(
@@ -502,8 +556,8 @@ mod tests {
             Some(0),
         );
         let o = Observed {
-            lost_data: vec![1],
-            ..obs(3, v)
+            unusable: vec![(1, Unusable::LostData { id: 101 })],
+            ..obs(3, v.clone())
         };
         assert_eq!(
             next_step(&names(), 5, true, &o),
@@ -512,13 +566,19 @@ mod tests {
                 ordinal: 1
             }
         );
+        // A message naming another ID is from before a replacement: not acted on again.
+        let o = Observed {
+            unusable: vec![(1, Unusable::LostData { id: 77 })],
+            ..obs(3, v)
+        };
+        assert_eq!(next_step(&names(), 3, true, &o), Step::Steady);
         // Already replaced (now a learner with a new ID): carry on promoting it.
         let v = view(
             &[(0, false, true), (1, true, true), (2, false, true)],
             Some(0),
         );
         let o = Observed {
-            lost_data: vec![],
+            unusable: vec![],
             ..obs(3, v)
         };
         assert_eq!(
@@ -537,6 +597,60 @@ mod tests {
             next_step(&names(), 3, true, &obs(3, v)),
             Step::AddLearner { ordinal: 1 }
         );
+    }
+
+    #[test]
+    fn a_removed_member_is_wiped_then_added_again() {
+        // Member 1 (ID 101) was removed by hand; its pod says so.
+        let v = view(&[(0, false, true), (2, false, true)], Some(0));
+        let o = Observed {
+            unusable: vec![(1, Unusable::Removed { id: 101 })],
+            ..obs(3, v.clone())
+        };
+        assert_eq!(next_step(&names(), 3, true, &o), Step::Wipe { ordinal: 1 });
+        // Once wiped (a new pod, no message), the hole is filled with a new member.
+        assert_eq!(
+            next_step(&names(), 3, true, &obs(3, v)),
+            Step::AddLearner { ordinal: 1 }
+        );
+        // A message naming an ID that is still listed is not evidence of anything.
+        let v = healthy(3);
+        let o = Observed {
+            unusable: vec![(1, Unusable::Removed { id: 101 })],
+            ..obs(3, view(&v, Some(0)))
+        };
+        assert_eq!(next_step(&names(), 3, true, &o), Step::Steady);
+        // The highest member removed for a shrink: the shrink deletes its volume.
+        let v = view(&[(0, false, true), (1, false, true)], Some(0));
+        let o = Observed {
+            unusable: vec![(2, Unusable::Removed { id: 102 })],
+            ..obs(3, v)
+        };
+        assert!(matches!(
+            next_step(&names(), 2, true, &o),
+            Step::Shrink { replicas: 2, .. }
+        ));
+    }
+
+    #[test]
+    fn termination_messages_name_the_member_and_why() {
+        assert_eq!(
+            unusable("cairn: member 9c819950b72cd2e2 has already been bootstrapped\n"),
+            Some(Unusable::LostData {
+                id: 0x9c819950b72cd2e2
+            })
+        );
+        let log = "2026-12-06T13:41:34Z WARN cairn::server::tasks: the member has been permanently removed from the cluster; stopping member=\"46a7171c4bc2cb5a\"\n\
+                   cairn: member 46a7171c4bc2cb5a: the member has been permanently removed from the cluster\n";
+        assert_eq!(
+            unusable(log),
+            Some(Unusable::Removed {
+                id: 0x46a7171c4bc2cb5a
+            })
+        );
+        assert!(!reports_lost_data(log));
+        assert_eq!(unusable("cairn: OOMKilled"), None);
+        assert_eq!(unusable("member zz has already been bootstrapped"), None);
     }
 
     #[test]

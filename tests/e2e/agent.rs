@@ -125,10 +125,21 @@ async fn round(cfg: &Arc<AgentConfig>, tasks: &mut HashMap<String, PodTask>) -> 
         .await
         .map_err(|e| format!("list pods: {e}"))?
         .items;
+    let claims: Vec<PersistentVolumeClaim> = Api::all(cfg.client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| format!("list claims: {e}"))?
+        .items;
     for pod in &list {
         let Some(spec) = &pod.spec else { continue };
         match &spec.node_name {
             None if pod.metadata.deletion_timestamp.is_none() => {
+                // As the scheduler: a pod whose claim is missing or being deleted stays
+                // Pending (Kubernetes 1.20's StatefulSet controller does not make the claim
+                // again for a pod that exists).
+                if !claims_usable(pod, &claims) {
+                    continue;
+                }
                 if let Some(node) = choose_node(cfg, pod, &list) {
                     bind(cfg, pod, &node).await;
                 }
@@ -164,6 +175,23 @@ async fn round(cfg: &Arc<AgentConfig>, tasks: &mut HashMap<String, PodTask>) -> 
         !t.handle.is_finished()
     });
     Ok(())
+}
+
+/// Whether every claim the pod mounts exists and is not being deleted.
+fn claims_usable(pod: &Pod, claims: &[PersistentVolumeClaim]) -> bool {
+    let ns = pod.namespace().unwrap_or_default();
+    let volumes = pod.spec.as_ref().and_then(|s| s.volumes.as_ref());
+    volumes
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.persistent_volume_claim.as_ref())
+        .all(|pvc| {
+            claims.iter().any(|c| {
+                c.namespace().as_deref() == Some(ns.as_str())
+                    && c.name_any() == pvc.claim_name
+                    && c.metadata.deletion_timestamp.is_none()
+            })
+        })
 }
 
 fn pod_finished(pod: &Pod) -> bool {
@@ -278,15 +306,28 @@ async fn collect_volumes(cfg: &AgentConfig) {
     let existing: std::collections::HashSet<String> = claims
         .items
         .iter()
-        .map(|c| claim_volume(cfg, &c.namespace().unwrap_or_default(), &c.name_any()))
+        .map(|c| {
+            let name = claim_volume(cfg, &c.namespace().unwrap_or_default(), &c.name_any());
+            format!("{name} {}", c.uid().unwrap_or_default())
+        })
         .collect();
     for line in out.lines() {
         let name = line.split_whitespace().next().unwrap_or_default();
-        if !name.is_empty() && !existing.contains(name) {
+        let uid = line
+            .split(CLAIM_UID_LABEL)
+            .nth(1)
+            .and_then(|r| r.strip_prefix('='))
+            .map(|r| r.split([',', ' ']).next().unwrap_or_default())
+            .unwrap_or_default();
+        if !name.is_empty() && !existing.contains(&format!("{name} {uid}")) {
             let _ = docker(&["volume", "rm", name]).await;
         }
     }
 }
+
+/// The label that ties a Docker volume to one claim: a claim deleted and made again under the
+/// same name gets a new, empty volume, as from a real provisioner.
+const CLAIM_UID_LABEL: &str = "cairn-e2e.claim-uid";
 
 pub fn claim_volume(cfg: &AgentConfig, ns: &str, claim: &str) -> String {
     claim_volume_name(&cfg.run, ns, claim)
@@ -759,7 +800,28 @@ impl PodRun {
         for v in spec.volumes.iter().flatten() {
             if let Some(pvc) = &v.persistent_volume_claim {
                 let vol = claim_volume(&cfg, &ns, &pvc.claim_name);
-                ensure_volume(&vol, &[format!("cairn-e2e.claim-of={}", cfg.run)], &cfg.run).await?;
+                let claims: Api<PersistentVolumeClaim> = Api::namespaced(cfg.client.clone(), &ns);
+                let uid = claims
+                    .get(&pvc.claim_name)
+                    .await
+                    .map_err(|e| format!("claim {}: {e}", pvc.claim_name))?
+                    .uid()
+                    .unwrap_or_default();
+                let mine = format!("{CLAIM_UID_LABEL}={uid}");
+                // A volume left by an earlier claim of this name is not this claim's.
+                if let Ok(labels) =
+                    docker(&["volume", "inspect", "-f", "{{json .Labels}}", &vol]).await
+                {
+                    if !labels.contains(&format!("\"{CLAIM_UID_LABEL}\":\"{uid}\"")) {
+                        docker(&["volume", "rm", &vol]).await?;
+                    }
+                }
+                ensure_volume(
+                    &vol,
+                    &[format!("cairn-e2e.claim-of={}", cfg.run), mine],
+                    &cfg.run,
+                )
+                .await?;
                 own(&vol, fs_group).await?;
                 sources.insert(v.name.clone(), (vol, true));
             } else if v.empty_dir.is_some() {

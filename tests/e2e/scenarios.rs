@@ -584,6 +584,55 @@ async fn s2_resize_3_5_3_under_a_writer() {
         "events: {reasons:?}"
     );
     assert_eq!(c.status().await["size"], 3);
+
+    // Issue 26: after the resizes, member 2 loses its volume the way a node loss does (its
+    // claim and pod deleted; the StatefulSet makes a new, empty claim and pod). The operator
+    // replaces it (new ID, learner first), and it becomes a voter with every write.
+    let before = c.members();
+    let t = Instant::now();
+    pvcs.delete("data-beta-2", &DeleteParams::default())
+        .await
+        .unwrap();
+    c.delete_pod(2).await;
+    eventually(
+        Duration::from_secs(240),
+        Duration::from_secs(1),
+        async || {
+            let now = c.members();
+            if now.get("beta-2").is_some_and(|id| *id != before["beta-2"]) && now.len() == 3 {
+                return Ok(());
+            }
+            Err(format!(
+                "beta-2 not replaced: {now:?}\n{}",
+                cp.operator_logs()
+            ))
+        },
+    )
+    .await;
+    c.until_settled(3, Duration::from_secs(180)).await;
+    eprintln!(
+        "e2e: member with a lost volume replaced after the resizes, cluster Available in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    let reasons = c.event_reasons().await;
+    assert!(
+        reasons.iter().any(|r| r == "MemberReplaced"),
+        "events: {reasons:?}"
+    );
+    // Its own store (a serializable read) holds every acknowledged write once it caught up.
+    eventually(
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+        async || {
+            let local: std::collections::HashSet<String> = c.local_keys(2).into_iter().collect();
+            match acked.iter().filter(|k| !local.contains(*k)).count() {
+                0 => Ok(()),
+                n => Err(format!("beta-2 lacks {n} acknowledged writes")),
+            }
+        },
+    )
+    .await;
+    assert_all_present(&cp, &c, &acked);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,6 +60,8 @@ pub struct Pods {
     pub replicas: i32,
     /// `--initial-cluster-token` of the members (a pod reads it from the ConfigMap).
     pub token: String,
+    /// Further flags every member gets (e.g. a small `--snapshot-count`).
+    pub extra: Vec<String>,
 }
 
 impl Pods {
@@ -76,6 +78,7 @@ impl Pods {
             procs: BTreeMap::new(),
             replicas: 0,
             token: "operator-test".to_string(),
+            extra: Vec::new(),
         }
     }
 
@@ -115,6 +118,7 @@ impl Pods {
                 if b.new_cluster { "new" } else { "existing" }
             ))
             .arg(format!("--initial-cluster-token={}", self.token))
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -127,6 +131,11 @@ impl Pods {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// How ordinal `o`'s process ended, if it did.
+    pub fn exit_status(&mut self, o: i32) -> Option<std::process::ExitStatus> {
+        self.procs.get_mut(&o)?.try_wait().ok()?
     }
 
     /// The pod's termination message: the log of a member that exited.

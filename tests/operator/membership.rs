@@ -27,16 +27,13 @@ async fn drive(pods: &mut Pods, desired: i32) -> Vec<Step> {
         if let Some(v) = &view {
             assert!(v.members.iter().filter(|m| m.learner).count() <= 1, "{v:?}");
         }
-        let lost_data = (0..pods.replicas)
-            .filter(|o| {
-                pods.exited_log(*o)
-                    .is_some_and(|log| plan::reports_lost_data(&log))
-            })
+        let unusable = (0..pods.replicas)
+            .filter_map(|o| Some((o, plan::unusable(&pods.exited_log(o)?)?)))
             .collect();
         let obs = Observed {
             statefulset_replicas: Some(pods.replicas),
             view: view.clone(),
-            lost_data,
+            unusable,
         };
         let step = next_step(&pods.layout, desired, true, &obs);
         if !matches!(step, Step::WaitLearner { .. }) && steps.last() != Some(&step) {
@@ -79,6 +76,13 @@ async fn drive(pods: &mut Pods, desired: i32) -> Vec<Step> {
                     pods.stop(*ordinal);
                     pods.start(*ordinal, &bootstrap(&pods.layout, 0, Some(&view)));
                 }
+            }
+            Step::Wipe { ordinal } => {
+                // The controller deletes the claim and the pod; the StatefulSet makes both again.
+                pods.stop(*ordinal);
+                std::fs::remove_dir_all(pods.volume(*ordinal)).unwrap();
+                let b = bootstrap(&pods.layout, 0, view.as_ref());
+                pods.start(*ordinal, &b);
             }
             Step::MoveLeader { .. } => {
                 // A member may still report the old leader right after a move: observe again.
@@ -288,42 +292,178 @@ async fn a_member_that_lost_its_data_is_replaced() {
     let mut pods = Pods::new("repair");
     pods.bootstrap(3);
     wait_steady(&mut pods, 3).await;
+    lose_and_replace(&mut pods, 2).await;
+}
+
+/// Issue 26: after resizes, a member replaced with an empty volume got a new ID, caught up and
+/// then declared itself "permanently removed". Here with the membership changes of two resizes
+/// in the log (the learner replays them), and again with a small snapshot count so that the
+/// log is compacted and the learner catches up by snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_lost_after_resizes_is_replaced_and_rejoins() {
+    for extra in [vec![], vec!["--snapshot-count=40".to_string()]] {
+        let mut pods = Pods::new("resized");
+        pods.extra = extra.clone();
+        pods.bootstrap(3);
+        wait_steady(&mut pods, 3).await;
+        let mut c = etcd_client::Client::connect([pods.layout.client_url(0)], None)
+            .await
+            .unwrap();
+        // Enough entries for several snapshots at the small snapshot count.
+        for i in 0..200 {
+            c.put(format!("early/{i}"), "v", None).await.unwrap();
+        }
+        for size in [5, 3, 4, 3] {
+            let steps = drive(&mut pods, size).await;
+            assert_eq!(steps.last(), Some(&Step::Steady), "{extra:?}: {steps:?}");
+            wait_steady(&mut pods, size).await;
+        }
+        for i in 0..200 {
+            c.put(format!("late/{i}"), "v", None).await.unwrap();
+        }
+        lose_and_replace(&mut pods, 2).await;
+        if !extra.is_empty() {
+            let log = std::fs::read_to_string(pods.log(2)).unwrap();
+            assert!(
+                log.contains("installed a snapshot from the leader"),
+                "the learner did not catch up by snapshot:\n{log}"
+            );
+        }
+        let mut c2 = etcd_client::Client::connect([pods.layout.client_url(2)], None)
+            .await
+            .unwrap();
+        for prefix in ["early/", "late/"] {
+            let r = c2
+                .get(
+                    prefix,
+                    Some(
+                        etcd_client::GetOptions::new()
+                            .with_prefix()
+                            .with_count_only(),
+                    ),
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.count(), 200, "{extra:?}: {prefix}");
+        }
+        // It stays a member: a restart finds itself in its own log and serves again.
+        pods.stop(2);
+        let v = pods.members().observe().await.unwrap();
+        pods.start(2, &bootstrap(&pods.layout, 0, Some(&v)));
+        wait_steady(&mut pods, 3).await;
+        let log = std::fs::read_to_string(pods.log(2)).unwrap();
+        assert!(!log.contains("permanently removed"), "{extra:?}: {log}");
+    }
+}
+
+/// Issue 26: a member removed from the cluster stops with etcd's message, naming its ID, and
+/// exits non-zero, at once on every later start too; the planner then deletes its volume and
+/// adds the ordinal again as a new member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_member_stops_every_time_then_is_wiped_and_added_again() {
+    let mut pods = Pods::new("removed");
+    pods.bootstrap(3);
+    wait_steady(&mut pods, 3).await;
+    let v = pods.members().observe().await.unwrap();
+    let id = v.by_ordinal(&pods.layout, 1).unwrap().id;
     let mut c = etcd_client::Client::connect([pods.layout.client_url(0)], None)
         .await
         .unwrap();
-    c.put("before", "loss", None).await.unwrap();
-    let old = pods.members().observe().await.unwrap();
-    let old_id = old.by_ordinal(&pods.layout, 2).unwrap().id;
-
-    // The volume of member 2 is lost; its pod comes back empty and refuses to start.
-    pods.stop(2);
-    std::fs::remove_dir_all(pods.volume(2)).unwrap();
-    pods.start(2, &bootstrap(&pods.layout, 0, Some(&old)));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while pods.exited_log(2).is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "member 2 did not refuse to start"
+    c.put("before", "removal", None).await.unwrap();
+    c.member_remove(id).await.unwrap();
+    let says = format!("member {id:x}: the member has been permanently removed from the cluster");
+    for run in 0..3 {
+        if run > 0 {
+            let v = pods.members().observe().await.unwrap();
+            pods.start(1, &bootstrap(&pods.layout, 0, Some(&v)));
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(st) = pods.exit_status(1) {
+                break st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "run {run}: the removed member did not stop"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let log = pods.exited_log(1).unwrap();
+        assert!(!status.success(), "run {run}: {status}\n{log}");
+        assert!(log.contains(&says), "run {run}: {log}");
+        assert_eq!(
+            plan::unusable(&log),
+            Some(plan::Unusable::Removed { id }),
+            "run {run}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(plan::reports_lost_data(&pods.exited_log(2).unwrap()));
-    // Member 2 may have been the leader: the controller retries a refusal; here, wait it out.
-    wait_leader(&pods).await;
 
     let steps = drive(&mut pods, 3).await;
     assert!(
         matches!(
             steps.as_slice(),
-            [Step::Replace { ordinal: 2, id }, Step::Promote { ordinal: 2, .. }, Step::Steady] if *id == old_id
+            [
+                Step::Wipe { ordinal: 1 },
+                Step::AddLearner { ordinal: 1 },
+                Step::Promote { ordinal: 1, .. },
+                Step::Steady
+            ]
         ),
         "{steps:?}"
     );
     let v = pods.members().observe().await.unwrap();
-    let new = v.by_ordinal(&pods.layout, 2).unwrap();
+    let new = v.by_ordinal(&pods.layout, 1).unwrap();
+    assert_ne!(new.id, id);
+    assert!(new.healthy && !new.learner && v.voters().count() == 3);
+    let mut c1 = etcd_client::Client::connect([pods.layout.client_url(1)], None)
+        .await
+        .unwrap();
+    let r = c1.get("before", None).await.unwrap();
+    assert_eq!(r.kvs()[0].value(), b"removal");
+}
+
+/// Member `ordinal` loses its volume; its pod comes back empty, refuses to start, and the
+/// planner's steps replace it: it holds the data written before and is a healthy voter again.
+async fn lose_and_replace(pods: &mut Pods, ordinal: i32) {
+    let mut c = etcd_client::Client::connect([pods.layout.client_url(0)], None)
+        .await
+        .unwrap();
+    c.put("before", "loss", None).await.unwrap();
+    let old = pods.members().observe().await.unwrap();
+    let old_id = old.by_ordinal(&pods.layout, ordinal).unwrap().id;
+
+    pods.stop(ordinal);
+    std::fs::remove_dir_all(pods.volume(ordinal)).unwrap();
+    pods.start(ordinal, &bootstrap(&pods.layout, 0, Some(&old)));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pods.exited_log(ordinal).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "member {ordinal} did not refuse to start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(plan::reports_lost_data(&pods.exited_log(ordinal).unwrap()));
+    // The member may have been the leader: the controller retries a refusal; here, wait it out.
+    wait_leader(pods).await;
+
+    let size = pods.replicas;
+    let steps = drive(pods, size).await;
+    assert!(
+        matches!(
+            steps.as_slice(),
+            [Step::Replace { ordinal: o, id }, Step::Promote { ordinal: p, .. }, Step::Steady]
+                if *id == old_id && *o == ordinal && *p == ordinal
+        ),
+        "{steps:?}\n{}",
+        std::fs::read_to_string(pods.log(ordinal)).unwrap_or_default()
+    );
+    let v = pods.members().observe().await.unwrap();
+    let new = v.by_ordinal(&pods.layout, ordinal).unwrap();
     assert_ne!(new.id, old_id);
     assert!(new.healthy && !new.learner);
-    let mut c2 = etcd_client::Client::connect([pods.layout.client_url(2)], None)
+    assert_eq!(v.voters().count(), pods.replicas as usize);
+    let mut c2 = etcd_client::Client::connect([pods.layout.client_url(ordinal)], None)
         .await
         .unwrap();
     let r = c2

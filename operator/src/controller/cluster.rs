@@ -4,29 +4,42 @@
 
 use super::*;
 
-/// Ordinals whose member pod says it lost its data (its termination message, now or last time).
-fn pods_reporting_lost_data(pods: &[Pod], names: &Names) -> Vec<i32> {
-    let mut out: Vec<i32> = pods
+/// Ordinals whose member pod says its data cannot serve, and why (its termination message, now
+/// or last time). A pod being deleted is not asked: it has been dealt with.
+fn pods_reporting_unusable(pods: &[Pod], names: &Names) -> Vec<(i32, plan::Unusable)> {
+    let mut out: Vec<(i32, plan::Unusable)> = pods
         .iter()
-        .filter(|p| {
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| {
             let statuses = p
                 .status
                 .as_ref()
                 .and_then(|s| s.container_statuses.as_ref());
-            statuses.into_iter().flatten().any(|c| {
-                let messages = [c.state.as_ref(), c.last_state.as_ref()];
-                messages.into_iter().flatten().any(|s| {
-                    s.terminated
-                        .as_ref()
-                        .and_then(|t| t.message.as_deref())
-                        .is_some_and(plan::reports_lost_data)
-                })
-            })
+            let why = statuses.into_iter().flatten().find_map(|c| {
+                [c.state.as_ref(), c.last_state.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s.terminated.as_ref()?.message.as_deref())
+                    .find_map(plan::unusable)
+            })?;
+            Some((names.ordinal(&p.name_any())?, why))
         })
-        .filter_map(|p| names.ordinal(&p.name_any()))
         .collect();
-    out.sort_unstable();
+    out.sort_unstable_by_key(|(o, _)| *o);
     out
+}
+
+/// Member pods that wait, unscheduled, for a claim that was deleted under them (Kubernetes
+/// 1.20's StatefulSet controller makes a missing claim only with a new pod): deleting such a
+/// pod has the StatefulSet make both again.
+fn pods_waiting_for_a_claim(pods: &[Pod]) -> Vec<String> {
+    pods.iter()
+        .filter(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && p.spec.as_ref().is_some_and(|s| s.node_name.is_none())
+        })
+        .map(|p| p.name_any())
+        .collect()
 }
 
 /// Why the init containers of `pod` failed, if they did.
@@ -146,6 +159,35 @@ impl<'a> Reconciler<'a> {
         }
     }
 
+    /// Deletes member pods that wait for a claim that no longer exists (see
+    /// [`pods_waiting_for_a_claim`]).
+    async fn recreate_pods_without_claims(&self, pods: &[Pod]) -> Result<(), Error> {
+        let waiting = pods_waiting_for_a_claim(pods);
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        let pvcs: Api<PersistentVolumeClaim> = self.api();
+        let pod_api: Api<Pod> = self.api();
+        for pod in waiting {
+            let Some(ordinal) = self.names.ordinal(&pod) else {
+                continue;
+            };
+            if pvcs.get_opt(&self.names.pvc(ordinal)).await?.is_some() {
+                continue;
+            }
+            delete_if_exists(&pod_api, &pod).await?;
+            self.member_event(
+                EventType::Normal,
+                "PodRecreated",
+                "DeletePod",
+                format!("deleted {pod}, which waited for its deleted volume claim: the StatefulSet makes both again"),
+                &pod,
+            )
+            .await;
+        }
+        Ok(())
+    }
+
     fn count_op(&self, op: &str, result: &str) {
         self.ctx
             .metrics
@@ -187,7 +229,8 @@ impl<'a> Reconciler<'a> {
             }
             None => Vec::new(),
         };
-        let lost_data = pods_reporting_lost_data(&pod_list, &self.names);
+        let unusable = pods_reporting_unusable(&pod_list, &self.names);
+        self.recreate_pods_without_claims(&pod_list).await?;
 
         // The first bootstrap is done once the members answer with a leader.
         let cluster_id = prev.cluster_id.clone().or_else(|| {
@@ -226,7 +269,7 @@ impl<'a> Reconciler<'a> {
         let obs = Observed {
             statefulset_replicas: replicas,
             view: view.clone(),
-            lost_data,
+            unusable,
         };
         let mut step = next_step(self.layout.as_ref(), spec.size, bootstrapped, &obs);
 
@@ -757,6 +800,29 @@ impl<'a> Reconciler<'a> {
                 }
                 Ok(STEP_REQUEUE)
             }
+            Step::Wipe { ordinal } => {
+                // The claim first: it goes once the pod is gone, and the StatefulSet then makes
+                // a new pod and an empty claim (or the pod waits for one: see
+                // `recreate_pods_without_claims`).
+                let member = layout.member(*ordinal);
+                let pvcs: Api<PersistentVolumeClaim> = self.api();
+                delete_if_exists(&pvcs, &self.names.pvc(*ordinal)).await?;
+                let pods: Api<Pod> = self.api();
+                delete_if_exists(&pods, &member).await?;
+                self.count_op("wipe", "ok");
+                self.member_event(
+                    EventType::Normal,
+                    "MemberWiped",
+                    "DeleteVolume",
+                    format!(
+                        "{member} was removed from the cluster and its data can never serve again: deleted its volume and pod; it joins again as a new member"
+                    ),
+                    &member,
+                )
+                .await;
+                *operation = start(OperationKind::Replace, member);
+                Ok(STEP_REQUEUE)
+            }
             Step::Promote { ordinal, .. } => match members.execute(layout, step).await {
                 Ok(Outcome::Done) => {
                     self.count_op("promote", "ok");
@@ -937,6 +1003,14 @@ impl<'a> Reconciler<'a> {
                     "MemberReplaced",
                     format!("replacing {}, which lost its data", layout.member(*ordinal)),
                 ),
+                Step::Wipe { ordinal } => (
+                    true,
+                    "MemberReplaced",
+                    format!(
+                        "replacing {}, which was removed from the cluster",
+                        layout.member(*ordinal)
+                    ),
+                ),
                 Step::Refuse(r) => (false, r.reason(), r.message()),
             }
         };
@@ -997,7 +1071,7 @@ mod tests {
     }
 
     #[test]
-    fn lost_data_is_read_from_termination_messages() {
+    fn unusable_data_is_read_from_termination_messages() {
         let names = Names {
             cluster: "demo".into(),
             namespace: "ns".into(),
@@ -1029,6 +1103,30 @@ mod tests {
                 "restartCount": 0, "state": refused}),
             ),
         ];
-        assert_eq!(pods_reporting_lost_data(&pods, &names), vec![0, 2]);
+        let lost = |id| plan::Unusable::LostData { id };
+        assert_eq!(
+            pods_reporting_unusable(&pods, &names),
+            vec![(0, lost(0x9c819950b72cd2e2)), (2, lost(0x9c819950b72cd2e2))]
+        );
+        // A pod being deleted is not asked again (it was replaced already).
+        let mut deleting = pods[0].clone();
+        deleting.metadata.deletion_timestamp = Some(now());
+        assert_eq!(pods_reporting_unusable(&[deleting], &names), vec![]);
+        let removed = serde_json::json!({"terminated": {"exitCode": 1,
+            "message": "cairn: member 46a7171c4bc2cb5a: the member has been permanently removed from the cluster\n"}});
+        let p = pod(
+            "demo-1",
+            serde_json::json!({"name": "cairn", "image": "cairn", "imageID": "", "ready": false,
+            "restartCount": 2, "lastState": removed, "state": {"waiting": {"reason": "CrashLoopBackOff"}}}),
+        );
+        assert_eq!(
+            pods_reporting_unusable(&[p], &names),
+            vec![(
+                1,
+                plan::Unusable::Removed {
+                    id: 0x46a7171c4bc2cb5a
+                }
+            )]
+        );
     }
 }
