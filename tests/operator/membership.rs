@@ -398,6 +398,8 @@ async fn a_removed_member_stops_every_time_then_is_wiped_and_added_again() {
         );
     }
 
+    // Member 1 may have led: the controller retries a refusal for want of a leader; here, wait.
+    wait_leader(&pods).await;
     let steps = drive(&mut pods, 3).await;
     assert!(
         matches!(
