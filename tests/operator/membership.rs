@@ -424,6 +424,57 @@ async fn a_removed_member_stops_every_time_then_is_wiped_and_added_again() {
     assert_eq!(r.kvs()[0].value(), b"removal");
 }
 
+/// A learner removed while it was down hears from no leader when it starts again (learners
+/// do not campaign, which is how a voter learns of its removal): it asks the other members,
+/// and stops with etcd's message, non-zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_removed_while_down_stops_when_it_starts() {
+    let mut pods = Pods::new("gone");
+    pods.bootstrap(3);
+    wait_steady(&mut pods, 3).await;
+    let id = pods
+        .members()
+        .add_learner(&pods.layout.peer_url(3))
+        .await
+        .unwrap();
+    let v = pods.members().observe().await.unwrap();
+    pods.start(3, &bootstrap(&pods.layout, 0, Some(&v)));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut c3 = etcd_client::Client::connect([pods.layout.client_url(3)], None)
+        .await
+        .unwrap();
+    while c3.status().await.is_err() {
+        assert!(Instant::now() < deadline, "the learner did not start");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    pods.stop(3);
+    let mut c = etcd_client::Client::connect([pods.layout.client_url(0)], None)
+        .await
+        .unwrap();
+    c.member_remove(id).await.unwrap();
+    let v = pods.members().observe().await.unwrap();
+    pods.start(3, &bootstrap(&pods.layout, 0, Some(&v)));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = pods.exit_status(3) {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the removed learner did not stop:\n{}",
+            std::fs::read_to_string(pods.log(3)).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let log = pods.exited_log(3).unwrap();
+    assert!(!status.success(), "{status}\n{log}");
+    assert_eq!(
+        plan::unusable(&log),
+        Some(plan::Unusable::Removed { id }),
+        "{log}"
+    );
+}
+
 /// Member `ordinal` loses its volume; its pod comes back empty, refuses to start, and the
 /// planner's steps replace it: it holds the data written before and is a healthy voter again.
 async fn lose_and_replace(pods: &mut Pods, ordinal: i32) {

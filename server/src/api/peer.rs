@@ -176,9 +176,11 @@ impl Peer for PeerService {
         req: Request<MembersRequest>,
     ) -> Result<Response<MembersResponse>, Status> {
         self.check(&req)?;
+        let asking = req.get_ref().id;
         Ok(Response::new(MembersResponse {
             cluster_id: self.s.cluster_id,
             members: self.s.member_list(),
+            removed: asking != 0 && self.is_removed(asking),
         }))
     }
 

@@ -24,7 +24,7 @@ pub(super) async fn discover(cfg: &Config) -> Result<Identity> {
             }
             for url in urls {
                 let mut client = PeerClient::new(crate::raft::connect(url)?);
-                let call = client.members(MembersRequest {});
+                let call = client.members(MembersRequest { id: 0 });
                 let resp = match tokio::time::timeout(Duration::from_secs(2), call).await {
                     Ok(Ok(r)) => r.into_inner(),
                     Ok(Err(e)) => {

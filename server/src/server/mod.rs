@@ -237,6 +237,7 @@ impl EtcdServer {
         tokio::spawn(membership::publish(Arc::downgrade(&server)));
         tokio::spawn(tasks::track_leadership(Arc::downgrade(&server)));
         tokio::spawn(tasks::expire_leases(Arc::downgrade(&server)));
+        tokio::spawn(tasks::watch_removal(Arc::downgrade(&server)));
         Ok(server)
     }
 
@@ -367,6 +368,17 @@ impl EtcdServer {
         let node = m.membership().get_node(&id)?.clone();
         let voter = m.membership().voter_ids().any(|v| v == id);
         Some((node, !voter))
+    }
+
+    /// Stops this member for good: it was removed from the cluster (`by` says who knows).
+    pub(crate) fn stop_removed(&self, by: &str) {
+        if self.removed.send_replace(true) {
+            return;
+        }
+        warn!(
+            member = format!("{:x}", self.member_id),
+            by, "the member has been permanently removed from the cluster; stopping"
+        );
     }
 
     /// Stops Raft.

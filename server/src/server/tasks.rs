@@ -16,6 +16,8 @@ use super::EtcdServer;
 use crate::config::AutoCompaction;
 use crate::error::{Error, Result};
 use crate::proto::etcdserverpb::{CompactionRequest, LeaseRevokeRequest};
+use crate::proto::peerpb::peer_client::PeerClient;
+use crate::proto::peerpb::MembersRequest;
 use crate::proto::raftpb::internal_request::Request;
 use crate::storage::Engine;
 use crate::storage::RESTORED_NEEDS_SNAPSHOT;
@@ -120,19 +122,10 @@ pub(super) async fn track_leadership(server: std::sync::Weak<EtcdServer>) {
             // member (`raft::MemberHistory`), or by a peer that knows that (it answered a
             // vote request with MemberRemoved); never by the effective membership, which
             // goes back when uncommitted entries are truncated.
-            let removed_here = s.state.removed(s.member_id);
-            let told = s.peers.removed.load(Ordering::Relaxed);
-            if (removed_here || told) && !*s.removed.borrow() {
-                warn!(
-                    member = format!("{:x}", s.member_id),
-                    by = if removed_here {
-                        "applied membership"
-                    } else {
-                        "a peer"
-                    },
-                    "the member has been permanently removed from the cluster; stopping"
-                );
-                s.removed.send_replace(true);
+            if s.state.removed(s.member_id) {
+                s.stop_removed("its applied membership");
+            } else if s.peers.removed.load(Ordering::Relaxed) {
+                s.stop_removed("a peer answering its vote request");
             }
             if let Some(a) = m.last_applied {
                 s.metrics.proposals_applied.set(a.index as i64);
@@ -155,6 +148,65 @@ pub(super) async fn track_leadership(server: std::sync::Weak<EtcdServer>) {
         }
         if rx.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+/// While this member is a learner, has no leader, or is not in its own membership, asks the
+/// leader (or, with none known, every other member) every 2 s whether it was removed. A voter
+/// removed while it was down learns it when it campaigns; a learner never campaigns, and a
+/// member removed before it applied its own addition hears from no leader again: without this
+/// they would wait forever.
+pub(super) async fn watch_removal(server: std::sync::Weak<EtcdServer>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let Some(s) = server.upgrade() else { return };
+        if *s.removed.borrow() {
+            return;
+        }
+        let leader = s.raft.metrics().borrow().current_leader;
+        let joined = s.member(s.member_id).is_some();
+        if leader.is_some() && joined && !s.is_learner() {
+            continue;
+        }
+        let members = s.members();
+        let url_of = |id: u64| {
+            members
+                .iter()
+                .find(|(m, _, _)| *m == id)
+                .and_then(|(_, m, _)| m.peer_urls.first().cloned())
+        };
+        let mut urls: Vec<String> = match leader.filter(|l| *l != s.member_id).and_then(url_of) {
+            Some(url) => vec![url],
+            None => members
+                .iter()
+                .filter(|(id, _, _)| *id != s.member_id)
+                .filter_map(|(_, m, _)| m.peer_urls.first().cloned())
+                .chain(
+                    s.cfg
+                        .initial_cluster
+                        .iter()
+                        .filter(|(name, _)| **name != s.cfg.name)
+                        .filter_map(|(_, u)| u.first().cloned()),
+                )
+                .collect(),
+        };
+        urls.sort();
+        urls.dedup();
+        for url in urls {
+            let Ok(ch) = crate::raft::connect(&url) else {
+                continue;
+            };
+            let mut client = PeerClient::new(ch);
+            let ask = s.peers.request(MembersRequest { id: s.member_id });
+            let answer = tokio::time::timeout(Duration::from_secs(1), client.members(ask)).await;
+            if let Ok(Ok(r)) = answer {
+                if r.into_inner().removed {
+                    s.stop_removed(&format!("the member at {url}"));
+                    return;
+                }
+            }
         }
     }
 }
