@@ -424,6 +424,26 @@ async fn a_removed_member_stops_every_time_then_is_wiped_and_added_again() {
     assert_eq!(r.kvs()[0].value(), b"removal");
 }
 
+/// One of the initial members starts only after the cluster formed without it, so its pod reads
+/// `existing` (a pod scheduled late): it has never run, so it joins under its ID, as etcd's does,
+/// rather than being refused as "already bootstrapped" (and replaced).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_initial_member_that_starts_late_joins() {
+    let mut pods = Pods::new("late");
+    let initial = bootstrap(&pods.layout, 3, None);
+    pods.start(0, &initial);
+    pods.start(1, &initial);
+    pods.replicas = 3;
+    wait_leader(&pods).await;
+    let v = pods.members().observe().await.unwrap();
+    let id = v.by_ordinal(&pods.layout, 2).unwrap().id;
+    pods.start(2, &bootstrap(&pods.layout, 0, Some(&v)));
+    wait_steady(&mut pods, 3).await;
+    let v = pods.members().observe().await.unwrap();
+    assert_eq!(v.by_ordinal(&pods.layout, 2).unwrap().id, id);
+    assert!(pods.exit_status(2).is_none());
+}
+
 /// A learner removed while it was down hears from no leader when it starts again (learners
 /// do not campaign, which is how a voter learns of its removal): it asks the other members,
 /// and stops with etcd's message, non-zero.

@@ -40,10 +40,12 @@ pub(super) async fn discover(cfg: &Config) -> Result<Identity> {
                     let mut theirs = m.peer_ur_ls.clone();
                     theirs.sort();
                     if theirs == mine {
-                        // A member that already ran (it published its name)
-                        // has a log this empty data dir lost: it must be
-                        // removed and added again, as etcd requires.
-                        if !m.name.is_empty() {
+                        // A member that already ran (it published its client
+                        // URLs) has a log this empty data dir lost: it must be
+                        // removed and added again, as etcd requires. One of the
+                        // initial members that never ran has a name but no
+                        // client URLs, and joins (etcd's isMemberBootstrapped).
+                        if !m.client_ur_ls.is_empty() {
                             return Err(Error::Internal(format!(
                                 "member {:x} has already been bootstrapped",
                                 m.id
