@@ -17,12 +17,20 @@ pub struct Lessor {
     deadlines: Mutex<HashMap<i64, Instant>>,
 }
 
+/// `now + ttl` seconds, saturating far in the future: a TTL the state machine let through must
+/// never panic the clock (`Instant + Duration` panics on overflow).
+fn deadline(now: Instant, ttl: i64) -> Instant {
+    let ttl = Duration::from_secs(ttl.clamp(0, MAX_LEASE_TTL) as u64);
+    now.checked_add(ttl)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
 impl Lessor {
     /// Starts (or restarts) a lease's clock.
     pub fn renew(&self, id: i64, ttl: i64) {
         self.deadlines
             .lock()
-            .insert(id, Instant::now() + Duration::from_secs(ttl.max(0) as u64));
+            .insert(id, deadline(Instant::now(), ttl));
     }
 
     pub fn forget(&self, id: i64) {
@@ -35,7 +43,7 @@ impl Lessor {
         let mut d = self.deadlines.lock();
         d.clear();
         for (id, ttl) in leases {
-            d.insert(id, now + Duration::from_secs(ttl.max(0) as u64));
+            d.insert(id, deadline(now, ttl));
         }
     }
 
@@ -75,5 +83,10 @@ mod tests {
         l.reset_all([(3, 0)].into_iter());
         assert_eq!(l.expired(), vec![3]);
         assert!(l.remaining(2).is_none());
+        // No TTL panics the clock, however large (data dirs may hold one from before the
+        // state machine checked).
+        l.renew(4, i64::MAX);
+        l.reset_all([(5, i64::MAX), (6, MAX_LEASE_TTL)].into_iter());
+        assert!(l.remaining(5).unwrap() > Duration::from_secs(1 << 30));
     }
 }

@@ -347,6 +347,7 @@ impl MvccStore {
         let Some(request) = &req.request else {
             return Err(Error::InvalidArgument("empty request".into()));
         };
+        super::validate::check_request(request)?;
         match request {
             Request::Put(p) => {
                 if self.nospace() {
@@ -639,6 +640,14 @@ impl MvccStore {
     }
 
     fn lease_grant(&mut self, g: &LeaseGrantRequest) -> Result<LeaseGrantResponse> {
+        // Checked here, where every member applies it, whoever proposed it (etcd's lessor
+        // checks at apply too): a raw peer proposal skips the API's checks.
+        if g.id == 0 {
+            return Err(Error::LeaseNotFound);
+        }
+        if g.ttl > crate::lease::MAX_LEASE_TTL {
+            return Err(Error::LeaseTtlTooLarge);
+        }
         if self.leases.contains_key(&g.id) {
             return Err(Error::LeaseExist);
         }
@@ -1042,6 +1051,29 @@ mod tests {
             3,
             "a read-only txn keeps the revision"
         );
+    }
+
+    #[test]
+    fn lease_grants_out_of_range_are_refused_at_apply() {
+        let mut t = T::new();
+        let huge = t.apply(Request::LeaseGrant(LeaseGrantRequest {
+            ttl: i64::MAX,
+            id: 5,
+        }));
+        assert!(matches!(huge, Err(Error::LeaseTtlTooLarge)), "{huge:?}");
+        assert_eq!(
+            Error::LeaseTtlTooLarge.to_string(),
+            "etcdserver: too large lease TTL"
+        );
+        let no_id = t.apply(Request::LeaseGrant(LeaseGrantRequest { ttl: 5, id: 0 }));
+        assert!(matches!(no_id, Err(Error::LeaseNotFound)), "{no_id:?}");
+        assert!(t.s.lease(5).is_none());
+        // etcd's largest TTL itself is granted.
+        t.apply(Request::LeaseGrant(LeaseGrantRequest {
+            ttl: crate::lease::MAX_LEASE_TTL,
+            id: 6,
+        }))
+        .unwrap();
     }
 
     #[test]

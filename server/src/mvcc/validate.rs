@@ -1,6 +1,8 @@
-//! Request checks done before a request is proposed, with etcd's errors
-//! (etcd `api/v3rpc/key.go`): empty keys, bad options, too many txn
-//! operations and keys written twice in one txn.
+//! Request checks with etcd's errors (etcd `api/v3rpc/key.go`): empty keys,
+//! bad options, too many txn operations and keys written twice in one txn,
+//! done before a request is proposed; and the shape checks that do not
+//! depend on flags ([`check_request`]), done again where every member
+//! applies it, whoever proposed it.
 
 use crate::error::{Error, Result};
 use crate::proto::etcdserverpb::{
@@ -11,6 +13,12 @@ use crate::proto::etcdserverpb::{
 
 /// etcd's default `--max-txn-ops`.
 pub const MAX_TXN_OPS: usize = 128;
+
+/// Most txns nested in one another. etcd bounds nesting only through its op budget (up to
+/// `--max-txn-ops` levels); a Raft entry carrying a txn nested past about 48 levels would
+/// not decode again (prost refuses messages nested over 100 deep), so deeper ones are refused
+/// as too many operations.
+pub const MAX_TXN_DEPTH: usize = 32;
 
 pub fn check_range(r: &RangeRequest) -> Result<()> {
     if r.key.is_empty() {
@@ -43,14 +51,27 @@ pub fn check_delete(r: &DeleteRangeRequest) -> Result<()> {
 }
 
 pub fn check_txn(r: &TxnRequest, max_ops: usize) -> Result<()> {
+    if txn_depth(r) > MAX_TXN_DEPTH {
+        return Err(Error::TooManyOps);
+    }
     check_txn_ops(r, max_ops)?;
     check_intervals(r).map(|_| ())
 }
 
+/// etcd's `checkTxnRequest`: the largest of a txn's compares, success ops and failure ops
+/// counts against `max_ops`, and a nested txn gets what is left (so nesting cannot multiply
+/// the ops a request carries).
 fn check_txn_ops(r: &TxnRequest, max_ops: usize) -> Result<()> {
-    if r.compare.len() > max_ops || r.success.len() > max_ops || r.failure.len() > max_ops {
+    let opc = r.compare.len().max(r.success.len()).max(r.failure.len());
+    if opc > max_ops {
         return Err(Error::TooManyOps);
     }
+    check_txn_shape(r, &|nested| check_txn_ops(nested, max_ops - opc))
+}
+
+/// The checks of a txn's compares and ops that depend on no flag; `nested` checks each
+/// nested txn.
+fn check_txn_shape(r: &TxnRequest, nested: &dyn Fn(&TxnRequest) -> Result<()>) -> Result<()> {
     for c in &r.compare {
         if c.key.is_empty() {
             return Err(Error::EmptyKey);
@@ -61,11 +82,46 @@ fn check_txn_ops(r: &TxnRequest, max_ops: usize) -> Result<()> {
             Some(Request::RequestRange(x)) => check_range(x)?,
             Some(Request::RequestPut(x)) => check_put(x)?,
             Some(Request::RequestDeleteRange(x)) => check_delete(x)?,
-            Some(Request::RequestTxn(x)) => check_txn_ops(x, max_ops)?,
+            Some(Request::RequestTxn(x)) => nested(x)?,
             None => {}
         }
     }
     Ok(())
+}
+
+/// Levels of txns nested in `r` (0 for a txn with none).
+fn txn_depth(r: &TxnRequest) -> usize {
+    r.success
+        .iter()
+        .chain(&r.failure)
+        .filter_map(|op| match &op.request {
+            Some(Request::RequestTxn(x)) => Some(1 + txn_depth(x)),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// What every member checks before it applies a request, whoever proposed it: the checks
+/// above that depend on no flag (so that every member decides alike). A raw proposal from a
+/// peer skips the API's checks; an invalid option found halfway through a txn would leave it
+/// partly applied.
+pub fn check_request(r: &crate::proto::raftpb::internal_request::Request) -> Result<()> {
+    use crate::proto::raftpb::internal_request::Request as R;
+    match r {
+        R::Put(p) => check_put(p),
+        R::DeleteRange(d) => check_delete(d),
+        R::Txn(t) => {
+            if txn_depth(t) > MAX_TXN_DEPTH {
+                return Err(Error::TooManyOps);
+            }
+            fn shape(t: &TxnRequest) -> Result<()> {
+                check_txn_shape(t, &shape)
+            }
+            shape(t)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Keys written by one branch: puts and deleted ranges.
@@ -195,5 +251,104 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(check_txn(&t, MAX_TXN_OPS), Err(Error::TooManyOps));
+    }
+
+    fn txn(ops: Vec<RequestOp>) -> RequestOp {
+        RequestOp {
+            request: Some(Request::RequestTxn(TxnRequest {
+                success: ops,
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn nested_txns_share_the_op_budget() {
+        // 64 nested txns of 64 ranges each: 4096 ops in one request. etcd gives a nested txn
+        // what its parent left (128 - 64), so this passes, and one more op at either level
+        // does not.
+        let range = |i: usize| RequestOp {
+            request: Some(Request::RequestRange(RangeRequest {
+                key: format!("k{i}").into(),
+                ..Default::default()
+            })),
+        };
+        let wide = |n: usize| txn((0..n).map(range).collect());
+        let t = TxnRequest {
+            success: (0..64).map(|_| wide(64)).collect(),
+            ..Default::default()
+        };
+        assert_eq!(check_txn(&t, MAX_TXN_OPS), Ok(()));
+        let t = TxnRequest {
+            success: (0..64).map(|_| wide(65)).collect(),
+            ..Default::default()
+        };
+        assert_eq!(check_txn(&t, MAX_TXN_OPS), Err(Error::TooManyOps));
+    }
+
+    /// A txn with `levels` txns nested in one another below it, a put in the innermost.
+    fn nested(levels: usize) -> TxnRequest {
+        let mut ops = vec![put("deep")];
+        for _ in 0..levels {
+            ops = vec![txn(ops)];
+        }
+        TxnRequest {
+            success: ops,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn nesting_is_bounded_so_that_the_entry_decodes() {
+        use crate::proto::raftpb::internal_request::Request as R;
+        let too_deep = nested(MAX_TXN_DEPTH + 1);
+        assert_eq!(txn_depth(&too_deep), MAX_TXN_DEPTH + 1);
+        assert_eq!(check_txn(&too_deep, MAX_TXN_OPS), Err(Error::TooManyOps));
+        assert_eq!(check_request(&R::Txn(too_deep)), Err(Error::TooManyOps));
+        // The deepest txn allowed is allowed, and still decodes inside a Raft entry.
+        let deepest = nested(MAX_TXN_DEPTH);
+        assert_eq!(check_txn(&deepest, MAX_TXN_OPS), Ok(()));
+        assert_eq!(check_request(&R::Txn(deepest.clone())), Ok(()));
+        use prost::Message;
+        let batch = crate::proto::raftpb::Batch {
+            requests: vec![crate::proto::raftpb::InternalRequest {
+                request: Some(R::Txn(deepest)),
+            }],
+            proposer: 1,
+            seq: 1,
+        };
+        let bytes = batch.encode_to_vec();
+        assert!(crate::proto::raftpb::Batch::decode(bytes.as_slice()).is_ok());
+        // Far deeper does not (what the limit keeps out of the log).
+        let batch = crate::proto::raftpb::Batch {
+            requests: vec![crate::proto::raftpb::InternalRequest {
+                request: Some(R::Txn(nested(60))),
+            }],
+            proposer: 1,
+            seq: 1,
+        };
+        let bytes = batch.encode_to_vec();
+        assert!(crate::proto::raftpb::Batch::decode(bytes.as_slice()).is_err());
+    }
+
+    #[test]
+    fn invalid_options_deep_in_a_txn_are_found_before_it_applies() {
+        use crate::proto::raftpb::internal_request::Request as R;
+        let bad_sort = RequestOp {
+            request: Some(Request::RequestRange(RangeRequest {
+                key: "a".into(),
+                sort_target: 99,
+                ..Default::default()
+            })),
+        };
+        let t = TxnRequest {
+            success: vec![put("a"), txn(vec![bad_sort])],
+            ..Default::default()
+        };
+        assert_eq!(check_request(&R::Txn(t)), Err(Error::InvalidSortOption));
+        assert_eq!(
+            check_request(&R::Put(PutRequest::default())),
+            Err(Error::EmptyKey)
+        );
     }
 }
