@@ -19,34 +19,100 @@ use crate::proto::peerpb::{
     PublishResponse, RaftMessage, ReadIndexRequest, ReadIndexResponse,
 };
 use crate::proto::raftpb::Batch;
-use crate::raft::{decode, encode, TypeConfig, CLUSTER_ID_HEADER};
+use crate::raft::{decode, encode, TypeConfig, CLUSTER_ID_HEADER, MEMBER_ID_HEADER};
 use crate::server::EtcdServer;
 
 pub struct PeerService {
     s: Arc<EtcdServer>,
+    /// The snapshot being received, and how many of its bytes have arrived.
+    receiving: Arc<parking_lot::Mutex<Option<(String, u64)>>>,
+}
+
+/// Checks an InstallSnapshot chunk against the snapshot being received: openraft 0.9 announces
+/// no total size and writes each chunk at its offset into a buffer in memory, so a chunk far
+/// past the bytes received so far would allocate the gap. A chunk must start exactly where
+/// the received bytes end (a new snapshot at offset 0), and the total stays under `cap`.
+fn admit_chunk(
+    receiving: &Option<(String, u64)>,
+    id: &str,
+    offset: u64,
+    len: usize,
+    cap: u64,
+) -> Result<u64, Status> {
+    let received = match receiving {
+        _ if offset == 0 => 0,
+        Some((current, received)) if current == id => *received,
+        _ => {
+            return Err(Status::failed_precondition(format!(
+                "snapshot {id}: chunk at offset {offset} of a snapshot not being received"
+            )))
+        }
+    };
+    if offset != received {
+        return Err(Status::failed_precondition(format!(
+            "snapshot {id}: chunk at offset {offset}, {received} bytes received"
+        )));
+    }
+    let end = received.saturating_add(len as u64);
+    if end > cap {
+        return Err(Status::resource_exhausted(format!(
+            "snapshot {id}: over {cap} bytes"
+        )));
+    }
+    Ok(end)
 }
 
 impl PeerService {
     pub fn new(s: Arc<EtcdServer>) -> Self {
-        Self { s }
+        Self {
+            s,
+            receiving: Default::default(),
+        }
     }
 
-    /// Refuses members of another cluster (as etcd does).
+    /// Most bytes a snapshot sent to this member may have: twice the space quota (a snapshot
+    /// holds the live data, which the quota bounds) and some room.
+    fn snapshot_cap(&self) -> u64 {
+        (self.s.cfg.quota_backend_bytes.max(0) as u64).saturating_mul(2) + (64 << 20)
+    }
+
+    /// Refuses a request without this cluster's ID, as etcd refuses members of another
+    /// cluster. Only the membership may be asked without it (a joining member does not know
+    /// the ID yet; the client port's MemberList tells as much).
     fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        if let Some(v) = req.metadata().get(CLUSTER_ID_HEADER) {
-            let theirs = v
-                .to_str()
-                .ok()
-                .and_then(|v| u64::from_str_radix(v, 16).ok());
-            if theirs != Some(self.s.cluster_id) {
-                return Err(Status::failed_precondition(format!(
-                    "request cluster ID mismatch (got {}, want {:x})",
-                    v.to_str().unwrap_or("?"),
-                    self.s.cluster_id
-                )));
-            }
+        let Some(v) = req.metadata().get(CLUSTER_ID_HEADER) else {
+            return Err(Status::failed_precondition(
+                "request has no cluster ID: not a member of this cluster",
+            ));
+        };
+        let theirs = v
+            .to_str()
+            .ok()
+            .and_then(|v| u64::from_str_radix(v, 16).ok());
+        if theirs != Some(self.s.cluster_id) {
+            return Err(Status::failed_precondition(format!(
+                "request cluster ID mismatch (got {}, want {:x})",
+                v.to_str().unwrap_or("?"),
+                self.s.cluster_id
+            )));
         }
         Ok(())
+    }
+
+    /// The sender's member ID, which must be a member of this cluster.
+    fn sender<T>(&self, req: &Request<T>) -> Result<u64, Status> {
+        let id = req
+            .metadata()
+            .get(MEMBER_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| u64::from_str_radix(v, 16).ok())
+            .unwrap_or(0);
+        if id == 0 || self.s.member(id).is_none() {
+            return Err(Status::failed_precondition(format!(
+                "request from {id:x}, which is not a member of this cluster"
+            )));
+        }
+        Ok(id)
     }
 
     /// Whether `id` was a member and has been removed, by the memberships
@@ -126,12 +192,46 @@ impl Peer for PeerService {
     ) -> Result<Response<RaftMessage>, Status> {
         self.check(&req)?;
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref())?;
+        let id = rpc.meta.snapshot_id.clone();
+        let end = admit_chunk(
+            &self.receiving.lock(),
+            &id,
+            rpc.offset,
+            rpc.data.len(),
+            self.snapshot_cap(),
+        )?;
+        let done = rpc.done;
         let result = self.s.raft.install_snapshot(rpc).await;
+        // Taken chunks move the mark; a refused one or the last one ends the transfer (the
+        // leader starts again at offset 0).
+        *self.receiving.lock() = match &result {
+            Ok(_) if !done => Some((id, end)),
+            _ => None,
+        };
         Ok(Response::new(encode(&result)?))
     }
 
     async fn propose(&self, req: Request<Batch>) -> Result<Response<ProposeResponse>, Status> {
         self.check(&req)?;
+        // A member proposes its own batches, as its batcher makes them: at most MAX_BATCH
+        // requests, each within --max-request-bytes (every member applies what is committed:
+        // the state machine checks the requests' shape again).
+        let sender = self.sender(&req)?;
+        let batch = req.get_ref();
+        if batch.proposer != sender {
+            return Err(Status::failed_precondition(format!(
+                "batch proposed by {:x} sent by {sender:x}",
+                batch.proposer
+            )));
+        }
+        if batch.requests.len() > crate::server::MAX_BATCH
+            || batch
+                .requests
+                .iter()
+                .any(|r| prost::Message::encoded_len(r) > self.s.cfg.max_request_bytes)
+        {
+            return Err(Error::RequestTooLarge.into());
+        }
         crate::server::propose_forwarded(&self.s, req.into_inner()).await?;
         Ok(Response::new(ProposeResponse {}))
     }
@@ -175,7 +275,9 @@ impl Peer for PeerService {
         &self,
         req: Request<MembersRequest>,
     ) -> Result<Response<MembersResponse>, Status> {
-        self.check(&req)?;
+        if req.metadata().get(CLUSTER_ID_HEADER).is_some() {
+            self.check(&req)?;
+        }
         let asking = req.get_ref().id;
         Ok(Response::new(MembersResponse {
             cluster_id: self.s.cluster_id,
@@ -248,5 +350,37 @@ impl Peer for PeerService {
             Kind::Release => self.s.raft.runtime_config().elect(true),
         }
         Ok(Response::new(ElectResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::admit_chunk;
+
+    #[test]
+    fn snapshot_chunks_must_follow_on_and_stay_under_the_cap() {
+        let cap = 1 << 20;
+        // A new snapshot starts at 0.
+        assert_eq!(admit_chunk(&None, "s1", 0, 100, cap).unwrap(), 100);
+        let at = Some(("s1".to_string(), 100));
+        assert_eq!(admit_chunk(&at, "s1", 100, 50, cap).unwrap(), 150);
+        // Far past what arrived (the buffer would allocate the gap), a gap, a rewind, another
+        // snapshot's chunk, no snapshot at all: refused.
+        for (state, id, offset) in [
+            (&at, "s1", 1u64 << 40),
+            (&at, "s1", u64::MAX),
+            (&at, "s1", 101),
+            (&at, "s1", 50),
+            (&at, "s2", 100),
+            (&None, "s1", 100),
+        ] {
+            let e = admit_chunk(state, id, offset, 10, cap).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{offset}");
+        }
+        // Over the cap.
+        let e = admit_chunk(&at, "s1", 100, cap as usize, cap).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        // A new transfer at 0 replaces one in progress.
+        assert_eq!(admit_chunk(&at, "s2", 0, 10, cap).unwrap(), 10);
     }
 }

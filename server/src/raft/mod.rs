@@ -8,7 +8,9 @@ mod state_machine;
 
 pub use history::MemberHistory;
 pub use log_store::{Durable, LogStore, RestoredLeadership};
-pub use network::{connect, decode, encode, Network, Peers, CLUSTER_ID_HEADER, MAX_PEER_MESSAGE};
+pub use network::{
+    connect, decode, encode, Network, Peers, CLUSTER_ID_HEADER, MAX_PEER_MESSAGE, MEMBER_ID_HEADER,
+};
 
 /// Whether a failed peer call never reached the peer (no connection could
 /// be made), so that the request is known not to have been delivered.

@@ -28,6 +28,8 @@ use crate::proto::peerpb::RaftMessage;
 /// The metadata key that carries the sender's cluster ID: a member refuses
 /// peers of another cluster, as etcd does.
 pub const CLUSTER_ID_HEADER: &str = "x-cairn-cluster-id";
+/// The metadata key that carries the sender's member ID.
+pub const MEMBER_ID_HEADER: &str = "x-cairn-member-id";
 
 /// Most bytes of one peer message (snapshot chunks and entry batches stay
 /// well under it).
@@ -38,6 +40,8 @@ pub const MAX_PEER_MESSAGE: usize = 256 << 20;
 pub struct Peers {
     /// The cluster ID sent with every call (0 until it is known).
     cluster_id: AtomicU64,
+    /// This member's ID, sent with every call.
+    member_id: AtomicU64,
     channels: Mutex<HashMap<u64, (String, Channel)>>,
     /// When each peer last answered a Raft RPC.
     last_ok: Mutex<HashMap<u64, std::time::Instant>>,
@@ -46,9 +50,10 @@ pub struct Peers {
 }
 
 impl Peers {
-    pub fn new(cluster_id: u64) -> Arc<Self> {
+    pub fn new(cluster_id: u64, member_id: u64) -> Arc<Self> {
         let p = Self::default();
         p.cluster_id.store(cluster_id, Ordering::Relaxed);
+        p.member_id.store(member_id, Ordering::Relaxed);
         Arc::new(p)
     }
 
@@ -86,12 +91,16 @@ impl Peers {
     /// A request carrying this cluster's ID.
     pub fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
-        let id = self.cluster_id.load(Ordering::Relaxed);
-        if id != 0 {
-            r.metadata_mut().insert(
-                CLUSTER_ID_HEADER,
-                format!("{id:x}").parse().expect("hex is valid metadata"),
-            );
+        for (key, id) in [
+            (CLUSTER_ID_HEADER, self.cluster_id.load(Ordering::Relaxed)),
+            (MEMBER_ID_HEADER, self.member_id.load(Ordering::Relaxed)),
+        ] {
+            if id != 0 {
+                r.metadata_mut().insert(
+                    key,
+                    format!("{id:x}").parse().expect("hex is valid metadata"),
+                );
+            }
         }
         r
     }

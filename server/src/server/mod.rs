@@ -12,7 +12,7 @@ mod propose;
 mod read;
 mod tasks;
 
-pub use propose::propose_forwarded;
+pub use propose::{propose_forwarded, MAX_BATCH};
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -108,7 +108,7 @@ impl EtcdServer {
                 id
             }
         };
-        let peers = Peers::new(identity.cluster_id);
+        let peers = Peers::new(identity.cluster_id, identity.member_id);
         let metrics = Metrics::default();
         let state = Arc::new(KvState::open(
             engine.clone(),
@@ -368,6 +368,14 @@ impl EtcdServer {
         let node = m.membership().get_node(&id)?.clone();
         let voter = m.membership().voter_ids().any(|v| v == id);
         Some((node, !voter))
+    }
+
+    /// Why this member's Raft core stopped, if it did: it then makes no progress at all
+    /// (health, readiness and liveness say so; `serve` exits).
+    pub fn raft_stopped(&self) -> Option<String> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.running_state.as_ref().err().map(|e| e.to_string())
     }
 
     /// Stops this member for good: it was removed from the cluster (`by` says who knows).

@@ -23,7 +23,7 @@ use crate::proto::raftpb::{internal_request::Request, Batch, InternalRequest};
 use crate::raft::{BatchResult, Member, Proposal};
 
 /// Most client requests carried by one Raft entry.
-const MAX_BATCH: usize = 512;
+pub const MAX_BATCH: usize = 512;
 /// Raft entries in flight at once, per member. The leader's own fsync runs
 /// in the background (`raft::log_store`), so while one entry is being synced
 /// and replicated the next one can already be appended. Measured on a 2-core
