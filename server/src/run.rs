@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use tracing::warn;
+use tracing::{error, warn};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -16,6 +16,8 @@ pub const STOP_GRACE: Duration = Duration::from_secs(3);
 
 /// Runs a member until `shutdown` resolves: the library entry point of the
 /// `cairn` binary.
+///
+/// A member whose Raft core stops (storage failure) exits the process with code 1 at once.
 ///
 /// Stopping is graceful for at most [`STOP_GRACE`], as etcd's (bounded) graceful stop:
 /// long-lived streams (watches, lease keep-alives, peers' Raft streams) would otherwise hold
@@ -31,6 +33,24 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
             _ = removed.wait_for(|r| *r) => {}
         }
         let _ = stopping_tx.send(true);
+    });
+    // A member whose Raft core stopped (a storage write or fsync failed, an entry could not
+    // be applied) makes no progress: it exits at once and non-zero, as etcd does, so that it
+    // is restarted, without touching storage again (RocksDB aborts on a sync after a failed
+    // one).
+    let mut raft = server.raft.metrics();
+    let stopped = server.clone();
+    tokio::spawn(async move {
+        // (A shutdown stops it too, as Fatal::Stopped: that is no failure.)
+        let failed = |m: &openraft::RaftMetrics<u64, crate::raft::Member>| {
+            matches!(&m.running_state, Err(e) if !matches!(e, openraft::error::Fatal::Stopped))
+        };
+        if raft.wait_for(failed).await.is_ok() {
+            let why = stopped.raft_stopped().unwrap_or_default();
+            error!("raft stopped: {why}; exiting");
+            eprintln!("cairn: raft stopped: {why}");
+            std::process::exit(1);
+        }
     });
     let mut stopped = stopping.clone();
     let stop = async move {

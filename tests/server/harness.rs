@@ -65,8 +65,8 @@ impl Member {
         m
     }
 
-    /// A member with its directory and ports, not started.
-    fn new(kind: Kind, extra: &[&str]) -> Self {
+    /// A member with its directory and ports, not started (see [`Self::launch`]).
+    pub fn new(kind: Kind, extra: &[&str]) -> Self {
         let ports = free_ports(2);
         Member {
             kind,
@@ -175,6 +175,16 @@ impl Member {
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.kind.binary()));
         self.child = Some(child);
         self.wait_ready();
+    }
+
+    /// Starts a member made with [`Self::new`] and waits until it is ready.
+    pub fn launch(&mut self) {
+        self.spawn();
+    }
+
+    /// How the member's process ended, if it did.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok()?
     }
 
     pub fn log(&self) -> String {

@@ -43,7 +43,12 @@ pub(crate) fn unexpected(a: crate::mvcc::Applied) -> tonic::Status {
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
 async fn health(State(s): State<Arc<EtcdServer>>) -> impl IntoResponse {
-    let (code, body) = if s.leader() == 0 {
+    let (code, body) = if s.raft_stopped().is_some() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"health":"false","reason":"RAFT STOPPED"}"#,
+        )
+    } else if s.leader() == 0 {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             r#"{"health":"false","reason":"RAFT NO LEADER"}"#,
@@ -59,12 +64,23 @@ async fn health(State(s): State<Arc<EtcdServer>>) -> impl IntoResponse {
     (code, [("content-type", "application/json")], body)
 }
 
-async fn livez() -> impl IntoResponse {
-    (StatusCode::OK, "ok\n")
+async fn livez(State(s): State<Arc<EtcdServer>>) -> impl IntoResponse {
+    match s.raft_stopped() {
+        Some(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "[-]raft failed: raft stopped\n",
+        ),
+        None => (StatusCode::OK, "ok\n"),
+    }
 }
 
 async fn readyz(State(s): State<Arc<EtcdServer>>) -> impl IntoResponse {
-    if s.leader() == 0 {
+    if s.raft_stopped().is_some() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "[-]raft failed: raft stopped\n",
+        )
+    } else if s.leader() == 0 {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "[-]serializable_read failed: no leader\n",
@@ -131,11 +147,18 @@ fn client_routes(s: Arc<EtcdServer>) -> Routes {
 /// `max_recv` bytes, and [`not_served`] for the rest.
 fn grpc_routes(s: Arc<EtcdServer>, max_recv: usize) -> Routes {
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    // Serving as soon as the listeners are up; requests wait for a leader.
+    // Serving as soon as the listeners are up (requests wait for a leader); not serving once
+    // the Raft core stopped.
+    let mut raft = s.raft.metrics();
     tokio::spawn(async move {
         reporter
             .set_service_status("", tonic_health::ServingStatus::Serving)
-            .await
+            .await;
+        if raft.wait_for(|m| m.running_state.is_err()).await.is_ok() {
+            reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        }
     });
     Routes::from(axum::Router::new().fallback(not_served))
         .add_service(
