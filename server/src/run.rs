@@ -42,9 +42,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
     let stopped = server.clone();
     tokio::spawn(async move {
         // (A shutdown stops it too, as Fatal::Stopped: that is no failure.)
-        let failed = |m: &openraft::RaftMetrics<u64, crate::raft::Member>| {
-            matches!(&m.running_state, Err(e) if !matches!(e, openraft::error::Fatal::Stopped))
-        };
+        let failed = |m: &openraft::RaftMetrics<u64, crate::raft::Member>| matches!(&m.running_state, Err(e) if !matches!(e, openraft::error::Fatal::Stopped));
         if raft.wait_for(failed).await.is_ok() {
             let why = stopped.raft_stopped().unwrap_or_default();
             error!("raft stopped: {why}; exiting");

@@ -371,3 +371,56 @@ async fn hashes_and_snapshot_files() {
     corrupt[100] ^= 0xff;
     assert!(cairn::snapshot::verify(&corrupt).is_err());
 }
+
+/// The HTTP/2 front door (issue 21, in part): a one-byte 0x3f header block (a truncated table
+/// size update, on which the `hpack` crate panics), an oversized frame and an endless
+/// CONTINUATION sequence each get that connection closed, and other clients are served.
+#[tokio::test]
+async fn hostile_http2_frames_close_only_their_connection() {
+    use std::io::{Read, Write};
+    let m = Member::start(Kind::Cairn);
+    let frame = |kind: u8, flags: u8, payload: &[u8]| {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags, 0, 0, 0, 1]);
+        f.extend_from_slice(payload);
+        f
+    };
+    let preface = [
+        &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..],
+        &frame(0x4, 0, &[]),
+    ]
+    .concat();
+    let mut oversized = (1u32 << 20).to_be_bytes()[1..].to_vec();
+    oversized.extend_from_slice(&[0x1, 0x4, 0, 0, 0, 1]);
+    oversized.extend_from_slice(&[0x82; 4096]);
+    let mut flood = frame(0x1, 0, &[0x82]);
+    for _ in 0..200 {
+        flood.extend(frame(0x9, 0, &[0x82; 8192]));
+    }
+    for (what, attack) in [
+        ("0x3f header block", frame(0x1, 0x4, &[0x3f])),
+        ("oversized frame", oversized),
+        ("CONTINUATION flood", flood),
+    ] {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", m.client_port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&preface).unwrap();
+        // The server may close while the attack is still being written.
+        let _ = s.write_all(&attack);
+        let mut buf = [0u8; 4096];
+        let closed = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+                Err(e) => panic!("{what}: connection not closed: {e}"),
+            }
+        };
+        assert!(closed, "{what}");
+        let mut c = m.client().await;
+        c.put("served", what, None)
+            .await
+            .unwrap_or_else(|e| panic!("after {what}: {e}\n{}", m.log()));
+    }
+    assert!(!m.log().contains("panicked"), "{}", m.log());
+}

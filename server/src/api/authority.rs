@@ -9,6 +9,13 @@
 //! re-encoded with the scheme stripped (its own HPACK encoder then drives
 //! hyper's decoder); otherwise, and for HTTP/1, it steps aside and bytes
 //! pass straight through.
+//!
+//! It holds at most one frame of [`MAX_FRAME`] bytes and one header block of
+//! [`MAX_HEADER_BLOCK`] bytes per connection. Whatever it cannot judge (a
+//! larger frame, a longer block, a malformed HPACK block) it hands to hyper
+//! as it came and steps aside: hyper closes the connection with the
+//! protocol error. A block is checked to be well-formed HPACK before the
+//! `hpack` crate decodes it, which panics on some truncated blocks.
 
 use std::io;
 use std::pin::Pin;
@@ -25,8 +32,11 @@ const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
-/// hyper's default SETTINGS_MAX_FRAME_SIZE: re-encoded blocks are split to it.
+/// hyper's default SETTINGS_MAX_FRAME_SIZE: re-encoded blocks are split to it, and a larger
+/// frame from the client is a protocol error hyper answers.
 const MAX_FRAME: usize = 16_384;
+/// Most bytes of one header block gathered here (HEADERS and CONTINUATION frames).
+const MAX_HEADER_BLOCK: usize = 256 << 10;
 
 enum Mode {
     /// Reading the connection preface.
@@ -100,6 +110,10 @@ impl<S> FixAuthority<S> {
                     }
                     let len = u32::from_be_bytes([0, self.input[0], self.input[1], self.input[2]])
                         as usize;
+                    if len > MAX_FRAME {
+                        self.step_aside();
+                        continue;
+                    }
                     if self.input.len() < FRAME_HEADER + len {
                         return Ok(());
                     }
@@ -135,6 +149,10 @@ impl<S> FixAuthority<S> {
                             let b = self.block.as_mut().expect("checked");
                             b.raw.extend_from_slice(&frame);
                             b.fragment.extend_from_slice(&frame[FRAME_HEADER..]);
+                            if b.raw.len() > MAX_HEADER_BLOCK {
+                                self.step_aside();
+                                continue;
+                            }
                         }
                         _ => {
                             // Anything else (or a protocol error hyper will
@@ -155,8 +173,21 @@ impl<S> FixAuthority<S> {
         }
     }
 
+    /// Hands everything gathered and everything that follows to hyper unchanged.
+    fn step_aside(&mut self) {
+        if let Some(b) = self.block.take() {
+            self.output.extend_from_slice(&b.raw);
+        }
+        self.mode = Mode::Passthrough;
+    }
+
     /// Forwards a complete header block, rewritten if the connection needs it.
     fn finish(&mut self, block: Block, rewrite: Option<bool>) -> io::Result<()> {
+        if !hpack_well_formed(&block.fragment) {
+            self.output.extend_from_slice(&block.raw);
+            self.mode = Mode::Passthrough;
+            return Ok(());
+        }
         let headers = match self.decoder.decode(&block.fragment) {
             Ok(h) => h,
             Err(_) => {
@@ -222,6 +253,59 @@ impl<S> FixAuthority<S> {
             }
         }
     }
+}
+
+/// Whether `block` is a sequence of whole HPACK field representations (RFC 7541 section 6):
+/// every integer and string ends inside it, integers within 32 bits. Says nothing of table
+/// indexes or Huffman codes, which the decoder reports as errors.
+fn hpack_well_formed(block: &[u8]) -> bool {
+    /// An integer with an `prefix`-bit prefix at `b[*at]` (section 5.1).
+    fn int(b: &[u8], at: &mut usize, prefix: u32) -> Option<u64> {
+        let max = (1u64 << prefix) - 1;
+        let v = (*b.get(*at)? as u64) & max;
+        *at += 1;
+        if v < max {
+            return Some(v);
+        }
+        let mut v = v;
+        for shift in (0..32).step_by(7) {
+            let byte = *b.get(*at)?;
+            *at += 1;
+            v += ((byte & 0x7f) as u64) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    /// A string literal at `b[*at]` (section 5.2).
+    fn string(b: &[u8], at: &mut usize) -> Option<()> {
+        let len = int(b, at, 7)? as usize;
+        *at = at.checked_add(len).filter(|end| *end <= b.len())?;
+        Some(())
+    }
+    fn walk(b: &[u8]) -> Option<()> {
+        let mut at = 0;
+        while at < b.len() {
+            let first = b[at];
+            if first & 0x80 != 0 {
+                int(b, &mut at, 7)?;
+            } else if first & 0x20 != 0 && first & 0x40 == 0 {
+                // Dynamic table size update.
+                int(b, &mut at, 5)?;
+            } else {
+                // Literal with incremental indexing (6-bit index), without indexing or never
+                // indexed (4-bit index); index 0: the name follows as a string.
+                let prefix = if first & 0x40 != 0 { 6 } else { 4 };
+                if int(b, &mut at, prefix)? == 0 {
+                    string(b, &mut at)?;
+                }
+                string(b, &mut at)?;
+            }
+        }
+        Some(())
+    }
+    walk(block).is_some()
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for FixAuthority<S> {
@@ -361,6 +445,63 @@ mod tests {
             assert_eq!(b.len(), 4);
         }
         assert!(out.windows(4).any(|w| w == b"data"));
+    }
+
+    #[test]
+    fn hpack_blocks_are_checked_before_decoding() {
+        let mut enc = hpack::Encoder::new();
+        let good = enc.encode(vec![
+            (&b":authority"[..], &b"http://127.0.0.1:2379"[..]),
+            (b"x-long", &[b'v'; 300][..]),
+        ]);
+        assert!(hpack_well_formed(&good));
+        // Every truncation of a good block is caught (the hpack crate panics on some).
+        for n in 1..good.len() {
+            let cut = &good[..n];
+            if !hpack_well_formed(cut) {
+                continue;
+            }
+            // What passes must decode without a panic.
+            let _ = hpack::Decoder::new().decode(cut);
+        }
+        // A table size update cut short (the crate's panic), a string past the end, an
+        // integer of more than 32 bits.
+        for bad in [
+            &[0x3f][..],
+            &[0x40, 0x05, b'a'],
+            &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01],
+        ] {
+            assert!(!hpack_well_formed(bad), "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn hostile_frames_are_handed_to_hyper_unchanged_and_nothing_piles_up() {
+        let mut prefix = PREFACE.to_vec();
+        prefix.extend(frame(0x4, 0, 0, &[]));
+        // A one-byte 0x3f header block.
+        let mut input = prefix.clone();
+        input.extend(frame(HEADERS, END_HEADERS, 1, &[0x3f]));
+        assert_eq!(through(input.clone()).await, input);
+        // A frame over the maximum size: passed on from its header, not gathered.
+        let mut input = prefix.clone();
+        input.extend_from_slice(&[0x10, 0x00, 0x00, HEADERS, 0, 0, 0, 0, 1]);
+        input.extend_from_slice(&[0u8; 100]);
+        let mut f = FixAuthority::new(&input[..]);
+        let mut out = Vec::new();
+        f.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, input);
+        // CONTINUATION frames without end: gathered up to the bound, then passed on.
+        let mut input = prefix.clone();
+        input.extend(frame(HEADERS, 0, 1, &[0x82]));
+        for _ in 0..100 {
+            input.extend(frame(CONTINUATION, 0, 1, &[0x82; 8192]));
+        }
+        let mut f = FixAuthority::new(&input[..]);
+        let mut out = Vec::new();
+        f.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, input);
+        assert!(f.block.is_none() && matches!(f.mode, Mode::Passthrough));
     }
 
     #[tokio::test]
