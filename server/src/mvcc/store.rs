@@ -385,7 +385,7 @@ impl MvccStore {
                 self.lease_grant(g).map(Applied::LeaseGrant)
             }
             Request::LeaseRevoke(r) => self.lease_revoke(reader, r).map(Applied::LeaseRevoke),
-            Request::Alarm(a) => Ok(Applied::Alarm(self.alarm(a))),
+            Request::Alarm(a) => self.alarm(a).map(Applied::Alarm),
         }
     }
 
@@ -694,7 +694,7 @@ impl MvccStore {
         })
     }
 
-    fn alarm(&mut self, a: &AlarmRequest) -> AlarmResponse {
+    fn alarm(&mut self, a: &AlarmRequest) -> Result<AlarmResponse> {
         let action = AlarmAction::try_from(a.action).unwrap_or(AlarmAction::Get);
         let mut alarms = Vec::new();
         match action {
@@ -707,6 +707,18 @@ impl MvccStore {
                     .collect();
             }
             AlarmAction::Activate => {
+                // Only the alarms etcd acts on, and a bounded list: every alarm is stored
+                // with the state's position, rewritten on each write (etcd keeps any type for
+                // any member ID; a client could grow the list without end).
+                if a.alarm != AlarmType::Nospace as i32 && a.alarm != AlarmType::Corrupt as i32 {
+                    return Err(Error::InvalidArgument(format!(
+                        "alarm type {} cannot be activated",
+                        a.alarm
+                    )));
+                }
+                if self.alarms.len() >= MAX_ALARMS {
+                    return Err(Error::InvalidArgument("too many alarms".into()));
+                }
                 let m = AlarmMember {
                     member_id: a.member_id,
                     alarm: a.alarm,
@@ -727,12 +739,15 @@ impl MvccStore {
                 }
             }
         }
-        AlarmResponse {
+        Ok(AlarmResponse {
             header: header(self.rev),
             alarms,
-        }
+        })
     }
 }
+
+/// Most alarms kept at once (two kinds per member: far more than any cluster has members).
+pub const MAX_ALARMS: usize = 1024;
 
 /// How many path entries a txn and its nested txns on the taken branch use.
 fn count_path(t: &TxnRequest, path: &[bool]) -> usize {
@@ -1051,6 +1066,34 @@ mod tests {
             3,
             "a read-only txn keeps the revision"
         );
+    }
+
+    #[test]
+    fn alarms_are_known_kinds_and_bounded() {
+        let mut t = T::new();
+        let activate = |alarm: AlarmType, member_id| {
+            Request::Alarm(AlarmRequest {
+                action: AlarmAction::Activate as i32,
+                member_id,
+                alarm: alarm as i32,
+            })
+        };
+        t.apply(activate(AlarmType::Nospace, 1)).unwrap();
+        let none = t.apply(activate(AlarmType::None, 1));
+        assert!(matches!(none, Err(Error::InvalidArgument(_))), "{none:?}");
+        let mut odd = AlarmRequest {
+            action: AlarmAction::Activate as i32,
+            member_id: 1,
+            alarm: 99,
+        };
+        assert!(t.apply(Request::Alarm(odd)).is_err());
+        for id in 2..=MAX_ALARMS as u64 {
+            t.apply(activate(AlarmType::Corrupt, id)).unwrap();
+        }
+        odd.alarm = AlarmType::Nospace as i32;
+        odd.member_id = 5000;
+        assert!(t.apply(Request::Alarm(odd)).is_err(), "over the bound");
+        assert_eq!(t.s.alarms().len(), MAX_ALARMS);
     }
 
     #[test]
