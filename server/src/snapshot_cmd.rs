@@ -218,6 +218,7 @@ pub fn restore(file: &Path, cfg: &Config, skip_hash_check: bool) -> Result<Strin
         .map_err(|e| Error::InvalidArgument(format!("{}: {e}", file.display())))?;
     let mut payload = payload_of(&bytes, skip_hash_check)?;
     drop(bytes);
+    payload.check()?;
     if cfg.data_dir.exists() {
         return Err(Error::InvalidArgument(format!(
             "data-dir {:?} exists",

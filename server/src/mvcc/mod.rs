@@ -10,7 +10,7 @@ mod store;
 pub mod validate;
 
 pub use index::{KeyIndex, KeyRange};
-pub use store::{all_txn_ops, is_read_only, Applied, LeaseRecord, MvccStore, WriteSet};
+pub use store::{all_txn_ops, is_read_only, Applied, LeaseRecord, MvccStore, WriteSet, MAX_ALARMS};
 
 use crate::error::Result;
 use crate::proto::mvccpb::KeyValue;

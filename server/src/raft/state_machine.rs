@@ -30,6 +30,40 @@ pub struct SnapshotPayload {
     pub leases: Vec<(i64, i64)>,
 }
 
+impl SnapshotPayload {
+    /// Refuses a payload whose positions this member could not go on from: revisions out of
+    /// range (the next write would overflow, or a record would sort among the leases), a
+    /// compaction past the revision, more alarms than are ever kept. Lease TTLs over etcd's
+    /// maximum (kept by builds before it was checked at apply) are lowered to it.
+    pub fn check(&mut self) -> Result<()> {
+        let bad = |what: String| Err(Error::InvalidArgument(format!("snapshot: {what}")));
+        let rev = self.meta.revision;
+        if !(1..=i64::MAX / 2).contains(&rev) {
+            return bad(format!("revision {rev} out of range"));
+        }
+        if !(0..=rev).contains(&self.meta.compacted) {
+            return bad(format!(
+                "compacted revision {} past revision {rev}",
+                self.meta.compacted
+            ));
+        }
+        if let Some((main, sub, _)) = self
+            .records
+            .iter()
+            .find(|(main, sub, _)| !(1..=rev).contains(main) || *sub < 0)
+        {
+            return bad(format!("record at revision {main}/{sub} out of range"));
+        }
+        if self.meta.alarms.len() > crate::mvcc::MAX_ALARMS {
+            return bad(format!("{} alarms", self.meta.alarms.len()));
+        }
+        for (_, ttl) in &mut self.leases {
+            *ttl = (*ttl).clamp(0, crate::lease::MAX_LEASE_TTL);
+        }
+        Ok(())
+    }
+}
+
 /// Receives the results of a batch this member proposed, once applied,
 /// persisted and published to watchers.
 pub type OnApplied = Box<dyn FnOnce(BatchResult) + Send>;
@@ -272,7 +306,8 @@ impl KvState {
 
     /// Replaces the state machine with a snapshot's content.
     pub fn install_payload(&self, bytes: &[u8]) -> Result<()> {
-        let payload: SnapshotPayload = bincode::deserialize(bytes).map_err(Error::internal)?;
+        let mut payload: SnapshotPayload = bincode::deserialize(bytes).map_err(Error::internal)?;
+        payload.check()?;
         let mut records = Vec::with_capacity(payload.records.len());
         for (main, sub, rec) in &payload.records {
             records.push((Revision::new(*main, *sub), decode_record(rec)?));
@@ -412,5 +447,46 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 meta: meta.clone(),
                 snapshot: Box::new(Cursor::new(bytes.clone())),
             }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SnapshotPayload;
+    use crate::storage::StateMeta;
+
+    fn payload(
+        revision: i64,
+        compacted: i64,
+        records: Vec<(i64, i64, Vec<u8>)>,
+    ) -> SnapshotPayload {
+        SnapshotPayload {
+            meta: StateMeta {
+                applied: vec![],
+                membership: vec![],
+                revision,
+                compacted,
+                alarms: vec![],
+            },
+            records,
+            leases: vec![(7, i64::MAX)],
+        }
+    }
+
+    #[test]
+    fn snapshot_payloads_out_of_range_are_refused() {
+        let mut ok = payload(10, 5, vec![(3, 0, vec![])]);
+        ok.check().unwrap();
+        assert_eq!(ok.leases, vec![(7, crate::lease::MAX_LEASE_TTL)]);
+        for mut bad in [
+            payload(i64::MAX, 0, vec![]),
+            payload(0, 0, vec![]),
+            payload(10, 11, vec![]),
+            payload(10, 0, vec![(11, 0, vec![])]),
+            payload(10, 0, vec![(-2, 0, vec![])]),
+            payload(10, 0, vec![(3, -1, vec![])]),
+        ] {
+            assert!(bad.check().is_err(), "{:?}", bad.meta);
+        }
     }
 }
