@@ -230,7 +230,10 @@ impl<'a> Reconciler<'a> {
             None => Vec::new(),
         };
         let unusable = pods_reporting_unusable(&pod_list, &self.names);
-        self.recreate_pods_without_claims(&pod_list).await?;
+        // A repair that cannot be made now is no reason to stop the reconcile.
+        if let Err(e) = self.recreate_pods_without_claims(&pod_list).await {
+            warn!(error = %e, "looking for pods waiting for a deleted volume claim");
+        }
 
         // The first bootstrap is done once the members answer with a leader.
         let cluster_id = prev.cluster_id.clone().or_else(|| {
