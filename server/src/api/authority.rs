@@ -255,9 +255,15 @@ impl<S> FixAuthority<S> {
     }
 }
 
+/// hyper's SETTINGS_HEADER_TABLE_SIZE (h2's default): the largest dynamic table a client may
+/// ask the decoder for.
+const MAX_TABLE_SIZE: u64 = 4096;
+
 /// Whether `block` is a sequence of whole HPACK field representations (RFC 7541 section 6):
-/// every integer and string ends inside it, integers within 32 bits. Says nothing of table
-/// indexes or Huffman codes, which the decoder reports as errors.
+/// every integer and string ends inside it, integers take at most the four continuation
+/// octets the `hpack` crate reads (it panics on a table size update it cannot read), and
+/// table size updates stay within [`MAX_TABLE_SIZE`]. Says nothing of table indexes or
+/// Huffman codes, which the decoder reports as errors.
 fn hpack_well_formed(block: &[u8]) -> bool {
     /// An integer with an `prefix`-bit prefix at `b[*at]` (section 5.1).
     fn int(b: &[u8], at: &mut usize, prefix: u32) -> Option<u64> {
@@ -268,7 +274,7 @@ fn hpack_well_formed(block: &[u8]) -> bool {
             return Some(v);
         }
         let mut v = v;
-        for shift in (0..32).step_by(7) {
+        for shift in (0..28).step_by(7) {
             let byte = *b.get(*at)?;
             *at += 1;
             v += ((byte & 0x7f) as u64) << shift;
@@ -292,7 +298,9 @@ fn hpack_well_formed(block: &[u8]) -> bool {
                 int(b, &mut at, 7)?;
             } else if first & 0x20 != 0 && first & 0x40 == 0 {
                 // Dynamic table size update.
-                int(b, &mut at, 5)?;
+                if int(b, &mut at, 5)? > MAX_TABLE_SIZE {
+                    return None;
+                }
             } else {
                 // Literal with incremental indexing (6-bit index), without indexing or never
                 // indexed (4-bit index); index 0: the name follows as a string.
@@ -464,15 +472,22 @@ mod tests {
             // What passes must decode without a panic.
             let _ = hpack::Decoder::new().decode(cut);
         }
-        // A table size update cut short (the crate's panic), a string past the end, an
-        // integer of more than 32 bits.
+        // A table size update cut short (the crate's panic), one in five continuation octets
+        // (the crate reads four, then panics), one over the table size hyper advertises, a
+        // string past the end, an integer of more than 32 bits.
         for bad in [
             &[0x3f][..],
+            &[0x3f, 0x80, 0x80, 0x80, 0x80, 0x00],
+            &[0x3f, 0xe2, 0x1f],
             &[0x40, 0x05, b'a'],
             &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01],
         ] {
             assert!(!hpack_well_formed(bad), "{bad:?}");
         }
+        // A size update within the table size is fine, and decodes.
+        assert!(hpack_well_formed(&[0x3f, 0xe1, 0x1f]), "exactly 4096");
+        assert!(hpack_well_formed(&[0x3f, 0xe1, 0x0f]));
+        assert!(hpack::Decoder::new().decode(&[0x3f, 0xe1, 0x0f]).is_ok());
     }
 
     #[tokio::test]
