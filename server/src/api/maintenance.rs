@@ -12,10 +12,11 @@ use tonic::{Request, Response, Status};
 use crate::error::Error;
 use crate::mvcc::Applied;
 use crate::proto::etcdserverpb::{
-    maintenance_server::Maintenance, AlarmRequest, AlarmResponse, AlarmType, DefragmentRequest,
-    DefragmentResponse, DowngradeRequest, DowngradeResponse, HashKvRequest, HashKvResponse,
-    HashRequest, HashResponse, MoveLeaderRequest, MoveLeaderResponse, ResponseHeader,
-    SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
+    alarm_request::AlarmAction, maintenance_server::Maintenance, AlarmRequest, AlarmResponse,
+    AlarmType, DefragmentRequest, DefragmentResponse, DowngradeRequest, DowngradeResponse,
+    HashKvRequest, HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest,
+    MoveLeaderResponse, ResponseHeader, SnapshotRequest, SnapshotResponse, StatusRequest,
+    StatusResponse,
 };
 use crate::proto::raftpb::internal_request::Request as Internal;
 use crate::server::{EtcdServer, ETCD_VERSION};
@@ -38,7 +39,18 @@ type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
     async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
-        match self.s.propose(Internal::Alarm(req.into_inner())).await? {
+        let r = req.into_inner();
+        // Only the alarms etcd acts on can be raised (etcd stores any kind; the list is
+        // bounded in the store).
+        let known = [AlarmType::None, AlarmType::Nospace, AlarmType::Corrupt];
+        if r.action == AlarmAction::Activate as i32 && !known.iter().any(|k| *k as i32 == r.alarm) {
+            return Err(Error::InvalidArgument(format!(
+                "alarm type {} cannot be activated",
+                r.alarm
+            ))
+            .into());
+        }
+        match self.s.propose(Internal::Alarm(r)).await? {
             Applied::Alarm(mut resp) => {
                 self.s.fill(&mut resp.header);
                 Ok(Response::new(resp))

@@ -19,7 +19,9 @@ use crate::proto::peerpb::{
     PublishResponse, RaftMessage, ReadIndexRequest, ReadIndexResponse,
 };
 use crate::proto::raftpb::Batch;
-use crate::raft::{decode, encode, TypeConfig, CLUSTER_ID_HEADER, MEMBER_ID_HEADER};
+use crate::raft::{
+    decode, encode, TypeConfig, CLUSTER_ID_HEADER, MEMBER_ID_HEADER, TARGET_ID_HEADER,
+};
 use crate::server::EtcdServer;
 
 pub struct PeerService {
@@ -28,38 +30,41 @@ pub struct PeerService {
     receiving: Arc<parking_lot::Mutex<Option<(String, u64)>>>,
 }
 
+/// Why a snapshot chunk is not taken.
+#[derive(Debug, PartialEq, Eq)]
+enum ChunkRefused {
+    /// Not a continuation of the snapshot being received: the leader is to start again at
+    /// offset 0 (openraft's SnapshotMismatch).
+    Mismatch,
+    /// The snapshot would pass the size cap.
+    TooLarge,
+}
+
 /// Checks an InstallSnapshot chunk against the snapshot being received: openraft 0.9 announces
-/// no total size and writes each chunk at its offset into a buffer in memory, so a chunk far
-/// past the bytes received so far would allocate the gap. A chunk must start exactly where
-/// the received bytes end (a new snapshot at offset 0), and the total stays under `cap`.
+/// no total size and writes each chunk at its offset into a buffer in memory, so a chunk past
+/// the bytes received so far would allocate the gap. A chunk must start at or before where the
+/// received bytes end (again at an offset already received: a resend after a lost answer; a
+/// new snapshot at offset 0), and the total stays under `cap`. Returns the new mark.
 fn admit_chunk(
     receiving: &Option<(String, u64)>,
     id: &str,
     offset: u64,
     len: usize,
     cap: u64,
-) -> Result<u64, Status> {
+) -> Result<u64, ChunkRefused> {
     let received = match receiving {
         _ if offset == 0 => 0,
         Some((current, received)) if current == id => *received,
-        _ => {
-            return Err(Status::failed_precondition(format!(
-                "snapshot {id}: chunk at offset {offset} of a snapshot not being received"
-            )))
-        }
+        _ => return Err(ChunkRefused::Mismatch),
     };
-    if offset != received {
-        return Err(Status::failed_precondition(format!(
-            "snapshot {id}: chunk at offset {offset}, {received} bytes received"
-        )));
+    if offset > received {
+        return Err(ChunkRefused::Mismatch);
     }
-    let end = received.saturating_add(len as u64);
+    let end = offset.saturating_add(len as u64);
     if end > cap {
-        return Err(Status::resource_exhausted(format!(
-            "snapshot {id}: over {cap} bytes"
-        )));
+        return Err(ChunkRefused::TooLarge);
     }
-    Ok(end)
+    Ok(end.max(received))
 }
 
 impl PeerService {
@@ -99,20 +104,42 @@ impl PeerService {
         Ok(())
     }
 
-    /// The sender's member ID, which must be a member of this cluster.
-    fn sender<T>(&self, req: &Request<T>) -> Result<u64, Status> {
-        let id = req
-            .metadata()
-            .get(MEMBER_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| u64::from_str_radix(v, 16).ok())
-            .unwrap_or(0);
+    /// The member ID a header names (0 if it is unreadable), if there is one.
+    fn id_header<T>(req: &Request<T>, key: &str) -> Option<u64> {
+        req.metadata().get(key).map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|v| u64::from_str_radix(v, 16).ok())
+                .unwrap_or(0)
+        })
+    }
+
+    /// The sender's member ID, which must be a member of this cluster. Members of builds
+    /// before the header send none: taken, for one release, so that a rolling upgrade keeps
+    /// writing.
+    fn sender<T>(&self, req: &Request<T>) -> Result<Option<u64>, Status> {
+        let Some(id) = Self::id_header(req, MEMBER_ID_HEADER) else {
+            return Ok(None);
+        };
         if id == 0 || self.s.member(id).is_none() {
             return Err(Status::failed_precondition(format!(
                 "request from {id:x}, which is not a member of this cluster"
             )));
         }
-        Ok(id)
+        Ok(Some(id))
+    }
+
+    /// Refuses a Raft message meant for another member (one that had this URL before), as
+    /// etcd drops messages to another ID: a removed member still running on a reused URL
+    /// must not answer for its successor.
+    fn addressed_here<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        match Self::id_header(req, TARGET_ID_HEADER) {
+            Some(to) if to != self.s.member_id => Err(Status::failed_precondition(format!(
+                "message to member {to:x} reached member {:x}",
+                self.s.member_id
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Whether `id` was a member and has been removed, by the memberships
@@ -135,6 +162,7 @@ impl Peer for PeerService {
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
         self.check(&req)?;
+        self.addressed_here(&req)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(req.get_ref())?;
         let result = self.s.raft.append_entries(rpc).await;
         Ok(Response::new(encode(&result)?))
@@ -148,6 +176,7 @@ impl Peer for PeerService {
         req: Request<tonic::Streaming<RaftMessage>>,
     ) -> Result<Response<Self::AppendStreamStream>, Status> {
         self.check(&req)?;
+        self.addressed_here(&req)?;
         let mut inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let s = self.s.clone();
@@ -176,6 +205,7 @@ impl Peer for PeerService {
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         self.check(&req)?;
+        self.addressed_here(&req)?;
         let rpc: VoteRequest<u64> = decode(req.get_ref())?;
         // A removed member that never learnt of its removal campaigns; it
         // is told, and stops (etcd's peers reject removed members the same way).
@@ -191,15 +221,43 @@ impl Peer for PeerService {
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
         self.check(&req)?;
+        self.addressed_here(&req)?;
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref())?;
         let id = rpc.meta.snapshot_id.clone();
-        let end = admit_chunk(
+        let admitted = admit_chunk(
             &self.receiving.lock(),
             &id,
             rpc.offset,
             rpc.data.len(),
             self.snapshot_cap(),
-        )?;
+        );
+        let end = match admitted {
+            Ok(end) => end,
+            Err(ChunkRefused::TooLarge) => {
+                *self.receiving.lock() = None;
+                return Err(Status::resource_exhausted(format!(
+                    "snapshot {id}: over {} bytes",
+                    self.snapshot_cap()
+                )));
+            }
+            Err(ChunkRefused::Mismatch) => {
+                use openraft::error::{InstallSnapshotError, RaftError, SnapshotMismatch};
+                let segment = |offset| openraft::SnapshotSegmentId {
+                    id: id.clone(),
+                    offset,
+                };
+                let mismatch: Result<
+                    openraft::raft::InstallSnapshotResponse<u64>,
+                    RaftError<u64, InstallSnapshotError>,
+                > = Err(RaftError::APIError(InstallSnapshotError::SnapshotMismatch(
+                    SnapshotMismatch {
+                        expect: segment(0),
+                        got: segment(rpc.offset),
+                    },
+                )));
+                return Ok(Response::new(encode(&mismatch)?));
+            }
+        };
         let done = rpc.done;
         let result = self.s.raft.install_snapshot(rpc).await;
         // Taken chunks move the mark; a refused one or the last one ends the transfer (the
@@ -216,13 +274,14 @@ impl Peer for PeerService {
         // A member proposes its own batches, as its batcher makes them: at most MAX_BATCH
         // requests, each within --max-request-bytes (every member applies what is committed:
         // the state machine checks the requests' shape again).
-        let sender = self.sender(&req)?;
         let batch = req.get_ref();
-        if batch.proposer != sender {
-            return Err(Status::failed_precondition(format!(
-                "batch proposed by {:x} sent by {sender:x}",
-                batch.proposer
-            )));
+        if let Some(sender) = self.sender(&req)? {
+            if batch.proposer != sender {
+                return Err(Status::failed_precondition(format!(
+                    "batch proposed by {:x} sent by {sender:x}",
+                    batch.proposer
+                )));
+            }
         }
         if batch.requests.len() > crate::server::MAX_BATCH
             || batch
@@ -355,32 +414,38 @@ impl Peer for PeerService {
 
 #[cfg(test)]
 mod tests {
-    use super::admit_chunk;
+    use super::{admit_chunk, ChunkRefused};
 
     #[test]
     fn snapshot_chunks_must_follow_on_and_stay_under_the_cap() {
         let cap = 1 << 20;
-        // A new snapshot starts at 0.
-        assert_eq!(admit_chunk(&None, "s1", 0, 100, cap).unwrap(), 100);
+        // A new snapshot starts at 0; chunks follow on; a resend of received bytes is taken.
+        assert_eq!(admit_chunk(&None, "s1", 0, 100, cap), Ok(100));
         let at = Some(("s1".to_string(), 100));
-        assert_eq!(admit_chunk(&at, "s1", 100, 50, cap).unwrap(), 150);
-        // Far past what arrived (the buffer would allocate the gap), a gap, a rewind, another
-        // snapshot's chunk, no snapshot at all: refused.
+        assert_eq!(admit_chunk(&at, "s1", 100, 50, cap), Ok(150));
+        assert_eq!(admit_chunk(&at, "s1", 50, 50, cap), Ok(100));
+        assert_eq!(admit_chunk(&at, "s1", 50, 10, cap), Ok(100));
+        // Past what arrived (the buffer would allocate the gap), another snapshot's chunk, no
+        // snapshot at all: the leader is told to start again.
         for (state, id, offset) in [
             (&at, "s1", 1u64 << 40),
             (&at, "s1", u64::MAX),
             (&at, "s1", 101),
-            (&at, "s1", 50),
             (&at, "s2", 100),
             (&None, "s1", 100),
         ] {
-            let e = admit_chunk(state, id, offset, 10, cap).unwrap_err();
-            assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{offset}");
+            assert_eq!(
+                admit_chunk(state, id, offset, 10, cap),
+                Err(ChunkRefused::Mismatch),
+                "{offset}"
+            );
         }
         // Over the cap.
-        let e = admit_chunk(&at, "s1", 100, cap as usize, cap).unwrap_err();
-        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            admit_chunk(&at, "s1", 100, cap as usize, cap),
+            Err(ChunkRefused::TooLarge)
+        );
         // A new transfer at 0 replaces one in progress.
-        assert_eq!(admit_chunk(&at, "s2", 0, 10, cap).unwrap(), 10);
+        assert_eq!(admit_chunk(&at, "s2", 0, 10, cap), Ok(10));
     }
 }

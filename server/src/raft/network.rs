@@ -30,6 +30,8 @@ use crate::proto::peerpb::RaftMessage;
 pub const CLUSTER_ID_HEADER: &str = "x-cairn-cluster-id";
 /// The metadata key that carries the sender's member ID.
 pub const MEMBER_ID_HEADER: &str = "x-cairn-member-id";
+/// The metadata key that carries the member ID a Raft message is for.
+pub const TARGET_ID_HEADER: &str = "x-cairn-to";
 
 /// Most bytes of one peer message (snapshot chunks and entry batches stay
 /// well under it).
@@ -89,6 +91,18 @@ impl Peers {
     }
 
     /// A request carrying this cluster's ID.
+    /// A Raft message for member `target` (refused by any other member on its URL).
+    pub fn request_to<T>(&self, msg: T, target: u64) -> tonic::Request<T> {
+        let mut r = self.request(msg);
+        r.metadata_mut().insert(
+            TARGET_ID_HEADER,
+            format!("{target:x}")
+                .parse()
+                .expect("hex is valid metadata"),
+        );
+        r
+    }
+
     pub fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         for (key, id) in [
@@ -206,7 +220,7 @@ impl Conn {
             }
         };
         let msg = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut request = self.peers.request(msg);
+        let mut request = self.peers.request_to(msg, self.target);
         request.set_timeout(option.hard_ttl());
         let outcome = tokio::time::timeout(option.hard_ttl(), f(client, request))
             .await
@@ -276,7 +290,7 @@ impl Conn {
                 let (tx, rx) = tokio::sync::mpsc::channel(4);
                 let req = self
                     .peers
-                    .request(tokio_stream::wrappers::ReceiverStream::new(rx));
+                    .request_to(tokio_stream::wrappers::ReceiverStream::new(rx), self.target);
                 let rx = client.append_stream(req).await?.into_inner();
                 AppendStream { tx, rx, next_id: 0 }
             }
