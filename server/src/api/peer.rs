@@ -275,13 +275,22 @@ impl Peer for PeerService {
         // requests, each within --max-request-bytes (every member applies what is committed:
         // the state machine checks the requests' shape again).
         let batch = req.get_ref();
-        if let Some(sender) = self.sender(&req)? {
-            if batch.proposer != sender {
+        match self.sender(&req)? {
+            Some(sender) if batch.proposer != sender => {
                 return Err(Status::failed_precondition(format!(
                     "batch proposed by {:x} sent by {sender:x}",
                     batch.proposer
                 )));
             }
+            Some(_) => {}
+            // An older build names no sender: its batches name it as their proposer.
+            None if self.s.member(batch.proposer).is_none() => {
+                return Err(Status::failed_precondition(format!(
+                    "batch proposed by {:x}, which is not a member of this cluster",
+                    batch.proposer
+                )));
+            }
+            None => {}
         }
         if batch.requests.len() > crate::server::MAX_BATCH
             || batch
