@@ -114,6 +114,28 @@ pub struct Flags {
     #[arg(long, env = "ETCD_ENABLE_V2", default_value = "false", num_args = 0..=1, default_missing_value = "true",
           value_parser = parse_false_only)]
     pub enable_v2: bool,
+    /// Path to the client server TLS cert file.
+    #[arg(long, env = "ETCD_CERT_FILE", default_value = "")]
+    pub cert_file: String,
+    /// Path to the client server TLS key file.
+    #[arg(long, env = "ETCD_KEY_FILE", default_value = "")]
+    pub key_file: String,
+    /// Path to the client server TLS trusted CA cert file.
+    #[arg(long, env = "ETCD_TRUSTED_CA_FILE", default_value = "")]
+    pub trusted_ca_file: String,
+    /// Enable client cert authentication.
+    #[arg(long, env = "ETCD_CLIENT_CERT_AUTH", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", value_parser = parse_go_bool)]
+    pub client_cert_auth: bool,
+}
+
+/// Go's `strconv.ParseBool`, as etcd's boolean flags take it.
+fn parse_go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        _ => Err(format!("invalid boolean value {s:?}")),
+    }
 }
 
 fn parse_false_only(s: &str) -> Result<bool, String> {
@@ -181,6 +203,21 @@ pub struct Config {
     pub log_level: String,
     pub auto_compaction: Option<AutoCompaction>,
     pub client_io_threads: usize,
+    /// Which `listen_client` addresses serve TLS (an `https://` URL).
+    pub listen_client_tls: Vec<bool>,
+    /// The client port's TLS files, when any client URL is `https://`.
+    pub client_tls: Option<ClientTls>,
+}
+
+/// `--cert-file`, `--key-file`, `--trusted-ca-file`, `--client-cert-auth`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTls {
+    pub cert_file: std::path::PathBuf,
+    pub key_file: std::path::PathBuf,
+    /// Client certificates are verified against it when they are sent.
+    pub trusted_ca_file: Option<std::path::PathBuf>,
+    /// A client certificate is required.
+    pub client_cert_auth: bool,
 }
 
 /// What auto compaction keeps.
@@ -221,6 +258,8 @@ fn parse_auto_compaction(
 pub struct ConfigError(pub String);
 
 fn split_urls(flag: &str, s: &str) -> Result<Vec<Url>, ConfigError> {
+    // TLS is served on the client port; the peer port and metrics do not have it yet.
+    let https = matches!(flag, "listen-client-urls" | "advertise-client-urls");
     s.split(',')
         .filter(|u| !u.trim().is_empty())
         .map(|u| {
@@ -228,6 +267,7 @@ fn split_urls(flag: &str, s: &str) -> Result<Vec<Url>, ConfigError> {
                 .map_err(|e| ConfigError(format!("invalid value {u:?} for flag -{flag}: {e}")))?;
             match url.scheme() {
                 "http" => Ok(url),
+                "https" if https => Ok(url),
                 "https" | "unixs" => Err(ConfigError(format!(
                     "{u}: TLS is not supported yet (flag -{flag})"
                 ))),
@@ -319,6 +359,32 @@ impl Config {
                 adv_peer
             )));
         }
+        let listen_client_tls: Vec<bool> = client.iter().map(|u| u.scheme() == "https").collect();
+        let path = |s: &str| (!s.is_empty()).then(|| std::path::PathBuf::from(s));
+        let client_tls = match (path(&f.cert_file), path(&f.key_file)) {
+            (Some(cert_file), Some(key_file)) => Some(ClientTls {
+                cert_file,
+                key_file,
+                trusted_ca_file: path(&f.trusted_ca_file),
+                client_cert_auth: f.client_cert_auth,
+            }),
+            _ => None,
+        };
+        if let Some(u) = client.iter().find(|u| u.scheme() == "https") {
+            if client_tls.is_none() {
+                return Err(ConfigError(format!(
+                    "TLS key/cert (--cert-file, --key-file) must be provided for client url {} with HTTPS scheme",
+                    url_string(u)
+                )));
+            }
+        }
+        if let Some(t) = &client_tls {
+            if t.client_cert_auth && t.trusted_ca_file.is_none() {
+                return Err(ConfigError(
+                    "--client-cert-auth needs --trusted-ca-file (the CA that client certificates are verified against)".into(),
+                ));
+            }
+        }
         if f.election_timeout < 5 * f.heartbeat_interval {
             return Err(ConfigError(format!(
                 "--election-timeout[{}ms] should be at least as 5 times as --heartbeat-interval[{}ms]",
@@ -333,6 +399,8 @@ impl Config {
                 .into(),
             name: f.name,
             listen_client: bind_addrs("listen-client-urls", &client)?,
+            listen_client_tls,
+            client_tls,
             advertise_client_urls: adv_client,
             listen_peer: bind_addrs("listen-peer-urls", &peer)?,
             advertise_peer_urls: adv_peer,
@@ -434,6 +502,38 @@ mod tests {
         let id = c.initial_member_ids()["default"];
         assert_eq!(format!("{id:x}"), "8e9e05c52164694d");
         assert_eq!(format!("{:x}", cluster_id(&[id])), "cdf818194e3a8c32");
+    }
+
+    #[test]
+    fn client_tls_flags() {
+        let https = "--listen-client-urls=https://127.0.0.1:2379";
+        assert_eq!(
+            parse(&[https]).unwrap_err(),
+            "TLS key/cert (--cert-file, --key-file) must be provided for client url https://127.0.0.1:2379 with HTTPS scheme"
+        );
+        let c = parse(&[
+            https,
+            "--cert-file=s.crt",
+            "--key-file=s.key",
+            "--trusted-ca-file=ca.crt",
+            "--client-cert-auth",
+        ])
+        .unwrap();
+        assert_eq!(c.listen_client_tls, vec![true]);
+        let t = c.client_tls.unwrap();
+        assert!(t.client_cert_auth);
+        assert_eq!(t.trusted_ca_file, Some("ca.crt".into()));
+        assert!(parse(&[
+            https,
+            "--cert-file=s.crt",
+            "--key-file=s.key",
+            "--client-cert-auth"
+        ])
+        .unwrap_err()
+        .contains("--trusted-ca-file"));
+        assert!(parse(&["--client-cert-auth=maybe"]).is_err());
+        // TLS on the peer port is not served yet: refused, not ignored.
+        assert!(parse(&["--listen-peer-urls=https://127.0.0.1:2380"]).is_err());
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub struct Member {
     pub peer_port: u16,
     child: Option<Child>,
     extra: Vec<String>,
+    /// With client TLS: the URLs say https, and readiness is asked with curl and these
+    /// (`--cacert`, `--cert`, `--key`: the same flags for curl and etcdctl).
+    tls_client: Option<Vec<String>>,
 }
 
 /// What a command printed.
@@ -75,7 +78,16 @@ impl Member {
             peer_port: ports[1],
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            tls_client: None,
         }
+    }
+
+    /// A member serving clients over TLS: `extra` has its TLS flags, `client` the flags a
+    /// client passes to be let in (see `tls_client`). Not started.
+    pub fn new_tls(kind: Kind, extra: &[&str], client: &[&str]) -> Self {
+        let mut m = Self::new(kind, extra);
+        m.tls_client = Some(client.iter().map(|s| s.to_string()).collect());
+        m
     }
 
     /// Restores `snapshot` into a new member's data dir with the tool of its kind
@@ -124,7 +136,12 @@ impl Member {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls_client.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// The flags both servers get: exactly what one would pass to etcd.
@@ -204,9 +221,17 @@ impl Member {
                     );
                 }
             }
-            if http_get(self.client_port, "/health")
-                .is_some_and(|b| b.contains(r#""health":"true""#))
-            {
+            let health = match &self.tls_client {
+                None => http_get(self.client_port, "/health"),
+                Some(flags) => Command::new("curl")
+                    .arg("-s")
+                    .args(flags)
+                    .arg(format!("{}/health", self.url()))
+                    .output()
+                    .ok()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned()),
+            };
+            if health.is_some_and(|b| b.contains(r#""health":"true""#)) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));

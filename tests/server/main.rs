@@ -19,3 +19,4 @@ mod members;
 mod peer;
 mod runner;
 mod snapshot;
+mod tls;

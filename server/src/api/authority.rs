@@ -394,6 +394,16 @@ impl tonic::transport::server::Connected for FixAuthority<tokio::net::TcpStream>
     }
 }
 
+impl tonic::transport::server::Connected
+    for FixAuthority<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>
+{
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.get_ref().0.connect_info()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,7 @@ pub mod kv;
 pub mod lease;
 pub mod maintenance;
 pub mod peer;
+mod tls;
 pub mod watch;
 
 use std::future::Future;
@@ -217,27 +218,82 @@ async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener> {
 }
 
 /// Serves gRPC and HTTP on `listener` (registered with the current
-/// runtime) until `stop` turns true.
+/// runtime) until `stop` turns true; over TLS with `tls`.
 async fn serve_listener(
     routes: Routes,
     listener: std::net::TcpListener,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<()> {
     let addr = listener.local_addr().map_err(Error::internal)?;
     let listener = TcpListener::from_std(listener)
         .map_err(|e| Error::Internal(format!("listen tcp {addr}: {e}")))?;
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .map(|conn| conn.map(authority::FixAuthority::new));
-    Server::builder()
+    let server = Server::builder()
         .accept_http1(true)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(7200)))
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, async move {
-            let _ = stop.wait_for(|v| *v).await;
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("client server: {e}")))
+        .add_routes(routes);
+    let mut until = stop.clone();
+    let stopped = async move {
+        let _ = until.wait_for(|v| *v).await;
+    };
+    let result = match tls {
+        None => {
+            let incoming = TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .map(|conn| conn.map(authority::FixAuthority::new));
+            server.serve_with_incoming_shutdown(incoming, stopped).await
+        }
+        Some(config) => {
+            let incoming = tls_incoming(listener, config, stop);
+            server.serve_with_incoming_shutdown(incoming, stopped).await
+        }
+    };
+    result.map_err(|e| Error::Internal(format!("client server: {e}")))
+}
+
+/// Most time a client has to finish its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// TLS connections accepted on `listener`: each handshake runs on its own task (a slow
+/// client holds up no other), and the connection joins the server once it completes.
+fn tls_incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> impl futures::Stream<
+    Item = std::io::Result<
+        authority::FixAuthority<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+    >,
+> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!("accepting a client connection: {e}");
+                        continue;
+                    }
+                },
+                _ = stop.wait_for(|v| *v) => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(authority::FixAuthority::new(stream))).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake: {e}"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// Serves members on every `--listen-peer-urls` address and clients as
@@ -299,21 +355,29 @@ pub async fn serve_clients(
     });
     let mut tasks = Vec::new();
     let routes = client_routes(s.clone());
+    let tls_config = match &s.cfg.client_tls {
+        Some(t) => Some(tls::server_config(t)?),
+        None => None,
+    };
     let mut extra = Vec::new();
-    for addr in s.cfg.listen_client.clone() {
+    for (i, addr) in s.cfg.listen_client.clone().into_iter().enumerate() {
         let listener = bind_shared(addr)?;
-        info!(%addr, threads = s.cfg.client_io_threads, "serving client traffic");
+        let tls = tls_config
+            .clone()
+            .filter(|_| s.cfg.listen_client_tls.get(i).copied().unwrap_or(false));
+        info!(%addr, threads = s.cfg.client_io_threads, tls = tls.is_some(), "serving client traffic");
         tasks.push(tokio::spawn(serve_listener(
             routes.clone(),
             listener,
+            tls.clone(),
             stop_rx.clone(),
         )));
         for _ in 1..s.cfg.client_io_threads {
-            extra.push(bind_shared(addr)?);
+            extra.push((bind_shared(addr)?, tls.clone()));
         }
     }
     let mut threads = Vec::new();
-    for (i, listener) in extra.into_iter().enumerate() {
+    for (i, (listener, tls)) in extra.into_iter().enumerate() {
         let routes = routes.clone();
         let stop = stop_rx.clone();
         let thread = std::thread::Builder::new()
@@ -323,7 +387,7 @@ pub async fn serve_clients(
                     .enable_all()
                     .build()
                     .map_err(Error::internal)?
-                    .block_on(serve_listener(routes, listener, stop))
+                    .block_on(serve_listener(routes, listener, tls, stop))
             })
             .map_err(Error::internal)?;
         threads.push(thread);

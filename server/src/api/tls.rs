@@ -1,0 +1,232 @@
+//! TLS on the client port (`--cert-file`, `--key-file`, `--trusted-ca-file`,
+//! `--client-cert-auth`), with rustls.
+//!
+//! The certificate, its key and the CA bundle are read again at the next
+//! handshake once any of their files changed (resolved path, modification
+//! time, size): Kubernetes updates a mounted Secret by swapping a `..data`
+//! symlink, and etcd re-reads the certificate per handshake too. Open
+//! connections keep the certificates they were made with. A file that does
+//! not load (half written, say) leaves the previous certificates in use.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use parking_lot::Mutex;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use tracing::warn;
+
+use crate::config::ClientTls;
+use crate::error::{Error, Result};
+
+/// What identifies a file's content without reading it.
+type Stamp = Vec<(PathBuf, Option<SystemTime>, u64)>;
+
+fn stamp(paths: &[&Path]) -> Stamp {
+    paths
+        .iter()
+        .map(|p| {
+            let resolved = std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+            let meta = std::fs::metadata(&resolved).ok();
+            (
+                resolved,
+                meta.as_ref().and_then(|m| m.modified().ok()),
+                meta.map_or(0, |m| m.len()),
+            )
+        })
+        .collect()
+}
+
+/// A value loaded from files, loaded again when they change.
+struct Reloading<T> {
+    paths: Vec<PathBuf>,
+    load: fn(&[PathBuf]) -> Result<T>,
+    current: Mutex<(Stamp, Arc<T>)>,
+}
+
+impl<T> Reloading<T> {
+    fn new(paths: Vec<PathBuf>, load: fn(&[PathBuf]) -> Result<T>) -> Result<Self> {
+        let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+        let st = stamp(&refs);
+        let value = load(&paths)?;
+        Ok(Self {
+            paths,
+            load,
+            current: Mutex::new((st, Arc::new(value))),
+        })
+    }
+
+    fn get(&self) -> Arc<T> {
+        let refs: Vec<&Path> = self.paths.iter().map(PathBuf::as_path).collect();
+        let st = stamp(&refs);
+        let mut cur = self.current.lock();
+        if cur.0 != st {
+            match (self.load)(&self.paths) {
+                Ok(v) => *cur = (st, Arc::new(v)),
+                Err(e) => {
+                    warn!(files = ?self.paths, "TLS files changed but do not load, keeping the previous ones: {e}")
+                }
+            }
+        }
+        cur.1.clone()
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|i| i.collect::<std::result::Result<Vec<_>, _>>())
+        .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(Error::Internal(format!(
+            "{}: no certificate in it",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+fn load_key(paths: &[PathBuf]) -> Result<CertifiedKey> {
+    let chain = certs(&paths[0])?;
+    let key = PrivateKeyDer::from_pem_file(&paths[1])
+        .map_err(|e| Error::Internal(format!("{}: {e}", paths[1].display())))?;
+    CertifiedKey::from_der(chain, key, &provider()).map_err(|e| {
+        Error::Internal(format!(
+            "{} and {}: {e}",
+            paths[0].display(),
+            paths[1].display()
+        ))
+    })
+}
+
+/// The server certificate, re-read when its files change.
+#[derive(Debug)]
+struct CertResolver(Reloading<CertifiedKey>);
+
+impl std::fmt::Debug for Reloading<CertifiedKey> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Reloading({:?})", self.paths)
+    }
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.get())
+    }
+}
+
+/// The verifier of client certificates, rebuilt when the CA bundle changes.
+struct ClientVerifier {
+    inner: Reloading<Arc<dyn ClientCertVerifier>>,
+    mandatory: bool,
+}
+
+impl std::fmt::Debug for ClientVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClientVerifier({:?})", self.inner.paths)
+    }
+}
+
+fn load_verifier(paths: &[PathBuf], mandatory: bool) -> Result<Arc<dyn ClientCertVerifier>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(&paths[0])? {
+        roots
+            .add(c)
+            .map_err(|e| Error::Internal(format!("{}: {e}", paths[0].display())))?;
+    }
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+    let builder = if mandatory {
+        builder
+    } else {
+        builder.allow_unauthenticated()
+    };
+    builder
+        .build()
+        .map_err(|e| Error::Internal(format!("{}: {e}", paths[0].display())))
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // The bundle may change under us; clients send their certificate without hints.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> std::result::Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .get()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.get().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.get().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.get().supported_verify_schemes()
+    }
+}
+
+/// The client port's TLS configuration: HTTP/2 and HTTP/1.1 (gRPC, the gateway, /health).
+pub fn server_config(t: &ClientTls) -> Result<Arc<rustls::ServerConfig>> {
+    let resolver = CertResolver(Reloading::new(
+        vec![t.cert_file.clone(), t.key_file.clone()],
+        load_key,
+    )?);
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(Error::internal)?;
+    let builder = match &t.trusted_ca_file {
+        Some(ca) => {
+            let load: fn(&[PathBuf]) -> Result<Arc<dyn ClientCertVerifier>> = if t.client_cert_auth
+            {
+                |p| load_verifier(p, true)
+            } else {
+                |p| load_verifier(p, false)
+            };
+            builder.with_client_cert_verifier(Arc::new(ClientVerifier {
+                inner: Reloading::new(vec![ca.clone()], load)?,
+                mandatory: t.client_cert_auth,
+            }))
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
