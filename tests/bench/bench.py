@@ -5,7 +5,11 @@ flags on the same disk, alternating between them round by round, and prints
 medians and cairn/etcd ratios. With 3 members the tool's connections are
 spread over all members' endpoints, as clients would be.
 
-Usage: bench.py [--rounds N] [--members 1 3] [--only WORKLOAD ...]
+With --tls, both serve clients over TLS with client certificates
+(--cert-file, --key-file, --trusted-ca-file, --client-cert-auth; made here with
+openssl) and the tool connects with them.
+
+Usage: bench.py [--rounds N] [--members 1 3] [--only WORKLOAD ...] [--tls]
 """
 import argparse
 import os
@@ -13,6 +17,7 @@ import platform
 import re
 import shutil
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -44,30 +49,61 @@ def free_port():
         return s.getsockname()[1]
 
 
-class Cluster:
-    """n members on loopback, bootstrapped together."""
+def make_certs(base):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate; their paths."""
+    d = os.path.join(base, "tls")
+    os.makedirs(d, exist_ok=True)
+    run = lambda *a: subprocess.run(["openssl", *a], cwd=d, check=True, capture_output=True)
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", "ca.key",
+        "-out", "ca.crt", "-subj", "/CN=bench-ca")
+    for name, ext in [("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
+                      ("client", "extendedKeyUsage=clientAuth\n")]:
+        with open(os.path.join(d, f"{name}.ext"), "w") as f:
+            f.write(ext)
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={name}")
+        run("x509", "-req", "-days", "2", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-set_serial", "1" if name == "server" else "2", "-extfile", f"{name}.ext",
+            "-out", f"{name}.crt")
+    return {k: os.path.join(d, f) for k, f in
+            [("ca", "ca.crt"), ("cert", "server.crt"), ("key", "server.key"),
+             ("client_cert", "client.crt"), ("client_key", "client.key")]}
 
-    def __init__(self, kind, base, n):
+
+class Cluster:
+    """n members on loopback, bootstrapped together; clients over TLS with `tls` (make_certs)."""
+
+    def __init__(self, kind, base, n, tls=None):
         self.kind = kind
+        self.tls = tls
         self.dir = tempfile.mkdtemp(prefix=f"{kind}-", dir=base)
         ports = [(free_port(), free_port()) for _ in range(n)]
         self.ports = [c for c, _ in ports]
         initial = ",".join(f"m{i}=http://127.0.0.1:{p}" for i, (_, p) in enumerate(ports))
         self.procs, self.logs = [], []
+        scheme = "https" if tls else "http"
         for i, (cport, pport) in enumerate(ports):
-            url, purl = f"http://127.0.0.1:{cport}", f"http://127.0.0.1:{pport}"
+            url, purl = f"{scheme}://127.0.0.1:{cport}", f"http://127.0.0.1:{pport}"
             flags = ["--name", f"m{i}", "--data-dir", os.path.join(self.dir, f"m{i}"),
                      "--listen-client-urls", url, "--advertise-client-urls", url,
                      "--listen-peer-urls", purl, "--initial-advertise-peer-urls", purl,
                      "--initial-cluster", initial, "--logger", "zap", "--log-level", "error"]
+            if tls:
+                flags += ["--cert-file", tls["cert"], "--key-file", tls["key"],
+                          "--trusted-ca-file", tls["ca"], "--client-cert-auth"]
             log = open(os.path.join(self.dir, f"m{i}.log"), "w")
             self.logs.append(log)
             self.procs.append(subprocess.Popen([SERVERS[kind]] + flags, stdout=log, stderr=subprocess.STDOUT))
+        context = None
+        if tls:
+            context = ssl.create_default_context(cafile=tls["ca"])
+            context.load_cert_chain(tls["client_cert"], tls["client_key"])
         deadline = time.time() + 30
         for port in self.ports:
             while True:
                 try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                    with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health", timeout=1,
+                                                context=context) as r:
                         if b'"health":"true"' in r.read():
                             break
                 except OSError:
@@ -78,6 +114,13 @@ class Cluster:
 
     def endpoints(self):
         return ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def client_flags(self):
+        """What etcdctl and the benchmark tool need to connect (the same flag names)."""
+        if not self.tls:
+            return []
+        return ["--cacert", self.tls["ca"], "--cert", self.tls["client_cert"],
+                "--key", self.tls["client_key"]]
 
     def stop(self):
         for p in self.procs:
@@ -103,34 +146,38 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--members", nargs="*", type=int, default=[1, 3])
+    ap.add_argument("--tls", action="store_true")
     opts = ap.parse_args()
     base = os.path.expanduser("~/.cache/cairn-bench")
     os.makedirs(base, exist_ok=True)
+    tls = make_certs(base) if opts.tls else None
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     print(f"machine: {os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}; "
           f"data on {subprocess.run(['df', '--output=source', base], capture_output=True, text=True).stdout.split()[-1]}")
     print(f"etcd: {subprocess.run(['etcd', '--version'], capture_output=True, text=True).stdout.splitlines()[0]}; "
-          f"rounds: {opts.rounds} (fresh servers each run, order alternating), medians shown\n")
+          f"rounds: {opts.rounds} (fresh servers each run, order alternating), medians shown"
+          f"{'; clients over TLS with client certificates' if tls else ''}\n")
     for members in opts.members:
         print(f"{members} member{'s' if members > 1 else ''}:")
         for name, (gargs, args) in WORKLOADS.items():
             if opts.only and not any(o in name for o in opts.only):
                 continue
-            bench(name, gargs, args, members, opts.rounds, base)
+            bench(name, gargs, args, members, opts.rounds, base, tls)
     return 0
 
 
-def bench(name, gargs, args, members, rounds, base):
+def bench(name, gargs, args, members, rounds, base, tls):
         results = {"etcd": [], "cairn": []}
         for r in range(rounds):
             order = ["etcd", "cairn"] if r % 2 == 0 else ["cairn", "etcd"]
             for kind in order:
-                c = Cluster(kind, base, members)
+                c = Cluster(kind, base, members, tls)
                 try:
                     if args[0] == "range":
-                        subprocess.run(["etcdctl", "--endpoints", c.endpoints(), "put", "bench-key", "v" * 256],
+                        subprocess.run(["etcdctl", "--endpoints", c.endpoints(), *c.client_flags(),
+                                        "put", "bench-key", "v" * 256],
                                        env=dict(os.environ, ETCDCTL_API="3"), check=True, capture_output=True)
-                    results[kind].append(run_benchmark(c.endpoints(), gargs, args))
+                    results[kind].append(run_benchmark(c.endpoints(), gargs + c.client_flags(), args))
                 finally:
                     c.stop()
         med = {k: tuple(statistics.median(x[i] for x in v) for i in range(3)) for k, v in results.items()}
