@@ -127,6 +127,10 @@ pub struct Flags {
     #[arg(long, env = "ETCD_CLIENT_CERT_AUTH", default_value = "false", num_args = 0..=1,
           default_missing_value = "true", value_parser = parse_go_bool)]
     pub client_cert_auth: bool,
+    /// Comma-separated list of supported TLS cipher suites between client/server and peers
+    /// (empty: Go's defaults).
+    #[arg(long, env = "ETCD_CIPHER_SUITES", default_value = "")]
+    pub cipher_suites: String,
 }
 
 /// Go's `strconv.ParseBool`, as etcd's boolean flags take it.
@@ -218,6 +222,9 @@ pub struct ClientTls {
     pub trusted_ca_file: Option<std::path::PathBuf>,
     /// A client certificate is required.
     pub client_cert_auth: bool,
+    /// `--cipher-suites`: Go's names of the TLS 1.2 cipher suites allowed (empty: all that
+    /// rustls has; TLS 1.3's are not chosen, as in Go).
+    pub cipher_suites: Vec<String>,
 }
 
 /// What auto compaction keeps.
@@ -367,6 +374,13 @@ impl Config {
                 key_file,
                 trusted_ca_file: path(&f.trusted_ca_file),
                 client_cert_auth: f.client_cert_auth,
+                cipher_suites: f
+                    .cipher_suites
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .map(String::from)
+                    .collect(),
             }),
             _ => None,
         };

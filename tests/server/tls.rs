@@ -368,3 +368,47 @@ fn certificates_replaced_on_disk_are_used_for_the_next_handshake() {
         "v\n[ok]"
     );
 }
+
+/// A bad TLS setting stops the member before it starts, with the reason (as etcd does).
+#[test]
+fn bad_tls_settings_stop_the_member_at_start() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str]| {
+        let out = Command::new(Kind::Cairn.binary())
+            .args(["--data-dir", &dir.path().join("d").display().to_string()])
+            .args([
+                "--listen-client-urls",
+                "https://127.0.0.1:0",
+                "--advertise-client-urls",
+                "https://127.0.0.1:2379",
+                "--listen-peer-urls",
+                "http://127.0.0.1:0",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let cert = pki.path("server.crt");
+    let key = pki.path("server.key");
+    let (ok, err) = run(&[
+        "--cert-file",
+        &cert,
+        "--key-file",
+        &key,
+        "--cipher-suites",
+        "TLS_RSA_WITH_RC4_128_SHA",
+    ]);
+    assert!(!ok && err.contains("unexpected TLS cipher suite"), "{err}");
+    let (ok, err) = run(&["--cert-file", "/nonexistent.crt", "--key-file", &key]);
+    assert!(!ok && err.contains("/nonexistent.crt"), "{err}");
+    let (ok, err) = run(&[]);
+    assert!(
+        !ok && err.contains("must be provided for client url"),
+        "{err}"
+    );
+}

@@ -296,6 +296,15 @@ fn tls_incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+/// Loads the client port's TLS configuration once, so that a missing or bad certificate file
+/// or an unknown `--cipher-suites` name stops the member before it starts, as etcd does.
+pub fn check_tls(cfg: &crate::config::Config) -> Result<()> {
+    match &cfg.client_tls {
+        Some(t) => tls::server_config(t).map(|_| ()),
+        None => Ok(()),
+    }
+}
+
 /// Serves members on every `--listen-peer-urls` address and clients as
 /// [`serve_clients`] does, until `shutdown`.
 pub async fn serve(

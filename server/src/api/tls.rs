@@ -82,6 +82,51 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
+/// Go's names of TLS 1.2 cipher suites (etcd's `--cipher-suites`) that rustls has.
+fn tls12_suite(name: &str) -> Option<rustls::SupportedCipherSuite> {
+    use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+    Some(match name {
+        "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256" => cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384" => cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305"
+        | "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256" => {
+            cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+        }
+        "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256" => cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384" => cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305" | "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256" => {
+            cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256
+        }
+        _ => return None,
+    })
+}
+
+/// The crypto provider with `--cipher-suites`: the TLS 1.3 suites (Go does not let them be
+/// chosen either) and the TLS 1.2 ones named. A name etcd knows but rustls does not have
+/// (CBC, RSA key exchange, RC4, 3DES) is refused, as is an unknown one.
+fn provider_with(suites: &[String]) -> Result<Arc<rustls::crypto::CryptoProvider>> {
+    if suites.is_empty() {
+        return Ok(provider());
+    }
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    let mut chosen: Vec<rustls::SupportedCipherSuite> = p
+        .cipher_suites
+        .iter()
+        .copied()
+        .filter(|s| s.version() == &rustls::version::TLS13)
+        .collect();
+    for name in suites {
+        let suite = tls12_suite(name).ok_or_else(|| {
+            Error::Internal(format!(
+                "unexpected TLS cipher suite {name:?} (cairn has the ECDHE suites with AES-GCM or ChaCha20-Poly1305)"
+            ))
+        })?;
+        chosen.push(suite);
+    }
+    p.cipher_suites = chosen;
+    Ok(Arc::new(p))
+}
+
 fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|i| i.collect::<std::result::Result<Vec<_>, _>>())
@@ -208,7 +253,7 @@ pub fn server_config(t: &ClientTls) -> Result<Arc<rustls::ServerConfig>> {
         vec![t.cert_file.clone(), t.key_file.clone()],
         load_key,
     )?);
-    let builder = rustls::ServerConfig::builder_with_provider(provider())
+    let builder = rustls::ServerConfig::builder_with_provider(provider_with(&t.cipher_suites)?)
         .with_safe_default_protocol_versions()
         .map_err(Error::internal)?;
     let builder = match &t.trusted_ca_file {
@@ -229,4 +274,36 @@ pub fn server_config(t: &ClientTls) -> Result<Arc<rustls::ServerConfig>> {
     let mut config = builder.with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cipher_suites_by_go_name() {
+        let p = provider_with(&["TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384".into()]).unwrap();
+        let tls12: Vec<_> = p
+            .cipher_suites
+            .iter()
+            .filter(|s| s.version() == &rustls::version::TLS12)
+            .map(|s| s.suite())
+            .collect();
+        assert_eq!(
+            tls12,
+            vec![rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384]
+        );
+        assert!(p
+            .cipher_suites
+            .iter()
+            .any(|s| s.version() == &rustls::version::TLS13));
+        for bad in ["TLS_RSA_WITH_AES_128_CBC_SHA", "NOT_A_SUITE"] {
+            let e = provider_with(&[bad.into()]).unwrap_err().to_string();
+            assert!(e.contains("unexpected TLS cipher suite"), "{e}");
+        }
+        assert_eq!(
+            provider_with(&[]).unwrap().cipher_suites.len(),
+            provider().cipher_suites.len()
+        );
+    }
 }
