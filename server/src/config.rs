@@ -127,6 +127,19 @@ pub struct Flags {
     #[arg(long, env = "ETCD_CLIENT_CERT_AUTH", default_value = "false", num_args = 0..=1,
           default_missing_value = "true", value_parser = parse_go_bool)]
     pub client_cert_auth: bool,
+    /// Path to the peer server TLS cert file.
+    #[arg(long, env = "ETCD_PEER_CERT_FILE", default_value = "")]
+    pub peer_cert_file: String,
+    /// Path to the peer server TLS key file.
+    #[arg(long, env = "ETCD_PEER_KEY_FILE", default_value = "")]
+    pub peer_key_file: String,
+    /// Path to the peer server TLS trusted CA file.
+    #[arg(long, env = "ETCD_PEER_TRUSTED_CA_FILE", default_value = "")]
+    pub peer_trusted_ca_file: String,
+    /// Enable peer client cert authentication.
+    #[arg(long, env = "ETCD_PEER_CLIENT_CERT_AUTH", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", value_parser = parse_go_bool)]
+    pub peer_client_cert_auth: bool,
     /// Comma-separated list of supported TLS cipher suites between client/server and peers
     /// (empty: Go's defaults).
     #[arg(long, env = "ETCD_CIPHER_SUITES", default_value = "")]
@@ -210,12 +223,18 @@ pub struct Config {
     /// Which `listen_client` addresses serve TLS (an `https://` URL).
     pub listen_client_tls: Vec<bool>,
     /// The client port's TLS files, when any client URL is `https://`.
-    pub client_tls: Option<ClientTls>,
+    pub client_tls: Option<TlsFiles>,
+    /// Which `listen_peer` addresses serve TLS.
+    pub listen_peer_tls: Vec<bool>,
+    /// The peer port's TLS files (`--peer-*`): served on `https://` peer URLs and presented
+    /// when calling other members.
+    pub peer_tls: Option<TlsFiles>,
 }
 
-/// `--cert-file`, `--key-file`, `--trusted-ca-file`, `--client-cert-auth`.
+/// The TLS files of a port: `--cert-file`, `--key-file`, `--trusted-ca-file`,
+/// `--client-cert-auth` (or the `--peer-*` ones).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClientTls {
+pub struct TlsFiles {
     pub cert_file: std::path::PathBuf,
     pub key_file: std::path::PathBuf,
     /// Client certificates are verified against it when they are sent.
@@ -265,8 +284,8 @@ fn parse_auto_compaction(
 pub struct ConfigError(pub String);
 
 fn split_urls(flag: &str, s: &str) -> Result<Vec<Url>, ConfigError> {
-    // TLS is served on the client port; the peer port and metrics do not have it yet.
-    let https = matches!(flag, "listen-client-urls" | "advertise-client-urls");
+    // TLS is served on the client and peer ports; metrics do not have it yet.
+    let https = flag != "listen-metrics-urls";
     s.split(',')
         .filter(|u| !u.trim().is_empty())
         .map(|u| {
@@ -367,23 +386,37 @@ impl Config {
             )));
         }
         let listen_client_tls: Vec<bool> = client.iter().map(|u| u.scheme() == "https").collect();
+        let listen_peer_tls: Vec<bool> = peer.iter().map(|u| u.scheme() == "https").collect();
         let path = |s: &str| (!s.is_empty()).then(|| std::path::PathBuf::from(s));
-        let client_tls = match (path(&f.cert_file), path(&f.key_file)) {
-            (Some(cert_file), Some(key_file)) => Some(ClientTls {
+        let suites: Vec<String> = f
+            .cipher_suites
+            .split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(String::from)
+            .collect();
+        let files = |cert: &str, key: &str, ca: &str, auth: bool| match (path(cert), path(key)) {
+            (Some(cert_file), Some(key_file)) => Some(TlsFiles {
                 cert_file,
                 key_file,
-                trusted_ca_file: path(&f.trusted_ca_file),
-                client_cert_auth: f.client_cert_auth,
-                cipher_suites: f
-                    .cipher_suites
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|c| !c.is_empty())
-                    .map(String::from)
-                    .collect(),
+                trusted_ca_file: path(ca),
+                client_cert_auth: auth,
+                cipher_suites: suites.clone(),
             }),
             _ => None,
         };
+        let client_tls = files(
+            &f.cert_file,
+            &f.key_file,
+            &f.trusted_ca_file,
+            f.client_cert_auth,
+        );
+        let peer_tls = files(
+            &f.peer_cert_file,
+            &f.peer_key_file,
+            &f.peer_trusted_ca_file,
+            f.peer_client_cert_auth,
+        );
         if let Some(u) = client.iter().find(|u| u.scheme() == "https") {
             if client_tls.is_none() {
                 return Err(ConfigError(format!(
@@ -392,11 +425,27 @@ impl Config {
                 )));
             }
         }
-        if let Some(t) = &client_tls {
-            if t.client_cert_auth && t.trusted_ca_file.is_none() {
-                return Err(ConfigError(
-                    "--client-cert-auth needs --trusted-ca-file (the CA that client certificates are verified against)".into(),
-                ));
+        if let Some(u) = peer.iter().find(|u| u.scheme() == "https") {
+            if peer_tls.is_none() {
+                return Err(ConfigError(format!(
+                    "TLS key/cert (--peer-cert-file, --peer-key-file) must be provided for peer url {} with HTTPS scheme",
+                    url_string(u)
+                )));
+            }
+        }
+        for (t, flag) in [
+            (&client_tls, "--client-cert-auth needs --trusted-ca-file"),
+            (
+                &peer_tls,
+                "--peer-client-cert-auth needs --peer-trusted-ca-file",
+            ),
+        ] {
+            if t.as_ref()
+                .is_some_and(|t| t.client_cert_auth && t.trusted_ca_file.is_none())
+            {
+                return Err(ConfigError(format!(
+                    "{flag} (the CA that client certificates are verified against)"
+                )));
             }
         }
         if f.election_timeout < 5 * f.heartbeat_interval {
@@ -415,6 +464,8 @@ impl Config {
             listen_client: bind_addrs("listen-client-urls", &client)?,
             listen_client_tls,
             client_tls,
+            listen_peer_tls,
+            peer_tls,
             advertise_client_urls: adv_client,
             listen_peer: bind_addrs("listen-peer-urls", &peer)?,
             advertise_peer_urls: adv_peer,
@@ -546,8 +597,15 @@ mod tests {
         .unwrap_err()
         .contains("--trusted-ca-file"));
         assert!(parse(&["--client-cert-auth=maybe"]).is_err());
-        // TLS on the peer port is not served yet: refused, not ignored.
-        assert!(parse(&["--listen-peer-urls=https://127.0.0.1:2380"]).is_err());
+        let peer = "--listen-peer-urls=https://127.0.0.1:2380";
+        assert!(parse(&[peer])
+            .unwrap_err()
+            .contains("(--peer-cert-file, --peer-key-file) must be provided for peer url"));
+        let c = parse(&[peer, "--peer-cert-file=p.crt", "--peer-key-file=p.key"]).unwrap();
+        assert_eq!(c.listen_peer_tls, vec![true]);
+        assert!(c.peer_tls.is_some() && c.client_tls.is_none());
+        // Metrics have no TLS yet: refused, not ignored.
+        assert!(parse(&["--listen-metrics-urls=https://127.0.0.1:2381"]).is_err());
     }
 
     #[test]

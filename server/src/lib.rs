@@ -20,6 +20,7 @@ pub mod server;
 pub mod snapshot;
 pub mod snapshot_cmd;
 pub mod storage;
+pub mod tls;
 pub mod watch;
 
 pub use config::{Config, Flags};

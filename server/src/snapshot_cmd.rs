@@ -150,7 +150,7 @@ pub async fn save(endpoint: &str, file: &Path) -> Result<String> {
     } else {
         format!("http://{}", endpoints[0])
     };
-    let channel = crate::raft::connect(&url)?;
+    let channel = crate::raft::connect(&url, None)?;
     let mut client = MaintenanceClient::new(channel).max_decoding_message_size(usize::MAX);
     let mut stream = client
         .snapshot(SnapshotRequest {})

@@ -412,3 +412,131 @@ fn bad_tls_settings_stop_the_member_at_start() {
         "{err}"
     );
 }
+
+/// Asks the membership of the member at `url` over peer TLS with `cert`/`key`.
+async fn members_over_peer_tls(
+    url: &str,
+    pki: &Pki,
+    cert: &str,
+    key: &str,
+) -> Result<usize, String> {
+    let files = cairn::config::TlsFiles {
+        cert_file: pki.path(cert).into(),
+        key_file: pki.path(key).into(),
+        trusted_ca_file: Some(pki.path("ca.crt").into()),
+        client_cert_auth: false,
+        cipher_suites: vec![],
+    };
+    let tls = cairn::tls::client_config(&files).map_err(|e| e.to_string())?;
+    let channel = cairn::raft::connect(url, Some(&tls)).map_err(|e| e.to_string())?;
+    let mut client = cairn::proto::peerpb::peer_client::PeerClient::new(channel);
+    let call = client.members(cairn::proto::peerpb::MembersRequest { id: 0 });
+    match tokio::time::timeout(Duration::from_secs(5), call).await {
+        Ok(Ok(r)) => Ok(r.into_inner().members.len()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}
+
+/// Three members talking to each other over mutual TLS (`--peer-*`): writes replicate, a
+/// member killed and restarted catches up over TLS, and a peer presenting a certificate of
+/// another CA is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_talk_over_mutual_tls() {
+    let pki = Pki::new();
+    signed(pki.dir.path(), "other-ca", "foreign", "server");
+    let ports: Vec<(u16, u16)> = (0..3)
+        .map(|_| {
+            let p = crate::ports::free_ports(2);
+            (p[0], p[1])
+        })
+        .collect();
+    let initial: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (_, p))| format!("m{i}=https://127.0.0.1:{p}"))
+        .collect();
+    let initial = initial.join(",");
+    let dir = tempfile::tempdir().unwrap();
+    let start = |i: usize| {
+        let (c, p) = ports[i];
+        let log = std::fs::File::create(dir.path().join(format!("m{i}.log"))).unwrap();
+        Command::new(Kind::Cairn.binary())
+            .args(["--name", &format!("m{i}")])
+            .args([
+                "--data-dir",
+                &dir.path().join(format!("m{i}")).display().to_string(),
+            ])
+            .args(["--listen-client-urls", &format!("http://127.0.0.1:{c}")])
+            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{c}")])
+            .args(["--listen-peer-urls", &format!("https://127.0.0.1:{p}")])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("https://127.0.0.1:{p}"),
+            ])
+            .args(["--initial-cluster", &initial])
+            .args(["--peer-cert-file", &pki.path("server.crt")])
+            .args(["--peer-key-file", &pki.path("server.key")])
+            .args(["--peer-trusted-ca-file", &pki.path("ca.crt")])
+            .arg("--peer-client-cert-auth")
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    };
+    let mut procs: Vec<std::process::Child> = (0..3).map(start).collect();
+    let client = |i: usize| {
+        let url = format!("http://127.0.0.1:{}", ports[i].0);
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Ok(mut c) = etcd_client::Client::connect([url.clone()], None).await {
+                    if c.put("probe", "x", None).await.is_ok() {
+                        return c;
+                    }
+                }
+                assert!(Instant::now() < deadline, "{url} never took a write");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let logs = || {
+        (0..3)
+            .map(|i| {
+                std::fs::read_to_string(dir.path().join(format!("m{i}.log"))).unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    };
+    let mut c0 = client(0).await;
+    c0.put("a", "1", None).await.unwrap();
+    let mut c2 = client(2).await;
+    let r = c2.get("a", None).await.unwrap();
+    assert_eq!(r.kvs()[0].value(), b"1", "{}", logs());
+    // A member killed, a write without it, the member back: it catches up over TLS.
+    let _ = procs[1].kill();
+    let _ = procs[1].wait();
+    c0.put("b", "2", None).await.unwrap();
+    procs[1] = start(1);
+    let mut c1 = client(1).await;
+    let r = c1.get("b", None).await.unwrap();
+    assert_eq!(r.kvs()[0].value(), b"2", "{}", logs());
+    // The peer port: this CA's certificate is let in, another CA's is refused.
+    let url = format!("https://127.0.0.1:{}", ports[0].1);
+    assert_eq!(
+        members_over_peer_tls(&url, &pki, "client.crt", "client.key").await,
+        Ok(3)
+    );
+    let refused = members_over_peer_tls(&url, &pki, "stranger.crt", "stranger.key").await;
+    assert!(refused.is_err(), "{refused:?}");
+    // And a member must present a certificate at all.
+    let plain = cairn::raft::connect(&url.replace("https", "http"), None).unwrap();
+    let mut pc = cairn::proto::peerpb::peer_client::PeerClient::new(plain);
+    assert!(pc
+        .members(cairn::proto::peerpb::MembersRequest { id: 0 })
+        .await
+        .is_err());
+    for mut p in procs {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+}

@@ -10,7 +10,7 @@ pub mod kv;
 pub mod lease;
 pub mod maintenance;
 pub mod peer;
-mod tls;
+
 pub mod watch;
 
 use std::future::Future;
@@ -299,10 +299,14 @@ fn tls_incoming(
 /// Loads the client port's TLS configuration once, so that a missing or bad certificate file
 /// or an unknown `--cipher-suites` name stops the member before it starts, as etcd does.
 pub fn check_tls(cfg: &crate::config::Config) -> Result<()> {
-    match &cfg.client_tls {
-        Some(t) => tls::server_config(t).map(|_| ()),
-        None => Ok(()),
+    if let Some(t) = &cfg.client_tls {
+        crate::tls::server_config(t)?;
     }
+    if let Some(t) = &cfg.peer_tls {
+        crate::tls::server_config(t)?;
+        crate::tls::client_config(t)?;
+    }
+    Ok(())
 }
 
 /// Serves members on every `--listen-peer-urls` address and clients as
@@ -313,25 +317,41 @@ pub async fn serve(
 ) -> Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut peers = Vec::new();
-    for addr in s.cfg.listen_peer.clone() {
+    let peer_tls = match &s.cfg.peer_tls {
+        Some(t) => Some(crate::tls::server_config(t)?),
+        None => None,
+    };
+    for (i, addr) in s.cfg.listen_peer.clone().into_iter().enumerate() {
         let listener = bind(addr).await?;
-        info!(%addr, "serving peer traffic");
+        let tls = peer_tls
+            .clone()
+            .filter(|_| s.cfg.listen_peer_tls.get(i).copied().unwrap_or(false));
+        info!(%addr, tls = tls.is_some(), "serving peer traffic");
         let svc =
             crate::proto::peerpb::peer_server::PeerServer::new(peer::PeerService::new(s.clone()))
                 .max_decoding_message_size(crate::raft::MAX_PEER_MESSAGE)
                 .max_encoding_message_size(crate::raft::MAX_PEER_MESSAGE);
         let mut stop = stop_rx.clone();
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let stopping = stop_rx.clone();
         peers.push(tokio::spawn(async move {
-            Server::builder()
+            let server = Server::builder()
                 .initial_stream_window_size(Some(8 << 20))
                 .initial_connection_window_size(Some(32 << 20))
-                .add_service(svc)
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = stop.wait_for(|v| *v).await;
-                })
-                .await
-                .map_err(|e| Error::Internal(format!("peer server: {e}")))
+                .add_service(svc);
+            let stopped = async move {
+                let _ = stop.wait_for(|v| *v).await;
+            };
+            let result = match tls {
+                None => {
+                    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                    server.serve_with_incoming_shutdown(incoming, stopped).await
+                }
+                Some(config) => {
+                    let incoming = tls_incoming(listener, config, stopping);
+                    server.serve_with_incoming_shutdown(incoming, stopped).await
+                }
+            };
+            result.map_err(|e| Error::Internal(format!("peer server: {e}")))
         }));
     }
     // As etcd: clients are served once this member is part of the cluster
@@ -365,7 +385,7 @@ pub async fn serve_clients(
     let mut tasks = Vec::new();
     let routes = client_routes(s.clone());
     let tls_config = match &s.cfg.client_tls {
-        Some(t) => Some(tls::server_config(t)?),
+        Some(t) => Some(crate::tls::server_config(t)?),
         None => None,
     };
     let mut extra = Vec::new();

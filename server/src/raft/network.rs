@@ -49,11 +49,20 @@ pub struct Peers {
     last_ok: Mutex<HashMap<u64, std::time::Instant>>,
     /// Set when a peer says this member was removed from the cluster.
     pub removed: std::sync::atomic::AtomicBool,
+    /// TLS towards `https://` peer URLs (`--peer-*`).
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Peers {
-    pub fn new(cluster_id: u64, member_id: u64) -> Arc<Self> {
-        let p = Self::default();
+    pub fn new(
+        cluster_id: u64,
+        member_id: u64,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Arc<Self> {
+        let p = Self {
+            tls,
+            ..Self::default()
+        };
         p.cluster_id.store(cluster_id, Ordering::Relaxed);
         p.member_id.store(member_id, Ordering::Relaxed);
         Arc::new(p)
@@ -71,7 +80,7 @@ impl Peers {
                 return Ok(Self::wrap(ch.clone()));
             }
         }
-        let ch = connect(url)?;
+        let ch = self.connect(url)?;
         channels.insert(id, (url.clone(), ch.clone()));
         Ok(Self::wrap(ch))
     }
@@ -80,6 +89,11 @@ impl Peers {
         PeerClient::new(ch)
             .max_decoding_message_size(MAX_PEER_MESSAGE)
             .max_encoding_message_size(MAX_PEER_MESSAGE)
+    }
+
+    /// A channel to a peer URL, over TLS for an `https://` one.
+    pub fn connect(&self, url: &str) -> Result<Channel> {
+        connect(url, self.tls.as_ref())
     }
 
     /// Whether member `id` answered a Raft RPC within `within`.
@@ -120,18 +134,57 @@ impl Peers {
     }
 }
 
-/// A lazily connected channel to a peer URL.
-pub fn connect(url: &str) -> Result<Channel> {
-    Ok(Endpoint::from_shared(url.to_string())
-        .map_err(|e| Error::Internal(format!("bad peer URL {url}: {e}")))?
+/// A lazily connected channel to a peer URL; over TLS with `tls` for an `https://` URL.
+pub fn connect(url: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> Result<Channel> {
+    let bad = |e: &dyn std::fmt::Display| Error::Internal(format!("bad peer URL {url}: {e}"));
+    let secure = url.starts_with("https://");
+    // tonic without its own TLS refuses https URIs: the channel is named http://, and the
+    // connector below does the TLS.
+    let named = if secure {
+        url.replacen("https://", "http://", 1)
+    } else {
+        url.to_string()
+    };
+    let endpoint = Endpoint::from_shared(named)
+        .map_err(|e| bad(&e))?
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true)
         .initial_stream_window_size(8 << 20)
-        .initial_connection_window_size(32 << 20)
-        .connect_lazy())
+        .initial_connection_window_size(32 << 20);
+    if !secure {
+        return Ok(endpoint.connect_lazy());
+    }
+    let Some(config) = tls.cloned() else {
+        return Err(Error::Internal(format!(
+            "peer URL {url}: TLS between members needs --peer-cert-file, --peer-key-file and --peer-trusted-ca-file"
+        )));
+    };
+    let parsed = url::Url::parse(url).map_err(|e| bad(&e))?;
+    let host = parsed
+        .host_str()
+        .ok_or_else(|| bad(&"no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = parsed.port_or_known_default().unwrap_or(2380);
+    let name = rustls::pki_types::ServerName::try_from(host.clone())
+        .map_err(|e| bad(&e))?
+        .to_owned();
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let (config, host, name) = (config.clone(), host.clone(), name.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    Ok(endpoint.connect_with_connector_lazy(connector))
 }
 
 /// Creates openraft's per-peer clients.

@@ -15,6 +15,10 @@ use crate::storage::Identity;
 pub(super) async fn discover(cfg: &Config) -> Result<Identity> {
     let mut mine = cfg.advertise_peer_urls.clone();
     mine.sort();
+    let tls = match &cfg.peer_tls {
+        Some(t) => Some(crate::tls::client_config(t)?),
+        None => None,
+    };
     let mut last = String::from("no other member in --initial-cluster");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while tokio::time::Instant::now() < deadline {
@@ -23,7 +27,7 @@ pub(super) async fn discover(cfg: &Config) -> Result<Identity> {
                 continue;
             }
             for url in urls {
-                let mut client = PeerClient::new(crate::raft::connect(url)?);
+                let mut client = PeerClient::new(crate::raft::connect(url, tls.as_ref())?);
                 let call = client.members(MembersRequest { id: 0 });
                 let resp = match tokio::time::timeout(Duration::from_secs(2), call).await {
                     Ok(Ok(r)) => r.into_inner(),

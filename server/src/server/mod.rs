@@ -108,7 +108,11 @@ impl EtcdServer {
                 id
             }
         };
-        let peers = Peers::new(identity.cluster_id, identity.member_id);
+        let peer_tls = match &cfg.peer_tls {
+            Some(t) => Some(crate::tls::client_config(t)?),
+            None => None,
+        };
+        let peers = Peers::new(identity.cluster_id, identity.member_id, peer_tls);
         let metrics = Metrics::default();
         let state = Arc::new(KvState::open(
             engine.clone(),

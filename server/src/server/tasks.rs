@@ -195,7 +195,7 @@ pub(super) async fn watch_removal(server: std::sync::Weak<EtcdServer>) {
         urls.sort();
         urls.dedup();
         for url in urls {
-            let Ok(ch) = crate::raft::connect(&url) else {
+            let Ok(ch) = s.peers.connect(&url) else {
                 continue;
             };
             let mut client = PeerClient::new(ch);

@@ -1,5 +1,8 @@
-//! TLS on the client port (`--cert-file`, `--key-file`, `--trusted-ca-file`,
-//! `--client-cert-auth`), with rustls.
+//! TLS with rustls: the client port's server side (`--cert-file`, `--key-file`,
+//! `--trusted-ca-file`, `--client-cert-auth`, `--cipher-suites`) and the peer
+//! port's both sides (the `--peer-*` flags: a member presents its peer
+//! certificate as a client too, and verifies the members it calls against the
+//! peer CA bundle).
 //!
 //! The certificate, its key and the CA bundle are read again at the next
 //! handshake once any of their files changed (resolved path, modification
@@ -22,7 +25,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tracing::warn;
 
-use crate::config::ClientTls;
+use crate::config::TlsFiles;
 use crate::error::{Error, Result};
 
 /// What identifies a file's content without reading it.
@@ -247,8 +250,107 @@ impl ClientCertVerifier for ClientVerifier {
     }
 }
 
+/// This member's certificate as a client of other members, re-read when its files change.
+#[derive(Debug)]
+struct ClientCert(Reloading<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for ClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.get())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The verifier of the members this one calls, rebuilt when the CA bundle changes.
+struct ServerVerifier(Reloading<Arc<rustls::client::WebPkiServerVerifier>>);
+
+impl std::fmt::Debug for ServerVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ServerVerifier({:?})", self.0.paths)
+    }
+}
+
+fn load_server_verifier(paths: &[PathBuf]) -> Result<Arc<rustls::client::WebPkiServerVerifier>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(&paths[0])? {
+        roots
+            .add(c)
+            .map_err(|e| Error::Internal(format!("{}: {e}", paths[0].display())))?;
+    }
+    rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| Error::Internal(format!("{}: {e}", paths[0].display())))
+}
+
+impl rustls::client::danger::ServerCertVerifier for ServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.0
+            .get()
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.get().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.get().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.get().supported_verify_schemes()
+    }
+}
+
+/// How this member calls others over TLS (`--peer-*`): it checks them against the peer CA
+/// bundle and presents its peer certificate, both re-read when their files change.
+pub fn client_config(t: &TlsFiles) -> Result<Arc<rustls::ClientConfig>> {
+    let ca = t.trusted_ca_file.clone().ok_or_else(|| {
+        Error::Internal(
+            "TLS between members needs --peer-trusted-ca-file (the CA that members' certificates are verified against)".into(),
+        )
+    })?;
+    let verifier = ServerVerifier(Reloading::new(vec![ca], load_server_verifier)?);
+    let cert = ClientCert(Reloading::new(
+        vec![t.cert_file.clone(), t.key_file.clone()],
+        load_key,
+    )?);
+    let mut config = rustls::ClientConfig::builder_with_provider(provider_with(&t.cipher_suites)?)
+        .with_safe_default_protocol_versions()
+        .map_err(Error::internal)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(Arc::new(cert));
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// The client port's TLS configuration: HTTP/2 and HTTP/1.1 (gRPC, the gateway, /health).
-pub fn server_config(t: &ClientTls) -> Result<Arc<rustls::ServerConfig>> {
+pub fn server_config(t: &TlsFiles) -> Result<Arc<rustls::ServerConfig>> {
     let resolver = CertResolver(Reloading::new(
         vec![t.cert_file.clone(), t.key_file.clone()],
         load_key,
