@@ -219,6 +219,8 @@ pub struct Cluster {
     /// Writes of earlier loads on this cluster whose outcome is unknown.
     pub unknown_writes: Vec<crate::linearizability::Op>,
     extra: Vec<String>,
+    /// `https` when members talk over TLS (their `--peer-*` flags are in `extra`).
+    peer_scheme: &'static str,
 }
 
 pub const CLIENT_PORT: u16 = 2379;
@@ -233,6 +235,30 @@ impl Cluster {
     /// Starts a cluster on network number `net` (same addresses, hence the
     /// same member and cluster IDs, as another cluster started on it).
     pub fn start_on(net: u64, kind: Kind, n: usize, extra: &[&str]) -> Self {
+        Self::start_with_scheme(net, kind, n, extra, "http")
+    }
+
+    /// Starts a cluster whose members talk over mutual TLS; `peer_tls` gives the `--peer-*`
+    /// flags for the members' addresses on network `net` ([`Net::ip`]).
+    pub fn start_peer_tls(
+        net: u64,
+        kind: Kind,
+        n: usize,
+        extra: &[&str],
+        peer_tls: &[String],
+    ) -> Self {
+        let mut all: Vec<&str> = extra.to_vec();
+        all.extend(peer_tls.iter().map(String::as_str));
+        Self::start_with_scheme(net, kind, n, &all, "https")
+    }
+
+    fn start_with_scheme(
+        net: u64,
+        kind: Kind,
+        n: usize,
+        extra: &[&str],
+        peer_scheme: &'static str,
+    ) -> Self {
         let mut c = Cluster {
             kind,
             net: Net::new(net),
@@ -240,6 +266,7 @@ impl Cluster {
             root: tempfile::tempdir().unwrap(),
             unknown_writes: Vec::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            peer_scheme,
         };
         let initial: Vec<String> = (1..=n).map(|i| format!("m{i}={}", c.peer_url(i))).collect();
         let initial = initial.join(",");
@@ -254,7 +281,7 @@ impl Cluster {
     }
 
     pub fn peer_url(&self, slot: usize) -> String {
-        format!("http://{}:{PEER_PORT}", self.net.ip(slot))
+        format!("{}://{}:{PEER_PORT}", self.peer_scheme, self.net.ip(slot))
     }
 
     pub fn client_url(&self, slot: usize) -> String {

@@ -81,9 +81,20 @@ where
     }
 }
 
-async fn fault_suite(n: usize) {
+async fn fault_suite(n: usize, peer_tls: bool) {
     // A small snapshot count: members that fall behind catch up by snapshot.
-    let mut c = Cluster::start(Kind::Cairn, n, &["--snapshot-count", "500"]);
+    let extra = ["--snapshot-count", "500"];
+    let (_pki, mut c) = if peer_tls {
+        let net = crate::cluster::Net::next_id();
+        let ips: Vec<String> = (1..=n + 4)
+            .map(|i| format!("10.231.{net}.{}", 10 + i))
+            .collect();
+        let (pki, flags) = crate::tls::peer_tls(&ips);
+        let c = Cluster::start_peer_tls(net, Kind::Cairn, n, &extra, &flags);
+        (Some(pki), c)
+    } else {
+        (None, Cluster::start(Kind::Cairn, n, &extra))
+    };
     c.wait_leader(Duration::from_secs(10)).await;
 
     scenario(&mut c, "kill -9 leader", async |c: &mut Cluster| {
@@ -289,10 +300,16 @@ fn member_id(c: &Cluster, slot: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_member_fault_suite() {
-    fault_suite(3).await;
+    fault_suite(3, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_member_fault_suite() {
-    fault_suite(5).await;
+    fault_suite(5, false).await;
+}
+
+/// The same suite with the members talking over mutual TLS (issue 21).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_member_fault_suite_over_peer_mtls() {
+    fault_suite(3, true).await;
 }

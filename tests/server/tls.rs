@@ -41,10 +41,24 @@ fn ca(dir: &Path, name: &str) {
 }
 
 fn signed(dir: &Path, ca: &str, name: &str, cn: &str) {
-    let ext = if cn == "server" {
-        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n"
+    let sans = if cn == "server" {
+        &["127.0.0.1".to_string()][..]
     } else {
-        "extendedKeyUsage=clientAuth\n"
+        &[]
+    };
+    signed_for(dir, ca, name, cn, sans);
+}
+
+/// A certificate `name` signed by `ca` for `cn`; with IP addresses `sans` it also serves them.
+fn signed_for(dir: &Path, ca: &str, name: &str, cn: &str, sans: &[String]) {
+    let ext = if sans.is_empty() {
+        "extendedKeyUsage=clientAuth\n".to_string()
+    } else {
+        let ips: Vec<String> = sans.iter().map(|ip| format!("IP:{ip}")).collect();
+        format!(
+            "subjectAltName={}\nextendedKeyUsage=serverAuth,clientAuth\n",
+            ips.join(",")
+        )
     };
     std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
     openssl(
@@ -95,6 +109,25 @@ fn rand_serial() -> u64 {
 
 struct Pki {
     dir: tempfile::TempDir,
+}
+
+/// A CA and one peer certificate for the members at `ips`, and the `--peer-*` flags that use
+/// them with client certificate authentication (the directory lives as long as the result).
+pub fn peer_tls(ips: &[String]) -> (tempfile::TempDir, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    ca(dir.path(), "ca");
+    signed_for(dir.path(), "ca", "peer", "member", ips);
+    let at = |f: &str| dir.path().join(f).display().to_string();
+    let flags = vec![
+        "--peer-cert-file".to_string(),
+        at("peer.crt"),
+        "--peer-key-file".into(),
+        at("peer.key"),
+        "--peer-trusted-ca-file".into(),
+        at("ca.crt"),
+        "--peer-client-cert-auth".into(),
+    ];
+    (dir, flags)
 }
 
 impl Pki {
