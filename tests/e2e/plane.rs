@@ -241,6 +241,51 @@ impl ControlPlane {
             "-extfile",
             "server.ext",
         ]);
+        // The storage's members (for 127.0.0.1, server and client: members present it to
+        // each other) and kube-apiserver as their client.
+        for (name, cn, ext) in [
+            (
+                "storage",
+                "storage",
+                "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+            ),
+            (
+                "storage-client",
+                "kube-apiserver-etcd-client",
+                "extendedKeyUsage=clientAuth\n",
+            ),
+        ] {
+            std::fs::write(self.path(&format!("{name}.ext")), ext).unwrap();
+            ssl(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={cn}"),
+            ]);
+            ssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.crt"),
+                "-days",
+                "2",
+                "-extfile",
+                &format!("{name}.ext"),
+            ]);
+        }
         ssl(&["genrsa", "-out", "sa.key", "2048"]);
         ssl(&["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"]);
         std::fs::write(
@@ -261,41 +306,86 @@ impl ControlPlane {
         self.procs.push((name.to_string(), child));
     }
 
+    /// etcd: one member, plain text. cairn: three members, clients and members over mutual TLS,
+    /// as kube-apiserver is run against etcd in production.
     fn start_storage(&mut self) {
-        let ports = free_ports(2);
-        let (client, peer) = (ports[0], ports[1]);
-        let data = self.p("storage");
-        let bin = match self.storage {
-            Storage::Etcd => PathBuf::from("etcd"),
-            Storage::Cairn => cairn_binary(),
+        let (bin, members, tls) = match self.storage {
+            Storage::Etcd => (PathBuf::from("etcd"), 1, false),
+            Storage::Cairn => (cairn_binary(), 3, true),
         };
-        self.storage_url = format!("http://127.0.0.1:{client}");
-        let url = self.storage_url.clone();
-        self.spawn(
-            "storage",
-            Command::new(bin).args([
-                "--name=storage",
-                &format!("--data-dir={data}"),
-                &format!("--listen-client-urls={url}"),
-                &format!("--advertise-client-urls={url}"),
-                &format!("--listen-peer-urls=http://127.0.0.1:{peer}"),
-                &format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
-                &format!("--initial-cluster=storage=http://127.0.0.1:{peer}"),
-            ]),
-        );
+        let scheme = if tls { "https" } else { "http" };
+        let ports: Vec<(u16, u16)> = free_ports(2 * members)
+            .chunks(2)
+            .map(|p| (p[0], p[1]))
+            .collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, p))| format!("storage{i}={scheme}://127.0.0.1:{p}"))
+            .collect();
+        let initial = initial.join(",");
+        let urls: Vec<String> = ports
+            .iter()
+            .map(|(c, _)| format!("{scheme}://127.0.0.1:{c}"))
+            .collect();
+        self.storage_url = urls.join(",");
+        for (i, (_, peer)) in ports.iter().enumerate() {
+            let url = &urls[i];
+            let mut args = vec![
+                format!("--name=storage{i}"),
+                format!("--data-dir={}", self.p(&format!("storage{i}"))),
+                format!("--listen-client-urls={url}"),
+                format!("--advertise-client-urls={url}"),
+                format!("--listen-peer-urls={scheme}://127.0.0.1:{peer}"),
+                format!("--initial-advertise-peer-urls={scheme}://127.0.0.1:{peer}"),
+                format!("--initial-cluster={initial}"),
+            ];
+            if tls {
+                let (crt, key, ca) = (
+                    self.p("storage.crt"),
+                    self.p("storage.key"),
+                    self.p("ca.crt"),
+                );
+                args.extend([
+                    format!("--cert-file={crt}"),
+                    format!("--key-file={key}"),
+                    format!("--trusted-ca-file={ca}"),
+                    "--client-cert-auth".into(),
+                    format!("--peer-cert-file={crt}"),
+                    format!("--peer-key-file={key}"),
+                    format!("--peer-trusted-ca-file={ca}"),
+                    "--peer-client-cert-auth".into(),
+                ]);
+            }
+            self.spawn(&format!("storage{i}"), Command::new(&bin).args(args));
+        }
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "storage did not start: {}",
-                self.logs("storage")
-            );
-            std::thread::sleep(Duration::from_millis(100));
+        for (i, (client, _)) in ports.iter().enumerate() {
+            while std::net::TcpStream::connect(("127.0.0.1", *client)).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "storage did not start: {}",
+                    self.logs(&format!("storage{i}"))
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// What etcdctl needs to reach the storage (its client certificate with cairn's mTLS).
+    pub fn storage_ctl_flags(&self) -> Vec<String> {
+        match self.storage {
+            Storage::Etcd => vec![],
+            Storage::Cairn => vec![
+                format!("--cacert={}", self.p("ca.crt")),
+                format!("--cert={}", self.p("storage-client.crt")),
+                format!("--key={}", self.p("storage-client.key")),
+            ],
         }
     }
 
     fn start_apiserver(&mut self, port: u16) {
-        let args = vec![
+        let mut args = vec![
             format!("--etcd-servers={}", self.storage_url),
             format!("--bind-address={}", self.gateway),
             format!("--advertise-address={}", self.gateway),
@@ -315,6 +405,13 @@ impl ControlPlane {
             "--profiling=false".into(),
             format!("--cert-dir={}", self.p("certs")),
         ];
+        if self.storage == Storage::Cairn {
+            args.extend([
+                format!("--etcd-cafile={}", self.p("ca.crt")),
+                format!("--etcd-certfile={}", self.p("storage-client.crt")),
+                format!("--etcd-keyfile={}", self.p("storage-client.key")),
+            ]);
+        }
         self.spawn(
             "kube-apiserver",
             Command::new(k8s_bin("kube-apiserver")).args(args),

@@ -422,13 +422,12 @@ async fn install_apply_use(storage: Storage) {
     if storage == Storage::Cairn {
         // The control plane's own data is in the cairn member: a namespace made above is
         // under /registry there.
+        // Over mutual TLS: the storage is three cairn members serving only clients with a
+        // certificate of the control plane's CA, as kube-apiserver is.
         let out = Command::new("etcdctl")
-            .args([
-                &format!("--endpoints={}", cp.storage_url),
-                "get",
-                "/registry/namespaces/apps",
-                "--keys-only",
-            ])
+            .arg(format!("--endpoints={}", cp.storage_url))
+            .args(cp.storage_ctl_flags())
+            .args(["get", "/registry/namespaces/apps", "--keys-only"])
             .output()
             .unwrap();
         assert_eq!(
