@@ -273,6 +273,33 @@ impl<'a> Cluster<'a> {
             .collect()
     }
 
+    /// Waits until member `ordinal` is in the member list under another ID than in `before`,
+    /// the cluster settled at 3 members with a `MemberReplaced` Event.
+    async fn until_replaced(&self, ordinal: i32, before: &BTreeMap<String, String>) {
+        let name = format!("{}-{ordinal}", self.name);
+        eventually(
+            Duration::from_secs(240),
+            Duration::from_secs(1),
+            async || {
+                let now = self.members();
+                if now.get(&name).is_some_and(|id| *id != before[&name]) && now.len() == 3 {
+                    return Ok(());
+                }
+                Err(format!(
+                    "{name} not replaced: {now:?}\n{}",
+                    self.cp.operator_logs()
+                ))
+            },
+        )
+        .await;
+        self.until_settled(3, Duration::from_secs(180)).await;
+        let reasons = self.event_reasons().await;
+        assert!(
+            reasons.iter().any(|r| r == "MemberReplaced"),
+            "events: {reasons:?}"
+        );
+    }
+
     /// Deletes a member's pod and waits for the StatefulSet to make a new one.
     async fn delete_pod(&self, ordinal: i32) {
         let pods: Api<Pod> = Api::namespaced(self.cp.client.clone(), &self.ns);
@@ -593,30 +620,10 @@ async fn s2_resize_3_5_3_under_a_writer() {
         .await
         .unwrap();
     c.delete_pod(2).await;
-    eventually(
-        Duration::from_secs(240),
-        Duration::from_secs(1),
-        async || {
-            let now = c.members();
-            if now.get("beta-2").is_some_and(|id| *id != before["beta-2"]) && now.len() == 3 {
-                return Ok(());
-            }
-            Err(format!(
-                "beta-2 not replaced: {now:?}\n{}",
-                cp.operator_logs()
-            ))
-        },
-    )
-    .await;
-    c.until_settled(3, Duration::from_secs(180)).await;
+    c.until_replaced(2, &before).await;
     eprintln!(
         "e2e: member with a lost volume replaced after the resizes, cluster Available in {:.1}s",
         t.elapsed().as_secs_f64()
-    );
-    let reasons = c.event_reasons().await;
-    assert!(
-        reasons.iter().any(|r| r == "MemberReplaced"),
-        "events: {reasons:?}"
     );
     // Its own store (a serializable read) holds every acknowledged write once it caught up.
     eventually(
@@ -713,34 +720,10 @@ async fn s3_deleted_or_killed_member_returns_and_wiped_member_is_replaced() {
     .unwrap();
     let t = Instant::now();
     c.delete_pod(2).await;
-    eventually(
-        Duration::from_secs(240),
-        Duration::from_secs(1),
-        async || {
-            let now = c.members();
-            if now
-                .get("gamma-2")
-                .is_some_and(|id| *id != before["gamma-2"])
-                && now.len() == 3
-            {
-                return Ok(());
-            }
-            Err(format!(
-                "gamma-2 not replaced: {now:?}\n{}",
-                cp.operator_logs()
-            ))
-        },
-    )
-    .await;
-    c.until_settled(3, Duration::from_secs(180)).await;
+    c.until_replaced(2, &before).await;
     eprintln!(
         "e2e: wiped member replaced and the cluster Available in {:.1}s",
         t.elapsed().as_secs_f64()
-    );
-    let reasons = c.event_reasons().await;
-    assert!(
-        reasons.iter().any(|r| r == "MemberReplaced"),
-        "events: {reasons:?}"
     );
     // The new member has every write.
     assert_eq!(c.local_keys(2), acked);

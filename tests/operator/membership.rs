@@ -377,25 +377,8 @@ async fn a_removed_member_stops_every_time_then_is_wiped_and_added_again() {
             let v = pods.members().observe().await.unwrap();
             pods.start(1, &bootstrap(&pods.layout, 0, Some(&v)));
         }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(st) = pods.exit_status(1) {
-                break st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "run {run}: the removed member did not stop"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        let log = pods.exited_log(1).unwrap();
-        assert!(!status.success(), "run {run}: {status}\n{log}");
+        let log = stops_removed(&mut pods, 1, id).await;
         assert!(log.contains(&says), "run {run}: {log}");
-        assert_eq!(
-            plan::unusable(&log),
-            Some(plan::Unusable::Removed { id }),
-            "run {run}"
-        );
     }
 
     // Member 1 may have led: the controller retries a refusal for want of a leader; here, wait.
@@ -474,25 +457,32 @@ async fn a_learner_removed_while_down_stops_when_it_starts() {
     c.member_remove(id).await.unwrap();
     let v = pods.members().observe().await.unwrap();
     pods.start(3, &bootstrap(&pods.layout, 0, Some(&v)));
+    stops_removed(&mut pods, 3, id).await;
+}
+
+/// Waits (30 s at most) until ordinal `o` exits, non-zero, saying that member `id` was
+/// removed; returns its log.
+async fn stops_removed(pods: &mut Pods, o: i32, id: u64) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
-        if let Some(st) = pods.exit_status(3) {
+        if let Some(st) = pods.exit_status(o) {
             break st;
         }
         assert!(
             Instant::now() < deadline,
-            "the removed learner did not stop:\n{}",
-            std::fs::read_to_string(pods.log(3)).unwrap_or_default()
+            "member {o} did not stop:\n{}",
+            std::fs::read_to_string(pods.log(o)).unwrap_or_default()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let log = pods.exited_log(3).unwrap();
+    let log = pods.exited_log(o).unwrap();
     assert!(!status.success(), "{status}\n{log}");
     assert_eq!(
         plan::unusable(&log),
         Some(plan::Unusable::Removed { id }),
         "{log}"
     );
+    log
 }
 
 /// Member `ordinal` loses its volume; its pod comes back empty, refuses to start, and the

@@ -145,6 +145,39 @@ impl Pki {
     fn path(&self, f: &str) -> String {
         self.dir.path().join(f).display().to_string()
     }
+
+    /// etcdctl's (and curl's) flags for a client presenting certificate `name`.
+    fn client_flags(&self, name: &str) -> Vec<String> {
+        vec![
+            "--cacert".to_string(),
+            self.path("ca.crt"),
+            "--cert".into(),
+            self.path(&format!("{name}.crt")),
+            "--key".into(),
+            self.path(&format!("{name}.key")),
+        ]
+    }
+
+    /// A member serving clients over TLS with `server.crt`, client certificates required
+    /// (found through `at`: the files or where a Secret mounts them), ready when `client.crt`
+    /// gets in.
+    fn member(&self, kind: Kind, at: &dyn Fn(&str) -> String) -> Member {
+        let server = [
+            "--cert-file".to_string(),
+            at("server.crt"),
+            "--key-file".into(),
+            at("server.key"),
+            "--trusted-ca-file".into(),
+            at("ca.crt"),
+            "--client-cert-auth".into(),
+        ];
+        let client = self.client_flags("client");
+        let server: Vec<&str> = server.iter().map(String::as_str).collect();
+        let client: Vec<&str> = client.iter().map(String::as_str).collect();
+        let mut m = Member::new_tls(kind, &server, &client);
+        m.launch();
+        m
+    }
 }
 
 /// etcdctl over TLS against `m` with `flags`; "stdout[ok]" or "[failed]".
@@ -182,36 +215,10 @@ fn curl(m: &Member, flags: &[String], path: &str) -> String {
 }
 
 fn transcript(kind: Kind, pki: &Pki) -> Vec<String> {
-    let server = [
-        "--cert-file".to_string(),
-        pki.path("server.crt"),
-        "--key-file".into(),
-        pki.path("server.key"),
-        "--trusted-ca-file".into(),
-        pki.path("ca.crt"),
-        "--client-cert-auth".into(),
-    ];
-    let client = vec![
-        "--cacert".to_string(),
-        pki.path("ca.crt"),
-        "--cert".into(),
-        pki.path("client.crt"),
-        "--key".into(),
-        pki.path("client.key"),
-    ];
-    let server: Vec<&str> = server.iter().map(String::as_str).collect();
-    let client_refs: Vec<&str> = client.iter().map(String::as_str).collect();
-    let mut m = Member::new_tls(kind, &server, &client_refs);
-    m.launch();
+    let m = pki.member(kind, &|f| pki.path(f));
+    let client = pki.client_flags("client");
     let no_cert = vec!["--cacert".to_string(), pki.path("ca.crt")];
-    let stranger = vec![
-        "--cacert".to_string(),
-        pki.path("ca.crt"),
-        "--cert".into(),
-        pki.path("stranger.crt"),
-        "--key".into(),
-        pki.path("stranger.key"),
-    ];
+    let stranger = pki.client_flags("stranger");
     let plain = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
         .arg("--endpoints")
@@ -318,36 +325,9 @@ fn certificates_replaced_on_disk_are_used_for_the_next_handshake() {
     for f in ["server.crt", "server.key", "ca.crt"] {
         std::os::unix::fs::symlink(PathBuf::from("..data").join(f), secret.join(f)).unwrap();
     }
-    let at = |f: &str| secret.join(f).display().to_string();
-    let server = [
-        "--cert-file".to_string(),
-        at("server.crt"),
-        "--key-file".into(),
-        at("server.key"),
-        "--trusted-ca-file".into(),
-        at("ca.crt"),
-        "--client-cert-auth".into(),
-    ];
-    let client = vec![
-        "--cacert".to_string(),
-        pki.path("ca.crt"),
-        "--cert".into(),
-        pki.path("client.crt"),
-        "--key".into(),
-        pki.path("client.key"),
-    ];
-    let stranger = vec![
-        "--cacert".to_string(),
-        pki.path("ca.crt"),
-        "--cert".into(),
-        pki.path("stranger.crt"),
-        "--key".into(),
-        pki.path("stranger.key"),
-    ];
-    let server: Vec<&str> = server.iter().map(String::as_str).collect();
-    let client_refs: Vec<&str> = client.iter().map(String::as_str).collect();
-    let mut m = Member::new_tls(Kind::Cairn, &server, &client_refs);
-    m.launch();
+    let m = pki.member(Kind::Cairn, &|f| secret.join(f).display().to_string());
+    let client = pki.client_flags("client");
+    let stranger = pki.client_flags("stranger");
     assert_eq!(
         served_serial(&m, &client),
         serial_of(&v1.join("server.crt"))
