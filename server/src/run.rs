@@ -23,7 +23,6 @@ pub const STOP_GRACE: Duration = Duration::from_secs(3);
 /// long-lived streams (watches, lease keep-alives, peers' Raft streams) would otherwise hold
 /// the member up until it is killed (a pod's whole termination grace period).
 pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
-    crate::api::check_tls(&cfg)?;
     let server = EtcdServer::start(cfg).await?;
     let mut removed = server.removed.subscribe();
     let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);

@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 /// What identifies a file's content without reading it.
 type Stamp = Vec<(PathBuf, Option<SystemTime>, u64)>;
 
-fn stamp(paths: &[&Path]) -> Stamp {
+fn stamp(paths: &[PathBuf]) -> Stamp {
     paths
         .iter()
         .map(|p| {
@@ -55,8 +55,7 @@ struct Reloading<T> {
 
 impl<T> Reloading<T> {
     fn new(paths: Vec<PathBuf>, load: fn(&[PathBuf]) -> Result<T>) -> Result<Self> {
-        let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
-        let st = stamp(&refs);
+        let st = stamp(&paths);
         let value = load(&paths)?;
         Ok(Self {
             paths,
@@ -66,8 +65,7 @@ impl<T> Reloading<T> {
     }
 
     fn get(&self) -> Arc<T> {
-        let refs: Vec<&Path> = self.paths.iter().map(PathBuf::as_path).collect();
-        let st = stamp(&refs);
+        let st = stamp(&self.paths);
         let mut cur = self.current.lock();
         if cur.0 != st {
             match (self.load)(&self.paths) {
@@ -160,7 +158,7 @@ fn load_key(paths: &[PathBuf]) -> Result<CertifiedKey> {
 #[derive(Debug)]
 struct CertResolver(Reloading<CertifiedKey>);
 
-impl std::fmt::Debug for Reloading<CertifiedKey> {
+impl<T> std::fmt::Debug for Reloading<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Reloading({:?})", self.paths)
     }
@@ -172,26 +170,34 @@ impl ResolvesServerCert for CertResolver {
     }
 }
 
+/// The CA bundle at `path` as trust roots.
+fn roots(path: &Path) -> Result<Arc<rustls::RootCertStore>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(path)? {
+        roots
+            .add(c)
+            .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// The signature algorithms handshakes are checked with: the provider's, which the webpki
+/// verifiers below are built with too. They do not depend on the CA bundle, so checking a
+/// handshake signature needs no look at its files.
+fn algorithms() -> rustls::crypto::WebPkiSupportedAlgorithms {
+    provider().signature_verification_algorithms
+}
+
 /// The verifier of client certificates, rebuilt when the CA bundle changes.
+#[derive(Debug)]
 struct ClientVerifier {
     inner: Reloading<Arc<dyn ClientCertVerifier>>,
     mandatory: bool,
-}
-
-impl std::fmt::Debug for ClientVerifier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ClientVerifier({:?})", self.inner.paths)
-    }
+    algs: rustls::crypto::WebPkiSupportedAlgorithms,
 }
 
 fn load_verifier(paths: &[PathBuf], mandatory: bool) -> Result<Arc<dyn ClientCertVerifier>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in certs(&paths[0])? {
-        roots
-            .add(c)
-            .map_err(|e| Error::Internal(format!("{}: {e}", paths[0].display())))?;
-    }
-    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+    let builder = WebPkiClientVerifier::builder_with_provider(roots(&paths[0])?, provider());
     let builder = if mandatory {
         builder
     } else {
@@ -233,7 +239,7 @@ impl ClientCertVerifier for ClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.get().verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
     }
 
     fn verify_tls13_signature(
@@ -242,11 +248,11 @@ impl ClientCertVerifier for ClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.get().verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.get().supported_verify_schemes()
+        self.algs.supported_schemes()
     }
 }
 
@@ -269,22 +275,14 @@ impl rustls::client::ResolvesClientCert for ClientCert {
 }
 
 /// The verifier of the members this one calls, rebuilt when the CA bundle changes.
-struct ServerVerifier(Reloading<Arc<rustls::client::WebPkiServerVerifier>>);
-
-impl std::fmt::Debug for ServerVerifier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ServerVerifier({:?})", self.0.paths)
-    }
+#[derive(Debug)]
+struct ServerVerifier {
+    inner: Reloading<Arc<rustls::client::WebPkiServerVerifier>>,
+    algs: rustls::crypto::WebPkiSupportedAlgorithms,
 }
 
 fn load_server_verifier(paths: &[PathBuf]) -> Result<Arc<rustls::client::WebPkiServerVerifier>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in certs(&paths[0])? {
-        roots
-            .add(c)
-            .map_err(|e| Error::Internal(format!("{}: {e}", paths[0].display())))?;
-    }
-    rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+    rustls::client::WebPkiServerVerifier::builder_with_provider(roots(&paths[0])?, provider())
         .build()
         .map_err(|e| Error::Internal(format!("{}: {e}", paths[0].display())))
 }
@@ -298,9 +296,13 @@ impl rustls::client::danger::ServerCertVerifier for ServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        self.0
-            .get()
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        self.inner.get().verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )
     }
 
     fn verify_tls12_signature(
@@ -309,7 +311,7 @@ impl rustls::client::danger::ServerCertVerifier for ServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.get().verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
     }
 
     fn verify_tls13_signature(
@@ -318,11 +320,11 @@ impl rustls::client::danger::ServerCertVerifier for ServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.get().verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.get().supported_verify_schemes()
+        self.algs.supported_schemes()
     }
 }
 
@@ -334,7 +336,10 @@ pub fn client_config(t: &TlsFiles) -> Result<Arc<rustls::ClientConfig>> {
             "TLS between members needs --peer-trusted-ca-file (the CA that members' certificates are verified against)".into(),
         )
     })?;
-    let verifier = ServerVerifier(Reloading::new(vec![ca], load_server_verifier)?);
+    let verifier = ServerVerifier {
+        inner: Reloading::new(vec![ca], load_server_verifier)?,
+        algs: algorithms(),
+    };
     let cert = ClientCert(Reloading::new(
         vec![t.cert_file.clone(), t.key_file.clone()],
         load_key,
@@ -347,6 +352,28 @@ pub fn client_config(t: &TlsFiles) -> Result<Arc<rustls::ClientConfig>> {
         .with_client_cert_resolver(Arc::new(cert));
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// A member's TLS configurations, made once when it starts: a missing or bad file or an
+/// unknown cipher suite stops it there, as etcd does.
+pub struct MemberTls {
+    /// The client port's, for its `https://` URLs.
+    pub client: Option<Arc<rustls::ServerConfig>>,
+    /// The peer port's, for its `https://` URLs.
+    pub peer: Option<Arc<rustls::ServerConfig>>,
+    /// Calling other members at `https://` peer URLs.
+    pub peer_client: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl MemberTls {
+    pub fn load(cfg: &crate::config::Config) -> Result<Self> {
+        let peer = cfg.peer_tls.as_ref();
+        Ok(Self {
+            client: cfg.client_tls.as_ref().map(server_config).transpose()?,
+            peer: peer.map(server_config).transpose()?,
+            peer_client: peer.map(client_config).transpose()?,
+        })
+    }
 }
 
 /// The client port's TLS configuration: HTTP/2 and HTTP/1.1 (gRPC, the gateway, /health).
@@ -369,6 +396,7 @@ pub fn server_config(t: &TlsFiles) -> Result<Arc<rustls::ServerConfig>> {
             builder.with_client_cert_verifier(Arc::new(ClientVerifier {
                 inner: Reloading::new(vec![ca.clone()], load)?,
                 mandatory: t.client_cert_auth,
+                algs: algorithms(),
             }))
         }
         None => builder.with_no_client_auth(),

@@ -296,19 +296,6 @@ fn tls_incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// Loads the client port's TLS configuration once, so that a missing or bad certificate file
-/// or an unknown `--cipher-suites` name stops the member before it starts, as etcd does.
-pub fn check_tls(cfg: &crate::config::Config) -> Result<()> {
-    if let Some(t) = &cfg.client_tls {
-        crate::tls::server_config(t)?;
-    }
-    if let Some(t) = &cfg.peer_tls {
-        crate::tls::server_config(t)?;
-        crate::tls::client_config(t)?;
-    }
-    Ok(())
-}
-
 /// Serves members on every `--listen-peer-urls` address and clients as
 /// [`serve_clients`] does, until `shutdown`.
 pub async fn serve(
@@ -317,13 +304,11 @@ pub async fn serve(
 ) -> Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut peers = Vec::new();
-    let peer_tls = match &s.cfg.peer_tls {
-        Some(t) => Some(crate::tls::server_config(t)?),
-        None => None,
-    };
     for (i, addr) in s.cfg.listen_peer.clone().into_iter().enumerate() {
         let listener = bind(addr).await?;
-        let tls = peer_tls
+        let tls = s
+            .tls
+            .peer
             .clone()
             .filter(|_| s.cfg.listen_peer_tls.get(i).copied().unwrap_or(false));
         info!(%addr, tls = tls.is_some(), "serving peer traffic");
@@ -384,14 +369,12 @@ pub async fn serve_clients(
     });
     let mut tasks = Vec::new();
     let routes = client_routes(s.clone());
-    let tls_config = match &s.cfg.client_tls {
-        Some(t) => Some(crate::tls::server_config(t)?),
-        None => None,
-    };
     let mut extra = Vec::new();
     for (i, addr) in s.cfg.listen_client.clone().into_iter().enumerate() {
         let listener = bind_shared(addr)?;
-        let tls = tls_config
+        let tls = s
+            .tls
+            .client
             .clone()
             .filter(|_| s.cfg.listen_client_tls.get(i).copied().unwrap_or(false));
         info!(%addr, threads = s.cfg.client_io_threads, tls = tls.is_some(), "serving client traffic");

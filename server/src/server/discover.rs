@@ -1,6 +1,7 @@
 //! A joining member (`--initial-cluster-state existing`) finds its member
 //! and cluster IDs in the membership the running members report.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::Config;
@@ -12,13 +13,12 @@ use crate::storage::Identity;
 /// A joining member (`--initial-cluster-state existing`) asks the members
 /// in `--initial-cluster` for the cluster's membership and finds itself in
 /// it by its peer URLs (it must have been added with MemberAdd).
-pub(super) async fn discover(cfg: &Config) -> Result<Identity> {
+pub(super) async fn discover(
+    cfg: &Config,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<Identity> {
     let mut mine = cfg.advertise_peer_urls.clone();
     mine.sort();
-    let tls = match &cfg.peer_tls {
-        Some(t) => Some(crate::tls::client_config(t)?),
-        None => None,
-    };
     let mut last = String::from("no other member in --initial-cluster");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while tokio::time::Instant::now() < deadline {
@@ -27,7 +27,7 @@ pub(super) async fn discover(cfg: &Config) -> Result<Identity> {
                 continue;
             }
             for url in urls {
-                let mut client = PeerClient::new(crate::raft::connect(url, tls.as_ref())?);
+                let mut client = PeerClient::new(crate::raft::connect(url, tls)?);
                 let call = client.members(MembersRequest { id: 0 });
                 let resp = match tokio::time::timeout(Duration::from_secs(2), call).await {
                     Ok(Ok(r)) => r.into_inner(),

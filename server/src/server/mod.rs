@@ -69,11 +69,14 @@ pub struct EtcdServer {
     /// The leadership openraft restored at start, if it did: its reads wait
     /// for the log this member had then ([`Self::read_index_floor`]).
     restored_leadership: Option<crate::raft::RestoredLeadership>,
+    /// TLS of the client and peer ports, and towards other members.
+    pub tls: crate::tls::MemberTls,
 }
 
 impl EtcdServer {
     /// Opens the member's storage and starts Raft (not the client listeners).
     pub async fn start(cfg: Config) -> Result<Arc<Self>> {
+        let tls = crate::tls::MemberTls::load(&cfg)?;
         let dir = cfg.data_dir.join("member").join("cairn");
         std::fs::create_dir_all(&dir).map_err(|e| {
             Error::Internal(format!("cannot create data dir {}: {e}", dir.display()))
@@ -98,7 +101,7 @@ impl EtcdServer {
                 id
             }
             None => {
-                let id = discover::discover(&cfg).await?;
+                let id = discover::discover(&cfg, tls.peer_client.as_ref()).await?;
                 info!(
                     member = format!("{:x}", id.member_id),
                     cluster = format!("{:x}", id.cluster_id),
@@ -108,11 +111,11 @@ impl EtcdServer {
                 id
             }
         };
-        let peer_tls = match &cfg.peer_tls {
-            Some(t) => Some(crate::tls::client_config(t)?),
-            None => None,
-        };
-        let peers = Peers::new(identity.cluster_id, identity.member_id, peer_tls);
+        let peers = Peers::new(
+            identity.cluster_id,
+            identity.member_id,
+            tls.peer_client.clone(),
+        );
         let metrics = Metrics::default();
         let state = Arc::new(KvState::open(
             engine.clone(),
@@ -225,6 +228,7 @@ impl EtcdServer {
             log_background_sync,
             restored_leadership,
             restore_pending: std::sync::atomic::AtomicBool::new(restore_pending),
+            tls,
         });
         if restore_pending {
             tokio::spawn(tasks::snapshot_restored(
