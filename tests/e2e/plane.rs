@@ -182,8 +182,8 @@ impl ControlPlane {
         self.path(f).display().to_string()
     }
 
-    /// A CA, the API server's serving certificate (for the host and the containers) and the
-    /// service-account signing key.
+    /// A CA, the API server's serving certificate (for the host and the containers), the
+    /// storage's certificates (cairn mode) and the service-account signing key.
     fn certificates(&self) {
         let ssl = |args: &[&str]| {
             sh(Command::new("openssl")
@@ -205,45 +205,16 @@ impl ControlPlane {
             "-subj",
             "/CN=cairn-e2e-ca",
         ]);
-        let ext = format!(
+        let apiserver = format!(
             "subjectAltName=IP:127.0.0.1,IP:{},IP:10.96.0.1,DNS:localhost,DNS:kubernetes,\
              DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n\
              extendedKeyUsage=serverAuth\n",
             self.gateway
         );
-        std::fs::write(self.path("server.ext"), ext).unwrap();
-        ssl(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=kube-apiserver",
-        ]);
-        ssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-        ]);
-        // The storage's members (for 127.0.0.1, server and client: members present it to
-        // each other) and kube-apiserver as their client.
+        // The API server's; the storage's members' (for 127.0.0.1, server and client: members
+        // present it to each other); kube-apiserver's as the storage's client.
         for (name, cn, ext) in [
+            ("server", "kube-apiserver", apiserver.as_str()),
             (
                 "storage",
                 "storage",
