@@ -13,7 +13,6 @@ use tracing::instrument;
 
 use crate::error::Error;
 use crate::lease::MAX_LEASE_TTL;
-use crate::mvcc::Applied;
 use crate::proto::etcdserverpb::{
     lease_server::Lease, LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest,
     LeaseKeepAliveResponse, LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest,
@@ -44,7 +43,7 @@ impl LeaseService {
     fn generate_id(&self) -> i64 {
         loop {
             let id = (self.next_id.fetch_add(1, Ordering::Relaxed) & (i64::MAX as u64)) as i64;
-            if id != 0 && self.s.state.store.read().lease(id).is_none() {
+            if id != 0 && self.s.lease(id).is_none() {
                 return id;
             }
         }
@@ -78,13 +77,9 @@ impl Lease for Arc<LeaseService> {
         if r.id == 0 {
             r.id = self.generate_id();
         }
-        match self.s.propose(Internal::LeaseGrant(r)).await? {
-            Applied::LeaseGrant(mut resp) => {
-                self.s.fill(&mut resp.header);
-                Ok(Response::new(resp))
-            }
-            other => Err(super::unexpected(other)),
-        }
+        Ok(Response::new(
+            self.s.propose_as(Internal::LeaseGrant(r)).await?,
+        ))
     }
 
     #[instrument(level = "debug", skip_all, fields(id = req.get_ref().id))]
@@ -92,17 +87,8 @@ impl Lease for Arc<LeaseService> {
         &self,
         req: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
-        match self
-            .s
-            .propose(Internal::LeaseRevoke(req.into_inner()))
-            .await?
-        {
-            Applied::LeaseRevoke(mut resp) => {
-                self.s.fill(&mut resp.header);
-                Ok(Response::new(resp))
-            }
-            other => Err(super::unexpected(other)),
-        }
+        let r = Internal::LeaseRevoke(req.into_inner());
+        Ok(Response::new(self.s.propose_as(r).await?))
     }
 
     type LeaseKeepAliveStream = KeepAliveStream;
@@ -135,11 +121,11 @@ impl Lease for Arc<LeaseService> {
         self.s.read_index().await?;
         // The remaining TTL is the leader's clock.
         let remaining = self.s.lease_remaining(r.id).await?;
-        let store = self.s.state.store.read();
-        let resp = match store.lease(r.id) {
+        let header = Some(self.s.header(0));
+        let resp = match self.s.lease(r.id) {
             // etcd answers an unknown lease with TTL -1, not an error.
             None => LeaseTimeToLiveResponse {
-                header: Some(self.s.header(store.revision())),
+                header,
                 id: r.id,
                 ttl: -1,
                 ..Default::default()
@@ -147,7 +133,7 @@ impl Lease for Arc<LeaseService> {
             Some(l) => {
                 let remaining = remaining.unwrap_or(l.ttl);
                 LeaseTimeToLiveResponse {
-                    header: Some(self.s.header(store.revision())),
+                    header,
                     id: r.id,
                     ttl: remaining,
                     granted_ttl: l.ttl,
@@ -167,10 +153,10 @@ impl Lease for Arc<LeaseService> {
         _req: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
         self.s.read_index().await?;
-        let store = self.s.state.store.read();
-        let leases = store.leases().map(|(id, _)| LeaseStatus { id }).collect();
+        let (ids, revision) = self.s.lease_ids();
+        let leases = ids.into_iter().map(|id| LeaseStatus { id }).collect();
         Ok(Response::new(LeaseLeasesResponse {
-            header: Some(self.s.header(store.revision())),
+            header: Some(self.s.header(revision)),
             leases,
         }))
     }

@@ -10,7 +10,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
-use crate::mvcc::Applied;
 use crate::proto::etcdserverpb::{
     alarm_request::AlarmAction, maintenance_server::Maintenance, AlarmRequest, AlarmResponse,
     AlarmType, DefragmentRequest, DefragmentResponse, DowngradeRequest, DowngradeResponse,
@@ -50,13 +49,7 @@ impl Maintenance for MaintenanceService {
             ))
             .into());
         }
-        match self.s.propose(Internal::Alarm(r)).await? {
-            Applied::Alarm(mut resp) => {
-                self.s.fill(&mut resp.header);
-                Ok(Response::new(resp))
-            }
-            other => Err(super::unexpected(other)),
-        }
+        Ok(Response::new(self.s.propose_as(Internal::Alarm(r)).await?))
     }
 
     async fn status(
@@ -71,9 +64,6 @@ impl Maintenance for MaintenanceService {
             .any(|id| id == self.s.member_id);
         let errors = self
             .s
-            .state
-            .store
-            .read()
             .alarms()
             .iter()
             .map(|a| {

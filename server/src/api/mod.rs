@@ -35,11 +35,6 @@ use crate::proto::etcdserverpb::{
 };
 use crate::server::{EtcdServer, ETCD_CLUSTER_VERSION, ETCD_VERSION};
 
-/// A state-machine result of the wrong kind for the request (a bug).
-pub(crate) fn unexpected(a: crate::mvcc::Applied) -> tonic::Status {
-    Error::Internal(format!("unexpected apply result {a:?}")).into()
-}
-
 /// gRPC allows this much above `--max-request-bytes` (etcd's `grpcOverheadBytes`).
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
@@ -54,7 +49,7 @@ async fn health(State(s): State<Arc<EtcdServer>>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             r#"{"health":"false","reason":"RAFT NO LEADER"}"#,
         )
-    } else if !s.state.store.read().alarms().is_empty() {
+    } else if !s.alarms().is_empty() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             r#"{"health":"false","reason":"ALARM ACTIVE"}"#,

@@ -3,15 +3,18 @@
 //! (headers, leadership, membership as Raft has it). The rest lives beside it:
 //! `propose` (group commit and forwarding to the leader), `read` (read-index
 //! batching), `tasks` (leadership tracking, lease expiry, sizes, compaction),
-//! `discover` (a joining member finding its ID) and `membership` (etcd's
+//! `door` (what the API asks of the key space: ranges, txns, typed
+//! proposals), `discover` (a joining member finding its ID) and `membership` (etcd's
 //! Cluster API on Raft's membership). Serving the API is `crate::run`'s.
 
 mod discover;
+mod door;
 pub mod membership;
 mod propose;
 mod read;
 mod tasks;
 
+pub use door::AppliedResponse;
 pub use propose::{propose_forwarded, MAX_BATCH};
 
 use std::collections::{BTreeMap, HashSet};

@@ -1,0 +1,129 @@
+//! The one door from the API into the member's key space: ranges, txns
+//! (read-only ones evaluated here, others proposed), typed proposals, and the
+//! lookups the Lease and Maintenance services answer from. Handlers validate,
+//! call one of these and respond; nothing in `api/` locks the store itself.
+
+use crate::error::{Error, Result};
+use crate::mvcc::{Applied, LeaseRecord};
+use crate::proto::etcdserverpb::{
+    request_op, AlarmMember, AlarmResponse, CompactionResponse, DeleteRangeResponse,
+    LeaseGrantResponse, LeaseRevokeResponse, PutResponse, RangeRequest, RangeResponse,
+    ResponseHeader, TxnRequest, TxnResponse,
+};
+use crate::proto::raftpb::{internal_request::Request, InternalRequest};
+
+use super::EtcdServer;
+
+/// Ranges bounded to this many keys are evaluated inline.
+const INLINE_RANGE_LIMIT: i64 = 1000;
+
+/// A response the state machine gives, with the header the API completes.
+pub trait AppliedResponse: Sized {
+    fn from_applied(a: Applied) -> Option<Self>;
+    fn header_mut(&mut self) -> &mut Option<ResponseHeader>;
+}
+
+macro_rules! applied_response {
+    ($($variant:ident => $ty:ty),* $(,)?) => {$(
+        impl AppliedResponse for $ty {
+            fn from_applied(a: Applied) -> Option<Self> {
+                match a {
+                    Applied::$variant(r) => Some(r),
+                    _ => None,
+                }
+            }
+            fn header_mut(&mut self) -> &mut Option<ResponseHeader> {
+                &mut self.header
+            }
+        }
+    )*};
+}
+
+applied_response! {
+    Put => PutResponse,
+    DeleteRange => DeleteRangeResponse,
+    Txn => TxnResponse,
+    Compaction => CompactionResponse,
+    LeaseGrant => LeaseGrantResponse,
+    LeaseRevoke => LeaseRevokeResponse,
+    Alarm => AlarmResponse,
+}
+
+fn typed<T: AppliedResponse>(a: Applied) -> Result<T> {
+    let kind = format!("{a:?}");
+    T::from_applied(a).ok_or_else(|| Error::Internal(format!("unexpected apply result {kind}")))
+}
+
+fn txn_is_serializable(t: &TxnRequest) -> bool {
+    crate::mvcc::all_txn_ops(t, &|r| match r {
+        request_op::Request::RequestRange(r) => r.serializable,
+        _ => true,
+    })
+}
+
+impl EtcdServer {
+    /// Proposes `request` and answers with its response, header completed.
+    pub async fn propose_as<T: AppliedResponse>(&self, request: Request) -> Result<T> {
+        let mut resp = typed::<T>(self.propose(request).await?)?;
+        self.fill(resp.header_mut());
+        Ok(resp)
+    }
+
+    /// A range: linearizable unless `serializable`. Client threads are
+    /// single-threaded runtimes, so a range that may be large is evaluated
+    /// on the blocking pool and stalls nobody else.
+    pub async fn range(&self, r: RangeRequest) -> Result<RangeResponse> {
+        if !r.serializable {
+            self.read_index().await?;
+        }
+        let small = r.range_end.is_empty()
+            || (!r.count_only && r.limit > 0 && r.limit <= INLINE_RANGE_LIMIT);
+        let mut resp = if small {
+            self.state.store.read().range(&*self.state.engine, &r)?
+        } else {
+            let state = self.state.clone();
+            tokio::task::spawn_blocking(move || state.store.read().range(&*state.engine, &r))
+                .await
+                .map_err(Error::internal)??
+        };
+        self.fill(&mut resp.header);
+        Ok(resp)
+    }
+
+    /// A txn: a read-only one changes nothing and is evaluated here (as etcd
+    /// does), after a read-index round unless all its ranges are
+    /// serializable; any other is proposed.
+    pub async fn txn(&self, r: TxnRequest) -> Result<TxnResponse> {
+        if !crate::mvcc::is_read_only(&r) {
+            return self.propose_as(Request::Txn(r)).await;
+        }
+        if !txn_is_serializable(&r) {
+            self.read_index().await?;
+        }
+        let applied = self.state.store.write().apply(
+            &*self.state.engine,
+            &InternalRequest {
+                request: Some(Request::Txn(r)),
+            },
+        )?;
+        let mut resp = typed::<TxnResponse>(applied)?;
+        self.fill(&mut resp.header);
+        Ok(resp)
+    }
+
+    /// Lease `id` as applied here.
+    pub fn lease(&self, id: i64) -> Option<LeaseRecord> {
+        self.state.store.read().lease(id).cloned()
+    }
+
+    /// Every lease's ID, with the revision they are current at.
+    pub fn lease_ids(&self) -> (Vec<i64>, i64) {
+        let store = self.state.store.read();
+        (store.leases().map(|(id, _)| id).collect(), store.revision())
+    }
+
+    /// The alarms raised.
+    pub fn alarms(&self) -> Vec<AlarmMember> {
+        self.state.store.read().alarms().to_vec()
+    }
+}
