@@ -144,6 +144,15 @@ pub struct Flags {
     /// (empty: Go's defaults).
     #[arg(long, env = "ETCD_CIPHER_SUITES", default_value = "")]
     pub cipher_suites: String,
+    /// Specify auth token: 'simple' or 'jwt,pub-key=<file>,priv-key=<file>,sign-method=<alg>[,ttl=<duration>]'.
+    #[arg(long, env = "ETCD_AUTH_TOKEN", default_value = "simple")]
+    pub auth_token: String,
+    /// The lifetime in seconds of a simple auth token (renewed on every use).
+    #[arg(long, env = "ETCD_AUTH_TOKEN_TTL", default_value_t = 300)]
+    pub auth_token_ttl: u64,
+    /// Specify bcrypt algorithm cost factor for auth password hashing (4 to 31).
+    #[arg(long, env = "ETCD_BCRYPT_COST", default_value_t = 10)]
+    pub bcrypt_cost: u32,
 }
 
 /// Go's `strconv.ParseBool`, as etcd's boolean flags take it.
@@ -229,6 +238,12 @@ pub struct Config {
     /// The peer port's TLS files (`--peer-*`): served on `https://` peer URLs and presented
     /// when calling other members.
     pub peer_tls: Option<TlsFiles>,
+    /// `--auth-token`: how tokens are issued (read when the member starts).
+    pub auth_token: String,
+    /// `--auth-token-ttl`, seconds.
+    pub auth_token_ttl: u64,
+    /// `--bcrypt-cost`; out of bcrypt's 4..=31 it is etcd's default, 10.
+    pub bcrypt_cost: u32,
 }
 
 /// The TLS files of a port: `--cert-file`, `--key-file`, `--trusted-ca-file`,
@@ -489,6 +504,13 @@ impl Config {
                 &f.auto_compaction_mode,
                 &f.auto_compaction_retention,
             )?,
+            auth_token: f.auth_token,
+            auth_token_ttl: f.auth_token_ttl,
+            bcrypt_cost: if (4..=31).contains(&f.bcrypt_cost) {
+                f.bcrypt_cost
+            } else {
+                crate::auth::DEFAULT_BCRYPT_COST
+            },
             client_io_threads: match f.experimental_client_io_threads {
                 0 => (std::thread::available_parallelism()
                     .map(|n| n.get())

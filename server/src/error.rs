@@ -83,6 +83,33 @@ pub enum Error {
     RoleEmpty,
     #[error("etcdserver: role name not found")]
     RoleNotFound,
+    #[error("etcdserver: root user does not have root role")]
+    RootRoleNotExist,
+    #[error("etcdserver: user name already exists")]
+    UserAlreadyExist,
+    #[error("etcdserver: role name already exists")]
+    RoleAlreadyExist,
+    #[error("etcdserver: authentication failed, invalid user ID or password")]
+    AuthFailed,
+    #[error("etcdserver: permission not given")]
+    PermissionNotGiven,
+    #[error("etcdserver: permission denied")]
+    PermissionDenied,
+    #[error("etcdserver: role is not granted to the user")]
+    RoleNotGranted,
+    #[error("etcdserver: permission is not granted to the role")]
+    PermissionNotGranted,
+    #[error("etcdserver: invalid auth token")]
+    InvalidAuthToken,
+    #[error("etcdserver: invalid auth management")]
+    InvalidAuthMgmt,
+    #[error("etcdserver: revision of auth store is old")]
+    AuthOldRevision,
+    /// Errors etcd passes to clients unmapped, as gRPC Unknown with its auth
+    /// package's text (a password given for a `--no-password` user; any auth
+    /// error of Defragment, Snapshot, Hash and HashKV).
+    #[error("{0}")]
+    Unknown(String),
     #[error("etcdserver: {0}")]
     InvalidArgument(String),
     #[error("etcdserver: {0}")]
@@ -99,7 +126,11 @@ impl Error {
         match self {
             EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey
             | InvalidSortOption | RequestTooLarge | BadUrls | UserEmpty | RoleEmpty
+            | AuthFailed | PermissionNotGiven | InvalidAuthMgmt | AuthOldRevision
             | InvalidArgument(_) => Code::InvalidArgument,
+            PermissionDenied => Code::PermissionDenied,
+            InvalidAuthToken => Code::Unauthenticated,
+            Unknown(_) => Code::Unknown,
             Compacted | FutureRev | LeaseTtlTooLarge => Code::OutOfRange,
             NoSpace => Code::ResourceExhausted,
             LeaseNotFound | MemberNotFound => Code::NotFound,
@@ -115,7 +146,12 @@ impl Error {
             | AuthNotEnabled
             | RootUserNotExist
             | UserNotFound
-            | RoleNotFound => Code::FailedPrecondition,
+            | RoleNotFound
+            | RootRoleNotExist
+            | UserAlreadyExist
+            | RoleAlreadyExist
+            | RoleNotGranted
+            | PermissionNotGranted => Code::FailedPrecondition,
             NoLeader | LeaderChanged | Timeout | Unhealthy | MemberRemoved | Removed(_) => {
                 Code::Unavailable
             }
@@ -160,6 +196,11 @@ impl Error {
             BadLeaderTransferee,
             Unhealthy,
             MemberRemoved,
+            UserEmpty,
+            UserNotFound,
+            PermissionDenied,
+            InvalidAuthToken,
+            AuthOldRevision,
         ];
         if let Some(e) = KNOWN
             .iter()
@@ -175,6 +216,20 @@ impl Error {
             (Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled, _) => Timeout,
             _ => Internal(format!("peer: {msg}")),
         }
+    }
+
+    /// The text etcd's auth package gives this error (`auth: ...`), which
+    /// Defragment, Snapshot, Hash and HashKV pass on unmapped as Unknown.
+    pub fn raw_auth(self) -> Self {
+        let text = match &self {
+            Error::PermissionDenied => "auth: permission denied",
+            Error::UserEmpty => "auth: user name is empty",
+            Error::UserNotFound => "auth: user not found",
+            Error::InvalidAuthToken => "auth: invalid auth token",
+            Error::AuthOldRevision => "auth: revision in header is old",
+            _ => return self,
+        };
+        Error::Unknown(text.into())
     }
 
     /// Wraps any storage-level failure.

@@ -207,8 +207,7 @@ fn payload_of(bytes: &[u8], skip_hash_check: bool) -> Result<SnapshotPayload> {
 }
 
 fn decode(payload: &[u8]) -> Result<SnapshotPayload> {
-    bincode::deserialize(payload)
-        .map_err(|e| Error::InvalidArgument(format!("snapshot: undecodable content: {e}")))
+    SnapshotPayload::decode(payload)
 }
 
 /// Restores `file` into `cfg.data_dir` for member `cfg.name` of the new cluster
@@ -239,7 +238,7 @@ pub fn restore(file: &Path, cfg: &Config, skip_hash_check: bool) -> Result<Strin
     payload.meta.membership.clear();
     payload.meta.alarms.clear();
     let revision = payload.meta.revision;
-    let encoded = bincode::serialize(&payload).map_err(Error::internal)?;
+    let encoded = payload.encode()?;
     drop(payload);
 
     // Written under a temporary name and renamed, so a crash never leaves a half-restored

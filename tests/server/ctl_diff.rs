@@ -8,7 +8,7 @@ use regex::Regex;
 
 use crate::harness::{Kind, Member, Out};
 
-struct Diff {
+pub(crate) struct Diff {
     members: [Member; 2],
     vars: [HashMap<String, String>; 2],
     masks: Vec<(Regex, &'static str)>,
@@ -18,6 +18,11 @@ struct Diff {
 
 impl Diff {
     fn new() -> Self {
+        Self::with(&[])
+    }
+
+    /// etcd and cairn started with the same `extra` flags.
+    pub(crate) fn with(extra: &[&str]) -> Self {
         let masks = [
             (r#""cluster_id":\d+"#, r#""cluster_id":N"#),
             (r#""member_id":\d+"#, r#""member_id":N"#),
@@ -43,7 +48,10 @@ impl Diff {
             ),
         ];
         Diff {
-            members: [Member::start(Kind::Etcd), Member::start(Kind::Cairn)],
+            members: [
+                Member::start_with(Kind::Etcd, extra),
+                Member::start_with(Kind::Cairn, extra),
+            ],
             vars: [HashMap::new(), HashMap::new()],
             masks: masks
                 .iter()
@@ -90,7 +98,7 @@ impl Diff {
     }
 
     /// Runs a step on both servers and records any difference.
-    fn same_stdin(&mut self, args: &[&str], input: &str) -> [Out; 2] {
+    pub(crate) fn same_stdin(&mut self, args: &[&str], input: &str) -> [Out; 2] {
         let outs = self.run(args, input);
         let e = (
             self.mask(&outs[0].stdout),
@@ -114,12 +122,12 @@ impl Diff {
         outs
     }
 
-    fn same(&mut self, args: &[&str]) -> [Out; 2] {
+    pub(crate) fn same(&mut self, args: &[&str]) -> [Out; 2] {
         self.same_stdin(args, "")
     }
 
     /// Runs a step and keeps `re`'s first group of each server's stdout as `{var}`.
-    fn capture(&mut self, args: &[&str], var: &str, re: &str) {
+    pub(crate) fn capture(&mut self, args: &[&str], var: &str, re: &str) {
         let outs = self.same(args);
         let re = Regex::new(re).unwrap();
         for (i, out) in outs.iter().enumerate() {
@@ -131,7 +139,19 @@ impl Diff {
         }
     }
 
-    fn finish(self) {
+    /// Both servers killed and started again on their data.
+    pub(crate) fn restart(&mut self) {
+        for m in &mut self.members {
+            m.restart();
+        }
+    }
+
+    /// The two members (etcd's, cairn's).
+    pub(crate) fn members(&self) -> &[Member; 2] {
+        &self.members
+    }
+
+    pub(crate) fn finish(self) {
         assert!(
             self.failures.is_empty(),
             "{} of {} etcdctl steps differ between etcd and cairn:\n{}",

@@ -8,6 +8,7 @@ mod linearizability;
 #[path = "../common/ports.rs"]
 mod ports;
 
+mod auth;
 mod client_diff;
 mod crash;
 mod ctl_diff;

@@ -39,6 +39,7 @@ async fn a_raw_lease_grant_with_a_huge_ttl_crashes_no_member() {
     let (cluster_id, member_id) = (header.cluster_id(), header.member_id());
     let grant = |id: i64, ttl: i64| InternalRequest {
         request: Some(Request::LeaseGrant(LeaseGrantRequest { ttl, id })),
+        ..Default::default()
     };
     let batch = |proposer| Batch {
         requests: vec![grant(5, i64::MAX), grant(0, 10), grant(6, 60)],

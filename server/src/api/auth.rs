@@ -1,14 +1,14 @@
-//! etcdserverpb.Auth: authentication is never enabled on cairn, and it
-//! keeps no users or roles. What etcd answers with auth disabled and no
-//! users is answered the same way (empty lists, `auth disable` accepted,
-//! `auth enable` refused for want of a root user, `authenticate` refused as
-//! not enabled, any named user or role not found); creating a user or a role
-//! is refused as unsupported rather than accepted and ignored.
+//! etcdserverpb.Auth: etcd's users, roles and permissions (`crate::auth`).
+//! Changes go through Raft and are checked where applied (root only once
+//! auth is on); passwords are hashed here, on the member that received
+//! them, so neither the log nor a snapshot ever holds one in clear. Gets and
+//! lists are answered from this member's state after a read-index round.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use crate::auth::{self, AuthInfo};
 use crate::error::Error;
 use crate::proto::etcdserverpb::{
     auth_server::Auth, AuthDisableRequest, AuthDisableResponse, AuthEnableRequest,
@@ -23,154 +23,249 @@ use crate::proto::etcdserverpb::{
     AuthUserRevokeRoleRequest, AuthUserRevokeRoleResponse, AuthenticateRequest,
     AuthenticateResponse, ResponseHeader,
 };
+use crate::proto::raftpb::{internal_request::Request as Internal, InternalAuthenticate};
 use crate::server::EtcdServer;
 
 pub struct AuthService {
     s: Arc<EtcdServer>,
 }
 
+type Answer<T> = Result<Response<T>, Status>;
+
 impl AuthService {
     pub fn new(s: Arc<EtcdServer>) -> Self {
         Self { s }
     }
 
-    /// What every auth request goes through first: refused on a learner,
-    /// and (as etcd's go through Raft) answered only with a leader.
-    async fn admit(&self) -> Result<Option<ResponseHeader>, Status> {
-        self.s.not_learner()?;
-        self.s.read_index().await?;
+    /// Proposes an auth change by the caller of `req`; the header once applied.
+    async fn change<T>(
+        &self,
+        req: &Request<T>,
+        change: Internal,
+    ) -> Result<Option<ResponseHeader>, Status> {
+        let ai = super::caller(&self.s, req).await?;
+        self.s.propose_auth(change, ai.as_ref()).await?;
         Ok(Some(self.s.header(0)))
     }
-}
 
-type Answer<T> = Result<Response<T>, Status>;
+    /// For gets and lists: the caller, once this member has applied
+    /// everything committed before the call.
+    async fn reader<T>(&self, req: &Request<T>) -> Result<Option<AuthInfo>, Status> {
+        self.s.not_learner()?;
+        let ai = super::caller(&self.s, req).await?;
+        self.s.read_index().await?;
+        Ok(ai)
+    }
 
-fn unsupported() -> Status {
-    Error::Unsupported("users and roles are not supported".into()).into()
+    /// A password hashed at `--bcrypt-cost`, off the async threads; only for
+    /// an admin (hashing costs tens of milliseconds by design).
+    async fn hash<T>(&self, req: &Request<T>, password: String) -> Result<String, Status> {
+        let ai = super::caller(&self.s, req).await?;
+        self.s.check_admin(ai.as_ref())?;
+        let cost = self.s.cfg.bcrypt_cost;
+        let hashed = tokio::task::spawn_blocking(move || auth::hash_password(&password, cost))
+            .await
+            .map_err(Error::internal)??;
+        Ok(hashed)
+    }
 }
 
 #[tonic::async_trait]
 impl Auth for AuthService {
-    async fn auth_enable(&self, _: Request<AuthEnableRequest>) -> Answer<AuthEnableResponse> {
-        self.admit().await?;
-        Err(Error::RootUserNotExist.into())
+    async fn auth_enable(&self, req: Request<AuthEnableRequest>) -> Answer<AuthEnableResponse> {
+        let header = self
+            .change(&req, Internal::AuthEnable(AuthEnableRequest {}))
+            .await?;
+        Ok(Response::new(AuthEnableResponse { header }))
     }
 
-    async fn auth_disable(&self, _: Request<AuthDisableRequest>) -> Answer<AuthDisableResponse> {
-        let header = self.admit().await?;
+    async fn auth_disable(&self, req: Request<AuthDisableRequest>) -> Answer<AuthDisableResponse> {
+        let header = self
+            .change(&req, Internal::AuthDisable(AuthDisableRequest {}))
+            .await?;
         Ok(Response::new(AuthDisableResponse { header }))
     }
 
-    async fn auth_status(&self, _: Request<AuthStatusRequest>) -> Answer<AuthStatusResponse> {
-        let header = self.admit().await?;
+    async fn auth_status(&self, req: Request<AuthStatusRequest>) -> Answer<AuthStatusResponse> {
+        let ai = self.reader(&req).await?;
+        self.s.check_admin(ai.as_ref())?;
+        let store = self.s.state.auth.store.read();
         Ok(Response::new(AuthStatusResponse {
-            header,
-            enabled: false,
-            // A new etcd auth store is at revision 1 (its first commit).
-            auth_revision: 1,
+            header: Some(self.s.header(0)),
+            enabled: store.enabled(),
+            auth_revision: store.revision(),
         }))
     }
 
-    async fn authenticate(&self, _: Request<AuthenticateRequest>) -> Answer<AuthenticateResponse> {
-        self.admit().await?;
-        Err(Error::AuthNotEnabled.into())
+    async fn authenticate(
+        &self,
+        req: Request<AuthenticateRequest>,
+    ) -> Answer<AuthenticateResponse> {
+        self.s.not_learner()?;
+        self.s.read_index().await?;
+        let r = req.into_inner();
+        loop {
+            // Checked here (bcrypt is slow by design), then proposed so that
+            // every member knows the token; checked again if the auth state
+            // changed meanwhile (the password may have).
+            let (hash, checked) = self.s.state.auth.store.read().password_of(&r.name)?;
+            let password = r.password.clone();
+            let ok = tokio::task::spawn_blocking(move || auth::password_matches(&password, &hash))
+                .await
+                .map_err(Error::internal)?;
+            if !ok {
+                return Err(Error::AuthFailed.into());
+            }
+            let simple_token = self.s.state.auth.tokens().prefix();
+            let change = Internal::Authenticate(InternalAuthenticate {
+                name: r.name.clone(),
+                simple_token,
+            });
+            let token = self.s.propose_auth(change, None).await?;
+            if checked == self.s.state.auth.store.read().revision() {
+                return Ok(Response::new(AuthenticateResponse {
+                    header: Some(self.s.header(0)),
+                    token,
+                }));
+            }
+        }
     }
 
     async fn user_add(&self, req: Request<AuthUserAddRequest>) -> Answer<AuthUserAddResponse> {
-        self.admit().await?;
-        if req.get_ref().name.is_empty() {
-            return Err(Error::UserEmpty.into());
+        let no_password = req
+            .get_ref()
+            .options
+            .as_ref()
+            .is_some_and(|o| o.no_password);
+        let mut r = req.get_ref().clone();
+        if !r.name.is_empty() && !no_password && r.hashed_password.is_empty() {
+            r.hashed_password = self.hash(&req, std::mem::take(&mut r.password)).await?;
         }
-        Err(unsupported())
+        r.password.clear();
+        let header = self.change(&req, Internal::UserAdd(r)).await?;
+        Ok(Response::new(AuthUserAddResponse { header }))
     }
 
-    async fn user_get(&self, _: Request<AuthUserGetRequest>) -> Answer<AuthUserGetResponse> {
-        self.admit().await?;
-        Err(Error::UserNotFound.into())
+    async fn user_get(&self, req: Request<AuthUserGetRequest>) -> Answer<AuthUserGetResponse> {
+        let ai = self.reader(&req).await?;
+        let name = &req.get_ref().name;
+        // Users may read themselves; anyone else needs root.
+        if ai.as_ref().is_none_or(|a| a.user != *name) {
+            self.s.check_admin(ai.as_ref())?;
+        }
+        let store = self.s.state.auth.store.read();
+        let user = store.user(name).ok_or(Error::UserNotFound)?;
+        Ok(Response::new(AuthUserGetResponse {
+            header: Some(self.s.header(0)),
+            roles: user.roles.clone(),
+        }))
     }
 
-    async fn user_list(&self, _: Request<AuthUserListRequest>) -> Answer<AuthUserListResponse> {
-        let header = self.admit().await?;
+    async fn user_list(&self, req: Request<AuthUserListRequest>) -> Answer<AuthUserListResponse> {
+        let ai = self.reader(&req).await?;
+        self.s.check_admin(ai.as_ref())?;
+        let users = self.s.state.auth.store.read().user_names();
         Ok(Response::new(AuthUserListResponse {
-            header,
-            users: Vec::new(),
+            header: Some(self.s.header(0)),
+            users,
         }))
     }
 
     async fn user_delete(
         &self,
-        _: Request<AuthUserDeleteRequest>,
+        req: Request<AuthUserDeleteRequest>,
     ) -> Answer<AuthUserDeleteResponse> {
-        self.admit().await?;
-        Err(Error::UserNotFound.into())
+        let r = Internal::UserDelete(req.get_ref().clone());
+        let header = self.change(&req, r).await?;
+        Ok(Response::new(AuthUserDeleteResponse { header }))
     }
 
     async fn user_change_password(
         &self,
-        _: Request<AuthUserChangePasswordRequest>,
+        req: Request<AuthUserChangePasswordRequest>,
     ) -> Answer<AuthUserChangePasswordResponse> {
-        self.admit().await?;
-        Err(Error::UserNotFound.into())
+        let mut r = req.get_ref().clone();
+        if r.hashed_password.is_empty() {
+            r.hashed_password = self.hash(&req, std::mem::take(&mut r.password)).await?;
+        }
+        r.password.clear();
+        let header = self.change(&req, Internal::UserChangePassword(r)).await?;
+        Ok(Response::new(AuthUserChangePasswordResponse { header }))
     }
 
     async fn user_grant_role(
         &self,
-        _: Request<AuthUserGrantRoleRequest>,
+        req: Request<AuthUserGrantRoleRequest>,
     ) -> Answer<AuthUserGrantRoleResponse> {
-        self.admit().await?;
-        Err(Error::UserNotFound.into())
+        let r = Internal::UserGrantRole(req.get_ref().clone());
+        let header = self.change(&req, r).await?;
+        Ok(Response::new(AuthUserGrantRoleResponse { header }))
     }
 
     async fn user_revoke_role(
         &self,
-        _: Request<AuthUserRevokeRoleRequest>,
+        req: Request<AuthUserRevokeRoleRequest>,
     ) -> Answer<AuthUserRevokeRoleResponse> {
-        self.admit().await?;
-        Err(Error::UserNotFound.into())
+        let r = Internal::UserRevokeRole(req.get_ref().clone());
+        let header = self.change(&req, r).await?;
+        Ok(Response::new(AuthUserRevokeRoleResponse { header }))
     }
 
     async fn role_add(&self, req: Request<AuthRoleAddRequest>) -> Answer<AuthRoleAddResponse> {
-        self.admit().await?;
-        if req.get_ref().name.is_empty() {
-            return Err(Error::RoleEmpty.into());
+        let r = Internal::RoleAdd(req.get_ref().clone());
+        let header = self.change(&req, r).await?;
+        Ok(Response::new(AuthRoleAddResponse { header }))
+    }
+
+    async fn role_get(&self, req: Request<AuthRoleGetRequest>) -> Answer<AuthRoleGetResponse> {
+        let ai = self.reader(&req).await?;
+        let role = &req.get_ref().role;
+        let store = self.s.state.auth.store.read();
+        // Users may read the roles they have; other roles need root.
+        if !ai.as_ref().is_some_and(|a| store.has_role(&a.user, role)) {
+            store.check_admin(ai.as_ref())?;
         }
-        Err(unsupported())
+        let found = store.role(role).ok_or(Error::RoleNotFound)?;
+        Ok(Response::new(AuthRoleGetResponse {
+            header: Some(self.s.header(0)),
+            perm: found.key_permission.clone(),
+        }))
     }
 
-    async fn role_get(&self, _: Request<AuthRoleGetRequest>) -> Answer<AuthRoleGetResponse> {
-        self.admit().await?;
-        Err(Error::RoleNotFound.into())
-    }
-
-    async fn role_list(&self, _: Request<AuthRoleListRequest>) -> Answer<AuthRoleListResponse> {
-        let header = self.admit().await?;
+    async fn role_list(&self, req: Request<AuthRoleListRequest>) -> Answer<AuthRoleListResponse> {
+        let ai = self.reader(&req).await?;
+        self.s.check_admin(ai.as_ref())?;
+        let roles = self.s.state.auth.store.read().role_names();
         Ok(Response::new(AuthRoleListResponse {
-            header,
-            roles: Vec::new(),
+            header: Some(self.s.header(0)),
+            roles,
         }))
     }
 
     async fn role_delete(
         &self,
-        _: Request<AuthRoleDeleteRequest>,
+        req: Request<AuthRoleDeleteRequest>,
     ) -> Answer<AuthRoleDeleteResponse> {
-        self.admit().await?;
-        Err(Error::RoleNotFound.into())
+        let r = Internal::RoleDelete(req.get_ref().clone());
+        let header = self.change(&req, r).await?;
+        Ok(Response::new(AuthRoleDeleteResponse { header }))
     }
 
     async fn role_grant_permission(
         &self,
-        _: Request<AuthRoleGrantPermissionRequest>,
+        req: Request<AuthRoleGrantPermissionRequest>,
     ) -> Answer<AuthRoleGrantPermissionResponse> {
-        self.admit().await?;
-        Err(Error::RoleNotFound.into())
+        let r = Internal::RoleGrantPermission(req.get_ref().clone());
+        let header = self.change(&req, r).await?;
+        Ok(Response::new(AuthRoleGrantPermissionResponse { header }))
     }
 
     async fn role_revoke_permission(
         &self,
-        _: Request<AuthRoleRevokePermissionRequest>,
+        req: Request<AuthRoleRevokePermissionRequest>,
     ) -> Answer<AuthRoleRevokePermissionResponse> {
-        self.admit().await?;
-        Err(Error::RoleNotFound.into())
+        let r = Internal::RoleRevokePermission(req.get_ref().clone());
+        let header = self.change(&req, r).await?;
+        Ok(Response::new(AuthRoleRevokePermissionResponse { header }))
     }
 }

@@ -386,22 +386,44 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FixAuthority<S> {
     }
 }
 
+/// What every request on a client connection carries in its extensions:
+/// over TLS, the common name of the client certificate
+/// (verified against `--trusted-ca-file` in the handshake), which etcd takes
+/// as the user when `--client-cert-auth` is set and no token is sent.
+#[derive(Debug, Clone)]
+pub struct ClientConn {
+    pub common_name: Option<std::sync::Arc<str>>,
+}
+
 impl tonic::transport::server::Connected for FixAuthority<tokio::net::TcpStream> {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    type ConnectInfo = ClientConn;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
+        ClientConn { common_name: None }
     }
 }
 
 impl tonic::transport::server::Connected
     for FixAuthority<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>
 {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    type ConnectInfo = ClientConn;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.get_ref().0.connect_info()
+        let (_, tls) = self.inner.get_ref();
+        let common_name = tls
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|cert| common_name(cert.as_ref()))
+            .map(Into::into);
+        ClientConn { common_name }
     }
+}
+
+/// The subject common name of a DER certificate.
+fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
 }
 
 #[cfg(test)]

@@ -30,6 +30,8 @@ impl Cluster for ClusterService {
     ) -> Result<Response<MemberAddResponse>, Status> {
         let s = &self.s;
         s.not_learner()?;
+        // Membership changes are root's once auth is on.
+        s.check_admin(super::caller(s, &req).await?.as_ref())?;
         let r = req.into_inner();
         let forwarded = r.clone();
         let resp = s
@@ -47,6 +49,8 @@ impl Cluster for ClusterService {
     ) -> Result<Response<MemberRemoveResponse>, Status> {
         let s = &self.s;
         s.not_learner()?;
+        // Membership changes are root's once auth is on.
+        s.check_admin(super::caller(s, &req).await?.as_ref())?;
         let r = req.into_inner();
         let resp = s
             .on_leader(
@@ -63,6 +67,8 @@ impl Cluster for ClusterService {
     ) -> Result<Response<MemberUpdateResponse>, Status> {
         let s = &self.s;
         s.not_learner()?;
+        // Membership changes are root's once auth is on.
+        s.check_admin(super::caller(s, &req).await?.as_ref())?;
         let r = req.into_inner();
         let forwarded = r.clone();
         let resp = s
@@ -96,6 +102,8 @@ impl Cluster for ClusterService {
     ) -> Result<Response<MemberPromoteResponse>, Status> {
         let s = &self.s;
         s.not_learner()?;
+        // Membership changes are root's once auth is on.
+        s.check_admin(super::caller(s, &req).await?.as_ref())?;
         let r = req.into_inner();
         let resp = s
             .on_leader(

@@ -216,14 +216,22 @@ fn failed(headers: &HeaderMap) -> Option<Status> {
 
 /// Calls the gRPC method at `path` with `body`: the reply's body, or the
 /// call's failure.
+/// The HTTP `Authorization` header goes along as `authorization` metadata,
+/// as etcd's gateway passes a token; nothing of the connection does (its
+/// client certificate never names a user here, as in etcd).
 async fn invoke(
     grpc: Routes,
     path: &str,
     body: tonic::body::Body,
+    token: Option<&http::HeaderValue>,
 ) -> Result<tonic::body::Body, Status> {
-    let req = http::Request::post(path)
+    let mut req = http::Request::post(path)
         .header(header::CONTENT_TYPE, "application/grpc")
-        .header(header::TE, "trailers")
+        .header(header::TE, "trailers");
+    if let Some(token) = token {
+        req = req.header("authorization", token);
+    }
+    let req = req
         .body(body)
         .map_err(|e| Status::internal(e.to_string()))?;
     let resp = grpc
@@ -237,7 +245,13 @@ async fn invoke(
     }
 }
 
-async fn call(State(grpc): State<Routes>, Path(path): Path<String>, body: Bytes) -> Response {
+async fn call(
+    State(grpc): State<Routes>,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let token = headers.get(header::AUTHORIZATION);
     let Some(&(_, service, method)) = ROUTES.iter().find(|(p, _, _)| *p == path) else {
         return (StatusCode::NOT_FOUND, "Not Found\n").into_response();
     };
@@ -250,7 +264,7 @@ async fn call(State(grpc): State<Routes>, Path(path): Path<String>, body: Bytes)
     };
     let path = format!("/{full}/{method}");
     if desc.is_client_streaming() || desc.is_server_streaming() {
-        return stream(grpc, &path, desc, body).await;
+        return stream(grpc, &path, desc, body, token).await;
     }
     let reply = async {
         let mut json = serde_json::Deserializer::from_slice(&body);
@@ -258,7 +272,7 @@ async fn call(State(grpc): State<Routes>, Path(path): Path<String>, body: Bytes)
         json.end()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let body = tonic::body::Body::new(Full::new(frame(&request)));
-        let collected = invoke(grpc, &path, body)
+        let collected = invoke(grpc, &path, body, token)
             .await?
             .collect()
             .await
@@ -280,7 +294,13 @@ async fn call(State(grpc): State<Routes>, Path(path): Path<String>, body: Bytes)
 /// A streaming method: every JSON object in `body` is a request; each reply
 /// is a line. A client stream stays open (the server keeps answering, as
 /// etcd's does after a client's half-close) until the HTTP client leaves.
-async fn stream(grpc: Routes, path: &str, desc: MethodDescriptor, body: Bytes) -> Response {
+async fn stream(
+    grpc: Routes,
+    path: &str,
+    desc: MethodDescriptor,
+    body: Bytes,
+    token: Option<&http::HeaderValue>,
+) -> Response {
     let mut requests = Vec::new();
     for value in serde_json::Deserializer::from_slice(&body).into_iter::<serde_json::Value>() {
         match value
@@ -297,7 +317,7 @@ async fn stream(grpc: Routes, path: &str, desc: MethodDescriptor, body: Bytes) -
     } else {
         tonic::body::Body::new(StreamBody::new(sent))
     };
-    let body = match invoke(grpc, path, body).await {
+    let body = match invoke(grpc, path, body, token).await {
         Ok(body) => body,
         Err(status) => return error(status),
     };

@@ -27,16 +27,19 @@ impl KvService {
 impl Kv for KvService {
     #[instrument(level = "debug", skip_all, fields(key = %String::from_utf8_lossy(&req.get_ref().key), rev = req.get_ref().revision))]
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let ai = super::caller(&self.s, &req).await?;
         let r = req.into_inner();
         validate::check_range(&r)?;
-        Ok(Response::new(self.s.range(r).await?))
+        Ok(Response::new(self.s.range(r, ai.as_ref()).await?))
     }
 
     #[instrument(level = "debug", skip_all, fields(key = %String::from_utf8_lossy(&req.get_ref().key)))]
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let ai = super::caller(&self.s, &req).await?;
         let r = req.into_inner();
         validate::check_put(&r)?;
-        Ok(Response::new(self.s.propose_as(Internal::Put(r)).await?))
+        let r = Internal::Put(r);
+        Ok(Response::new(self.s.propose_as(r, ai.as_ref()).await?))
     }
 
     #[instrument(level = "debug", skip_all, fields(key = %String::from_utf8_lossy(&req.get_ref().key)))]
@@ -44,18 +47,19 @@ impl Kv for KvService {
         &self,
         req: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let ai = super::caller(&self.s, &req).await?;
         let r = req.into_inner();
         validate::check_delete(&r)?;
-        Ok(Response::new(
-            self.s.propose_as(Internal::DeleteRange(r)).await?,
-        ))
+        let r = Internal::DeleteRange(r);
+        Ok(Response::new(self.s.propose_as(r, ai.as_ref()).await?))
     }
 
     #[instrument(level = "debug", skip_all)]
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let ai = super::caller(&self.s, &req).await?;
         let r = req.into_inner();
         validate::check_txn(&r, self.s.cfg.max_txn_ops)?;
-        Ok(Response::new(self.s.txn(r).await?))
+        Ok(Response::new(self.s.txn(r, ai.as_ref()).await?))
     }
 
     #[instrument(level = "debug", skip_all, fields(rev = req.get_ref().revision))]
@@ -64,7 +68,8 @@ impl Kv for KvService {
         req: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
         // Compaction is applied synchronously, so `physical` holds on return.
+        let ai = super::caller(&self.s, &req).await?;
         let r = Internal::Compaction(req.into_inner());
-        Ok(Response::new(self.s.propose_as(r).await?))
+        Ok(Response::new(self.s.propose_as(r, ai.as_ref()).await?))
     }
 }

@@ -78,7 +78,7 @@ impl Lease for Arc<LeaseService> {
             r.id = self.generate_id();
         }
         Ok(Response::new(
-            self.s.propose_as(Internal::LeaseGrant(r)).await?,
+            self.s.propose_as(Internal::LeaseGrant(r), None).await?,
         ))
     }
 
@@ -87,8 +87,11 @@ impl Lease for Arc<LeaseService> {
         &self,
         req: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        // Revoking deletes the lease's keys: the caller must be able to
+        // write them all (checked where it is applied).
+        let ai = super::caller(&self.s, &req).await?;
         let r = Internal::LeaseRevoke(req.into_inner());
-        Ok(Response::new(self.s.propose_as(r).await?))
+        Ok(Response::new(self.s.propose_as(r, ai.as_ref()).await?))
     }
 
     type LeaseKeepAliveStream = KeepAliveStream;

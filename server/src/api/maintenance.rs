@@ -31,6 +31,17 @@ impl MaintenanceService {
     pub fn new(s: Arc<EtcdServer>) -> Self {
         Self { s }
     }
+
+    /// Defragment, Snapshot, Hash and HashKV are root's once auth is on;
+    /// etcd passes their auth errors on unmapped (gRPC Unknown, `auth: ...`).
+    async fn root_only<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let ai = super::caller(&self.s, req)
+            .await
+            .map_err(|s| Status::from(crate::error::Error::from_peer(&s).raw_auth()))?;
+        self.s
+            .check_admin(ai.as_ref())
+            .map_err(|e| Status::from(e.raw_auth()))
+    }
 }
 
 type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
@@ -49,7 +60,9 @@ impl Maintenance for MaintenanceService {
             ))
             .into());
         }
-        Ok(Response::new(self.s.propose_as(Internal::Alarm(r)).await?))
+        Ok(Response::new(
+            self.s.propose_as(Internal::Alarm(r), None).await?,
+        ))
     }
 
     async fn status(
@@ -90,8 +103,9 @@ impl Maintenance for MaintenanceService {
 
     async fn defragment(
         &self,
-        _req: Request<DefragmentRequest>,
+        req: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
+        self.root_only(&req).await?;
         let state = self.s.state.clone();
         tokio::task::spawn_blocking(move || state.engine.defragment())
             .await
@@ -101,7 +115,8 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
-    async fn hash(&self, _req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+    async fn hash(&self, req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        self.root_only(&req).await?;
         let state = self.s.state.clone();
         let hash = tokio::task::spawn_blocking(move || {
             let view = {
@@ -122,6 +137,7 @@ impl Maintenance for MaintenanceService {
         &self,
         req: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
+        self.root_only(&req).await?;
         let r = req.into_inner();
         let state = self.s.state.clone();
         let (hash, compacted, rev, current) = tokio::task::spawn_blocking(move || {
@@ -153,8 +169,9 @@ impl Maintenance for MaintenanceService {
 
     async fn snapshot(
         &self,
-        _req: Request<SnapshotRequest>,
+        req: Request<SnapshotRequest>,
     ) -> Result<Response<SnapshotStream>, Status> {
+        self.root_only(&req).await?;
         // Streamed from a consistent view of the store as it is read: neither the state nor
         // the file is held in memory, whatever their size. The channel's few chunks are all
         // that waits for a slow client.

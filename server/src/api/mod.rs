@@ -35,6 +35,25 @@ use crate::proto::etcdserverpb::{
 };
 use crate::server::{EtcdServer, ETCD_CLUSTER_VERSION, ETCD_VERSION};
 
+/// Who makes `req`: the token it carries (etcd's `token` metadata, or
+/// `authorization` as etcd's gateway passes it) or the common name of its
+/// connection's client certificate (see [`EtcdServer::caller`]).
+pub(crate) async fn caller<T>(
+    s: &EtcdServer,
+    req: &tonic::Request<T>,
+) -> Result<Option<crate::auth::AuthInfo>, tonic::Status> {
+    let md = req.metadata();
+    let token = md
+        .get("token")
+        .or_else(|| md.get("authorization"))
+        .and_then(|v| v.to_str().ok());
+    let cn = req
+        .extensions()
+        .get::<authority::ClientConn>()
+        .and_then(|c| c.common_name.as_deref());
+    Ok(s.caller(token, cn).await?)
+}
+
 /// gRPC allows this much above `--max-request-bytes` (etcd's `grpcOverheadBytes`).
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 

@@ -48,6 +48,19 @@ impl Watch for WatchService {
         req: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<WatchStream>, Status> {
         self.s.not_learner()?;
+        // Each watch created on the stream is checked against the caller of
+        // the stream (its token or certificate), as etcd checks them.
+        let md = req.metadata();
+        let token = md
+            .get("token")
+            .or_else(|| md.get("authorization"))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let common_name = req
+            .extensions()
+            .get::<super::authority::ClientConn>()
+            .and_then(|c| c.common_name.as_deref())
+            .map(str::to_string);
         let inbound = req.into_inner();
         let (out, rx) = mpsc::channel(256);
         let (hub_tx, hub_rx) = stream_queue();
@@ -58,6 +71,8 @@ impl Watch for WatchService {
             hub_tx,
             watchers: HashMap::new(),
             next_id: 0,
+            token,
+            common_name,
         };
         tokio::spawn(task.run(inbound, hub_rx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -94,6 +109,8 @@ struct StreamTask {
     hub_tx: StreamTx,
     watchers: HashMap<i64, Watcher>,
     next_id: i64,
+    token: Option<String>,
+    common_name: Option<String>,
 }
 
 impl StreamTask {
@@ -159,7 +176,50 @@ impl StreamTask {
         }
     }
 
+    /// Whether the stream's caller may read what `c` watches; etcd refuses
+    /// with a canceled response of watch ID -1 whose reason is the gRPC
+    /// error's text.
+    async fn permitted(&self, c: &WatchCreateRequest) -> Result<(), String> {
+        let ai = self
+            .s
+            .caller(self.token.as_deref(), self.common_name.as_deref())
+            .await;
+        let key: &[u8] = if c.key.is_empty() { b"\0" } else { &c.key };
+        let checked = ai.and_then(|ai| {
+            self.s
+                .state
+                .auth
+                .store
+                .read()
+                .check_range(ai.as_ref(), key, &c.range_end, false)
+        });
+        checked.map_err(|e| {
+            let (code, text) = match e {
+                crate::error::Error::InvalidAuthToken => ("Unauthenticated", e.to_string()),
+                crate::error::Error::AuthOldRevision | crate::error::Error::UserEmpty => {
+                    ("InvalidArgument", e.to_string())
+                }
+                _ => (
+                    "PermissionDenied",
+                    crate::error::Error::PermissionDenied.to_string(),
+                ),
+            };
+            format!("rpc error: code = {code} desc = {text}")
+        })
+    }
+
     async fn create(&mut self, c: WatchCreateRequest) -> bool {
+        if let Err(reason) = self.permitted(&c).await {
+            let r = WatchResponse {
+                header: Some(self.s.header(0)),
+                watch_id: -1,
+                created: true,
+                canceled: true,
+                cancel_reason: reason,
+                ..Default::default()
+            };
+            return self.send(r).await;
+        }
         let id = if c.watch_id != 0 {
             if self.watchers.contains_key(&c.watch_id) {
                 let r = WatchResponse {

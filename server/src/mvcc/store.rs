@@ -39,6 +39,11 @@ pub enum Applied {
     LeaseGrant(LeaseGrantResponse),
     LeaseRevoke(LeaseRevokeResponse),
     Alarm(AlarmResponse),
+    /// An auth change (applied by `crate::auth`, not here); `token` is
+    /// Authenticate's.
+    Auth {
+        token: String,
+    },
 }
 
 /// Everything a batch of applied requests changed, for the storage engine to
@@ -386,6 +391,9 @@ impl MvccStore {
             }
             Request::LeaseRevoke(r) => self.lease_revoke(reader, r).map(Applied::LeaseRevoke),
             Request::Alarm(a) => self.alarm(a).map(Applied::Alarm),
+            other => Err(Error::Internal(format!(
+                "not a key-space request: {other:?}"
+            ))),
         }
     }
 
@@ -833,7 +841,13 @@ mod tests {
             }
         }
         fn apply(&mut self, r: Request) -> Result<Applied> {
-            let out = self.s.apply(&self.h, &InternalRequest { request: Some(r) });
+            let out = self.s.apply(
+                &self.h,
+                &InternalRequest {
+                    request: Some(r),
+                    ..Default::default()
+                },
+            );
             let ws = self.s.take_writes();
             self.h.persist(&ws);
             out

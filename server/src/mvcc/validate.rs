@@ -311,6 +311,7 @@ mod tests {
         let batch = crate::proto::raftpb::Batch {
             requests: vec![crate::proto::raftpb::InternalRequest {
                 request: Some(R::Txn(deepest)),
+                ..Default::default()
             }],
             proposer: 1,
             seq: 1,
@@ -321,6 +322,7 @@ mod tests {
         let batch = crate::proto::raftpb::Batch {
             requests: vec![crate::proto::raftpb::InternalRequest {
                 request: Some(R::Txn(nested(60))),
+                ..Default::default()
             }],
             proposer: 1,
             seq: 1,

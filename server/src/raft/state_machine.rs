@@ -21,16 +21,69 @@ use crate::storage::{decode_record, Engine, StateMeta};
 use crate::watch::Hub;
 
 /// A whole state machine, serialized: what a Raft snapshot and the
-/// Maintenance.Snapshot stream carry.
+/// Maintenance.Snapshot stream carry. The bincode of `meta`, `records` and
+/// `leases` comes first, as builds before auth wrote it whole; the auth state
+/// follows as a versioned extension ([`AUTH_EXTENSION`], a little-endian u64
+/// length, the `raftpb.AuthState` bytes), which those builds never read and
+/// whose absence means "auth never changed".
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SnapshotPayload {
     pub meta: StateMeta,
     /// (main, sub, encoded record)
     pub records: Vec<(i64, i64, Vec<u8>)>,
     pub leases: Vec<(i64, i64)>,
+    /// The encoded auth state (empty: never changed).
+    #[serde(skip)]
+    pub auth: Vec<u8>,
+}
+
+/// Marks the auth state after a snapshot payload's first part (version 1).
+pub const AUTH_EXTENSION: &[u8; 8] = b"cairnAU1";
+
+/// The auth extension of a snapshot payload.
+pub fn auth_extension(auth: &[u8]) -> Vec<u8> {
+    if auth.is_empty() {
+        return Vec::new();
+    }
+    let mut out = Vec::with_capacity(16 + auth.len());
+    out.extend_from_slice(AUTH_EXTENSION);
+    out.extend_from_slice(&(auth.len() as u64).to_le_bytes());
+    out.extend_from_slice(auth);
+    out
 }
 
 impl SnapshotPayload {
+    /// The payload's bytes.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let mut bytes = bincode::serialize(self).map_err(Error::internal)?;
+        bytes.extend_from_slice(&auth_extension(&self.auth));
+        Ok(bytes)
+    }
+
+    /// Reads a payload, with or without the auth extension.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let bad = |e: String| Error::InvalidArgument(format!("snapshot: undecodable content: {e}"));
+        let mut rest = bytes;
+        let mut payload: SnapshotPayload =
+            bincode::deserialize_from(&mut rest).map_err(|e| bad(e.to_string()))?;
+        if !rest.is_empty() {
+            let ext = rest
+                .strip_prefix(AUTH_EXTENSION.as_slice())
+                .ok_or_else(|| bad("unknown content after the key space".into()))?;
+            let (len, auth) = ext
+                .split_at_checked(8)
+                .ok_or_else(|| bad("short auth".into()))?;
+            let len = u64::from_le_bytes(len.try_into().map_err(Error::internal)?);
+            if len != auth.len() as u64 {
+                return Err(bad(format!("auth of {len} bytes, {} present", auth.len())));
+            }
+            <crate::proto::raftpb::AuthState as prost::Message>::decode(auth)
+                .map_err(|e| bad(format!("auth: {e}")))?;
+            payload.auth = auth.to_vec();
+        }
+        Ok(payload)
+    }
+
     /// Refuses a payload whose positions this member could not go on from: revisions out of
     /// range (the next write would overflow, or a record would sort among the leases), a
     /// compaction past the revision, more alarms than are ever kept. Lease TTLs over etcd's
@@ -89,6 +142,8 @@ pub struct KvState {
     pending: Mutex<std::collections::HashMap<u64, OnApplied>>,
     /// Which members the applied memberships have had: who was removed.
     pub history: super::MemberHistory,
+    /// Users, roles and permissions, applied from the log like the key space.
+    pub auth: crate::auth::Auth,
 }
 
 fn decode_position(meta: &StateMeta) -> Result<(Option<LogId>, StoredMembership)> {
@@ -103,6 +158,16 @@ fn decode_position(meta: &StateMeta) -> Result<(Option<LogId>, StoredMembership)
         crate::storage::dec(&meta.membership)?
     };
     Ok((applied, membership))
+}
+
+/// The auth state stored as `bytes` (empty: a new one).
+fn load_auth(bytes: &[u8]) -> Result<crate::auth::AuthStore> {
+    if bytes.is_empty() {
+        return Ok(Default::default());
+    }
+    let state = <crate::proto::raftpb::AuthState as prost::Message>::decode(bytes)
+        .map_err(|e| Error::Internal(format!("storage: corrupt auth state: {e}")))?;
+    Ok(crate::auth::AuthStore::from_state(state))
 }
 
 fn rebuild(engine: &Engine, meta: &StateMeta, min_lease_ttl: i64) -> Result<MvccStore> {
@@ -128,6 +193,8 @@ impl KvState {
         let history = super::MemberHistory::load(&engine)?;
         // Data dirs of builds before the history: start it from the applied membership.
         history.note(&engine, &position.1)?;
+        let auth = crate::auth::Auth::default();
+        *auth.store.write() = load_auth(&engine.auth_state()?)?;
         Ok(Self {
             engine,
             store: RwLock::new(store),
@@ -141,6 +208,7 @@ impl KvState {
             replicated: Default::default(),
             pending: Mutex::new(Default::default()),
             history,
+            auth,
         })
     }
 
@@ -197,15 +265,17 @@ impl KvState {
         let mut pos = self.applied.lock();
         let mut results = Vec::with_capacity(entries.len());
         let mut ready = Vec::new();
+        let mut auth_changed = false;
         for e in entries {
             pos.0 = Some(e.log_id);
             match e.payload {
                 EntryPayload::Blank => results.push(Vec::new()),
                 EntryPayload::Normal(Proposal(batch)) => {
+                    let index = e.log_id.index;
                     let out: BatchResult = batch
                         .requests
                         .iter()
-                        .map(|r| store.apply(&*self.engine, r))
+                        .map(|r| self.apply_one(&mut store, r, index, &mut auth_changed))
                         .collect();
                     let mine = (batch.proposer == self.member_id)
                         .then(|| self.pending.lock().remove(&batch.seq))
@@ -227,7 +297,9 @@ impl KvState {
         }
         let ws = store.take_writes();
         let meta = self.position_meta(&store, &pos);
-        self.engine.write_state(&ws, &meta)?;
+        let auth =
+            auth_changed.then(|| prost::Message::encode_to_vec(&self.auth.store.read().to_state()));
+        self.engine.write_state(&ws, &meta, auth.as_deref())?;
         self.hub
             .publish(&ws.events, store.revision(), store.compacted());
         for (id, ttl) in &ws.granted {
@@ -243,6 +315,61 @@ impl KvState {
         Ok(results)
     }
 
+    /// Applies one request of a batch at log `index`: auth changes to the
+    /// auth state (by an admin once auth is on), anything else to the key
+    /// space once the user its proposer named may make it.
+    fn apply_one(
+        &self,
+        store: &mut MvccStore,
+        r: &crate::proto::raftpb::InternalRequest,
+        index: u64,
+        auth_changed: &mut bool,
+    ) -> Result<crate::mvcc::Applied> {
+        use crate::proto::raftpb::internal_request::Request as R;
+        let ai = (!r.username.is_empty()).then(|| crate::auth::AuthInfo {
+            user: r.username.clone(),
+            revision: r.auth_revision,
+        });
+        let Some(req) = &r.request else {
+            return store.apply(&*self.engine, r);
+        };
+        if !crate::auth::store::is_auth_request(req) {
+            let auth = self.auth.store.read();
+            if auth.enabled() {
+                let keys = |id: i64| store.lease(id).map(|l| l.keys.clone());
+                auth.check_request(ai.as_ref(), req, &keys)?;
+            }
+            drop(auth);
+            return store.apply(&*self.engine, r);
+        }
+        let mut auth = self.auth.store.write();
+        if !matches!(req, R::Authenticate(_)) {
+            auth.check_admin(ai.as_ref())?;
+        }
+        let applied = auth.apply(req)?;
+        *auth_changed = true;
+        let tokens = self.auth.tokens();
+        let token = match (applied, req) {
+            (crate::auth::AuthApplied::Authenticated { user, revision }, R::Authenticate(a)) => {
+                tokens.assign(&user, revision, &a.simple_token, index)?
+            }
+            (_, R::UserDelete(d)) => {
+                tokens.invalidate_user(&d.name);
+                String::new()
+            }
+            (_, R::UserChangePassword(c)) => {
+                tokens.invalidate_user(&c.name);
+                String::new()
+            }
+            (_, R::AuthDisable(_)) => {
+                tokens.clear();
+                String::new()
+            }
+            _ => String::new(),
+        };
+        Ok(crate::mvcc::Applied::Auth { token })
+    }
+
     /// Serializes the whole state machine at its applied position.
     pub fn snapshot_payload(&self) -> Result<(Vec<u8>, Option<LogId>, StoredMembership)> {
         // The lock keeps applies out only while the view is taken, so the
@@ -256,8 +383,9 @@ impl KvState {
             meta,
             records: view.records()?,
             leases: view.leases()?,
+            auth: view.auth_state()?,
         };
-        let bytes = bincode::serialize(&payload).map_err(Error::internal)?;
+        let bytes = payload.encode()?;
         Ok((bytes, pos.0, pos.1))
     }
 
@@ -280,6 +408,7 @@ impl KvState {
         let revision = meta.revision;
         let meta_bytes = bincode::serialize(&meta).map_err(Error::internal)?;
         let lease_bytes = bincode::serialize(&view.leases()?).map_err(Error::internal)?;
+        let auth_bytes = auth_extension(&view.auth_state()?);
         // (main, sub, bytes) encodes as two i64, a u64 length and the bytes.
         let (mut count, mut size) = (0u64, 0usize);
         view.each_record(|_, _, v| {
@@ -287,7 +416,7 @@ impl KvState {
             size += 24 + v.len();
             Ok(true)
         })?;
-        let payload_len = meta_bytes.len() + 8 + size + lease_bytes.len();
+        let payload_len = meta_bytes.len() + 8 + size + lease_bytes.len() + auth_bytes.len();
         let mut w = crate::snapshot::StreamWriter::new(payload_len, chunk, |b, left| {
             sink(b, left, revision)
         });
@@ -301,12 +430,13 @@ impl KvState {
             Ok(!w.stopped())
         })?;
         w.write(&lease_bytes);
+        w.write(&auth_bytes);
         w.finish()
     }
 
     /// Replaces the state machine with a snapshot's content.
     pub fn install_payload(&self, bytes: &[u8]) -> Result<()> {
-        let mut payload: SnapshotPayload = bincode::deserialize(bytes).map_err(Error::internal)?;
+        let mut payload = SnapshotPayload::decode(bytes)?;
         payload.check()?;
         let mut records = Vec::with_capacity(payload.records.len());
         for (main, sub, rec) in &payload.records {
@@ -314,8 +444,11 @@ impl KvState {
         }
         let mut store = self.store.write();
         self.engine
-            .replace_state(&records, &payload.leases, &payload.meta)?;
+            .replace_state(&records, &payload.leases, &payload.meta, &payload.auth)?;
         *store = rebuild(&self.engine, &payload.meta, self.min_lease_ttl)?;
+        *self.auth.store.write() = load_auth(&payload.auth)?;
+        // Simple tokens name entries of the log this snapshot replaces.
+        self.auth.tokens().clear();
         *self.applied.lock() = decode_position(&payload.meta)?;
         self.hub.reset(store.revision(), store.compacted());
         self.lessor
@@ -470,6 +603,7 @@ mod tests {
             },
             records,
             leases: vec![(7, i64::MAX)],
+            auth: vec![],
         }
     }
 

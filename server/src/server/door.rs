@@ -1,8 +1,11 @@
-//! The one door from the API into the member's key space: ranges, txns
-//! (read-only ones evaluated here, others proposed), typed proposals, and the
-//! lookups the Lease and Maintenance services answer from. Handlers validate,
-//! call one of these and respond; nothing in `api/` locks the store itself.
+//! The one door from the API into the member's key space: who the caller is
+//! (token or certificate), ranges, txns (read-only ones evaluated here,
+//! others proposed), typed proposals, and the lookups the Lease and
+//! Maintenance services answer from. Reads are checked against the caller's
+//! permissions here; writes where they are applied. Handlers validate, call
+//! one of these and respond; nothing in `api/` locks the store itself.
 
+use crate::auth::AuthInfo;
 use crate::error::{Error, Result};
 use crate::mvcc::{Applied, LeaseRecord};
 use crate::proto::etcdserverpb::{
@@ -62,20 +65,84 @@ fn txn_is_serializable(t: &TxnRequest) -> bool {
 }
 
 impl EtcdServer {
+    /// Who makes a request, as etcd's AuthInfoFromCtx decides: nobody while
+    /// auth is disabled; the user of `token` if one is sent (an unknown or
+    /// expired one is refused, never passed over); else, with
+    /// `--client-cert-auth`, the common name of the verified client
+    /// certificate; else nobody.
+    pub async fn caller(
+        &self,
+        token: Option<&str>,
+        common_name: Option<&str>,
+    ) -> Result<Option<AuthInfo>> {
+        if !self.state.auth.enabled() {
+            return Ok(None);
+        }
+        if let Some(token) = token {
+            let index = self.state.auth.tokens().index_of(token);
+            if let Some(index) = index {
+                // A simple token is known here once its entry is applied here.
+                self.wait_applied(index, self.request_timeout())
+                    .await
+                    .map_err(|_| Error::InvalidAuthToken)?;
+            }
+            let current = self.state.auth.store.read().revision();
+            let info = self.state.auth.tokens().info(token, current);
+            return info.map(Some).ok_or(Error::InvalidAuthToken);
+        }
+        let cert_auth = self
+            .cfg
+            .client_tls
+            .as_ref()
+            .is_some_and(|t| t.client_cert_auth);
+        Ok(match common_name {
+            Some(cn) if cert_auth => Some(AuthInfo {
+                user: cn.to_string(),
+                revision: self.state.auth.store.read().revision(),
+            }),
+            _ => None,
+        })
+    }
+
+    /// etcd's admin check: passes while auth is disabled, then only for
+    /// users with the root role.
+    pub fn check_admin(&self, ai: Option<&AuthInfo>) -> Result<()> {
+        self.state.auth.store.read().check_admin(ai)
+    }
+
     /// Proposes `request` and answers with its response, header completed.
-    pub async fn propose_as<T: AppliedResponse>(&self, request: Request) -> Result<T> {
-        let mut resp = typed::<T>(self.propose(request).await?)?;
+    pub async fn propose_as<T: AppliedResponse>(
+        &self,
+        request: Request,
+        ai: Option<&AuthInfo>,
+    ) -> Result<T> {
+        let mut resp = typed::<T>(self.propose(request, ai).await?)?;
         self.fill(resp.header_mut());
         Ok(resp)
+    }
+
+    /// Proposes an auth change; Authenticate's answer is its token.
+    pub async fn propose_auth(&self, request: Request, ai: Option<&AuthInfo>) -> Result<String> {
+        match self.propose(request, ai).await? {
+            Applied::Auth { token } => Ok(token),
+            other => Err(Error::Internal(format!(
+                "unexpected apply result {other:?}"
+            ))),
+        }
     }
 
     /// A range: linearizable unless `serializable`. Client threads are
     /// single-threaded runtimes, so a range that may be large is evaluated
     /// on the blocking pool and stalls nobody else.
-    pub async fn range(&self, r: RangeRequest) -> Result<RangeResponse> {
+    pub async fn range(&self, r: RangeRequest, ai: Option<&AuthInfo>) -> Result<RangeResponse> {
         if !r.serializable {
             self.read_index().await?;
         }
+        self.state
+            .auth
+            .store
+            .read()
+            .check_range(ai, &r.key, &r.range_end, false)?;
         let small = r.range_end.is_empty()
             || (!r.count_only && r.limit > 0 && r.limit <= INLINE_RANGE_LIMIT);
         let mut resp = if small {
@@ -93,19 +160,27 @@ impl EtcdServer {
     /// A txn: a read-only one changes nothing and is evaluated here (as etcd
     /// does), after a read-index round unless all its ranges are
     /// serializable; any other is proposed.
-    pub async fn txn(&self, r: TxnRequest) -> Result<TxnResponse> {
+    pub async fn txn(&self, r: TxnRequest, ai: Option<&AuthInfo>) -> Result<TxnResponse> {
         if !crate::mvcc::is_read_only(&r) {
-            return self.propose_as(Request::Txn(r)).await;
+            return self.propose_as(Request::Txn(r), ai).await;
         }
         if !txn_is_serializable(&r) {
             self.read_index().await?;
         }
-        let applied = self.state.store.write().apply(
+        let mut store = self.state.store.write();
+        {
+            let auth = self.state.auth.store.read();
+            let keys = |id: i64| store.lease(id).map(|l| l.keys.clone());
+            auth.check_txn(ai, &r, &keys)?;
+        }
+        let applied = store.apply(
             &*self.state.engine,
             &InternalRequest {
                 request: Some(Request::Txn(r)),
+                ..Default::default()
             },
         )?;
+        drop(store);
         let mut resp = typed::<TxnResponse>(applied)?;
         self.fill(&mut resp.header);
         Ok(resp)

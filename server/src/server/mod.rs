@@ -80,6 +80,8 @@ impl EtcdServer {
     /// Opens the member's storage and starts Raft (not the client listeners).
     pub async fn start(cfg: Config) -> Result<Arc<Self>> {
         let tls = crate::tls::MemberTls::load(&cfg)?;
+        let tokens = crate::auth::Tokens::from_flags(&cfg.auth_token, cfg.auth_token_ttl)
+            .map_err(|e| Error::InvalidArgument(format!("--auth-token: {e}")))?;
         let dir = cfg.data_dir.join("member").join("cairn");
         std::fs::create_dir_all(&dir).map_err(|e| {
             Error::Internal(format!("cannot create data dir {}: {e}", dir.display()))
@@ -125,6 +127,7 @@ impl EtcdServer {
             cfg.min_lease_ttl(),
             identity.member_id,
         )?);
+        state.auth.set_tokens(tokens);
         if state.removed(identity.member_id) {
             // Its own applied log says so: it will never be a member again (etcd's
             // stance; etcd exits 0 here, cairn exits non-zero so that the termination

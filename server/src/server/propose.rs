@@ -46,11 +46,18 @@ pub(super) fn map_write_err(e: RaftError<u64, ClientWriteError<u64, Member>>) ->
 }
 
 impl EtcdServer {
-    /// Replicates and applies one write request.
-    pub async fn propose(&self, request: Request) -> Result<Applied> {
+    /// Replicates and applies one write request, made by `ai` (checked where
+    /// it is applied).
+    pub async fn propose(
+        &self,
+        request: Request,
+        ai: Option<&crate::auth::AuthInfo>,
+    ) -> Result<Applied> {
         self.not_learner()?;
         let req = InternalRequest {
             request: Some(request),
+            username: ai.map(|a| a.user.clone()).unwrap_or_default(),
+            auth_revision: ai.map(|a| a.revision).unwrap_or_default(),
         };
         if req.encoded_len() > self.cfg.max_request_bytes {
             return Err(Error::RequestTooLarge);
@@ -97,6 +104,7 @@ impl EtcdServer {
         let _ = self.proposals.send((
             InternalRequest {
                 request: Some(Request::Alarm(alarm)),
+                ..Default::default()
             },
             tx,
         ));

@@ -228,8 +228,10 @@ pub(super) async fn expire_leases(server: std::sync::Weak<EtcdServer>) {
             let s = s.clone();
             let revoking = revoking.clone();
             tokio::spawn(async move {
+                // As root, as etcd revokes expired leases: whoever attached keys.
+                let root = crate::auth::AuthInfo::member();
                 match s
-                    .propose(Request::LeaseRevoke(LeaseRevokeRequest { id }))
+                    .propose(Request::LeaseRevoke(LeaseRevokeRequest { id }), Some(&root))
                     .await
                 {
                     Ok(_) | Err(Error::LeaseNotFound) => s.state.lessor.forget(id),
@@ -300,10 +302,13 @@ pub(super) async fn auto_compact(server: std::sync::Weak<EtcdServer>, ac: AutoCo
             continue;
         }
         match s
-            .propose(Request::Compaction(CompactionRequest {
-                revision: target,
-                physical: false,
-            }))
+            .propose(
+                Request::Compaction(CompactionRequest {
+                    revision: target,
+                    physical: false,
+                }),
+                None,
+            )
             .await
         {
             Ok(_) => info!(revision = target, "auto compaction"),

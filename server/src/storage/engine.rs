@@ -28,6 +28,8 @@ const META_IDENTITY: &[u8] = b"identity";
 // state's position under `STATE_KEY`, after everything else.
 const LEASE_PREFIX: u8 = 0xfe;
 const STATE_KEY: &[u8] = b"\xffstate";
+/// The auth state (`raftpb.AuthState`), beside the position it is current at.
+const AUTH_KEY: &[u8] = b"\xffauth";
 /// Every revision key sorts below this.
 const RECORDS_END: &[u8] = &[0x80];
 
@@ -227,9 +229,13 @@ impl Engine {
 
     /// Writes a batch of applied changes with the new position, atomically,
     /// without the WAL: see the module documentation.
-    pub fn write_state(&self, ws: &WriteSet, meta: &StateMeta) -> Result<()> {
+    /// `auth` is the encoded auth state when the batch changed it.
+    pub fn write_state(&self, ws: &WriteSet, meta: &StateMeta, auth: Option<&[u8]>) -> Result<()> {
         let mut b = WriteBatch::default();
         let kv = self.cf(CF_KV);
+        if let Some(auth) = auth {
+            b.put_cf(kv, AUTH_KEY, auth);
+        }
         for (rev, rec) in &ws.records {
             b.put_cf(kv, rev.to_bytes(), encode_record(rec));
         }
@@ -244,6 +250,15 @@ impl Engine {
         }
         b.put_cf(kv, STATE_KEY, enc(meta));
         self.db.write_opt(b, &no_wal()).map_err(rocks)
+    }
+
+    /// The encoded auth state; empty if it was never changed.
+    pub fn auth_state(&self) -> Result<Vec<u8>> {
+        Ok(self
+            .db
+            .get_cf(self.cf(CF_KV), AUTH_KEY)
+            .map_err(rocks)?
+            .unwrap_or_default())
     }
 
     /// Every stored history record, in revision order.
@@ -299,11 +314,15 @@ impl Engine {
         records: &[(Revision, Record)],
         leases: &[(i64, i64)],
         meta: &StateMeta,
+        auth: &[u8],
     ) -> Result<()> {
         let mut b = WriteBatch::default();
         let kv = self.cf(CF_KV);
         // Every key of the state sorts below 17 bytes of 0xff.
         b.delete_range_cf(kv, [0u8; 1].as_slice(), [0xffu8; 17].as_slice());
+        if !auth.is_empty() {
+            b.put_cf(kv, AUTH_KEY, auth);
+        }
         for (rev, rec) in records {
             b.put_cf(kv, rev.to_bytes(), encode_record(rec));
         }
@@ -426,6 +445,15 @@ impl View<'_> {
             Ok(true)
         })?;
         Ok(out)
+    }
+
+    /// The encoded auth state as of this view; empty if never changed.
+    pub fn auth_state(&self) -> Result<Vec<u8>> {
+        Ok(self
+            .snap
+            .get_cf(self.engine.cf(CF_KV), AUTH_KEY)
+            .map_err(rocks)?
+            .unwrap_or_default())
     }
 
     /// Every lease and its TTL.
@@ -571,15 +599,20 @@ mod tests {
                 leases: vec![(3, Some(10))],
                 ..Default::default()
             };
-            e.write_state(&ws, &meta(2)).unwrap();
+            e.write_state(&ws, &meta(2), None).unwrap();
             e.persist_state().unwrap();
             assert_eq!(e.leases().unwrap(), vec![(3, 10)]);
         }
         let e = Engine::open(dir.path()).unwrap();
         assert_eq!(e.state_meta().unwrap().revision, 2);
         assert_eq!(e.leases().unwrap(), vec![(3, 10)]);
-        e.replace_state(&[(Revision::new(5, 0), rec(b"y"))], &[(4, 20)], &meta(5))
-            .unwrap();
+        e.replace_state(
+            &[(Revision::new(5, 0), rec(b"y"))],
+            &[(4, 20)],
+            &meta(5),
+            &[],
+        )
+        .unwrap();
         let records = e.records().collect::<Result<Vec<_>>>().unwrap();
         assert_eq!(records, vec![(Revision::new(5, 0), rec(b"y"))]);
         assert_eq!(e.leases().unwrap(), vec![(4, 20)]);
