@@ -140,6 +140,9 @@ pub struct Flags {
     #[arg(long, env = "ETCD_PEER_CLIENT_CERT_AUTH", default_value = "false", num_args = 0..=1,
           default_missing_value = "true", value_parser = parse_go_bool)]
     pub peer_client_cert_auth: bool,
+    /// Allowed CN for inter peer authentication.
+    #[arg(long, env = "ETCD_PEER_CERT_ALLOWED_CN", default_value = "")]
+    pub peer_cert_allowed_cn: String,
     /// Comma-separated list of supported TLS cipher suites between client/server and peers
     /// (empty: Go's defaults).
     #[arg(long, env = "ETCD_CIPHER_SUITES", default_value = "")]
@@ -256,6 +259,8 @@ pub struct TlsFiles {
     pub trusted_ca_file: Option<std::path::PathBuf>,
     /// A client certificate is required.
     pub client_cert_auth: bool,
+    /// `--peer-cert-allowed-cn`: a member's certificate must name this CN, both ways.
+    pub allowed_cn: Option<String>,
     /// `--cipher-suites`: Go's names of the TLS 1.2 cipher suites allowed (empty: all that
     /// rustls has; TLS 1.3's are not chosen, as in Go).
     pub cipher_suites: Vec<String>,
@@ -416,6 +421,7 @@ impl Config {
                 key_file,
                 trusted_ca_file: path(ca),
                 client_cert_auth: auth,
+                allowed_cn: None,
                 cipher_suites: suites.clone(),
             }),
             _ => None,
@@ -431,7 +437,12 @@ impl Config {
             &f.peer_key_file,
             &f.peer_trusted_ca_file,
             f.peer_client_cert_auth,
-        );
+        )
+        .map(|t| TlsFiles {
+            allowed_cn: (!f.peer_cert_allowed_cn.is_empty())
+                .then(|| f.peer_cert_allowed_cn.clone()),
+            ..t
+        });
         if let Some(u) = client.iter().find(|u| u.scheme() == "https") {
             if client_tls.is_none() {
                 return Err(ConfigError(format!(

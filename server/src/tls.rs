@@ -194,6 +194,29 @@ struct ClientVerifier {
     inner: Reloading<Arc<dyn ClientCertVerifier>>,
     mandatory: bool,
     algs: rustls::crypto::WebPkiSupportedAlgorithms,
+    /// `--peer-cert-allowed-cn`: the only common name let in.
+    allowed_cn: Option<String>,
+}
+
+/// The subject common name of a DER certificate (the last, if several, as
+/// Go's `Subject.CommonName` has it).
+pub fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().last()?;
+    cn.as_str().ok().map(str::to_string)
+}
+
+/// etcd's `--peer-cert-allowed-cn` check, on a certificate that verified.
+fn check_cn(
+    allowed: &Option<String>,
+    cert: &CertificateDer<'_>,
+) -> std::result::Result<(), rustls::Error> {
+    match allowed {
+        Some(cn) if common_name(cert.as_ref()).as_ref() != Some(cn) => Err(rustls::Error::General(
+            format!("CommonName authentication failed: want {cn:?}"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn load_verifier(paths: &[PathBuf], mandatory: bool) -> Result<Arc<dyn ClientCertVerifier>> {
@@ -228,9 +251,12 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> std::result::Result<ClientCertVerified, rustls::Error> {
-        self.inner
+        let verified = self
+            .inner
             .get()
-            .verify_client_cert(end_entity, intermediates, now)
+            .verify_client_cert(end_entity, intermediates, now)?;
+        check_cn(&self.allowed_cn, end_entity)?;
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
@@ -279,6 +305,7 @@ impl rustls::client::ResolvesClientCert for ClientCert {
 struct ServerVerifier {
     inner: Reloading<Arc<rustls::client::WebPkiServerVerifier>>,
     algs: rustls::crypto::WebPkiSupportedAlgorithms,
+    allowed_cn: Option<String>,
 }
 
 fn load_server_verifier(paths: &[PathBuf]) -> Result<Arc<rustls::client::WebPkiServerVerifier>> {
@@ -296,13 +323,15 @@ impl rustls::client::danger::ServerCertVerifier for ServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        self.inner.get().verify_server_cert(
+        let verified = self.inner.get().verify_server_cert(
             end_entity,
             intermediates,
             server_name,
             ocsp_response,
             now,
-        )
+        )?;
+        check_cn(&self.allowed_cn, end_entity)?;
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
@@ -339,6 +368,7 @@ pub fn client_config(t: &TlsFiles) -> Result<Arc<rustls::ClientConfig>> {
     let verifier = ServerVerifier {
         inner: Reloading::new(vec![ca], load_server_verifier)?,
         algs: algorithms(),
+        allowed_cn: t.allowed_cn.clone(),
     };
     let cert = ClientCert(Reloading::new(
         vec![t.cert_file.clone(), t.key_file.clone()],
@@ -397,6 +427,7 @@ pub fn server_config(t: &TlsFiles) -> Result<Arc<rustls::ServerConfig>> {
                 inner: Reloading::new(vec![ca.clone()], load)?,
                 mandatory: t.client_cert_auth,
                 algs: algorithms(),
+                allowed_cn: t.allowed_cn.clone(),
             }))
         }
         None => builder.with_no_client_auth(),

@@ -224,7 +224,7 @@ fn auth_behaves_like_etcd() {
         ]);
     }
     let txn = d.same_stdin(&["txn", "--interactive", TU], TXN_OK);
-    assert!(txn[1].stdout.starts_with("SUCCESS"), "{txn:?}");
+    assert!(txn[1].stdout.contains("SUCCESS\n\ns2\nv\n"), "{txn:?}");
     d.same_stdin(&["txn", "--interactive", TU], TXN_BAD_COMPARE);
     d.same_stdin(&["txn", "--interactive", TU], TXN_BAD_FAILURE);
 
@@ -493,4 +493,69 @@ fn auth_survives_snapshot_restore() {
         Some("Error: etcdserver: permission denied")
     );
     d.finish();
+}
+
+/// What a client without credentials can throw at auth: forged tokens are
+/// refused at once (not after the request timeout), wrong passwords in a
+/// burst leave the member serving, passwords bcrypt would cut and hashes
+/// that would make every login cost hours are refused.
+#[tokio::test]
+async fn hostile_tokens_and_passwords() {
+    use cairn::proto::etcdserverpb::AuthUserAddRequest;
+    let m = Member::start(Kind::Cairn);
+    m.ctl_stdin(&["user", "add", "root", "--interactive=false"], "root\n");
+    m.ctl(&["user", "grant-role", "root", "root"]);
+    m.ctl(&["auth", "enable"]);
+    let url = m.url();
+    let t0 = std::time::Instant::now();
+    for forged in [
+        "AAAAAAAAAAAAAAAA.999999999",
+        "x.18446744073709551615",
+        "no-dot",
+        "",
+    ] {
+        let e = put_with(&url, forged, "k").await.unwrap_err();
+        assert_eq!(e.message(), "etcdserver: invalid auth token", "{forged:?}");
+    }
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    let burst: Vec<_> = (0..64)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { token_of(&url, "root", "wrong").await })
+        })
+        .collect();
+    for b in burst {
+        let e = b.await.unwrap().unwrap_err();
+        assert!(e.message().contains("authentication failed"), "{e:?}");
+    }
+    let root = token_of(&url, "root", "root").await.unwrap();
+    put_with(&url, &root, "still-serving").await.unwrap();
+    let mut auth = AuthClient::connect(url.clone()).await.unwrap();
+    let long = auth
+        .user_add(with_token(
+            AuthUserAddRequest {
+                name: "long".into(),
+                password: "x".repeat(73),
+                ..Default::default()
+            },
+            &root,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(long.message(), "bcrypt: password length exceeds 72 bytes");
+    let costly = auth
+        .user_add(with_token(
+            AuthUserAddRequest {
+                name: "costly".into(),
+                hashed_password: format!("$2a$31${}", "a".repeat(53)),
+                ..Default::default()
+            },
+            &root,
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        costly.message().contains("bcrypt hash of cost"),
+        "{costly:?}"
+    );
 }

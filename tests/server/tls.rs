@@ -138,6 +138,7 @@ impl Pki {
         ca(d, "other-ca");
         signed(d, "ca", "server", "server");
         signed(d, "ca", "client", "root");
+        signed(d, "ca", "tu", "test-user");
         signed(d, "other-ca", "stranger", "root");
         Pki { dir }
     }
@@ -250,6 +251,72 @@ fn etcdctl_and_curl_over_tls_as_with_etcd() {
     assert!(cairn[2].ends_with("[failed]") && cairn[3].ends_with("[failed]"));
     assert_eq!(cairn[4], "plain text: ok=false");
     eprintln!("{} TLS steps identical", cairn.len());
+}
+
+/// etcdctl over TLS: stdout, or the last line of stderr when it fails.
+fn ctl_said(m: &Member, flags: &[String], args: &[&str]) -> String {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg("--endpoints")
+        .arg(m.url())
+        .args(["--dial-timeout=2s", "--command-timeout=3s"])
+        .args(flags)
+        .args(args)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        format!("[failed] {}", err.lines().last().unwrap_or_default())
+    }
+}
+
+/// The common name of a verified client certificate is the user when no
+/// token is sent (etcd's `--client-cert-auth`; e2e TestCtlV3AuthCertCN*).
+fn cn_transcript(kind: Kind, pki: &Pki) -> Vec<String> {
+    let m = pki.member(kind, &|f| pki.path(f));
+    let root = pki.client_flags("client");
+    let tu = pki.client_flags("tu");
+    let steps: [(&Vec<String>, &[&str]); 14] = [
+        (&root, &["user", "add", "root", "--no-password"]),
+        (&root, &["user", "grant-role", "root", "root"]),
+        (&root, &["auth", "enable"]),
+        (&root, &["put", "a", "by-root-cn"]),
+        (&root, &["user", "add", "test-user", "--no-password"]),
+        (&root, &["role", "add", "test-role"]),
+        (
+            &root,
+            &["role", "grant-permission", "test-role", "readwrite", "hoo"],
+        ),
+        (&root, &["user", "grant-role", "test-user", "test-role"]),
+        (&tu, &["put", "hoo", "by-test-user-cn"]),
+        (&tu, &["get", "hoo"]),
+        (&tu, &["put", "baz", "x"]),
+        (&tu, &["user", "list"]),
+        // A password login for a user without one; a token wins over the CN.
+        (&tu, &["get", "hoo", "--user=test-user:x"]),
+        (&root, &["get", "a"]),
+    ];
+    steps
+        .iter()
+        .map(|(flags, args)| format!("{}: {}", args.join(" "), ctl_said(&m, flags, args)))
+        .collect()
+}
+
+#[test]
+fn client_certificate_common_name_is_the_user_as_with_etcd() {
+    let pki = Pki::new();
+    let etcd = cn_transcript(Kind::Etcd, &pki);
+    let cairn = cn_transcript(Kind::Cairn, &pki);
+    assert_eq!(etcd, cairn);
+    assert_eq!(cairn[3], "put a by-root-cn: OK\n");
+    assert_eq!(cairn[9], "get hoo: hoo\nby-test-user-cn\n");
+    assert_eq!(
+        cairn[10],
+        "put baz x: [failed] Error: etcdserver: permission denied"
+    );
+    eprintln!("{} certificate-user steps identical", cairn.len());
 }
 
 /// The serial number of the certificate a new TLS connection to `m` is served.
@@ -438,6 +505,7 @@ async fn members_over_peer_tls(
         key_file: pki.path(key).into(),
         trusted_ca_file: Some(pki.path("ca.crt").into()),
         client_cert_auth: false,
+        allowed_cn: None,
         cipher_suites: vec![],
     };
     let tls = cairn::tls::client_config(&files).map_err(|e| e.to_string())?;
@@ -451,9 +519,9 @@ async fn members_over_peer_tls(
     }
 }
 
-/// Three members talking to each other over mutual TLS (`--peer-*`): writes replicate, a
-/// member killed and restarted catches up over TLS, and a peer presenting a certificate of
-/// another CA is refused.
+/// Three members talking to each other over mutual TLS (`--peer-*`, the allowed CN checked
+/// both ways): writes replicate, a member killed and restarted catches up over TLS, and a
+/// peer presenting a certificate of another CA or another CN is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_talk_over_mutual_tls() {
     let pki = Pki::new();
@@ -492,6 +560,7 @@ async fn members_talk_over_mutual_tls() {
             .args(["--peer-key-file", &pki.path("server.key")])
             .args(["--peer-trusted-ca-file", &pki.path("ca.crt")])
             .arg("--peer-client-cert-auth")
+            .args(["--peer-cert-allowed-cn", "server"])
             .stderr(log)
             .spawn()
             .unwrap()
@@ -533,12 +602,15 @@ async fn members_talk_over_mutual_tls() {
     let mut c1 = client(1).await;
     let r = c1.get("b", None).await.unwrap();
     assert_eq!(r.kvs()[0].value(), b"2", "{}", logs());
-    // The peer port: this CA's certificate is let in, another CA's is refused.
+    // The peer port: this CA's certificate for the allowed CN is let in; this CA's for
+    // another CN (`--peer-cert-allowed-cn`) and another CA's are refused.
     let url = format!("https://127.0.0.1:{}", ports[0].1);
     assert_eq!(
-        members_over_peer_tls(&url, &pki, "client.crt", "client.key").await,
+        members_over_peer_tls(&url, &pki, "server.crt", "server.key").await,
         Ok(3)
     );
+    let other_cn = members_over_peer_tls(&url, &pki, "client.crt", "client.key").await;
+    assert!(other_cn.is_err(), "{other_cn:?}");
     let refused = members_over_peer_tls(&url, &pki, "stranger.crt", "stranger.key").await;
     assert!(refused.is_err(), "{refused:?}");
     // And a member must present a certificate at all.

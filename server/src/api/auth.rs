@@ -28,13 +28,34 @@ use crate::server::EtcdServer;
 
 pub struct AuthService {
     s: Arc<EtcdServer>,
+    /// Password checks at once: bcrypt costs tens of milliseconds of CPU by
+    /// design, and callers of Authenticate need no credentials to ask.
+    checks: Arc<tokio::sync::Semaphore>,
 }
 
 type Answer<T> = Result<Response<T>, Status>;
 
 impl AuthService {
     pub fn new(s: Arc<EtcdServer>) -> Self {
-        Self { s }
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Self {
+            s,
+            checks: Arc::new(tokio::sync::Semaphore::new(cpus)),
+        }
+    }
+
+    /// A hash a client sent instead of a password (etcd 3.5's
+    /// `hashedPassword`): a bcrypt hash no costlier than `--bcrypt-cost`, or
+    /// every login of that user would cost whatever it says.
+    fn check_hash(&self, hash: &str) -> Result<(), Status> {
+        let max = self.s.cfg.bcrypt_cost.max(auth::DEFAULT_BCRYPT_COST);
+        match auth::hash_cost(hash) {
+            Some(c) if c <= max => Ok(()),
+            _ => Err(Error::InvalidArgument(format!(
+                "hashed password is not a bcrypt hash of cost {max} or less"
+            ))
+            .into()),
+        }
     }
 
     /// Proposes an auth change by the caller of `req`; the header once applied.
@@ -89,11 +110,17 @@ impl Auth for AuthService {
     async fn auth_status(&self, req: Request<AuthStatusRequest>) -> Answer<AuthStatusResponse> {
         let ai = self.reader(&req).await?;
         self.s.check_admin(ai.as_ref())?;
-        let store = self.s.state.auth.store.read();
+        // The header first: it reads the key space, which is locked before
+        // the auth state where both are (applying).
+        let header = Some(self.s.header(0));
+        let (enabled, auth_revision) = {
+            let store = self.s.state.auth.store.read();
+            (store.enabled(), store.revision())
+        };
         Ok(Response::new(AuthStatusResponse {
-            header: Some(self.s.header(0)),
-            enabled: store.enabled(),
-            auth_revision: store.revision(),
+            header,
+            enabled,
+            auth_revision,
         }))
     }
 
@@ -110,9 +137,11 @@ impl Auth for AuthService {
             // changed meanwhile (the password may have).
             let (hash, checked) = self.s.state.auth.store.read().password_of(&r.name)?;
             let password = r.password.clone();
+            let permit = self.checks.clone().acquire_owned().await;
             let ok = tokio::task::spawn_blocking(move || auth::password_matches(&password, &hash))
                 .await
                 .map_err(Error::internal)?;
+            drop(permit);
             if !ok {
                 return Err(Error::AuthFailed.into());
             }
@@ -138,7 +167,9 @@ impl Auth for AuthService {
             .as_ref()
             .is_some_and(|o| o.no_password);
         let mut r = req.get_ref().clone();
-        if !r.name.is_empty() && !no_password && r.hashed_password.is_empty() {
+        if !r.hashed_password.is_empty() {
+            self.check_hash(&r.hashed_password)?;
+        } else if !r.name.is_empty() && !no_password {
             r.hashed_password = self.hash(&req, std::mem::take(&mut r.password)).await?;
         }
         r.password.clear();
@@ -153,22 +184,27 @@ impl Auth for AuthService {
         if ai.as_ref().is_none_or(|a| a.user != *name) {
             self.s.check_admin(ai.as_ref())?;
         }
-        let store = self.s.state.auth.store.read();
-        let user = store.user(name).ok_or(Error::UserNotFound)?;
+        let header = Some(self.s.header(0));
+        let roles = self
+            .s
+            .state
+            .auth
+            .store
+            .read()
+            .user(name)
+            .map(|u| u.roles.clone());
         Ok(Response::new(AuthUserGetResponse {
-            header: Some(self.s.header(0)),
-            roles: user.roles.clone(),
+            header,
+            roles: roles.ok_or(Error::UserNotFound)?,
         }))
     }
 
     async fn user_list(&self, req: Request<AuthUserListRequest>) -> Answer<AuthUserListResponse> {
         let ai = self.reader(&req).await?;
         self.s.check_admin(ai.as_ref())?;
+        let header = Some(self.s.header(0));
         let users = self.s.state.auth.store.read().user_names();
-        Ok(Response::new(AuthUserListResponse {
-            header: Some(self.s.header(0)),
-            users,
-        }))
+        Ok(Response::new(AuthUserListResponse { header, users }))
     }
 
     async fn user_delete(
@@ -185,7 +221,9 @@ impl Auth for AuthService {
         req: Request<AuthUserChangePasswordRequest>,
     ) -> Answer<AuthUserChangePasswordResponse> {
         let mut r = req.get_ref().clone();
-        if r.hashed_password.is_empty() {
+        if !r.hashed_password.is_empty() {
+            self.check_hash(&r.hashed_password)?;
+        } else {
             r.hashed_password = self.hash(&req, std::mem::take(&mut r.password)).await?;
         }
         r.password.clear();
@@ -220,26 +258,27 @@ impl Auth for AuthService {
     async fn role_get(&self, req: Request<AuthRoleGetRequest>) -> Answer<AuthRoleGetResponse> {
         let ai = self.reader(&req).await?;
         let role = &req.get_ref().role;
-        let store = self.s.state.auth.store.read();
-        // Users may read the roles they have; other roles need root.
-        if !ai.as_ref().is_some_and(|a| store.has_role(&a.user, role)) {
-            store.check_admin(ai.as_ref())?;
-        }
-        let found = store.role(role).ok_or(Error::RoleNotFound)?;
+        let header = Some(self.s.header(0));
+        let perm = {
+            let store = self.s.state.auth.store.read();
+            // Users may read the roles they have; other roles need root.
+            if !ai.as_ref().is_some_and(|a| store.has_role(&a.user, role)) {
+                store.check_admin(ai.as_ref())?;
+            }
+            store.role(role).map(|r| r.key_permission.clone())
+        };
         Ok(Response::new(AuthRoleGetResponse {
-            header: Some(self.s.header(0)),
-            perm: found.key_permission.clone(),
+            header,
+            perm: perm.ok_or(Error::RoleNotFound)?,
         }))
     }
 
     async fn role_list(&self, req: Request<AuthRoleListRequest>) -> Answer<AuthRoleListResponse> {
         let ai = self.reader(&req).await?;
         self.s.check_admin(ai.as_ref())?;
+        let header = Some(self.s.header(0));
         let roles = self.s.state.auth.store.read().role_names();
-        Ok(Response::new(AuthRoleListResponse {
-            header: Some(self.s.header(0)),
-            roles,
-        }))
+        Ok(Response::new(AuthRoleListResponse { header, roles }))
     }
 
     async fn role_delete(

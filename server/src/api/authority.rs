@@ -413,17 +413,10 @@ impl tonic::transport::server::Connected
         let common_name = tls
             .peer_certificates()
             .and_then(|chain| chain.first())
-            .and_then(|cert| common_name(cert.as_ref()))
+            .and_then(|cert| crate::tls::common_name(cert.as_ref()))
             .map(Into::into);
         ClientConn { common_name }
     }
-}
-
-/// The subject common name of a DER certificate.
-fn common_name(der: &[u8]) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let cn = cert.subject().iter_common_name().next()?;
-    cn.as_str().ok().map(str::to_string)
 }
 
 #[cfg(test)]

@@ -69,6 +69,7 @@ impl Kv for KvService {
     ) -> Result<Response<CompactionResponse>, Status> {
         // Compaction is applied synchronously, so `physical` holds on return.
         let ai = super::caller(&self.s, &req).await?;
+        self.s.check_user(ai.as_ref())?;
         let r = Internal::Compaction(req.into_inner());
         Ok(Response::new(self.s.propose_as(r, ai.as_ref()).await?))
     }

@@ -70,6 +70,8 @@ impl Lease for Arc<LeaseService> {
         &self,
         req: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
+        self.s
+            .check_user(super::caller(&self.s, &req).await?.as_ref())?;
         let mut r = req.into_inner();
         if r.ttl > MAX_LEASE_TTL {
             return Err(Error::LeaseTtlTooLarge.into());
@@ -90,6 +92,7 @@ impl Lease for Arc<LeaseService> {
         // Revoking deletes the lease's keys: the caller must be able to
         // write them all (checked where it is applied).
         let ai = super::caller(&self.s, &req).await?;
+        self.s.check_user(ai.as_ref())?;
         let r = Internal::LeaseRevoke(req.into_inner());
         Ok(Response::new(self.s.propose_as(r, ai.as_ref()).await?))
     }
@@ -100,12 +103,20 @@ impl Lease for Arc<LeaseService> {
         &self,
         req: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<KeepAliveStream>, Status> {
+        // Renewing keeps the lease's keys alive: the stream's caller must be
+        // able to write them all.
+        let ai = super::caller(&self.s, &req).await?;
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let me = self.clone();
         tokio::spawn(async move {
             while let Ok(Some(r)) = inbound.message().await {
-                let resp = me.keep_alive_one(r.id).await.map_err(Status::from);
+                let checked = me.s.check_lease_keys(ai.as_ref(), r.id, true);
+                let resp = match checked {
+                    Ok(()) => me.keep_alive_one(r.id).await,
+                    Err(e) => Err(e),
+                }
+                .map_err(Status::from);
                 let stop = resp.is_err();
                 if tx.send(resp).await.is_err() || stop {
                     break;
@@ -120,8 +131,15 @@ impl Lease for Arc<LeaseService> {
         &self,
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let ai = super::caller(&self.s, &req).await?;
         let r = req.into_inner();
         self.s.read_index().await?;
+        // The names of its keys are for those who may read them all.
+        if r.keys {
+            self.s.check_lease_keys(ai.as_ref(), r.id, false)?;
+        } else {
+            self.s.check_user(ai.as_ref())?;
+        }
         // The remaining TTL is the leader's clock.
         let remaining = self.s.lease_remaining(r.id).await?;
         let header = Some(self.s.header(0));
@@ -153,8 +171,10 @@ impl Lease for Arc<LeaseService> {
 
     async fn lease_leases(
         &self,
-        _req: Request<LeaseLeasesRequest>,
+        req: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
+        self.s
+            .check_user(super::caller(&self.s, &req).await?.as_ref())?;
         self.s.read_index().await?;
         let (ids, revision) = self.s.lease_ids();
         let leases = ids.into_iter().map(|id| LeaseStatus { id }).collect();

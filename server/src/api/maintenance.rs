@@ -49,6 +49,8 @@ type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
     async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        self.s
+            .check_user(super::caller(&self.s, &req).await?.as_ref())?;
         let r = req.into_inner();
         // Only the alarms etcd acts on can be raised (etcd stores any kind; the list is
         // bounded in the store).
@@ -205,6 +207,8 @@ impl Maintenance for MaintenanceService {
         req: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
         self.s.not_learner()?;
+        self.s
+            .check_user(super::caller(&self.s, &req).await?.as_ref())?;
         self.s.move_leader(req.into_inner().target_id).await?;
         Ok(Response::new(MoveLeaderResponse {
             header: Some(self.s.header(0)),

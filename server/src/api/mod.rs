@@ -42,16 +42,24 @@ pub(crate) async fn caller<T>(
     s: &EtcdServer,
     req: &tonic::Request<T>,
 ) -> Result<Option<crate::auth::AuthInfo>, tonic::Status> {
-    let md = req.metadata();
-    let token = md
-        .get("token")
-        .or_else(|| md.get("authorization"))
-        .and_then(|v| v.to_str().ok());
+    let token = token_of(req.metadata())?;
     let cn = req
         .extensions()
         .get::<authority::ClientConn>()
         .and_then(|c| c.common_name.as_deref());
     Ok(s.caller(token, cn).await?)
+}
+
+/// The token in a request's metadata; one that is not text is invalid (it
+/// does not fall back to the certificate's user).
+pub(crate) fn token_of(md: &tonic::metadata::MetadataMap) -> Result<Option<&str>, tonic::Status> {
+    match md.get("token").or_else(|| md.get("authorization")) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(Some)
+            .map_err(|_| Error::InvalidAuthToken.into()),
+    }
 }
 
 /// gRPC allows this much above `--max-request-bytes` (etcd's `grpcOverheadBytes`).

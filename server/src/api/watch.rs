@@ -50,12 +50,7 @@ impl Watch for WatchService {
         self.s.not_learner()?;
         // Each watch created on the stream is checked against the caller of
         // the stream (its token or certificate), as etcd checks them.
-        let md = req.metadata();
-        let token = md
-            .get("token")
-            .or_else(|| md.get("authorization"))
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let token = super::token_of(req.metadata())?.map(str::to_string);
         let common_name = req
             .extensions()
             .get::<super::authority::ClientConn>()

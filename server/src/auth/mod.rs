@@ -70,8 +70,17 @@ impl Auth {
     }
 }
 
+/// The longest password bcrypt takes whole (Go's refuses longer ones; the
+/// bcrypt crate would silently cut them).
+pub const MAX_PASSWORD: usize = 72;
+
 /// Hashes a password as etcd does (bcrypt, `$2a$`, at `cost`).
 pub fn hash_password(password: &str, cost: u32) -> Result<String> {
+    if password.len() > MAX_PASSWORD {
+        return Err(Error::Unknown(
+            "bcrypt: password length exceeds 72 bytes".into(),
+        ));
+    }
     bcrypt::hash_with_result(password, cost)
         .map(|h| h.format_for_version(bcrypt::Version::TwoA))
         .map_err(|e| Error::Unknown(format!("bcrypt: {e}")))
@@ -79,9 +88,21 @@ pub fn hash_password(password: &str, cost: u32) -> Result<String> {
 
 /// Whether `password` matches the stored bcrypt `hash`.
 pub fn password_matches(password: &str, hash: &[u8]) -> bool {
-    std::str::from_utf8(hash)
-        .ok()
-        .is_some_and(|h| bcrypt::verify(password, h).unwrap_or(false))
+    password.len() <= MAX_PASSWORD
+        && std::str::from_utf8(hash)
+            .ok()
+            .is_some_and(|h| bcrypt::verify(password, h).unwrap_or(false))
+}
+
+/// The cost of a bcrypt hash (`$2a$10$...`), if it is one.
+pub fn hash_cost(hash: &str) -> Option<u32> {
+    let mut parts = hash.split('$');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(""), Some("2a" | "2b" | "2y"), Some(cost), Some(rest)) if rest.len() == 53 => {
+            cost.parse().ok()
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -95,5 +116,12 @@ mod tests {
         assert!(password_matches("pass", h.as_bytes()));
         assert!(!password_matches("Pass", h.as_bytes()));
         assert!(!password_matches("pass", b"not a hash"));
+        assert_eq!(hash_cost(&h), Some(4));
+        assert_eq!(hash_cost("$2a$31$short"), None);
+        let long = "x".repeat(73);
+        assert!(hash_password(&long, 4).is_err());
+        let h72 = hash_password(&long[..72], 4).unwrap();
+        assert!(password_matches(&long[..72], h72.as_bytes()));
+        assert!(!password_matches(&long, h72.as_bytes()));
     }
 }

@@ -6,10 +6,12 @@
 //! password draws the letters, and every member registers the token when it
 //! applies that Authenticate entry, so the token works on all of them. It
 //! lasts `--auth-token-ttl` seconds from its last use (etcd's sliding TTL)
-//! and dies with the process. The number kept is bounded: past
-//! [`MAX_SIMPLE_TOKENS`], the token closest to expiry goes first.
+//! and dies with the process. The number kept is bounded per user: past
+//! [`MAX_TOKENS_PER_USER`], that user's oldest goes (users are bounded by
+//! who may create them), so one user logging in in a loop logs out nobody
+//! else.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -18,8 +20,8 @@ use rand::Rng;
 use super::AuthInfo;
 use crate::error::{Error, Result};
 
-/// Most simple tokens a member keeps.
-pub const MAX_SIMPLE_TOKENS: usize = 100_000;
+/// Most simple tokens a member keeps for one user.
+pub const MAX_TOKENS_PER_USER: usize = 1024;
 /// etcd's JWT lifetime when the options name none.
 const DEFAULT_JWT_TTL: Duration = Duration::from_secs(300);
 
@@ -31,8 +33,27 @@ pub enum Tokens {
 
 pub struct SimpleTokens {
     ttl: Duration,
-    /// token -> (user, expiry)
-    live: Mutex<HashMap<String, (String, Instant)>>,
+    live: Mutex<Live>,
+}
+
+/// Simple tokens: token -> (user, expiry), and each user's in issue order.
+#[derive(Default)]
+struct Live {
+    tokens: HashMap<String, (String, Instant)>,
+    by_user: HashMap<String, VecDeque<String>>,
+}
+
+impl Live {
+    fn remove(&mut self, token: &str) {
+        if let Some((user, _)) = self.tokens.remove(token) {
+            if let Some(q) = self.by_user.get_mut(&user) {
+                q.retain(|t| t != token);
+                if q.is_empty() {
+                    self.by_user.remove(&user);
+                }
+            }
+        }
+    }
 }
 
 pub struct JwtTokens {
@@ -73,7 +94,7 @@ impl Tokens {
         match kind.as_str() {
             "simple" => Ok(Tokens::Simple(SimpleTokens {
                 ttl: Duration::from_secs(if ttl_secs == 0 { 300 } else { ttl_secs }),
-                live: Mutex::new(HashMap::new()),
+                live: Mutex::new(Live::default()),
             })),
             "jwt" => Ok(Tokens::Jwt(Box::new(JwtTokens::new(&opts)?))),
             other => Err(format!("unknown token type {other:?} in --auth-token")),
@@ -95,6 +116,12 @@ impl Tokens {
         }
     }
 
+    /// Whether every member keeps the tokens it issues (simple tokens), so
+    /// every member must issue them.
+    pub fn registers(&self) -> bool {
+        matches!(self, Tokens::Simple(_))
+    }
+
     /// Issues a token for `user` at auth revision `revision`; simple tokens
     /// are `<prefix>.<index>` of the applied entry.
     pub fn assign(&self, user: &str, revision: u64, prefix: &str, index: u64) -> Result<String> {
@@ -102,18 +129,15 @@ impl Tokens {
             Tokens::Simple(s) => {
                 let token = format!("{prefix}.{index}");
                 let mut live = s.live.lock();
-                let now = Instant::now();
-                if live.len() >= MAX_SIMPLE_TOKENS {
-                    live.retain(|_, (_, exp)| *exp > now);
-                    if live.len() >= MAX_SIMPLE_TOKENS {
-                        if let Some(k) =
-                            live.iter().min_by_key(|(_, v)| v.1).map(|(k, _)| k.clone())
-                        {
-                            live.remove(&k);
-                        }
-                    }
+                live.remove(&token);
+                let queue = live.by_user.entry(user.to_string()).or_default();
+                queue.push_back(token.clone());
+                let oldest = (queue.len() > MAX_TOKENS_PER_USER).then(|| queue.pop_front());
+                if let Some(Some(old)) = oldest {
+                    live.tokens.remove(&old);
                 }
-                live.insert(token.clone(), (user.to_string(), now + s.ttl));
+                live.tokens
+                    .insert(token.clone(), (user.to_string(), Instant::now() + s.ttl));
                 Ok(token)
             }
             Tokens::Jwt(j) => j.sign(user, revision),
@@ -127,7 +151,7 @@ impl Tokens {
             Tokens::Simple(s) => {
                 let mut live = s.live.lock();
                 let now = Instant::now();
-                let (user, exp) = live.get_mut(token)?;
+                let (user, exp) = live.tokens.get_mut(token)?;
                 if *exp <= now {
                     live.remove(token);
                     return None;
@@ -154,14 +178,17 @@ impl Tokens {
     /// Forgets `user`'s simple tokens (deleted, or its password changed).
     pub fn invalidate_user(&self, user: &str) {
         if let Tokens::Simple(s) = self {
-            s.live.lock().retain(|_, (u, _)| u != user);
+            let mut live = s.live.lock();
+            for t in live.by_user.remove(user).unwrap_or_default() {
+                live.tokens.remove(&t);
+            }
         }
     }
 
     /// Forgets every simple token (auth disabled).
     pub fn clear(&self) {
         if let Tokens::Simple(s) = self {
-            s.live.lock().clear();
+            *s.live.lock() = Live::default();
         }
     }
 }
@@ -290,16 +317,23 @@ mod tests {
         assert!(t.info(&tok, 7).is_none());
         let short = Tokens::Simple(SimpleTokens {
             ttl: Duration::ZERO,
-            live: Mutex::new(HashMap::new()),
+            live: Mutex::new(Live::default()),
         });
         let tok = short.assign("bob", 1, "x", 1).unwrap();
         assert!(short.info(&tok, 1).is_none());
-        for i in 0..(MAX_SIMPLE_TOKENS + 10) as u64 {
+        let dave = t.assign("dave", 1, "d", 1).unwrap();
+        for i in 0..(MAX_TOKENS_PER_USER + 10) as u64 {
             t.assign("carol", 1, "p", i).unwrap();
         }
         if let Tokens::Simple(s) = &t {
-            assert_eq!(s.live.lock().len(), MAX_SIMPLE_TOKENS);
+            assert_eq!(s.live.lock().tokens.len(), MAX_TOKENS_PER_USER + 1);
         }
+        // Carol's oldest went; Dave's token did not.
+        assert!(t.info("p.0", 1).is_none());
+        assert!(t
+            .info(&format!("p.{}", MAX_TOKENS_PER_USER + 9), 1)
+            .is_some());
+        assert!(t.info(&dave, 1).is_some());
     }
 
     #[test]

@@ -271,11 +271,14 @@ impl KvState {
             match e.payload {
                 EntryPayload::Blank => results.push(Vec::new()),
                 EntryPayload::Normal(Proposal(batch)) => {
-                    let index = e.log_id.index;
+                    let at = Applying {
+                        index: e.log_id.index,
+                        mine: batch.proposer == self.member_id,
+                    };
                     let out: BatchResult = batch
                         .requests
                         .iter()
-                        .map(|r| self.apply_one(&mut store, r, index, &mut auth_changed))
+                        .map(|r| self.apply_one(&mut store, r, at, &mut auth_changed))
                         .collect();
                     let mine = (batch.proposer == self.member_id)
                         .then(|| self.pending.lock().remove(&batch.seq))
@@ -322,11 +325,13 @@ impl KvState {
         &self,
         store: &mut MvccStore,
         r: &crate::proto::raftpb::InternalRequest,
-        index: u64,
+        at: Applying,
         auth_changed: &mut bool,
     ) -> Result<crate::mvcc::Applied> {
         use crate::proto::raftpb::internal_request::Request as R;
-        let ai = (!r.username.is_empty()).then(|| crate::auth::AuthInfo {
+        // As etcd's request header: empty when no one was named, and the
+        // checks say what that means (an empty user, a revision of 0).
+        let ai = Some(crate::auth::AuthInfo {
             user: r.username.clone(),
             revision: r.auth_revision,
         });
@@ -346,12 +351,17 @@ impl KvState {
         if !matches!(req, R::Authenticate(_)) {
             auth.check_admin(ai.as_ref())?;
         }
+        let before = (auth.enabled(), auth.revision());
         let applied = auth.apply(req)?;
-        *auth_changed = true;
+        *auth_changed |= before != (auth.enabled(), auth.revision());
         let tokens = self.auth.tokens();
         let token = match (applied, req) {
-            (crate::auth::AuthApplied::Authenticated { user, revision }, R::Authenticate(a)) => {
-                tokens.assign(&user, revision, &a.simple_token, index)?
+            // Every member registers a simple token; a JWT is signed only for
+            // the client waiting on the proposing member.
+            (crate::auth::AuthApplied::Authenticated { user, revision }, R::Authenticate(a))
+                if at.mine || tokens.registers() =>
+            {
+                tokens.assign(&user, revision, &a.simple_token, at.index)?
             }
             (_, R::UserDelete(d)) => {
                 tokens.invalidate_user(&d.name);
@@ -455,6 +465,14 @@ impl KvState {
             .reset_all(store.leases().map(|(id, l)| (id, l.ttl)));
         Ok(())
     }
+}
+
+/// Where a request is applied: its entry's log index, and whether this
+/// member proposed it.
+#[derive(Clone, Copy)]
+struct Applying {
+    index: u64,
+    mine: bool,
 }
 
 /// openraft's handle on [`KvState`].
@@ -605,6 +623,68 @@ mod tests {
             leases: vec![(7, i64::MAX)],
             auth: vec![],
         }
+    }
+
+    #[test]
+    fn payloads_with_and_without_auth_decode() {
+        // Without auth, the bytes are what builds before auth wrote (and read).
+        let old = payload(10, 5, vec![(3, 0, b"r".to_vec())]);
+        let bytes = old.encode().unwrap();
+        assert_eq!(bytes, bincode::serialize(&old).unwrap());
+        let back = SnapshotPayload::decode(&bytes).unwrap();
+        assert!(back.auth.is_empty() && back.records == old.records);
+        // With auth, it comes back; a build before auth reads the rest alone.
+        let auth = crate::proto::raftpb::AuthState {
+            enabled: true,
+            revision: 7,
+            ..Default::default()
+        };
+        let mut new = payload(10, 5, vec![]);
+        new.auth = prost::Message::encode_to_vec(&auth);
+        let bytes = new.encode().unwrap();
+        assert_eq!(SnapshotPayload::decode(&bytes).unwrap().auth, new.auth);
+        let legacy: SnapshotPayload = bincode::deserialize(&bytes).unwrap();
+        assert_eq!(legacy.meta.revision, 10);
+        // Anything else after the key space, or a cut extension, is refused.
+        let mut junk = old.encode().unwrap();
+        junk.extend_from_slice(b"junk");
+        assert!(SnapshotPayload::decode(&junk).is_err());
+        assert!(SnapshotPayload::decode(&bytes[..bytes.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn streamed_snapshot_equals_raft_snapshot_and_carries_auth() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = crate::storage::Engine::open(dir.path()).unwrap();
+        let auth = crate::proto::raftpb::AuthState {
+            enabled: true,
+            revision: 9,
+            ..Default::default()
+        };
+        let meta = StateMeta {
+            applied: vec![],
+            membership: vec![],
+            revision: 1,
+            compacted: 0,
+            alarms: vec![],
+        };
+        let auth_bytes = prost::Message::encode_to_vec(&auth);
+        engine
+            .write_state(&Default::default(), &meta, Some(&auth_bytes))
+            .unwrap();
+        let state = super::KvState::open(engine, 2, 1).unwrap();
+        assert!(state.auth.enabled());
+        let (raft, _, _) = state.snapshot_payload().unwrap();
+        let mut streamed = Vec::new();
+        state
+            .stream_snapshot(7, |b, _, _| {
+                streamed.extend_from_slice(b);
+                true
+            })
+            .unwrap();
+        let file = crate::snapshot::verify(&streamed).unwrap();
+        assert_eq!(file, raft.as_slice());
+        assert_eq!(SnapshotPayload::decode(file).unwrap().auth, auth_bytes);
     }
 
     #[test]

@@ -128,6 +128,10 @@ impl EtcdServer {
             identity.member_id,
         )?);
         state.auth.set_tokens(tokens);
+        if state.auth.enabled() && cfg.peer_tls.as_ref().is_none_or(|t| !t.client_cert_auth) {
+            // As with etcd: whoever reaches the peer port can propose as any user.
+            warn!("auth is enabled but the peer port does not verify members' certificates (--peer-client-cert-auth): keep it unreachable from clients");
+        }
         if state.removed(identity.member_id) {
             // Its own applied log says so: it will never be a member again (etcd's
             // stance; etcd exits 0 here, cairn exits non-zero so that the termination
