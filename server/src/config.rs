@@ -140,6 +140,19 @@ pub struct Flags {
     #[arg(long, env = "ETCD_PEER_CLIENT_CERT_AUTH", default_value = "false", num_args = 0..=1,
           default_missing_value = "true", value_parser = parse_go_bool)]
     pub peer_client_cert_auth: bool,
+    /// Client TLS using generated certificates.
+    #[arg(long, env = "ETCD_AUTO_TLS", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", value_parser = parse_go_bool)]
+    pub auto_tls: bool,
+    /// Peer TLS using generated certificates.
+    #[arg(long, env = "ETCD_PEER_AUTO_TLS", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", value_parser = parse_go_bool)]
+    pub peer_auto_tls: bool,
+    /// The validity period of the client and peer certificates that are automatically generated
+    /// by etcd when you specify ClientAutoTLS and PeerAutoTLS, the unit is year, and the default
+    /// is 1.
+    #[arg(long, env = "ETCD_SELF_SIGNED_CERT_VALIDITY", default_value_t = 1)]
+    pub self_signed_cert_validity: u32,
     /// Allowed CN for inter peer authentication.
     #[arg(long, env = "ETCD_PEER_CERT_ALLOWED_CN", default_value = "")]
     pub peer_cert_allowed_cn: String,
@@ -222,6 +235,8 @@ pub struct Config {
     pub initial_cluster_new: bool,
     pub initial_cluster_token: String,
     pub listen_metrics: Vec<SocketAddr>,
+    /// Which `listen_metrics` addresses serve TLS (with the client port's certificates).
+    pub listen_metrics_tls: Vec<bool>,
     pub heartbeat: Duration,
     pub election_timeout: Duration,
     pub snapshot_count: u64,
@@ -261,9 +276,19 @@ pub struct TlsFiles {
     pub client_cert_auth: bool,
     /// `--peer-cert-allowed-cn`: a member's certificate must name this CN, both ways.
     pub allowed_cn: Option<String>,
+    /// `--auto-tls`/`--peer-auto-tls`: the certificate and key are made at start (if their
+    /// files are not there yet), self-signed, and other members' are not verified (as etcd).
+    pub self_signed: Option<SelfSigned>,
     /// `--cipher-suites`: Go's names of the TLS 1.2 cipher suites allowed (empty: all that
     /// rustls has; TLS 1.3's are not chosen, as in Go).
     pub cipher_suites: Vec<String>,
+}
+
+/// A self-signed certificate to make: for these hosts, valid this many years.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelfSigned {
+    pub hosts: Vec<String>,
+    pub validity_years: u32,
 }
 
 /// What auto compaction keeps.
@@ -304,8 +329,6 @@ fn parse_auto_compaction(
 pub struct ConfigError(pub String);
 
 fn split_urls(flag: &str, s: &str) -> Result<Vec<Url>, ConfigError> {
-    // TLS is served on the client and peer ports; metrics do not have it yet.
-    let https = flag != "listen-metrics-urls";
     s.split(',')
         .filter(|u| !u.trim().is_empty())
         .map(|u| {
@@ -313,9 +336,9 @@ fn split_urls(flag: &str, s: &str) -> Result<Vec<Url>, ConfigError> {
                 .map_err(|e| ConfigError(format!("invalid value {u:?} for flag -{flag}: {e}")))?;
             match url.scheme() {
                 "http" => Ok(url),
-                "https" if https => Ok(url),
-                "https" | "unixs" => Err(ConfigError(format!(
-                    "{u}: TLS is not supported yet (flag -{flag})"
+                "https" => Ok(url),
+                "unixs" => Err(ConfigError(format!(
+                    "{u}: unix sockets are not supported (flag -{flag})"
                 ))),
                 other => Err(ConfigError(format!(
                     "URL scheme must be http, https, unix, or unixs: {other}"
@@ -422,9 +445,39 @@ impl Config {
                 trusted_ca_file: path(ca),
                 client_cert_auth: auth,
                 allowed_cn: None,
+                self_signed: None,
                 cipher_suites: suites.clone(),
             }),
             _ => None,
+        };
+        let data_dir: std::path::PathBuf = f
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| format!("{}.etcd", f.name))
+            .into();
+        // etcd's --auto-tls/--peer-auto-tls: certificates made in <data-dir>/fixtures/<port>
+        // for the hosts of the listen URLs, used only when no files are given.
+        let auto = |on: bool, given: &Option<TlsFiles>, port: &str, urls: &[&Url]| {
+            if !on || given.is_some() {
+                return given.clone();
+            }
+            let dir = data_dir.join("fixtures").join(port);
+            Some(TlsFiles {
+                cert_file: dir.join("cert.pem"),
+                key_file: dir.join("key.pem"),
+                trusted_ca_file: None,
+                client_cert_auth: false,
+                allowed_cn: None,
+                self_signed: Some(SelfSigned {
+                    hosts: urls
+                        .iter()
+                        .filter_map(|u| u.host_str())
+                        .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
+                        .collect(),
+                    validity_years: f.self_signed_cert_validity.max(1),
+                }),
+                cipher_suites: suites.clone(),
+            })
         };
         let client_tls = files(
             &f.cert_file,
@@ -443,6 +496,18 @@ impl Config {
                 .then(|| f.peer_cert_allowed_cn.clone()),
             ..t
         });
+        let client_hosts: Vec<&Url> = client.iter().chain(&metrics).collect();
+        let client_tls = auto(f.auto_tls, &client_tls, "client", &client_hosts);
+        let peer_hosts: Vec<&Url> = peer.iter().collect();
+        let peer_tls = auto(f.peer_auto_tls, &peer_tls, "peer", &peer_hosts);
+        if let Some(u) = metrics.iter().find(|u| u.scheme() == "https") {
+            if client_tls.is_none() {
+                return Err(ConfigError(format!(
+                    "TLS key/cert (--cert-file, --key-file) must be provided for metrics url {} with HTTPS scheme",
+                    url_string(u)
+                )));
+            }
+        }
         if let Some(u) = client.iter().find(|u| u.scheme() == "https") {
             if client_tls.is_none() {
                 return Err(ConfigError(format!(
@@ -481,11 +546,7 @@ impl Config {
             )));
         }
         Ok(Self {
-            data_dir: f
-                .data_dir
-                .clone()
-                .unwrap_or_else(|| format!("{}.etcd", f.name))
-                .into(),
+            data_dir,
             name: f.name,
             listen_client: bind_addrs("listen-client-urls", &client)?,
             listen_client_tls,
@@ -499,6 +560,7 @@ impl Config {
             initial_cluster_new: f.initial_cluster_state == "new",
             initial_cluster_token: f.initial_cluster_token,
             listen_metrics: bind_addrs("listen-metrics-urls", &metrics)?,
+            listen_metrics_tls: metrics.iter().map(|u| u.scheme() == "https").collect(),
             heartbeat: Duration::from_millis(f.heartbeat_interval),
             election_timeout: Duration::from_millis(f.election_timeout),
             snapshot_count: f.snapshot_count.max(1),
@@ -637,8 +699,24 @@ mod tests {
         let c = parse(&[peer, "--peer-cert-file=p.crt", "--peer-key-file=p.key"]).unwrap();
         assert_eq!(c.listen_peer_tls, vec![true]);
         assert!(c.peer_tls.is_some() && c.client_tls.is_none());
-        // Metrics have no TLS yet: refused, not ignored.
-        assert!(parse(&["--listen-metrics-urls=https://127.0.0.1:2381"]).is_err());
+        // Metrics over TLS need the client port's certificate, or --auto-tls.
+        let metrics = "--listen-metrics-urls=https://127.0.0.1:2381";
+        assert!(parse(&[metrics])
+            .unwrap_err()
+            .contains("must be provided for metrics url https://127.0.0.1:2381"));
+        let c = parse(&[metrics, "--auto-tls", "--data-dir=d"]).unwrap();
+        assert_eq!(c.listen_metrics_tls, vec![true]);
+        let t = c.client_tls.unwrap();
+        assert_eq!(
+            t.cert_file,
+            std::path::Path::new("d/fixtures/client/cert.pem")
+        );
+        let made = t.self_signed.unwrap();
+        assert_eq!(made.hosts, vec!["localhost", "127.0.0.1"]);
+        assert_eq!(made.validity_years, 1);
+        // Given files win over --auto-tls, as in etcd.
+        let c = parse(&["--auto-tls", "--cert-file=c.crt", "--key-file=c.key"]).unwrap();
+        assert!(c.client_tls.unwrap().self_signed.is_none());
     }
 
     #[test]

@@ -357,29 +357,125 @@ impl rustls::client::danger::ServerCertVerifier for ServerVerifier {
     }
 }
 
+/// `--peer-auto-tls`: other members' self-signed certificates are taken without checking
+/// who signed them (etcd's InsecureSkipVerify for self-signed peers); the handshake's
+/// signatures are still checked, so the connection is private, not authenticated.
+#[derive(Debug)]
+struct SelfSignedPeers {
+    algs: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::client::danger::ServerCertVerifier for SelfSignedPeers {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Makes the self-signed certificate and key of `--auto-tls`/`--peer-auto-tls` unless both
+/// files are there already (kept across restarts, as etcd keeps them): ECDSA P-256, the
+/// listen hosts as names, server and client use, valid `--self-signed-cert-validity` years.
+pub fn ensure_self_signed(t: &TlsFiles, made: &crate::config::SelfSigned) -> Result<()> {
+    if t.cert_file.exists() && t.key_file.exists() {
+        return Ok(());
+    }
+    let fail = |e: &dyn std::fmt::Display| {
+        Error::Internal(format!("cannot make a self-signed certificate: {e}"))
+    };
+    let mut params = rcgen::CertificateParams::new(made.hosts.clone()).map_err(|e| fail(&e))?;
+    let mut name = rcgen::DistinguishedName::new();
+    name.push(rcgen::DnType::OrganizationName, "etcd");
+    params.distinguished_name = name;
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now;
+    params.not_after = now + time::Duration::days(365 * i64::from(made.validity_years));
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::DigitalSignature,
+        rcgen::KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let key = rcgen::KeyPair::generate().map_err(|e| fail(&e))?;
+    let cert = params.self_signed(&key).map_err(|e| fail(&e))?;
+    if let Some(dir) = t.cert_file.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
+    }
+    write_private(&t.key_file, key.serialize_pem().as_bytes()).map_err(|e| fail(&e))?;
+    std::fs::write(&t.cert_file, cert.pem()).map_err(|e| fail(&e))?;
+    tracing::info!(cert = %t.cert_file.display(), "created a self-signed certificate");
+    Ok(())
+}
+
+/// Writes a file only its owner can read.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
 /// How this member calls others over TLS (`--peer-*`): it checks them against the peer CA
 /// bundle and presents its peer certificate, both re-read when their files change.
 pub fn client_config(t: &TlsFiles) -> Result<Arc<rustls::ClientConfig>> {
-    let ca = t.trusted_ca_file.clone().ok_or_else(|| {
-        Error::Internal(
-            "TLS between members needs --peer-trusted-ca-file (the CA that members' certificates are verified against)".into(),
-        )
-    })?;
-    let verifier = ServerVerifier {
-        inner: Reloading::new(vec![ca], load_server_verifier)?,
-        algs: algorithms(),
-        allowed_cn: t.allowed_cn.clone(),
-    };
     let cert = ClientCert(Reloading::new(
         vec![t.cert_file.clone(), t.key_file.clone()],
         load_key,
     )?);
-    let mut config = rustls::ClientConfig::builder_with_provider(provider_with(&t.cipher_suites)?)
+    let builder = rustls::ClientConfig::builder_with_provider(provider_with(&t.cipher_suites)?)
         .with_safe_default_protocol_versions()
         .map_err(Error::internal)?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_cert_resolver(Arc::new(cert));
+        .dangerous();
+    let builder = if t.self_signed.is_some() {
+        builder.with_custom_certificate_verifier(Arc::new(SelfSignedPeers { algs: algorithms() }))
+    } else {
+        let ca = t.trusted_ca_file.clone().ok_or_else(|| {
+            Error::Internal(
+                "TLS between members needs --peer-trusted-ca-file (the CA that members' certificates are verified against)".into(),
+            )
+        })?;
+        builder.with_custom_certificate_verifier(Arc::new(ServerVerifier {
+            inner: Reloading::new(vec![ca], load_server_verifier)?,
+            algs: algorithms(),
+            allowed_cn: t.allowed_cn.clone(),
+        }))
+    };
+    let mut config = builder.with_client_cert_resolver(Arc::new(cert));
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
@@ -397,6 +493,11 @@ pub struct MemberTls {
 
 impl MemberTls {
     pub fn load(cfg: &crate::config::Config) -> Result<Self> {
+        for t in [&cfg.client_tls, &cfg.peer_tls].into_iter().flatten() {
+            if let Some(made) = &t.self_signed {
+                ensure_self_signed(t, made)?;
+            }
+        }
         let peer = cfg.peer_tls.as_ref();
         Ok(Self {
             client: cfg.client_tls.as_ref().map(server_config).transpose()?,

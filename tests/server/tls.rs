@@ -506,6 +506,7 @@ async fn members_over_peer_tls(
         trusted_ca_file: Some(pki.path("ca.crt").into()),
         client_cert_auth: false,
         allowed_cn: None,
+        self_signed: None,
         cipher_suites: vec![],
     };
     let tls = cairn::tls::client_config(&files).map_err(|e| e.to_string())?;
@@ -623,5 +624,172 @@ async fn members_talk_over_mutual_tls() {
     for mut p in procs {
         let _ = p.kill();
         let _ = p.wait();
+    }
+}
+
+/// What `openssl x509` says of a certificate file.
+fn x509(cert: &Path, what: &str) -> String {
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", what, "-in"])
+        .arg(cert)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The years a certificate file is valid for (by calendar year).
+fn valid_years(cert: &Path) -> i32 {
+    // notBefore=Dec  6 16:40:00 2026 GMT
+    let year = |what: &str| -> i32 {
+        x509(cert, what)
+            .split_whitespace()
+            .rev()
+            .nth(1)
+            .and_then(|y| y.parse().ok())
+            .unwrap_or_else(|| panic!("no {what} in {cert:?}"))
+    };
+    year("-enddate") - year("-startdate")
+}
+
+fn auto_tls_transcript(kind: Kind) -> Vec<String> {
+    let metrics = crate::ports::free_port();
+    let metrics_url = format!("https://127.0.0.1:{metrics}");
+    let mut m = Member::new_tls(
+        kind,
+        &["--auto-tls", "--listen-metrics-urls", &metrics_url],
+        &["--insecure"],
+    );
+    m.launch();
+    let scraped = Command::new("curl")
+        .args(["-sk", "--max-time", "3"])
+        .arg(format!("{metrics_url}/metrics"))
+        .output()
+        .unwrap();
+    let scraped = String::from_utf8_lossy(&scraped.stdout).contains("etcd_server_has_leader 1");
+    let insecure = [
+        "--insecure-transport=false".to_string(),
+        "--insecure-skip-tls-verify".into(),
+    ];
+    let cert = m.data_dir().join("fixtures/client/cert.pem");
+    let serial = x509(&cert, "-serial");
+    let mut out = vec![
+        format!("put: {}", ctl(&m, &insecure, &["put", "a", "b"])),
+        format!("get: {}", ctl(&m, &insecure, &["get", "a"])),
+        format!("verified: {}", ctl(&m, &[], &["get", "a"])),
+        format!("subject: {}", x509(&cert, "-subject")),
+        format!(
+            "self-signed: {}",
+            x509(&cert, "-issuer") == x509(&cert, "-subject")
+        ),
+        format!(
+            "key file: {}",
+            m.data_dir().join("fixtures/client/key.pem").exists()
+        ),
+        format!("metrics over TLS: {scraped}"),
+    ];
+    out.push(format!("valid for: {} years", valid_years(&cert)));
+    // Kept across restarts.
+    m.restart();
+    out.push(format!(
+        "same after restart: {}",
+        x509(&cert, "-serial") == serial
+    ));
+    out
+}
+
+/// `--auto-tls`: both make a self-signed certificate in `<data-dir>/fixtures/client` and
+/// serve with it; clients that skip verification get in, others do not.
+#[test]
+fn auto_tls_as_with_etcd() {
+    let etcd = auto_tls_transcript(Kind::Etcd);
+    let cairn = auto_tls_transcript(Kind::Cairn);
+    assert_eq!(etcd, cairn);
+    assert_eq!(cairn[1], "get: a\nb\n[ok]");
+    assert_eq!(cairn[2], "verified: [failed]");
+    assert_eq!(cairn[6], "metrics over TLS: true");
+    assert_eq!(cairn[7], "valid for: 1 years");
+    // etcd 3.5's --self-signed-cert-validity (3.4 has no such flag).
+    let mut m = Member::new_tls(
+        Kind::Cairn,
+        &["--auto-tls", "--self-signed-cert-validity", "3"],
+        &["--insecure"],
+    );
+    m.launch();
+    let cert = m.data_dir().join("fixtures/client/cert.pem");
+    assert_eq!(valid_years(&cert), 3);
+}
+
+/// `--peer-auto-tls`: three members over self-signed peer certificates replicate, with etcd
+/// as with cairn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_auto_tls_as_with_etcd() {
+    for kind in [Kind::Etcd, Kind::Cairn] {
+        let ports: Vec<(u16, u16)> = (0..3)
+            .map(|_| {
+                let p = crate::ports::free_ports(2);
+                (p[0], p[1])
+            })
+            .collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, p))| format!("m{i}=https://127.0.0.1:{p}"))
+            .collect();
+        let initial = initial.join(",");
+        let dir = tempfile::tempdir().unwrap();
+        let mut procs: Vec<std::process::Child> = (0..3)
+            .map(|i| {
+                let (c, p) = ports[i];
+                let log = std::fs::File::create(dir.path().join(format!("m{i}.log"))).unwrap();
+                Command::new(kind.binary())
+                    .args(["--name", &format!("m{i}")])
+                    .args([
+                        "--data-dir",
+                        &dir.path().join(format!("m{i}")).display().to_string(),
+                    ])
+                    .args(["--listen-client-urls", &format!("http://127.0.0.1:{c}")])
+                    .args(["--advertise-client-urls", &format!("http://127.0.0.1:{c}")])
+                    .args(["--listen-peer-urls", &format!("https://127.0.0.1:{p}")])
+                    .args([
+                        "--initial-advertise-peer-urls",
+                        &format!("https://127.0.0.1:{p}"),
+                    ])
+                    .args(["--initial-cluster", &initial, "--peer-auto-tls"])
+                    .stderr(log)
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let written = loop {
+            let url = format!("http://127.0.0.1:{}", ports[0].0);
+            if let Ok(mut c) = etcd_client::Client::connect([url], None).await {
+                if c.put("a", "1", None).await.is_ok() {
+                    break true;
+                }
+            }
+            if Instant::now() > deadline {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let logs = || std::fs::read_to_string(dir.path().join("m1.log")).unwrap_or_default();
+        assert!(
+            written,
+            "{kind:?}: no write over peer auto TLS:\n{}",
+            logs()
+        );
+        let url = format!("http://127.0.0.1:{}", ports[2].0);
+        let mut c = etcd_client::Client::connect([url], None).await.unwrap();
+        let r = c.get("a", None).await.unwrap();
+        assert_eq!(r.kvs()[0].value(), b"1", "{kind:?}");
+        assert!(
+            dir.path().join("m1/fixtures/peer/cert.pem").exists(),
+            "{kind:?}"
+        );
+        for p in &mut procs {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
     }
 }

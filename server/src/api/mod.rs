@@ -426,7 +426,25 @@ pub async fn serve_clients(
             .map_err(Error::internal)?;
         threads.push(thread);
     }
-    for addr in s.cfg.listen_metrics.clone() {
+    for (i, addr) in s.cfg.listen_metrics.clone().into_iter().enumerate() {
+        let tls = s
+            .tls
+            .client
+            .clone()
+            .filter(|_| s.cfg.listen_metrics_tls.get(i).copied().unwrap_or(false));
+        if let Some(tls) = tls {
+            // An https:// metrics URL serves with the client port's certificate, as etcd's.
+            info!(%addr, tls = true, "serving metrics");
+            let routes = Routes::from(http_router(s.clone()));
+            let listener = bind_shared(addr)?;
+            tasks.push(tokio::spawn(serve_listener(
+                routes,
+                listener,
+                Some(tls),
+                stop_rx.clone(),
+            )));
+            continue;
+        }
         let listener = bind(addr).await?;
         info!(%addr, "serving metrics");
         let app = http_router(s.clone());
