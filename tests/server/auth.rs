@@ -531,6 +531,18 @@ async fn hostile_tokens_and_passwords() {
     let root = token_of(&url, "root", "root").await.unwrap();
     put_with(&url, &root, "still-serving").await.unwrap();
     let mut auth = AuthClient::connect(url.clone()).await.unwrap();
+    // etcd 3.5's AuthStatus: root's; enabled, at the revision of the last change
+    // (root added and granted: 3).
+    use cairn::proto::etcdserverpb::AuthStatusRequest;
+    let status = auth
+        .auth_status(with_token(AuthStatusRequest {}, &root))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.enabled);
+    assert_eq!(status.auth_revision, 3);
+    let anonymous = auth.auth_status(AuthStatusRequest {}).await.unwrap_err();
+    assert_eq!(anonymous.message(), "etcdserver: user name is empty");
     let long = auth
         .user_add(with_token(
             AuthUserAddRequest {

@@ -424,3 +424,40 @@ async fn hostile_http2_frames_close_only_their_connection() {
     }
     assert!(!m.log().contains("panicked"), "{}", m.log());
 }
+
+/// A burst of puts near the request limit (60 x 1.4 MB: before entries were
+/// cut by bytes, one Raft entry could take them all, and 200 such puts
+/// passed the 256 MiB a peer message may carry): entries and AppendEntries
+/// are cut by bytes, every put commits and all three members agree. (Kept
+/// small enough for a debug build under a parallel test run.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_of_large_puts_commit_across_three_members() {
+    let c = crate::cluster::Cluster::start(Kind::Cairn, 3, &[]);
+    c.wait_leader(Duration::from_secs(10)).await;
+    let client = c.client(&[1, 2, 3]).await;
+    let value = vec![b'x'; 1_400_000];
+    let puts: Vec<_> = (0..60)
+        .map(|i| {
+            let mut client = client.clone();
+            let value = value.clone();
+            tokio::spawn(async move { client.put(format!("big{i}"), value, None).await })
+        })
+        .collect();
+    for p in puts {
+        if let Err(e) = p.await.unwrap() {
+            panic!("a large put: {e}\n{}", c.logs());
+        }
+    }
+    let (revision, _) = c.converge().await;
+    assert!(revision >= 61, "{revision}");
+    let mut client = client.clone();
+    let count = client
+        .get(
+            "big",
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await
+        .unwrap()
+        .count();
+    assert_eq!(count, 60);
+}

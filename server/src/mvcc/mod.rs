@@ -6,10 +6,12 @@
 //! or looks at the clock, so every member computes the same state.
 
 mod index;
+mod ranges;
 mod store;
 pub mod validate;
 
 pub use index::{KeyIndex, KeyRange};
+pub use ranges::RangeSet;
 pub use store::{all_txn_ops, is_read_only, Applied, LeaseRecord, MvccStore, WriteSet, MAX_ALARMS};
 
 use crate::error::Result;

@@ -234,6 +234,26 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     }
 }
 
+/// Most bytes of entries one AppendEntries carries (a single entry may be
+/// larger, up to [`MAX_PEER_MESSAGE`]): a follower catching up receives the
+/// log in messages of bounded size.
+pub const MAX_APPEND_BYTES: usize = 16 << 20;
+
+/// How many of `entries`, from the first, encode within `budget` bytes (at
+/// least one).
+fn entries_within(entries: &[openraft::Entry<TypeConfig>], budget: usize) -> usize {
+    let mut total = 0usize;
+    let mut n = 0;
+    for e in entries {
+        total += bincode::serialized_size(e).map_or(usize::MAX, |s| s as usize);
+        if n > 0 && total > budget {
+            break;
+        }
+        n += 1;
+    }
+    n.max(1)
+}
+
 /// Encodes an openraft message for the wire.
 pub fn encode<T: Serialize>(msg: &T) -> Result<RaftMessage> {
     Ok(RaftMessage {
@@ -378,6 +398,14 @@ impl RaftNetwork<TypeConfig> for Conn {
             self.durable.wait(commit.index).await;
         }
         let msg = encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        if msg.data.len() > MAX_APPEND_BYTES && rpc.entries.len() > 1 {
+            // Too many bytes for one message: openraft sends fewer entries
+            // (as many as fit, at least one; an entry alone always fits).
+            let fit = entries_within(&rpc.entries, MAX_APPEND_BYTES);
+            return Err(RPCError::PayloadTooLarge(
+                openraft::error::PayloadTooLarge::new_entries_hint(fit as u64),
+            ));
+        }
         // The stream is kept only while it works: any failure drops it.
         let stream = self.stream.take();
         let outcome = tokio::time::timeout(option.hard_ttl(), self.on_stream(stream, msg))

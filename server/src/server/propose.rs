@@ -24,6 +24,11 @@ use crate::raft::{BatchResult, Member, Proposal};
 
 /// Most client requests carried by one Raft entry.
 pub const MAX_BATCH: usize = 512;
+/// Most bytes of requests carried by one Raft entry (a request larger than
+/// this travels alone): an entry always fits a peer message
+/// ([`crate::raft::MAX_PEER_MESSAGE`]) with room to spare, whatever the
+/// request sizes.
+pub const MAX_BATCH_BYTES: usize = 8 << 20;
 /// Raft entries in flight at once, per member. The leader's own fsync runs
 /// in the background (`raft::log_store`), so while one entry is being synced
 /// and replicated the next one can already be appended. Measured on a 2-core
@@ -200,16 +205,33 @@ pub(super) async fn batcher(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
+    // A request that did not fit the last batch's bytes starts the next.
+    let mut held: Option<Pending> = None;
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
-        let Some(first) = rx.recv().await else { return };
+        let first = match held.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
         let Some(s) = server.upgrade() else { return };
+        let mut bytes = first.0.encoded_len();
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(p) => batch.push(p),
+                Ok(p) => {
+                    let len = p.0.encoded_len();
+                    if bytes + len > MAX_BATCH_BYTES {
+                        held = Some(p);
+                        break;
+                    }
+                    bytes += len;
+                    batch.push(p);
+                }
                 Err(_) => break,
             }
         }

@@ -211,6 +211,10 @@ pub(super) async fn watch_removal(server: std::sync::Weak<EtcdServer>) {
     }
 }
 
+/// Most expired leases revoked per half-second tick: etcd's lessor revokes
+/// at most 1000 a second, so a mass expiry does not flood the log.
+const REVOKES_PER_TICK: usize = 500;
+
 /// On the leader, revokes leases whose clock ran out.
 pub(super) async fn expire_leases(server: std::sync::Weak<EtcdServer>) {
     let revoking: Arc<Mutex<HashSet<i64>>> = Arc::default();
@@ -221,10 +225,15 @@ pub(super) async fn expire_leases(server: std::sync::Weak<EtcdServer>) {
         if !s.is_leader() {
             continue;
         }
+        let mut budget = REVOKES_PER_TICK.saturating_sub(revoking.lock().len());
         for id in s.state.lessor.expired() {
+            if budget == 0 {
+                break;
+            }
             if !revoking.lock().insert(id) {
                 continue;
             }
+            budget -= 1;
             let s = s.clone();
             let revoking = revoking.clone();
             tokio::spawn(async move {
