@@ -303,7 +303,11 @@ impl rustls::client::ResolvesClientCert for ClientCert {
 /// The verifier of the members this one calls, rebuilt when the CA bundle changes.
 #[derive(Debug)]
 struct ServerVerifier {
-    inner: Reloading<Arc<rustls::client::WebPkiServerVerifier>>,
+    /// None with `--peer-auto-tls`: other members' self-signed certificates are taken
+    /// without checking who signed them (etcd's InsecureSkipVerify for self-signed peers);
+    /// the handshake's signatures are still checked, so the connection is private, not
+    /// authenticated.
+    inner: Option<Reloading<Arc<rustls::client::WebPkiServerVerifier>>>,
     algs: rustls::crypto::WebPkiSupportedAlgorithms,
     allowed_cn: Option<String>,
 }
@@ -323,7 +327,10 @@ impl rustls::client::danger::ServerCertVerifier for ServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        let verified = self.inner.get().verify_server_cert(
+        let Some(inner) = &self.inner else {
+            return Ok(rustls::client::danger::ServerCertVerified::assertion());
+        };
+        let verified = inner.get().verify_server_cert(
             end_entity,
             intermediates,
             server_name,
@@ -332,49 +339,6 @@ impl rustls::client::danger::ServerCertVerifier for ServerVerifier {
         )?;
         check_cn(&self.allowed_cn, end_entity)?;
         Ok(verified)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
-}
-
-/// `--peer-auto-tls`: other members' self-signed certificates are taken without checking
-/// who signed them (etcd's InsecureSkipVerify for self-signed peers); the handshake's
-/// signatures are still checked, so the connection is private, not authenticated.
-#[derive(Debug)]
-struct SelfSignedPeers {
-    algs: rustls::crypto::WebPkiSupportedAlgorithms,
-}
-
-impl rustls::client::danger::ServerCertVerifier for SelfSignedPeers {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -461,21 +425,24 @@ pub fn client_config(t: &TlsFiles) -> Result<Arc<rustls::ClientConfig>> {
         .with_safe_default_protocol_versions()
         .map_err(Error::internal)?
         .dangerous();
-    let builder = if t.self_signed.is_some() {
-        builder.with_custom_certificate_verifier(Arc::new(SelfSignedPeers { algs: algorithms() }))
+    let inner = if t.self_signed.is_some() {
+        None
     } else {
         let ca = t.trusted_ca_file.clone().ok_or_else(|| {
             Error::Internal(
                 "TLS between members needs --peer-trusted-ca-file (the CA that members' certificates are verified against)".into(),
             )
         })?;
-        builder.with_custom_certificate_verifier(Arc::new(ServerVerifier {
-            inner: Reloading::new(vec![ca], load_server_verifier)?,
-            algs: algorithms(),
-            allowed_cn: t.allowed_cn.clone(),
-        }))
+        Some(Reloading::new(vec![ca], load_server_verifier)?)
     };
-    let mut config = builder.with_client_cert_resolver(Arc::new(cert));
+    let verifier = ServerVerifier {
+        inner,
+        algs: algorithms(),
+        allowed_cn: t.allowed_cn.clone(),
+    };
+    let mut config = builder
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(Arc::new(cert));
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }

@@ -520,35 +520,46 @@ async fn members_over_peer_tls(
     }
 }
 
-/// Three members talking to each other over mutual TLS (`--peer-*`, the allowed CN checked
-/// both ways): writes replicate, a member killed and restarted catches up over TLS, and a
-/// peer presenting a certificate of another CA or another CN is refused.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn members_talk_over_mutual_tls() {
-    let pki = Pki::new();
-    signed(pki.dir.path(), "other-ca", "foreign", "server");
-    let ports: Vec<(u16, u16)> = (0..3)
-        .map(|_| {
-            let p = crate::ports::free_ports(2);
-            (p[0], p[1])
-        })
-        .collect();
-    let initial: Vec<String> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, (_, p))| format!("m{i}=https://127.0.0.1:{p}"))
-        .collect();
-    let initial = initial.join(",");
-    let dir = tempfile::tempdir().unwrap();
-    let start = |i: usize| {
-        let (c, p) = ports[i];
-        let log = std::fs::File::create(dir.path().join(format!("m{i}.log"))).unwrap();
-        Command::new(Kind::Cairn.binary())
+/// Three single-process members of one cluster on loopback, talking over `https://` peer
+/// URLs with `peer_flags`, clients on plain `http://`.
+struct PeerTrio {
+    kind: Kind,
+    dir: tempfile::TempDir,
+    /// (client, peer) port of each member.
+    ports: Vec<(u16, u16)>,
+    peer_flags: Vec<String>,
+    procs: Vec<Option<std::process::Child>>,
+}
+
+impl PeerTrio {
+    fn start(kind: Kind, peer_flags: &[String]) -> Self {
+        let ports = (0..3)
+            .map(|_| {
+                let p = crate::ports::free_ports(2);
+                (p[0], p[1])
+            })
+            .collect();
+        let mut t = PeerTrio {
+            kind,
+            dir: tempfile::tempdir().unwrap(),
+            ports,
+            peer_flags: peer_flags.to_vec(),
+            procs: Vec::new(),
+        };
+        t.procs = (0..3).map(|i| Some(t.spawn(i))).collect();
+        t
+    }
+
+    fn spawn(&self, i: usize) -> std::process::Child {
+        let initial: Vec<String> = (self.ports.iter().enumerate())
+            .map(|(i, (_, p))| format!("m{i}=https://127.0.0.1:{p}"))
+            .collect();
+        let (c, p) = self.ports[i];
+        let log = std::fs::File::create(self.dir.path().join(format!("m{i}.log"))).unwrap();
+        Command::new(self.kind.binary())
             .args(["--name", &format!("m{i}")])
-            .args([
-                "--data-dir",
-                &dir.path().join(format!("m{i}")).display().to_string(),
-            ])
+            .arg("--data-dir")
+            .arg(self.dir.path().join(format!("m{i}")))
             .args(["--listen-client-urls", &format!("http://127.0.0.1:{c}")])
             .args(["--advertise-client-urls", &format!("http://127.0.0.1:{c}")])
             .args(["--listen-peer-urls", &format!("https://127.0.0.1:{p}")])
@@ -556,56 +567,101 @@ async fn members_talk_over_mutual_tls() {
                 "--initial-advertise-peer-urls",
                 &format!("https://127.0.0.1:{p}"),
             ])
-            .args(["--initial-cluster", &initial])
-            .args(["--peer-cert-file", &pki.path("server.crt")])
-            .args(["--peer-key-file", &pki.path("server.key")])
-            .args(["--peer-trusted-ca-file", &pki.path("ca.crt")])
-            .arg("--peer-client-cert-auth")
-            .args(["--peer-cert-allowed-cn", "server"])
+            .args(["--initial-cluster", &initial.join(",")])
+            .args(&self.peer_flags)
             .stderr(log)
             .spawn()
             .unwrap()
-    };
-    let mut procs: Vec<std::process::Child> = (0..3).map(start).collect();
-    let client = |i: usize| {
-        let url = format!("http://127.0.0.1:{}", ports[i].0);
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                if let Ok(mut c) = etcd_client::Client::connect([url.clone()], None).await {
-                    if c.put("probe", "x", None).await.is_ok() {
-                        return c;
-                    }
-                }
-                assert!(Instant::now() < deadline, "{url} never took a write");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.procs[i].take() {
+            let _ = p.kill();
+            let _ = p.wait();
         }
-    };
-    let logs = || {
+    }
+
+    fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.procs[i] = Some(self.spawn(i));
+    }
+
+    /// A client of member `i`, once that member takes a write.
+    async fn client(&self, i: usize) -> etcd_client::Client {
+        let url = format!("http://127.0.0.1:{}", self.ports[i].0);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut c) = etcd_client::Client::connect([url.clone()], None).await {
+                if c.put("probe", "x", None).await.is_ok() {
+                    return c;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{:?} {url} never took a write:\n{}",
+                self.kind,
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn logs(&self) -> String {
         (0..3)
             .map(|i| {
-                std::fs::read_to_string(dir.path().join(format!("m{i}.log"))).unwrap_or_default()
+                std::fs::read_to_string(self.dir.path().join(format!("m{i}.log")))
+                    .unwrap_or_default()
             })
             .collect::<Vec<_>>()
             .join("\n---\n")
-    };
-    let mut c0 = client(0).await;
+    }
+}
+
+impl Drop for PeerTrio {
+    fn drop(&mut self) {
+        for i in 0..3 {
+            self.kill(i);
+        }
+    }
+}
+
+/// Three members talking to each other over mutual TLS (`--peer-*`, the allowed CN checked
+/// both ways): writes replicate, a member killed and restarted catches up over TLS, and a
+/// peer presenting a certificate of another CA or another CN is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_talk_over_mutual_tls() {
+    let pki = Pki::new();
+    signed(pki.dir.path(), "other-ca", "foreign", "server");
+    let flags: Vec<String> = [
+        "--peer-cert-file",
+        &pki.path("server.crt"),
+        "--peer-key-file",
+        &pki.path("server.key"),
+        "--peer-trusted-ca-file",
+        &pki.path("ca.crt"),
+        "--peer-client-cert-auth",
+        "--peer-cert-allowed-cn",
+        "server",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut trio = PeerTrio::start(Kind::Cairn, &flags);
+    let mut c0 = trio.client(0).await;
     c0.put("a", "1", None).await.unwrap();
-    let mut c2 = client(2).await;
+    let mut c2 = trio.client(2).await;
     let r = c2.get("a", None).await.unwrap();
-    assert_eq!(r.kvs()[0].value(), b"1", "{}", logs());
+    assert_eq!(r.kvs()[0].value(), b"1", "{}", trio.logs());
     // A member killed, a write without it, the member back: it catches up over TLS.
-    let _ = procs[1].kill();
-    let _ = procs[1].wait();
+    trio.kill(1);
     c0.put("b", "2", None).await.unwrap();
-    procs[1] = start(1);
-    let mut c1 = client(1).await;
+    trio.restart(1);
+    let mut c1 = trio.client(1).await;
     let r = c1.get("b", None).await.unwrap();
-    assert_eq!(r.kvs()[0].value(), b"2", "{}", logs());
+    assert_eq!(r.kvs()[0].value(), b"2", "{}", trio.logs());
     // The peer port: this CA's certificate for the allowed CN is let in; this CA's for
     // another CN (`--peer-cert-allowed-cn`) and another CA's are refused.
-    let url = format!("https://127.0.0.1:{}", ports[0].1);
+    let url = format!("https://127.0.0.1:{}", trio.ports[0].1);
     assert_eq!(
         members_over_peer_tls(&url, &pki, "server.crt", "server.key").await,
         Ok(3)
@@ -621,10 +677,6 @@ async fn members_talk_over_mutual_tls() {
         .members(cairn::proto::peerpb::MembersRequest { id: 0 })
         .await
         .is_err());
-    for mut p in procs {
-        let _ = p.kill();
-        let _ = p.wait();
-    }
 }
 
 /// What `openssl x509` says of a certificate file.
@@ -724,72 +776,11 @@ fn auto_tls_as_with_etcd() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_auto_tls_as_with_etcd() {
     for kind in [Kind::Etcd, Kind::Cairn] {
-        let ports: Vec<(u16, u16)> = (0..3)
-            .map(|_| {
-                let p = crate::ports::free_ports(2);
-                (p[0], p[1])
-            })
-            .collect();
-        let initial: Vec<String> = ports
-            .iter()
-            .enumerate()
-            .map(|(i, (_, p))| format!("m{i}=https://127.0.0.1:{p}"))
-            .collect();
-        let initial = initial.join(",");
-        let dir = tempfile::tempdir().unwrap();
-        let mut procs: Vec<std::process::Child> = (0..3)
-            .map(|i| {
-                let (c, p) = ports[i];
-                let log = std::fs::File::create(dir.path().join(format!("m{i}.log"))).unwrap();
-                Command::new(kind.binary())
-                    .args(["--name", &format!("m{i}")])
-                    .args([
-                        "--data-dir",
-                        &dir.path().join(format!("m{i}")).display().to_string(),
-                    ])
-                    .args(["--listen-client-urls", &format!("http://127.0.0.1:{c}")])
-                    .args(["--advertise-client-urls", &format!("http://127.0.0.1:{c}")])
-                    .args(["--listen-peer-urls", &format!("https://127.0.0.1:{p}")])
-                    .args([
-                        "--initial-advertise-peer-urls",
-                        &format!("https://127.0.0.1:{p}"),
-                    ])
-                    .args(["--initial-cluster", &initial, "--peer-auto-tls"])
-                    .stderr(log)
-                    .spawn()
-                    .unwrap()
-            })
-            .collect();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let written = loop {
-            let url = format!("http://127.0.0.1:{}", ports[0].0);
-            if let Ok(mut c) = etcd_client::Client::connect([url], None).await {
-                if c.put("a", "1", None).await.is_ok() {
-                    break true;
-                }
-            }
-            if Instant::now() > deadline {
-                break false;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
-        let logs = || std::fs::read_to_string(dir.path().join("m1.log")).unwrap_or_default();
-        assert!(
-            written,
-            "{kind:?}: no write over peer auto TLS:\n{}",
-            logs()
-        );
-        let url = format!("http://127.0.0.1:{}", ports[2].0);
-        let mut c = etcd_client::Client::connect([url], None).await.unwrap();
-        let r = c.get("a", None).await.unwrap();
+        let trio = PeerTrio::start(kind, &["--peer-auto-tls".to_string()]);
+        trio.client(0).await.put("a", "1", None).await.unwrap();
+        let r = trio.client(2).await.get("a", None).await.unwrap();
         assert_eq!(r.kvs()[0].value(), b"1", "{kind:?}");
-        assert!(
-            dir.path().join("m1/fixtures/peer/cert.pem").exists(),
-            "{kind:?}"
-        );
-        for p in &mut procs {
-            let _ = p.kill();
-            let _ = p.wait();
-        }
+        let made = trio.dir.path().join("m1/fixtures/peer/cert.pem");
+        assert!(made.exists(), "{kind:?}");
     }
 }
