@@ -629,6 +629,59 @@ impl MvccStore {
         })
     }
 
+    /// A read-only txn (every operation a range, in nested txns too: see
+    /// [`is_read_only`]; validated by the caller), evaluated without changing
+    /// anything, so under a shared lock: the same answer [`Self::apply`]
+    /// gives it.
+    pub fn read_only_txn(
+        &self,
+        reader: &dyn RevisionReader,
+        t: &TxnRequest,
+    ) -> Result<TxnResponse> {
+        if !is_read_only(t) {
+            return Err(Error::Internal("a txn that writes is not read-only".into()));
+        }
+        let path = self.compare_path(reader, t)?;
+        self.check_txn(reader, t, &path)?;
+        let mut resp = self.read_txn(reader, t, &path)?;
+        resp.header = header(self.rev);
+        Ok(resp)
+    }
+
+    fn read_txn(
+        &self,
+        reader: &dyn RevisionReader,
+        t: &TxnRequest,
+        path: &[bool],
+    ) -> Result<TxnResponse> {
+        let succeeded = path[0];
+        let ops: &[RequestOp] = if succeeded { &t.success } else { &t.failure };
+        let mut responses = Vec::with_capacity(ops.len());
+        let mut used = 1;
+        for op in ops {
+            let response = match &op.request {
+                Some(request_op::Request::RequestRange(r)) => Some(
+                    response_op::Response::ResponseRange(self.range_at(reader, r, self.rev)?),
+                ),
+                Some(request_op::Request::RequestTxn(nested)) => {
+                    let sub_path = &path[used..];
+                    used += count_path(nested, sub_path);
+                    let mut r = self.read_txn(reader, nested, sub_path)?;
+                    r.header = Some(ResponseHeader::default());
+                    Some(response_op::Response::ResponseTxn(r))
+                }
+                Some(_) => return Err(Error::Internal("a write in a read-only txn".into())),
+                None => None,
+            };
+            responses.push(ResponseOp { response });
+        }
+        Ok(TxnResponse {
+            header: None,
+            succeeded,
+            responses,
+        })
+    }
+
     fn compact(&mut self, c: &CompactionRequest) -> Result<CompactionResponse> {
         if c.revision <= self.compacted {
             return Err(Error::Compacted);
@@ -1077,6 +1130,51 @@ mod tests {
             3,
             "a read-only txn keeps the revision"
         );
+    }
+
+    #[test]
+    fn read_only_txns_answer_as_applied_ones() {
+        let mut t = T::new();
+        t.put("a", "1");
+        t.put("b", "2");
+        let range = |k: &str| RequestOp {
+            request: Some(request_op::Request::RequestRange(RangeRequest {
+                key: k.into(),
+                ..Default::default()
+            })),
+        };
+        let nested = TxnRequest {
+            compare: vec![],
+            success: vec![range("b")],
+            failure: vec![],
+        };
+        let txn = TxnRequest {
+            compare: vec![Compare {
+                key: b"a".to_vec(),
+                target: CompareTarget::Value as i32,
+                result: CompareResult::Equal as i32,
+                target_union: Some(TargetUnion::Value(b"1".to_vec())),
+                ..Default::default()
+            }],
+            success: vec![
+                range("a"),
+                RequestOp {
+                    request: Some(request_op::Request::RequestTxn(nested)),
+                },
+            ],
+            failure: vec![range("b")],
+        };
+        let shared = t.s.read_only_txn(&t.h, &txn).unwrap();
+        let Applied::Txn(applied) = t.apply(Request::Txn(txn.clone())).unwrap() else {
+            panic!("not a txn answer");
+        };
+        assert_eq!(shared, applied);
+        assert!(shared.succeeded && shared.responses.len() == 2);
+        let mut writes = txn;
+        writes.failure.push(RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest::default())),
+        });
+        assert!(t.s.read_only_txn(&t.h, &writes).is_err());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::proto::etcdserverpb::{
     LeaseGrantResponse, LeaseRevokeResponse, PutResponse, RangeRequest, RangeResponse,
     ResponseHeader, TxnRequest, TxnResponse,
 };
-use crate::proto::raftpb::{internal_request::Request, InternalRequest};
+use crate::proto::raftpb::internal_request::Request;
 
 use super::EtcdServer;
 
@@ -204,21 +204,16 @@ impl EtcdServer {
         if !txn_is_serializable(&r) {
             self.read_index().await?;
         }
-        let mut store = self.state.store.write();
+        // Read-only: nothing changes, so a shared lock (writers and other
+        // readers go on) and no proposal (etcd serves these locally too).
+        let store = self.state.store.read();
         {
             let auth = self.state.auth.store.read();
             let keys = |id: i64| store.lease(id).map(|l| l.keys.clone());
             auth.check_txn(ai, &r, &keys)?;
         }
-        let applied = store.apply(
-            &*self.state.engine,
-            &InternalRequest {
-                request: Some(Request::Txn(r)),
-                ..Default::default()
-            },
-        )?;
+        let mut resp = store.read_only_txn(&*self.state.engine, &r)?;
         drop(store);
-        let mut resp = typed::<TxnResponse>(applied)?;
         self.fill(&mut resp.header);
         Ok(resp)
     }
