@@ -42,9 +42,12 @@ pub struct Net {
 }
 
 impl Net {
-    /// A fresh network number for this process (4 at a time).
+    /// A fresh network number for this process: 16 per process, more than
+    /// the test binary ever makes (a number used twice at once would have
+    /// the second cluster tear down the first one's network: with 4, the
+    /// seventh cluster did that to one still running).
     pub fn next_id() -> u64 {
-        (std::process::id() as u64 % 50) * 4 + NEXT_NET.fetch_add(1, Ordering::Relaxed) % 4 + 20
+        (std::process::id() as u64 % 14) * 16 + NEXT_NET.fetch_add(1, Ordering::Relaxed) % 16 + 20
     }
 
     fn new(id: u64) -> Self {
