@@ -26,6 +26,11 @@ use crate::watch::{stream_queue, HubMsg, Registered, StreamRx, StreamTx};
 
 /// Most revisions in one replayed watch response (etcd's `watchBatchMaxRevs`).
 const WATCH_BATCH_MAX_REVS: usize = 1000;
+/// Stored values read per page when a watcher replays history: replaying a
+/// long span holds about this much at a time, not the whole span, and a
+/// replayed response stays well under the 4 MiB many clients accept by
+/// default (etcd's Go client takes any size).
+const REPLAY_PAGE_BYTES: usize = 1 << 20;
 
 pub struct WatchService {
     s: Arc<EtcdServer>,
@@ -282,57 +287,79 @@ impl StreamTask {
 
     /// Sends the stored history `[from, to]` of watcher `id`.
     async fn replay(&mut self, id: i64, from: i64, to: i64) -> bool {
-        let state = self.s.state.clone();
-        let history = tokio::task::spawn_blocking(move || state.engine.history(from, to)).await;
-        let records = match history {
-            Ok(Ok(r)) => r,
-            _ => Vec::new(),
-        };
-        if self.s.state.hub.compacted() > from {
-            // Compaction ran before the history was read: events may be missing.
-            self.watchers.remove(&id);
-            self.s.state.hub.cancel(self.id, id);
-            let r = self.compacted_cancel(id, self.s.state.hub.compacted());
-            return self.send(r).await;
-        }
-        let w = &self.watchers[&id];
-        let mut events = Vec::new();
-        {
-            let store = self.s.state.store.read();
-            for (rev, rec) in records {
-                if !w.range.contains(&rec.kv.key) {
-                    continue;
-                }
-                let prev = if w.prev_kv {
-                    store
-                        .get(&*self.s.state.engine, &rec.kv.key, rev.main - 1)
-                        .ok()
-                        .flatten()
-                } else {
-                    None
-                };
-                let (t, kv) = if rec.tombstone {
-                    (
-                        EventType::Delete,
-                        KeyValue {
-                            key: rec.kv.key,
-                            mod_revision: rev.main,
-                            ..Default::default()
-                        },
-                    )
-                } else {
-                    (EventType::Put, rec.kv)
-                };
-                if let Some(e) = w.shape(&Event {
-                    r#type: t as i32,
-                    kv: Some(kv),
-                    prev_kv: prev,
-                }) {
-                    events.push(e);
-                }
+        let mut from = from;
+        loop {
+            let state = self.s.state.clone();
+            let page = tokio::task::spawn_blocking(move || {
+                state.engine.history_page(from, to, REPLAY_PAGE_BYTES)
+            })
+            .await;
+            let (records, next) = match page {
+                Ok(Ok(p)) => p,
+                _ => (Vec::new(), None),
+            };
+            if self.s.state.hub.compacted() > from {
+                // Compaction ran before this page was read: events may be missing.
+                self.watchers.remove(&id);
+                self.s.state.hub.cancel(self.id, id);
+                let r = self.compacted_cancel(id, self.s.state.hub.compacted());
+                return self.send(r).await;
+            }
+            let events = self.events_of(id, records);
+            if !self.send_events(id, events, Some(to)).await {
+                return false;
+            }
+            match next {
+                Some(n) => from = n,
+                None => return true,
             }
         }
-        self.send_events(id, events, Some(to)).await
+    }
+
+    /// The events watcher `id` gets from stored history records.
+    fn events_of(
+        &self,
+        id: i64,
+        records: Vec<(crate::mvcc::Revision, crate::mvcc::Record)>,
+    ) -> Vec<Event> {
+        let Some(w) = self.watchers.get(&id) else {
+            return Vec::new();
+        };
+        let mut events = Vec::new();
+        let store = self.s.state.store.read();
+        for (rev, rec) in records {
+            if !w.range.contains(&rec.kv.key) {
+                continue;
+            }
+            let prev = if w.prev_kv {
+                store
+                    .get(&*self.s.state.engine, &rec.kv.key, rev.main - 1)
+                    .ok()
+                    .flatten()
+            } else {
+                None
+            };
+            let (t, kv) = if rec.tombstone {
+                (
+                    EventType::Delete,
+                    KeyValue {
+                        key: rec.kv.key,
+                        mod_revision: rev.main,
+                        ..Default::default()
+                    },
+                )
+            } else {
+                (EventType::Put, rec.kv)
+            };
+            if let Some(e) = w.shape(&Event {
+                r#type: t as i32,
+                kv: Some(kv),
+                prev_kv: prev,
+            }) {
+                events.push(e);
+            }
+        }
+        events
     }
 
     async fn deliver(&mut self, msg: HubMsg) -> bool {

@@ -170,16 +170,29 @@ fn load_auth(bytes: &[u8]) -> Result<crate::auth::AuthStore> {
     Ok(crate::auth::AuthStore::from_state(state))
 }
 
+/// Rebuilds the key index from storage, one record at a time: only the
+/// index is kept, never the values (startup at size, issue 22).
 fn rebuild(engine: &Engine, meta: &StateMeta, min_lease_ttl: i64) -> Result<MvccStore> {
-    let records = engine.records().collect::<Result<Vec<_>>>()?;
-    Ok(MvccStore::restore(
+    let mut failed = None;
+    let records = engine.records().map_while(|r| match r {
+        Ok(rec) => Some(rec),
+        Err(e) => {
+            failed = Some(e);
+            None
+        }
+    });
+    let store = MvccStore::restore(
         min_lease_ttl,
-        records.into_iter(),
+        records,
         engine.leases()?.into_iter(),
         meta.revision,
         meta.compacted,
         Engine::alarms_of(meta),
-    ))
+    );
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(store),
+    }
 }
 
 impl KvState {

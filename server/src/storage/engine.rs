@@ -120,6 +120,9 @@ pub fn decode_record(b: &[u8]) -> Result<Record> {
     })
 }
 
+/// A page of stored history and the revision the next one starts at.
+pub type HistoryPage = (Vec<(Revision, Record)>, Option<i64>);
+
 impl Engine {
     /// Opens (creating if needed) the database under `dir`.
     pub fn open(dir: &Path) -> Result<Arc<Self>> {
@@ -284,14 +287,19 @@ impl Engine {
         Ok(out)
     }
 
-    /// History records with `from <= main <= to`, read from a point-in-time
-    /// view taken now (compaction running meanwhile does not disturb it).
-    pub fn history(&self, from: i64, to: i64) -> Result<Vec<(Revision, Record)>> {
+    /// Stored history from revision `from` through `to`, one page read from a
+    /// point-in-time view taken now (compaction running meanwhile does not
+    /// disturb it): records
+    /// up to about `max_bytes` of stored values, cut between revisions (a
+    /// revision's records stay together). Also the revision the next page
+    /// starts at, if the history goes on past this page.
+    pub fn history_page(&self, from: i64, to: i64, max_bytes: usize) -> Result<HistoryPage> {
         let snap = self.db.snapshot();
         let mut ro = records_only();
         ro.set_snapshot(&snap);
         let start = Revision::new(from, 0).to_bytes();
         let mut out = Vec::new();
+        let mut bytes = 0;
         for item in self.db.iterator_cf_opt(
             self.cf(CF_KV),
             ro,
@@ -303,9 +311,14 @@ impl Engine {
             if rev.main > to {
                 break;
             }
+            let last_main = out.last().map(|(r, _): &(Revision, Record)| r.main);
+            if bytes >= max_bytes && last_main != Some(rev.main) {
+                return Ok((out, Some(rev.main)));
+            }
+            bytes += v.len();
             out.push((rev, decode_record(&v)?));
         }
-        Ok(out)
+        Ok((out, None))
     }
 
     /// Replaces the whole state machine (snapshot install).
@@ -574,7 +587,7 @@ mod tests {
         let old = e.db.iterator_cf(e.cf(CF_LEASE), IteratorMode::Start);
         assert_eq!(old.count(), 0);
         // Reads that walk the history stop at its last record.
-        assert_eq!(e.history(0, i64::MAX).unwrap().len(), 1);
+        assert_eq!(e.history_page(0, i64::MAX, 1 << 20).unwrap().0.len(), 1);
         assert_eq!(e.view().records().unwrap().len(), 1);
         assert_eq!(e.view().leases().unwrap(), vec![(5, 60), (9, 30)]);
     }
@@ -617,5 +630,44 @@ mod tests {
         assert_eq!(records, vec![(Revision::new(5, 0), rec(b"y"))]);
         assert_eq!(e.leases().unwrap(), vec![(4, 20)]);
         assert_eq!(e.state_meta().unwrap().revision, 5);
+    }
+
+    /// History is read in pages of bounded bytes, cut between revisions,
+    /// and the pages together are the whole span.
+    #[test]
+    fn history_pages_cut_between_revisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Engine::open(dir.path()).unwrap();
+        let rec = |k: &str| Record {
+            kv: KeyValue {
+                key: k.as_bytes().to_vec(),
+                value: vec![b'v'; 100],
+                ..Default::default()
+            },
+            tombstone: false,
+        };
+        // A txn at 2 (two records), then one record a revision up to 9.
+        let mut records = vec![
+            (Revision::new(2, 0), rec("a")),
+            (Revision::new(2, 1), rec("b")),
+        ];
+        records.extend((3..=9).map(|m| (Revision::new(m, 0), rec("c"))));
+        let ws = WriteSet {
+            records: records.clone(),
+            ..Default::default()
+        };
+        e.write_state(&ws, &meta(9), None).unwrap();
+        let (first, next) = e.history_page(2, 8, 150).unwrap();
+        assert_eq!(first.len(), 2, "revision 2 stays whole");
+        assert_eq!(next, Some(3));
+        let mut all = first;
+        let mut from = next;
+        while let Some(f) = from {
+            let (page, next) = e.history_page(f, 8, 150).unwrap();
+            assert!(page.len() <= 2);
+            all.extend(page);
+            from = next;
+        }
+        assert_eq!(all, records[..8].to_vec());
     }
 }
