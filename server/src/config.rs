@@ -474,7 +474,7 @@ impl Config {
                         .filter_map(|u| u.host_str())
                         .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
                         .collect(),
-                    validity_years: f.self_signed_cert_validity.max(1),
+                    validity_years: f.self_signed_cert_validity,
                 }),
                 cipher_suites: suites.clone(),
             })
@@ -538,6 +538,21 @@ impl Config {
                     "{flag} (the CA that client certificates are verified against)"
                 )));
             }
+        }
+        // A request travels alone in a Raft entry at worst, and an entry
+        // must fit a message between members with room to spare.
+        const MAX_REQUEST_LIMIT: usize = 64 << 20;
+        if f.max_request_bytes > MAX_REQUEST_LIMIT {
+            return Err(ConfigError(format!(
+                "--max-request-bytes {} is over cairn's limit of {MAX_REQUEST_LIMIT}",
+                f.max_request_bytes
+            )));
+        }
+        if !(1..=100).contains(&f.self_signed_cert_validity) {
+            return Err(ConfigError(format!(
+                "--self-signed-cert-validity {} is not between 1 and 100 (years)",
+                f.self_signed_cert_validity
+            )));
         }
         if f.election_timeout < 5 * f.heartbeat_interval {
             return Err(ConfigError(format!(
@@ -714,6 +729,11 @@ mod tests {
         let made = t.self_signed.unwrap();
         assert_eq!(made.hosts, vec!["localhost", "127.0.0.1"]);
         assert_eq!(made.validity_years, 1);
+        assert!(parse(&["--auto-tls", "--self-signed-cert-validity=0"]).is_err());
+        assert!(parse(&["--self-signed-cert-validity=101"]).is_err());
+        assert!(parse(&["--max-request-bytes=268435456"])
+            .unwrap_err()
+            .contains("over cairn's limit"));
         // Given files win over --auto-tls, as in etcd.
         let c = parse(&["--auto-tls", "--cert-file=c.crt", "--key-file=c.key"]).unwrap();
         assert!(c.client_tls.unwrap().self_signed.is_none());

@@ -11,6 +11,7 @@
 //! connections keep the certificates they were made with. A file that does
 //! not load (half written, say) leaves the previous certificates in use.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -380,7 +381,9 @@ pub fn ensure_self_signed(t: &TlsFiles, made: &crate::config::SelfSigned) -> Res
     params.distinguished_name = name;
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now;
-    params.not_after = now + time::Duration::days(365 * i64::from(made.validity_years));
+    params.not_after = now
+        .checked_add(time::Duration::days(365 * i64::from(made.validity_years)))
+        .ok_or_else(|| fail(&"--self-signed-cert-validity is too far"))?;
     params.key_usages = vec![
         rcgen::KeyUsagePurpose::DigitalSignature,
         rcgen::KeyUsagePurpose::KeyEncipherment,
@@ -391,27 +394,38 @@ pub fn ensure_self_signed(t: &TlsFiles, made: &crate::config::SelfSigned) -> Res
     ];
     let key = rcgen::KeyPair::generate().map_err(|e| fail(&e))?;
     let cert = params.self_signed(&key).map_err(|e| fail(&e))?;
-    if let Some(dir) = t.cert_file.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
-    }
+    let dir = t.cert_file.parent().unwrap_or(Path::new("."));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| fail(&e))?;
+    // Each file whole or not at all, the certificate last: a crash leaves
+    // no half-written pair that later starts would take as made.
     write_private(&t.key_file, key.serialize_pem().as_bytes()).map_err(|e| fail(&e))?;
-    std::fs::write(&t.cert_file, cert.pem()).map_err(|e| fail(&e))?;
+    write_private(&t.cert_file, cert.pem().as_bytes()).map_err(|e| fail(&e))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| fail(&e))?;
     tracing::info!(cert = %t.cert_file.display(), "created a self-signed certificate");
     Ok(())
 }
 
-/// Writes a file only its owner can read.
+/// Writes a file only its owner can read: to a temporary name, synced, then
+/// renamed over `path`.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(path)?;
+        .open(&tmp)?;
     f.write_all(bytes)?;
-    f.sync_all()
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// How this member calls others over TLS (`--peer-*`): it checks them against the peer CA

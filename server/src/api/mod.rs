@@ -436,7 +436,8 @@ pub async fn serve_clients(
             // An https:// metrics URL serves with the client port's certificate, as etcd's.
             info!(%addr, tls = true, "serving metrics");
             let routes = Routes::from(http_router(s.clone()));
-            let listener = bind_shared(addr)?;
+            // Not shared: a metrics URL on a taken address fails, as etcd's.
+            let listener = bind(addr).await?.into_std().map_err(Error::internal)?;
             tasks.push(tokio::spawn(serve_listener(
                 routes,
                 listener,

@@ -296,7 +296,26 @@ impl StreamTask {
             .await;
             let (records, next) = match page {
                 Ok(Ok(p)) => p,
-                _ => (Vec::new(), None),
+                failed => {
+                    // History that cannot be read: the watcher is canceled
+                    // rather than left to go on with events missing.
+                    let reason = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        Err(e) => e.to_string(),
+                        Ok(Ok(_)) => String::new(),
+                    };
+                    tracing::warn!(watch = id, "replaying history: {reason}");
+                    self.watchers.remove(&id);
+                    self.s.state.hub.cancel(self.id, id);
+                    let r = WatchResponse {
+                        header: Some(self.s.header(0)),
+                        watch_id: id,
+                        canceled: true,
+                        cancel_reason: format!("cairn: replaying history: {reason}"),
+                        ..Default::default()
+                    };
+                    return self.send(r).await;
+                }
             };
             if self.s.state.hub.compacted() > from {
                 // Compaction ran before this page was read: events may be missing.

@@ -58,12 +58,16 @@ impl Lessor {
     /// Leases whose deadline has passed.
     pub fn expired(&self) -> Vec<i64> {
         let now = Instant::now();
-        self.deadlines
+        let mut due: Vec<(Instant, i64)> = self
+            .deadlines
             .lock()
             .iter()
             .filter(|(_, d)| **d <= now)
-            .map(|(id, _)| *id)
-            .collect()
+            .map(|(id, d)| (*d, *id))
+            .collect();
+        // Longest overdue first: revoking is rate-limited, and none waits forever.
+        due.sort_unstable();
+        due.into_iter().map(|(_, id)| id).collect()
     }
 }
 

@@ -237,7 +237,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 /// Most bytes of entries one AppendEntries carries (a single entry may be
 /// larger, up to [`MAX_PEER_MESSAGE`]): a follower catching up receives the
 /// log in messages of bounded size.
-pub const MAX_APPEND_BYTES: usize = 16 << 20;
+pub const MAX_APPEND_BYTES: usize = 4 << 20;
 
 /// How many of `entries`, from the first, encode within `budget` bytes (at
 /// least one).
@@ -397,15 +397,16 @@ impl RaftNetwork<TypeConfig> for Conn {
         if let Some(commit) = &rpc.leader_commit {
             self.durable.wait(commit.index).await;
         }
-        let msg = encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        if msg.data.len() > MAX_APPEND_BYTES && rpc.entries.len() > 1 {
-            // Too many bytes for one message: openraft sends fewer entries
-            // (as many as fit, at least one; an entry alone always fits).
-            let fit = entries_within(&rpc.entries, MAX_APPEND_BYTES);
+        // Too many bytes of entries for one message: openraft sends fewer (as
+        // many as fit, at least one; an entry alone always goes). Sized
+        // before encoding, so a refused message is never built.
+        let fit = entries_within(&rpc.entries, MAX_APPEND_BYTES);
+        if fit < rpc.entries.len() {
             return Err(RPCError::PayloadTooLarge(
                 openraft::error::PayloadTooLarge::new_entries_hint(fit as u64),
             ));
         }
+        let msg = encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         // The stream is kept only while it works: any failure drops it.
         let stream = self.stream.take();
         let outcome = tokio::time::timeout(option.hard_ttl(), self.on_stream(stream, msg))

@@ -312,7 +312,7 @@ impl Engine {
                 break;
             }
             let last_main = out.last().map(|(r, _): &(Revision, Record)| r.main);
-            if bytes >= max_bytes && last_main != Some(rev.main) {
+            if bytes >= max_bytes && last_main.is_some_and(|m| m != rev.main) {
                 return Ok((out, Some(rev.main)));
             }
             bytes += v.len();
