@@ -592,40 +592,22 @@ impl MvccStore {
         t: &TxnRequest,
         path: &[bool],
     ) -> Result<TxnResponse> {
-        let succeeded = path[0];
-        let ops: &[RequestOp] = if succeeded { &t.success } else { &t.failure };
-        let mut responses = Vec::with_capacity(ops.len());
-        let mut used = 1;
-        for op in ops {
-            let response = match &op.request {
-                Some(request_op::Request::RequestRange(r)) => {
-                    Some(response_op::Response::ResponseRange(self.range_at(
-                        reader,
-                        r,
-                        tx.read_rev(),
-                    )?))
+        walk_txn(t, path, &mut |op| {
+            Ok(match op {
+                request_op::Request::RequestRange(r) => {
+                    response_op::Response::ResponseRange(self.range_at(reader, r, tx.read_rev())?)
                 }
-                Some(request_op::Request::RequestPut(p)) => {
-                    Some(response_op::Response::ResponsePut(self.put(reader, tx, p)?))
+                request_op::Request::RequestPut(p) => {
+                    response_op::Response::ResponsePut(self.put(reader, tx, p)?)
                 }
-                Some(request_op::Request::RequestDeleteRange(d)) => Some(
-                    response_op::Response::ResponseDeleteRange(self.delete(reader, tx, d)?),
-                ),
-                Some(request_op::Request::RequestTxn(nested)) => {
-                    let sub_path = &path[used..];
-                    used += count_path(nested, sub_path);
-                    let mut r = self.txn(reader, tx, nested, sub_path)?;
-                    r.header = Some(ResponseHeader::default());
-                    Some(response_op::Response::ResponseTxn(r))
+                request_op::Request::RequestDeleteRange(d) => {
+                    response_op::Response::ResponseDeleteRange(self.delete(reader, tx, d)?)
                 }
-                None => None,
-            };
-            responses.push(ResponseOp { response });
-        }
-        Ok(TxnResponse {
-            header: None,
-            succeeded,
-            responses,
+                // walk_txn runs nested txns itself.
+                request_op::Request::RequestTxn(_) => {
+                    return Err(Error::Internal("a nested txn given as an operation".into()))
+                }
+            })
         })
     }
 
@@ -643,43 +625,14 @@ impl MvccStore {
         }
         let path = self.compare_path(reader, t)?;
         self.check_txn(reader, t, &path)?;
-        let mut resp = self.read_txn(reader, t, &path)?;
+        let mut resp = walk_txn(t, &path, &mut |op| match op {
+            request_op::Request::RequestRange(r) => Ok(response_op::Response::ResponseRange(
+                self.range_at(reader, r, self.rev)?,
+            )),
+            _ => Err(Error::Internal("a write in a read-only txn".into())),
+        })?;
         resp.header = header(self.rev);
         Ok(resp)
-    }
-
-    fn read_txn(
-        &self,
-        reader: &dyn RevisionReader,
-        t: &TxnRequest,
-        path: &[bool],
-    ) -> Result<TxnResponse> {
-        let succeeded = path[0];
-        let ops: &[RequestOp] = if succeeded { &t.success } else { &t.failure };
-        let mut responses = Vec::with_capacity(ops.len());
-        let mut used = 1;
-        for op in ops {
-            let response = match &op.request {
-                Some(request_op::Request::RequestRange(r)) => Some(
-                    response_op::Response::ResponseRange(self.range_at(reader, r, self.rev)?),
-                ),
-                Some(request_op::Request::RequestTxn(nested)) => {
-                    let sub_path = &path[used..];
-                    used += count_path(nested, sub_path);
-                    let mut r = self.read_txn(reader, nested, sub_path)?;
-                    r.header = Some(ResponseHeader::default());
-                    Some(response_op::Response::ResponseTxn(r))
-                }
-                Some(_) => return Err(Error::Internal("a write in a read-only txn".into())),
-                None => None,
-            };
-            responses.push(ResponseOp { response });
-        }
-        Ok(TxnResponse {
-            header: None,
-            succeeded,
-            responses,
-        })
     }
 
     fn compact(&mut self, c: &CompactionRequest) -> Result<CompactionResponse> {
@@ -806,6 +759,39 @@ impl MvccStore {
 
 /// Most alarms kept at once (two kinds per member: far more than any cluster has members).
 pub const MAX_ALARMS: usize = 1024;
+
+/// Runs the branch of `t` that `path` (from [`MvccStore::compare_path`])
+/// chose, nested txns included: `op` answers each range, put and delete in
+/// order; nested txns answer with an empty header, as in etcd.
+fn walk_txn(
+    t: &TxnRequest,
+    path: &[bool],
+    op: &mut dyn FnMut(&request_op::Request) -> Result<response_op::Response>,
+) -> Result<TxnResponse> {
+    let succeeded = path[0];
+    let ops: &[RequestOp] = if succeeded { &t.success } else { &t.failure };
+    let mut responses = Vec::with_capacity(ops.len());
+    let mut used = 1;
+    for o in ops {
+        let response = match &o.request {
+            Some(request_op::Request::RequestTxn(nested)) => {
+                let sub_path = &path[used..];
+                used += count_path(nested, sub_path);
+                let mut r = walk_txn(nested, sub_path, op)?;
+                r.header = Some(ResponseHeader::default());
+                Some(response_op::Response::ResponseTxn(r))
+            }
+            Some(request) => Some(op(request)?),
+            None => None,
+        };
+        responses.push(ResponseOp { response });
+    }
+    Ok(TxnResponse {
+        header: None,
+        succeeded,
+        responses,
+    })
+}
 
 /// How many path entries a txn and its nested txns on the taken branch use.
 fn count_path(t: &TxnRequest, path: &[bool]) -> usize {
