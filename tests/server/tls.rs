@@ -181,9 +181,9 @@ impl Pki {
     }
 }
 
-/// etcdctl over TLS against `m` with `flags`; "stdout[ok]" or "[failed]".
-fn ctl(m: &Member, flags: &[String], args: &[&str]) -> String {
-    let out = Command::new("etcdctl")
+/// etcdctl over TLS against `m` with `flags`.
+fn etcdctl(m: &Member, flags: &[String], args: &[&str]) -> std::process::Output {
+    Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
         .arg("--endpoints")
         .arg(m.url())
@@ -191,7 +191,12 @@ fn ctl(m: &Member, flags: &[String], args: &[&str]) -> String {
         .args(flags)
         .args(args)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// etcdctl over TLS against `m` with `flags`; "stdout[ok]" or "[failed]".
+fn ctl(m: &Member, flags: &[String], args: &[&str]) -> String {
+    let out = etcdctl(m, flags, args);
     if out.status.success() {
         format!("{}[ok]", String::from_utf8_lossy(&out.stdout))
     } else {
@@ -255,15 +260,7 @@ fn etcdctl_and_curl_over_tls_as_with_etcd() {
 
 /// etcdctl over TLS: stdout, or the last line of stderr when it fails.
 fn ctl_said(m: &Member, flags: &[String], args: &[&str]) -> String {
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg("--endpoints")
-        .arg(m.url())
-        .args(["--dial-timeout=2s", "--command-timeout=3s"])
-        .args(flags)
-        .args(args)
-        .output()
-        .unwrap();
+    let out = etcdctl(m, flags, args);
     if out.status.success() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     } else {
