@@ -19,7 +19,6 @@ pub mod raft;
 pub mod run;
 pub mod server;
 pub mod snapshot;
-pub mod snapshot_cmd;
 pub mod storage;
 pub mod tls;
 pub mod watch;

@@ -364,7 +364,7 @@ async fn hashes_and_snapshot_files() {
     assert_eq!(out.code, 0, "{out:?}");
     let file = std::fs::read(m.dir.path().join("s.db")).unwrap();
     let payload = cairn::snapshot::verify(&file).unwrap();
-    let state: cairn::raft::SnapshotPayload = bincode::deserialize(payload).unwrap();
+    let state: cairn::snapshot::SnapshotPayload = bincode::deserialize(payload).unwrap();
     assert_eq!(state.meta.revision, rev + 1);
     assert!(state.records.len() >= 51, "{} records", state.records.len());
     let mut corrupt = file.clone();

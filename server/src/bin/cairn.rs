@@ -24,12 +24,12 @@ fn go_style_args() -> Vec<String> {
 
 /// `cairn snapshot save | restore | status`, as etcdctl and etcdutl have them.
 fn snapshot_command(args: Vec<String>) -> ! {
-    let cmd = cairn::snapshot_cmd::SnapshotCommand::parse_from(args);
+    let cmd = cairn::snapshot::cmd::SnapshotCommand::parse_from(args);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match runtime.block_on(cairn::snapshot_cmd::run(cmd.cmd)) {
+    match runtime.block_on(cairn::snapshot::cmd::run(cmd.cmd)) {
         Ok(out) => {
             println!("{out}");
             std::process::exit(0)

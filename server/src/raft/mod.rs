@@ -34,7 +34,7 @@ pub fn not_connected(status: &tonic::Status) -> bool {
     }
     status.message().contains("tcp connect error")
 }
-pub use state_machine::{KvState, OnApplied, SnapshotPayload, StateMachine};
+pub use state_machine::{KvState, OnApplied, StateMachine};
 
 use serde::{Deserialize, Serialize};
 

@@ -2,13 +2,18 @@
 //! `etcdctl snapshot save`) and restores.
 //!
 //! Layout: magic, payload length (u64 LE), the serialized state machine
-//! ([`crate::raft::SnapshotPayload`]), zero padding to a multiple of 512
+//! ([`SnapshotPayload`]), zero padding to a multiple of 512
 //! bytes, then — as etcd does — the SHA-256 of everything before it.
 //! etcdctl checks `size % 512 == 32` to find that checksum, hence the padding.
 
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+
+pub mod cmd;
+mod payload;
+
+pub use payload::{auth_extension, SnapshotPayload, AUTH_EXTENSION};
 
 /// Identifies a cairn snapshot and its format version.
 pub const MAGIC: &[u8; 10] = b"CAIRNSNAP1";

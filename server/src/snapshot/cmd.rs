@@ -17,7 +17,8 @@ use crate::config::{Config, Flags};
 use crate::error::{Error, Result};
 use crate::proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use crate::proto::etcdserverpb::SnapshotRequest;
-use crate::raft::{KvState, SnapshotPayload};
+use crate::raft::KvState;
+use crate::snapshot::SnapshotPayload;
 use crate::storage::{Engine, Identity};
 
 /// `cairn snapshot ...`
