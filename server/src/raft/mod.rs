@@ -4,6 +4,7 @@
 mod history;
 mod log_store;
 mod network;
+mod snapshot;
 mod state_machine;
 
 pub use history::MemberHistory;
@@ -34,7 +35,8 @@ pub fn not_connected(status: &tonic::Status) -> bool {
     }
     status.message().contains("tcp connect error")
 }
-pub use state_machine::{KvState, OnApplied, StateMachine};
+pub use snapshot::{check_file, Install};
+pub use state_machine::{KvState, OnApplied, Position, StateMachine};
 
 use serde::{Deserialize, Serialize};
 
@@ -93,7 +95,7 @@ openraft::declare_raft_types!(
         NodeId = u64,
         Node = Member,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = std::io::Cursor<Vec<u8>>,
+        SnapshotData = snapshot::SnapshotData,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

@@ -2,30 +2,29 @@
 //! changes with the applied position, publishes events to watchers and
 //! starts/stops lease clocks. Also builds and installs Raft snapshots.
 
-use std::io::Cursor;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, RaftSnapshotBuilder, SnapshotMeta};
 use parking_lot::{Mutex, RwLock};
 
+use super::snapshot::{Incoming, Install, Outgoing, SnapshotData};
 use super::{
     io_err, BatchResult, LogId, Member, Proposal, StorageError, StoredMembership, TypeConfig,
 };
 use crate::error::{Error, Result};
 use crate::lease::Lessor;
-use crate::mvcc::{MvccStore, Revision};
-use crate::snapshot::{auth_extension, SnapshotPayload};
-use crate::storage::{decode_record, Engine, StateMeta};
+use crate::mvcc::MvccStore;
+use crate::storage::{Engine, StateMeta, View};
 use crate::watch::Hub;
 
 /// Receives the results of a batch this member proposed, once applied,
 /// persisted and published to watchers.
 pub type OnApplied = Box<dyn FnOnce(BatchResult) + Send>;
 
-/// The last built or installed Raft snapshot, kept for openraft to send.
-type StoredSnapshot = (SnapshotMeta<u64, Member>, Vec<u8>);
+/// The last applied log id and the membership as of it.
+pub type Position = (Option<LogId>, StoredMembership);
 
 /// The key-value state shared by the state machine and the API.
 pub struct KvState {
@@ -33,10 +32,10 @@ pub struct KvState {
     pub store: RwLock<MvccStore>,
     pub hub: Hub,
     pub lessor: Lessor,
-    applied: Mutex<(Option<LogId>, StoredMembership)>,
-    snapshot: Mutex<Option<StoredSnapshot>>,
-    snapshot_seq: AtomicU64,
-    min_lease_ttl: i64,
+    applied: Mutex<Position>,
+    pub(super) min_lease_ttl: i64,
+    /// Where snapshots from the leader are received: `<data-dir>/member/snap`.
+    pub(super) snap_dir: std::path::PathBuf,
     /// This member's ID, to recognise the batches it proposed.
     member_id: u64,
     /// Set while the cluster has other members (see `StateMachine::apply`).
@@ -49,7 +48,7 @@ pub struct KvState {
     pub auth: crate::auth::Auth,
 }
 
-fn decode_position(meta: &StateMeta) -> Result<(Option<LogId>, StoredMembership)> {
+fn decode_position(meta: &StateMeta) -> Result<Position> {
     let applied = if meta.applied.is_empty() {
         None
     } else {
@@ -64,7 +63,7 @@ fn decode_position(meta: &StateMeta) -> Result<(Option<LogId>, StoredMembership)
 }
 
 /// The auth state stored as `bytes` (empty: a new one).
-fn load_auth(bytes: &[u8]) -> Result<crate::auth::AuthStore> {
+pub(super) fn load_auth(bytes: &[u8]) -> Result<crate::auth::AuthStore> {
     if bytes.is_empty() {
         return Ok(Default::default());
     }
@@ -75,7 +74,7 @@ fn load_auth(bytes: &[u8]) -> Result<crate::auth::AuthStore> {
 
 /// Rebuilds the key index from storage, one record at a time: only the
 /// index is kept, never the values (startup at size, issue 22).
-fn rebuild(engine: &Engine, meta: &StateMeta, min_lease_ttl: i64) -> Result<MvccStore> {
+pub(super) fn rebuild(engine: &Engine, meta: &StateMeta, min_lease_ttl: i64) -> Result<MvccStore> {
     let mut failed = None;
     let records = engine.records().map_while(|r| match r {
         Ok(rec) => Some(rec),
@@ -101,6 +100,9 @@ fn rebuild(engine: &Engine, meta: &StateMeta, min_lease_ttl: i64) -> Result<Mvcc
 impl KvState {
     /// Loads the state machine from storage, rebuilding the key index.
     pub fn open(engine: Arc<Engine>, min_lease_ttl: i64, member_id: u64) -> Result<Self> {
+        // Beside the database's own directory (`<data-dir>/member/cairn`).
+        let snap_dir = engine.dir().parent().unwrap_or(engine.dir()).join("snap");
+        super::snapshot::finish_interrupted_install(&engine, &snap_dir)?;
         let meta = engine.state_meta()?;
         let position = decode_position(&meta)?;
         let store = rebuild(&engine, &meta, min_lease_ttl)?;
@@ -117,9 +119,8 @@ impl KvState {
             hub,
             lessor: Lessor::default(),
             applied: Mutex::new(position),
-            snapshot: Mutex::new(None),
-            snapshot_seq: AtomicU64::new(0),
             min_lease_ttl,
+            snap_dir,
             member_id,
             replicated: Default::default(),
             pending: Mutex::new(Default::default()),
@@ -147,7 +148,7 @@ impl KvState {
     }
 
     /// The last applied log id and the membership as of it.
-    pub fn applied(&self) -> (Option<LogId>, StoredMembership) {
+    pub fn applied(&self) -> Position {
         self.applied.lock().clone()
     }
 
@@ -158,11 +159,25 @@ impl KvState {
         self.history.removed(id, &current)
     }
 
-    fn position_meta(
+    /// A view of the database at the applied position, that position and the state's meta
+    /// as of it. The store lock keeps applies out only while the view is taken, so the view
+    /// matches the position; reading it then blocks nobody.
+    pub(super) fn view_at_applied<'a>(
         &self,
-        store: &MvccStore,
-        pos: &(Option<LogId>, StoredMembership),
-    ) -> StateMeta {
+        engine: &'a Engine,
+    ) -> (View<'a>, StateMeta, Position) {
+        let store = self.store.read();
+        let pos = self.applied.lock().clone();
+        (engine.view(), self.position_meta(&store, &pos), pos)
+    }
+
+    /// Takes the position a loaded snapshot holds.
+    pub(super) fn set_position_from(&self, meta: &StateMeta) -> Result<()> {
+        *self.applied.lock() = decode_position(meta)?;
+        Ok(())
+    }
+
+    fn position_meta(&self, store: &MvccStore, pos: &Position) -> StateMeta {
         StateMeta {
             applied: bincode::serialize(&pos.0).expect("serialize log id"),
             membership: bincode::serialize(&pos.1).expect("serialize membership"),
@@ -295,92 +310,6 @@ impl KvState {
         };
         Ok(crate::mvcc::Applied::Auth { token })
     }
-
-    /// Serializes the whole state machine at its applied position.
-    pub fn snapshot_payload(&self) -> Result<(Vec<u8>, Option<LogId>, StoredMembership)> {
-        // The lock keeps applies out only while the view is taken, so the
-        // view matches `applied`; reading it then blocks nobody.
-        let (view, meta, pos) = {
-            let store = self.store.read();
-            let pos = self.applied.lock().clone();
-            (self.engine.view(), self.position_meta(&store, &pos), pos)
-        };
-        let payload = SnapshotPayload {
-            meta,
-            records: view.records()?,
-            leases: view.leases()?,
-            auth: view.auth_state()?,
-        };
-        let bytes = payload.encode()?;
-        Ok((bytes, pos.0, pos.1))
-    }
-
-    /// Streams the snapshot file of the state machine at its applied position to `sink` in
-    /// chunks of `chunk` bytes, holding neither the state nor the file in memory: the payload
-    /// is the bincode of a [`SnapshotPayload`], written field by field from one consistent view
-    /// (a first pass over it sizes the payload). `sink` gets each chunk, the bytes remaining
-    /// and the revision the snapshot holds; it returns false to stop.
-    pub fn stream_snapshot(
-        &self,
-        chunk: usize,
-        mut sink: impl FnMut(&[u8], u64, i64) -> bool,
-    ) -> Result<()> {
-        let engine = self.engine.clone();
-        let (view, meta) = {
-            let store = self.store.read();
-            let pos = self.applied.lock().clone();
-            (engine.view(), self.position_meta(&store, &pos))
-        };
-        let revision = meta.revision;
-        let meta_bytes = bincode::serialize(&meta).map_err(Error::internal)?;
-        let lease_bytes = bincode::serialize(&view.leases()?).map_err(Error::internal)?;
-        let auth_bytes = auth_extension(&view.auth_state()?);
-        // (main, sub, bytes) encodes as two i64, a u64 length and the bytes.
-        let (mut count, mut size) = (0u64, 0usize);
-        view.each_record(|_, _, v| {
-            count += 1;
-            size += 24 + v.len();
-            Ok(true)
-        })?;
-        let payload_len = meta_bytes.len() + 8 + size + lease_bytes.len() + auth_bytes.len();
-        let mut w = crate::snapshot::StreamWriter::new(payload_len, chunk, |b, left| {
-            sink(b, left, revision)
-        });
-        w.write(&meta_bytes);
-        w.write(&count.to_le_bytes());
-        view.each_record(|main, sub, v| {
-            w.write(&main.to_le_bytes());
-            w.write(&sub.to_le_bytes());
-            w.write(&(v.len() as u64).to_le_bytes());
-            w.write(v);
-            Ok(!w.stopped())
-        })?;
-        w.write(&lease_bytes);
-        w.write(&auth_bytes);
-        w.finish()
-    }
-
-    /// Replaces the state machine with a snapshot's content.
-    pub fn install_payload(&self, bytes: &[u8]) -> Result<()> {
-        let mut payload = SnapshotPayload::decode(bytes)?;
-        payload.check()?;
-        let mut records = Vec::with_capacity(payload.records.len());
-        for (main, sub, rec) in &payload.records {
-            records.push((Revision::new(*main, *sub), decode_record(rec)?));
-        }
-        let mut store = self.store.write();
-        self.engine
-            .replace_state(&records, &payload.leases, &payload.meta, &payload.auth)?;
-        *store = rebuild(&self.engine, &payload.meta, self.min_lease_ttl)?;
-        *self.auth.store.write() = load_auth(&payload.auth)?;
-        // Simple tokens name entries of the log this snapshot replaces.
-        self.auth.tokens().clear();
-        *self.applied.lock() = decode_position(&payload.meta)?;
-        self.hub.reset(store.revision(), store.compacted());
-        self.lessor
-            .reset_all(store.leases().map(|(id, l)| (id, l.ttl)));
-        Ok(())
-    }
 }
 
 /// Where a request is applied: its entry's log index, and whether this
@@ -405,42 +334,45 @@ impl StateMachine {
     }
 }
 
-impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let state = self.state.clone();
-        let (bytes, last, membership) = tokio::task::spawn_blocking(move || {
-            let payload = state.snapshot_payload()?;
-            // Applied changes skip the WAL, and the log purge that follows a
-            // snapshot first flushes them, with the Raft core waiting: most
-            // of that flush happens here instead, beside the core.
-            state.engine.persist_state()?;
-            Ok::<_, Error>(payload)
-        })
-        .await
-        .map_err(io_err)?
-        .map_err(io_err)?;
-        let seq = self.state.snapshot_seq.fetch_add(1, Ordering::Relaxed);
-        let snapshot_id = match last {
-            Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
-            None => format!("none-{seq}"),
-        };
-        let meta = SnapshotMeta {
-            last_log_id: last,
-            last_membership: membership,
+/// A snapshot of `data` at `pos`. Its ID names the position, so the same position always
+/// gives the same ID (a transfer retried at the same position goes on with the same bytes).
+fn snapshot_of(pos: Position, data: Outgoing) -> Snapshot<TypeConfig> {
+    let snapshot_id = match &pos.0 {
+        Some(l) => format!("{}-{}", l.leader_id, l.index),
+        None => "none".to_string(),
+    };
+    Snapshot {
+        meta: SnapshotMeta {
+            last_log_id: pos.0,
+            last_membership: pos.1,
             snapshot_id,
-        };
-        *self.state.snapshot.lock() = Some((meta.clone(), bytes.clone()));
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(bytes)),
-        })
+        },
+        snapshot: Box::new(SnapshotData::Out(data)),
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    /// The state machine is its own snapshot: building one only makes the applied state
+    /// durable, so that the log before it may be purged. Its bytes are produced when a member
+    /// needs them ([`Outgoing`]).
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let (pos, data) = Outgoing::start(self.state.clone()).await.map_err(io_err)?;
+        // Applied changes skip the WAL, and the log purge that follows a
+        // snapshot first flushes them, with the Raft core waiting: most
+        // of that flush happens here instead, beside the core.
+        let engine = self.state.engine.clone();
+        tokio::task::spawn_blocking(move || engine.persist_state())
+            .await
+            .map_err(io_err)?
+            .map_err(io_err)?;
+        Ok(snapshot_of(pos, data))
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = Self;
 
-    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+    async fn applied_state(&mut self) -> Result<Position, StorageError> {
         Ok(self.state.applied())
     }
 
@@ -473,25 +405,35 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, StorageError> {
+        let incoming = Incoming::create(&self.state.snap_dir)
+            .await
+            .map_err(io_err)?;
+        Ok(Box::new(SnapshotData::In(incoming)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<u64, Member>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SnapshotData>,
     ) -> Result<(), StorageError> {
-        let bytes = snapshot.into_inner();
+        let mut incoming = match *snapshot {
+            SnapshotData::In(i) => i,
+            SnapshotData::Out(o) => Incoming::copy_of(o, &self.state.snap_dir)
+                .await
+                .map_err(io_err)?,
+        };
+        let path = incoming.sync().await.map_err(io_err)?.to_path_buf();
+        let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let state = self.state.clone();
-        let b = bytes.clone();
-        tokio::task::spawn_blocking(move || state.install_payload(&b))
+        let loaded = tokio::task::spawn_blocking(move || state.install_file(&path, Install::Raft))
             .await
             .map_err(io_err)?
             .map_err(io_err)?;
         tracing::info!(
             snapshot = meta.snapshot_id,
-            bytes = bytes.len(),
+            bytes,
+            revision = loaded.revision,
             "installed a snapshot from the leader"
         );
         // The payload's position is the state machine's; the meta is Raft's word on it.
@@ -500,20 +442,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .history
             .note(&self.state.engine, &meta.last_membership)
             .map_err(io_err)?;
-        *self.state.snapshot.lock() = Some((meta.clone(), bytes));
+        // The file goes once the load is durable.
+        drop(incoming);
         Ok(())
     }
 
+    /// A snapshot at the applied position, none before anything is applied.
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        Ok(self
-            .state
-            .snapshot
-            .lock()
-            .as_ref()
-            .map(|(meta, bytes)| Snapshot {
-                meta: meta.clone(),
-                snapshot: Box::new(Cursor::new(bytes.clone())),
-            }))
+        if self.state.applied().0.is_none() {
+            return Ok(None);
+        }
+        let (pos, data) = Outgoing::start(self.state.clone()).await.map_err(io_err)?;
+        Ok(Some(snapshot_of(pos, data)))
     }
 }
 
@@ -521,6 +461,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 mod tests {
     use crate::snapshot::SnapshotPayload;
     use crate::storage::StateMeta;
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+    }
 
     #[test]
     fn streamed_snapshot_equals_raft_snapshot_and_carries_auth() {
@@ -544,7 +490,13 @@ mod tests {
             .unwrap();
         let state = super::KvState::open(engine, 2, 1).unwrap();
         assert!(state.auth.enabled());
-        let (raft, _, _) = state.snapshot_payload().unwrap();
+        let state = std::sync::Arc::new(state);
+        let (_, out) = rt()
+            .block_on(super::Outgoing::start(state.clone()))
+            .unwrap();
+        let raft = rt()
+            .block_on(super::super::snapshot::read_all(out))
+            .unwrap();
         let mut streamed = Vec::new();
         state
             .stream_snapshot(7, |b, _, _| {

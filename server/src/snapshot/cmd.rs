@@ -17,8 +17,7 @@ use crate::config::{Config, Flags};
 use crate::error::{Error, Result};
 use crate::proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use crate::proto::etcdserverpb::SnapshotRequest;
-use crate::raft::KvState;
-use crate::snapshot::SnapshotPayload;
+use crate::raft::{check_file, Install, KvState};
 use crate::storage::{Engine, Identity};
 
 /// `cairn snapshot ...`
@@ -198,27 +197,17 @@ pub async fn save(endpoint: &str, file: &Path) -> Result<String> {
     ))
 }
 
-fn payload_of(bytes: &[u8], skip_hash_check: bool) -> Result<SnapshotPayload> {
-    let payload = if skip_hash_check {
-        crate::snapshot::payload_unchecked(bytes)?
-    } else {
-        crate::snapshot::verify(bytes)?
-    };
-    decode(payload)
-}
-
-fn decode(payload: &[u8]) -> Result<SnapshotPayload> {
-    SnapshotPayload::decode(payload)
-}
-
 /// Restores `file` into `cfg.data_dir` for member `cfg.name` of the new cluster
 /// `cfg.initial_cluster`.
 pub fn restore(file: &Path, cfg: &Config, skip_hash_check: bool) -> Result<String> {
-    let bytes = std::fs::read(file)
-        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", file.display())))?;
-    let mut payload = payload_of(&bytes, skip_hash_check)?;
-    drop(bytes);
-    payload.check()?;
+    // The whole file is checked before anything is written, and read piece by piece.
+    let revision = check_file(
+        file,
+        Install::Restore {
+            check_hash: !skip_hash_check,
+        },
+    )?
+    .revision;
     if cfg.data_dir.exists() {
         return Err(Error::InvalidArgument(format!(
             "data-dir {:?} exists",
@@ -233,15 +222,6 @@ pub fn restore(file: &Path, cfg: &Config, skip_hash_check: bool) -> Result<Strin
         ))
     })?;
     let all: Vec<u64> = ids.values().copied().collect();
-    // Nothing of the old cluster's Raft position, membership or alarms: the member starts a
-    // new Raft log with the new membership, on top of the restored keys.
-    payload.meta.applied.clear();
-    payload.meta.membership.clear();
-    payload.meta.alarms.clear();
-    let revision = payload.meta.revision;
-    let encoded = payload.encode()?;
-    drop(payload);
-
     // Written under a temporary name and renamed, so a crash never leaves a half-restored
     // data dir that a member would start from.
     let tmp = cfg.data_dir.with_extension("restoring");
@@ -257,7 +237,9 @@ pub fn restore(file: &Path, cfg: &Config, skip_hash_check: bool) -> Result<Strin
         })?;
         engine.raft_put(crate::storage::RESTORED_NEEDS_SNAPSHOT, &true)?;
         let state = KvState::open(engine, cfg.min_lease_ttl(), member_id)?;
-        state.install_payload(&encoded)?;
+        // Nothing of the old cluster's Raft position, membership or alarms: the member starts
+        // a new Raft log with the new membership, on top of the restored keys.
+        state.install_file(file, Install::Restore { check_hash: false })?;
     }
     std::fs::rename(&tmp, &cfg.data_dir)
         .map_err(|e| Error::Internal(format!("cannot create {}: {e}", cfg.data_dir.display())))?;
@@ -331,18 +313,37 @@ impl SnapshotStatus {
     }
 }
 
-/// Reads and verifies a snapshot file.
+/// Reads and verifies a snapshot file, piece by piece.
 pub fn status(file: &Path) -> Result<SnapshotStatus> {
-    let bytes = std::fs::read(file)
-        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", file.display())))?;
-    let payload = crate::snapshot::verify(&bytes)?;
-    let hash = crc32fast::hash(payload);
-    let p = decode(payload)?;
+    use std::io::{Read, Seek, SeekFrom};
+    let open = || {
+        std::fs::File::open(file)
+            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", file.display())))
+    };
+    let io = |e: std::io::Error| Error::InvalidArgument(format!("{}: {e}", file.display()));
+    let mut f = open()?;
+    let total_size = f.metadata().map_err(io)?.len();
+    let (at, len) = crate::snapshot::locate_payload(&mut f, total_size, true)?;
+    f.seek(SeekFrom::Start(at)).map_err(io)?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut payload = std::io::BufReader::with_capacity(1 << 20, f.take(len));
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = payload.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let mut f = open()?;
+    f.seek(SeekFrom::Start(at)).map_err(io)?;
+    let (reader, meta) =
+        crate::snapshot::PayloadReader::new(std::io::BufReader::new(f.take(len)), len)?;
     Ok(SnapshotStatus {
-        hash,
-        revision: p.meta.revision,
-        total_key: p.records.len(),
-        total_size: bytes.len() as u64,
+        hash: hasher.finalize(),
+        revision: meta.revision,
+        total_key: reader.records() as usize,
+        total_size,
     })
 }
 

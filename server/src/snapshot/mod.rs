@@ -13,7 +13,10 @@ use crate::error::{Error, Result};
 pub mod cmd;
 mod payload;
 
-pub use payload::{auth_extension, SnapshotPayload, AUTH_EXTENSION};
+pub use payload::{
+    auth_extension, check_meta, check_record, PayloadReader, PayloadSource, SnapshotPayload,
+    AUTH_EXTENSION,
+};
 
 /// Identifies a cairn snapshot and its format version.
 pub const MAGIC: &[u8; 10] = b"CAIRNSNAP1";
@@ -48,6 +51,49 @@ pub fn verify(file: &[u8]) -> Result<&[u8]> {
     let len = u64::from_le_bytes(body[MAGIC.len()..HEADER].try_into().expect("8 bytes")) as usize;
     body.get(HEADER..HEADER + len)
         .ok_or_else(|| Error::InvalidArgument("snapshot: truncated payload".into()))
+}
+
+/// Where the payload of the snapshot file `file` (of `len` bytes) lies: (offset, length).
+/// With `check_hash`, the file's SHA-256 is checked first, reading it through in 1 MiB pieces.
+pub fn locate_payload(file: &mut std::fs::File, len: u64, check_hash: bool) -> Result<(u64, u64)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let not_ours = || Error::InvalidArgument("snapshot: not a cairn snapshot file".into());
+    let io = |e: std::io::Error| Error::InvalidArgument(format!("snapshot: {e}"));
+    let min = if check_hash { HEADER + 32 } else { HEADER } as u64;
+    if len < min {
+        return Err(not_ours());
+    }
+    let mut header = [0u8; HEADER];
+    file.seek(SeekFrom::Start(0)).map_err(io)?;
+    file.read_exact(&mut header).map_err(io)?;
+    if &header[..MAGIC.len()] != MAGIC {
+        return Err(not_ours());
+    }
+    if check_hash {
+        let body = len - 32;
+        let mut hasher = Sha256::new();
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = body;
+        while left > 0 {
+            let n = (buf.len() as u64).min(left) as usize;
+            file.read_exact(&mut buf[..n]).map_err(io)?;
+            hasher.update(&buf[..n]);
+            left -= n as u64;
+        }
+        let mut sum = [0u8; 32];
+        file.read_exact(&mut sum).map_err(io)?;
+        if hasher.finalize().as_slice() != sum {
+            return Err(Error::InvalidArgument(
+                "snapshot: sha256 checksum mismatch".into(),
+            ));
+        }
+    }
+    let payload = u64::from_le_bytes(header[MAGIC.len()..].try_into().expect("8 bytes"));
+    if payload > len - HEADER as u64 {
+        return Err(Error::InvalidArgument("snapshot: truncated payload".into()));
+    }
+    Ok((HEADER as u64, payload))
 }
 
 /// Writes a snapshot file in chunks without holding it: the payload is fed piece by piece

@@ -321,31 +321,33 @@ impl Engine {
         Ok((out, None))
     }
 
-    /// Replaces the whole state machine (snapshot install).
-    pub fn replace_state(
-        &self,
-        records: &[(Revision, Record)],
-        leases: &[(i64, i64)],
-        meta: &StateMeta,
-        auth: &[u8],
-    ) -> Result<()> {
-        let mut b = WriteBatch::default();
-        let kv = self.cf(CF_KV);
+    /// Starts replacing the whole state machine (a snapshot install): everything of it is
+    /// deleted, and the [`StateLoader`] writes the new content in bounded batches. Nothing is
+    /// durable before [`StateLoader::finish`]; a caller that may crash meanwhile keeps what it
+    /// loads from somewhere it can load it again from (see `raft::KvState::install_file`).
+    pub fn load_state(&self) -> Result<StateLoader<'_>> {
+        let mut batch = WriteBatch::default();
         // Every key of the state sorts below 17 bytes of 0xff.
-        b.delete_range_cf(kv, [0u8; 1].as_slice(), [0xffu8; 17].as_slice());
-        if !auth.is_empty() {
-            b.put_cf(kv, AUTH_KEY, auth);
-        }
-        for (rev, rec) in records {
-            b.put_cf(kv, rev.to_bytes(), encode_record(rec));
-        }
-        for (id, ttl) in leases {
-            b.put_cf(kv, lease_key(*id), ttl.to_be_bytes());
-        }
-        b.put_cf(kv, STATE_KEY, enc(meta));
+        batch.delete_range_cf(self.cf(CF_KV), [0u8; 1].as_slice(), [0xffu8; 17].as_slice());
+        Ok(StateLoader {
+            engine: self,
+            batch,
+            unflushed: 0,
+        })
+    }
+
+    /// Deletes a key of the `raft` column family, fsynced.
+    pub fn raft_delete(&self, key: &[u8]) -> Result<()> {
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        self.db.write_opt(b, &wo).map_err(rocks)
+        self.db
+            .delete_cf_opt(self.cf(CF_RAFT), key, &wo)
+            .map_err(rocks)
+    }
+
+    /// The directory the database lives in.
+    pub fn dir(&self) -> &Path {
+        self.db.path()
     }
 
     /// Sums RocksDB integer properties over every column family.
@@ -398,6 +400,61 @@ impl Engine {
                 alarm: *a,
             })
             .collect()
+    }
+}
+
+/// Writes a whole state machine in batches of about [`StateLoader::BATCH`] bytes
+/// ([`Engine::load_state`]).
+pub struct StateLoader<'a> {
+    engine: &'a Engine,
+    batch: WriteBatch,
+    /// Bytes written since the last flush.
+    unflushed: usize,
+}
+
+impl StateLoader<'_> {
+    /// Bytes of records written at a time.
+    pub const BATCH: usize = 4 << 20;
+    /// Bytes written between flushes: RocksDB's memory tables would otherwise grow to two
+    /// of its 64 MiB write buffers while a large state is loaded.
+    const FLUSH: usize = 32 << 20;
+
+    fn cut(&mut self) -> Result<()> {
+        let b = std::mem::take(&mut self.batch);
+        self.unflushed += b.size_in_bytes();
+        self.engine.db.write_opt(b, &no_wal()).map_err(rocks)?;
+        if self.unflushed >= Self::FLUSH {
+            self.unflushed = 0;
+            self.engine.persist_state()?;
+        }
+        Ok(())
+    }
+
+    /// Adds a history record (`bytes` as [`encode_record`] makes them).
+    pub fn record(&mut self, rev: Revision, bytes: &[u8]) -> Result<()> {
+        self.batch
+            .put_cf(self.engine.cf(CF_KV), rev.to_bytes(), bytes);
+        if self.batch.size_in_bytes() >= Self::BATCH {
+            self.cut()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the leases, the auth state and the position last, and makes it all durable.
+    pub fn finish(mut self, leases: &[(i64, i64)], meta: &StateMeta, auth: &[u8]) -> Result<()> {
+        let kv = self.engine.cf(CF_KV);
+        if !auth.is_empty() {
+            self.batch.put_cf(kv, AUTH_KEY, auth);
+        }
+        for (id, ttl) in leases {
+            self.batch.put_cf(kv, lease_key(*id), ttl.to_be_bytes());
+            if self.batch.size_in_bytes() >= Self::BATCH {
+                self.cut()?;
+            }
+        }
+        self.batch.put_cf(kv, STATE_KEY, enc(meta));
+        self.cut()?;
+        self.engine.persist_state()
     }
 }
 
@@ -619,13 +676,27 @@ mod tests {
         let e = Engine::open(dir.path()).unwrap();
         assert_eq!(e.state_meta().unwrap().revision, 2);
         assert_eq!(e.leases().unwrap(), vec![(3, 10)]);
-        e.replace_state(
-            &[(Revision::new(5, 0), rec(b"y"))],
-            &[(4, 20)],
-            &meta(5),
-            &[],
-        )
-        .unwrap();
+        let mut loader = e.load_state().unwrap();
+        // Enough records for several batches.
+        let big = rec(&vec![b'z'; 100_000]);
+        for main in 5..100 {
+            loader
+                .record(Revision::new(main, 0), &encode_record(&big))
+                .unwrap();
+        }
+        loader.finish(&[(4, 20)], &meta(100), &[]).unwrap();
+        drop(e);
+        let e = Engine::open(dir.path()).unwrap();
+        let records = e.records().collect::<Result<Vec<_>>>().unwrap();
+        assert_eq!(records.len(), 95);
+        assert_eq!(records[0], (Revision::new(5, 0), big.clone()));
+        assert_eq!(e.leases().unwrap(), vec![(4, 20)]);
+        assert_eq!(e.state_meta().unwrap().revision, 100);
+        let mut loader = e.load_state().unwrap();
+        loader
+            .record(Revision::new(5, 0), &encode_record(&rec(b"y")))
+            .unwrap();
+        loader.finish(&[(4, 20)], &meta(5), &[]).unwrap();
         let records = e.records().collect::<Result<Vec<_>>>().unwrap();
         assert_eq!(records, vec![(Revision::new(5, 0), rec(b"y"))]);
         assert_eq!(e.leases().unwrap(), vec![(4, 20)]);

@@ -28,7 +28,9 @@ mod journal;
 pub mod log_files;
 mod log_writer;
 
-pub use engine::{dec, decode_record, encode_record, Engine, Identity, StateMeta, View, CF_LOG};
+pub use engine::{
+    dec, decode_record, encode_record, Engine, Identity, StateLoader, StateMeta, View, CF_LOG,
+};
 pub use log_writer::{LogOp, LogWriter};
 
 /// A key of the `raft` column family, set by `cairn snapshot restore`: the restored data came

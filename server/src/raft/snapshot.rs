@@ -1,0 +1,766 @@
+//! Raft snapshots that are never held in memory (issue 22). The leader sends the state
+//! machine as a [`SnapshotPayload`]'s bytes, produced on demand from a RocksDB snapshot taken
+//! at its applied position ([`Outgoing`]); the receiving member writes them to a file in its
+//! data dir ([`Incoming`]) and loads that file in bounded batches
+//! ([`KvState::install_file`]), finishing the load at its next start if a crash cut it short.
+//! `cairn snapshot restore` loads snapshot files the same way.
+//!
+//! [`SnapshotPayload`]: crate::snapshot::SnapshotPayload
+
+use std::future::Future;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
+use tokio::sync::{mpsc, oneshot};
+
+use super::state_machine::{load_auth, rebuild, KvState, Position};
+use crate::error::{Error, Result};
+use crate::mvcc::Revision;
+use crate::snapshot::{check_meta, check_record, PayloadReader, PayloadSource};
+use crate::storage::{decode_record, Engine, StateMeta};
+
+/// A key of the `raft` column family, set while a snapshot file is being loaded: the file
+/// and how to load it, so that a start after a crash finishes the load first.
+const INSTALLING: &[u8] = b"installing_snapshot";
+
+/// Bytes an [`Outgoing`] snapshot is produced in.
+const CHUNK: usize = 1 << 20;
+
+/// How a file is loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Install {
+    /// The bare payload, as Raft sends it; the position is the leader's.
+    Raft,
+    /// A snapshot file (`crate::snapshot`'s format) into a new cluster: no Raft position,
+    /// membership or alarms are kept.
+    Restore { check_hash: bool },
+}
+
+/// A Raft snapshot's bytes: produced for sending, or being received into a file.
+pub enum SnapshotData {
+    Out(Outgoing),
+    In(Incoming),
+}
+
+impl std::fmt::Debug for SnapshotData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SnapshotData::Out(_) => f.write_str("SnapshotData::Out"),
+            SnapshotData::In(i) => write!(f, "SnapshotData::In({})", i.path.display()),
+        }
+    }
+}
+
+fn io_error(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+fn producer_gone() -> std::io::Error {
+    io_error("snapshot: the producer stopped")
+}
+
+/// What an [`Outgoing`] asks of the thread that reads its view.
+enum Request {
+    Len(oneshot::Sender<Result<u64>>),
+    Bytes {
+        from: u64,
+        tx: mpsc::Sender<Result<Vec<u8>>>,
+    },
+}
+
+/// The bytes of the state machine at one applied position, read on demand. A thread holds
+/// the RocksDB snapshot they come from, with applies going on beside it, and produces them
+/// in chunks of [`CHUNK`] through a channel two chunks deep; seeking back (a retried chunk)
+/// starts it over from the beginning of the view, skipping what comes before. It stops when
+/// this is dropped.
+pub struct Outgoing {
+    requests: std::sync::mpsc::Sender<Request>,
+    pos: u64,
+    len: Option<u64>,
+    seek: Option<SeekFrom>,
+    len_rx: Option<oneshot::Receiver<Result<u64>>>,
+    stream: Option<Stream>,
+}
+
+struct Stream {
+    rx: mpsc::Receiver<Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    used: usize,
+    /// The offset of `chunk[used]`.
+    at: u64,
+}
+
+impl Outgoing {
+    /// Takes a view of `state` at its applied position and starts the thread that reads it.
+    pub async fn start(state: Arc<KvState>) -> Result<(Position, Outgoing)> {
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (requests, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("cairn-snapshot".into())
+            .spawn(move || produce(&state, ready_tx, rx))
+            .map_err(Error::internal)?;
+        let pos = ready_rx
+            .await
+            .map_err(|_| Error::Internal("snapshot: the producer stopped".into()))??;
+        let out = Outgoing {
+            requests,
+            pos: 0,
+            len: None,
+            seek: None,
+            len_rx: None,
+            stream: None,
+        };
+        Ok((pos, out))
+    }
+
+    fn poll_len(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<u64>> {
+        if let Some(len) = self.len {
+            return Poll::Ready(Ok(len));
+        }
+        if self.len_rx.is_none() {
+            // The thread answers one request at a time: a stream it is feeding must go.
+            self.stream = None;
+            let (tx, rx) = oneshot::channel();
+            self.requests
+                .send(Request::Len(tx))
+                .map_err(|_| producer_gone())?;
+            self.len_rx = Some(rx);
+        }
+        let rx = self.len_rx.as_mut().expect("set above");
+        let answer = ready!(Pin::new(rx).poll(cx));
+        self.len_rx = None;
+        let len = answer.map_err(|_| producer_gone())?.map_err(io_error)?;
+        self.len = Some(len);
+        Poll::Ready(Ok(len))
+    }
+}
+
+/// The thread behind an [`Outgoing`].
+fn produce(
+    state: &KvState,
+    ready_tx: oneshot::Sender<Result<Position>>,
+    requests: std::sync::mpsc::Receiver<Request>,
+) {
+    let engine = state.engine.clone();
+    let (view, meta, pos) = state.view_at_applied(&engine);
+    let mut source = match PayloadSource::new(view, &meta) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready_tx.send(Err(e));
+            return;
+        }
+    };
+    if ready_tx.send(Ok(pos)).is_err() {
+        return;
+    }
+    while let Ok(request) = requests.recv() {
+        match request {
+            Request::Len(tx) => {
+                let _ = tx.send(source.byte_len());
+            }
+            Request::Bytes { from, tx } => {
+                let (mut at, mut buf) = (0u64, Vec::with_capacity(CHUNK));
+                let sent = source.emit(|mut piece| {
+                    let n = piece.len() as u64;
+                    if at + n <= from {
+                        at += n;
+                        return true;
+                    }
+                    if at < from {
+                        piece = &piece[(from - at) as usize..];
+                        at = from;
+                    }
+                    while !piece.is_empty() {
+                        let take = (CHUNK - buf.len()).min(piece.len());
+                        buf.extend_from_slice(&piece[..take]);
+                        piece = &piece[take..];
+                        at += take as u64;
+                        if buf.len() == CHUNK {
+                            let full = std::mem::replace(&mut buf, Vec::with_capacity(CHUNK));
+                            if tx.blocking_send(Ok(full)).is_err() {
+                                return false;
+                            }
+                        }
+                    }
+                    true
+                });
+                let _ = match sent {
+                    Ok(()) if !buf.is_empty() => tx.blocking_send(Ok(buf)),
+                    Ok(()) => Ok(()),
+                    Err(e) => tx.blocking_send(Err(e)),
+                };
+            }
+        }
+    }
+}
+
+impl AsyncRead for Outgoing {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if buf.remaining() == 0 || this.len.is_some_and(|len| this.pos >= len) {
+            return Poll::Ready(Ok(()));
+        }
+        if this.stream.as_ref().is_none_or(|s| s.at != this.pos) {
+            this.stream = None;
+            let (tx, rx) = mpsc::channel(2);
+            this.requests
+                .send(Request::Bytes { from: this.pos, tx })
+                .map_err(|_| producer_gone())?;
+            this.stream = Some(Stream {
+                rx,
+                chunk: Vec::new(),
+                used: 0,
+                at: this.pos,
+            });
+        }
+        let s = this.stream.as_mut().expect("set above");
+        loop {
+            if s.used < s.chunk.len() {
+                let n = buf.remaining().min(s.chunk.len() - s.used);
+                buf.put_slice(&s.chunk[s.used..s.used + n]);
+                s.used += n;
+                s.at += n as u64;
+                this.pos += n as u64;
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(s.rx.poll_recv(cx)) {
+                Some(Ok(chunk)) => {
+                    s.chunk = chunk;
+                    s.used = 0;
+                }
+                Some(Err(e)) => {
+                    this.stream = None;
+                    return Poll::Ready(Err(io_error(e)));
+                }
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+}
+
+impl AsyncSeek for Outgoing {
+    fn start_seek(self: Pin<&mut Self>, position: SeekFrom) -> std::io::Result<()> {
+        self.get_mut().seek = Some(position);
+        Ok(())
+    }
+
+    fn poll_complete(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<u64>> {
+        let this = self.get_mut();
+        let (base, delta) = match this.seek {
+            None => return Poll::Ready(Ok(this.pos)),
+            Some(SeekFrom::Start(n)) => (n, 0),
+            Some(SeekFrom::Current(d)) => (this.pos, d),
+            Some(SeekFrom::End(d)) => (ready!(this.poll_len(cx))?, d),
+        };
+        this.seek = None;
+        let pos = base
+            .checked_add_signed(delta)
+            .ok_or_else(|| io_error("snapshot: seek out of range"))?;
+        this.pos = pos;
+        Poll::Ready(Ok(pos))
+    }
+}
+
+impl AsyncWrite for Outgoing {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        _: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Poll::Ready(Err(io_error("snapshot: an outgoing snapshot is read-only")))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A snapshot being received: a file under `<data-dir>/member/snap`, deleted when this is
+/// dropped (a transfer abandoned, or the snapshot installed).
+pub struct Incoming {
+    file: tokio::fs::File,
+    path: PathBuf,
+}
+
+impl Incoming {
+    /// A new, empty file in `dir`.
+    pub async fn create(dir: &Path) -> std::io::Result<Self> {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        tokio::fs::create_dir_all(dir).await?;
+        let path = dir.join(format!(
+            "incoming-{}-{}.part",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = tokio::fs::File::create(&path).await?;
+        Ok(Self { file, path })
+    }
+
+    /// The received bytes, on disk: flushed and fsynced.
+    pub async fn sync(&mut self) -> std::io::Result<&Path> {
+        use tokio::io::AsyncWriteExt;
+        self.file.flush().await?;
+        self.file.sync_all().await?;
+        Ok(&self.path)
+    }
+
+    /// An [`Outgoing`] snapshot copied into a file (openraft's storage suite hands one
+    /// straight to `install_snapshot`).
+    pub async fn copy_of(mut out: Outgoing, dir: &Path) -> std::io::Result<Self> {
+        use tokio::io::AsyncSeekExt;
+        let mut this = Self::create(dir).await?;
+        out.seek(SeekFrom::Start(0)).await?;
+        tokio::io::copy(&mut out, &mut this.file).await?;
+        Ok(this)
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $x:ident => $e:expr) => {
+        match $self.get_mut() {
+            SnapshotData::Out($x) => {
+                let $x = Pin::new($x);
+                $e
+            }
+            SnapshotData::In(i) => {
+                let $x = Pin::new(&mut i.file);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for SnapshotData {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        delegate!(self, x => x.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for SnapshotData {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        delegate!(self, x => x.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        delegate!(self, x => x.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        delegate!(self, x => x.poll_shutdown(cx))
+    }
+}
+
+impl AsyncSeek for SnapshotData {
+    fn start_seek(self: Pin<&mut Self>, position: SeekFrom) -> std::io::Result<()> {
+        delegate!(self, x => x.start_seek(position))
+    }
+
+    fn poll_complete(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<u64>> {
+        delegate!(self, x => x.poll_complete(cx))
+    }
+}
+
+/// Where the payload lies in the file at `path` (offset, length), its checksum checked if
+/// asked: a pass over the file, holding none of it.
+fn locate(path: &Path, how: Install) -> Result<(u64, u64)> {
+    let mut file = open(path)?;
+    let len = file
+        .metadata()
+        .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?
+        .len();
+    match how {
+        Install::Raft => Ok((0, len)),
+        Install::Restore { check_hash } => {
+            crate::snapshot::locate_payload(&mut file, len, check_hash)
+        }
+    }
+}
+
+fn open(path: &Path) -> Result<std::fs::File> {
+    std::fs::File::open(path)
+        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))
+}
+
+/// Reads the payload in `path` through, checking every part; with `loader`, also writes it.
+/// Returns the position it holds (cleared for a restore).
+fn pass(
+    path: &Path,
+    (at, len): (u64, u64),
+    how: Install,
+    mut loader: Option<crate::storage::StateLoader<'_>>,
+) -> Result<StateMeta> {
+    let mut file = open(path)?;
+    file.seek(SeekFrom::Start(at))
+        .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
+    let input = std::io::BufReader::with_capacity(1 << 20, file.take(len));
+    let (mut reader, mut meta) = PayloadReader::new(input, len)?;
+    check_meta(&meta)?;
+    if let Install::Restore { .. } = how {
+        meta.applied.clear();
+        meta.membership.clear();
+        meta.alarms.clear();
+    }
+    let mut buf = Vec::new();
+    while let Some((main, sub)) = reader.next_record(&mut buf)? {
+        check_record(&meta, main, sub)?;
+        decode_record(&buf)?;
+        if let Some(l) = &mut loader {
+            l.record(Revision::new(main, sub), &buf)?;
+        }
+    }
+    let (leases, auth) = reader.finish()?;
+    load_auth(&auth)?;
+    if let Some(l) = loader {
+        l.finish(&leases, &meta, &auth)?;
+    }
+    Ok(meta)
+}
+
+/// Checks the snapshot in `path` through without loading it; returns the position it holds.
+pub fn check_file(path: &Path, how: Install) -> Result<StateMeta> {
+    pass(path, locate(path, how)?, how, None)
+}
+
+/// Loads the snapshot in `path` into `engine`, replacing its state machine. The whole file is
+/// checked before anything is replaced; the `INSTALLING` mark stays set until the load is
+/// durable, so that [`finish_interrupted_install`] can load it again after a crash.
+fn load(engine: &Engine, path: &Path, how: Install) -> Result<StateMeta> {
+    let span = locate(path, how)?;
+    pass(path, span, how, None)?;
+    let abs = std::fs::canonicalize(path)
+        .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
+    engine.raft_put(INSTALLING, &(abs.to_string_lossy().into_owned(), how))?;
+    let meta = pass(path, span, how, Some(engine.load_state()?))?;
+    Ok(meta)
+}
+
+/// At start: finishes loading a snapshot whose load a crash cut short (the state machine is
+/// partly replaced until then). The file is kept until the load is durable.
+pub fn finish_interrupted_install(engine: &Engine, snap_dir: &Path) -> Result<()> {
+    if let Some((path, how)) = engine.raft_get::<(String, Install)>(INSTALLING)? {
+        let path = PathBuf::from(path);
+        if !path.exists() {
+            return Err(Error::Internal(format!(
+                "a snapshot load was interrupted and its file {} is gone: this member's data \
+                 is incomplete; remove the member and add it again with an empty data dir",
+                path.display()
+            )));
+        }
+        tracing::warn!(file = %path.display(), "finishing an interrupted snapshot load");
+        load(engine, &path, how)?;
+        engine.raft_delete(INSTALLING)?;
+        let _ = std::fs::remove_file(&path);
+    }
+    // Transfers a stop cut short.
+    if let Ok(entries) = std::fs::read_dir(snap_dir) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().ends_with(".part") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+impl KvState {
+    /// Replaces the state machine with the snapshot in the file at `path`, which must stay
+    /// there until this returns. Readers wait meanwhile (the store lock is held).
+    pub fn install_file(&self, path: &Path, how: Install) -> Result<StateMeta> {
+        let mut store = self.store.write();
+        let meta = load(&self.engine, path, how)?;
+        *store = rebuild(&self.engine, &meta, self.min_lease_ttl)?;
+        *self.auth.store.write() = load_auth(&self.engine.auth_state()?)?;
+        // Simple tokens name entries of the log this snapshot replaces.
+        self.auth.tokens().clear();
+        self.set_position_from(&meta)?;
+        self.hub.reset(store.revision(), store.compacted());
+        self.lessor
+            .reset_all(store.leases().map(|(id, l)| (id, l.ttl)));
+        self.engine.raft_delete(INSTALLING)?;
+        Ok(meta)
+    }
+
+    /// Streams the snapshot file of the state machine at its applied position to `sink` in
+    /// chunks of `chunk` bytes, holding neither the state nor the file in memory (see
+    /// [`PayloadSource`]). `sink` gets each chunk, the bytes remaining and the revision the
+    /// snapshot holds; it returns false to stop.
+    pub fn stream_snapshot(
+        &self,
+        chunk: usize,
+        mut sink: impl FnMut(&[u8], u64, i64) -> bool,
+    ) -> Result<()> {
+        let engine = self.engine.clone();
+        let (view, meta, _) = self.view_at_applied(&engine);
+        let revision = meta.revision;
+        let mut source = PayloadSource::new(view, &meta)?;
+        let len = source.byte_len()?;
+        let mut w = crate::snapshot::StreamWriter::new(len as usize, chunk, |b, left| {
+            sink(b, left, revision)
+        });
+        source.emit(|piece| {
+            w.write(piece);
+            !w.stopped()
+        })?;
+        w.finish()
+    }
+}
+
+/// Reads what an [`Outgoing`] produces, whole (tests).
+#[cfg(test)]
+pub async fn read_all(mut out: Outgoing) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut all = Vec::new();
+    out.read_to_end(&mut all).await?;
+    Ok(all)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mvcc::{Record, WriteSet};
+    use crate::proto::mvccpb::KeyValue;
+    use crate::snapshot::SnapshotPayload;
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// A member's state under `dir`: `n` keys with `size`-byte values, a lease, auth on, and
+    /// an applied position at log index `index`.
+    fn state_with(dir: &Path, n: i64, size: usize, index: u64) -> Arc<KvState> {
+        let engine = Engine::open(&dir.join("member").join("cairn")).unwrap();
+        let records = (0..n)
+            .map(|i| {
+                let kv = KeyValue {
+                    key: format!("k{i:06}").into_bytes(),
+                    value: vec![(i % 251) as u8; size],
+                    create_revision: i + 2,
+                    mod_revision: i + 2,
+                    version: 1,
+                    lease: 0,
+                };
+                let rec = Record {
+                    kv,
+                    tombstone: false,
+                };
+                (Revision::new(i + 2, 0), rec)
+            })
+            .collect();
+        let ws = WriteSet {
+            records,
+            leases: vec![(7, Some(60))],
+            ..Default::default()
+        };
+        let applied: Option<super::super::LogId> = Some(openraft::LogId::new(
+            openraft::CommittedLeaderId::new(1, 1),
+            index,
+        ));
+        let meta = StateMeta {
+            applied: bincode::serialize(&applied).unwrap(),
+            membership: vec![],
+            revision: n + 1,
+            compacted: 0,
+            alarms: vec![],
+        };
+        let auth = crate::proto::raftpb::AuthState {
+            enabled: true,
+            revision: index,
+            ..Default::default()
+        };
+        let auth = prost::Message::encode_to_vec(&auth);
+        engine.write_state(&ws, &meta, Some(&auth)).unwrap();
+        Arc::new(KvState::open(engine, 2, 1).unwrap())
+    }
+
+    /// The payload of `state` as `SnapshotPayload::encode` writes it, whole.
+    fn payload_of(state: &KvState) -> Vec<u8> {
+        let engine = state.engine.clone();
+        let (view, meta, _) = state.view_at_applied(&engine);
+        SnapshotPayload {
+            meta,
+            records: view.records().unwrap(),
+            leases: view.leases().unwrap(),
+            auth: view.auth_state().unwrap(),
+        }
+        .encode()
+        .unwrap()
+    }
+
+    type Contents = (Vec<(i64, i64, Vec<u8>)>, Vec<(i64, i64)>, Vec<u8>, i64);
+
+    fn contents(state: &KvState) -> Contents {
+        let view = state.engine.view();
+        (
+            view.records().unwrap(),
+            view.leases().unwrap(),
+            view.auth_state().unwrap(),
+            state.store.read().revision(),
+        )
+    }
+
+    /// What a leader sends is the payload, byte for byte, however openraft reads it: whole,
+    /// from its end backwards to a middle offset, or again from near the start (a retry).
+    #[test]
+    fn outgoing_bytes_are_the_payload_read_any_way() {
+        let dir = tempfile::tempdir().unwrap();
+        // About 3 MiB: several chunks.
+        let a = state_with(dir.path(), 300, 10_000, 9);
+        let want = payload_of(&a);
+        let rt = rt();
+        let (pos, out) = rt.block_on(Outgoing::start(a.clone())).unwrap();
+        assert_eq!(pos, a.applied());
+        assert_eq!(rt.block_on(read_all(out)).unwrap(), want);
+        rt.block_on(async {
+            let (_, mut out) = Outgoing::start(a.clone()).await.unwrap();
+            let end = out.seek(SeekFrom::End(0)).await.unwrap();
+            assert_eq!(end, want.len() as u64);
+            for at in [2_500_000u64, 100, 1 << 20, end - 10] {
+                out.seek(SeekFrom::Start(at)).await.unwrap();
+                let mut got = vec![0u8; 1000.min((end - at) as usize)];
+                out.read_exact(&mut got).await.unwrap();
+                assert_eq!(got, want[at as usize..at as usize + got.len()], "at {at}");
+            }
+            let mut rest = Vec::new();
+            out.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty(), "nothing past the end");
+        });
+    }
+
+    /// A snapshot received into a file replaces another member's whole state: records,
+    /// leases, auth, revision and position.
+    #[test]
+    fn a_snapshot_moves_through_a_file() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = state_with(da.path(), 500, 3000, 40);
+        let b = state_with(db.path(), 20, 10, 3);
+        let rt = rt();
+        let incoming = rt
+            .block_on(async {
+                let (_, out) = Outgoing::start(a.clone()).await.unwrap();
+                Incoming::copy_of(out, &b.snap_dir).await
+            })
+            .unwrap();
+        let meta = b.install_file(&incoming.path, Install::Raft).unwrap();
+        assert_eq!(meta.revision, 501);
+        assert_eq!(contents(&b), contents(&a));
+        assert_eq!(b.applied(), a.applied());
+        assert!(b.auth.enabled());
+        assert_eq!(
+            b.engine.raft_get::<(String, Install)>(INSTALLING).unwrap(),
+            None
+        );
+        let path = incoming.path.clone();
+        drop(incoming);
+        assert!(!path.exists(), "the received file goes with its handle");
+    }
+
+    /// A cut or damaged snapshot is refused whole, before anything of the state it would
+    /// replace is touched.
+    #[test]
+    fn a_damaged_snapshot_changes_nothing() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = state_with(da.path(), 50, 100, 40);
+        let b = state_with(db.path(), 20, 10, 3);
+        let before = contents(&b);
+        let good = payload_of(&a);
+        // A record's length (after the meta and the count) made huge.
+        let meta_len = bincode::serialize(&a.view_at_applied(&a.engine).1)
+            .unwrap()
+            .len();
+        let mut huge = good.clone();
+        huge[meta_len + 8 + 16..meta_len + 8 + 24].copy_from_slice(&u64::MAX.to_le_bytes());
+        let mut record_count = good.clone();
+        record_count[meta_len..meta_len + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        let mut flipped = good.clone();
+        // The KeyValue's first tag made field 0, which protobuf has not.
+        flipped[meta_len + 8 + 24 + 1] = 0;
+        let cases = [
+            ("cut", good[..good.len() - 1].to_vec()),
+            ("huge record", huge),
+            ("record count", record_count),
+            ("bad record", flipped),
+            ("junk after", [good.as_slice(), b"junk"].concat()),
+            ("empty", Vec::new()),
+        ];
+        for (what, bytes) in cases {
+            let path = db.path().join("bad.part");
+            std::fs::write(&path, &bytes).unwrap();
+            assert!(b.install_file(&path, Install::Raft).is_err(), "{what}");
+            assert_eq!(contents(&b), before, "{what}");
+            assert_eq!(
+                b.engine.raft_get::<(String, Install)>(INSTALLING).unwrap(),
+                None
+            );
+        }
+    }
+
+    /// A load that a crash cut short (the state half replaced, the mark set) is finished
+    /// from the received file at the next start; stale transfers are cleaned up.
+    #[test]
+    fn an_interrupted_load_finishes_at_start() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = state_with(da.path(), 200, 5000, 40);
+        let want = contents(&a);
+        let b = state_with(db.path(), 20, 10, 3);
+        let snap_dir = b.snap_dir.clone();
+        std::fs::create_dir_all(&snap_dir).unwrap();
+        let file = snap_dir.join("incoming-1-1.part");
+        std::fs::write(&file, payload_of(&a)).unwrap();
+        let stale = snap_dir.join("incoming-1-2.part");
+        std::fs::write(&stale, b"cut").unwrap();
+        {
+            let mut loader = b.engine.load_state().unwrap();
+            let rec = crate::storage::encode_record(&Record {
+                kv: KeyValue::default(),
+                tombstone: false,
+            });
+            loader.record(Revision::new(2, 0), &rec).unwrap();
+            drop(loader);
+            let mark = (file.to_string_lossy().into_owned(), Install::Raft);
+            b.engine.raft_put(INSTALLING, &mark).unwrap();
+            b.engine.persist_state().unwrap();
+        }
+        let engine = b.engine.clone();
+        drop(b);
+        let b = KvState::open(engine, 2, 1).unwrap();
+        assert_eq!(contents(&b), want);
+        assert_eq!(b.applied(), a.applied());
+        assert!(!file.exists() && !stale.exists());
+        assert_eq!(
+            b.engine.raft_get::<(String, Install)>(INSTALLING).unwrap(),
+            None
+        );
+    }
+}
