@@ -291,7 +291,12 @@ impl StreamTask {
         loop {
             let state = self.s.state.clone();
             let page = tokio::task::spawn_blocking(move || {
-                state.engine.history_page(from, to, REPLAY_PAGE_BYTES)
+                // Taken under the store lock: never in the middle of a snapshot load.
+                let view = {
+                    let _store = state.store.read();
+                    state.engine.view()
+                };
+                view.history_page(from, to, REPLAY_PAGE_BYTES)
             })
             .await;
             let (records, next) = match page {

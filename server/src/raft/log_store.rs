@@ -106,7 +106,12 @@ pub struct LogStore {
     background_sync: Arc<std::sync::atomic::AtomicBool>,
     /// See [`Self::restored_leadership`].
     restored: Option<RestoredLeadership>,
+    /// See [`Self::limit_purges`].
+    applied: Option<AppliedNow>,
 }
+
+/// Where the state machine is now (its last applied log id).
+pub type AppliedNow = Arc<dyn Fn() -> Option<LogId> + Send + Sync>;
 
 /// A leadership that openraft restores at start, with no election: this
 /// member's saved vote was a committed vote for itself.
@@ -155,6 +160,7 @@ impl LogStore {
             cache: Arc::default(),
             background_sync: Arc::default(),
             restored,
+            applied: None,
         })
     }
 
@@ -167,6 +173,19 @@ impl LogStore {
     /// acknowledged write is in its log at start, so reads wait for that.
     pub fn restored_leadership(&self) -> Option<RestoredLeadership> {
         self.restored
+    }
+
+    /// Purges go no further than `applied` says the state machine is (see `purge`).
+    pub fn limit_purges(&mut self, applied: AppliedNow) {
+        self.applied = Some(applied);
+    }
+
+    fn purged_index(&self) -> u64 {
+        self.engine
+            .raft_get::<LogId>(KEY_PURGED)
+            .ok()
+            .flatten()
+            .map_or(0, |l| l.index)
     }
 
     /// The switch between inline and background syncs.
@@ -394,6 +413,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // re-applied from the log, so the log keeps every entry until the
         // state it produced is on disk. The Raft core waits for this flush;
         // most of it was done when the snapshot was built (`build_snapshot`).
+        //
+        // A follower is told to purge up to a snapshot from the leader as soon as the
+        // snapshot's install is queued, not once it is done (openraft 0.9): a crash in between
+        // would leave a log purged past the applied position, which no restart recovers from.
+        // So a purge goes no further than the state machine has applied (read before the
+        // flush, so on disk after it); what it keeps is purged later.
+        let log_id = match self.applied.as_ref().map(|now| now()) {
+            None => log_id,
+            Some(Some(a)) if a.index >= log_id.index => log_id,
+            Some(Some(a)) if a.index > self.purged_index() => a,
+            Some(_) => {
+                tracing::info!(upto = log_id.index, "not purging past the applied position");
+                return Ok(());
+            }
+        };
         let engine = self.engine.clone();
         let started = std::time::Instant::now();
         tokio::task::spawn_blocking(move || engine.persist_state())
@@ -465,6 +499,42 @@ mod tests {
         assert!(!files.exists());
         let got = store.try_get_log_entries(0..5).await.unwrap();
         assert_eq!(ids(&got), ids(&entries));
+    }
+
+    /// A purge (openraft asks for one up to a snapshot from the leader before the snapshot
+    /// is loaded) goes no further than the state machine has applied.
+    #[tokio::test]
+    async fn purges_stop_at_the_applied_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(&dir.path().join("db")).unwrap();
+        let mut store =
+            LogStore::new(engine.clone(), &dir.path().join("cairn-wal"), 1, |_| {}).unwrap();
+        use openraft::storage::RaftLogStorage;
+        let cf = engine.cf(crate::storage::CF_LOG);
+        for i in 1..=10 {
+            let e = bincode::serialize(&blank(i)).unwrap();
+            engine.db.put_cf(cf, i.to_be_bytes(), e).unwrap();
+        }
+        let applied = Arc::new(Mutex::new(None::<LogId>));
+        let now = applied.clone();
+        store.limit_purges(Arc::new(move || *now.lock()));
+        let purged = |s: &LogStore| s.purged_index();
+
+        // Nothing applied: nothing purged.
+        store.purge(blank(8).log_id).await.unwrap();
+        assert_eq!(purged(&store), 0);
+        // Applied up to 5: purged up to 5, not 8.
+        *applied.lock() = Some(blank(5).log_id);
+        store.purge(blank(8).log_id).await.unwrap();
+        assert_eq!(purged(&store), 5);
+        assert_eq!(
+            store.get_log_state().await.unwrap().last_purged_log_id,
+            Some(blank(5).log_id)
+        );
+        // The state machine caught up (the snapshot loaded): the next purge goes all the way.
+        *applied.lock() = Some(blank(9).log_id);
+        store.purge(blank(8).log_id).await.unwrap();
+        assert_eq!(purged(&store), 8);
     }
 
     /// openraft restores a leadership at start, without an election, when

@@ -8,7 +8,7 @@ mod snapshot;
 mod state_machine;
 
 pub use history::MemberHistory;
-pub use log_store::{Durable, LogStore, RestoredLeadership};
+pub use log_store::{AppliedNow, Durable, LogStore, RestoredLeadership};
 pub use network::{
     connect, decode, encode, Network, Peers, CLUSTER_ID_HEADER, MAX_PEER_MESSAGE, MEMBER_ID_HEADER,
     TARGET_ID_HEADER,

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
 
-use super::state_machine::{load_auth, rebuild, KvState, Position};
+use super::state_machine::{decode_position, load_auth, rebuild, KvState, Position};
 use crate::error::{Error, Result};
 use crate::mvcc::Revision;
 use crate::snapshot::{check_meta, check_record, PayloadReader, PayloadSource};
@@ -28,6 +28,9 @@ use crate::storage::{decode_record, Engine, StateMeta};
 /// A key of the `raft` column family, set while a snapshot file is being loaded: the file
 /// and how to load it, so that a start after a crash finishes the load first.
 const INSTALLING: &[u8] = b"installing_snapshot";
+
+/// The name a received snapshot is loaded under, in the snap dir.
+const INSTALLING_FILE: &str = "installing.snap";
 
 /// Bytes an [`Outgoing`] snapshot is produced in.
 const CHUNK: usize = 1 << 20;
@@ -170,7 +173,8 @@ fn produce(
                     let n = piece.len() as u64;
                     if at + n <= from {
                         at += n;
-                        return true;
+                        // Skipping can take a pass over the view: stop if nobody waits.
+                        return !tx.is_closed();
                     }
                     if at < from {
                         piece = &piece[(from - at) as usize..];
@@ -294,6 +298,16 @@ impl AsyncWrite for Outgoing {
 pub struct Incoming {
     file: tokio::fs::File,
     path: PathBuf,
+    /// Where the next write goes, and the end of what was written since the last seek to
+    /// the start (a transfer sent again from its first byte): the file is cut there.
+    pos: u64,
+    valid: u64,
+    /// Removed on drop (until it is handed over for loading).
+    remove: bool,
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 impl Incoming {
@@ -307,15 +321,29 @@ impl Incoming {
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         let file = tokio::fs::File::create(&path).await?;
-        Ok(Self { file, path })
+        Ok(Self {
+            file,
+            path,
+            pos: 0,
+            valid: 0,
+            remove: true,
+        })
     }
 
-    /// The received bytes, on disk: flushed and fsynced.
-    pub async fn sync(&mut self) -> std::io::Result<&Path> {
+    /// Hands the received bytes over for loading: cut to what was sent, fsynced, renamed to
+    /// [`INSTALLING_FILE`] in `dir` (its directory fsynced too). The caller removes the file
+    /// once it is loaded, or once it failed before the `INSTALLING` mark was set.
+    pub async fn into_installing(mut self, dir: &Path) -> std::io::Result<PathBuf> {
         use tokio::io::AsyncWriteExt;
         self.file.flush().await?;
+        self.file.set_len(self.valid).await?;
         self.file.sync_all().await?;
-        Ok(&self.path)
+        let to = dir.join(INSTALLING_FILE);
+        tokio::fs::rename(&self.path, &to).await?;
+        let d = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || sync_dir(&d)).await??;
+        self.remove = false;
+        Ok(to)
     }
 
     /// An [`Outgoing`] snapshot copied into a file (openraft's storage suite hands one
@@ -324,14 +352,68 @@ impl Incoming {
         use tokio::io::AsyncSeekExt;
         let mut this = Self::create(dir).await?;
         out.seek(SeekFrom::Start(0)).await?;
-        tokio::io::copy(&mut out, &mut this.file).await?;
+        tokio::io::copy(&mut out, &mut this).await?;
         Ok(this)
     }
 }
 
 impl Drop for Incoming {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if self.remove {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl AsyncWrite for Incoming {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let n = ready!(Pin::new(&mut this.file).poll_write(cx, buf))?;
+        this.pos += n as u64;
+        this.valid = this.valid.max(this.pos);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().file).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().file).poll_shutdown(cx)
+    }
+}
+
+impl AsyncSeek for Incoming {
+    fn start_seek(self: Pin<&mut Self>, position: SeekFrom) -> std::io::Result<()> {
+        Pin::new(&mut self.get_mut().file).start_seek(position)
+    }
+
+    fn poll_complete(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<u64>> {
+        let this = self.get_mut();
+        let pos = ready!(Pin::new(&mut this.file).poll_complete(cx))?;
+        this.pos = pos;
+        if pos == 0 {
+            this.valid = 0;
+        }
+        Poll::Ready(Ok(pos))
+    }
+}
+
+impl AsyncRead for Incoming {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.file).poll_read(cx, buf))?;
+        this.pos += (buf.filled().len() - before) as u64;
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -342,8 +424,8 @@ macro_rules! delegate {
                 let $x = Pin::new($x);
                 $e
             }
-            SnapshotData::In(i) => {
-                let $x = Pin::new(&mut i.file);
+            SnapshotData::In($x) => {
+                let $x = Pin::new($x);
                 $e
             }
         }
@@ -446,38 +528,53 @@ fn pass(
 
 /// Checks the snapshot in `path` through without loading it; returns the position it holds.
 pub fn check_file(path: &Path, how: Install) -> Result<StateMeta> {
-    pass(path, locate(path, how)?, how, None)
+    let meta = pass(path, locate(path, how)?, how, None)?;
+    decode_position(&meta)?;
+    Ok(meta)
 }
 
-/// Loads the snapshot in `path` into `engine`, replacing its state machine. The whole file is
-/// checked before anything is replaced; the `INSTALLING` mark stays set until the load is
-/// durable, so that [`finish_interrupted_install`] can load it again after a crash.
-fn load(engine: &Engine, path: &Path, how: Install) -> Result<StateMeta> {
+/// Loads the snapshot in `path`, checked already, into `engine`, replacing its state machine.
+/// The `INSTALLING` mark names the file (relative to `snap_dir` when it is there) until the
+/// load is durable, so that [`finish_interrupted_install`] can load it again after a crash.
+fn load(engine: &Engine, snap_dir: &Path, path: &Path, how: Install) -> Result<StateMeta> {
+    let how = match how {
+        Install::Restore { .. } => Install::Restore { check_hash: false },
+        raft => raft,
+    };
     let span = locate(path, how)?;
-    pass(path, span, how, None)?;
-    let abs = std::fs::canonicalize(path)
-        .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
-    engine.raft_put(INSTALLING, &(abs.to_string_lossy().into_owned(), how))?;
-    let meta = pass(path, span, how, Some(engine.load_state()?))?;
-    Ok(meta)
+    let mark = match path.strip_prefix(snap_dir) {
+        Ok(name) => name.to_path_buf(),
+        Err(_) => std::fs::canonicalize(path)
+            .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?,
+    };
+    engine.raft_put(INSTALLING, &(mark.to_string_lossy().into_owned(), how))?;
+    pass(path, span, how, Some(engine.load_state()?))
 }
 
 /// At start: finishes loading a snapshot whose load a crash cut short (the state machine is
 /// partly replaced until then). The file is kept until the load is durable.
 pub fn finish_interrupted_install(engine: &Engine, snap_dir: &Path) -> Result<()> {
-    if let Some((path, how)) = engine.raft_get::<(String, Install)>(INSTALLING)? {
-        let path = PathBuf::from(path);
-        if !path.exists() {
-            return Err(Error::Internal(format!(
-                "a snapshot load was interrupted and its file {} is gone: this member's data \
-                 is incomplete; remove the member and add it again with an empty data dir",
-                path.display()
-            )));
+    match engine.raft_get::<(String, Install)>(INSTALLING)? {
+        Some((name, how)) => {
+            let path = snap_dir.join(name);
+            if !path.exists() {
+                return Err(Error::Internal(format!(
+                    "a snapshot load was interrupted and its file {} is gone: this member's \
+                     data is incomplete; remove the member and add it again with an empty \
+                     data dir",
+                    path.display()
+                )));
+            }
+            tracing::warn!(file = %path.display(), "finishing an interrupted snapshot load");
+            check_file(&path, how)?;
+            load(engine, snap_dir, &path, how)?;
+            engine.raft_delete(INSTALLING)?;
+            let _ = std::fs::remove_file(&path);
         }
-        tracing::warn!(file = %path.display(), "finishing an interrupted snapshot load");
-        load(engine, &path, how)?;
-        engine.raft_delete(INSTALLING)?;
-        let _ = std::fs::remove_file(&path);
+        // Loaded, and stopped before the file was removed.
+        None => {
+            let _ = std::fs::remove_file(snap_dir.join(INSTALLING_FILE));
+        }
     }
     // Transfers a stop cut short.
     if let Ok(entries) = std::fs::read_dir(snap_dir) {
@@ -492,10 +589,27 @@ pub fn finish_interrupted_install(engine: &Engine, snap_dir: &Path) -> Result<()
 
 impl KvState {
     /// Replaces the state machine with the snapshot in the file at `path`, which must stay
-    /// there until this returns. Readers wait meanwhile (the store lock is held).
-    pub fn install_file(&self, path: &Path, how: Install) -> Result<StateMeta> {
+    /// there until this returns; with `expect`, the snapshot must hold that applied log id.
+    /// The file is checked whole first; readers wait while it is loaded (the store lock is
+    /// held). After an error the file is needed again if the `INSTALLING` mark is still set
+    /// ([`Self::install_pending`]): a start then finishes the load.
+    pub fn install_file(
+        &self,
+        path: &Path,
+        how: Install,
+        expect: Option<Option<super::LogId>>,
+    ) -> Result<StateMeta> {
+        let checked = check_file(path, how)?;
+        if let Some(want) = expect {
+            let (got, _) = decode_position(&checked)?;
+            if got != want {
+                return Err(Error::InvalidArgument(format!(
+                    "snapshot: holds log id {got:?}, announced as {want:?}"
+                )));
+            }
+        }
         let mut store = self.store.write();
-        let meta = load(&self.engine, path, how)?;
+        let meta = load(&self.engine, &self.snap_dir, path, how)?;
         *store = rebuild(&self.engine, &meta, self.min_lease_ttl)?;
         *self.auth.store.write() = load_auth(&self.engine.auth_state()?)?;
         // Simple tokens name entries of the log this snapshot replaces.
@@ -506,6 +620,14 @@ impl KvState {
             .reset_all(store.leases().map(|(id, l)| (id, l.ttl)));
         self.engine.raft_delete(INSTALLING)?;
         Ok(meta)
+    }
+
+    /// Whether a load was begun and not finished (its file must stay).
+    pub fn install_pending(&self) -> bool {
+        !matches!(
+            self.engine.raft_get::<(String, Install)>(INSTALLING),
+            Ok(None)
+        )
     }
 
     /// Streams the snapshot file of the state machine at its applied position to `sink` in
@@ -672,7 +794,7 @@ mod tests {
                 Incoming::copy_of(out, &b.snap_dir).await
             })
             .unwrap();
-        let meta = b.install_file(&incoming.path, Install::Raft).unwrap();
+        let meta = b.install_file(&incoming.path, Install::Raft, None).unwrap();
         assert_eq!(meta.revision, 501);
         assert_eq!(contents(&b), contents(&a));
         assert_eq!(b.applied(), a.applied());
@@ -684,6 +806,29 @@ mod tests {
         let path = incoming.path.clone();
         drop(incoming);
         assert!(!path.exists(), "the received file goes with its handle");
+    }
+
+    /// A transfer sent again from its first byte (same snapshot ID) with fewer bytes leaves
+    /// no tail of the first attempt in the file handed over for loading.
+    #[test]
+    fn a_resent_transfer_is_cut_to_its_own_length() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        rt().block_on(async {
+            let mut i = Incoming::create(dir.path()).await.unwrap();
+            i.write_all(&[1u8; 100]).await.unwrap();
+            i.seek(SeekFrom::Start(0)).await.unwrap();
+            i.write_all(&[2u8; 10]).await.unwrap();
+            let part = i.path.clone();
+            let path = i.into_installing(dir.path()).await.unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), vec![2u8; 10]);
+            assert!(!part.exists());
+            let mut i = Incoming::create(dir.path()).await.unwrap();
+            i.write_all(b"abandoned").await.unwrap();
+            let part = i.path.clone();
+            drop(i);
+            assert!(!part.exists(), "an abandoned transfer is removed");
+        });
     }
 
     /// A cut or damaged snapshot is refused whole, before anything of the state it would
@@ -717,7 +862,10 @@ mod tests {
         for (what, bytes) in cases {
             let path = db.path().join("bad.part");
             std::fs::write(&path, &bytes).unwrap();
-            assert!(b.install_file(&path, Install::Raft).is_err(), "{what}");
+            assert!(
+                b.install_file(&path, Install::Raft, None).is_err(),
+                "{what}"
+            );
             assert_eq!(contents(&b), before, "{what}");
             assert_eq!(
                 b.engine.raft_get::<(String, Install)>(INSTALLING).unwrap(),

@@ -48,7 +48,7 @@ pub struct KvState {
     pub auth: crate::auth::Auth,
 }
 
-fn decode_position(meta: &StateMeta) -> Result<Position> {
+pub(super) fn decode_position(meta: &StateMeta) -> Result<Position> {
     let applied = if meta.applied.is_empty() {
         None
     } else {
@@ -417,19 +417,30 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta<u64, Member>,
         snapshot: Box<SnapshotData>,
     ) -> Result<(), StorageError> {
-        let mut incoming = match *snapshot {
+        let incoming = match *snapshot {
             SnapshotData::In(i) => i,
             SnapshotData::Out(o) => Incoming::copy_of(o, &self.state.snap_dir)
                 .await
                 .map_err(io_err)?,
         };
-        let path = incoming.sync().await.map_err(io_err)?.to_path_buf();
+        let path = incoming
+            .into_installing(&self.state.snap_dir)
+            .await
+            .map_err(io_err)?;
         let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let state = self.state.clone();
-        let loaded = tokio::task::spawn_blocking(move || state.install_file(&path, Install::Raft))
-            .await
-            .map_err(io_err)?
-            .map_err(io_err)?;
+        let (p, want) = (path.clone(), meta.last_log_id);
+        let loaded =
+            tokio::task::spawn_blocking(move || state.install_file(&p, Install::Raft, Some(want)))
+                .await
+                .map_err(io_err)
+                .and_then(|r| r.map_err(io_err));
+        // The file goes once it is loaded, or if its load never began; otherwise the next
+        // start loads it (`finish_interrupted_install`).
+        if loaded.is_ok() || !self.state.install_pending() {
+            let _ = std::fs::remove_file(&path);
+        }
+        let loaded = loaded?;
         tracing::info!(
             snapshot = meta.snapshot_id,
             bytes,
@@ -442,8 +453,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .history
             .note(&self.state.engine, &meta.last_membership)
             .map_err(io_err)?;
-        // The file goes once the load is durable.
-        drop(incoming);
         Ok(())
     }
 

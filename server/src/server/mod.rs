@@ -148,10 +148,12 @@ impl EtcdServer {
             .unwrap_or(false);
         let restore_engine = engine.clone();
         let legacy_log = cfg.data_dir.join("member").join("cairn-wal");
-        let log = LogStore::new(engine, &legacy_log, identity.member_id, move |secs| {
+        let mut log = LogStore::new(engine, &legacy_log, identity.member_id, move |secs| {
             fsync.observe(secs)
         })
         .map_err(Error::internal)?;
+        let applied_state = state.clone();
+        log.limit_purges(Arc::new(move || applied_state.applied().0));
         let log_background_sync = log.background_sync();
         let restored_leadership = log.restored_leadership();
         let durable = log.durable();
@@ -169,9 +171,10 @@ impl EtcdServer {
             // A member lagging further than this catches up by snapshot
             // (etcd keeps 5000 entries too, fewer with a small snapshot count).
             max_in_snapshot_log_to_keep: cfg.snapshot_count.min(5000),
-            // A snapshot of hundreds of MiB travels in 8 MiB chunks, each
-            // with a minute to arrive.
-            install_snapshot_timeout: 60_000,
+            // A snapshot travels in 8 MiB chunks; the last one is answered only once
+            // the whole snapshot is checked and loaded, which takes tens of seconds
+            // at GiB sizes, so each chunk has five minutes.
+            install_snapshot_timeout: 300_000,
             snapshot_max_chunk_size: 8 << 20,
             max_payload_entries: 64,
             ..Default::default()

@@ -239,7 +239,7 @@ pub fn restore(file: &Path, cfg: &Config, skip_hash_check: bool) -> Result<Strin
         let state = KvState::open(engine, cfg.min_lease_ttl(), member_id)?;
         // Nothing of the old cluster's Raft position, membership or alarms: the member starts
         // a new Raft log with the new membership, on top of the restored keys.
-        state.install_file(file, Install::Restore { check_hash: false })?;
+        state.install_file(file, Install::Restore { check_hash: false }, None)?;
     }
     std::fs::rename(&tmp, &cfg.data_dir)
         .map_err(|e| Error::Internal(format!("cannot create {}: {e}", cfg.data_dir.display())))?;

@@ -130,7 +130,11 @@ fn clamp_leases(leases: &mut [(i64, i64)]) {
 }
 
 /// More bytes than any auth state takes (users and roles are a few KiB each).
-const MAX_AUTH_EXTENSION: u64 = 256 << 20;
+const MAX_AUTH_EXTENSION: u64 = 64 << 20;
+
+/// More bytes than any stored record takes: a key and a value, each within the largest
+/// request a member accepts (`--max-request-bytes` is capped at 64 MiB), and a few numbers.
+const MAX_RECORD: u64 = 130 << 20;
 
 /// A record is sent as two i64s, a u64 length and its bytes.
 const RECORD_HEAD: u64 = 24;
@@ -296,7 +300,7 @@ impl<R: Read> PayloadReader<R> {
         let main = self.u64()? as i64;
         let sub = self.u64()? as i64;
         let n = self.u64()?;
-        if n > self.left() {
+        if n > self.left() || n > MAX_RECORD {
             return Err(bad(format!("a record of {n} bytes, {} left", self.left())));
         }
         buf.clear();

@@ -287,40 +287,6 @@ impl Engine {
         Ok(out)
     }
 
-    /// Stored history from revision `from` through `to`, one page read from a
-    /// point-in-time view taken now (compaction running meanwhile does not
-    /// disturb it): records
-    /// up to about `max_bytes` of stored values, cut between revisions (a
-    /// revision's records stay together). Also the revision the next page
-    /// starts at, if the history goes on past this page.
-    pub fn history_page(&self, from: i64, to: i64, max_bytes: usize) -> Result<HistoryPage> {
-        let snap = self.db.snapshot();
-        let mut ro = records_only();
-        ro.set_snapshot(&snap);
-        let start = Revision::new(from, 0).to_bytes();
-        let mut out = Vec::new();
-        let mut bytes = 0;
-        for item in self.db.iterator_cf_opt(
-            self.cf(CF_KV),
-            ro,
-            IteratorMode::From(&start, rocksdb::Direction::Forward),
-        ) {
-            let (k, v) = item.map_err(rocks)?;
-            let rev = Revision::from_bytes(&k)
-                .ok_or_else(|| Error::Internal("storage: bad revision key".into()))?;
-            if rev.main > to {
-                break;
-            }
-            let last_main = out.last().map(|(r, _): &(Revision, Record)| r.main);
-            if bytes >= max_bytes && last_main.is_some_and(|m| m != rev.main) {
-                return Ok((out, Some(rev.main)));
-            }
-            bytes += v.len();
-            out.push((rev, decode_record(&v)?));
-        }
-        Ok((out, None))
-    }
-
     /// Starts replacing the whole state machine (a snapshot install): everything of it is
     /// deleted, and the [`StateLoader`] writes the new content in bounded batches. Nothing is
     /// durable before [`StateLoader::finish`]; a caller that may crash meanwhile keeps what it
@@ -505,6 +471,36 @@ impl View<'_> {
         })
     }
 
+    /// Stored history from revision `from` through `to`, one page, as of this view
+    /// (compaction or a snapshot load running meanwhile does not disturb it): records
+    /// up to about `max_bytes` of stored values, cut between revisions (a
+    /// revision's records stay together). Also the revision the next page
+    /// starts at, if the history goes on past this page.
+    pub fn history_page(&self, from: i64, to: i64, max_bytes: usize) -> Result<HistoryPage> {
+        let start = Revision::new(from, 0).to_bytes();
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for item in self.snap.iterator_cf_opt(
+            self.engine.cf(CF_KV),
+            records_only(),
+            IteratorMode::From(&start, rocksdb::Direction::Forward),
+        ) {
+            let (k, v) = item.map_err(rocks)?;
+            let rev = Revision::from_bytes(&k)
+                .ok_or_else(|| Error::Internal("storage: bad revision key".into()))?;
+            if rev.main > to {
+                break;
+            }
+            let last_main = out.last().map(|(r, _): &(Revision, Record)| r.main);
+            if bytes >= max_bytes && last_main.is_some_and(|m| m != rev.main) {
+                return Ok((out, Some(rev.main)));
+            }
+            bytes += v.len();
+            out.push((rev, decode_record(&v)?));
+        }
+        Ok((out, None))
+    }
+
     /// Every history record as (main, sub, stored bytes).
     pub fn records(&self) -> Result<Vec<(i64, i64, Vec<u8>)>> {
         let mut out = Vec::new();
@@ -644,7 +640,10 @@ mod tests {
         let old = e.db.iterator_cf(e.cf(CF_LEASE), IteratorMode::Start);
         assert_eq!(old.count(), 0);
         // Reads that walk the history stop at its last record.
-        assert_eq!(e.history_page(0, i64::MAX, 1 << 20).unwrap().0.len(), 1);
+        assert_eq!(
+            e.view().history_page(0, i64::MAX, 1 << 20).unwrap().0.len(),
+            1
+        );
         assert_eq!(e.view().records().unwrap().len(), 1);
         assert_eq!(e.view().leases().unwrap(), vec![(5, 60), (9, 30)]);
     }
@@ -728,13 +727,13 @@ mod tests {
             ..Default::default()
         };
         e.write_state(&ws, &meta(9), None).unwrap();
-        let (first, next) = e.history_page(2, 8, 150).unwrap();
+        let (first, next) = e.view().history_page(2, 8, 150).unwrap();
         assert_eq!(first.len(), 2, "revision 2 stays whole");
         assert_eq!(next, Some(3));
         let mut all = first;
         let mut from = next;
         while let Some(f) = from {
-            let (page, next) = e.history_page(f, 8, 150).unwrap();
+            let (page, next) = e.view().history_page(f, 8, 150).unwrap();
             assert!(page.len() <= 2);
             all.extend(page);
             from = next;
