@@ -10,9 +10,11 @@ mod ranges;
 mod store;
 pub mod validate;
 
-pub use index::{KeyIndex, KeyRange};
+pub use index::{KeyAt, KeyIndex, KeyRange};
 pub use ranges::RangeSet;
-pub use store::{all_txn_ops, is_read_only, Applied, LeaseRecord, MvccStore, WriteSet, MAX_ALARMS};
+pub use store::{
+    all_txn_ops, is_read_only, Applied, LeaseRecord, MvccStore, RangePlan, WriteSet, MAX_ALARMS,
+};
 
 use crate::error::Result;
 use crate::proto::mvccpb::KeyValue;

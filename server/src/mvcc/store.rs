@@ -263,82 +263,43 @@ impl MvccStore {
         r: &RangeRequest,
         cur: i64,
     ) -> Result<RangeResponse> {
+        match self.plan_range_at(r, cur)? {
+            RangePlan::Counted(resp) => Ok(resp),
+            RangePlan::Read { keys, total, cur } => {
+                finish_range(r, &keys, total, cur, |k| self.kv_of(reader, k))
+            }
+        }
+    }
+
+    /// Resolves a Range at the current revision against the index alone: what
+    /// [`RangePlan::read`] then reads from storage. A caller holding the store's lock for
+    /// this only, and reading from a storage view taken under the same lock, holds up no
+    /// apply while a large range is read.
+    pub fn plan_range(&self, r: &RangeRequest) -> Result<RangePlan> {
+        self.plan_range_at(r, self.rev)
+    }
+
+    fn plan_range_at(&self, r: &RangeRequest, cur: i64) -> Result<RangePlan> {
         let at = if r.revision <= 0 { cur } else { r.revision };
         self.check_revision(at, cur)?;
         let range = KeyRange::new(&r.key, &r.range_end);
         if r.count_only {
             let count = self.index.count(&range, at) as i64;
-            return Ok(RangeResponse {
+            return Ok(RangePlan::Counted(RangeResponse {
                 header: header(cur),
                 count,
                 ..Default::default()
-            });
+            }));
         }
-        let order = SortOrder::try_from(r.sort_order).map_err(|_| Error::InvalidSortOption)?;
-        let target = SortTarget::try_from(r.sort_target).map_err(|_| Error::InvalidSortOption)?;
-        let filtered = order != SortOrder::None
-            || r.min_mod_revision != 0
-            || r.max_mod_revision != 0
-            || r.min_create_revision != 0
-            || r.max_create_revision != 0;
-        let limit = if filtered || r.limit <= 0 {
+        SortOrder::try_from(r.sort_order).map_err(|_| Error::InvalidSortOption)?;
+        SortTarget::try_from(r.sort_target).map_err(|_| Error::InvalidSortOption)?;
+        let limit = if range_filtered(r) || r.limit <= 0 {
             0
         } else {
             r.limit as usize + 1
         };
         let (keys, total) = self.index.range(&range, at, limit);
-        let mut kvs = Vec::with_capacity(keys.len());
-        for k in &keys {
-            kvs.push(self.kv_of(reader, k)?);
-        }
-        if r.max_mod_revision != 0 {
-            kvs.retain(|kv| kv.mod_revision <= r.max_mod_revision);
-        }
-        if r.min_mod_revision != 0 {
-            kvs.retain(|kv| kv.mod_revision >= r.min_mod_revision);
-        }
-        if r.max_create_revision != 0 {
-            kvs.retain(|kv| kv.create_revision <= r.max_create_revision);
-        }
-        if r.min_create_revision != 0 {
-            kvs.retain(|kv| kv.create_revision >= r.min_create_revision);
-        }
-        // The index yields key order; other targets sort ascending by default.
-        let order = if target != SortTarget::Key && order == SortOrder::None {
-            SortOrder::Ascend
-        } else {
-            order
-        };
-        if order != SortOrder::None {
-            let cmp = |a: &KeyValue, b: &KeyValue| match target {
-                SortTarget::Key => a.key.cmp(&b.key),
-                SortTarget::Version => a.version.cmp(&b.version),
-                SortTarget::Create => a.create_revision.cmp(&b.create_revision),
-                SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
-                SortTarget::Value => a.value.cmp(&b.value),
-            };
-            if order == SortOrder::Descend {
-                kvs.sort_by(|a, b| cmp(b, a));
-            } else {
-                kvs.sort_by(cmp);
-            }
-        }
-        let mut more = false;
-        if r.limit > 0 && kvs.len() > r.limit as usize {
-            kvs.truncate(r.limit as usize);
-            more = true;
-        }
-        if r.keys_only {
-            for kv in &mut kvs {
-                kv.value.clear();
-            }
-        }
-        Ok(RangeResponse {
-            header: header(cur),
-            kvs,
-            more,
-            count: total as i64,
-        })
+        Ok(RangePlan::Read { keys, total, cur })
     }
 
     fn nospace(&self) -> bool {
@@ -803,6 +764,123 @@ fn count_path(t: &TxnRequest, path: &[bool]) -> usize {
         }
     }
     used
+}
+
+/// A Range resolved against the index ([`MvccStore::plan_range`]).
+pub enum RangePlan {
+    /// Answered already (`count_only`).
+    Counted(RangeResponse),
+    /// The keys to read, in key order, how many matched, and the store's revision.
+    Read {
+        keys: Vec<KeyAt>,
+        total: usize,
+        cur: i64,
+    },
+}
+
+impl RangePlan {
+    /// The answer, reading each key's record from `reader`: a view of storage taken under
+    /// the same lock as the plan (nothing applied since then is in it).
+    pub fn read(self, reader: &dyn RevisionReader, r: &RangeRequest) -> Result<RangeResponse> {
+        match self {
+            RangePlan::Counted(resp) => Ok(resp),
+            RangePlan::Read { keys, total, cur } => {
+                finish_range(r, &keys, total, cur, |k| kv_at(reader, k))
+            }
+        }
+    }
+}
+
+/// The KeyValue of index entry `k`, read from `reader`.
+fn kv_at(reader: &dyn RevisionReader, k: &KeyAt) -> Result<KeyValue> {
+    let rec = reader.read(k.modified)?.ok_or_else(|| {
+        Error::Internal(format!(
+            "mvcc: revision {}/{} missing from storage",
+            k.modified.main, k.modified.sub
+        ))
+    })?;
+    let mut kv = rec.kv;
+    kv.version = k.version;
+    kv.create_revision = k.created.main;
+    Ok(kv)
+}
+
+/// Whether a Range filters or sorts what the index yields (its limit then applies after).
+fn range_filtered(r: &RangeRequest) -> bool {
+    r.sort_order != SortOrder::None as i32
+        || r.min_mod_revision != 0
+        || r.max_mod_revision != 0
+        || r.min_create_revision != 0
+        || r.max_create_revision != 0
+}
+
+/// A Range's answer from the keys the index yielded: read, filtered, sorted, limited.
+fn finish_range(
+    r: &RangeRequest,
+    keys: &[KeyAt],
+    total: usize,
+    cur: i64,
+    kv_of: impl Fn(&KeyAt) -> Result<KeyValue>,
+) -> Result<RangeResponse> {
+    let order = SortOrder::try_from(r.sort_order).map_err(|_| Error::InvalidSortOption)?;
+    let target = SortTarget::try_from(r.sort_target).map_err(|_| Error::InvalidSortOption)?;
+    let mut kvs = Vec::with_capacity(keys.len());
+    for k in keys {
+        let mut kv = kv_of(k)?;
+        if r.keys_only && target != SortTarget::Value {
+            // Not kept: a keys-only answer of many keys would hold every value meanwhile.
+            kv.value = Vec::new();
+        }
+        kvs.push(kv);
+    }
+    if r.max_mod_revision != 0 {
+        kvs.retain(|kv| kv.mod_revision <= r.max_mod_revision);
+    }
+    if r.min_mod_revision != 0 {
+        kvs.retain(|kv| kv.mod_revision >= r.min_mod_revision);
+    }
+    if r.max_create_revision != 0 {
+        kvs.retain(|kv| kv.create_revision <= r.max_create_revision);
+    }
+    if r.min_create_revision != 0 {
+        kvs.retain(|kv| kv.create_revision >= r.min_create_revision);
+    }
+    // The index yields key order; other targets sort ascending by default.
+    let order = if target != SortTarget::Key && order == SortOrder::None {
+        SortOrder::Ascend
+    } else {
+        order
+    };
+    if order != SortOrder::None {
+        let cmp = |a: &KeyValue, b: &KeyValue| match target {
+            SortTarget::Key => a.key.cmp(&b.key),
+            SortTarget::Version => a.version.cmp(&b.version),
+            SortTarget::Create => a.create_revision.cmp(&b.create_revision),
+            SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
+            SortTarget::Value => a.value.cmp(&b.value),
+        };
+        if order == SortOrder::Descend {
+            kvs.sort_by(|a, b| cmp(b, a));
+        } else {
+            kvs.sort_by(cmp);
+        }
+    }
+    let mut more = false;
+    if r.limit > 0 && kvs.len() > r.limit as usize {
+        kvs.truncate(r.limit as usize);
+        more = true;
+    }
+    if r.keys_only {
+        for kv in &mut kvs {
+            kv.value.clear();
+        }
+    }
+    Ok(RangeResponse {
+        header: header(cur),
+        kvs,
+        more,
+        count: total as i64,
+    })
 }
 
 /// Whether `pred` holds for every operation of both branches of `t` and of

@@ -171,6 +171,28 @@ impl KvState {
         (engine.view(), self.position_meta(&store, &pos), pos)
     }
 
+    /// Evaluates a Range. The store lock is held while the index is consulted and a storage
+    /// view taken with it, not while the records are read: a large range holds up no apply.
+    pub fn range(
+        &self,
+        r: &crate::proto::etcdserverpb::RangeRequest,
+    ) -> Result<crate::proto::etcdserverpb::RangeResponse> {
+        self.range_through(r, |reader, plan| plan.read(reader, r))
+    }
+
+    /// [`Self::range`], with the reading done by `read` (tests slow it down).
+    pub(crate) fn range_through<T>(
+        &self,
+        r: &crate::proto::etcdserverpb::RangeRequest,
+        read: impl FnOnce(&dyn crate::mvcc::RevisionReader, crate::mvcc::RangePlan) -> Result<T>,
+    ) -> Result<T> {
+        let (plan, view) = {
+            let store = self.store.read();
+            (store.plan_range(r)?, self.engine.view())
+        };
+        read(&view, plan)
+    }
+
     /// Takes the position a loaded snapshot holds.
     pub(super) fn set_position_from(&self, meta: &StateMeta) -> Result<()> {
         *self.applied.lock() = decode_position(meta)?;
@@ -470,6 +492,81 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 mod tests {
     use crate::snapshot::SnapshotPayload;
     use crate::storage::StateMeta;
+
+    /// A range stopped half way through reading its values holds up no apply: a put is
+    /// applied, and visible to a new range, while the first one waits; the first one then
+    /// answers as of when it began.
+    #[test]
+    fn a_slow_range_does_not_hold_up_apply() {
+        use crate::proto::etcdserverpb::{PutRequest, RangeRequest};
+        use crate::proto::raftpb::{internal_request::Request, Batch, InternalRequest};
+        let dir = tempfile::tempdir().unwrap();
+        let engine = crate::storage::Engine::open(dir.path()).unwrap();
+        let state = std::sync::Arc::new(super::KvState::open(engine, 2, 1).unwrap());
+        let put = |key: &str, index: u64| {
+            let req = InternalRequest {
+                request: Some(Request::Put(PutRequest {
+                    key: key.as_bytes().to_vec(),
+                    value: b"v".to_vec(),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            };
+            let batch = Batch {
+                requests: vec![req],
+                proposer: 9,
+                seq: index,
+            };
+            openraft::Entry::<super::TypeConfig> {
+                log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+                payload: openraft::EntryPayload::Normal(super::Proposal(std::sync::Arc::new(
+                    batch,
+                ))),
+            }
+        };
+        for i in 1..=20 {
+            state
+                .apply_entries(vec![put(&format!("k{i:02}"), i)])
+                .unwrap();
+        }
+        let all = RangeRequest {
+            key: b"k".to_vec(),
+            range_end: b"l".to_vec(),
+            ..Default::default()
+        };
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel::<()>();
+        let reader = {
+            let (state, all) = (state.clone(), all.clone());
+            std::thread::spawn(move || {
+                state
+                    .range_through(&all, |reader, plan| {
+                        started_tx.send(()).unwrap();
+                        release_rx.recv().unwrap();
+                        plan.read(reader, &all)
+                    })
+                    .unwrap()
+            })
+        };
+        started.recv().unwrap();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let writer = {
+            let state = state.clone();
+            std::thread::spawn(move || {
+                state.apply_entries(vec![put("k99", 21)]).unwrap();
+                done_tx.send(()).unwrap();
+            })
+        };
+        // Had the range kept the store lock, the put would wait for it forever.
+        done.recv_timeout(std::time::Duration::from_secs(30))
+            .expect("apply waited for a range");
+        writer.join().unwrap();
+        assert_eq!(state.range(&all).unwrap().kvs.len(), 21);
+        release.send(()).unwrap();
+        let first = reader.join().unwrap();
+        assert_eq!(first.kvs.len(), 20, "the range answers as of when it began");
+        assert_eq!(first.header.unwrap().revision, 21);
+    }
 
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()

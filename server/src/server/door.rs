@@ -182,11 +182,12 @@ impl EtcdServer {
             .check_range(ai, &r.key, &r.range_end, false)?;
         let small = r.range_end.is_empty()
             || (!r.count_only && r.limit > 0 && r.limit <= INLINE_RANGE_LIMIT);
+        let state = self.state.clone();
+        let eval = move || state.range(&r);
         let mut resp = if small {
-            self.state.store.read().range(&*self.state.engine, &r)?
+            eval()?
         } else {
-            let state = self.state.clone();
-            tokio::task::spawn_blocking(move || state.store.read().range(&*state.engine, &r))
+            tokio::task::spawn_blocking(eval)
                 .await
                 .map_err(Error::internal)??
         };

@@ -577,6 +577,19 @@ fn decode_lease(k: &[u8], v: &[u8]) -> Result<(i64, i64)> {
     Ok((id, ttl))
 }
 
+impl RevisionReader for View<'_> {
+    fn read(&self, rev: Revision) -> Result<Option<Record>> {
+        match self
+            .snap
+            .get_cf(self.engine.cf(CF_KV), rev.to_bytes())
+            .map_err(rocks)?
+        {
+            Some(b) => Ok(Some(decode_record(&b)?)),
+            None => Ok(None),
+        }
+    }
+}
+
 impl RevisionReader for Engine {
     fn read(&self, rev: Revision) -> Result<Option<Record>> {
         match self
