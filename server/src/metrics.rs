@@ -18,6 +18,8 @@ pub struct Metrics {
     pub keys_total: IntGauge,
     pub watchers: IntGauge,
     pub wal_fsync: Histogram,
+    pub compaction_keys: IntCounter,
+    pub compaction_pending: IntGauge,
     pub batch_size: Histogram,
 }
 
@@ -104,6 +106,16 @@ impl Default for Metrics {
                 &r,
                 "etcd_debugging_mvcc_watcher_total",
                 "Total number of watchers.",
+            ),
+            compaction_keys: counter(
+                &r,
+                "etcd_debugging_mvcc_db_compaction_keys_total",
+                "Total number of db keys compacted.",
+            ),
+            compaction_pending: gauge(
+                &r,
+                "cairn_mvcc_compaction_pending_records",
+                "Records a compaction dropped that are not yet deleted from storage.",
             ),
             wal_fsync: histogram(
                 &r,

@@ -67,10 +67,19 @@ impl Kv for KvService {
         &self,
         req: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
-        // Compaction is applied synchronously, so `physical` holds on return.
         let ai = super::caller(&self.s, &req).await?;
         self.s.check_user(ai.as_ref())?;
-        let r = Internal::Compaction(req.into_inner());
-        Ok(Response::new(self.s.propose_as(r, ai.as_ref()).await?))
+        let req = req.into_inner();
+        let (rev, physical) = (req.revision, req.physical);
+        let resp = self
+            .s
+            .propose_as(Internal::Compaction(req), ai.as_ref())
+            .await?;
+        if physical {
+            // Applied to the key index; the records go in the background (as with etcd,
+            // `physical` answers once they are gone).
+            self.s.state.compactor.wait(rev).await;
+        }
+        Ok(Response::new(resp))
     }
 }

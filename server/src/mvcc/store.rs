@@ -203,6 +203,16 @@ impl MvccStore {
         self.leases.iter().map(|(k, v)| (*k, v))
     }
 
+    /// Compacts the index at the stored compaction revision, after a rebuild from storage:
+    /// the revisions of records a compaction dropped whose deletion never finished (see
+    /// `storage::compactor`).
+    pub fn compact_leftovers(&mut self) -> Vec<Revision> {
+        if self.compacted <= 0 {
+            return Vec::new();
+        }
+        self.index.compact(self.compacted)
+    }
+
     /// Hands over the changes applied since the last call. Until the caller
     /// has persisted them, reads must keep going through this store.
     pub fn take_writes(&mut self) -> WriteSet {

@@ -611,6 +611,9 @@ impl KvState {
         let mut store = self.store.write();
         let meta = load(&self.engine, &self.snap_dir, path, how)?;
         *store = rebuild(&self.engine, &meta, self.min_lease_ttl)?;
+        self.compactor.clear();
+        self.compactor
+            .submit(store.compacted(), store.compact_leftovers());
         *self.auth.store.write() = load_auth(&self.engine.auth_state()?)?;
         // Simple tokens name entries of the log this snapshot replaces.
         self.auth.tokens().clear();

@@ -46,6 +46,8 @@ pub struct KvState {
     pub history: super::MemberHistory,
     /// Users, roles and permissions, applied from the log like the key space.
     pub auth: crate::auth::Auth,
+    /// Deletes the records compactions drop, in the background.
+    pub compactor: crate::storage::Compactor,
 }
 
 pub(super) fn decode_position(meta: &StateMeta) -> Result<Position> {
@@ -105,7 +107,9 @@ impl KvState {
         super::snapshot::finish_interrupted_install(&engine, &snap_dir)?;
         let meta = engine.state_meta()?;
         let position = decode_position(&meta)?;
-        let store = rebuild(&engine, &meta, min_lease_ttl)?;
+        let mut store = rebuild(&engine, &meta, min_lease_ttl)?;
+        let compactor = crate::storage::Compactor::start(engine.clone());
+        compactor.submit(store.compacted(), store.compact_leftovers());
         let hub = Hub::default();
         hub.reset(store.revision(), store.compacted());
         let history = super::MemberHistory::load(&engine)?;
@@ -126,6 +130,7 @@ impl KvState {
             pending: Mutex::new(Default::default()),
             history,
             auth,
+            compactor,
         })
     }
 
@@ -216,6 +221,7 @@ impl KvState {
     fn apply_entries(&self, entries: Vec<openraft::Entry<TypeConfig>>) -> Result<Vec<BatchResult>> {
         let mut store = self.store.write();
         let mut pos = self.applied.lock();
+        let compacted = store.compacted();
         let mut results = Vec::with_capacity(entries.len());
         let mut ready = Vec::new();
         let mut auth_changed = false;
@@ -251,11 +257,16 @@ impl KvState {
                 }
             }
         }
-        let ws = store.take_writes();
+        let mut ws = store.take_writes();
         let meta = self.position_meta(&store, &pos);
         let auth =
             auth_changed.then(|| prost::Message::encode_to_vec(&self.auth.store.read().to_state()));
         self.engine.write_state(&ws, &meta, auth.as_deref())?;
+        if store.compacted() != compacted {
+            // The index no longer reaches them; their records go in the background.
+            self.compactor
+                .submit(store.compacted(), std::mem::take(&mut ws.removed));
+        }
         self.hub
             .publish(&ws.events, store.revision(), store.compacted());
         for (id, ttl) in &ws.granted {
@@ -493,37 +504,111 @@ mod tests {
     use crate::snapshot::SnapshotPayload;
     use crate::storage::StateMeta;
 
+    fn put_request(key: &str) -> crate::proto::raftpb::InternalRequest {
+        use crate::proto::raftpb::internal_request::Request;
+        crate::proto::raftpb::InternalRequest {
+            request: Some(Request::Put(crate::proto::etcdserverpb::PutRequest {
+                key: key.as_bytes().to_vec(),
+                value: b"v".to_vec(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    /// A log entry at `index` carrying `req` (proposed by another member).
+    fn entry(
+        req: crate::proto::raftpb::InternalRequest,
+        index: u64,
+    ) -> openraft::Entry<super::TypeConfig> {
+        let batch = crate::proto::raftpb::Batch {
+            requests: vec![req],
+            proposer: 9,
+            seq: index,
+        };
+        openraft::Entry::<super::TypeConfig> {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: openraft::EntryPayload::Normal(super::Proposal(std::sync::Arc::new(batch))),
+        }
+    }
+
+    /// A compaction is applied to the index at once and its records are deleted in the
+    /// background; records a stop left behind are deleted after the next start.
+    #[test]
+    fn compaction_deletes_in_the_background_and_after_a_restart() {
+        use crate::proto::etcdserverpb::{CompactionRequest, RangeRequest};
+        use crate::proto::raftpb::{internal_request::Request, InternalRequest};
+        let dir = tempfile::tempdir().unwrap();
+        let engine = crate::storage::Engine::open(dir.path()).unwrap();
+        let state = super::KvState::open(engine.clone(), 2, 1).unwrap();
+        let n = 3000u64;
+        for i in 1..=n {
+            state
+                .apply_entries(vec![entry(put_request("k"), i)])
+                .unwrap();
+        }
+        let compact = |rev: i64, index: u64| {
+            let req = InternalRequest {
+                request: Some(Request::Compaction(CompactionRequest {
+                    revision: rev,
+                    physical: false,
+                })),
+                ..Default::default()
+            };
+            entry(req, index)
+        };
+        let rev = n as i64 + 1;
+        state.apply_entries(vec![compact(rev - 1, n + 1)]).unwrap();
+        // Answered from the index at once.
+        let at = |r: i64| RangeRequest {
+            key: b"k".to_vec(),
+            revision: r,
+            ..Default::default()
+        };
+        assert!(state.range(&at(rev - 2)).is_err(), "compacted");
+        assert_eq!(state.range(&at(rev)).unwrap().kvs.len(), 1);
+        rt().block_on(state.compactor.wait(rev - 1));
+        assert_eq!(engine.records().count(), 2, "the last two revisions stay");
+        assert_eq!(state.compactor.deleted(), n - 2);
+
+        // Records of a compaction left in storage (a stop before they were deleted).
+        let (last, _) = engine.records().last().unwrap().unwrap();
+        drop(state);
+        let ws = crate::mvcc::WriteSet {
+            records: (2..last.main)
+                .map(|m| {
+                    let rec = crate::mvcc::Record {
+                        kv: crate::proto::mvccpb::KeyValue {
+                            key: b"k".to_vec(),
+                            mod_revision: m,
+                            ..Default::default()
+                        },
+                        tombstone: false,
+                    };
+                    (crate::mvcc::Revision::new(m, 0), rec)
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let meta = engine.state_meta().unwrap();
+        engine.write_state(&ws, &meta, None).unwrap();
+        assert_eq!(engine.records().count() as u64, n);
+        let state = super::KvState::open(engine.clone(), 2, 1).unwrap();
+        rt().block_on(state.compactor.wait(meta.compacted));
+        assert_eq!(engine.records().count(), 2);
+        assert_eq!(state.range(&at(rev)).unwrap().kvs.len(), 1);
+    }
+
     /// A range stopped half way through reading its values holds up no apply: a put is
     /// applied, and visible to a new range, while the first one waits; the first one then
     /// answers as of when it began.
     #[test]
     fn a_slow_range_does_not_hold_up_apply() {
-        use crate::proto::etcdserverpb::{PutRequest, RangeRequest};
-        use crate::proto::raftpb::{internal_request::Request, Batch, InternalRequest};
+        use crate::proto::etcdserverpb::RangeRequest;
         let dir = tempfile::tempdir().unwrap();
         let engine = crate::storage::Engine::open(dir.path()).unwrap();
         let state = std::sync::Arc::new(super::KvState::open(engine, 2, 1).unwrap());
-        let put = |key: &str, index: u64| {
-            let req = InternalRequest {
-                request: Some(Request::Put(PutRequest {
-                    key: key.as_bytes().to_vec(),
-                    value: b"v".to_vec(),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            };
-            let batch = Batch {
-                requests: vec![req],
-                proposer: 9,
-                seq: index,
-            };
-            openraft::Entry::<super::TypeConfig> {
-                log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
-                payload: openraft::EntryPayload::Normal(super::Proposal(std::sync::Arc::new(
-                    batch,
-                ))),
-            }
-        };
+        let put = |key: &str, index: u64| entry(put_request(key), index);
         for i in 1..=20 {
             state
                 .apply_entries(vec![put(&format!("k{i:02}"), i)])

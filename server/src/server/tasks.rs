@@ -260,6 +260,14 @@ pub(super) async fn refresh_sizes(server: std::sync::Weak<EtcdServer>) {
         tick.tick().await;
         let Some(s) = server.upgrade() else { return };
         s.metrics.watchers.set(s.state.hub.watchers() as i64);
+        let deleted = s.state.compactor.deleted();
+        let counted = s.metrics.compaction_keys.get();
+        s.metrics
+            .compaction_keys
+            .inc_by(deleted.saturating_sub(counted));
+        s.metrics
+            .compaction_pending
+            .set(s.state.compactor.pending() as i64);
         s.metrics
             .keys_total
             .set(s.state.store.read().keys_total() as i64);

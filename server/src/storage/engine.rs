@@ -242,9 +242,7 @@ impl Engine {
         for (rev, rec) in &ws.records {
             b.put_cf(kv, rev.to_bytes(), encode_record(rec));
         }
-        for rev in &ws.removed {
-            b.delete_cf(kv, rev.to_bytes());
-        }
+        // `ws.removed` (compacted away) is deleted in the background: `storage::compactor`.
         for (id, ttl) in &ws.leases {
             match ttl {
                 Some(ttl) => b.put_cf(kv, lease_key(*id), ttl.to_be_bytes()),
@@ -252,6 +250,16 @@ impl Engine {
             }
         }
         b.put_cf(kv, STATE_KEY, enc(meta));
+        self.db.write_opt(b, &no_wal()).map_err(rocks)
+    }
+
+    /// Deletes the records of `revs` (compacted away), without the WAL.
+    pub fn delete_records(&self, revs: &[Revision]) -> Result<()> {
+        let mut b = WriteBatch::default();
+        let kv = self.cf(CF_KV);
+        for rev in revs {
+            b.delete_cf(kv, rev.to_bytes());
+        }
         self.db.write_opt(b, &no_wal()).map_err(rocks)
     }
 

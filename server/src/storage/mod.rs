@@ -23,11 +23,13 @@
 //! log that some earlier builds kept in files of their own, to move it back
 //! into RocksDB at open.
 
+pub mod compactor;
 mod engine;
 mod journal;
 pub mod log_files;
 mod log_writer;
 
+pub use compactor::Compactor;
 pub use engine::{
     dec, decode_record, encode_record, Engine, Identity, StateLoader, StateMeta, View, CF_LOG,
 };
