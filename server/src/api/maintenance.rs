@@ -143,15 +143,8 @@ impl Maintenance for MaintenanceService {
         let r = req.into_inner();
         let state = self.s.state.clone();
         let (hash, compacted, rev, current) = tokio::task::spawn_blocking(move || {
-            let (view, compacted, rev, current) = loop {
+            let (view, compacted, rev, current, kept) = {
                 let store = state.store.read();
-                // Records a compaction dropped are hashed by no member: wait until they
-                // are gone from storage (`storage::compactor`).
-                if state.compactor.done() < store.compacted() {
-                    drop(store);
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                    continue;
-                }
                 let current = store.revision();
                 let rev = if r.revision <= 0 { current } else { r.revision };
                 if rev > current {
@@ -160,9 +153,15 @@ impl Maintenance for MaintenanceService {
                 if rev < store.compacted() {
                     return Err(Error::Compacted);
                 }
-                break (state.engine.view(), store.compacted(), rev, current);
+                let kept = store.kept_at_compacted();
+                (state.engine.view(), store.compacted(), rev, current, kept)
             };
-            Ok((view.hash_kv(rev)?, compacted, rev, current))
+            Ok((
+                view.hash_kv(rev, compacted, &kept)?,
+                compacted,
+                rev,
+                current,
+            ))
         })
         .await
         .map_err(Error::internal)??;

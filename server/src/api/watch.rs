@@ -388,11 +388,18 @@ impl StreamTask {
 
     async fn deliver(&mut self, msg: HubMsg) -> bool {
         match msg {
-            HubMsg::Events { watch_id, events } => {
+            HubMsg::Events {
+                watch_id,
+                batch,
+                from,
+                ..
+            } => {
                 let Some(w) = self.watchers.get(&watch_id) else {
                     return true;
                 };
-                let events: Vec<Event> = events.iter().filter_map(|e| w.shape(e)).collect();
+                let events: Vec<Event> = crate::watch::events_for(&batch, &w.range, from)
+                    .filter_map(|e| w.shape(e))
+                    .collect();
                 self.send_events(watch_id, events, None).await
             }
             HubMsg::Progress {

@@ -120,6 +120,40 @@ impl KeyIndex {
         g.ver += 1;
     }
 
+    /// Records a put read back from storage (a rebuild): as [`Self::put`], except that a
+    /// generation whose first records a compaction removed starts with the creation revision
+    /// and version the record carries.
+    pub fn put_restored(&mut self, key: &[u8], rev: Revision, created: i64, version: i64) {
+        let h = self.keys.entry(key.to_vec()).or_insert_with(|| KeyHistory {
+            gens: vec![Generation::default()],
+        });
+        let g = h.gens.last_mut().expect("history has a generation");
+        if g.revs.is_empty() {
+            g.created = if created > 0 && created < rev.main {
+                Revision::new(created, 0)
+            } else {
+                rev
+            };
+            if version > 1 {
+                g.ver = version - 1;
+            }
+        }
+        g.revs.push(rev);
+        g.ver += 1;
+    }
+
+    /// Every revision at or before `at` the index still holds: after a compaction at `at`,
+    /// the records a member keeps of that part of history (etcd's `keep`).
+    pub fn kept_at(&self, at: i64) -> std::collections::HashSet<Revision> {
+        self.keys
+            .values()
+            .flat_map(|h| h.gens.iter())
+            .flat_map(|g| g.revs.iter())
+            .filter(|r| r.main <= at)
+            .copied()
+            .collect()
+    }
+
     /// Records the deletion of `key` at `rev`; the key must be live.
     pub fn tombstone(&mut self, key: &[u8], rev: Revision) -> bool {
         let Some(h) = self.keys.get_mut(key) else {

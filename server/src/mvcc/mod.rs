@@ -61,6 +61,11 @@ pub struct Record {
 pub trait RevisionReader {
     /// The record written at `rev`, if it is (still) stored.
     fn read(&self, rev: Revision) -> Result<Option<Record>>;
+
+    /// The records at `revs`, in the same order (a store may look them up together).
+    fn read_many(&self, revs: &[Revision]) -> Result<Vec<Option<Record>>> {
+        revs.iter().map(|r| self.read(*r)).collect()
+    }
 }
 
 /// In-memory history, for tests and for callers that hold everything.

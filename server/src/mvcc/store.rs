@@ -107,6 +107,8 @@ pub struct MvccStore {
     pending: HashMap<Revision, Record>,
     ws: WriteSet,
     min_lease_ttl: i64,
+    /// Tombstones found by a rebuild for keys it had no record of (see `restore`).
+    orphans: Vec<Revision>,
 }
 
 impl Default for MvccStore {
@@ -128,6 +130,7 @@ impl MvccStore {
             pending: HashMap::new(),
             ws: WriteSet::default(),
             min_lease_ttl,
+            orphans: Vec::new(),
         }
     }
 
@@ -157,10 +160,15 @@ impl MvccStore {
         for (r, rec) in records {
             max_rev = max_rev.max(r.main);
             if rec.tombstone {
-                s.index.tombstone(&rec.kv.key, r);
+                if !s.index.tombstone(&rec.kv.key, r) {
+                    // Its generation's puts were deleted by a compaction that stopped
+                    // before the tombstone (see `compact_leftovers`).
+                    s.orphans.push(r);
+                }
                 lease_of.remove(&rec.kv.key);
             } else {
-                s.index.put(&rec.kv.key, r);
+                s.index
+                    .put_restored(&rec.kv.key, r, rec.kv.create_revision, rec.kv.version);
                 if rec.kv.lease != 0 {
                     lease_of.insert(rec.kv.key.clone(), rec.kv.lease);
                 } else {
@@ -207,10 +215,18 @@ impl MvccStore {
     /// the revisions of records a compaction dropped whose deletion never finished (see
     /// `storage::compactor`).
     pub fn compact_leftovers(&mut self) -> Vec<Revision> {
-        if self.compacted <= 0 {
-            return Vec::new();
+        let mut left = std::mem::take(&mut self.orphans);
+        if self.compacted > 0 {
+            left.extend(self.index.compact(self.compacted));
         }
-        self.index.compact(self.compacted)
+        left
+    }
+
+    /// The revisions at or before the compaction revision that are kept (HashKV hashes
+    /// those and everything after, as etcd does: whether a compaction's records are
+    /// deleted yet does not change a hash).
+    pub fn kept_at_compacted(&self) -> std::collections::HashSet<Revision> {
+        self.index.kept_at(self.compacted)
     }
 
     /// Hands over the changes applied since the last call. Until the caller
@@ -276,7 +292,11 @@ impl MvccStore {
         match self.plan_range_at(r, cur)? {
             RangePlan::Counted(resp) => Ok(resp),
             RangePlan::Read { keys, total, cur } => {
-                finish_range(r, &keys, total, cur, |k| self.kv_of(reader, k))
+                let kvs = keys
+                    .iter()
+                    .map(|k| self.kv_of(reader, k))
+                    .collect::<Result<Vec<_>>>()?;
+                finish_range(r, kvs, total, cur)
             }
         }
     }
@@ -792,27 +812,39 @@ impl RangePlan {
     /// The answer, reading each key's record from `reader`: a view of storage taken under
     /// the same lock as the plan (nothing applied since then is in it).
     pub fn read(self, reader: &dyn RevisionReader, r: &RangeRequest) -> Result<RangeResponse> {
-        match self {
-            RangePlan::Counted(resp) => Ok(resp),
-            RangePlan::Read { keys, total, cur } => {
-                finish_range(r, &keys, total, cur, |k| kv_at(reader, k))
+        let (keys, total, cur) = match self {
+            RangePlan::Counted(resp) => return Ok(resp),
+            RangePlan::Read { keys, total, cur } => (keys, total, cur),
+        };
+        // Unless sorted by value, a keys-only answer drops each value as it is read: a
+        // large one never holds them all.
+        let drop_values = r.keys_only && r.sort_target != SortTarget::Value as i32;
+        let mut kvs = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(READ_BATCH) {
+            let revs: Vec<Revision> = chunk.iter().map(|k| k.modified).collect();
+            for (k, rec) in chunk.iter().zip(reader.read_many(&revs)?) {
+                let rec = rec.ok_or_else(|| missing(k.modified))?;
+                let mut kv = rec.kv;
+                kv.version = k.version;
+                kv.create_revision = k.created.main;
+                if drop_values {
+                    kv.value = Vec::new();
+                }
+                kvs.push(kv);
             }
         }
+        finish_range(r, kvs, total, cur)
     }
 }
 
-/// The KeyValue of index entry `k`, read from `reader`.
-fn kv_at(reader: &dyn RevisionReader, k: &KeyAt) -> Result<KeyValue> {
-    let rec = reader.read(k.modified)?.ok_or_else(|| {
-        Error::Internal(format!(
-            "mvcc: revision {}/{} missing from storage",
-            k.modified.main, k.modified.sub
-        ))
-    })?;
-    let mut kv = rec.kv;
-    kv.version = k.version;
-    kv.create_revision = k.created.main;
-    Ok(kv)
+/// Records a range reads from storage at a time.
+const READ_BATCH: usize = 1024;
+
+fn missing(rev: Revision) -> Error {
+    Error::Internal(format!(
+        "mvcc: revision {}/{} missing from storage",
+        rev.main, rev.sub
+    ))
 }
 
 /// Whether a Range filters or sorts what the index yields (its limit then applies after).
@@ -824,25 +856,16 @@ fn range_filtered(r: &RangeRequest) -> bool {
         || r.max_create_revision != 0
 }
 
-/// A Range's answer from the keys the index yielded: read, filtered, sorted, limited.
+/// A Range's answer from the values read for the keys the index yielded: filtered,
+/// sorted, limited.
 fn finish_range(
     r: &RangeRequest,
-    keys: &[KeyAt],
+    mut kvs: Vec<KeyValue>,
     total: usize,
     cur: i64,
-    kv_of: impl Fn(&KeyAt) -> Result<KeyValue>,
 ) -> Result<RangeResponse> {
     let order = SortOrder::try_from(r.sort_order).map_err(|_| Error::InvalidSortOption)?;
     let target = SortTarget::try_from(r.sort_target).map_err(|_| Error::InvalidSortOption)?;
-    let mut kvs = Vec::with_capacity(keys.len());
-    for k in keys {
-        let mut kv = kv_of(k)?;
-        if r.keys_only && target != SortTarget::Value {
-            // Not kept: a keys-only answer of many keys would hold every value meanwhile.
-            kv.value = Vec::new();
-        }
-        kvs.push(kv);
-    }
     if r.max_mod_revision != 0 {
         kvs.retain(|kv| kv.mod_revision <= r.max_mod_revision);
     }
@@ -1010,6 +1033,73 @@ mod tests {
             range_end: vec![0],
             ..Default::default()
         }
+    }
+
+    /// A rebuild from storage that a compaction thinned out (its records deleted in the
+    /// background, partly or whole) answers as the store did: creation revisions and
+    /// versions of keys whose first records are gone, and the same kept revisions; a
+    /// tombstone left without its generation's puts is handed back for deletion.
+    #[test]
+    fn a_rebuild_after_compaction_answers_as_before() {
+        let mut t = T::new();
+        t.put("a", "1"); // 2
+        t.put("a", "2"); // 3
+        t.put("b", "1"); // 4
+        t.apply(Request::DeleteRange(DeleteRangeRequest {
+            key: b"b".to_vec(),
+            ..Default::default()
+        }))
+        .unwrap(); // 5
+        t.put("a", "3"); // 6
+                         // Applied to the index; the records stay in storage for now.
+        t.s.apply(
+            &t.h,
+            &InternalRequest {
+                request: Some(Request::Compaction(CompactionRequest {
+                    revision: 5,
+                    physical: false,
+                })),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let removed = t.s.take_writes().removed;
+        assert_eq!(
+            removed,
+            vec![
+                Revision::new(2, 0),
+                Revision::new(4, 0),
+                Revision::new(5, 0)
+            ]
+        );
+        let before = t.get("a");
+        assert_eq!((before.create_revision, before.version), (2, 3));
+        let kept = t.s.kept_at_compacted();
+        // Storage with b's put deleted and its tombstone not yet (a stop in between).
+        let left: Vec<(Revision, Record)> =
+            t.h.records
+                .iter()
+                .filter(|(r, _)| **r != Revision::new(2, 0) && **r != Revision::new(4, 0))
+                .map(|(r, rec)| (*r, rec.clone()))
+                .collect();
+        let h = MemoryHistory {
+            records: left.iter().cloned().collect(),
+        };
+        let mut s = MvccStore::restore(2, left.into_iter(), std::iter::empty(), 6, 5, vec![]);
+        let leftovers = s.compact_leftovers();
+        assert_eq!(
+            leftovers,
+            vec![Revision::new(5, 0)],
+            "the orphaned tombstone"
+        );
+        let kv = s.get(&h, b"a", 6).unwrap().unwrap();
+        assert_eq!((kv.create_revision, kv.version), (2, 3));
+        assert_eq!(s.kept_at_compacted(), kept);
+        // And the next put goes on from there.
+        let mut t2 = T { s, h };
+        t2.put("a", "4");
+        let kv = t2.get("a");
+        assert_eq!((kv.create_revision, kv.version), (2, 4));
     }
 
     #[test]

@@ -31,6 +31,8 @@ const INSTALLING: &[u8] = b"installing_snapshot";
 
 /// The name a received snapshot is loaded under, in the snap dir.
 const INSTALLING_FILE: &str = "installing.snap";
+/// The SST file a snapshot is loaded through, in the snap dir.
+const LOADING_SST: &str = "loading.sst";
 
 /// Bytes an [`Outgoing`] snapshot is produced in.
 const CHUNK: usize = 1 << 20;
@@ -491,13 +493,15 @@ fn open(path: &Path) -> Result<std::fs::File> {
         .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))
 }
 
-/// Reads the payload in `path` through, checking every part; with `loader`, also writes it.
-/// Returns the position it holds (cleared for a restore).
+/// Reads the payload in `path` through, checking every part (records in strictly
+/// ascending revision order, each within the payload's revision); with `engine`, also loads
+/// it there, by way of an SST file at `sst` ([`Engine::load_state`]). Returns the position
+/// it holds (cleared for a restore).
 fn pass(
     path: &Path,
     (at, len): (u64, u64),
     how: Install,
-    mut loader: Option<crate::storage::StateLoader<'_>>,
+    load_into: Option<(&Engine, &Path)>,
 ) -> Result<StateMeta> {
     let mut file = open(path)?;
     file.seek(SeekFrom::Start(at))
@@ -510,18 +514,30 @@ fn pass(
         meta.membership.clear();
         meta.alarms.clear();
     }
-    let mut buf = Vec::new();
-    while let Some((main, sub)) = reader.next_record(&mut buf)? {
-        check_record(&meta, main, sub)?;
-        decode_record(&buf)?;
-        if let Some(l) = &mut loader {
-            l.record(Revision::new(main, sub), &buf)?;
+    let body = |put: &mut dyn FnMut(Revision, &[u8]) -> Result<()>| {
+        let mut buf = Vec::new();
+        let mut last = None;
+        while let Some((main, sub)) = reader.next_record(&mut buf)? {
+            check_record(&meta, main, sub)?;
+            let rev = Revision::new(main, sub);
+            if last.is_some_and(|l| l >= rev) {
+                return Err(Error::InvalidArgument(format!(
+                    "snapshot: record at revision {main}/{sub} out of order"
+                )));
+            }
+            last = Some(rev);
+            decode_record(&buf)?;
+            put(rev, &buf)?;
         }
-    }
-    let (leases, auth) = reader.finish()?;
-    load_auth(&auth)?;
-    if let Some(l) = loader {
-        l.finish(&leases, &meta, &auth)?;
+        let (leases, auth) = reader.finish()?;
+        load_auth(&auth)?;
+        Ok((leases, auth))
+    };
+    match load_into {
+        None => {
+            body(&mut |_, _| Ok(()))?;
+        }
+        Some((engine, sst)) => engine.load_state(sst, &meta, body)?,
     }
     Ok(meta)
 }
@@ -548,7 +564,12 @@ fn load(engine: &Engine, snap_dir: &Path, path: &Path, how: Install) -> Result<S
             .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?,
     };
     engine.raft_put(INSTALLING, &(mark.to_string_lossy().into_owned(), how))?;
-    pass(path, span, how, Some(engine.load_state()?))
+    std::fs::create_dir_all(snap_dir)
+        .map_err(|e| Error::Internal(format!("{}: {e}", snap_dir.display())))?;
+    let sst = snap_dir.join(LOADING_SST);
+    let meta = pass(path, span, how, Some((engine, &sst)));
+    let _ = std::fs::remove_file(&sst);
+    meta
 }
 
 /// At start: finishes loading a snapshot whose load a crash cut short (the state machine is
@@ -887,19 +908,26 @@ mod tests {
         let b = state_with(db.path(), 20, 10, 3);
         let snap_dir = b.snap_dir.clone();
         std::fs::create_dir_all(&snap_dir).unwrap();
-        let file = snap_dir.join("incoming-1-1.part");
+        let file = snap_dir.join(INSTALLING_FILE);
         std::fs::write(&file, payload_of(&a)).unwrap();
         let stale = snap_dir.join("incoming-1-2.part");
         std::fs::write(&stale, b"cut").unwrap();
         {
-            let mut loader = b.engine.load_state().unwrap();
-            let rec = crate::storage::encode_record(&Record {
+            // Half replaced: some of the old records gone, a record of neither state there.
+            b.engine
+                .delete_records(&[Revision::new(2, 0), Revision::new(3, 0)])
+                .unwrap();
+            let rec = Record {
                 kv: KeyValue::default(),
                 tombstone: false,
-            });
-            loader.record(Revision::new(2, 0), &rec).unwrap();
-            drop(loader);
-            let mark = (file.to_string_lossy().into_owned(), Install::Raft);
+            };
+            let ws = WriteSet {
+                records: vec![(Revision::new(9999, 0), rec)],
+                ..Default::default()
+            };
+            let meta = b.engine.state_meta().unwrap();
+            b.engine.write_state(&ws, &meta, None).unwrap();
+            let mark = (INSTALLING_FILE.to_string(), Install::Raft);
             b.engine.raft_put(INSTALLING, &mark).unwrap();
             b.engine.persist_state().unwrap();
         }

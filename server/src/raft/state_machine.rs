@@ -267,8 +267,11 @@ impl KvState {
             self.compactor
                 .submit(store.compacted(), std::mem::take(&mut ws.removed));
         }
-        self.hub
-            .publish(&ws.events, store.revision(), store.compacted());
+        self.hub.publish(
+            std::mem::take(&mut ws.events),
+            store.revision(),
+            store.compacted(),
+        );
         for (id, ttl) in &ws.granted {
             self.lessor.renew(*id, *ttl);
         }
@@ -567,7 +570,25 @@ mod tests {
         };
         assert!(state.range(&at(rev - 2)).is_err(), "compacted");
         assert_eq!(state.range(&at(rev)).unwrap().kvs.len(), 1);
+        // HashKV does not depend on how far the deletion has gone.
+        let hash = |state: &super::KvState| {
+            let (kept, compacted, current) = {
+                let store = state.store.read();
+                (
+                    store.kept_at_compacted(),
+                    store.compacted(),
+                    store.revision(),
+                )
+            };
+            state
+                .engine
+                .view()
+                .hash_kv(current, compacted, &kept)
+                .unwrap()
+        };
+        let during = hash(&state);
         rt().block_on(state.compactor.wait(rev - 1));
+        assert_eq!(hash(&state), during);
         assert_eq!(engine.records().count(), 2, "the last two revisions stay");
         assert_eq!(state.compactor.deleted(), n - 2);
 

@@ -295,19 +295,46 @@ impl Engine {
         Ok(out)
     }
 
-    /// Starts replacing the whole state machine (a snapshot install): everything of it is
-    /// deleted, and the [`StateLoader`] writes the new content in bounded batches. Nothing is
-    /// durable before [`StateLoader::finish`]; a caller that may crash meanwhile keeps what it
-    /// loads from somewhere it can load it again from (see `raft::KvState::install_file`).
-    pub fn load_state(&self) -> Result<StateLoader<'_>> {
-        let mut batch = WriteBatch::default();
+    /// Replaces the whole state machine (a snapshot load): `fill` hands every history
+    /// record, in ascending revision order, to the `put` it is given, then returns the
+    /// leases and the auth state. They go into an SST file at `sst` (nothing is held in
+    /// memory), and only then is the old state deleted and the file ingested, which RocksDB
+    /// makes durable. A caller that may crash in between keeps what it loads from where it
+    /// can load it again (see `raft::KvState::install_file`).
+    pub fn load_state(
+        &self,
+        sst: &Path,
+        meta: &StateMeta,
+        fill: impl FnOnce(&mut dyn FnMut(Revision, &[u8]) -> Result<()>) -> Result<LeasesAndAuth>,
+    ) -> Result<()> {
+        let opts = Options::default();
+        let mut w = rocksdb::SstFileWriter::create(&opts);
+        w.open(sst).map_err(rocks)?;
+        let (mut leases, auth) =
+            fill(&mut |rev, bytes| w.put(rev.to_bytes(), bytes).map_err(rocks))?;
+        // In key order, each once: the file takes keys only in ascending order.
+        leases.sort_by_key(|(id, _)| lease_key(*id));
+        leases.dedup_by_key(|(id, _)| *id);
+        for (id, ttl) in &leases {
+            w.put(lease_key(*id), ttl.to_be_bytes()).map_err(rocks)?;
+        }
+        if !auth.is_empty() {
+            w.put(AUTH_KEY, &auth).map_err(rocks)?;
+        }
+        w.put(STATE_KEY, enc(meta)).map_err(rocks)?;
+        w.finish().map_err(rocks)?;
+        let kv = self.cf(CF_KV);
+        let mut b = WriteBatch::default();
         // Every key of the state sorts below 17 bytes of 0xff.
-        batch.delete_range_cf(self.cf(CF_KV), [0u8; 1].as_slice(), [0xffu8; 17].as_slice());
-        Ok(StateLoader {
-            engine: self,
-            batch,
-            unflushed: 0,
-        })
+        b.delete_range_cf(kv, [0u8; 1].as_slice(), [0xffu8; 17].as_slice());
+        self.db.write_opt(b, &no_wal()).map_err(rocks)?;
+        // The deletion is flushed first (it overlaps the file), the file then takes the
+        // newer sequence number, so it replaces everything.
+        let mut io = rocksdb::IngestExternalFileOptions::default();
+        io.set_move_files(true);
+        self.db
+            .ingest_external_file_cf_opts(kv, &io, vec![sst])
+            .map_err(rocks)
     }
 
     /// Deletes a key of the `raft` column family, fsynced.
@@ -377,60 +404,8 @@ impl Engine {
     }
 }
 
-/// Writes a whole state machine in batches of about [`StateLoader::BATCH`] bytes
-/// ([`Engine::load_state`]).
-pub struct StateLoader<'a> {
-    engine: &'a Engine,
-    batch: WriteBatch,
-    /// Bytes written since the last flush.
-    unflushed: usize,
-}
-
-impl StateLoader<'_> {
-    /// Bytes of records written at a time.
-    pub const BATCH: usize = 4 << 20;
-    /// Bytes written between flushes: RocksDB's memory tables would otherwise grow to two
-    /// of its 64 MiB write buffers while a large state is loaded.
-    const FLUSH: usize = 32 << 20;
-
-    fn cut(&mut self) -> Result<()> {
-        let b = std::mem::take(&mut self.batch);
-        self.unflushed += b.size_in_bytes();
-        self.engine.db.write_opt(b, &no_wal()).map_err(rocks)?;
-        if self.unflushed >= Self::FLUSH {
-            self.unflushed = 0;
-            self.engine.persist_state()?;
-        }
-        Ok(())
-    }
-
-    /// Adds a history record (`bytes` as [`encode_record`] makes them).
-    pub fn record(&mut self, rev: Revision, bytes: &[u8]) -> Result<()> {
-        self.batch
-            .put_cf(self.engine.cf(CF_KV), rev.to_bytes(), bytes);
-        if self.batch.size_in_bytes() >= Self::BATCH {
-            self.cut()?;
-        }
-        Ok(())
-    }
-
-    /// Writes the leases, the auth state and the position last, and makes it all durable.
-    pub fn finish(mut self, leases: &[(i64, i64)], meta: &StateMeta, auth: &[u8]) -> Result<()> {
-        let kv = self.engine.cf(CF_KV);
-        if !auth.is_empty() {
-            self.batch.put_cf(kv, AUTH_KEY, auth);
-        }
-        for (id, ttl) in leases {
-            self.batch.put_cf(kv, lease_key(*id), ttl.to_be_bytes());
-            if self.batch.size_in_bytes() >= Self::BATCH {
-                self.cut()?;
-            }
-        }
-        self.batch.put_cf(kv, STATE_KEY, enc(meta));
-        self.cut()?;
-        self.engine.persist_state()
-    }
-}
+/// Lease IDs with their TTLs, and the encoded auth state.
+pub type LeasesAndAuth = (Vec<(i64, i64)>, Vec<u8>);
 
 /// A point-in-time view of the database: whole-state reads (snapshots,
 /// hashes) go through one, so they need no lock while they run and writers
@@ -540,15 +515,24 @@ impl View<'_> {
         Ok(out)
     }
 
-    /// A CRC32 over every history record up to `rev` (etcd's HashKV idea:
-    /// equal on members with the same history).
-    pub fn hash_kv(&self, rev: i64) -> Result<u32> {
+    /// A CRC32 over the history records up to `rev` (etcd's HashKV: equal on members with
+    /// the same history): of those at or before `compacted`, only the ones in `kept`, so
+    /// records a compaction dropped count on no member, deleted yet or not.
+    pub fn hash_kv(
+        &self,
+        rev: i64,
+        compacted: i64,
+        kept: &std::collections::HashSet<Revision>,
+    ) -> Result<u32> {
         let mut h = crc32fast::Hasher::new();
         self.each(false, |k, v| {
             let r = Revision::from_bytes(k)
                 .ok_or_else(|| Error::Internal("storage: bad revision key".into()))?;
             if r.main > rev {
                 return Ok(false);
+            }
+            if r.main <= compacted && !kept.contains(&r) {
+                return Ok(true);
             }
             h.update(k);
             h.update(v);
@@ -595,6 +579,27 @@ impl RevisionReader for View<'_> {
             Some(b) => Ok(Some(decode_record(&b)?)),
             None => Ok(None),
         }
+    }
+
+    /// Looked up together, in key order (RocksDB's batched MultiGet reads each index and
+    /// data block once for all the keys in it).
+    fn read_many(&self, revs: &[Revision]) -> Result<Vec<Option<Record>>> {
+        let mut order: Vec<usize> = (0..revs.len()).collect();
+        order.sort_unstable_by_key(|&i| revs[i]);
+        let keys: Vec<[u8; 16]> = order.iter().map(|&i| revs[i].to_bytes()).collect();
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_snapshot(&self.snap);
+        let got = self
+            .engine
+            .db
+            .batched_multi_get_cf_opt(self.engine.cf(CF_KV), &keys, true, &ro);
+        let mut out: Vec<Option<Record>> = (0..revs.len()).map(|_| None).collect();
+        for (i, value) in order.into_iter().zip(got) {
+            if let Some(v) = value.map_err(rocks)? {
+                out[i] = Some(decode_record(&v)?);
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -696,15 +701,15 @@ mod tests {
         let e = Engine::open(dir.path()).unwrap();
         assert_eq!(e.state_meta().unwrap().revision, 2);
         assert_eq!(e.leases().unwrap(), vec![(3, 10)]);
-        let mut loader = e.load_state().unwrap();
-        // Enough records for several batches.
+        let sst = dir.path().join("load.sst");
         let big = rec(&vec![b'z'; 100_000]);
-        for main in 5..100 {
-            loader
-                .record(Revision::new(main, 0), &encode_record(&big))
-                .unwrap();
-        }
-        loader.finish(&[(4, 20)], &meta(100), &[]).unwrap();
+        e.load_state(&sst, &meta(100), |put| {
+            for main in 5..100 {
+                put(Revision::new(main, 0), &encode_record(&big))?;
+            }
+            Ok((vec![(4, 20)], vec![]))
+        })
+        .unwrap();
         drop(e);
         let e = Engine::open(dir.path()).unwrap();
         let records = e.records().collect::<Result<Vec<_>>>().unwrap();
@@ -712,11 +717,13 @@ mod tests {
         assert_eq!(records[0], (Revision::new(5, 0), big.clone()));
         assert_eq!(e.leases().unwrap(), vec![(4, 20)]);
         assert_eq!(e.state_meta().unwrap().revision, 100);
-        let mut loader = e.load_state().unwrap();
-        loader
-            .record(Revision::new(5, 0), &encode_record(&rec(b"y")))
-            .unwrap();
-        loader.finish(&[(4, 20)], &meta(5), &[]).unwrap();
+        // Loaded again over it: nothing of the first load is left.
+        let _ = std::fs::remove_file(&sst);
+        e.load_state(&sst, &meta(5), |put| {
+            put(Revision::new(5, 0), &encode_record(&rec(b"y")))?;
+            Ok((vec![(4, 20)], vec![]))
+        })
+        .unwrap();
         let records = e.records().collect::<Result<Vec<_>>>().unwrap();
         assert_eq!(records, vec![(Revision::new(5, 0), rec(b"y"))]);
         assert_eq!(e.leases().unwrap(), vec![(4, 20)]);

@@ -31,7 +31,7 @@ mod log_writer;
 
 pub use compactor::Compactor;
 pub use engine::{
-    dec, decode_record, encode_record, Engine, Identity, StateLoader, StateMeta, View, CF_LOG,
+    dec, decode_record, encode_record, Engine, Identity, LeasesAndAuth, StateMeta, View, CF_LOG,
 };
 pub use log_writer::{LogOp, LogWriter};
 

@@ -7,10 +7,17 @@
 //! through the stream's channel, behind the replay. Nothing is lost or sent
 //! twice while writes continue.
 //!
+//! Each applied batch's events are shared by every watcher they concern: the
+//! hub only finds which watchers have at least one of them and queues the same
+//! batch to each, with the revision the watcher's live events start at; the
+//! stream picks out its watcher's events (and shapes them) as it sends them.
+//!
 //! A stream whose client stops reading does not grow without bound: past
-//! [`MAX_QUEUED`] undelivered messages its watchers are unregistered and told
+//! [`MAX_QUEUED`] undelivered messages or [`MAX_QUEUED_BYTES`] of events queued
+//! (a batch counted once per stream) its watchers are unregistered and told
 //! from which revision they lag; the stream resyncs each one from storage the
-//! way a new watch replays history (or cancels it, if compacted meanwhile).
+//! way a new watch replays history (or cancels it, if compacted meanwhile), a
+//! page at a time (etcd's unsynced watchers).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -25,12 +32,22 @@ use crate::proto::mvccpb::Event;
 /// Undelivered event messages a stream may have queued before its watchers
 /// are moved to resync from storage.
 pub const MAX_QUEUED: usize = 1024;
+/// Bytes of events (keys and values) a stream may have queued before its
+/// watchers are moved to resync from storage.
+pub const MAX_QUEUED_BYTES: usize = 32 << 20;
 
 /// What a watch stream receives from the hub.
 #[derive(Debug)]
 pub enum HubMsg {
-    /// Live events for one of the stream's watchers, with their revision.
-    Events { watch_id: i64, events: Vec<Event> },
+    /// An applied batch's events, some of them for one of the stream's
+    /// watchers: those in its range from revision `from` on. `bytes` is what
+    /// the batch counts against the stream's bound (once per stream).
+    Events {
+        watch_id: i64,
+        batch: Arc<[Event]>,
+        from: i64,
+        bytes: usize,
+    },
     /// Every event up to `revision` has been queued before this message.
     Progress { revision: i64, all: bool },
     /// The stream fell behind: the watcher was unregistered and must resync
@@ -42,19 +59,26 @@ pub enum HubMsg {
 #[derive(Clone)]
 pub struct StreamTx {
     tx: mpsc::UnboundedSender<HubMsg>,
-    queued: Arc<AtomicUsize>,
+    queued: Arc<Queued>,
+}
+
+/// What a stream has queued and not yet received.
+#[derive(Default)]
+struct Queued {
+    messages: AtomicUsize,
+    bytes: AtomicUsize,
 }
 
 /// The stream's end of its queue.
 pub struct StreamRx {
     rx: mpsc::UnboundedReceiver<HubMsg>,
-    queued: Arc<AtomicUsize>,
+    queued: Arc<Queued>,
 }
 
 /// A new stream queue.
 pub fn stream_queue() -> (StreamTx, StreamRx) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let queued = Arc::new(AtomicUsize::new(0));
+    let queued = Arc::new(Queued::default());
     (
         StreamTx {
             tx,
@@ -67,11 +91,38 @@ pub fn stream_queue() -> (StreamTx, StreamRx) {
 impl StreamRx {
     pub async fn recv(&mut self) -> Option<HubMsg> {
         let m = self.rx.recv().await;
-        if let Some(HubMsg::Events { .. }) = &m {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
+        if let Some(HubMsg::Events { bytes, .. }) = &m {
+            self.queued.messages.fetch_sub(1, Ordering::Relaxed);
+            self.queued.bytes.fetch_sub(*bytes, Ordering::Relaxed);
         }
         m
     }
+}
+
+/// The events of `batch` in `range` from revision `from` on.
+pub fn events_for<'a>(
+    batch: &'a [Event],
+    range: &'a KeyRange,
+    from: i64,
+) -> impl Iterator<Item = &'a Event> + 'a {
+    batch.iter().filter(move |e| {
+        let kv = e.kv.as_ref().expect("events carry a kv");
+        kv.mod_revision >= from && range.contains(&kv.key)
+    })
+}
+
+/// About the bytes a batch of events holds.
+fn batch_bytes(batch: &[Event]) -> usize {
+    batch
+        .iter()
+        .map(|e| {
+            let kv = |kv: &Option<crate::proto::mvccpb::KeyValue>| {
+                kv.as_ref()
+                    .map_or(0, |kv| kv.key.len() + kv.value.len() + 48)
+            };
+            kv(&e.kv) + kv(&e.prev_kv) + 16
+        })
+        .sum()
 }
 
 struct Watcher {
@@ -124,8 +175,8 @@ impl Hub {
         self.inner.lock().compacted
     }
 
-    /// Publishes the events of revisions up to `revision`.
-    pub fn publish(&self, events: &[Event], revision: i64, compacted: i64) {
+    /// Publishes the events of revisions up to `revision`: shared, not copied per watcher.
+    pub fn publish(&self, events: Vec<Event>, revision: i64, compacted: i64) {
         let mut i = self.inner.lock();
         let published = i.revision;
         i.revision = revision;
@@ -133,28 +184,31 @@ impl Hub {
         if events.is_empty() {
             return;
         }
+        let bytes = batch_bytes(&events);
+        let batch: Arc<[Event]> = events.into();
+        let mut counted = std::collections::HashSet::new();
         let mut gone = Vec::new();
         let mut lagging = Vec::new();
         for (key, w) in &i.watchers {
-            let mine: Vec<Event> = events
-                .iter()
-                .filter(|e| {
-                    let kv = e.kv.as_ref().expect("events carry a kv");
-                    kv.mod_revision >= w.from && w.range.contains(&kv.key)
-                })
-                .cloned()
-                .collect();
-            if mine.is_empty() {
+            if events_for(&batch, &w.range, w.from).next().is_none() {
                 continue;
             }
-            if w.tx.queued.load(Ordering::Relaxed) >= MAX_QUEUED {
+            let q = &w.tx.queued;
+            if q.messages.load(Ordering::Relaxed) >= MAX_QUEUED
+                || q.bytes.load(Ordering::Relaxed) >= MAX_QUEUED_BYTES
+            {
                 lagging.push(*key);
                 continue;
             }
-            w.tx.queued.fetch_add(1, Ordering::Relaxed);
+            // The batch is held once per stream, however many of its watchers it concerns.
+            let bytes = if counted.insert(w.stream) { bytes } else { 0 };
+            q.messages.fetch_add(1, Ordering::Relaxed);
+            q.bytes.fetch_add(bytes, Ordering::Relaxed);
             let msg = HubMsg::Events {
                 watch_id: w.watch_id,
-                events: mine,
+                batch: batch.clone(),
+                from: w.from,
+                bytes,
             };
             if w.tx.tx.send(msg).is_err() {
                 gone.push(*key);
@@ -268,9 +322,12 @@ mod tests {
                 current: 5
             }
         );
-        hub.publish(&[ev("a", 6), ev("0", 6)], 6, 0);
+        hub.publish(vec![ev("a", 6), ev("0", 6)], 6, 0);
+        let range = KeyRange::new(b"a", b"\0");
         match rx.rx.try_recv().unwrap() {
-            HubMsg::Events { events, .. } => assert_eq!(events.len(), 1),
+            HubMsg::Events { batch, from, .. } => {
+                assert_eq!(events_for(&batch, &range, from).count(), 1)
+            }
             m => panic!("{m:?}"),
         }
         let r = hub.register(0, 2, KeyRange::new(b"a", b""), 0, tx.clone());
@@ -299,17 +356,17 @@ mod tests {
         let (tx, mut rx) = stream_queue();
         hub.register(0, 7, KeyRange::new(b"k", b""), 0, tx);
         for rev in 2..(2 + MAX_QUEUED as i64) {
-            hub.publish(&[ev("k", rev)], rev, 0);
+            hub.publish(vec![ev("k", rev)], rev, 0);
         }
         let next = 2 + MAX_QUEUED as i64;
-        hub.publish(&[ev("k", next)], next, 0);
-        hub.publish(&[ev("k", next + 1)], next + 1, 0);
+        hub.publish(vec![ev("k", next)], next, 0);
+        hub.publish(vec![ev("k", next + 1)], next + 1, 0);
         assert_eq!(hub.watchers(), 0, "the lagging watcher is unregistered");
         let mut last = 0;
         let mut lagged = None;
         while let Ok(m) = rx.rx.try_recv() {
             match m {
-                HubMsg::Events { events, .. } => last = events[0].kv.as_ref().unwrap().mod_revision,
+                HubMsg::Events { batch, .. } => last = batch[0].kv.as_ref().unwrap().mod_revision,
                 HubMsg::Lagged { from, .. } => lagged = Some(from),
                 m => panic!("{m:?}"),
             }
@@ -319,6 +376,53 @@ mod tests {
             lagged,
             Some(next),
             "resync starts at the first revision not queued"
+        );
+    }
+
+    /// The bound counts bytes too, a batch once per stream however many of its watchers
+    /// it concerns; one batch is shared by them all, not copied.
+    #[test]
+    fn a_stream_is_bounded_by_bytes_and_shares_batches() {
+        let hub = Hub::default();
+        hub.reset(1, 0);
+        let (tx, mut rx) = stream_queue();
+        for id in 0..50 {
+            hub.register(0, id, KeyRange::new(b"k", b"l"), 0, tx.clone());
+        }
+        let big = |rev: i64| {
+            let mut e = ev("k1", rev);
+            e.kv.as_mut().unwrap().value = vec![0; 1 << 20];
+            e
+        };
+        hub.publish(vec![big(2)], 2, 0);
+        let mut batches = Vec::new();
+        while let Ok(m) = rx.rx.try_recv() {
+            match m {
+                HubMsg::Events { batch, .. } => batches.push(batch),
+                m => panic!("{m:?}"),
+            }
+        }
+        assert_eq!(batches.len(), 50);
+        assert!(
+            batches.iter().all(|b| Arc::ptr_eq(b, &batches[0])),
+            "one shared batch"
+        );
+        let counted = tx.queued.bytes.load(Ordering::Relaxed);
+        assert!(
+            (1 << 20..2 << 20).contains(&counted),
+            "{counted}: counted once"
+        );
+        // Nobody reads: about MAX_QUEUED_BYTES later every watcher is moved to resync.
+        let mut rev = 3;
+        while hub.watchers() > 0 {
+            hub.publish(vec![big(rev)], rev, 0);
+            rev += 1;
+            assert!(rev < 100, "never bounded");
+        }
+        let queued = (rev - 2) as usize;
+        assert!(
+            queued <= MAX_QUEUED_BYTES / (1 << 20) + 2,
+            "{queued} MiB queued"
         );
     }
 }
