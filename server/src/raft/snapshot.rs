@@ -495,7 +495,7 @@ fn open(path: &Path) -> Result<std::fs::File> {
 
 /// Reads the payload in `path` through, checking every part (records in strictly
 /// ascending revision order, each within the payload's revision); with `engine`, also loads
-/// it there, by way of an SST file at `sst` ([`Engine::load_state`]). Returns the position
+/// it into an SST file at `sst` ([`Engine::write_state_file`]). Returns the position
 /// it holds (cleared for a restore).
 fn pass(
     path: &Path,
@@ -537,7 +537,7 @@ fn pass(
         None => {
             body(&mut |_, _| Ok(()))?;
         }
-        Some((engine, sst)) => engine.load_state(sst, &meta, body)?,
+        Some((engine, sst)) => engine.write_state_file(sst, &meta, body)?,
     }
     Ok(meta)
 }
@@ -549,27 +549,45 @@ pub fn check_file(path: &Path, how: Install) -> Result<StateMeta> {
     Ok(meta)
 }
 
-/// Loads the snapshot in `path`, checked already, into `engine`, replacing its state machine.
-/// The `INSTALLING` mark names the file (relative to `snap_dir` when it is there) until the
-/// load is durable, so that [`finish_interrupted_install`] can load it again after a crash.
-fn load(engine: &Engine, snap_dir: &Path, path: &Path, how: Install) -> Result<StateMeta> {
+/// Checks the snapshot in `path` through and writes it into an SST file in `snap_dir`,
+/// touching nothing of the state machine: a bad snapshot changes nothing. Returns the
+/// position it holds and the file, for [`commit`].
+fn prepare(
+    engine: &Engine,
+    snap_dir: &Path,
+    path: &Path,
+    how: Install,
+) -> Result<(StateMeta, PathBuf)> {
+    std::fs::create_dir_all(snap_dir)
+        .map_err(|e| Error::Internal(format!("{}: {e}", snap_dir.display())))?;
+    let sst = snap_dir.join(LOADING_SST);
+    let meta = pass(path, locate(path, how)?, how, Some((engine, &sst)));
+    match meta.and_then(|m| decode_position(&m).map(|_| m)) {
+        Ok(m) => Ok((m, sst)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&sst);
+            Err(e)
+        }
+    }
+}
+
+/// Replaces `engine`'s state machine with a prepared SST file. The `INSTALLING` mark names
+/// the snapshot file (relative to `snap_dir` when it is there) until the load is durable, so
+/// that [`finish_interrupted_install`] can load it again after a crash.
+fn commit(engine: &Engine, snap_dir: &Path, path: &Path, how: Install, sst: &Path) -> Result<()> {
     let how = match how {
         Install::Restore { .. } => Install::Restore { check_hash: false },
         raft => raft,
     };
-    let span = locate(path, how)?;
     let mark = match path.strip_prefix(snap_dir) {
         Ok(name) => name.to_path_buf(),
         Err(_) => std::fs::canonicalize(path)
             .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?,
     };
     engine.raft_put(INSTALLING, &(mark.to_string_lossy().into_owned(), how))?;
-    std::fs::create_dir_all(snap_dir)
-        .map_err(|e| Error::Internal(format!("{}: {e}", snap_dir.display())))?;
-    let sst = snap_dir.join(LOADING_SST);
-    let meta = pass(path, span, how, Some((engine, &sst)));
-    let _ = std::fs::remove_file(&sst);
-    meta
+    let done = engine.ingest_state(sst);
+    let _ = std::fs::remove_file(sst);
+    done
 }
 
 /// At start: finishes loading a snapshot whose load a crash cut short (the state machine is
@@ -587,8 +605,8 @@ pub fn finish_interrupted_install(engine: &Engine, snap_dir: &Path) -> Result<()
                 )));
             }
             tracing::warn!(file = %path.display(), "finishing an interrupted snapshot load");
-            check_file(&path, how)?;
-            load(engine, snap_dir, &path, how)?;
+            let (_, sst) = prepare(engine, snap_dir, &path, how)?;
+            commit(engine, snap_dir, &path, how, &sst)?;
             engine.raft_delete(INSTALLING)?;
             let _ = std::fs::remove_file(&path);
         }
@@ -620,17 +638,19 @@ impl KvState {
         how: Install,
         expect: Option<Option<super::LogId>>,
     ) -> Result<StateMeta> {
-        let checked = check_file(path, how)?;
+        // Checked and written into an SST file first, with nothing locked or replaced.
+        let (meta, sst) = prepare(&self.engine, &self.snap_dir, path, how)?;
         if let Some(want) = expect {
-            let (got, _) = decode_position(&checked)?;
+            let (got, _) = decode_position(&meta)?;
             if got != want {
+                let _ = std::fs::remove_file(&sst);
                 return Err(Error::InvalidArgument(format!(
                     "snapshot: holds log id {got:?}, announced as {want:?}"
                 )));
             }
         }
         let mut store = self.store.write();
-        let meta = load(&self.engine, &self.snap_dir, path, how)?;
+        commit(&self.engine, &self.snap_dir, path, how, &sst)?;
         *store = rebuild(&self.engine, &meta, self.min_lease_ttl)?;
         self.compactor.clear();
         self.compactor

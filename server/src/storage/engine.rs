@@ -295,13 +295,11 @@ impl Engine {
         Ok(out)
     }
 
-    /// Replaces the whole state machine (a snapshot load): `fill` hands every history
-    /// record, in ascending revision order, to the `put` it is given, then returns the
-    /// leases and the auth state. They go into an SST file at `sst` (nothing is held in
-    /// memory), and only then is the old state deleted and the file ingested, which RocksDB
-    /// makes durable. A caller that may crash in between keeps what it loads from where it
-    /// can load it again (see `raft::KvState::install_file`).
-    pub fn load_state(
+    /// Writes a whole state machine into an SST file at `sst` (a snapshot load), holding
+    /// nothing in memory: `fill` hands every history record, in ascending revision order, to
+    /// the `put` it is given, then returns the leases and the auth state. Nothing of this
+    /// database changes until [`Self::ingest_state`].
+    pub fn write_state_file(
         &self,
         sst: &Path,
         meta: &StateMeta,
@@ -322,7 +320,14 @@ impl Engine {
             w.put(AUTH_KEY, &auth).map_err(rocks)?;
         }
         w.put(STATE_KEY, enc(meta)).map_err(rocks)?;
-        w.finish().map_err(rocks)?;
+        w.finish().map_err(rocks)
+    }
+
+    /// Replaces the whole state machine with a file of [`Self::write_state_file`]: the old
+    /// state is deleted and the file ingested, which RocksDB makes durable. A caller that may
+    /// crash in between keeps what it loads from where it can load it again (see
+    /// `raft::KvState::install_file`).
+    pub fn ingest_state(&self, sst: &Path) -> Result<()> {
         let kv = self.cf(CF_KV);
         let mut b = WriteBatch::default();
         // Every key of the state sorts below 17 bytes of 0xff.
@@ -703,13 +708,19 @@ mod tests {
         assert_eq!(e.leases().unwrap(), vec![(3, 10)]);
         let sst = dir.path().join("load.sst");
         let big = rec(&vec![b'z'; 100_000]);
-        e.load_state(&sst, &meta(100), |put| {
+        e.write_state_file(&sst, &meta(100), |put| {
             for main in 5..100 {
                 put(Revision::new(main, 0), &encode_record(&big))?;
             }
             Ok((vec![(4, 20)], vec![]))
         })
         .unwrap();
+        assert_eq!(
+            e.state_meta().unwrap().revision,
+            2,
+            "nothing changes before the ingest"
+        );
+        e.ingest_state(&sst).unwrap();
         drop(e);
         let e = Engine::open(dir.path()).unwrap();
         let records = e.records().collect::<Result<Vec<_>>>().unwrap();
@@ -719,11 +730,12 @@ mod tests {
         assert_eq!(e.state_meta().unwrap().revision, 100);
         // Loaded again over it: nothing of the first load is left.
         let _ = std::fs::remove_file(&sst);
-        e.load_state(&sst, &meta(5), |put| {
+        e.write_state_file(&sst, &meta(5), |put| {
             put(Revision::new(5, 0), &encode_record(&rec(b"y")))?;
             Ok((vec![(4, 20)], vec![]))
         })
         .unwrap();
+        e.ingest_state(&sst).unwrap();
         let records = e.records().collect::<Result<Vec<_>>>().unwrap();
         assert_eq!(records, vec![(Revision::new(5, 0), rec(b"y"))]);
         assert_eq!(e.leases().unwrap(), vec![(4, 20)]);
