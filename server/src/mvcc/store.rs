@@ -143,48 +143,11 @@ impl MvccStore {
         compacted: i64,
         alarms: Vec<AlarmMember>,
     ) -> Self {
-        let mut s = Self::new(min_lease_ttl);
-        s.leases = leases
-            .map(|(id, ttl)| {
-                (
-                    id,
-                    LeaseRecord {
-                        ttl,
-                        keys: BTreeSet::new(),
-                    },
-                )
-            })
-            .collect();
-        let mut lease_of: HashMap<Vec<u8>, i64> = HashMap::new();
-        let mut max_rev = 1;
-        for (r, rec) in records {
-            max_rev = max_rev.max(r.main);
-            if rec.tombstone {
-                if !s.index.tombstone(&rec.kv.key, r) {
-                    // Its generation's puts were deleted by a compaction that stopped
-                    // before the tombstone (see `compact_leftovers`).
-                    s.orphans.push(r);
-                }
-                lease_of.remove(&rec.kv.key);
-            } else {
-                s.index
-                    .put_restored(&rec.kv.key, r, rec.kv.create_revision, rec.kv.version);
-                if rec.kv.lease != 0 {
-                    lease_of.insert(rec.kv.key.clone(), rec.kv.lease);
-                } else {
-                    lease_of.remove(&rec.kv.key);
-                }
-            }
+        let mut r = Restorer::new(min_lease_ttl);
+        for (rev, rec) in records {
+            r.add(rev, rec);
         }
-        for (key, id) in lease_of {
-            if let Some(l) = s.leases.get_mut(&id) {
-                l.keys.insert(key);
-            }
-        }
-        s.rev = rev.max(max_rev);
-        s.compacted = compacted;
-        s.alarms = alarms;
-        s
+        r.finish(leases, rev, compacted, alarms)
     }
 
     pub fn revision(&self) -> i64 {
@@ -794,6 +757,77 @@ fn count_path(t: &TxnRequest, path: &[bool]) -> usize {
         }
     }
     used
+}
+
+/// Builds a store's index from history records fed one at a time, in revision order
+/// ([`MvccStore::restore`]; a snapshot load feeds it as it reads).
+pub struct Restorer {
+    s: MvccStore,
+    lease_of: HashMap<Vec<u8>, i64>,
+    max_rev: i64,
+}
+
+impl Restorer {
+    pub fn new(min_lease_ttl: i64) -> Self {
+        Self {
+            s: MvccStore::new(min_lease_ttl),
+            lease_of: HashMap::new(),
+            max_rev: 1,
+        }
+    }
+
+    /// The next record.
+    pub fn add(&mut self, r: Revision, rec: Record) {
+        self.max_rev = self.max_rev.max(r.main);
+        let s = &mut self.s;
+        if rec.tombstone {
+            if !s.index.tombstone(&rec.kv.key, r) {
+                // Its generation's puts were deleted by a compaction that stopped
+                // before the tombstone (see `compact_leftovers`).
+                s.orphans.push(r);
+            }
+            self.lease_of.remove(&rec.kv.key);
+        } else {
+            s.index
+                .put_restored(&rec.kv.key, r, rec.kv.create_revision, rec.kv.version);
+            if rec.kv.lease != 0 {
+                self.lease_of.insert(rec.kv.key, rec.kv.lease);
+            } else {
+                self.lease_of.remove(&rec.kv.key);
+            }
+        }
+    }
+
+    /// The store, with its leases, position and alarms.
+    pub fn finish(
+        self,
+        leases: impl Iterator<Item = (i64, i64)>,
+        rev: i64,
+        compacted: i64,
+        alarms: Vec<AlarmMember>,
+    ) -> MvccStore {
+        let mut s = self.s;
+        s.leases = leases
+            .map(|(id, ttl)| {
+                (
+                    id,
+                    LeaseRecord {
+                        ttl,
+                        keys: BTreeSet::new(),
+                    },
+                )
+            })
+            .collect();
+        for (key, id) in self.lease_of {
+            if let Some(l) = s.leases.get_mut(&id) {
+                l.keys.insert(key);
+            }
+        }
+        s.rev = rev.max(self.max_rev);
+        s.compacted = compacted;
+        s.alarms = alarms;
+        s
+    }
 }
 
 /// A Range resolved against the index ([`MvccStore::plan_range`]).

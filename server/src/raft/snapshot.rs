@@ -19,9 +19,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
 
-use super::state_machine::{decode_position, load_auth, rebuild, KvState, Position};
+use super::state_machine::{decode_position, load_auth, KvState, Position};
 use crate::error::{Error, Result};
-use crate::mvcc::Revision;
+use crate::mvcc::{MvccStore, Restorer, Revision};
 use crate::snapshot::{check_meta, check_record, PayloadReader, PayloadSource};
 use crate::storage::{decode_record, Engine, StateMeta};
 
@@ -502,7 +502,8 @@ fn pass(
     (at, len): (u64, u64),
     how: Install,
     load_into: Option<(&Engine, &Path)>,
-) -> Result<StateMeta> {
+    mut index: Option<&mut Restorer>,
+) -> Result<(StateMeta, Vec<(i64, i64)>)> {
     let mut file = open(path)?;
     file.seek(SeekFrom::Start(at))
         .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
@@ -514,6 +515,7 @@ fn pass(
         meta.membership.clear();
         meta.alarms.clear();
     }
+    let mut kept_leases = Vec::new();
     let body = |put: &mut dyn FnMut(Revision, &[u8]) -> Result<()>| {
         let mut buf = Vec::new();
         let mut last = None;
@@ -526,11 +528,15 @@ fn pass(
                 )));
             }
             last = Some(rev);
-            decode_record(&buf)?;
+            let rec = decode_record(&buf)?;
             put(rev, &buf)?;
+            if let Some(ix) = index.as_deref_mut() {
+                ix.add(rev, rec);
+            }
         }
         let (leases, auth) = reader.finish()?;
         load_auth(&auth)?;
+        kept_leases = leases.clone();
         Ok((leases, auth))
     };
     match load_into {
@@ -539,31 +545,51 @@ fn pass(
         }
         Some((engine, sst)) => engine.write_state_file(sst, &meta, body)?,
     }
-    Ok(meta)
+    Ok((meta, kept_leases))
 }
 
 /// Checks the snapshot in `path` through without loading it; returns the position it holds.
 pub fn check_file(path: &Path, how: Install) -> Result<StateMeta> {
-    let meta = pass(path, locate(path, how)?, how, None)?;
+    let (meta, _) = pass(path, locate(path, how)?, how, None, None)?;
     decode_position(&meta)?;
     Ok(meta)
 }
 
 /// Checks the snapshot in `path` through and writes it into an SST file in `snap_dir`,
 /// touching nothing of the state machine: a bad snapshot changes nothing. Returns the
-/// position it holds and the file, for [`commit`].
+/// position it holds, the file, for [`commit`], and, with `min_lease_ttl`, the store's key
+/// index built as the records went by (no second read of them).
 fn prepare(
     engine: &Engine,
     snap_dir: &Path,
     path: &Path,
     how: Install,
-) -> Result<(StateMeta, PathBuf)> {
+    min_lease_ttl: Option<i64>,
+) -> Result<(StateMeta, PathBuf, Option<MvccStore>)> {
     std::fs::create_dir_all(snap_dir)
         .map_err(|e| Error::Internal(format!("{}: {e}", snap_dir.display())))?;
     let sst = snap_dir.join(LOADING_SST);
-    let meta = pass(path, locate(path, how)?, how, Some((engine, &sst)));
-    match meta.and_then(|m| decode_position(&m).map(|_| m)) {
-        Ok(m) => Ok((m, sst)),
+    let mut index = min_lease_ttl.map(Restorer::new);
+    let passed = pass(
+        path,
+        locate(path, how)?,
+        how,
+        Some((engine, &sst)),
+        index.as_mut(),
+    );
+    let checked = passed.and_then(|(m, leases)| decode_position(&m).map(|_| (m, leases)));
+    match checked {
+        Ok((m, leases)) => {
+            let store = index.map(|ix| {
+                ix.finish(
+                    leases.into_iter(),
+                    m.revision,
+                    m.compacted,
+                    Engine::alarms_of(&m),
+                )
+            });
+            Ok((m, sst, store))
+        }
         Err(e) => {
             let _ = std::fs::remove_file(&sst);
             Err(e)
@@ -605,7 +631,7 @@ pub fn finish_interrupted_install(engine: &Engine, snap_dir: &Path) -> Result<()
                 )));
             }
             tracing::warn!(file = %path.display(), "finishing an interrupted snapshot load");
-            let (_, sst) = prepare(engine, snap_dir, &path, how)?;
+            let (_, sst, _) = prepare(engine, snap_dir, &path, how, None)?;
             commit(engine, snap_dir, &path, how, &sst)?;
             engine.raft_delete(INSTALLING)?;
             let _ = std::fs::remove_file(&path);
@@ -639,7 +665,15 @@ impl KvState {
         expect: Option<Option<super::LogId>>,
     ) -> Result<StateMeta> {
         // Checked and written into an SST file first, with nothing locked or replaced.
-        let (meta, sst) = prepare(&self.engine, &self.snap_dir, path, how)?;
+        let started = std::time::Instant::now();
+        let (meta, sst, restored) = prepare(
+            &self.engine,
+            &self.snap_dir,
+            path,
+            how,
+            Some(self.min_lease_ttl),
+        )?;
+        let prepared = started.elapsed();
         if let Some(want) = expect {
             let (got, _) = decode_position(&meta)?;
             if got != want {
@@ -651,7 +685,14 @@ impl KvState {
         }
         let mut store = self.store.write();
         commit(&self.engine, &self.snap_dir, path, how, &sst)?;
-        *store = rebuild(&self.engine, &meta, self.min_lease_ttl)?;
+        let committed = started.elapsed();
+        *store = restored.expect("built when asked for");
+        tracing::info!(
+            revision = meta.revision,
+            check_write_and_index_ms = prepared.as_millis() as u64,
+            ingest_ms = (committed - prepared).as_millis() as u64,
+            "snapshot loaded"
+        );
         self.compactor.clear();
         self.compactor
             .submit(store.compacted(), store.compact_leftovers());

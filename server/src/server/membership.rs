@@ -374,8 +374,8 @@ impl EtcdServer {
 }
 
 /// Publishes this member's name and client URLs into the membership once a
-/// leader is known (again whenever they differ, e.g. after a restart with
-/// new flags), as etcd members do on start.
+/// leader is known and something is applied (again whenever they differ, e.g.
+/// after a restart with new flags), as etcd members do on start.
 pub async fn publish(server: std::sync::Weak<EtcdServer>) {
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -386,7 +386,10 @@ pub async fn publish(server: std::sync::Weak<EtcdServer>) {
         if node.name == s.cfg.name && node.client_urls == s.cfg.advertise_client_urls {
             return;
         }
-        if s.leader() == 0 {
+        // Not before this member has applied anything (a new member, until its first
+        // snapshot is loaded): the change makes openraft restart replication to every
+        // member, and a snapshot transfer under way would start over.
+        if s.leader() == 0 || s.state.applied().0.is_none() {
             continue;
         }
         let req = PublishRequest {
