@@ -175,9 +175,46 @@ impl LogStore {
         self.restored
     }
 
-    /// Purges go no further than `applied` says the state machine is (see `purge`).
-    pub fn limit_purges(&mut self, applied: AppliedNow) {
+    /// Purges go no further than `applied` says the state machine is (see `purge`). At
+    /// start: a log with a hole below the applied position (a snapshot from the leader was
+    /// loaded, and the purge openraft asked for with it was held back until then) is purged
+    /// up to that position now; openraft cannot start on such a log.
+    pub fn limit_purges(&mut self, applied: AppliedNow) -> Result<(), StorageError> {
+        if let Some(a) = applied() {
+            let purged = self.purged_index();
+            let cf = self.engine.cf(crate::storage::CF_LOG);
+            let first = match self.engine.db.iterator_cf(cf, IteratorMode::Start).next() {
+                Some(item) => {
+                    let (k, _) = item.map_err(io_err)?;
+                    let k: [u8; 8] = k.as_ref().try_into().map_err(io_err)?;
+                    Some(u64::from_be_bytes(k))
+                }
+                None => None,
+            };
+            if a.index > purged && first.is_some_and(|f| f > purged + 1) {
+                tracing::info!(
+                    upto = a.index,
+                    "purging a log held back for a loaded snapshot"
+                );
+                self.engine.persist_state().map_err(io_err)?;
+                self.purge_now(a)?;
+            }
+        }
         self.applied = Some(applied);
+        Ok(())
+    }
+
+    /// Purges the log up to `log_id`; the applied state up to it must be flushed.
+    fn purge_now(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.cache.lock().retain(|i, _| *i > log_id.index);
+        self.engine.raft_put(KEY_PURGED, &log_id).map_err(io_err)?;
+        self.writer
+            .write(LogOp::PurgeTo(log_id.index))
+            .map_err(io_err)?;
+        // Purged entries are in a snapshot (one installed from the leader
+        // included): nothing up to them waits for a sync any more.
+        self.durable.advance(self.durable.epoch(), log_id.index);
+        Ok(())
     }
 
     fn purged_index(&self) -> u64 {
@@ -439,15 +476,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             flush_ms = started.elapsed().as_secs_f64() * 1e3,
             "purging the Raft log; applied state flushed first"
         );
-        self.cache.lock().retain(|i, _| *i > log_id.index);
-        self.engine.raft_put(KEY_PURGED, &log_id).map_err(io_err)?;
-        self.writer
-            .write(LogOp::PurgeTo(log_id.index))
-            .map_err(io_err)?;
-        // Purged entries are in a snapshot (one installed from the leader
-        // included): nothing up to them waits for a sync any more.
-        self.durable.advance(self.durable.epoch(), log_id.index);
-        Ok(())
+        self.purge_now(log_id)
     }
 }
 
@@ -517,7 +546,7 @@ mod tests {
         }
         let applied = Arc::new(Mutex::new(None::<LogId>));
         let now = applied.clone();
-        store.limit_purges(Arc::new(move || *now.lock()));
+        store.limit_purges(Arc::new(move || *now.lock())).unwrap();
         let purged = |s: &LogStore| s.purged_index();
 
         // Nothing applied: nothing purged.
@@ -535,6 +564,46 @@ mod tests {
         *applied.lock() = Some(blank(9).log_id);
         store.purge(blank(8).log_id).await.unwrap();
         assert_eq!(purged(&store), 8);
+    }
+
+    /// A log whose first entries a loaded snapshot replaced, its purge held back (a new
+    /// member: nothing before the snapshot, entries after it), is purged up to the applied
+    /// position at start, so that openraft finds no hole in it.
+    #[tokio::test]
+    async fn a_hole_below_the_applied_position_is_purged_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(&dir.path().join("db")).unwrap();
+        let mut store =
+            LogStore::new(engine.clone(), &dir.path().join("cairn-wal"), 1, |_| {}).unwrap();
+        use openraft::storage::RaftLogStorage;
+        let cf = engine.cf(crate::storage::CF_LOG);
+        for i in 6..=10 {
+            let e = bincode::serialize(&blank(i)).unwrap();
+            engine.db.put_cf(cf, i.to_be_bytes(), e).unwrap();
+        }
+        store
+            .limit_purges(Arc::new(move || Some(blank(5).log_id)))
+            .unwrap();
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(blank(5).log_id));
+        assert_eq!(state.last_log_id, Some(blank(10).log_id));
+        // No hole: nothing is purged at start.
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(&dir.path().join("db")).unwrap();
+        let mut store =
+            LogStore::new(engine.clone(), &dir.path().join("cairn-wal"), 1, |_| {}).unwrap();
+        let cf = engine.cf(crate::storage::CF_LOG);
+        for i in 1..=10 {
+            let e = bincode::serialize(&blank(i)).unwrap();
+            engine.db.put_cf(cf, i.to_be_bytes(), e).unwrap();
+        }
+        store
+            .limit_purges(Arc::new(move || Some(blank(5).log_id)))
+            .unwrap();
+        assert_eq!(
+            store.get_log_state().await.unwrap().last_purged_log_id,
+            None
+        );
     }
 
     /// openraft restores a leadership at start, without an election, when

@@ -536,6 +536,14 @@ fn pass(
         }
         let (leases, auth) = reader.finish()?;
         load_auth(&auth)?;
+        let mut ids: Vec<i64> = leases.iter().map(|(id, _)| *id).collect();
+        ids.sort_unstable();
+        if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot: lease {:x} listed twice",
+                w[0]
+            )));
+        }
         kept_leases = leases.clone();
         Ok((leases, auth))
     };
@@ -636,9 +644,10 @@ pub fn finish_interrupted_install(engine: &Engine, snap_dir: &Path) -> Result<()
             engine.raft_delete(INSTALLING)?;
             let _ = std::fs::remove_file(&path);
         }
-        // Loaded, and stopped before the file was removed.
+        // Loaded, and stopped before the files were removed; or stopped while preparing.
         None => {
             let _ = std::fs::remove_file(snap_dir.join(INSTALLING_FILE));
+            let _ = std::fs::remove_file(snap_dir.join(LOADING_SST));
         }
     }
     // Transfers a stop cut short.
@@ -700,7 +709,9 @@ impl KvState {
         // Simple tokens name entries of the log this snapshot replaces.
         self.auth.tokens().clear();
         self.set_position_from(&meta)?;
-        self.hub.reset(store.revision(), store.compacted());
+        // Watchers registered before go on from the new history, replayed from storage (or
+        // are told it is compacted): the events in between were never published here.
+        self.hub.replace(store.revision(), store.compacted());
         self.lessor
             .reset_all(store.leases().map(|(id, l)| (id, l.ttl)));
         self.engine.raft_delete(INSTALLING)?;
@@ -942,6 +953,11 @@ mod tests {
             ("record count", record_count),
             ("bad record", flipped),
             ("junk after", [good.as_slice(), b"junk"].concat()),
+            ("lease twice", {
+                let mut p = SnapshotPayload::decode(&good).unwrap();
+                p.leases = vec![(7, 60), (7, 30)];
+                p.encode().unwrap()
+            }),
             ("empty", Vec::new()),
         ];
         for (what, bytes) in cases {

@@ -153,7 +153,8 @@ impl EtcdServer {
         })
         .map_err(Error::internal)?;
         let applied_state = state.clone();
-        log.limit_purges(Arc::new(move || applied_state.applied().0));
+        log.limit_purges(Arc::new(move || applied_state.applied().0))
+            .map_err(Error::internal)?;
         let log_background_sync = log.background_sync();
         let restored_leadership = log.restored_leadership();
         let durable = log.durable();

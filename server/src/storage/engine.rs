@@ -307,6 +307,14 @@ impl Engine {
     ) -> Result<()> {
         let opts = Options::default();
         let mut w = rocksdb::SstFileWriter::create(&opts);
+        // Never rewritten in place: a crash after an ingest that hard-linked it into the
+        // database (before RocksDB removed this name) leaves it shared with a live file.
+        match std::fs::remove_file(sst) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error::Internal(format!("{}: {e}", sst.display())))
+            }
+            _ => {}
+        }
         w.open(sst).map_err(rocks)?;
         let (mut leases, auth) =
             fill(&mut |rev, bytes| w.put(rev.to_bytes(), bytes).map_err(rocks))?;

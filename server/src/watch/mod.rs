@@ -13,7 +13,7 @@
 //! stream picks out its watcher's events (and shapes them) as it sends them.
 //!
 //! A stream whose client stops reading does not grow without bound: past
-//! [`MAX_QUEUED`] undelivered messages or [`MAX_QUEUED_BYTES`] of events queued
+//! [`MAX_QUEUED`] undelivered batches or [`MAX_QUEUED_BYTES`] of events queued
 //! (a batch counted once per stream) its watchers are unregistered and told
 //! from which revision they lag; the stream resyncs each one from storage the
 //! way a new watch replays history (or cancels it, if compacted meanwhile), a
@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use crate::mvcc::KeyRange;
 use crate::proto::mvccpb::Event;
 
-/// Undelivered event messages a stream may have queued before its watchers
+/// Undelivered batches of events a stream may have queued before its watchers
 /// are moved to resync from storage.
 pub const MAX_QUEUED: usize = 1024;
 /// Bytes of events (keys and values) a stream may have queued before its
@@ -40,12 +40,14 @@ pub const MAX_QUEUED_BYTES: usize = 32 << 20;
 #[derive(Debug)]
 pub enum HubMsg {
     /// An applied batch's events, some of them for one of the stream's
-    /// watchers: those in its range from revision `from` on. `bytes` is what
-    /// the batch counts against the stream's bound (once per stream).
+    /// watchers: those in its range from revision `from` on. `counted`: this
+    /// message counts the batch (once per stream) against the stream's bounds,
+    /// with `bytes`.
     Events {
         watch_id: i64,
         batch: Arc<[Event]>,
         from: i64,
+        counted: bool,
         bytes: usize,
     },
     /// Every event up to `revision` has been queued before this message.
@@ -91,7 +93,12 @@ pub fn stream_queue() -> (StreamTx, StreamRx) {
 impl StreamRx {
     pub async fn recv(&mut self) -> Option<HubMsg> {
         let m = self.rx.recv().await;
-        if let Some(HubMsg::Events { bytes, .. }) = &m {
+        if let Some(HubMsg::Events {
+            counted: true,
+            bytes,
+            ..
+        }) = &m
+        {
             self.queued.messages.fetch_sub(1, Ordering::Relaxed);
             self.queued.bytes.fetch_sub(*bytes, Ordering::Relaxed);
         }
@@ -165,6 +172,22 @@ impl Hub {
         i.compacted = compacted;
     }
 
+    /// Sets the published position after the state machine was replaced (a snapshot load):
+    /// every watcher is moved to resync from storage, from where its live events would have
+    /// gone on, since what lies between was never published.
+    pub fn replace(&self, revision: i64, compacted: i64) {
+        let mut i = self.inner.lock();
+        let published = i.revision;
+        for (_, w) in i.watchers.drain() {
+            let _ = w.tx.tx.send(HubMsg::Lagged {
+                watch_id: w.watch_id,
+                from: w.from.max(published + 1),
+            });
+        }
+        i.revision = revision;
+        i.compacted = compacted;
+    }
+
     /// A new stream id.
     pub fn new_stream(&self) -> u64 {
         self.next_stream.fetch_add(1, Ordering::Relaxed)
@@ -200,14 +223,19 @@ impl Hub {
                 lagging.push(*key);
                 continue;
             }
-            // The batch is held once per stream, however many of its watchers it concerns.
-            let bytes = if counted.insert(w.stream) { bytes } else { 0 };
-            q.messages.fetch_add(1, Ordering::Relaxed);
-            q.bytes.fetch_add(bytes, Ordering::Relaxed);
+            // The batch is held once per stream, however many of its watchers it concerns,
+            // and counted once.
+            let first = counted.insert(w.stream);
+            let bytes = if first { bytes } else { 0 };
+            if first {
+                q.messages.fetch_add(1, Ordering::Relaxed);
+                q.bytes.fetch_add(bytes, Ordering::Relaxed);
+            }
             let msg = HubMsg::Events {
                 watch_id: w.watch_id,
                 batch: batch.clone(),
                 from: w.from,
+                counted: first,
                 bytes,
             };
             if w.tx.tx.send(msg).is_err() {
@@ -403,6 +431,11 @@ mod tests {
             }
         }
         assert_eq!(batches.len(), 50);
+        assert_eq!(
+            tx.queued.messages.load(Ordering::Relaxed),
+            1,
+            "one batch queued"
+        );
         assert!(
             batches.iter().all(|b| Arc::ptr_eq(b, &batches[0])),
             "one shared batch"
@@ -424,5 +457,26 @@ mod tests {
             queued <= MAX_QUEUED_BYTES / (1 << 20) + 2,
             "{queued} MiB queued"
         );
+    }
+
+    /// A state machine replaced under the watchers (a snapshot load): each one resyncs
+    /// from storage where its live events would have gone on.
+    #[test]
+    fn a_replaced_state_moves_every_watcher_to_resync() {
+        let hub = Hub::default();
+        hub.reset(5, 0);
+        let (tx, mut rx) = stream_queue();
+        hub.register(0, 1, KeyRange::new(b"a", b""), 0, tx.clone());
+        hub.register(0, 2, KeyRange::new(b"b", b""), 9, tx);
+        hub.replace(100, 50);
+        assert_eq!(hub.watchers(), 0);
+        let mut lagged = std::collections::BTreeMap::new();
+        while let Ok(m) = rx.rx.try_recv() {
+            match m {
+                HubMsg::Lagged { watch_id, from } => lagged.insert(watch_id, from),
+                m => panic!("{m:?}"),
+            };
+        }
+        assert_eq!(lagged, [(1, 6), (2, 9)].into_iter().collect());
     }
 }
