@@ -203,19 +203,11 @@ impl MvccStore {
         if let Some(r) = self.pending.get(&rev) {
             return Ok(r.clone());
         }
-        reader.read(rev)?.ok_or_else(|| {
-            Error::Internal(format!(
-                "mvcc: revision {}/{} missing from storage",
-                rev.main, rev.sub
-            ))
-        })
+        reader.read(rev)?.ok_or_else(|| missing(rev))
     }
 
     fn kv_of(&self, reader: &dyn RevisionReader, k: &KeyAt) -> Result<KeyValue> {
-        let mut kv = self.read(reader, k.modified)?.kv;
-        kv.version = k.version;
-        kv.create_revision = k.created.main;
-        Ok(kv)
+        Ok(kv_at(self.read(reader, k.modified)?, k))
     }
 
     /// The live value of `key` as of `at`.
@@ -857,10 +849,7 @@ impl RangePlan {
         for chunk in keys.chunks(READ_BATCH) {
             let revs: Vec<Revision> = chunk.iter().map(|k| k.modified).collect();
             for (k, rec) in chunk.iter().zip(reader.read_many(&revs)?) {
-                let rec = rec.ok_or_else(|| missing(k.modified))?;
-                let mut kv = rec.kv;
-                kv.version = k.version;
-                kv.create_revision = k.created.main;
+                let mut kv = kv_at(rec.ok_or_else(|| missing(k.modified))?, k);
                 if drop_values {
                     kv.value = Vec::new();
                 }
@@ -873,6 +862,14 @@ impl RangePlan {
 
 /// Records a range reads from storage at a time.
 const READ_BATCH: usize = 1024;
+
+/// The KeyValue index entry `k` answers with, from its record.
+fn kv_at(rec: Record, k: &KeyAt) -> KeyValue {
+    let mut kv = rec.kv;
+    kv.version = k.version;
+    kv.create_revision = k.created.main;
+    kv
+}
 
 fn missing(rev: Revision) -> Error {
     Error::Internal(format!(

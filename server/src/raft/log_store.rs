@@ -492,6 +492,20 @@ mod tests {
         }
     }
 
+    /// A log store over a new database holding blank entries `entries`, none purged.
+    fn store_with(entries: std::ops::RangeInclusive<u64>) -> (tempfile::TempDir, LogStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(&dir.path().join("db")).unwrap();
+        let store =
+            LogStore::new(engine.clone(), &dir.path().join("cairn-wal"), 1, |_| {}).unwrap();
+        let cf = engine.cf(crate::storage::CF_LOG);
+        for i in entries {
+            let e = bincode::serialize(&blank(i)).unwrap();
+            engine.db.put_cf(cf, i.to_be_bytes(), e).unwrap();
+        }
+        (dir, store)
+    }
+
     #[tokio::test]
     async fn a_log_left_in_files_by_an_earlier_build_moves_into_rocksdb() {
         let dir = tempfile::tempdir().unwrap();
@@ -534,16 +548,8 @@ mod tests {
     /// is loaded) goes no further than the state machine has applied.
     #[tokio::test]
     async fn purges_stop_at_the_applied_position() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = Engine::open(&dir.path().join("db")).unwrap();
-        let mut store =
-            LogStore::new(engine.clone(), &dir.path().join("cairn-wal"), 1, |_| {}).unwrap();
         use openraft::storage::RaftLogStorage;
-        let cf = engine.cf(crate::storage::CF_LOG);
-        for i in 1..=10 {
-            let e = bincode::serialize(&blank(i)).unwrap();
-            engine.db.put_cf(cf, i.to_be_bytes(), e).unwrap();
-        }
+        let (_dir, mut store) = store_with(1..=10);
         let applied = Arc::new(Mutex::new(None::<LogId>));
         let now = applied.clone();
         store.limit_purges(Arc::new(move || *now.lock())).unwrap();
@@ -571,16 +577,8 @@ mod tests {
     /// position at start, so that openraft finds no hole in it.
     #[tokio::test]
     async fn a_hole_below_the_applied_position_is_purged_at_start() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = Engine::open(&dir.path().join("db")).unwrap();
-        let mut store =
-            LogStore::new(engine.clone(), &dir.path().join("cairn-wal"), 1, |_| {}).unwrap();
         use openraft::storage::RaftLogStorage;
-        let cf = engine.cf(crate::storage::CF_LOG);
-        for i in 6..=10 {
-            let e = bincode::serialize(&blank(i)).unwrap();
-            engine.db.put_cf(cf, i.to_be_bytes(), e).unwrap();
-        }
+        let (_dir, mut store) = store_with(6..=10);
         store
             .limit_purges(Arc::new(move || Some(blank(5).log_id)))
             .unwrap();
@@ -588,15 +586,7 @@ mod tests {
         assert_eq!(state.last_purged_log_id, Some(blank(5).log_id));
         assert_eq!(state.last_log_id, Some(blank(10).log_id));
         // No hole: nothing is purged at start.
-        let dir = tempfile::tempdir().unwrap();
-        let engine = Engine::open(&dir.path().join("db")).unwrap();
-        let mut store =
-            LogStore::new(engine.clone(), &dir.path().join("cairn-wal"), 1, |_| {}).unwrap();
-        let cf = engine.cf(crate::storage::CF_LOG);
-        for i in 1..=10 {
-            let e = bincode::serialize(&blank(i)).unwrap();
-            engine.db.put_cf(cf, i.to_be_bytes(), e).unwrap();
-        }
+        let (_dir, mut store) = store_with(1..=10);
         store
             .limit_purges(Arc::new(move || Some(blank(5).log_id)))
             .unwrap();

@@ -197,18 +197,6 @@ impl<F: FnMut(&[u8], u64) -> bool> StreamWriter<F> {
     }
 }
 
-/// A snapshot file's payload without checking its checksum (`restore --skip-hash-check`).
-pub fn payload_unchecked(file: &[u8]) -> Result<&[u8]> {
-    if file.len() < HEADER || &file[..MAGIC.len()] != MAGIC {
-        return Err(Error::InvalidArgument(
-            "snapshot: not a cairn snapshot file".into(),
-        ));
-    }
-    let len = u64::from_le_bytes(file[MAGIC.len()..HEADER].try_into().expect("8 bytes")) as usize;
-    file.get(HEADER..HEADER + len)
-        .ok_or_else(|| Error::InvalidArgument("snapshot: truncated payload".into()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
