@@ -100,6 +100,50 @@ impl KeyHistory {
     }
 }
 
+/// A range walk over the index given up to several steps
+/// ([`KeyIndex::range_step`]), so that a reader of many keys can let the
+/// index go between steps.
+#[derive(Debug, Clone)]
+pub struct RangeWalk {
+    range: KeyRange,
+    /// The revision the keys are seen at.
+    pub at: i64,
+    /// At most this many keys kept (0: all).
+    limit: usize,
+    /// Whether keys are kept at all (not when only counted).
+    collect: bool,
+    /// The last key walked, where the next step resumes.
+    resume: Option<Vec<u8>>,
+    /// The live keys kept so far, in key order.
+    pub keys: Vec<KeyAt>,
+    /// How many live keys were seen so far.
+    pub total: usize,
+}
+
+impl RangeWalk {
+    /// A walk of `range` at `at` keeping at most `limit` keys (0: all), or
+    /// none when `collect` is false (a count).
+    pub fn new(range: KeyRange, at: i64, limit: usize, collect: bool) -> Self {
+        RangeWalk {
+            range,
+            at,
+            limit,
+            collect,
+            resume: None,
+            keys: Vec::new(),
+            total: 0,
+        }
+    }
+
+    /// Starts over at `at` (what was walked was compacted away).
+    pub fn restart(&mut self, at: i64) {
+        self.at = at;
+        self.resume = None;
+        self.keys.clear();
+        self.total = 0;
+    }
+}
+
 /// The in-memory index of every key's revisions.
 #[derive(Debug, Default, Clone)]
 pub struct KeyIndex {
@@ -204,15 +248,39 @@ impl KeyIndex {
         (out, total)
     }
 
-    /// Counts the keys of `range` live at `at`.
-    pub fn count(&self, range: &KeyRange, at: i64) -> usize {
-        let Some(bounds) = range.bounds() else {
-            return 0;
+    /// Goes on with `walk` for at most `budget` keys of the index, live or
+    /// not; returns whether the walk reached the end of its range. A walk
+    /// given up to several calls answers as [`Self::range`] (or
+    /// [`Self::count`]) would have at its revision, whatever was applied in
+    /// between, as long as no compaction passed that revision.
+    pub fn range_step(&self, walk: &mut RangeWalk, budget: usize) -> bool {
+        let Some((lower, upper)) = walk.range.bounds() else {
+            return true;
         };
-        self.keys
-            .range::<[u8], _>(bounds)
-            .filter(|(_, h)| h.get(at).is_some())
-            .count()
+        let lower = match &walk.resume {
+            Some(k) => Bound::Excluded(k.as_slice()),
+            None => lower,
+        };
+        let mut last = None;
+        for (n, (k, h)) in self.keys.range::<[u8], _>((lower, upper)).enumerate() {
+            if n == budget {
+                walk.resume = last.map(<[u8]>::to_vec);
+                return false;
+            }
+            last = Some(k.as_slice());
+            if let Some((modified, created, version)) = h.get(walk.at) {
+                walk.total += 1;
+                if walk.collect && (walk.limit == 0 || walk.keys.len() < walk.limit) {
+                    walk.keys.push(KeyAt {
+                        key: k.clone(),
+                        modified,
+                        created,
+                        version,
+                    });
+                }
+            }
+        }
+        true
     }
 
     /// Number of keys with any history.
@@ -301,6 +369,46 @@ mod tests {
         let (keys, _) = ix.range(&KeyRange::new(b"b", b"c"), 10, 0);
         assert_eq!(keys[0].key, b"b");
         assert_eq!(ix.range(&KeyRange::new(b"c", b"a"), 10, 0).1, 0);
+    }
+
+    #[test]
+    fn a_walk_in_steps_answers_as_one_whatever_is_applied_between() {
+        let fresh = || {
+            let mut ix = KeyIndex::default();
+            for i in 0..50u8 {
+                ix.put(&[b'k', i], r(i as i64 + 2));
+            }
+            ix.tombstone(&[b'k', 7], r(52));
+            ix
+        };
+        let range = KeyRange::new(b"k", b"l");
+        let (want, want_total) = fresh().range(&range, 60, 11);
+        assert_eq!((want.len(), want_total), (11, 49));
+        for budget in [1, 3, 49, 50, 1000] {
+            let mut ix = fresh();
+            let mut walk = RangeWalk::new(range.clone(), 60, 11, true);
+            let mut steps = 1;
+            while !ix.range_step(&mut walk, budget) {
+                steps += 1;
+                // Later changes, before, at and after the walk's position, are not seen.
+                ix.put(b"k", r(100 + steps));
+                ix.tombstone(&[b'k', 40], r(100 + steps));
+                ix.put(&[b'k', 200], r(100 + steps));
+            }
+            assert_eq!(
+                (&walk.keys, walk.total),
+                (&want, want_total),
+                "budget {budget}"
+            );
+            assert_eq!(steps > 1, budget < 50, "budget {budget}: {steps} steps");
+        }
+        let ix = fresh();
+        let mut count = RangeWalk::new(range, 60, 0, false);
+        while !ix.range_step(&mut count, 7) {}
+        assert_eq!((count.keys.len(), count.total), (0, 49));
+        let mut empty = RangeWalk::new(KeyRange::new(b"b", b"a"), 60, 0, true);
+        assert!(ix.range_step(&mut empty, 1));
+        assert_eq!(empty.total, 0);
     }
 
     #[test]

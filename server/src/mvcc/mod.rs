@@ -13,8 +13,8 @@ pub mod validate;
 pub use index::{KeyAt, KeyIndex, KeyRange};
 pub use ranges::RangeSet;
 pub use store::{
-    all_txn_ops, is_read_only, Applied, LeaseRecord, MvccStore, RangePlan, Restorer, WriteSet,
-    MAX_ALARMS,
+    all_txn_ops, is_read_only, Applied, LeaseRecord, MvccStore, RangePlan, RangeSteps, Restorer,
+    TxnPlan, WriteSet, MAX_ALARMS,
 };
 
 use crate::error::Result;

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use super::index::{KeyAt, KeyIndex, KeyRange};
+use super::index::{KeyAt, KeyIndex, KeyRange, RangeWalk};
 use super::{Record, Revision, RevisionReader};
 use crate::error::{Error, Result};
 use crate::proto::etcdserverpb::{
@@ -256,35 +256,71 @@ impl MvccStore {
         }
     }
 
-    /// Resolves a Range at the current revision against the index alone: what
-    /// [`RangePlan::read`] then reads from storage. A caller holding the store's lock for
-    /// this only, and reading from a storage view taken under the same lock, holds up no
-    /// apply while a large range is read.
-    pub fn plan_range(&self, r: &RangeRequest) -> Result<RangePlan> {
-        self.plan_range_at(r, self.rev)
+    /// Starts resolving a Range at the current revision against the index alone:
+    /// [`Self::step_range`] walks it, [`RangePlan::read`] then reads the records from
+    /// storage. A caller holds the store's lock for one step at a time and reads from a
+    /// storage view taken under the lock of the last step, so a large range holds up an
+    /// apply for one step at most.
+    pub fn start_range(&self, r: &RangeRequest) -> Result<RangeSteps> {
+        self.start_range_at(r, self.rev)
     }
 
-    fn plan_range_at(&self, r: &RangeRequest, cur: i64) -> Result<RangePlan> {
+    fn start_range_at(&self, r: &RangeRequest, cur: i64) -> Result<RangeSteps> {
         let at = if r.revision <= 0 { cur } else { r.revision };
         self.check_revision(at, cur)?;
-        let range = KeyRange::new(&r.key, &r.range_end);
-        if r.count_only {
-            let count = self.index.count(&range, at) as i64;
-            return Ok(RangePlan::Counted(RangeResponse {
-                header: header(cur),
-                count,
-                ..Default::default()
-            }));
+        if !r.count_only {
+            SortOrder::try_from(r.sort_order).map_err(|_| Error::InvalidSortOption)?;
+            SortTarget::try_from(r.sort_target).map_err(|_| Error::InvalidSortOption)?;
         }
-        SortOrder::try_from(r.sort_order).map_err(|_| Error::InvalidSortOption)?;
-        SortTarget::try_from(r.sort_target).map_err(|_| Error::InvalidSortOption)?;
-        let limit = if range_filtered(r) || r.limit <= 0 {
+        let limit = if r.count_only || range_filtered(r) || r.limit <= 0 {
             0
         } else {
             r.limit as usize + 1
         };
-        let (keys, total) = self.index.range(&range, at, limit);
-        Ok(RangePlan::Read { keys, total, cur })
+        let range = KeyRange::new(&r.key, &r.range_end);
+        Ok(RangeSteps {
+            walk: RangeWalk::new(range, at, limit, !r.count_only),
+            cur,
+            pinned: r.revision > 0,
+            count_only: r.count_only,
+        })
+    }
+
+    /// Walks `steps` on over at most `budget` keys of the index; the plan once the walk
+    /// is done. A range at the current revision that a compaction overtook between steps
+    /// starts over at the revision now current (its answer is as fresh as asked); one at
+    /// a revision it names fails as compacted, as it would have had it come later.
+    pub fn step_range(&self, steps: &mut RangeSteps, budget: usize) -> Result<Option<RangePlan>> {
+        if steps.walk.at < self.compacted {
+            if steps.pinned {
+                return Err(Error::Compacted);
+            }
+            steps.cur = self.rev;
+            steps.walk.restart(self.rev);
+        }
+        if !self.index.range_step(&mut steps.walk, budget) {
+            return Ok(None);
+        }
+        let total = steps.walk.total;
+        Ok(Some(if steps.count_only {
+            RangePlan::Counted(RangeResponse {
+                header: header(steps.cur),
+                count: total as i64,
+                ..Default::default()
+            })
+        } else {
+            RangePlan::Read {
+                keys: std::mem::take(&mut steps.walk.keys),
+                total,
+                cur: steps.cur,
+            }
+        }))
+    }
+
+    fn plan_range_at(&self, r: &RangeRequest, cur: i64) -> Result<RangePlan> {
+        let mut steps = self.start_range_at(r, cur)?;
+        self.step_range(&mut steps, usize::MAX)?
+            .ok_or_else(|| Error::Internal("mvcc: an unbounded range walk stopped".into()))
     }
 
     fn nospace(&self) -> bool {
@@ -566,19 +602,37 @@ impl MvccStore {
         reader: &dyn RevisionReader,
         t: &TxnRequest,
     ) -> Result<TxnResponse> {
+        self.plan_read_only_txn(reader, t)?.read(reader, t)
+    }
+
+    /// Resolves a read-only txn against the index (its compares read their
+    /// keys from `reader`): what [`TxnPlan::read`] then reads from a storage
+    /// view taken under the same lock.
+    pub fn plan_read_only_txn(
+        &self,
+        reader: &dyn RevisionReader,
+        t: &TxnRequest,
+    ) -> Result<TxnPlan> {
         if !is_read_only(t) {
             return Err(Error::Internal("a txn that writes is not read-only".into()));
         }
         let path = self.compare_path(reader, t)?;
         self.check_txn(reader, t, &path)?;
-        let mut resp = walk_txn(t, &path, &mut |op| match op {
-            request_op::Request::RequestRange(r) => Ok(response_op::Response::ResponseRange(
-                self.range_at(reader, r, self.rev)?,
-            )),
+        let mut plans = Vec::new();
+        walk_txn(t, &path, &mut |op| match op {
+            request_op::Request::RequestRange(r) => {
+                plans.push(self.plan_range_at(r, self.rev)?);
+                Ok(response_op::Response::ResponseRange(
+                    RangeResponse::default(),
+                ))
+            }
             _ => Err(Error::Internal("a write in a read-only txn".into())),
         })?;
-        resp.header = header(self.rev);
-        Ok(resp)
+        Ok(TxnPlan {
+            path,
+            plans,
+            rev: self.rev,
+        })
     }
 
     fn compact(&mut self, c: &CompactionRequest) -> Result<CompactionResponse> {
@@ -822,7 +876,17 @@ impl Restorer {
     }
 }
 
-/// A Range resolved against the index ([`MvccStore::plan_range`]).
+/// A Range being resolved against the index ([`MvccStore::start_range`]).
+pub struct RangeSteps {
+    walk: RangeWalk,
+    /// The store's revision the answer's header carries.
+    cur: i64,
+    /// The request named its revision.
+    pinned: bool,
+    count_only: bool,
+}
+
+/// A Range resolved against the index ([`MvccStore::step_range`]).
 pub enum RangePlan {
     /// Answered already (`count_only`).
     Counted(RangeResponse),
@@ -857,6 +921,31 @@ impl RangePlan {
             }
         }
         finish_range(r, kvs, total, cur)
+    }
+}
+
+/// A read-only txn resolved against the index ([`MvccStore::plan_read_only_txn`]).
+pub struct TxnPlan {
+    path: Vec<bool>,
+    /// One per range on the taken branches, in the order they answer.
+    plans: Vec<RangePlan>,
+    rev: i64,
+}
+
+impl TxnPlan {
+    /// The answer to `t` (the txn planned), reading the records from `reader`.
+    pub fn read(self, reader: &dyn RevisionReader, t: &TxnRequest) -> Result<TxnResponse> {
+        let mut plans = self.plans.into_iter();
+        let mut resp = walk_txn(t, &self.path, &mut |op| match (op, plans.next()) {
+            (request_op::Request::RequestRange(r), Some(plan)) => {
+                Ok(response_op::Response::ResponseRange(plan.read(reader, r)?))
+            }
+            _ => Err(Error::Internal(
+                "a read-only txn read against another's plan".into(),
+            )),
+        })?;
+        resp.header = header(self.rev);
+        Ok(resp)
     }
 }
 
@@ -1370,6 +1459,68 @@ mod tests {
             request: Some(request_op::Request::RequestPut(PutRequest::default())),
         });
         assert!(t.s.read_only_txn(&t.h, &writes).is_err());
+    }
+
+    /// A range walked in steps with applies between them answers as of its start; one
+    /// that a compaction overtook starts over at the current revision, or fails as
+    /// compacted when it named its revision.
+    #[test]
+    fn ranges_in_steps_hold_their_revision_across_applies_and_compactions() {
+        let mut t = T::new();
+        for i in 0..10 {
+            t.put(&format!("k{i}"), "v"); // 2..=11
+        }
+        let want = t.range(all()).unwrap();
+        let compact = |t: &mut T, revision| {
+            t.apply(Request::Compaction(CompactionRequest {
+                revision,
+                physical: false,
+            }))
+            .unwrap();
+        };
+        let mut steps = t.s.start_range(&all()).unwrap();
+        assert!(t.s.step_range(&mut steps, 3).unwrap().is_none());
+        t.put("k0", "w"); // 12
+        t.put("k5", "w"); // 13
+        let plan = loop {
+            if let Some(plan) = t.s.step_range(&mut steps, 3).unwrap() {
+                break plan;
+            }
+        };
+        assert_eq!(plan.read(&t.h, &all()).unwrap(), want);
+
+        let mut steps = t.s.start_range(&all()).unwrap();
+        assert!(t.s.step_range(&mut steps, 3).unwrap().is_none());
+        t.put("k9", "w"); // 14
+        compact(&mut t, 14);
+        let now = t.range(all()).unwrap();
+        let plan = t.s.step_range(&mut steps, 100).unwrap().unwrap();
+        assert_eq!(plan.read(&t.h, &all()).unwrap(), now);
+        assert_eq!(now.header.unwrap().revision, 14);
+
+        let at_14 = RangeRequest {
+            revision: 14,
+            ..all()
+        };
+        let mut pinned = t.s.start_range(&at_14).unwrap();
+        assert!(t.s.step_range(&mut pinned, 2).unwrap().is_none());
+        t.put("k1", "w"); // 15
+        compact(&mut t, 15);
+        assert!(matches!(
+            t.s.step_range(&mut pinned, 100),
+            Err(Error::Compacted)
+        ));
+        let count = RangeRequest {
+            count_only: true,
+            ..all()
+        };
+        let mut counted = t.s.start_range(&count).unwrap();
+        let plan = loop {
+            if let Some(plan) = t.s.step_range(&mut counted, 4).unwrap() {
+                break plan;
+            }
+        };
+        assert_eq!(plan.read(&t.h, &count).unwrap().count, 10);
     }
 
     #[test]

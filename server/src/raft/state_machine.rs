@@ -19,6 +19,10 @@ use crate::mvcc::MvccStore;
 use crate::storage::{Engine, StateMeta, View};
 use crate::watch::Hub;
 
+/// Keys of the index a range walks per hold of the store lock: an apply
+/// waits for at most one such step (a few hundred microseconds).
+pub const RANGE_STEP: usize = 4096;
+
 /// Receives the results of a batch this member proposed, once applied,
 /// persisted and published to watchers.
 pub type OnApplied = Box<dyn FnOnce(BatchResult) + Send>;
@@ -176,8 +180,10 @@ impl KvState {
         (engine.view(), self.position_meta(&store, &pos), pos)
     }
 
-    /// Evaluates a Range. The store lock is held while the index is consulted and a storage
-    /// view taken with it, not while the records are read: a large range holds up no apply.
+    /// Evaluates a Range. The store lock is held while the index is walked, for
+    /// [`RANGE_STEP`] keys at a time, and while a storage view is taken at the end of the
+    /// walk; not while the records are read: a large range holds up an apply for one step
+    /// at most.
     pub fn range(
         &self,
         r: &crate::proto::etcdserverpb::RangeRequest,
@@ -191,11 +197,17 @@ impl KvState {
         r: &crate::proto::etcdserverpb::RangeRequest,
         read: impl FnOnce(&dyn crate::mvcc::RevisionReader, crate::mvcc::RangePlan) -> Result<T>,
     ) -> Result<T> {
-        let (plan, view) = {
-            let store = self.store.read();
-            (store.plan_range(r)?, self.engine.view())
-        };
-        read(&view, plan)
+        let mut store = self.store.read();
+        let mut steps = store.start_range(r)?;
+        loop {
+            if let Some(plan) = store.step_range(&mut steps, RANGE_STEP)? {
+                let view = self.engine.view();
+                drop(store);
+                return read(&view, plan);
+            }
+            // An apply waiting for the lock goes first.
+            parking_lot::RwLockReadGuard::bump(&mut store);
+        }
     }
 
     /// Takes the position a loaded snapshot holds.

@@ -205,16 +205,21 @@ impl EtcdServer {
         if !txn_is_serializable(&r) {
             self.read_index().await?;
         }
-        // Read-only: nothing changes, so a shared lock (writers and other
-        // readers go on) and no proposal (etcd serves these locally too).
-        let store = self.state.store.read();
-        {
-            let auth = self.state.auth.store.read();
-            let keys = |id: i64| store.lease(id).map(|l| l.keys.clone());
-            auth.check_txn(ai, &r, &keys)?;
-        }
-        let mut resp = store.read_only_txn(&*self.state.engine, &r)?;
-        drop(store);
+        // Read-only: nothing changes, so no proposal (etcd serves these
+        // locally too), and the store's shared lock only while the compares
+        // are evaluated and the ranges resolved against the index; the
+        // records are read from a storage view taken under it.
+        let engine = &*self.state.engine;
+        let (plan, view) = {
+            let store = self.state.store.read();
+            {
+                let auth = self.state.auth.store.read();
+                let keys = |id: i64| store.lease(id).map(|l| l.keys.clone());
+                auth.check_txn(ai, &r, &keys)?;
+            }
+            (store.plan_read_only_txn(engine, &r)?, engine.view())
+        };
+        let mut resp = plan.read(&view, &r)?;
         self.fill(&mut resp.header);
         Ok(resp)
     }
