@@ -20,7 +20,7 @@ Both servers get --quota-backend-bytes 8 GiB (N x 1 KiB passes etcd's 2 GiB defa
 (etcd 3.4's Go client).
 
 Usage: scale.py [--keys N] [--val-size B] [--snapshot-count default 2000] [--only etcd cairn]
-                [--members 1 3]
+                [--members 1 3] [--skip save learner compaction]
 """
 import argparse
 import json
@@ -163,7 +163,7 @@ def cluster(kind, base, n, extra):
     return members
 
 
-def one_member(kind, base, keys, val_size, extra, r):
+def one_member(kind, base, keys, val_size, extra, r, skip=()):
     [m] = cluster(kind, base, 1, extra)
     ep = f"127.0.0.1:{m.cport}"
     try:
@@ -177,13 +177,14 @@ def one_member(kind, base, keys, val_size, extra, r):
         r["put p99 beside ranges, 1 member (ms)"] = float(out["p99_ms"])
         r["put max beside ranges, 1 member (ms)"] = float(out["max_ms"])
 
-        snap = os.path.join(base, "save.db")
-        peak = Peak([m.proc])
-        t = time.time()
-        ctl(ep, "snapshot", "save", snap)
-        r["snapshot save (s)"] = time.time() - t
-        r["peak RSS during save (MiB)"] = peak.stop()[0]
-        os.remove(snap)
+        if "save" not in skip:
+            snap = os.path.join(base, "save.db")
+            peak = Peak([m.proc])
+            t = time.time()
+            ctl(ep, "snapshot", "save", snap)
+            r["snapshot save (s)"] = time.time() - t
+            r["peak RSS during save (MiB)"] = peak.stop()[0]
+            os.remove(snap)
 
         m.stop()
         t = time.time()
@@ -194,28 +195,31 @@ def one_member(kind, base, keys, val_size, extra, r):
         r["restart to serving (s)"] = time.time() - t
         r["RSS after restart (MiB)"] = rss_mib(m.proc.pid)
 
-        target = int(json.loads(ctl(ep, "endpoint", "status", "-w", "json").stdout)[0]
-                     ["Status"]["header"]["revision"])
-        cport, pport = free_port(), free_port()
-        initial = f"m0=http://127.0.0.1:{m.pport},l1=http://127.0.0.1:{pport}"
-        ctl(ep, "member", "add", "l1", "--learner", f"--peer-urls=http://127.0.0.1:{pport}")
-        learner = Member(kind, base, "l1", cport, pport, initial, "existing", extra)
-        t = time.time()
-        learner.start()
-        peak = Peak([m.proc, learner.proc])
-        lep = f"127.0.0.1:{cport}"
-        deadline = time.time() + 1800
-        while True:
-            st = ctl(lep, "endpoint", "status", "-w", "json", check=False)
-            if st.returncode == 0 and int(json.loads(st.stdout)[0]["Status"]["header"]
-                                          ["revision"]) >= target:
-                break
-            if learner.proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"{kind} learner did not catch up")
-            time.sleep(0.1)
-        r["learner catch-up (s)"] = time.time() - t
-        r["peak RSS leader, learner (MiB)"] = peak.stop()
-        learner.stop()
+        if "learner" not in skip:
+            target = int(json.loads(ctl(ep, "endpoint", "status", "-w", "json").stdout)[0]
+                         ["Status"]["header"]["revision"])
+            cport, pport = free_port(), free_port()
+            initial = f"m0=http://127.0.0.1:{m.pport},l1=http://127.0.0.1:{pport}"
+            ctl(ep, "member", "add", "l1", "--learner", f"--peer-urls=http://127.0.0.1:{pport}")
+            learner = Member(kind, base, "l1", cport, pport, initial, "existing", extra)
+            t = time.time()
+            learner.start()
+            peak = Peak([m.proc, learner.proc])
+            lep = f"127.0.0.1:{cport}"
+            deadline = time.time() + 1800
+            while True:
+                st = ctl(lep, "endpoint", "status", "-w", "json", check=False)
+                if st.returncode == 0 and int(json.loads(st.stdout)[0]["Status"]["header"]
+                                              ["revision"]) >= target:
+                    break
+                if learner.proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"{kind} learner did not catch up")
+                time.sleep(0.1)
+            r["learner catch-up (s)"] = time.time() - t
+            r["peak RSS leader, learner (MiB)"] = peak.stop()
+            learner.stop()
+        if "compaction" in skip:
+            return
 
         out, _ = scale("load", ep, "--total", str(keys), "--val-size", str(val_size))
         r["rewrite rate (keys/s)"] = float(out["rate"])
@@ -259,6 +263,7 @@ def main():
     ap.add_argument("--snapshot-count", nargs="*", default=["default", "2000"])
     ap.add_argument("--only", nargs="*", default=["etcd", "cairn"])
     ap.add_argument("--members", nargs="*", type=int, default=[1, 3])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["save", "learner", "compaction"])
     opts = ap.parse_args()
     base = os.path.expanduser("~/.cache/cairn-scale")
     os.makedirs(base, exist_ok=True)
@@ -275,8 +280,10 @@ def main():
             for n in opts.members:
                 d = tempfile.mkdtemp(prefix=f"{kind}-{n}-", dir=base)
                 try:
-                    (one_member if n == 1 else three_members)(kind, d, opts.keys, opts.val_size,
-                                                              extra, r)
+                    if n == 1:
+                        one_member(kind, d, opts.keys, opts.val_size, extra, r, opts.skip)
+                    else:
+                        three_members(kind, d, opts.keys, opts.val_size, extra, r)
                 except Exception as e:  # a failed step is reported, the rest goes on
                     r[f"FAILED ({n} member{'s' if n > 1 else ''})"] = str(e)[:200]
                 finally:

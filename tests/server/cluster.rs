@@ -304,6 +304,12 @@ impl Cluster {
             .collect()
     }
 
+    /// The process ID of the member in `slot`, while it runs (`ip netns exec` execs it).
+    pub fn pid(&self, slot: usize) -> Option<u32> {
+        let node = self.nodes.iter().find(|n| n.slot == slot)?;
+        node.child.as_ref().map(Child::id)
+    }
+
     fn node(&mut self, slot: usize) -> &mut Node {
         self.nodes.iter_mut().find(|n| n.slot == slot).unwrap()
     }

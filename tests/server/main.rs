@@ -17,6 +17,7 @@ mod faults;
 mod gateway;
 mod limits;
 mod members;
+mod memory;
 mod peer;
 mod runner;
 mod snapshot;
