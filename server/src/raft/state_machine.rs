@@ -20,7 +20,7 @@ use crate::storage::{Engine, StateMeta, View};
 use crate::watch::Hub;
 
 /// Keys of the index a range walks per hold of the store lock: an apply
-/// waits for at most one such step (a few hundred microseconds).
+/// waits for at most one such step, not for the whole walk.
 pub const RANGE_STEP: usize = 4096;
 
 /// Receives the results of a batch this member proposed, once applied,

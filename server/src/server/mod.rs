@@ -184,8 +184,10 @@ impl EtcdServer {
         // openraft runs on the calling runtime, the first client thread's
         // single-threaded one: a write then goes from socket to fsync to
         // apply to response without a thread handoff (measured: single-client
-        // puts ~10% faster than with Raft on a thread of its own, and no
-        // throughput lost at 64 clients, on a 2-core VM).
+        // puts ~10% faster than with Raft on a thread of its own; measured
+        // again for issue 22 with client connections on threads of their own:
+        // 25-35% fewer puts and ranges at 64 clients and no better tail beside
+        // 1M-key ranges, on a 2-core VM; README, "Known limits").
         let raft = Raft::new(
             identity.member_id,
             raft_cfg,
