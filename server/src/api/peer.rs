@@ -20,7 +20,7 @@ use crate::proto::peerpb::{
 };
 use crate::proto::raftpb::Batch;
 use crate::raft::{
-    decode, encode, TypeConfig, CLUSTER_ID_HEADER, MEMBER_ID_HEADER, TARGET_ID_HEADER,
+    decode, encode, TypeConfig, CLUSTER_ID_HEADER, MEMBER_ID_HEADER, SNAPSHOT_END, TARGET_ID_HEADER,
 };
 use crate::server::EtcdServer;
 
@@ -28,7 +28,13 @@ pub struct PeerService {
     s: Arc<EtcdServer>,
     /// The snapshot being received, and how many of its bytes have arrived.
     receiving: Arc<parking_lot::Mutex<Option<(String, u64)>>>,
+    /// Counts snapshot streams: a newer one ends the one before (a leader that gave up on a
+    /// transfer, or a new leader), so that one at a time writes to disk.
+    streams: Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// How long a snapshot stream may send nothing before it is given up.
+const STREAM_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Why a snapshot chunk is not taken.
 #[derive(Debug, PartialEq, Eq)]
@@ -72,6 +78,7 @@ impl PeerService {
         Self {
             s,
             receiving: Default::default(),
+            streams: Default::default(),
         }
     }
 
@@ -266,6 +273,81 @@ impl Peer for PeerService {
             Ok(_) if !done => Some((id, end)),
             _ => None,
         };
+        Ok(Response::new(encode(&result)?))
+    }
+
+    async fn snapshot_stream(
+        &self,
+        req: Request<tonic::Streaming<RaftMessage>>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        use std::sync::atomic::Ordering;
+        use tokio::io::AsyncWriteExt;
+        self.check(&req)?;
+        self.addressed_here(&req)?;
+        let mine = self.streams.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut stream = req.into_inner();
+        let mut next = async || match tokio::time::timeout(STREAM_IDLE, stream.message()).await {
+            Err(_) => Err(Status::deadline_exceeded("snapshot stream idle")),
+            Ok(m) => m,
+        };
+        let head = next()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("snapshot stream without a header"))?;
+        let (vote, meta): (
+            openraft::Vote<u64>,
+            openraft::SnapshotMeta<u64, crate::raft::Member>,
+        ) = decode(&head)?;
+        // A leader of an older term is answered at once with the vote here (it steps down),
+        // before any byte is written.
+        let current = self.s.raft.metrics().borrow().vote;
+        if vote < current {
+            let answer: Result<openraft::raft::SnapshotResponse<u64>, openraft::error::Fatal<u64>> =
+                Ok(openraft::raft::SnapshotResponse::new(current));
+            return Ok(Response::new(encode(&answer)?));
+        }
+        let id = meta.snapshot_id.clone();
+        let mut data = self
+            .s
+            .raft
+            .begin_receiving_snapshot()
+            .await
+            .map_err(raft_err)?;
+        let cap = self.snapshot_cap();
+        let mut received = 0u64;
+        loop {
+            if self.streams.load(Ordering::SeqCst) != mine {
+                return Err(Status::aborted(format!(
+                    "snapshot {id}: a newer transfer replaced this one"
+                )));
+            }
+            let msg = next().await?.ok_or_else(|| {
+                Status::aborted(format!(
+                    "snapshot {id}: the stream ended before its end mark"
+                ))
+            })?;
+            if msg.id == SNAPSHOT_END {
+                let sent: u64 = decode(&msg)?;
+                if sent != received {
+                    return Err(Status::data_loss(format!(
+                        "snapshot {id}: {received} bytes received, {sent} sent"
+                    )));
+                }
+                break;
+            }
+            received = received.saturating_add(msg.data.len() as u64);
+            if received > cap {
+                return Err(Status::resource_exhausted(format!(
+                    "snapshot {id}: over {cap} bytes"
+                )));
+            }
+            data.write_all(&msg.data).await.map_err(raft_err)?;
+        }
+        data.shutdown().await.map_err(raft_err)?;
+        let snapshot = openraft::storage::Snapshot {
+            meta,
+            snapshot: data,
+        };
+        let result = self.s.raft.install_full_snapshot(vote, snapshot).await;
         Ok(Response::new(encode(&result)?))
     }
 

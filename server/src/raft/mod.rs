@@ -11,7 +11,7 @@ pub use history::MemberHistory;
 pub use log_store::{AppliedNow, Durable, LogStore, RestoredLeadership};
 pub use network::{
     connect, decode, encode, Network, Peers, CLUSTER_ID_HEADER, MAX_PEER_MESSAGE, MEMBER_ID_HEADER,
-    TARGET_ID_HEADER,
+    SNAPSHOT_END, TARGET_ID_HEADER,
 };
 
 /// Whether a failed peer call never reached the peer (no connection could

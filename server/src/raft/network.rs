@@ -3,18 +3,23 @@
 //! RPCs over them. The server side is `crate::api::peer`.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed,
+    StreamingError, Unreachable,
 };
+use openraft::network::snapshot_transport::{Chunked, SnapshotTransport};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    SnapshotResponse, VoteRequest, VoteResponse,
 };
+use openraft::storage::Snapshot;
+use openraft::{OptionalSend, SnapshotMeta, Vote};
 use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -36,6 +41,20 @@ pub const TARGET_ID_HEADER: &str = "x-cairn-to";
 /// Most bytes of one peer message (snapshot chunks and entry batches stay
 /// well under it).
 pub const MAX_PEER_MESSAGE: usize = 256 << 20;
+
+/// The `id` of a snapshot stream's last message, whose data is the bincode of
+/// the number of payload bytes sent (peer.proto's `SnapshotStream`).
+pub const SNAPSHOT_END: u64 = u64::MAX;
+
+/// Payload bytes a snapshot stream carries per message.
+const STREAM_PIECE: usize = 1 << 20;
+
+/// How a snapshot stream failed: the peer does not know the call (an older
+/// build), or anything else.
+enum Streamed {
+    Unsupported,
+    Failed(Box<StreamingError<TypeConfig, Fatal<u64>>>),
+}
 
 /// Channels to the other members.
 #[derive(Default)]
@@ -349,6 +368,121 @@ impl Conn {
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 
+    /// Sends a snapshot on one `SnapshotStream` call: the payload is read as it goes, in
+    /// pieces of [`STREAM_PIECE`], with HTTP/2's flow control keeping the producer at most a
+    /// few windows ahead (no length is needed up front, so the view is read once). Given up
+    /// when a piece waits longer than the install timeout to be taken, when the answer takes
+    /// longer than that after the last piece, or when openraft cancels it.
+    async fn stream_snapshot(
+        &self,
+        vote: Vote<u64>,
+        meta: &SnapshotMeta<u64, Member>,
+        data: &mut super::snapshot::SnapshotData,
+        cancel: impl Future<Output = ReplicationClosed>,
+        option: &RPCOption,
+    ) -> std::result::Result<SnapshotResponse<u64>, Streamed> {
+        use tokio::io::AsyncReadExt;
+        let failed = |e: &dyn std::fmt::Display| {
+            let e = std::io::Error::other(format!("peer {:x}: {e}", self.target));
+            Streamed::Failed(Box::new(StreamingError::Network(NetworkError::new(&e))))
+        };
+        let mut client = match &self.client {
+            Ok(c) => c.clone(),
+            Err(e) => {
+                let e = std::io::Error::other(e.clone());
+                return Err(Streamed::Failed(Box::new(StreamingError::Unreachable(
+                    Unreachable::new(&e),
+                ))));
+            }
+        };
+        let head = encode(&(vote, meta)).map_err(|e| failed(&e))?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<RaftMessage>(2);
+        let request = self
+            .peers
+            .request_to(tokio_stream::wrappers::ReceiverStream::new(rx), self.target);
+        let patience = option.hard_ttl();
+        let pump = async move {
+            let send = async |msg| match tokio::time::timeout(patience, tx.send(msg)).await {
+                Ok(Ok(())) => Ok(()),
+                // The call ended: its outcome says why.
+                Ok(Err(_)) => Err(None),
+                Err(_) => Err(Some(
+                    "a snapshot piece waited too long to be taken".to_string(),
+                )),
+            };
+            send(head).await?;
+            let mut sent = 0u64;
+            loop {
+                let mut piece = Vec::with_capacity(STREAM_PIECE);
+                while piece.len() < STREAM_PIECE {
+                    match data.read_buf(&mut piece).await {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(e) => return Err(Some(format!("reading the snapshot: {e}"))),
+                    }
+                }
+                if piece.is_empty() {
+                    break;
+                }
+                sent += piece.len() as u64;
+                send(RaftMessage { data: piece, id: 0 }).await?;
+            }
+            let end = encode(&sent).map_err(|e| Some(e.to_string()))?;
+            send(RaftMessage {
+                data: end.data,
+                id: SNAPSHOT_END,
+            })
+            .await
+        };
+        let call = client.snapshot_stream(request);
+        tokio::pin!(pump, call, cancel);
+        let mut answer_by = None;
+        let reply = loop {
+            let wait_answer = async {
+                match answer_by {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                closed = &mut cancel => return Err(Streamed::Failed(Box::new(StreamingError::Closed(closed)))),
+                pumped = &mut pump, if answer_by.is_none() => match pumped {
+                    Ok(()) => answer_by = Some(tokio::time::Instant::now() + patience),
+                    Err(Some(e)) => return Err(failed(&e)),
+                    // The call ended early: wait for its outcome.
+                    Err(None) => answer_by = Some(tokio::time::Instant::now() + patience),
+                },
+                outcome = &mut call => break outcome,
+                _ = wait_answer => return Err(failed(&"no answer to a snapshot sent")),
+            }
+        };
+        let reply = match reply {
+            Ok(r) => r.into_inner(),
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                return Err(Streamed::Unsupported)
+            }
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                let e = std::io::Error::other(format!("peer {:x}: {status}", self.target));
+                return Err(Streamed::Failed(Box::new(StreamingError::Unreachable(
+                    Unreachable::new(&e),
+                ))));
+            }
+            Err(status) => return Err(failed(&status)),
+        };
+        self.peers
+            .last_ok
+            .lock()
+            .insert(self.target, std::time::Instant::now());
+        let result: std::result::Result<SnapshotResponse<u64>, Fatal<u64>> =
+            decode(&reply).map_err(|e| failed(&e))?;
+        result.map_err(|e| {
+            Streamed::Failed(Box::new(StreamingError::RemoteError(RemoteError::new(
+                self.target,
+                e,
+            ))))
+        })
+    }
+
     /// One request and its reply on the AppendEntries stream (opened if
     /// needed).
     async fn on_stream(
@@ -430,6 +564,40 @@ impl RaftNetwork<TypeConfig> for Conn {
     > {
         self.call(&rpc, &option, async |mut c, r| c.install_snapshot(r).await)
             .await
+    }
+
+    /// A snapshot goes on one stream ([`Conn::stream_snapshot`]); to a member of a build
+    /// without that call, in openraft's chunks (which needs the length first: one more pass
+    /// over the view).
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote<u64>,
+        mut snapshot: Snapshot<TypeConfig>,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> std::result::Result<SnapshotResponse<u64>, StreamingError<TypeConfig, Fatal<u64>>> {
+        use futures::FutureExt;
+        let cancel = cancel.shared();
+        let streamed = self
+            .stream_snapshot(
+                vote,
+                &snapshot.meta,
+                &mut snapshot.snapshot,
+                cancel.clone(),
+                &option,
+            )
+            .await;
+        match streamed {
+            Ok(answer) => Ok(answer),
+            Err(Streamed::Failed(e)) => Err(*e),
+            Err(Streamed::Unsupported) => {
+                tracing::info!(
+                    peer = format!("{:x}", self.target),
+                    "the peer takes snapshots in chunks only (an older build)"
+                );
+                Chunked::send_snapshot(self, vote, snapshot, cancel, option).await
+            }
+        }
     }
 
     async fn vote(
