@@ -33,6 +33,10 @@ pub struct PeerService {
     streams: Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// The AppendEntries stream's replies (the type the generated service names).
+type RaftStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftMessage, Status>> + Send + 'static>>;
+
 /// How long a snapshot stream may send nothing before it is given up.
 const STREAM_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -175,13 +179,10 @@ impl Peer for PeerService {
         Ok(Response::new(encode(&result)?))
     }
 
-    type AppendStreamStream =
-        std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftMessage, Status>> + Send>>;
-
     async fn append_stream(
         &self,
         req: Request<tonic::Streaming<RaftMessage>>,
-    ) -> Result<Response<Self::AppendStreamStream>, Status> {
+    ) -> Result<Response<RaftStream>, Status> {
         self.check(&req)?;
         self.addressed_here(&req)?;
         let mut inbound = req.into_inner();

@@ -12,7 +12,6 @@ use openraft::error::{
     Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed,
     StreamingError, Unreachable,
 };
-use openraft::network::snapshot_transport::{Chunked, SnapshotTransport};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -483,6 +482,80 @@ impl Conn {
         })
     }
 
+    /// Sends a snapshot as InstallSnapshot chunks of `chunk` bytes, one at a time, as
+    /// openraft's own transport does; reading one chunk ahead tells which is the last, so
+    /// the length is never needed. Any failure ends the transfer (openraft starts another;
+    /// the receiver takes a new one from offset 0).
+    async fn send_in_chunks(
+        &mut self,
+        vote: Vote<u64>,
+        meta: &SnapshotMeta<u64, Member>,
+        mut data: Box<super::snapshot::SnapshotData>,
+        cancel: impl Future<Output = ReplicationClosed>,
+        option: &RPCOption,
+        chunk: usize,
+    ) -> std::result::Result<SnapshotResponse<u64>, StreamingError<TypeConfig, Fatal<u64>>> {
+        use tokio::io::AsyncReadExt;
+        let storage = |e: std::io::Error| {
+            let e = std::io::Error::other(format!("reading the snapshot: {e}"));
+            StreamingError::Network(NetworkError::new(&e))
+        };
+        let mut read_chunk = async || -> std::io::Result<Vec<u8>> {
+            let mut buf = Vec::with_capacity(chunk);
+            while buf.len() < chunk {
+                if data.read_buf(&mut buf).await? == 0 {
+                    break;
+                }
+            }
+            Ok(buf)
+        };
+        tokio::pin!(cancel);
+        let mut offset = 0u64;
+        let mut this = read_chunk().await.map_err(storage)?;
+        loop {
+            let next = if this.len() < chunk {
+                Vec::new()
+            } else {
+                read_chunk().await.map_err(storage)?
+            };
+            let done = next.is_empty();
+            let n = this.len() as u64;
+            let req = InstallSnapshotRequest {
+                vote,
+                meta: meta.clone(),
+                offset,
+                data: this,
+                done,
+            };
+            let answer = tokio::select! {
+                closed = &mut cancel => return Err(StreamingError::Closed(closed)),
+                answer = self.install_snapshot(req, option.clone()) => answer,
+            };
+            let resp = match answer {
+                Ok(resp) => resp,
+                Err(RPCError::RemoteError(RemoteError {
+                    target,
+                    target_node,
+                    source: RaftError::Fatal(fatal),
+                })) => {
+                    return Err(StreamingError::RemoteError(RemoteError {
+                        target,
+                        target_node,
+                        source: fatal,
+                    }))
+                }
+                Err(RPCError::Unreachable(e)) => return Err(StreamingError::Unreachable(e)),
+                Err(e) => return Err(StreamingError::Network(NetworkError::new(&e))),
+            };
+            // A higher vote: the caller steps down.
+            if resp.vote > vote || done {
+                return Ok(SnapshotResponse::new(resp.vote));
+            }
+            offset += n;
+            this = next;
+        }
+    }
+
     /// One request and its reply on the AppendEntries stream (opened if
     /// needed).
     async fn on_stream(
@@ -567,8 +640,7 @@ impl RaftNetwork<TypeConfig> for Conn {
     }
 
     /// A snapshot goes on one stream ([`Conn::stream_snapshot`]); to a member of a build
-    /// without that call, in openraft's chunks (which needs the length first: one more pass
-    /// over the view).
+    /// without that call, in InstallSnapshot chunks ([`Conn::send_in_chunks`]).
     async fn full_snapshot(
         &mut self,
         vote: Vote<u64>,
@@ -595,7 +667,16 @@ impl RaftNetwork<TypeConfig> for Conn {
                     peer = format!("{:x}", self.target),
                     "the peer takes snapshots in chunks only (an older build)"
                 );
-                Chunked::send_snapshot(self, vote, snapshot, cancel, option).await
+                // The stream may have read some of it already.
+                use tokio::io::AsyncSeekExt;
+                let Snapshot { meta, mut snapshot } = snapshot;
+                snapshot
+                    .seek(std::io::SeekFrom::Start(0))
+                    .await
+                    .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+                let chunk = option.snapshot_chunk_size().unwrap_or(8 << 20);
+                self.send_in_chunks(vote, &meta, snapshot, cancel, &option, chunk)
+                    .await
             }
         }
     }
@@ -613,5 +694,135 @@ impl RaftNetwork<TypeConfig> for Conn {
         // A member that is down is retried every 200 ms: a restarted member
         // rejoins quickly.
         openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(200)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::peerpb::peer_server::{Peer, PeerServer};
+    use crate::raft::snapshot::tests::{payload_of, state_with};
+    use crate::raft::snapshot::{Outgoing, SnapshotData};
+
+    /// A peer of a build before `SnapshotStream`: it takes InstallSnapshot chunks only
+    /// (every other call answers Unimplemented).
+    #[derive(Default, Clone)]
+    struct OldPeer {
+        got: Arc<Mutex<Vec<u8>>>,
+        chunks: Arc<Mutex<Vec<(u64, usize, bool)>>>,
+    }
+
+    #[tonic::async_trait]
+    impl Peer for OldPeer {
+        async fn install_snapshot(
+            &self,
+            req: tonic::Request<RaftMessage>,
+        ) -> std::result::Result<tonic::Response<RaftMessage>, tonic::Status> {
+            let rpc: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref())?;
+            let mut got = self.got.lock();
+            if rpc.offset == 0 {
+                got.clear();
+            }
+            got.extend_from_slice(&rpc.data);
+            self.chunks
+                .lock()
+                .push((rpc.offset, rpc.data.len(), rpc.done));
+            let answer: std::result::Result<
+                InstallSnapshotResponse<u64>,
+                RaftError<u64, InstallSnapshotError>,
+            > = Ok(InstallSnapshotResponse { vote: rpc.vote });
+            Ok(tonic::Response::new(encode(&answer)?))
+        }
+    }
+
+    /// A leader of this build sends a snapshot to a member of an older one: the stream is
+    /// refused as unknown, and the same bytes go in chunks, the last one marked done, without
+    /// the length being asked for first (a chunk read ahead tells the end, also when the
+    /// payload fills its chunks exactly).
+    #[test]
+    fn a_peer_without_streams_gets_the_snapshot_in_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        // About 3 MiB.
+        let state = state_with(dir.path(), 300, 10_000, 9);
+        let want = payload_of(&state);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let peer = OldPeer::default();
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(
+                        PeerServer::new(peer.clone()).max_decoding_message_size(MAX_PEER_MESSAGE),
+                    )
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            );
+            let peers = Peers::new(1, 2, None);
+            let mut conn = Conn {
+                target: 7,
+                client: peers
+                    .client(7, &[format!("http://{addr}")])
+                    .map_err(|e| e.to_string()),
+                peers,
+                durable: super::super::Durable::new(0),
+                stream: None,
+            };
+            let vote = Vote::new(3, 2);
+            let meta = SnapshotMeta {
+                last_log_id: None,
+                last_membership: Default::default(),
+                snapshot_id: "2-9".into(),
+            };
+            let outgoing = async || {
+                let (_, out) = Outgoing::start(state.clone()).await.unwrap();
+                Box::new(SnapshotData::Out(out))
+            };
+            let snapshot = Snapshot {
+                meta: meta.clone(),
+                snapshot: outgoing().await,
+            };
+            let option = RPCOption::new(Duration::from_secs(10));
+            let answer = conn
+                .full_snapshot(vote, snapshot, std::future::pending(), option.clone())
+                .await
+                .unwrap();
+            assert_eq!(answer.vote, vote);
+            assert!(*peer.got.lock() == want, "the bytes sent are the payload");
+            assert_eq!(
+                *peer.chunks.lock(),
+                vec![(0, want.len(), true)],
+                "one chunk of at most 8 MiB"
+            );
+            for chunk in [1 << 20, want.len(), want.len() / 2 + want.len() % 2] {
+                peer.chunks.lock().clear();
+                let answer = conn
+                    .send_in_chunks(
+                        vote,
+                        &meta,
+                        outgoing().await,
+                        std::future::pending(),
+                        &option,
+                        chunk,
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(answer.vote, vote);
+                assert!(*peer.got.lock() == want, "chunks of {chunk}");
+                let chunks = peer.chunks.lock().clone();
+                assert_eq!(
+                    chunks.len(),
+                    want.len().div_ceil(chunk),
+                    "chunks of {chunk}"
+                );
+                let mut offset = 0;
+                for (i, (at, len, done)) in chunks.iter().enumerate() {
+                    assert_eq!((*at, *done), (offset, i == chunks.len() - 1));
+                    offset += *len as u64;
+                }
+            }
+        });
     }
 }

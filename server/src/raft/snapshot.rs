@@ -761,7 +761,7 @@ pub async fn read_all(mut out: Outgoing) -> std::io::Result<Vec<u8>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::mvcc::{Record, WriteSet};
     use crate::proto::mvccpb::KeyValue;
@@ -777,7 +777,7 @@ mod tests {
 
     /// A member's state under `dir`: `n` keys with `size`-byte values, a lease, auth on, and
     /// an applied position at log index `index`.
-    fn state_with(dir: &Path, n: i64, size: usize, index: u64) -> Arc<KvState> {
+    pub(crate) fn state_with(dir: &Path, n: i64, size: usize, index: u64) -> Arc<KvState> {
         let engine = Engine::open(&dir.join("member").join("cairn")).unwrap();
         let records = (0..n)
             .map(|i| {
@@ -823,7 +823,7 @@ mod tests {
     }
 
     /// The payload of `state` as `SnapshotPayload::encode` writes it, whole.
-    fn payload_of(state: &KvState) -> Vec<u8> {
+    pub(crate) fn payload_of(state: &KvState) -> Vec<u8> {
         let engine = state.engine.clone();
         let (view, meta, _) = state.view_at_applied(&engine);
         SnapshotPayload {
