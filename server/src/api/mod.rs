@@ -326,6 +326,9 @@ pub async fn serve(
 ) -> Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut peers = Vec::new();
+    // One service for every peer address: what it tracks (the snapshot being received)
+    // is the member's, whichever address a peer used.
+    let service = peer::PeerService::new(s.clone());
     for (i, addr) in s.cfg.listen_peer.clone().into_iter().enumerate() {
         let listener = bind(addr).await?;
         let tls = s
@@ -334,10 +337,9 @@ pub async fn serve(
             .clone()
             .filter(|_| s.cfg.listen_peer_tls.get(i).copied().unwrap_or(false));
         info!(%addr, tls = tls.is_some(), "serving peer traffic");
-        let svc =
-            crate::proto::peerpb::peer_server::PeerServer::new(peer::PeerService::new(s.clone()))
-                .max_decoding_message_size(crate::raft::MAX_PEER_MESSAGE)
-                .max_encoding_message_size(crate::raft::MAX_PEER_MESSAGE);
+        let svc = crate::proto::peerpb::peer_server::PeerServer::new(service.clone())
+            .max_decoding_message_size(crate::raft::MAX_PEER_MESSAGE)
+            .max_encoding_message_size(crate::raft::MAX_PEER_MESSAGE);
         let mut stop = stop_rx.clone();
         let stopping = stop_rx.clone();
         peers.push(tokio::spawn(async move {

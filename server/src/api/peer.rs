@@ -24,12 +24,14 @@ use crate::raft::{
 };
 use crate::server::EtcdServer;
 
+#[derive(Clone)]
 pub struct PeerService {
     s: Arc<EtcdServer>,
     /// The snapshot being received, and how many of its bytes have arrived.
     receiving: Arc<parking_lot::Mutex<Option<(String, u64)>>>,
-    /// Counts snapshot streams: a newer one ends the one before (a leader that gave up on a
-    /// transfer, or a new leader), so that one at a time writes to disk.
+    /// Counts snapshot streams that passed their header's checks: a newer one ends the one
+    /// before (a leader that gave up on a transfer, or a new leader), so that one at a time
+    /// writes to disk.
     streams: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -285,7 +287,6 @@ impl Peer for PeerService {
         use tokio::io::AsyncWriteExt;
         self.check(&req)?;
         self.addressed_here(&req)?;
-        let mine = self.streams.fetch_add(1, Ordering::SeqCst) + 1;
         let mut stream = req.into_inner();
         let mut next = async || match tokio::time::timeout(STREAM_IDLE, stream.message()).await {
             Err(_) => Err(Status::deadline_exceeded("snapshot stream idle")),
@@ -313,6 +314,7 @@ impl Peer for PeerService {
             .begin_receiving_snapshot()
             .await
             .map_err(raft_err)?;
+        let mine = self.streams.fetch_add(1, Ordering::SeqCst) + 1;
         let cap = self.snapshot_cap();
         let mut received = 0u64;
         loop {
@@ -334,6 +336,11 @@ impl Peer for PeerService {
                     )));
                 }
                 break;
+            }
+            if msg.data.is_empty() {
+                return Err(Status::invalid_argument(format!(
+                    "snapshot {id}: an empty piece"
+                )));
             }
             received = received.saturating_add(msg.data.len() as u64);
             if received > cap {

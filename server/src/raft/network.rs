@@ -55,6 +55,13 @@ enum Streamed {
     Failed(Box<StreamingError<TypeConfig, Fatal<u64>>>),
 }
 
+/// A peer's refusal as openraft's Unreachable: openraft then waits [`Conn`]'s backoff
+/// before the next attempt (a Network error is retried at once, and a refusal that repeats
+/// would start a snapshot transfer in a hot loop).
+fn refused<E: std::fmt::Display>(target: u64, e: E) -> Unreachable {
+    Unreachable::new(&std::io::Error::other(format!("peer {target:x}: {e}")))
+}
+
 /// Channels to the other members.
 #[derive(Default)]
 pub struct Peers {
@@ -227,6 +234,9 @@ pub struct Conn {
     durable: Arc<super::Durable>,
     /// The AppendEntries stream, opened on first use, dropped on any error.
     stream: Option<AppendStream>,
+    /// The peer answered that it takes snapshots in chunks only (an older build); asked
+    /// again when openraft makes a new client (the peer's URL changed, or it was replaced).
+    chunks_only: bool,
 }
 
 struct AppendStream {
@@ -248,6 +258,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
                 .map_err(|e| e.to_string()),
             durable: self.durable.clone(),
             stream: None,
+            chunks_only: false,
         }
     }
 }
@@ -460,13 +471,11 @@ impl Conn {
             Err(status) if status.code() == tonic::Code::Unimplemented => {
                 return Err(Streamed::Unsupported)
             }
-            Err(status) if status.code() == tonic::Code::Unavailable => {
-                let e = std::io::Error::other(format!("peer {:x}: {status}", self.target));
+            Err(status) => {
                 return Err(Streamed::Failed(Box::new(StreamingError::Unreachable(
-                    Unreachable::new(&e),
-                ))));
+                    refused(self.target, status),
+                ))))
             }
-            Err(status) => return Err(failed(&status)),
         };
         self.peers
             .last_ok
@@ -545,7 +554,9 @@ impl Conn {
                     }))
                 }
                 Err(RPCError::Unreachable(e)) => return Err(StreamingError::Unreachable(e)),
-                Err(e) => return Err(StreamingError::Network(NetworkError::new(&e))),
+                // A mismatch (the peer lost track of the transfer) included: the next
+                // attempt starts from the first byte, after a backoff.
+                Err(e) => return Err(StreamingError::Unreachable(refused(self.target, e))),
             };
             // A higher vote: the caller steps down.
             if resp.vote > vote || done {
@@ -650,23 +661,29 @@ impl RaftNetwork<TypeConfig> for Conn {
     ) -> std::result::Result<SnapshotResponse<u64>, StreamingError<TypeConfig, Fatal<u64>>> {
         use futures::FutureExt;
         let cancel = cancel.shared();
-        let streamed = self
-            .stream_snapshot(
+        let streamed = if self.chunks_only {
+            Err(Streamed::Unsupported)
+        } else {
+            self.stream_snapshot(
                 vote,
                 &snapshot.meta,
                 &mut snapshot.snapshot,
                 cancel.clone(),
                 &option,
             )
-            .await;
+            .await
+        };
         match streamed {
             Ok(answer) => Ok(answer),
             Err(Streamed::Failed(e)) => Err(*e),
             Err(Streamed::Unsupported) => {
-                tracing::info!(
-                    peer = format!("{:x}", self.target),
-                    "the peer takes snapshots in chunks only (an older build)"
-                );
+                if !self.chunks_only {
+                    tracing::info!(
+                        peer = format!("{:x}", self.target),
+                        "the peer takes snapshots in chunks only (an older build)"
+                    );
+                    self.chunks_only = true;
+                }
                 // The stream may have read some of it already.
                 use tokio::io::AsyncSeekExt;
                 let Snapshot { meta, mut snapshot } = snapshot;
@@ -769,6 +786,7 @@ mod tests {
                 peers,
                 durable: super::super::Durable::new(0),
                 stream: None,
+                chunks_only: false,
             };
             let vote = Vote::new(3, 2);
             let meta = SnapshotMeta {

@@ -95,6 +95,8 @@ pub struct Outgoing {
 
 struct Stream {
     rx: mpsc::Receiver<Result<Vec<u8>>>,
+    /// The producer said it reached the end.
+    ended: bool,
     chunk: Vec<u8>,
     used: usize,
     /// The offset of `chunk[used]`.
@@ -166,12 +168,21 @@ fn produce(
     }
     while let Ok(request) = requests.recv() {
         match request {
-            Request::Len(tx) => {
-                let _ = tx.send(source.byte_len());
-            }
+            // Counting and producing stop soon after the asker is gone (a transfer given
+            // up, a peer unreachable): each attempt starts a producer, and a pass over a
+            // large view must not outlive it.
+            Request::Len(tx) => match source.byte_len(&|| !tx.is_closed()) {
+                Ok(None) => {}
+                Ok(Some(len)) => {
+                    let _ = tx.send(Ok(len));
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            },
             Request::Bytes { from, tx } => {
                 let (mut at, mut buf) = (0u64, Vec::with_capacity(CHUNK));
-                let sent = source.emit(|mut piece| {
+                let sent = source.emit(&|| !tx.is_closed(), |mut piece| {
                     let n = piece.len() as u64;
                     if at + n <= from {
                         at += n;
@@ -196,9 +207,14 @@ fn produce(
                     }
                     true
                 });
+                // The end is said in so many words (an empty chunk): a producer that stops
+                // any other way, a panic included, reads as an error, never as a short
+                // snapshot.
                 let _ = match sent {
-                    Ok(()) if !buf.is_empty() => tx.blocking_send(Ok(buf)),
-                    Ok(()) => Ok(()),
+                    Ok(()) if !buf.is_empty() => tx
+                        .blocking_send(Ok(buf))
+                        .and_then(|()| tx.blocking_send(Ok(Vec::new()))),
+                    Ok(()) => tx.blocking_send(Ok(Vec::new())),
                     Err(e) => tx.blocking_send(Err(e)),
                 };
             }
@@ -224,6 +240,7 @@ impl AsyncRead for Outgoing {
                 .map_err(|_| producer_gone())?;
             this.stream = Some(Stream {
                 rx,
+                ended: false,
                 chunk: Vec::new(),
                 used: 0,
                 at: this.pos,
@@ -239,7 +256,14 @@ impl AsyncRead for Outgoing {
                 this.pos += n as u64;
                 return Poll::Ready(Ok(()));
             }
+            if s.ended {
+                return Poll::Ready(Ok(()));
+            }
             match ready!(s.rx.poll_recv(cx)) {
+                Some(Ok(chunk)) if chunk.is_empty() => {
+                    s.ended = true;
+                    return Poll::Ready(Ok(()));
+                }
                 Some(Ok(chunk)) => {
                     s.chunk = chunk;
                     s.used = 0;
@@ -248,7 +272,10 @@ impl AsyncRead for Outgoing {
                     this.stream = None;
                     return Poll::Ready(Err(io_error(e)));
                 }
-                None => return Poll::Ready(Ok(())),
+                None => {
+                    this.stream = None;
+                    return Poll::Ready(Err(producer_gone()));
+                }
             }
         }
     }
@@ -739,11 +766,13 @@ impl KvState {
         let (view, meta, _) = self.view_at_applied(&engine);
         let revision = meta.revision;
         let mut source = PayloadSource::new(view, &meta)?;
-        let len = source.byte_len()?;
+        let len = source
+            .byte_len(&|| true)?
+            .ok_or_else(|| Error::Internal("snapshot: counting stopped".into()))?;
         let mut w = crate::snapshot::StreamWriter::new(len as usize, chunk, |b, left| {
             sink(b, left, revision)
         });
-        source.emit(|piece| {
+        source.emit(&|| true, |piece| {
             w.write(piece);
             !w.stopped()
         })?;

@@ -162,29 +162,48 @@ impl<'a> PayloadSource<'a> {
         })
     }
 
-    fn sized(&mut self) -> Result<(u64, u64)> {
+    /// Counts the records and their bytes (a pass over the view), unless `go` says to
+    /// stop first (it is asked every 1024 records): then None.
+    fn sized(&mut self, go: &dyn Fn() -> bool) -> Result<Option<(u64, u64)>> {
         if let Some(s) = self.sized {
-            return Ok(s);
+            return Ok(Some(s));
         }
-        let (mut count, mut size) = (0u64, 0u64);
+        let (mut count, mut size, mut stopped) = (0u64, 0u64, false);
         self.view.each_record(|_, _, v| {
+            if count % 1024 == 0 && !go() {
+                stopped = true;
+                return Ok(false);
+            }
             count += 1;
             size += RECORD_HEAD + v.len() as u64;
             Ok(true)
         })?;
+        if stopped {
+            return Ok(None);
+        }
         self.sized = Some((count, size));
-        Ok((count, size))
+        Ok(Some((count, size)))
     }
 
-    /// The payload's length in bytes.
-    pub fn byte_len(&mut self) -> Result<u64> {
-        let (_, size) = self.sized()?;
-        Ok((self.meta.len() + 8 + self.leases.len() + self.auth.len()) as u64 + size)
+    /// The payload's length in bytes, or None if `go` stopped the count.
+    pub fn byte_len(&mut self, go: &dyn Fn() -> bool) -> Result<Option<u64>> {
+        let Some((_, size)) = self.sized(go)? else {
+            return Ok(None);
+        };
+        let fixed = (self.meta.len() + 8 + self.leases.len() + self.auth.len()) as u64;
+        Ok(Some(fixed + size))
     }
 
-    /// Feeds the payload to `out`, in order, until it returns false.
-    pub fn emit(&mut self, mut out: impl FnMut(&[u8]) -> bool) -> Result<()> {
-        let (count, _) = self.sized()?;
+    /// Feeds the payload to `out`, in order, until it returns false (or `go` does, while
+    /// the records are counted first).
+    pub fn emit(
+        &mut self,
+        go: &dyn Fn() -> bool,
+        mut out: impl FnMut(&[u8]) -> bool,
+    ) -> Result<()> {
+        let Some((count, _)) = self.sized(go)? else {
+            return Ok(());
+        };
         if !(out(&self.meta) && out(&count.to_le_bytes())) {
             return Ok(());
         }
