@@ -14,7 +14,7 @@ pub use index::{KeyAt, KeyIndex, KeyRange};
 pub use ranges::RangeSet;
 pub use store::{
     all_txn_ops, is_read_only, Applied, LeaseRecord, MvccStore, RangePlan, RangeSteps, Restorer,
-    TxnPlan, WriteSet, MAX_ALARMS,
+    TxnPlan, TxnStep, TxnSteps, WriteSet, MAX_ALARMS,
 };
 
 use crate::error::Result;

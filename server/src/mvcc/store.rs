@@ -605,34 +605,77 @@ impl MvccStore {
         self.plan_read_only_txn(reader, t)?.read(reader, t)
     }
 
-    /// Resolves a read-only txn against the index (its compares read their
-    /// keys from `reader`): what [`TxnPlan::read`] then reads from a storage
-    /// view taken under the same lock.
+    /// Resolves a read-only txn against the index in one go: [`Self::start_read_only_txn`]
+    /// and its steps without a bound.
     pub fn plan_read_only_txn(
         &self,
         reader: &dyn RevisionReader,
         t: &TxnRequest,
     ) -> Result<TxnPlan> {
+        let mut steps = self.start_read_only_txn(reader, t)?;
+        match self.step_read_only_txn(&mut steps, usize::MAX)? {
+            TxnStep::Planned(plan) => Ok(plan),
+            _ => Err(Error::Internal(
+                "mvcc: an unbounded txn walk stopped".into(),
+            )),
+        }
+    }
+
+    /// Starts resolving a read-only txn at the current revision: its compares are
+    /// evaluated (reading their keys from `reader`) and its ranges on the taken branches
+    /// lined up; [`Self::step_read_only_txn`] walks them, [`TxnPlan::read`] then reads the
+    /// records from a storage view taken under the lock of the last step.
+    pub fn start_read_only_txn(
+        &self,
+        reader: &dyn RevisionReader,
+        t: &TxnRequest,
+    ) -> Result<TxnSteps> {
         if !is_read_only(t) {
             return Err(Error::Internal("a txn that writes is not read-only".into()));
         }
         let path = self.compare_path(reader, t)?;
         self.check_txn(reader, t, &path)?;
-        let mut plans = Vec::new();
+        let mut ranges = Vec::new();
         walk_txn(t, &path, &mut |op| match op {
             request_op::Request::RequestRange(r) => {
-                plans.push(self.plan_range_at(r, self.rev)?);
+                ranges.push(self.start_range_at(r, self.rev)?);
                 Ok(response_op::Response::ResponseRange(
                     RangeResponse::default(),
                 ))
             }
             _ => Err(Error::Internal("a write in a read-only txn".into())),
         })?;
-        Ok(TxnPlan {
+        ranges.reverse();
+        Ok(TxnSteps {
             path,
-            plans,
+            ranges,
+            plans: Vec::new(),
             rev: self.rev,
         })
+    }
+
+    /// Walks a read-only txn's ranges on over at most `budget` keys of the index.
+    pub fn step_read_only_txn(&self, steps: &mut TxnSteps, budget: usize) -> Result<TxnStep> {
+        // Its compares were evaluated at its revision: a compaction past it means starting
+        // over (a range naming an older revision then fails as compacted, as it would have
+        // had the txn come later).
+        if steps.rev < self.compacted {
+            return Ok(TxnStep::Overtaken);
+        }
+        while let Some(range) = steps.ranges.last_mut() {
+            match self.step_range(range, budget)? {
+                Some(plan) => {
+                    steps.plans.push(plan);
+                    steps.ranges.pop();
+                }
+                None => return Ok(TxnStep::More),
+            }
+        }
+        Ok(TxnStep::Planned(TxnPlan {
+            path: std::mem::take(&mut steps.path),
+            plans: std::mem::take(&mut steps.plans),
+            rev: steps.rev,
+        }))
     }
 
     fn compact(&mut self, c: &CompactionRequest) -> Result<CompactionResponse> {
@@ -924,7 +967,27 @@ impl RangePlan {
     }
 }
 
-/// A read-only txn resolved against the index ([`MvccStore::plan_read_only_txn`]).
+/// A read-only txn being resolved against the index ([`MvccStore::start_read_only_txn`]).
+pub struct TxnSteps {
+    path: Vec<bool>,
+    /// The ranges still to walk, the next one last.
+    ranges: Vec<RangeSteps>,
+    /// The ranges walked, in the order they answer.
+    plans: Vec<RangePlan>,
+    rev: i64,
+}
+
+/// Where a read-only txn's walk is ([`MvccStore::step_read_only_txn`]).
+pub enum TxnStep {
+    /// Walked: what to read.
+    Planned(TxnPlan),
+    /// More to walk.
+    More,
+    /// A compaction passed the txn's revision: start it over.
+    Overtaken,
+}
+
+/// A read-only txn resolved against the index ([`MvccStore::step_read_only_txn`]).
 pub struct TxnPlan {
     path: Vec<bool>,
     /// One per range on the taken branches, in the order they answer.
@@ -1521,6 +1584,76 @@ mod tests {
             }
         };
         assert_eq!(plan.read(&t.h, &count).unwrap().count, 10);
+    }
+
+    /// A read-only txn walked in steps answers as in one go, whatever is applied between
+    /// steps; a compaction past its revision asks for it to start over.
+    #[test]
+    fn read_only_txns_in_steps_answer_as_in_one_go() {
+        let mut t = T::new();
+        for i in 0..10 {
+            t.put(&format!("k{i}"), "v"); // 2..=11
+        }
+        let txn = TxnRequest {
+            compare: vec![Compare {
+                key: b"k1".to_vec(),
+                target: CompareTarget::Version as i32,
+                result: CompareResult::Equal as i32,
+                target_union: Some(TargetUnion::Version(1)),
+                ..Default::default()
+            }],
+            success: vec![
+                RequestOp {
+                    request: Some(request_op::Request::RequestRange(all())),
+                },
+                RequestOp {
+                    request: Some(request_op::Request::RequestRange(RangeRequest {
+                        key: b"k5".to_vec(),
+                        range_end: b"k8".to_vec(),
+                        ..Default::default()
+                    })),
+                },
+            ],
+            ..Default::default()
+        };
+        let want = t.s.read_only_txn(&t.h, &txn).unwrap();
+        assert!(want.succeeded);
+        let mut steps = t.s.start_read_only_txn(&t.h, &txn).unwrap();
+        let mut n = 0;
+        let plan = loop {
+            match t.s.step_read_only_txn(&mut steps, 3).unwrap() {
+                TxnStep::Planned(plan) => break plan,
+                TxnStep::More => {
+                    n += 1;
+                    t.put("k1", "w");
+                    t.put("k6", "w");
+                }
+                TxnStep::Overtaken => panic!("no compaction ran"),
+            }
+        };
+        assert!(n >= 3, "{n} steps");
+        assert_eq!(plan.read(&t.h, &txn).unwrap(), want);
+
+        // k1's version moved on: without the compare, the same ranges.
+        let txn = TxnRequest {
+            compare: vec![],
+            ..txn
+        };
+        let mut steps = t.s.start_read_only_txn(&t.h, &txn).unwrap();
+        assert!(matches!(
+            t.s.step_read_only_txn(&mut steps, 3).unwrap(),
+            TxnStep::More
+        ));
+        let rev = t.put("k9", "w").header.unwrap().revision;
+        t.apply(Request::Compaction(CompactionRequest {
+            revision: rev,
+            physical: false,
+        }))
+        .unwrap();
+        assert!(matches!(
+            t.s.step_read_only_txn(&mut steps, 3).unwrap(),
+            TxnStep::Overtaken
+        ));
     }
 
     #[test]

@@ -210,6 +210,35 @@ impl KvState {
         }
     }
 
+    /// Evaluates a read-only txn as [`Self::range`] does a range: its compares and the
+    /// start of its walk under the store lock (after `check`, the caller's permission check,
+    /// under the same lock), its ranges walked [`RANGE_STEP`] keys per hold of the lock, the
+    /// records read from a view taken at the last step without it. A compaction that passes
+    /// the txn's revision between steps starts it over.
+    pub fn read_only_txn(
+        &self,
+        t: &crate::proto::etcdserverpb::TxnRequest,
+        check: impl Fn(&MvccStore) -> Result<()>,
+    ) -> Result<crate::proto::etcdserverpb::TxnResponse> {
+        use crate::mvcc::TxnStep;
+        'start: loop {
+            let mut store = self.store.read();
+            check(&store)?;
+            let mut steps = store.start_read_only_txn(&*self.engine, t)?;
+            loop {
+                match store.step_read_only_txn(&mut steps, RANGE_STEP)? {
+                    TxnStep::Planned(plan) => {
+                        let view = self.engine.view();
+                        drop(store);
+                        return plan.read(&view, t);
+                    }
+                    TxnStep::More => parking_lot::RwLockReadGuard::bump(&mut store),
+                    TxnStep::Overtaken => continue 'start,
+                }
+            }
+        }
+    }
+
     /// Takes the position a loaded snapshot holds.
     pub(super) fn set_position_from(&self, meta: &StateMeta) -> Result<()> {
         *self.applied.lock() = decode_position(meta)?;

@@ -57,6 +57,11 @@ fn typed<T: AppliedResponse>(a: Applied) -> Result<T> {
     T::from_applied(a).ok_or_else(|| Error::Internal(format!("unexpected apply result {kind}")))
 }
 
+/// Whether a range reads few enough keys to be evaluated where it arrives.
+fn is_small(r: &RangeRequest) -> bool {
+    r.range_end.is_empty() || (!r.count_only && r.limit > 0 && r.limit <= INLINE_RANGE_LIMIT)
+}
+
 fn txn_is_serializable(t: &TxnRequest) -> bool {
     crate::mvcc::all_txn_ops(t, &|r| match r {
         request_op::Request::RequestRange(r) => r.serializable,
@@ -180,8 +185,7 @@ impl EtcdServer {
             .store
             .read()
             .check_range(ai, &r.key, &r.range_end, false)?;
-        let small = r.range_end.is_empty()
-            || (!r.count_only && r.limit > 0 && r.limit <= INLINE_RANGE_LIMIT);
+        let small = is_small(&r);
         let state = self.state.clone();
         let eval = move || state.range(&r);
         let mut resp = if small {
@@ -207,19 +211,30 @@ impl EtcdServer {
         }
         // Read-only: nothing changes, so no proposal (etcd serves these
         // locally too), and the store's shared lock only while the compares
-        // are evaluated and the ranges resolved against the index; the
-        // records are read from a storage view taken under it.
-        let engine = &*self.state.engine;
-        let (plan, view) = {
-            let store = self.state.store.read();
-            {
-                let auth = self.state.auth.store.read();
+        // are evaluated and the ranges walked, a step at a time; the
+        // records are read from a storage view without it. One with a range
+        // that may be large goes to the blocking pool, as such a range does.
+        let small = crate::mvcc::all_txn_ops(&r, &|op| match op {
+            request_op::Request::RequestRange(range) => is_small(range),
+            _ => true,
+        });
+        let state = self.state.clone();
+        let ai = ai.cloned();
+        let eval = move || {
+            let check = |store: &crate::mvcc::MvccStore| {
+                let auth = state.auth.store.read();
                 let keys = |id: i64| store.lease(id).map(|l| l.keys.clone());
-                auth.check_txn(ai, &r, &keys)?;
-            }
-            (store.plan_read_only_txn(engine, &r)?, engine.view())
+                auth.check_txn(ai.as_ref(), &r, &keys)
+            };
+            state.read_only_txn(&r, check)
         };
-        let mut resp = plan.read(&view, &r)?;
+        let mut resp = if small {
+            eval()?
+        } else {
+            tokio::task::spawn_blocking(eval)
+                .await
+                .map_err(Error::internal)??
+        };
         self.fill(&mut resp.header);
         Ok(resp)
     }
