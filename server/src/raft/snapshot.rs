@@ -720,6 +720,9 @@ impl KvState {
             }
         }
         let mut store = self.store.write();
+        // The old state's compaction stops before the new state comes in (its revisions
+        // may name records of the new one).
+        self.compactor.clear();
         commit(&self.engine, &self.snap_dir, path, how, &sst)?;
         let committed = started.elapsed();
         *store = restored.expect("built when asked for");
@@ -729,7 +732,6 @@ impl KvState {
             ingest_ms = (committed - prepared).as_millis() as u64,
             "snapshot loaded"
         );
-        self.compactor.clear();
         self.compactor
             .submit(store.compacted(), store.compact_leftovers());
         *self.auth.store.write() = load_auth(&self.engine.auth_state()?)?;

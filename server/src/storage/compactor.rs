@@ -40,6 +40,10 @@ struct Shared {
     pending: AtomicU64,
     /// Records deleted since the start.
     deleted: AtomicU64,
+    /// Held while a batch is deleted; holds what is left of the job in progress.
+    working: Mutex<u64>,
+    /// Bumped by [`Compactor::clear`]: a job taken before gives up at its next batch.
+    epoch: AtomicU64,
 }
 
 /// The thread that deletes compacted records.
@@ -57,6 +61,8 @@ impl Compactor {
             done: tokio::sync::watch::channel(0).0,
             pending: AtomicU64::new(0),
             deleted: AtomicU64::new(0),
+            working: Mutex::new(0),
+            epoch: AtomicU64::new(0),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -82,11 +88,18 @@ impl Compactor {
 
     /// Drops every queued job (the state machine was replaced; its own leftovers are
     /// submitted next).
+    ///
+    /// The job in progress is given up too, and a batch being deleted is waited for: call
+    /// this before the state is replaced, or a batch of the old state's revisions could
+    /// delete records of the new one that carry the same revisions.
     pub fn clear(&self) {
+        let mut left = self.shared.working.lock();
+        self.shared.epoch.fetch_add(1, Ordering::SeqCst);
         let mut q = self.shared.queue.lock();
-        let n: usize = q.iter().map(|j| j.revisions.len()).sum();
+        let n: u64 = q.iter().map(|j| j.revisions.len() as u64).sum::<u64>() + *left;
         q.clear();
-        self.shared.pending.fetch_sub(n as u64, Ordering::Relaxed);
+        *left = 0;
+        self.shared.pending.fetch_sub(n, Ordering::Relaxed);
     }
 
     /// The revision storage is compacted through.
@@ -138,13 +151,26 @@ fn run(shared: &Shared, engine: &Engine) {
                 shared.wake.wait(&mut q);
             }
         };
+        let epoch = {
+            let mut left = shared.working.lock();
+            *left = job.revisions.len() as u64;
+            shared.epoch.load(Ordering::SeqCst)
+        };
         for batch in job.revisions.chunks(BATCH) {
             if shared.stop.load(Ordering::Relaxed) {
                 return;
             }
-            if let Err(e) = engine.delete_records(batch) {
-                // Left behind: found again at the next start.
-                tracing::error!(error = %e, "compaction: deleting records failed");
+            {
+                let mut left = shared.working.lock();
+                if shared.epoch.load(Ordering::SeqCst) != epoch {
+                    // Cleared: what was left is no longer counted.
+                    break;
+                }
+                if let Err(e) = engine.delete_records(batch) {
+                    // Left behind: found again at the next start.
+                    tracing::error!(error = %e, "compaction: deleting records failed");
+                }
+                *left -= batch.len() as u64;
             }
             shared
                 .pending
@@ -211,11 +237,18 @@ mod tests {
         let left: Vec<_> = engine.records().map(|r| r.unwrap().0).collect();
         assert_eq!(left, vec![Revision::new(n + 1, 0)]);
         drop(c);
-        // A stop with work queued: the thread ends at once, the rest stays.
+        // Cleared with a job under way (50 batches with a pause after each, of revisions
+        // storage does not hold) and one queued behind it: the one under way stops at its
+        // next batch, the queued one never runs, nothing stays counted.
         let c = Compactor::start(engine.clone());
+        let absent: Vec<Revision> = (0..50 * BATCH as i64)
+            .map(|i| Revision::new(1_000_000 + i, 0))
+            .collect();
+        c.submit(n + 1, absent);
         c.submit(n + 1, vec![Revision::new(n + 1, 0)]);
         c.clear();
         assert_eq!(c.pending(), 0);
+        assert!(c.deleted() < 50 * BATCH as u64);
         drop(c);
         assert_eq!(engine.records().count(), 1);
     }
