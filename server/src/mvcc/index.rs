@@ -227,25 +227,9 @@ impl KeyIndex {
     /// Every key of `range` live at `at`, in key order, at most `limit` when
     /// `limit > 0`. Returns the keys and the total number live in the range.
     pub fn range(&self, range: &KeyRange, at: i64, limit: usize) -> (Vec<KeyAt>, usize) {
-        let mut out = Vec::new();
-        let mut total = 0;
-        let Some(bounds) = range.bounds() else {
-            return (out, 0);
-        };
-        for (k, h) in self.keys.range::<[u8], _>(bounds) {
-            if let Some((modified, created, version)) = h.get(at) {
-                total += 1;
-                if limit == 0 || out.len() < limit {
-                    out.push(KeyAt {
-                        key: k.clone(),
-                        modified,
-                        created,
-                        version,
-                    });
-                }
-            }
-        }
-        (out, total)
+        let mut walk = RangeWalk::new(range.clone(), at, limit, true);
+        self.range_step(&mut walk, usize::MAX);
+        (walk.keys, walk.total)
     }
 
     /// Goes on with `walk` for at most `budget` keys of the index, live or

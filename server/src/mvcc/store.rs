@@ -594,27 +594,17 @@ impl MvccStore {
     }
 
     /// A read-only txn (every operation a range, in nested txns too: see
-    /// [`is_read_only`]; validated by the caller), evaluated without changing
-    /// anything, so under a shared lock: the same answer [`Self::apply`]
-    /// gives it.
+    /// [`is_read_only`]), walked and read in one go: the same answer [`Self::apply`] gives it
+    /// (tests; members walk it in steps, `KvState::read_only_txn`).
+    #[cfg(test)]
     pub fn read_only_txn(
         &self,
         reader: &dyn RevisionReader,
         t: &TxnRequest,
     ) -> Result<TxnResponse> {
-        self.plan_read_only_txn(reader, t)?.read(reader, t)
-    }
-
-    /// Resolves a read-only txn against the index in one go: [`Self::start_read_only_txn`]
-    /// and its steps without a bound.
-    pub fn plan_read_only_txn(
-        &self,
-        reader: &dyn RevisionReader,
-        t: &TxnRequest,
-    ) -> Result<TxnPlan> {
         let mut steps = self.start_read_only_txn(reader, t)?;
         match self.step_read_only_txn(&mut steps, usize::MAX)? {
-            TxnStep::Planned(plan) => Ok(plan),
+            TxnStep::Planned(plan) => plan.read(reader, t),
             _ => Err(Error::Internal(
                 "mvcc: an unbounded txn walk stopped".into(),
             )),

@@ -57,6 +57,21 @@ fn typed<T: AppliedResponse>(a: Applied) -> Result<T> {
     T::from_applied(a).ok_or_else(|| Error::Internal(format!("unexpected apply result {kind}")))
 }
 
+/// Runs a read where it arrives when `small`, otherwise on the blocking pool: client
+/// threads are single-threaded runtimes, and a large read must stall nobody else.
+async fn evaluate<T: Send + 'static>(
+    small: bool,
+    eval: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    if small {
+        eval()
+    } else {
+        tokio::task::spawn_blocking(eval)
+            .await
+            .map_err(Error::internal)?
+    }
+}
+
 /// Whether a range reads few enough keys to be evaluated where it arrives.
 fn is_small(r: &RangeRequest) -> bool {
     r.range_end.is_empty() || (!r.count_only && r.limit > 0 && r.limit <= INLINE_RANGE_LIMIT)
@@ -187,14 +202,7 @@ impl EtcdServer {
             .check_range(ai, &r.key, &r.range_end, false)?;
         let small = is_small(&r);
         let state = self.state.clone();
-        let eval = move || state.range(&r);
-        let mut resp = if small {
-            eval()?
-        } else {
-            tokio::task::spawn_blocking(eval)
-                .await
-                .map_err(Error::internal)??
-        };
+        let mut resp = evaluate(small, move || state.range(&r)).await?;
         self.fill(&mut resp.header);
         Ok(resp)
     }
@@ -220,21 +228,15 @@ impl EtcdServer {
         });
         let state = self.state.clone();
         let ai = ai.cloned();
-        let eval = move || {
+        let mut resp = evaluate(small, move || {
             let check = |store: &crate::mvcc::MvccStore| {
                 let auth = state.auth.store.read();
                 let keys = |id: i64| store.lease(id).map(|l| l.keys.clone());
                 auth.check_txn(ai.as_ref(), &r, &keys)
             };
             state.read_only_txn(&r, check)
-        };
-        let mut resp = if small {
-            eval()?
-        } else {
-            tokio::task::spawn_blocking(eval)
-                .await
-                .map_err(Error::internal)??
-        };
+        })
+        .await?;
         self.fill(&mut resp.header);
         Ok(resp)
     }
