@@ -1,8 +1,10 @@
 //! cairn-operator: runs cairn clusters on Kubernetes from `EtcdCluster` objects.
 //!
 //! - [`crd`]: the `EtcdCluster` types and status.
+//! - [`layout`]: how members and children are named and reached.
 //! - [`resources`]: pure builders of the children (Services, ConfigMap, StatefulSet, PDB).
 //! - [`plan`]: pure membership planning: observed cluster in, next step out.
+//! - [`status`]: pure status derivation: observations and the step in, the status out.
 //! - [`members`]: membership calls through the etcd API (etcd-client).
 //! - [`controller`]: the reconcile loop that ties them together.
 //! - [`leader`], [`metrics`]: leader election between replicas; Prometheus metrics.
@@ -10,8 +12,10 @@
 pub mod backup;
 pub mod controller;
 pub mod crd;
+pub mod layout;
 pub mod leader;
 pub mod members;
 pub mod metrics;
 pub mod plan;
 pub mod resources;
+pub mod status;

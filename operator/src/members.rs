@@ -7,8 +7,8 @@ use std::time::Duration;
 use etcd_client::{Client, ConnectOptions, MemberAddOptions, MemberListResponse};
 use futures::future::join_all;
 
+use crate::layout::Layout;
 use crate::plan::{ClusterView, ObservedMember, Step};
-use crate::resources::Layout;
 
 /// How long one call to a member may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);

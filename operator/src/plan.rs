@@ -10,6 +10,8 @@
 //!   cluster holds data that can never serve again: its volume and pod are deleted, and the
 //!   ordinal joins again as a new member. Both go by the member ID the pod names, so a message
 //!   left from before a replacement is never acted on twice.
+//! - A cluster that starts from a backup bootstraps its first member alone (restored from the
+//!   backup); the others join as learners, as in a scale-up.
 //! - One step at a time, one learner at a time: a learner is promoted before anything else
 //!   happens; it is added before its pod exists, and its pod starts with `existing`.
 //! - The StatefulSet only ever grows to cover a member in the list and only shrinks after the
@@ -17,7 +19,8 @@
 //! - Shrinking removes the highest ordinal, after moving leadership away from it, and only when
 //!   the healthy voters left still form a quorum; otherwise the step is refused.
 
-use crate::resources::{Bootstrap, Layout};
+use crate::layout::Layout;
+use crate::resources::Bootstrap;
 
 /// One member as observed through the etcd API.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -130,6 +133,8 @@ pub struct Observed {
     pub view: Option<ClusterView>,
     /// Ordinals whose pod reported that its data cannot serve, and why.
     pub unusable: Vec<(i32, Unusable)>,
+    /// The cluster starts from a backup (`spec.bootstrap.fromBackup`).
+    pub from_backup: bool,
 }
 
 /// Why a step is not taken.
@@ -230,7 +235,9 @@ pub fn bootstrap(names: &dyn Layout, initial: i32, view: Option<&ClusterView>) -
 /// The next membership step towards `desired` voters.
 pub fn next_step(names: &dyn Layout, desired: i32, bootstrapped: bool, obs: &Observed) -> Step {
     let Some(replicas) = obs.statefulset_replicas else {
-        return Step::Bootstrap { replicas: desired };
+        // From a backup the first member alone starts, restored; the others join as learners.
+        let replicas = if obs.from_backup { 1 } else { desired };
+        return Step::Bootstrap { replicas };
     };
     let Some(view) = &obs.view else {
         return if bootstrapped {
@@ -341,7 +348,7 @@ pub fn next_step(names: &dyn Layout, desired: i32, bootstrapped: bool, obs: &Obs
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::resources::Names;
+    use crate::layout::Names;
 
     fn names() -> Names {
         Names {
@@ -374,6 +381,7 @@ mod tests {
             statefulset_replicas: Some(replicas),
             view: Some(v),
             unusable: vec![],
+            from_backup: false,
         }
     }
 
@@ -403,6 +411,23 @@ mod tests {
             next_step(&names(), 3, false, &o),
             Step::Bootstrap { replicas: 3 }
         );
+        // From a backup, the first member alone; the others join later as learners.
+        let o = Observed {
+            from_backup: true,
+            ..Observed::default()
+        };
+        assert_eq!(
+            next_step(&names(), 3, false, &o),
+            Step::Bootstrap { replicas: 1 }
+        );
+        let restored = Observed {
+            from_backup: true,
+            ..obs(1, view(&healthy(1), Some(0)))
+        };
+        assert_eq!(
+            next_step(&names(), 3, true, &restored),
+            Step::AddLearner { ordinal: 1 }
+        );
     }
 
     #[test]
@@ -411,6 +436,7 @@ mod tests {
             statefulset_replicas: Some(3),
             view: None,
             unusable: vec![],
+            from_backup: false,
         };
         assert_eq!(next_step(&names(), 3, false, &o), Step::WaitBootstrap);
         assert_eq!(
@@ -579,6 +605,7 @@ mod tests {
         );
         let o = Observed {
             unusable: vec![],
+            from_backup: false,
             ..obs(3, v)
         };
         assert_eq!(

@@ -31,15 +31,10 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
 use crate::crd::{AntiAffinityMode, EtcdCluster};
+use crate::layout::{Names, CLIENT_PORT, DATA_VOLUME, PEER_PORT};
 
-/// Client port of every member.
-pub const CLIENT_PORT: i32 = 2379;
-/// Peer (Raft) port of every member.
-pub const PEER_PORT: i32 = 2380;
 /// Where each member's volume is mounted; the data dir lives below it.
 pub const DATA_MOUNT: &str = "/var/lib/cairn";
-/// Name of the volume claim template (PVCs are `data-<pod>`).
-pub const DATA_VOLUME: &str = "data";
 /// ConfigMap keys read by the members at start.
 pub const KEY_INITIAL_CLUSTER: &str = "initial-cluster";
 pub const KEY_INITIAL_CLUSTER_STATE: &str = "initial-cluster-state";
@@ -50,93 +45,6 @@ pub const RUN_AS: i64 = 65532;
 /// The image members run when `spec.image` is unset: cairn of the operator's own version.
 pub fn default_image() -> String {
     format!("cairn:{}", env!("CARGO_PKG_VERSION"))
-}
-
-/// Highest member ordinal the operator looks for (sizes stop at 9; replacements and learners
-/// stay below this).
-pub const MAX_ORDINAL: i32 = 64;
-
-/// How members are named and reached: in Kubernetes by their pod's DNS name ([`Names`]); the
-/// membership tests run members on loopback ports instead.
-pub trait Layout: Send + Sync {
-    /// Member (and pod) name of an ordinal.
-    fn member(&self, ordinal: i32) -> String;
-    fn peer_url(&self, ordinal: i32) -> String;
-    fn client_url(&self, ordinal: i32) -> String;
-    /// The ordinal of a member name of this cluster.
-    fn ordinal(&self, member: &str) -> Option<i32> {
-        (0..MAX_ORDINAL).find(|o| self.member(*o) == member)
-    }
-    /// The ordinal whose peer URL this is.
-    fn ordinal_of_peer_url(&self, url: &str) -> Option<i32> {
-        (0..MAX_ORDINAL).find(|o| self.peer_url(*o) == url)
-    }
-    /// `--initial-cluster` naming the given ordinals.
-    fn initial_cluster(&self, ordinals: &[i32]) -> String {
-        ordinals
-            .iter()
-            .map(|i| format!("{}={}", self.member(*i), self.peer_url(*i)))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-}
-
-/// Deterministic names of a cluster's children and members.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Names {
-    pub cluster: String,
-    pub namespace: String,
-}
-
-impl Names {
-    pub fn of(ec: &EtcdCluster) -> Names {
-        Names {
-            cluster: ec.name_any(),
-            namespace: ec.namespace().unwrap_or_else(|| "default".to_string()),
-        }
-    }
-    /// The client Service (and the StatefulSet, PDB): the cluster's own name.
-    pub fn client_service(&self) -> String {
-        self.cluster.clone()
-    }
-    /// The headless Service that gives every member a stable DNS name.
-    pub fn peer_service(&self) -> String {
-        format!("{}-peer", self.cluster)
-    }
-    pub fn statefulset(&self) -> String {
-        self.cluster.clone()
-    }
-    pub fn pdb(&self) -> String {
-        self.cluster.clone()
-    }
-    pub fn configmap(&self) -> String {
-        format!("{}-bootstrap", self.cluster)
-    }
-    /// The PVC of an ordinal.
-    pub fn pvc(&self, ordinal: i32) -> String {
-        format!("{DATA_VOLUME}-{}", self.member(ordinal))
-    }
-    /// DNS name of a member, resolvable inside the cluster.
-    pub fn host(&self, ordinal: i32) -> String {
-        format!(
-            "{}.{}.{}.svc",
-            self.member(ordinal),
-            self.peer_service(),
-            self.namespace
-        )
-    }
-}
-
-impl Layout for Names {
-    fn member(&self, ordinal: i32) -> String {
-        format!("{}-{}", self.cluster, ordinal)
-    }
-    fn peer_url(&self, ordinal: i32) -> String {
-        format!("http://{}:{PEER_PORT}", self.host(ordinal))
-    }
-    fn client_url(&self, ordinal: i32) -> String {
-        format!("http://{}:{CLIENT_PORT}", self.host(ordinal))
-    }
 }
 
 /// Labels that select a cluster's member pods.
@@ -654,6 +562,7 @@ pub fn pdb(ec: &EtcdCluster, voters: i32) -> PodDisruptionBudget {
 mod tests {
     use super::*;
     use crate::crd::EtcdClusterSpec;
+    use crate::layout::Layout;
     use k8s_openapi::api::core::v1::{
         NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
         ResourceRequirements, Toleration,

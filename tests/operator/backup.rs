@@ -7,7 +7,7 @@ use std::process::Command;
 
 use cairn_operator::backup::{self, Error};
 use cairn_operator::crd::RetentionSpec;
-use cairn_operator::resources::Layout;
+use cairn_operator::layout::Layout;
 use jiff::Timestamp;
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload};

@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
+use cairn_operator::layout::Layout;
 use cairn_operator::members::Members;
 use cairn_operator::plan::bootstrap;
-use cairn_operator::resources::{Bootstrap, Layout};
+use cairn_operator::resources::Bootstrap;
 
 const SLOTS: usize = 8;
 

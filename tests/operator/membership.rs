@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cairn_operator::layout::Layout;
 use cairn_operator::members::Outcome;
 use cairn_operator::plan::{self, bootstrap, next_step, Observed, Refusal, Step};
-use cairn_operator::resources::Layout;
 
 use crate::cluster::{wait_leader, Pods};
 
@@ -34,6 +34,7 @@ async fn drive(pods: &mut Pods, desired: i32) -> Vec<Step> {
             statefulset_replicas: Some(pods.replicas),
             view: view.clone(),
             unusable,
+            from_backup: false,
         };
         let step = next_step(&pods.layout, desired, true, &obs);
         if !matches!(step, Step::WaitLearner { .. }) && steps.last() != Some(&step) {

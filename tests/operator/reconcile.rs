@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use cairn_operator::controller::{reconcile, Context};
 use cairn_operator::crd::EtcdCluster;
+use cairn_operator::layout::Layout;
 use cairn_operator::metrics::Metrics;
-use cairn_operator::resources::{Bootstrap, Layout};
+use cairn_operator::resources::Bootstrap;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use kube::client::Body;

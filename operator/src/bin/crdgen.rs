@@ -5,7 +5,8 @@
 //! EtcdCluster in FILE at bootstrap, so CI can check them against Kubernetes' own schemas.
 
 use cairn_operator::crd::{EtcdBackup, EtcdCluster};
-use cairn_operator::resources::{self, Bootstrap, Layout, Names};
+use cairn_operator::layout::{Layout, Names};
+use cairn_operator::resources::{self, Bootstrap};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 use serde::Deserialize;

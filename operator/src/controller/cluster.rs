@@ -269,15 +269,17 @@ impl<'a> Reconciler<'a> {
             }
         }
 
+        let from_backup = spec.bootstrap.as_ref().and_then(|b| b.from_backup.as_ref());
         let obs = Observed {
             statefulset_replicas: replicas,
             view: view.clone(),
             unusable,
+            from_backup: from_backup.is_some(),
         };
-        let mut step = next_step(self.layout.as_ref(), spec.size, bootstrapped, &obs);
+        let step = next_step(self.layout.as_ref(), spec.size, bootstrapped, &obs);
 
         if spec.paused {
-            let status = self.status(&prev, view.as_ref(), cluster_id, &Step::Steady, None, true);
+            let status = self.status(&prev, view.as_ref(), cluster_id, &Step::Steady, None);
             self.patch_status(status).await?;
             return Ok(Action::requeue(STEADY_REQUEUE));
         }
@@ -297,8 +299,7 @@ impl<'a> Reconciler<'a> {
         }
 
         // A cluster restored from a backup: the backup is resolved once, before anything is
-        // created, and the first member alone starts from it; the others join as learners.
-        let from_backup = spec.bootstrap.as_ref().and_then(|b| b.from_backup.as_ref());
+        // created (the plan has the first member alone start from it).
         // The status may be stale (a reconcile can start before the status it wrote last is
         // in the cache): the StatefulSet's annotation says it too.
         let mut restored_from = prev.restored_from.clone().or_else(|| {
@@ -332,9 +333,6 @@ impl<'a> Reconciler<'a> {
                         return Ok(Action::requeue(WAIT_REQUEUE));
                     }
                 }
-            }
-            if matches!(step, Step::Bootstrap { .. }) {
-                step = Step::Bootstrap { replicas: 1 };
             }
         }
         let restore =
@@ -410,7 +408,7 @@ impl<'a> Reconciler<'a> {
             .max(1);
         let pdb = self.disruption_budget(voters).await?;
 
-        let mut status = self.status(&prev, view.as_ref(), cluster_id, &step, operation, false);
+        let mut status = self.status(&prev, view.as_ref(), cluster_id, &step, operation);
         status.restored_from = restored_from;
         // A restore whose download or verification failed stops the first member in its init
         // containers; say why (the cluster never serves from a bad backup).
@@ -888,6 +886,7 @@ impl<'a> Reconciler<'a> {
         }
     }
 
+    /// The status for this round (see [`status::derive`]).
     fn status(
         &self,
         prev: &EtcdClusterStatus,
@@ -895,157 +894,16 @@ impl<'a> Reconciler<'a> {
         cluster_id: Option<String>,
         step: &Step,
         operation: Option<Operation>,
-        paused: bool,
     ) -> EtcdClusterStatus {
-        let ec = self.ec;
-        let generation = ec.metadata.generation;
         let t = now();
-        let layout = self.layout.as_ref();
-        let mut st = EtcdClusterStatus {
-            observed_generation: generation,
-            cluster_id,
-            operation,
-            conditions: prev.conditions.clone(),
-            ..EtcdClusterStatus::default()
+        let report = status::Report {
+            generation: self.ec.metadata.generation,
+            desired: self.ec.spec.size,
+            paused: self.ec.spec.paused,
+            layout: self.layout.as_ref(),
+            now: &t,
         };
-        if let Some(v) = view {
-            let mut members: Vec<(i32, MemberStatus)> = v
-                .members
-                .iter()
-                .map(|m| {
-                    let ordinal = v.ordinal(layout, m);
-                    let name = if m.name.is_empty() {
-                        ordinal.map(|o| layout.member(o)).unwrap_or_default()
-                    } else {
-                        m.name.clone()
-                    };
-                    (
-                        ordinal.unwrap_or(i32::MAX),
-                        MemberStatus {
-                            name,
-                            id: format!("{:x}", m.id),
-                            leader: v.leader == Some(m.id),
-                            learner: m.learner,
-                            healthy: m.healthy,
-                        },
-                    )
-                })
-                .collect();
-            members.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.name.cmp(&b.1.name)));
-            st.members = members.into_iter().map(|(_, m)| m).collect();
-            st.size = v.voters().count() as i32;
-            st.ready_members = v.members.iter().filter(|m| m.healthy).count() as i32;
-            st.leader = st.members.iter().find(|m| m.leader).map(|m| m.name.clone());
-        } else {
-            // Nobody answers: keep the last known members, none of them healthy.
-            st.size = prev.size;
-            st.members = prev
-                .members
-                .iter()
-                .map(|m| MemberStatus {
-                    healthy: false,
-                    leader: false,
-                    ..m.clone()
-                })
-                .collect();
-        }
-
-        let has_leader = st.leader.is_some();
-        let (avail_reason, avail_msg) = match (view, has_leader) {
-            (_, true) => (
-                "QuorumAvailable",
-                format!("{} of {} members ready", st.ready_members, st.members.len()),
-            ),
-            (None, false) if st.cluster_id.is_none() => {
-                ("Bootstrapping", "waiting for the first members".to_string())
-            }
-            (None, false) => ("Unreachable", "no member answers".to_string()),
-            (Some(_), false) => (
-                "QuorumLost",
-                "members answer but there is no leader".to_string(),
-            ),
-        };
-        st.set_condition(
-            condition::AVAILABLE,
-            has_leader,
-            avail_reason,
-            avail_msg,
-            generation,
-            &t,
-        );
-
-        let (progressing, reason, msg) = if paused {
-            (
-                false,
-                "Paused",
-                "spec.paused is set: nothing is changed".to_string(),
-            )
-        } else {
-            match step {
-                Step::Steady => (false, "Steady", format!("{} voting members", st.size)),
-                Step::Bootstrap { .. } | Step::WaitBootstrap => (
-                    true,
-                    "Bootstrapping",
-                    "starting the first members".to_string(),
-                ),
-                Step::AddLearner { .. }
-                | Step::Grow { .. }
-                | Step::Promote { .. }
-                | Step::WaitLearner { .. } => (
-                    true,
-                    "ScalingUp",
-                    format!("growing to {} members", ec.spec.size),
-                ),
-                Step::MoveLeader { .. } | Step::Remove { .. } | Step::Shrink { .. } => (
-                    true,
-                    "ScalingDown",
-                    format!("shrinking to {} members", ec.spec.size),
-                ),
-                Step::Replace { ordinal, .. } => (
-                    true,
-                    "MemberReplaced",
-                    format!("replacing {}, which lost its data", layout.member(*ordinal)),
-                ),
-                Step::Wipe { ordinal } => (
-                    true,
-                    "MemberReplaced",
-                    format!(
-                        "replacing {}, which was removed from the cluster",
-                        layout.member(*ordinal)
-                    ),
-                ),
-                Step::Refuse(r) => (false, r.reason(), r.message()),
-            }
-        };
-        st.set_condition(
-            condition::PROGRESSING,
-            progressing,
-            reason,
-            msg,
-            generation,
-            &t,
-        );
-
-        let unhealthy: Vec<&str> = st
-            .members
-            .iter()
-            .filter(|m| !m.healthy)
-            .map(|m| m.name.as_str())
-            .collect();
-        let (degraded, reason, msg) = match step {
-            Step::Refuse(r) if !paused => (true, r.reason(), r.message()),
-            _ if !has_leader && st.cluster_id.is_some() => {
-                (true, avail_reason, "the cluster has no leader".to_string())
-            }
-            _ if !unhealthy.is_empty() => (
-                true,
-                "MembersUnhealthy",
-                format!("not answering: {}", unhealthy.join(", ")),
-            ),
-            _ => (false, "AllHealthy", "every member answers".to_string()),
-        };
-        st.set_condition(condition::DEGRADED, degraded, reason, msg, generation, &t);
-        st
+        status::derive(&report, prev, view, cluster_id, step, operation)
     }
 
     async fn patch_status(&self, status: EtcdClusterStatus) -> Result<(), Error> {

@@ -34,13 +34,14 @@ use tracing::{info, warn, Instrument};
 
 use crate::backup::{Credentials, Destination, Due, RunOwner, Runs};
 use crate::crd::{
-    condition, BackupPhase, EtcdBackup, EtcdCluster, EtcdClusterStatus, MemberStatus, Operation,
-    OperationKind,
+    condition, BackupPhase, EtcdBackup, EtcdCluster, EtcdClusterStatus, Operation, OperationKind,
 };
+use crate::layout::{Layout, Names};
 use crate::members::{self, Members, Outcome};
 use crate::metrics::Metrics;
 use crate::plan::{self, bootstrap, next_step, ClusterView, Observed, Step};
-use crate::resources::{self, Layout, Names};
+use crate::resources;
+use crate::status;
 
 /// The one field manager of everything the operator applies.
 pub const FIELD_MANAGER: &str = "cairn-operator";
