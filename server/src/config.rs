@@ -10,12 +10,24 @@ use clap::Parser;
 use sha1::{Digest, Sha1};
 use url::Url;
 
+/// What `--version` prints: cairn's release, the etcd API version it speaks, and the data
+/// formats it writes and reads.
+static LONG_VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    use crate::storage::{DATA_FORMAT, OLDEST_DATA_FORMAT};
+    format!(
+        "{}\netcd API version: {}\ndata format: {DATA_FORMAT} (reads {OLDEST_DATA_FORMAT} to {DATA_FORMAT})",
+        env!("CARGO_PKG_VERSION"),
+        crate::server::ETCD_VERSION
+    )
+});
+
 /// etcd-compatible flags. Every flag also reads `ETCD_<NAME>` (upper case,
 /// dashes as underscores), as etcd does.
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "cairn",
     version,
+    long_version = LONG_VERSION.as_str(),
     about = "An etcd v3 compatible key-value server"
 )]
 pub struct Flags {
@@ -101,6 +113,14 @@ pub struct Flags {
     /// runtime sharing the listen addresses (SO_REUSEPORT). 0: half the CPUs, at least 1.
     #[arg(long, env = "ETCD_EXPERIMENTAL_CLIENT_IO_THREADS", default_value_t = 0)]
     pub experimental_client_io_threads: usize,
+    /// cairn: an `https://` peer URL also serves connections that do not start a TLS
+    /// handshake, in plaintext. Such peers are not authenticated (as on an `http://` peer URL):
+    /// `--peer-client-cert-auth` and `--peer-cert-allowed-cn` hold for TLS connections only.
+    /// For moving a live cluster's peer traffic to or from TLS member by member; turn it off
+    /// once every member's peer URL is `https://`.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_PEER_ACCEPT_PLAINTEXT", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", value_parser = parse_go_bool)]
+    pub experimental_peer_accept_plaintext: bool,
     /// Logger: 'zap' or 'capnslog' (accepted for compatibility; cairn logs with tracing).
     #[arg(long, env = "ETCD_LOGGER", default_value = "zap", value_parser = ["zap", "capnslog"])]
     pub logger: String,
@@ -253,6 +273,8 @@ pub struct Config {
     pub client_tls: Option<TlsFiles>,
     /// Which `listen_peer` addresses serve TLS.
     pub listen_peer_tls: Vec<bool>,
+    /// `--experimental-peer-accept-plaintext`: TLS peer addresses serve plaintext too.
+    pub peer_accept_plaintext: bool,
     /// The peer port's TLS files (`--peer-*`): served on `https://` peer URLs and presented
     /// when calling other members.
     pub peer_tls: Option<TlsFiles>,
@@ -567,6 +589,7 @@ impl Config {
             listen_client_tls,
             client_tls,
             listen_peer_tls,
+            peer_accept_plaintext: f.experimental_peer_accept_plaintext,
             peer_tls,
             advertise_client_urls: adv_client,
             listen_peer: bind_addrs("listen-peer-urls", &peer)?,

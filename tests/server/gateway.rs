@@ -212,3 +212,30 @@ fn http_gateway_answers_as_etcds() {
         failures.join("\n")
     );
 }
+
+/// `/version` has etcd's two fields and cairn's release and data format; `--version` says the
+/// same.
+#[test]
+fn version_says_release_and_data_format() {
+    let m = Member::start(Kind::Cairn);
+    let answer = crate::harness::http_get(m.client_port, "/version").unwrap();
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(v["etcdserver"], "3.5.13", "{body}");
+    assert_eq!(v["etcdcluster"], "3.5.0", "{body}");
+    assert_eq!(v["cairnserver"], env!("CARGO_PKG_VERSION"), "{body}");
+    assert_eq!(v["cairndataformat"], "2", "{body}");
+    let out = std::process::Command::new(Kind::Cairn.binary())
+        .arg("--version")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert_eq!(
+        text.trim(),
+        format!(
+            "cairn {}\netcd API version: 3.5.13\ndata format: 2 (reads 1 to 2)",
+            env!("CARGO_PKG_VERSION")
+        )
+    );
+}

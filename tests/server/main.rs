@@ -22,3 +22,5 @@ mod peer;
 mod runner;
 mod snapshot;
 mod tls;
+#[path = "../common/writer.rs"]
+mod writer;

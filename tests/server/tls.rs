@@ -517,19 +517,27 @@ async fn members_over_peer_tls(
     }
 }
 
-/// Three single-process members of one cluster on loopback, talking over `https://` peer
-/// URLs with `peer_flags`, clients on plain `http://`.
+/// Three single-process members of one cluster on loopback, clients on plain `http://`; by
+/// default talking over `https://` peer URLs with `peer_flags`.
 struct PeerTrio {
     kind: Kind,
     dir: tempfile::TempDir,
     /// (client, peer) port of each member.
     ports: Vec<(u16, u16)>,
-    peer_flags: Vec<String>,
+    /// The scheme of the peer URLs the cluster was bootstrapped with.
+    bootstrap: &'static str,
+    /// Per member: the scheme its peer port listens with, and its `--peer-*` flags.
+    listen: Vec<(&'static str, Vec<String>)>,
     procs: Vec<Option<std::process::Child>>,
 }
 
 impl PeerTrio {
     fn start(kind: Kind, peer_flags: &[String]) -> Self {
+        Self::start_with(kind, "https", peer_flags)
+    }
+
+    /// Three members bootstrapped with `scheme://` peer URLs and `peer_flags`.
+    fn start_with(kind: Kind, scheme: &'static str, peer_flags: &[String]) -> Self {
         let ports = (0..3)
             .map(|_| {
                 let p = crate::ports::free_ports(2);
@@ -540,32 +548,42 @@ impl PeerTrio {
             kind,
             dir: tempfile::tempdir().unwrap(),
             ports,
-            peer_flags: peer_flags.to_vec(),
+            bootstrap: scheme,
+            listen: vec![(scheme, peer_flags.to_vec()); 3],
             procs: Vec::new(),
         };
         t.procs = (0..3).map(|i| Some(t.spawn(i))).collect();
         t
     }
 
+    fn peer_url(&self, scheme: &str, i: usize) -> String {
+        format!("{scheme}://127.0.0.1:{}", self.ports[i].1)
+    }
+
     fn spawn(&self, i: usize) -> std::process::Child {
-        let initial: Vec<String> = (self.ports.iter().enumerate())
-            .map(|(i, (_, p))| format!("m{i}=https://127.0.0.1:{p}"))
+        let initial: Vec<String> = (0..3)
+            .map(|j| format!("m{j}={}", self.peer_url(self.bootstrap, j)))
             .collect();
-        let (c, p) = self.ports[i];
-        let log = std::fs::File::create(self.dir.path().join(format!("m{i}.log"))).unwrap();
+        let c = self.ports[i].0;
+        let (scheme, flags) = &self.listen[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("m{i}.log")))
+            .unwrap();
         Command::new(self.kind.binary())
             .args(["--name", &format!("m{i}")])
             .arg("--data-dir")
             .arg(self.dir.path().join(format!("m{i}")))
             .args(["--listen-client-urls", &format!("http://127.0.0.1:{c}")])
             .args(["--advertise-client-urls", &format!("http://127.0.0.1:{c}")])
-            .args(["--listen-peer-urls", &format!("https://127.0.0.1:{p}")])
+            .args(["--listen-peer-urls", &self.peer_url(scheme, i)])
             .args([
                 "--initial-advertise-peer-urls",
-                &format!("https://127.0.0.1:{p}"),
+                &self.peer_url(self.bootstrap, i),
             ])
             .args(["--initial-cluster", &initial.join(",")])
-            .args(&self.peer_flags)
+            .args(flags)
             .stderr(log)
             .spawn()
             .unwrap()
@@ -779,5 +797,162 @@ async fn peer_auto_tls_as_with_etcd() {
         assert_eq!(r.kvs()[0].value(), b"1", "{kind:?}");
         let made = trio.dir.path().join("m1/fixtures/peer/cert.pem");
         assert!(made.exists(), "{kind:?}");
+    }
+}
+
+/// Whether the peer port of member `i` answers a plaintext call.
+async fn peer_port_serves_plaintext(trio: &PeerTrio, i: usize) -> bool {
+    let url = trio.peer_url("http", i);
+    let Ok(channel) = cairn::raft::connect(&url, None) else {
+        return false;
+    };
+    let mut pc = cairn::proto::peerpb::peer_client::PeerClient::new(channel);
+    let call = pc.members(cairn::proto::peerpb::MembersRequest { id: 0 });
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), call).await,
+        Ok(Ok(_))
+    )
+}
+
+/// Member `i` takes a write and answers a linearizable read of it: it reaches the leader and
+/// the leader reaches it.
+async fn serves(trio: &PeerTrio, i: usize) {
+    let mut c = trio.client(i).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = c.get("probe", None).await {
+            if r.count() == 1 {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "m{i} never read:\n{}",
+            trio.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Sets every member's peer URL to `scheme://` (MemberUpdate through member 0), one after
+/// another, each followed by a write and read through that member.
+async fn move_peer_urls(trio: &PeerTrio, scheme: &str) {
+    let mut c = trio.client(0).await;
+    for i in 0..3 {
+        let members = c.member_list().await.unwrap();
+        let id = members
+            .members()
+            .iter()
+            .find(|m| m.name() == format!("m{i}"))
+            .unwrap()
+            .id();
+        c.member_update(id, vec![trio.peer_url(scheme, i)])
+            .await
+            .unwrap_or_else(|e| panic!("member update of m{i}: {e}\n{}", trio.logs()));
+        serves(trio, i).await;
+    }
+    let urls: Vec<String> = c
+        .member_list()
+        .await
+        .unwrap()
+        .members()
+        .iter()
+        .flat_map(|m| m.peer_urls().to_vec())
+        .collect();
+    assert_eq!(urls.len(), 3);
+    assert!(
+        urls.iter().all(|u| u.starts_with(&format!("{scheme}://"))),
+        "{urls:?}"
+    );
+}
+
+/// A live cluster moves its peer traffic from plaintext to mutual TLS and back, one member at a
+/// time, under a writer: restarted with `--experimental-peer-accept-plaintext` each member
+/// serves TLS and plaintext on its peer port; MemberUpdate moves each peer URL to `https://`;
+/// restarted without the flag each refuses plaintext. The way back is the same steps in
+/// reverse. Every acknowledged write is then read back from every member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_traffic_moves_to_tls_and_back_member_by_member() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let pki = Pki::new();
+    let tls: Vec<String> = [
+        "--peer-cert-file",
+        &pki.path("server.crt"),
+        "--peer-key-file",
+        &pki.path("server.key"),
+        "--peer-trusted-ca-file",
+        &pki.path("ca.crt"),
+        "--peer-client-cert-auth",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut both = tls.clone();
+    both.push("--experimental-peer-accept-plaintext".into());
+
+    let mut trio = PeerTrio::start_with(Kind::Cairn, "http", &[]);
+    serves(&trio, 0).await;
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let endpoints = (0..3)
+        .map(|i| format!("http://127.0.0.1:{}", trio.ports[i].0))
+        .collect();
+    let writer = crate::writer::spawn(
+        endpoints,
+        etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5)),
+        "w/",
+        Duration::from_millis(5),
+        stop.clone(),
+    );
+
+    // To TLS: both kinds served, URLs moved, plaintext off.
+    for i in 0..3 {
+        trio.listen[i] = ("https", both.clone());
+        trio.restart(i);
+        serves(&trio, i).await;
+        assert!(peer_port_serves_plaintext(&trio, i).await, "m{i}");
+    }
+    move_peer_urls(&trio, "https").await;
+    for i in 0..3 {
+        trio.listen[i] = ("https", tls.clone());
+        trio.restart(i);
+        serves(&trio, i).await;
+        assert!(!peer_port_serves_plaintext(&trio, i).await, "m{i}");
+    }
+    // And back.
+    for i in 0..3 {
+        trio.listen[i] = ("https", both.clone());
+        trio.restart(i);
+        serves(&trio, i).await;
+    }
+    move_peer_urls(&trio, "http").await;
+    for i in 0..3 {
+        trio.listen[i] = ("http", vec![]);
+        trio.restart(i);
+        serves(&trio, i).await;
+        assert!(peer_port_serves_plaintext(&trio, i).await, "m{i}");
+    }
+
+    stop.store(true, Ordering::SeqCst);
+    let (acked, _failed) = writer.await.unwrap();
+    assert!(
+        acked.len() > 100,
+        "only {} writes acknowledged",
+        acked.len()
+    );
+    for i in 0..3 {
+        let mut c = trio.client(i).await;
+        let r = c
+            .get("w/", Some(etcd_client::GetOptions::new().with_prefix()))
+            .await
+            .unwrap();
+        let held: std::collections::HashSet<&str> =
+            r.kvs().iter().map(|kv| kv.key_str().unwrap()).collect();
+        let lost: Vec<&String> = acked
+            .iter()
+            .filter(|k| !held.contains(k.as_str()))
+            .collect();
+        assert!(lost.is_empty(), "m{i} lacks acknowledged writes {lost:?}");
     }
 }

@@ -403,15 +403,14 @@ impl tonic::transport::server::Connected for FixAuthority<tokio::net::TcpStream>
     }
 }
 
-impl tonic::transport::server::Connected
-    for FixAuthority<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>
-{
+impl tonic::transport::server::Connected for FixAuthority<super::incoming::Conn> {
     type ConnectInfo = ClientConn;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        let (_, tls) = self.inner.get_ref();
-        let common_name = tls
-            .peer_certificates()
+        let common_name = self
+            .inner
+            .tls()
+            .and_then(|tls| tls.peer_certificates())
             .and_then(|chain| chain.first())
             .and_then(|cert| crate::tls::common_name(cert.as_ref()))
             .map(Into::into);

@@ -6,6 +6,7 @@ pub mod auth;
 mod authority;
 pub mod cluster;
 pub mod gateway;
+mod incoming;
 pub mod kv;
 pub mod lease;
 pub mod maintenance;
@@ -120,10 +121,17 @@ async fn metrics(State(s): State<Arc<EtcdServer>>) -> impl IntoResponse {
     )
 }
 
+/// etcd's two fields, and cairn's own: its release and the data format it keeps its data
+/// directory in (see [`crate::storage::DATA_FORMAT`]), which the operator reads before and
+/// after upgrading a member.
 async fn version() -> impl IntoResponse {
     (
         [("content-type", "application/json")],
-        format!(r#"{{"etcdserver":"{ETCD_VERSION}","etcdcluster":"{ETCD_CLUSTER_VERSION}"}}"#),
+        format!(
+            r#"{{"etcdserver":"{ETCD_VERSION}","etcdcluster":"{ETCD_CLUSTER_VERSION}","cairnserver":"{}","cairndataformat":"{}"}}"#,
+            env!("CARGO_PKG_VERSION"),
+            crate::storage::DATA_FORMAT
+        ),
     )
 }
 
@@ -266,56 +274,11 @@ async fn serve_listener(
             server.serve_with_incoming_shutdown(incoming, stopped).await
         }
         Some(config) => {
-            let incoming = tls_incoming(listener, config, stop);
+            let incoming = incoming::tls_incoming(listener, config, false, stop);
             server.serve_with_incoming_shutdown(incoming, stopped).await
         }
     };
     result.map_err(|e| Error::Internal(format!("client server: {e}")))
-}
-
-/// Most time a client has to finish its TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// TLS connections accepted on `listener`: each handshake runs on its own task (a slow
-/// client holds up no other), and the connection joins the server once it completes.
-fn tls_incoming(
-    listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> impl futures::Stream<
-    Item = std::io::Result<
-        authority::FixAuthority<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
-    >,
-> {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!("accepting a client connection: {e}");
-                        continue;
-                    }
-                },
-                _ = stop.wait_for(|v| *v) => return,
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(authority::FixAuthority::new(stream))).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake: {e}"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// Serves members on every `--listen-peer-urls` address and clients as
@@ -336,7 +299,14 @@ pub async fn serve(
             .peer
             .clone()
             .filter(|_| s.cfg.listen_peer_tls.get(i).copied().unwrap_or(false));
+        let plaintext_too = s.cfg.peer_accept_plaintext;
         info!(%addr, tls = tls.is_some(), "serving peer traffic");
+        if tls.is_some() && plaintext_too {
+            tracing::warn!(
+                %addr,
+                "the peer port serves plaintext too (--experimental-peer-accept-plaintext): peers that connect in plaintext are not authenticated, as on an http:// peer URL; turn it off once every member's peer URL is https://"
+            );
+        }
         let svc = crate::proto::peerpb::peer_server::PeerServer::new(service.clone())
             .max_decoding_message_size(crate::raft::MAX_PEER_MESSAGE)
             .max_encoding_message_size(crate::raft::MAX_PEER_MESSAGE);
@@ -356,7 +326,8 @@ pub async fn serve(
                     server.serve_with_incoming_shutdown(incoming, stopped).await
                 }
                 Some(config) => {
-                    let incoming = tls_incoming(listener, config, stopping);
+                    let incoming =
+                        incoming::tls_incoming(listener, config, plaintext_too, stopping);
                     server.serve_with_incoming_shutdown(incoming, stopped).await
                 }
             };

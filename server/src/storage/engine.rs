@@ -20,6 +20,22 @@ const ALL_CFS: [&str; 5] = [CF_LOG, CF_RAFT, CF_KV, CF_LEASE, CF_META];
 
 const META_STATE: &[u8] = b"state";
 const META_IDENTITY: &[u8] = b"identity";
+/// The data format the directory was last opened with (a little-endian u32; absent: 1).
+const META_FORMAT: &[u8] = b"format";
+
+/// The data format this build writes. Versions of the data directory, with the cairn release
+/// that introduced each:
+/// - 1, cairn 0.1.0: history records, leases and the state's position in `kv`; the Raft log in
+///   the journal; identity in `meta`.
+/// - 2, cairn 0.2.0: adds the auth state (`kv`), the member history and the marks of a
+///   snapshot being installed or owed (`raft`), and compacts in the background, so compacted
+///   records may remain on disk for a while (0.1.0 would take them back into its index).
+///
+/// A build reads every format from [`OLDEST_DATA_FORMAT`] to its own and marks the directory
+/// with its own when it opens it; a directory of a newer format is refused at start.
+pub const DATA_FORMAT: u32 = 2;
+/// The oldest data format this build reads (and moves to [`DATA_FORMAT`]).
+pub const OLDEST_DATA_FORMAT: u32 = 1;
 
 // The state machine lives in the `kv` column family alone, so that RocksDB
 // persists it as one unit (a flush of one column family is atomic): history
@@ -146,8 +162,44 @@ impl Engine {
             .map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(rocks)?;
         let engine = Self { db };
+        engine.mark_format(dir)?;
         engine.move_state_into_kv()?;
         Ok(Arc::new(engine))
+    }
+
+    /// Refuses a directory of a data format newer than this build's, and marks an older one
+    /// (or a new one) with this build's.
+    fn mark_format(&self, dir: &Path) -> Result<()> {
+        let meta = self.cf(CF_META);
+        let stored = self.db.get_cf(meta, META_FORMAT).map_err(rocks)?;
+        let found = match &stored {
+            None => OLDEST_DATA_FORMAT,
+            Some(v) => {
+                let bytes: [u8; 4] = v.as_slice().try_into().map_err(|_| {
+                    Error::Internal(format!(
+                        "{}: the data format mark is {} bytes long, not 4",
+                        dir.display(),
+                        v.len()
+                    ))
+                })?;
+                u32::from_le_bytes(bytes)
+            }
+        };
+        if found > DATA_FORMAT {
+            return Err(Error::Internal(format!(
+                "{}: the data directory is in data format {found}, which this build (cairn {}) does not read: it reads data formats {OLDEST_DATA_FORMAT} to {DATA_FORMAT}",
+                dir.display(),
+                env!("CARGO_PKG_VERSION")
+            )));
+        }
+        if stored.is_none() || found < DATA_FORMAT {
+            let mut wo = WriteOptions::default();
+            wo.set_sync(true);
+            self.db
+                .put_cf_opt(meta, META_FORMAT, DATA_FORMAT.to_le_bytes(), &wo)
+                .map_err(rocks)?;
+        }
+        Ok(())
     }
 
     /// Data written before the state machine lived in the `kv` column family
@@ -640,6 +692,49 @@ mod tests {
             alarms: vec![(7, 1)],
             ..Default::default()
         }
+    }
+
+    /// A directory without a format mark (cairn 0.1.0's, or a new one) is marked with this
+    /// build's format; one of a newer format is refused with what this build reads, and left as
+    /// it was.
+    #[test]
+    fn data_format_is_marked_and_a_newer_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mark = |e: &Engine| e.db.get_cf(e.cf(CF_META), META_FORMAT).unwrap();
+        {
+            let e = Engine::open(dir.path()).unwrap();
+            assert_eq!(mark(&e), Some(DATA_FORMAT.to_le_bytes().to_vec()));
+            // As cairn 0.1.0 left it: no mark.
+            e.db.delete_cf(e.cf(CF_META), META_FORMAT).unwrap();
+        }
+        {
+            let e = Engine::open(dir.path()).unwrap();
+            assert_eq!(mark(&e), Some(DATA_FORMAT.to_le_bytes().to_vec()));
+            e.db.put_cf(e.cf(CF_META), META_FORMAT, (DATA_FORMAT + 1).to_le_bytes())
+                .unwrap();
+        }
+        let err = Engine::open(dir.path()).err().unwrap().to_string();
+        assert!(
+            err.contains(&format!(
+                "in data format {}, which this build (cairn {}) does not read: it reads data formats 1 to {DATA_FORMAT}",
+                DATA_FORMAT + 1,
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{err}"
+        );
+        // Refused, not rewritten.
+        let e = DB::open_cf_descriptors(
+            &Options::default(),
+            dir.path(),
+            ALL_CFS
+                .iter()
+                .map(|n| ColumnFamilyDescriptor::new(*n, Options::default())),
+        )
+        .unwrap();
+        let v = e
+            .get_cf(e.cf_handle(CF_META).unwrap(), META_FORMAT)
+            .unwrap();
+        assert_eq!(v, Some((DATA_FORMAT + 1).to_le_bytes().to_vec()));
     }
 
     /// A data dir from before the state machine lived in `kv` alone: its

@@ -32,6 +32,7 @@ mod log_writer;
 pub use compactor::Compactor;
 pub use engine::{
     dec, decode_record, encode_record, Engine, Identity, LeasesAndAuth, StateMeta, View, CF_LOG,
+    DATA_FORMAT, OLDEST_DATA_FORMAT,
 };
 pub use log_writer::{LogOp, LogWriter};
 
