@@ -139,6 +139,7 @@ fn manifest_key(snapshot_key: &str) -> String {
 /// `<dir>/<time>.snap`, then writes the manifest. Returns the record of the backup.
 pub async fn stream_backup(
     endpoints: &[String],
+    access: &crate::members::Access,
     dest: &Destination,
     dir: &str,
     now: Timestamp,
@@ -150,7 +151,7 @@ pub async fn stream_backup(
             .with_connect_timeout(Duration::from_secs(3))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(10));
         let attempt = async {
-            let mut c = etcd_client::Client::connect([e], Some(opts)).await?;
+            let mut c = access.connect(std::slice::from_ref(e), opts).await?;
             c.snapshot().await
         };
         match tokio::time::timeout(Duration::from_secs(10), attempt).await {
@@ -467,12 +468,13 @@ impl Runs {
 /// logged, not fatal: the backup itself succeeded).
 pub async fn backup_and_prune(
     endpoints: Vec<String>,
+    access: crate::members::Access,
     dest: Destination,
     dir: String,
     retention: Option<RetentionSpec>,
 ) -> Result<BackupRecord, String> {
     let now = Timestamp::now();
-    let rec = stream_backup(&endpoints, &dest, &dir, now)
+    let rec = stream_backup(&endpoints, &access, &dest, &dir, now)
         .await
         .map_err(|e| e.to_string())?;
     if let Some(r) = retention {

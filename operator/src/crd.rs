@@ -35,6 +35,7 @@ pub const QUANTITY_PATTERN: &str =
     printcolumn(name = "Size", type_ = "integer", json_path = ".spec.size"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyMembers"),
     printcolumn(name = "Leader", type_ = "string", json_path = ".status.leader"),
+    printcolumn(name = "Version", type_ = "string", json_path = ".status.version"),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -48,9 +49,20 @@ pub struct EtcdClusterSpec {
     #[serde(default = "default_size")]
     #[schemars(range(min = 1, max = 9))]
     pub size: i32,
-    /// Container image of cairn. Default: the cairn image of the operator's own version.
+    /// Container image of cairn; wins over `version`. Default: the cairn image of `version`,
+    /// else of the operator's own release.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// The cairn release to run (`0.2.0`): the operator's cairn image repository with this tag.
+    /// Changing it upgrades (or reverts) the members one at a time, followers first, each
+    /// healthy and caught up before the next; an upgrade whose release cannot read the data
+    /// format the members keep is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9A-Za-z_][0-9A-Za-z_.-]{0,127}$"))]
+    pub version: Option<String>,
+    /// How changes of the members' pods (a new version or image, resources, ...) roll out.
+    #[serde(default)]
+    pub rollout: RolloutSpec,
     /// Persistent storage: one PersistentVolumeClaim per member.
     #[serde(default)]
     pub storage: StorageSpec,
@@ -75,6 +87,54 @@ pub struct EtcdClusterSpec {
     /// How a new cluster starts: empty, or from a backup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bootstrap: Option<BootstrapSpec>,
+    /// etcd's authentication, managed: the root user and its password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthSpec>,
+}
+
+/// Authentication of a cluster's clients (etcd's users and roles).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// Turn auth on: the operator creates the `root` user (with the `root` role) with the
+    /// password of `rootSecret`, enables auth and makes its own calls as root. Setting it back to
+    /// false turns auth off again; users and roles are left as they are (they are the users'
+    /// business, through etcdctl).
+    #[serde(default)]
+    pub enabled: bool,
+    /// A Secret in the cluster's namespace whose key `password` is root's password. Without
+    /// one, the operator creates `<cluster>-root` with a generated password (kept when the
+    /// EtcdCluster is deleted, as the members' volumes are).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_secret: Option<String>,
+}
+
+/// How the operator rolls changes of the pod template out to the members: one member at a
+/// time, only while every other voter is healthy and caught up, the leader last.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// How long a restarted member has to come back with its member ID and catch up with the
+    /// leader: a number with a unit, `s`, `m` or `h` (default `5m`). Past it the rollout stops
+    /// (`Progressing=False`, reason `UpgradeStalled`) and touches no other member; setting the
+    /// previous version (or image) back reverts the member the same way, unless the new release
+    /// already moved its data to a data format the previous one does not read (then the
+    /// previous version is refused, as etcd refuses downgrades).
+    #[serde(default = "default_member_deadline")]
+    #[schemars(regex(pattern = r"^[0-9]+(s|m|h)$"))]
+    pub member_deadline: String,
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        RolloutSpec {
+            member_deadline: default_member_deadline(),
+        }
+    }
+}
+
+fn default_member_deadline() -> String {
+    "5m".to_string()
 }
 
 /// Scheduled backups of a cluster.
@@ -356,6 +416,13 @@ pub struct EtcdClusterStatus {
     /// Name of the leader.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader: Option<String>,
+    /// The lowest cairn release the members run (as etcd's cluster version is the lowest of its
+    /// members'), once every member said which.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// The newest data format a member keeps its data directory in (see `cairn --version`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_format: Option<i32>,
     /// The cluster ID (hex, as etcdctl prints it). Set once the first bootstrap succeeded.
     #[serde(default, rename = "clusterID", skip_serializing_if = "Option::is_none")]
     pub cluster_id: Option<String>,
@@ -367,6 +434,12 @@ pub struct EtcdClusterStatus {
     /// The backup object this cluster was bootstrapped from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored_from: Option<String>,
+    /// Whether the cluster has auth on (as the members answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_enabled: Option<bool>,
+    /// The Secret holding root's password (key `password`), once auth is managed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_secret: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
@@ -385,6 +458,12 @@ pub struct MemberStatus {
     pub learner: bool,
     #[serde(default)]
     pub healthy: bool,
+    /// The cairn release the member runs, as its `/version` says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// The data format of the member's data directory, as its `/version` says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_format: Option<i32>,
 }
 
 /// The kind of a membership step.
@@ -396,6 +475,9 @@ pub enum OperationKind {
     ScaleDown,
     /// A member that lost its data is being removed and added again as a new member.
     Replace,
+    /// A member's pod was deleted to start again with the StatefulSet's current template (a new
+    /// version or another change of the pod); the next member waits until it is back.
+    Restart,
 }
 
 /// A membership step in progress.
@@ -408,6 +490,15 @@ pub struct Operation {
     /// The size the step leads to.
     pub target_size: i32,
     pub started_at: Time,
+    /// The member's ID (hex), for a restart: it must come back with the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member_id: Option<String>,
+    /// The StatefulSet revision the member was restarted into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// The UID of the pod deleted for the restart (its successor has another).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
 }
 
 /// An on-demand backup of a cluster.
@@ -486,6 +577,20 @@ pub mod condition {
     pub const DISRUPTION_BUDGET: &str = "DisruptionBudget";
     /// Whether the last scheduled backup succeeded.
     pub const BACKUP_SUCCEEDED: &str = "BackupSucceeded";
+    /// Whether auth is as `spec.auth` asks.
+    pub const AUTH: &str = "Auth";
+}
+
+/// Condition reasons of the rollout (on `Progressing`).
+pub mod reason {
+    /// Members are being restarted one at a time into the current template.
+    pub const UPGRADING: &str = "Upgrading";
+    /// A restarted member did not come back and catch up in time; nothing else is touched.
+    pub const UPGRADE_STALLED: &str = "UpgradeStalled";
+    /// The version asked for cannot read the members' data format; nothing was changed.
+    pub const UPGRADE_REFUSED: &str = "UpgradeRefused";
+    /// A voter other than the next one to restart is not healthy or not caught up.
+    pub const UPGRADE_WAITING: &str = "UpgradeWaiting";
 }
 
 impl EtcdClusterStatus {

@@ -74,6 +74,10 @@ impl Names {
     pub fn configmap(&self) -> String {
         format!("{}-bootstrap", self.cluster)
     }
+    /// The Secret the operator makes for root's password when `spec.auth` names none.
+    pub fn root_secret(&self) -> String {
+        format!("{}-root", self.cluster)
+    }
     /// The PVC of an ordinal.
     pub fn pvc(&self, ordinal: i32) -> String {
         format!("{DATA_VOLUME}-{}", self.member(ordinal))

@@ -4,6 +4,7 @@
 //! - [`layout`]: how members and children are named and reached.
 //! - [`resources`]: pure builders of the children (Services, ConfigMap, StatefulSet, PDB).
 //! - [`plan`]: pure membership planning: observed cluster in, next step out.
+//! - [`rollout`]: pure rollout planning: which member to restart into a new template, when.
 //! - [`status`]: pure status derivation: observations and the step in, the status out.
 //! - [`members`]: membership calls through the etcd API (etcd-client).
 //! - [`controller`]: the reconcile loop that ties them together.
@@ -18,4 +19,5 @@ pub mod members;
 pub mod metrics;
 pub mod plan;
 pub mod resources;
+pub mod rollout;
 pub mod status;

@@ -8,7 +8,7 @@ use etcd_client::{Client, ConnectOptions, MemberAddOptions, MemberListResponse};
 use futures::future::join_all;
 
 use crate::layout::Layout;
-use crate::plan::{ClusterView, ObservedMember, Step};
+use crate::plan::{ClusterView, MemberVersion, ObservedMember, Step};
 
 /// How long one call to a member may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -41,13 +41,75 @@ fn options() -> ConnectOptions {
         .with_timeout(CALL_TIMEOUT)
 }
 
-async fn connect(endpoints: &[String]) -> Result<Client, Error> {
-    Client::connect(endpoints, Some(options()))
-        .await
-        .map_err(|source| Error::Unreachable {
-            endpoints: endpoints.to_vec(),
-            source,
-        })
+/// etcd's answer to authenticating while auth is off.
+const AUTH_NOT_ENABLED: &str = "authentication is not enabled";
+/// etcd's answer to a wrong user name or password.
+const AUTH_FAILED: &str = "authentication failed, invalid user ID or password";
+
+/// The user the operator calls members as once a cluster has auth on (`spec.auth`).
+pub const ROOT: &str = "root";
+
+/// How the operator reaches a cluster's members: as root with this password when the cluster
+/// has auth on; with no user while it has not (so the same calls work before, while and after
+/// auth is enabled).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Access {
+    pub root_password: Option<String>,
+}
+
+impl Access {
+    /// A client of `endpoints` with `opts`: as root if a password is known and auth is on,
+    /// else with no user.
+    pub async fn connect(
+        &self,
+        endpoints: &[String],
+        opts: ConnectOptions,
+    ) -> Result<Client, etcd_client::Error> {
+        if let Some(password) = &self.root_password {
+            match Client::connect(
+                endpoints,
+                Some(opts.clone().with_user(ROOT, password.as_str())),
+            )
+            .await
+            {
+                Err(etcd_client::Error::GRpcStatus(s))
+                    if s.message().contains(AUTH_NOT_ENABLED) => {}
+                other => return other,
+            }
+        }
+        Client::connect(endpoints, Some(opts)).await
+    }
+}
+
+/// Whether an error is etcd refusing the credentials.
+pub fn credentials_refused(e: &Error) -> bool {
+    let source = match e {
+        Error::Unreachable { source, .. } | Error::Call { source, .. } => source,
+        _ => return false,
+    };
+    matches!(source, etcd_client::Error::GRpcStatus(s) if s.message().contains(AUTH_FAILED))
+}
+
+/// Most of an HTTP answer read from a member.
+const MAX_HTTP_ANSWER: u64 = 64 << 10;
+
+/// GETs `path` from a member's `http://` client URL: the body of a `200` answer within the call
+/// timeout. HTTP/1.1 by hand: the answers wanted are small JSON documents.
+pub async fn http_get(url: &str, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = url.strip_prefix("http://")?.split('/').next()?.to_string();
+    let work = async move {
+        let mut s = tokio::net::TcpStream::connect(&host).await.ok()?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut buf = Vec::new();
+        s.take(MAX_HTTP_ANSWER).read_to_end(&mut buf).await.ok()?;
+        let text = String::from_utf8(buf).ok()?;
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        let code = head.split_whitespace().nth(1)?;
+        (code == "200").then(|| body.to_string())
+    };
+    tokio::time::timeout(CALL_TIMEOUT, work).await.ok()?
 }
 
 /// The result of a step's membership calls.
@@ -61,11 +123,98 @@ pub enum Outcome {
 /// A handle on one cluster, reached through any of `endpoints`.
 pub struct Members {
     endpoints: Vec<String>,
+    access: Access,
 }
 
 impl Members {
     pub fn new(endpoints: Vec<String>) -> Members {
-        Members { endpoints }
+        Members {
+            endpoints,
+            access: Access::default(),
+        }
+    }
+
+    /// The same cluster reached with `access`.
+    pub fn with_access(mut self, access: Access) -> Members {
+        self.access = access;
+        self
+    }
+
+    async fn connect(&self, endpoints: &[String]) -> Result<Client, Error> {
+        self.access
+            .connect(endpoints, options())
+            .await
+            .map_err(|source| Error::Unreachable {
+                endpoints: endpoints.to_vec(),
+                source,
+            })
+    }
+
+    /// Whether the cluster has auth on: a request without a user is refused then (etcd's
+    /// "user name is empty"), answered while it is off.
+    pub async fn auth_enabled(&self) -> Result<bool, Error> {
+        let (mut anonymous, _) = Members::new(self.endpoints.clone()).reach().await?;
+        match anonymous.user_list().await {
+            Ok(_) => Ok(false),
+            Err(etcd_client::Error::GRpcStatus(s))
+                if s.message().contains("user name is empty")
+                    || s.message().contains("permission denied") =>
+            {
+                Ok(true)
+            }
+            Err(source) => Err(Error::Call {
+                op: "UserList",
+                source,
+            }),
+        }
+    }
+
+    /// Checks that root's password gets in: an admin call as root.
+    pub async fn check_root(&self) -> Result<(), Error> {
+        let (mut c, _) = self.reach().await?;
+        c.user_get(ROOT).await.map_err(|source| Error::Call {
+            op: "UserGet",
+            source,
+        })?;
+        Ok(())
+    }
+
+    /// Turns auth on with root's password: the root user (made, or its password set) with the
+    /// root role, then AuthEnable. Safe to repeat.
+    pub async fn enable_auth(&self, password: &str) -> Result<(), Error> {
+        let (mut c, _) = Members::new(self.endpoints.clone()).reach().await?;
+        let call = |op: &'static str| move |source| Error::Call { op, source };
+        match c.user_add(ROOT, password, None).await {
+            Ok(_) => {}
+            Err(etcd_client::Error::GRpcStatus(s))
+                if s.message().contains("user name already exists") =>
+            {
+                c.user_change_password(ROOT, password)
+                    .await
+                    .map_err(call("UserChangePassword"))?;
+            }
+            Err(source) => {
+                return Err(Error::Call {
+                    op: "UserAdd",
+                    source,
+                })
+            }
+        }
+        c.user_grant_role(ROOT, ROOT)
+            .await
+            .map_err(call("UserGrantRole"))?;
+        c.auth_enable().await.map_err(call("AuthEnable"))?;
+        Ok(())
+    }
+
+    /// Turns auth off (as root).
+    pub async fn disable_auth(&self) -> Result<(), Error> {
+        let (mut c, _) = self.reach().await?;
+        c.auth_disable().await.map_err(|source| Error::Call {
+            op: "AuthDisable",
+            source,
+        })?;
+        Ok(())
     }
 
     /// A client on the first endpoint whose member answers, with the member list it gave. One
@@ -75,7 +224,10 @@ impl Members {
         let mut last = None;
         for e in &self.endpoints {
             let attempt = async {
-                let mut c = Client::connect([e], Some(options())).await?;
+                let mut c = self
+                    .access
+                    .connect(std::slice::from_ref(e), options())
+                    .await?;
                 let list = c.member_list().await?;
                 Ok::<_, etcd_client::Error>((c, list))
             };
@@ -96,16 +248,16 @@ impl Members {
         let (_, list) = self.reach().await?;
         let cluster_id = list.header().map_or(0, |h| h.cluster_id());
         let statuses = join_all(list.members().iter().map(|m| async move {
-            if m.client_urls().is_empty() {
-                return None;
-            }
-            let mut c = Client::connect(m.client_urls(), Some(options()))
-                .await
-                .ok()?;
-            tokio::time::timeout(CALL_TIMEOUT, c.status())
-                .await
-                .ok()?
-                .ok()
+            let url = m.client_urls().first()?;
+            let status = async {
+                let mut c = self.access.connect(m.client_urls(), options()).await.ok()?;
+                tokio::time::timeout(CALL_TIMEOUT, c.status())
+                    .await
+                    .ok()?
+                    .ok()
+            };
+            let (status, version) = tokio::join!(status, http_get(url, "/version"));
+            status.map(|s| (s, version.as_deref().and_then(MemberVersion::parse)))
         }))
         .await;
         // The leader as it reports itself: the others may still name a leader that just died.
@@ -113,7 +265,7 @@ impl Members {
             .members()
             .iter()
             .zip(&statuses)
-            .find(|(m, s)| s.as_ref().is_some_and(|s| s.leader() == m.id()))
+            .find(|(m, s)| s.as_ref().is_some_and(|(s, _)| s.leader() == m.id()))
             .map(|(m, _)| m.id());
         let members = list
             .members()
@@ -125,6 +277,9 @@ impl Members {
                 peer_urls: m.peer_urls().to_vec(),
                 learner: m.is_learner(),
                 healthy: status.is_some(),
+                applied_index: status.as_ref().map_or(0, |(s, _)| s.raft_applied_index()),
+                raft_index: status.as_ref().map_or(0, |(s, _)| s.raft_index()),
+                version: status.as_ref().and_then(|(_, v)| v.clone()),
             })
             .collect();
         Ok(ClusterView {
@@ -208,7 +363,7 @@ impl Members {
             .map(|m| m.client_urls().to_vec())
             .filter(|u| !u.is_empty())
             .ok_or(Error::LeaderUnknown)?;
-        let mut leader = connect(&urls).await?;
+        let mut leader = self.connect(&urls).await?;
         leader.move_leader(to).await.map_err(|source| Error::Call {
             op: "MoveLeader",
             source,

@@ -32,6 +32,41 @@ pub struct ObservedMember {
     pub learner: bool,
     /// Answered its Status RPC.
     pub healthy: bool,
+    /// Its applied index, from Status (0 when it did not answer).
+    pub applied_index: u64,
+    /// The index of its last log entry, from Status (the leader's is the cluster's head).
+    pub raft_index: u64,
+    /// What its `/version` says of cairn, if it answered.
+    pub version: Option<MemberVersion>,
+}
+
+/// A member's cairn release and data format, from its `/version`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberVersion {
+    pub release: String,
+    pub data_format: u32,
+}
+
+impl MemberVersion {
+    /// From a `/version` body. cairn 0.1.0, the only release before these fields existed,
+    /// says neither: a body without them is that release, data format 1.
+    pub fn parse(body: &str) -> Option<MemberVersion> {
+        let v: serde_json::Value = serde_json::from_str(body).ok()?;
+        v.get("etcdserver")?;
+        let release = v
+            .get("cairnserver")
+            .and_then(|r| r.as_str())
+            .unwrap_or("0.1.0")
+            .to_string();
+        let data_format = v
+            .get("cairndataformat")
+            .and_then(|f| f.as_str())
+            .map_or(Some(1), |f| f.parse().ok())?;
+        Some(MemberVersion {
+            release,
+            data_format,
+        })
+    }
 }
 
 /// The cluster as observed through the etcd API.
@@ -371,6 +406,9 @@ mod tests {
                     peer_urls: vec![n.peer_url(o)],
                     learner,
                     healthy,
+                    applied_index: 0,
+                    raft_index: 0,
+                    version: None,
                 })
                 .collect(),
         }
@@ -400,8 +438,42 @@ mod tests {
             peer_urls: vec!["http://demo-1.elsewhere:2380".into()],
             learner: false,
             healthy: true,
+            applied_index: 0,
+            raft_index: 0,
+            version: None,
         };
         assert_eq!(v.ordinal(&n, &foreign), None);
+    }
+
+    #[test]
+    fn versions_are_read_from_version_bodies() {
+        let v = MemberVersion::parse(
+            r#"{"etcdserver":"3.5.13","etcdcluster":"3.5.0","cairnserver":"0.2.0","cairndataformat":"2"}"#,
+        );
+        assert_eq!(
+            v,
+            Some(MemberVersion {
+                release: "0.2.0".into(),
+                data_format: 2
+            })
+        );
+        // cairn 0.1.0 said only etcd's fields.
+        let v = MemberVersion::parse(r#"{"etcdserver":"3.5.13","etcdcluster":"3.5.0"}"#);
+        assert_eq!(
+            v,
+            Some(MemberVersion {
+                release: "0.1.0".into(),
+                data_format: 1
+            })
+        );
+        for bad in [
+            "",
+            "404 page not found",
+            "{}",
+            r#"{"etcdserver":"3","cairndataformat":"x"}"#,
+        ] {
+            assert_eq!(MemberVersion::parse(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -257,7 +257,57 @@ fn container_security() -> SecurityContext {
     }
 }
 
-/// The members' StatefulSet with `replicas` pods, running `spec.image` or else `default_image`.
+/// The image members run: `spec.image`; else `spec.version` of `default_image`'s repository;
+/// else `default_image`.
+pub fn image(ec: &EtcdCluster, default_image: &str) -> String {
+    if let Some(image) = &ec.spec.image {
+        return image.clone();
+    }
+    match &ec.spec.version {
+        Some(version) => {
+            // The repository: everything before the tag (a `:` after the last `/`).
+            let slash = default_image.rfind('/').map_or(0, |i| i + 1);
+            let repo = match default_image[slash..].find([':', '@']) {
+                Some(i) => &default_image[..slash + i],
+                None => default_image,
+            };
+            format!("{repo}:{version}")
+        }
+        None => default_image.to_string(),
+    }
+}
+
+/// The cairn container's image in a StatefulSet built here.
+pub fn image_of(sts: &StatefulSet) -> Option<&str> {
+    sts.spec
+        .as_ref()?
+        .template
+        .spec
+        .as_ref()?
+        .containers
+        .iter()
+        .find(|c| c.name == "cairn")?
+        .image
+        .as_deref()
+}
+
+/// Sets the cairn image: of the cairn container and of the init containers that run it.
+pub fn set_image(sts: &mut StatefulSet, image: &str) {
+    let Some(old) = image_of(sts).map(str::to_string) else {
+        return;
+    };
+    let Some(pod) = sts.spec.as_mut().and_then(|s| s.template.spec.as_mut()) else {
+        return;
+    };
+    let inits = pod.init_containers.iter_mut().flatten();
+    for c in pod.containers.iter_mut().chain(inits) {
+        if c.image.as_deref() == Some(old.as_str()) {
+            c.image = Some(image.to_string());
+        }
+    }
+}
+
+/// The members' StatefulSet with `replicas` pods, running [`image`].
 /// The template does not depend on the size, so growing or shrinking it restarts no running
 /// member.
 pub fn statefulset(ec: &EtcdCluster, replicas: i32, default_image: &str) -> StatefulSet {
@@ -383,11 +433,7 @@ pub fn statefulset_restoring(
 
     let container = Container {
         name: "cairn".to_string(),
-        image: Some(
-            spec.image
-                .clone()
-                .unwrap_or_else(|| default_image.to_string()),
-        ),
+        image: Some(image(ec, default_image)),
         args: Some(member_args(ec)),
         env: Some(vec![
             EnvVar {
@@ -485,8 +531,10 @@ pub fn statefulset_restoring(
                 match_labels: Some(selector_labels(ec)),
                 match_expressions: None,
             },
+            // The operator restarts members into a new template itself, one at a time and only
+            // while the others are healthy and caught up (see `rollout`).
             update_strategy: Some(StatefulSetUpdateStrategy {
-                type_: Some("RollingUpdate".to_string()),
+                type_: Some("OnDelete".to_string()),
                 rolling_update: None,
             }),
             // The controller deletes a removed member's volume itself; deleting the
@@ -756,6 +804,34 @@ mod tests {
             Quantity("20Gi".into())
         );
         assert_eq!(c.volume_mounts.as_ref().unwrap()[0].mount_path, DATA_MOUNT);
+    }
+
+    #[test]
+    fn image_from_spec_image_or_version_of_the_default_repository() {
+        let with = |spec| cluster(spec);
+        let ec = with(serde_json::json!({}));
+        assert_eq!(image(&ec, "cairn:0.2.0"), "cairn:0.2.0");
+        let ec = with(serde_json::json!({"version": "0.1.0"}));
+        assert_eq!(image(&ec, "cairn:0.2.0"), "cairn:0.1.0");
+        assert_eq!(
+            image(&ec, "registry:5000/team/cairn:0.2.0"),
+            "registry:5000/team/cairn:0.1.0"
+        );
+        assert_eq!(
+            image(&ec, "registry:5000/cairn@sha256:ab"),
+            "registry:5000/cairn:0.1.0"
+        );
+        assert_eq!(image(&ec, "cairn"), "cairn:0.1.0");
+        let ec = with(serde_json::json!({"version": "0.1.0", "image": "mine/cairn:dev"}));
+        assert_eq!(image(&ec, "cairn:0.2.0"), "mine/cairn:dev");
+        let mut sts = statefulset(&ec, 3, "cairn:0.2.0");
+        assert_eq!(image_of(&sts), Some("mine/cairn:dev"));
+        set_image(&mut sts, "cairn:0.1.0");
+        assert_eq!(image_of(&sts), Some("cairn:0.1.0"));
+        assert_eq!(
+            sts.spec.unwrap().update_strategy.unwrap().type_.as_deref(),
+            Some("OnDelete")
+        );
     }
 
     #[test]

@@ -5,9 +5,24 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use crate::crd::{condition, EtcdClusterStatus, MemberStatus, Operation};
+use std::cmp::Ordering;
+
+use crate::crd::{condition, reason, EtcdClusterStatus, MemberStatus, Operation};
 use crate::layout::Layout;
 use crate::plan::{ClusterView, Step};
+use crate::rollout::Roll;
+
+/// Orders cairn releases: dotted numbers numerically (`0.10.0` after `0.9.1`), anything else
+/// as text.
+pub fn release_cmp(a: &str, b: &str) -> Ordering {
+    let parts = |s: &str| -> Vec<(u64, String)> {
+        s.trim_start_matches('v')
+            .split(['.', '-'])
+            .map(|p| (p.parse().unwrap_or(u64::MAX), p.to_string()))
+            .collect()
+    };
+    parts(a).cmp(&parts(b))
+}
 
 /// What a status is derived for, besides the observations.
 pub struct Report<'a> {
@@ -23,13 +38,15 @@ pub struct Report<'a> {
 
 /// The status of a cluster: `prev`'s conditions carried over (their transition times kept while
 /// they hold), the members as `view` lists them (or, when nobody answers, `prev`'s members, none
-/// of them healthy), and the conditions for `step`.
+/// of them healthy) with their versions, and the conditions for `step` and, once membership is
+/// steady, for the rollout's `roll`.
 pub fn derive(
     ctx: &Report<'_>,
     prev: &EtcdClusterStatus,
     view: Option<&ClusterView>,
     cluster_id: Option<String>,
     step: &Step,
+    roll: &Roll,
     operation: Option<Operation>,
 ) -> EtcdClusterStatus {
     let generation = ctx.generation;
@@ -41,6 +58,9 @@ pub fn derive(
         cluster_id,
         operation,
         conditions: prev.conditions.clone(),
+        // The controller sets these when it looks again; until then they stand.
+        auth_enabled: prev.auth_enabled,
+        root_secret: prev.root_secret.clone(),
         ..EtcdClusterStatus::default()
     };
     if let Some(v) = view {
@@ -62,6 +82,8 @@ pub fn derive(
                         leader: v.leader == Some(m.id),
                         learner: m.learner,
                         healthy: m.healthy,
+                        version: m.version.as_ref().map(|v| v.release.clone()),
+                        data_format: m.version.as_ref().map(|v| v.data_format as i32),
                     },
                 )
             })
@@ -84,6 +106,30 @@ pub fn derive(
             })
             .collect();
     }
+
+    // A member that does not answer now keeps what it said last.
+    for m in st.members.iter_mut() {
+        if m.version.is_none() {
+            if let Some(p) = prev.members.iter().find(|p| p.id == m.id) {
+                m.version = p.version.clone();
+                m.data_format = p.data_format;
+            }
+        }
+    }
+    st.version = if !st.members.is_empty() && st.members.iter().all(|m| m.version.is_some()) {
+        st.members
+            .iter()
+            .filter_map(|m| m.version.clone())
+            .min_by(|a, b| release_cmp(a, b))
+    } else {
+        prev.version.clone()
+    };
+    st.data_format = st
+        .members
+        .iter()
+        .filter_map(|m| m.data_format)
+        .max()
+        .or(prev.data_format);
 
     let has_leader = st.leader.is_some();
     let (avail_reason, avail_msg) = match (view, has_leader) {
@@ -117,7 +163,30 @@ pub fn derive(
         )
     } else {
         match step {
-            Step::Steady => (false, "Steady", format!("{} voting members", st.size)),
+            Step::Steady => match roll {
+                Roll::Steady => (false, "Steady", format!("{} voting members", st.size)),
+                Roll::Restart { ordinal, .. } | Roll::Wait { ordinal } => (
+                    true,
+                    reason::UPGRADING,
+                    format!(
+                        "restarting {} into the current pod template",
+                        layout.member(*ordinal)
+                    ),
+                ),
+                Roll::Done { ordinal } => (
+                    true,
+                    reason::UPGRADING,
+                    format!("{} is back and caught up", layout.member(*ordinal)),
+                ),
+                Roll::MoveLeader { .. } => (
+                    true,
+                    reason::UPGRADING,
+                    "moving leadership away before restarting the leader".to_string(),
+                ),
+                Roll::Blocked { why } => (true, reason::UPGRADE_WAITING, why.clone()),
+                Roll::Stalled { why, .. } => (false, reason::UPGRADE_STALLED, why.clone()),
+                Roll::Refused { why } => (false, reason::UPGRADE_REFUSED, why.clone()),
+            },
             Step::Bootstrap { .. } | Step::WaitBootstrap => (
                 true,
                 "Bootstrapping",
@@ -221,6 +290,9 @@ mod tests {
                     peer_urls: vec![n.peer_url(o)],
                     learner: false,
                     healthy: healthy[o as usize],
+                    applied_index: 0,
+                    raft_index: 0,
+                    version: None,
                 })
                 .collect(),
         }
@@ -251,6 +323,7 @@ mod tests {
             Some(&v),
             Some("7".into()),
             &Step::Steady,
+            &Roll::Steady,
             None,
         );
         assert_eq!(st.observed_generation, Some(4));
@@ -284,6 +357,7 @@ mod tests {
             Some(&v),
             Some("7".into()),
             &Step::Steady,
+            &Roll::Steady,
             None,
         );
         assert_eq!(st.members[2].name, "demo-2");
@@ -307,6 +381,7 @@ mod tests {
             Some(&v),
             Some("7".into()),
             &Step::Steady,
+            &Roll::Steady,
             None,
         );
         let st = derive(
@@ -315,6 +390,7 @@ mod tests {
             None,
             Some("7".into()),
             &Step::Refuse(Refusal::Unreachable),
+            &Roll::Steady,
             None,
         );
         assert_eq!(st.size, 3);
@@ -337,6 +413,7 @@ mod tests {
             None,
             None,
             &Step::WaitBootstrap,
+            &Roll::Steady,
             None,
         );
         assert_eq!(cond(&st, condition::AVAILABLE), ("False", "Bootstrapping"));
@@ -353,6 +430,9 @@ mod tests {
             member: "demo-3".into(),
             target_size: 5,
             started_at: t.clone(),
+            member_id: None,
+            revision: None,
+            pod_uid: None,
         };
         let cases = [
             (Step::AddLearner { ordinal: 3 }, "True", "ScalingUp"),
@@ -388,6 +468,7 @@ mod tests {
                 Some(&v),
                 Some("7".into()),
                 &step,
+                &Roll::Steady,
                 Some(op.clone()),
             );
             assert_eq!(
@@ -409,9 +490,112 @@ mod tests {
             Some(&v),
             Some("7".into()),
             &Step::Refuse(Refusal::NoLeader),
+            &Roll::Steady,
             None,
         );
         assert_eq!(cond(&st, condition::PROGRESSING), ("False", "Paused"));
         assert_eq!(cond(&st, condition::DEGRADED), ("False", "AllHealthy"));
+    }
+
+    #[test]
+    fn versions_are_the_lowest_release_and_newest_format_and_rollouts_are_reported() {
+        use crate::plan::MemberVersion;
+        let (n, t) = (names(), at(1000));
+        let mut v = view(&[true, true, true], Some(100));
+        let release = |r: &str, f| {
+            Some(MemberVersion {
+                release: r.into(),
+                data_format: f,
+            })
+        };
+        // Listed from ordinal 2 down.
+        v.members[0].version = release("0.10.0", 2);
+        v.members[1].version = release("0.9.1", 2);
+        v.members[2].version = release("0.10.0", 2);
+        let first = derive(
+            &report(&n, &t, false),
+            &EtcdClusterStatus::default(),
+            Some(&v),
+            Some("7".into()),
+            &Step::Steady,
+            &Roll::Wait { ordinal: 2 },
+            None,
+        );
+        assert_eq!(first.version.as_deref(), Some("0.9.1"));
+        assert_eq!(first.data_format, Some(2));
+        assert_eq!(first.members[1].version.as_deref(), Some("0.9.1"));
+        assert_eq!(
+            cond(&first, condition::PROGRESSING),
+            ("True", reason::UPGRADING)
+        );
+        // demo-1 stops answering: it keeps what it said.
+        v.members[1].version = None;
+        v.members[1].healthy = false;
+        let st = derive(
+            &report(&n, &t, false),
+            &first,
+            Some(&v),
+            Some("7".into()),
+            &Step::Steady,
+            &Roll::Stalled {
+                ordinal: 1,
+                why: "demo-1 does not answer 301s after its restart".into(),
+            },
+            None,
+        );
+        assert_eq!(st.members[1].version.as_deref(), Some("0.9.1"));
+        assert_eq!(st.version.as_deref(), Some("0.9.1"));
+        let p = st.condition(condition::PROGRESSING).unwrap();
+        assert_eq!(
+            (p.status.as_str(), p.reason.as_str(), p.message.as_str()),
+            (
+                "False",
+                reason::UPGRADE_STALLED,
+                "demo-1 does not answer 301s after its restart"
+            )
+        );
+        for (roll, want) in [
+            (
+                Roll::Blocked { why: "x".into() },
+                ("True", reason::UPGRADE_WAITING),
+            ),
+            (
+                Roll::Refused { why: "y".into() },
+                ("False", reason::UPGRADE_REFUSED),
+            ),
+            (
+                Roll::MoveLeader { from: 1, to: 2 },
+                ("True", reason::UPGRADING),
+            ),
+        ] {
+            let st = derive(
+                &report(&n, &t, false),
+                &first,
+                Some(&v),
+                Some("7".into()),
+                &Step::Steady,
+                &roll,
+                None,
+            );
+            assert_eq!(cond(&st, condition::PROGRESSING), want, "{roll:?}");
+        }
+        // A membership step wins over the rollout.
+        let st = derive(
+            &report(&n, &t, false),
+            &first,
+            Some(&v),
+            Some("7".into()),
+            &Step::AddLearner { ordinal: 3 },
+            &Roll::Wait { ordinal: 2 },
+            None,
+        );
+        assert_eq!(cond(&st, condition::PROGRESSING), ("True", "ScalingUp"));
+    }
+
+    #[test]
+    fn releases_order_by_number() {
+        assert_eq!(release_cmp("0.10.0", "0.9.1"), Ordering::Greater);
+        assert_eq!(release_cmp("v0.2.0", "0.2.0"), Ordering::Equal);
+        assert_eq!(release_cmp("0.1.0", "0.2.0"), Ordering::Less);
     }
 }

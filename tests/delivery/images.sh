@@ -61,6 +61,27 @@ for image in cairn:server cairn-operator:operator; do
   echo "== built $name:$version on $runtime_base: $(docker image inspect -f '{{.Size}}' "$name:$version" | awk '{printf "%.1f MB", $1/1e6}')"
 done
 
+# For the upgrade scenario: cairn 0.1.0, the first release (built from its commit once, with the
+# same Dockerfile), and an image whose cairn cannot start.
+first=$(bash tests/delivery/first-release.sh)
+ctx=$(mktemp -d)
+mkdir -p "$ctx/bin" "$ctx/lib"
+cp "$first" "$ctx/bin/cairn"
+strip --strip-debug "$ctx/bin/cairn"
+ldd "$ctx/bin/cairn" | awk '/=> \// {print $3} /^\t\// {print $1}' | while read -r lib; do
+  cp -L --parents "$lib" "$ctx/lib/"
+done
+docker build -q -f server/Dockerfile --build-arg RUNTIME_BASE="$runtime_base" -t cairn:0.1.0 "$ctx" >/dev/null
+rm -rf "$ctx"
+docker run --rm cairn:0.1.0 --version | grep -q '^cairn 0.1.0'
+ctx=$(mktemp -d)
+printf '#!/bin/sh\necho "cairn: this build cannot start" >&2\nexit 1\n' > "$ctx/cairn"
+chmod 755 "$ctx/cairn"
+printf 'FROM cairn-base:bookworm\nCOPY cairn /usr/local/bin/cairn\nUSER 65532:65532\nENTRYPOINT ["/usr/local/bin/cairn"]\n' > "$ctx/Dockerfile"
+docker build -q -t cairn:broken "$ctx" >/dev/null
+rm -rf "$ctx"
+echo "== built cairn:0.1.0 (the first release) and cairn:broken (for the upgrade scenario)"
+
 echo "== smoke test: cairn:$version answers etcdctl"
 net=cairn-smoke-$$
 docker network create "$net" >/dev/null

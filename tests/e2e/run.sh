@@ -11,7 +11,7 @@ export CAIRN_TOOLS="${CAIRN_TOOLS:-$HOME/.cache/cairn-tools}"
 bash tests/e2e/k8s-build.sh
 bash tests/delivery/tools.sh >/dev/null
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
-for image in "cairn:$version" "cairn-operator:$version" cairn-base:bookworm; do
+for image in "cairn:$version" "cairn-operator:$version" cairn-base:bookworm cairn:0.1.0 cairn:broken; do
   docker image inspect "$image" >/dev/null 2>&1 || {
     echo "image $image is missing: run tests/delivery/images.sh first" >&2
     exit 1

@@ -965,3 +965,283 @@ async fn s6_bad_input_is_refused_and_unreachable_backups_show_in_status() {
     assert_eq!(avail, "True");
     etcdctl(&cp, &c.service(), &["put", "still", "writable"]).unwrap();
 }
+
+/// A writer inside the pods' network for `seconds`: puts `writer/<i>` through `endpoint` (a
+/// Service name, which keeps working while pods are re-created) one after another with
+/// etcdctl; returns the keys whose put was acknowledged.
+fn writer_on_network(
+    cp: &ControlPlane,
+    endpoint: &str,
+    seconds: u64,
+) -> std::thread::JoinHandle<Vec<String>> {
+    let label = crate::docker::run_label(&cp.run);
+    let network = cp.network.clone();
+    let ep = format!("EP={endpoint}");
+    let script = format!(
+        "end=$(( $(date +%s) + {seconds} )); i=0; \
+         while [ $(date +%s) -lt $end ]; do k=$(printf 'writer/%08d' $i); \
+         if etcdctl --endpoints=$EP --command-timeout=3s put $k v$i >/dev/null 2>&1; \
+         then echo $k; else sleep 0.2; fi; i=$((i+1)); done"
+    );
+    std::thread::spawn(move || {
+        let out = docker_sync(&[
+            "run",
+            "--rm",
+            "--label",
+            &label,
+            "--network",
+            &network,
+            "-v",
+            "/usr/bin/etcdctl:/usr/bin/etcdctl:ro",
+            "-e",
+            "ETCDCTL_API=3",
+            "-e",
+            &ep,
+            "--entrypoint",
+            "sh",
+            SANDBOX_IMAGE,
+            "-c",
+            &script,
+        ])
+        .unwrap();
+        out.lines()
+            .filter(|l| l.starts_with("writer/"))
+            .map(str::to_string)
+            .collect()
+    })
+}
+
+/// The images of each member's pod, by ordinal.
+async fn pod_images(c: &Cluster<'_>) -> BTreeMap<String, String> {
+    c.pods()
+        .await
+        .iter()
+        .map(|p| {
+            let image = p
+                .spec
+                .as_ref()
+                .and_then(|s| s.containers.first())
+                .and_then(|c| c.image.clone())
+                .unwrap_or_default();
+            (p.name_any(), image)
+        })
+        .collect()
+}
+
+/// Scenario 7: a cluster on cairn 0.1.0 (the first release) is upgraded by editing
+/// `spec.version` under a writer: the operator restarts members one at a time (followers first,
+/// the leader last after a leader move), `status.version` ends at this release; then an image
+/// that cannot start stalls the rollout on one member (`UpgradeStalled`) with the other two
+/// untouched, and removing it again reverts that member. Nothing acknowledged is lost. Last,
+/// auth is turned on with `spec.auth` and etcdctl needs root's password from the Secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s7_upgrade_by_version_stall_and_revert() {
+    let new = env!("CARGO_PKG_VERSION");
+    let cp = ControlPlane::start(Storage::Etcd).await;
+    cp.install_operator();
+    create_namespace(&cp, "up");
+    apply(
+        &cp,
+        "up",
+        &cluster_yaml(
+            "gamma",
+            3,
+            "  version: \"0.1.0\"\n  rollout:\n    memberDeadline: 60s\n",
+        ),
+    )
+    .unwrap();
+    let c = Cluster::new(&cp, "up", "gamma");
+    c.until_settled(3, Duration::from_secs(240)).await;
+    eventually(
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        async || {
+            let st = c.status().await;
+            (st["version"] == "0.1.0" && st["dataFormat"] == 1)
+                .then_some(())
+                .ok_or(format!("status: {st:#}"))
+        },
+    )
+    .await;
+    // A writer through the client Service for the first 90 s of the rollout.
+    let writer = writer_on_network(&cp, &c.service(), 90);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let t = Instant::now();
+    c.api
+        .patch(
+            &c.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"version": new}})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(420),
+        Duration::from_secs(1),
+        async || {
+            let st = c.status().await;
+            let images = pod_images(&c).await;
+            let (p, reason, _) = c.condition("Progressing").await;
+            if st["version"] == new
+                && st["dataFormat"] == 2
+                && images.values().all(|i| *i == format!("cairn:{new}"))
+                && p == "False"
+                && reason == "Steady"
+            {
+                return Ok(());
+            }
+            Err(format!(
+                "not upgraded: images {images:?}, status {st:#}\n{}",
+                cp.operator_logs()
+            ))
+        },
+    )
+    .await;
+    eprintln!(
+        "e2e: upgrade 0.1.0 -> {new} of 3 members took {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    let acked = writer.join().unwrap();
+    eprintln!("e2e: writer: {} acknowledged in its 90 s", acked.len());
+    assert!(
+        acked.len() > 100,
+        "the writer made no progress: {}",
+        acked.len()
+    );
+    assert_all_present(&cp, &c, &acked);
+    // Events: three restarts, each back before the next; a leader move (unless leadership had
+    // already passed to an upgraded member) right before the last.
+    let reasons = c.event_reasons().await;
+    let story: Vec<&str> = reasons
+        .iter()
+        .map(String::as_str)
+        .filter(|r| ["MemberRestarting", "MemberRestarted", "LeaderMoved"].contains(r))
+        .collect();
+    let restarts: Vec<&str> = story
+        .iter()
+        .copied()
+        .filter(|r| *r != "LeaderMoved")
+        .collect();
+    assert_eq!(
+        restarts,
+        [
+            "MemberRestarting",
+            "MemberRestarted",
+            "MemberRestarting",
+            "MemberRestarted",
+            "MemberRestarting",
+            "MemberRestarted"
+        ],
+        "events: {reasons:?}"
+    );
+    if let Some(i) = story.iter().position(|r| *r == "LeaderMoved") {
+        assert_eq!(story.len(), 7, "events: {reasons:?}");
+        assert_eq!(
+            i, 4,
+            "the leader move comes before the last restart: {reasons:?}"
+        );
+    }
+
+    // An image that cannot start: the first member restarted onto it never comes back.
+    let before = pod_images(&c).await;
+    c.api
+        .patch(
+            &c.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"image": "cairn:broken"}})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(240),
+        Duration::from_secs(1),
+        async || {
+            let (p, reason, msg) = c.condition("Progressing").await;
+            if p == "False" && reason == "UpgradeStalled" {
+                return Ok(msg);
+            }
+            Err(format!(
+                "not stalled: {p} {reason} {msg}\n{}",
+                cp.operator_logs()
+            ))
+        },
+    )
+    .await;
+    let stalled = pod_images(&c).await;
+    let changed: Vec<&String> = stalled
+        .iter()
+        .filter(|(pod, image)| before.get(*pod) != Some(image))
+        .map(|(pod, _)| pod)
+        .collect();
+    assert_eq!(changed.len(), 1, "pods: {stalled:?}");
+    assert!(c
+        .event_reasons()
+        .await
+        .iter()
+        .any(|r| r == "UpgradeStalled"));
+    // The way back: the image unset, the version as before.
+    c.api
+        .patch(
+            &c.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"image": null}})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(240),
+        Duration::from_secs(1),
+        async || {
+            let images = pod_images(&c).await;
+            let (p, reason, _) = c.condition("Progressing").await;
+            if images.values().all(|i| *i == format!("cairn:{new}"))
+                && reason == "Steady"
+                && p == "False"
+            {
+                return Ok(());
+            }
+            Err(format!("not reverted: {images:?} {p} {reason}"))
+        },
+    )
+    .await;
+    c.until_settled(3, Duration::from_secs(120)).await;
+    assert_all_present(&cp, &c, &acked);
+
+    // Auth, managed: root's password in a Secret the operator makes, auth on; etcdctl gets in
+    // as root through the client Service and not without a user.
+    c.api
+        .patch(
+            &c.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"auth": {"enabled": true}}})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(120),
+        Duration::from_secs(1),
+        async || {
+            let st = c.status().await;
+            let (a, reason, msg) = c.condition("Auth").await;
+            if st["authEnabled"] == true && a == "True" && reason == "Enabled" {
+                return Ok(());
+            }
+            Err(format!(
+                "auth not on: {a} {reason} {msg}\n{}",
+                cp.operator_logs()
+            ))
+        },
+    )
+    .await;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(cp.client.clone(), "up");
+    let secret = secrets.get("gamma-root").await.unwrap();
+    let password = String::from_utf8(secret.data.unwrap()["password"].0.clone()).unwrap();
+    let user = format!("--user=root:{password}");
+    let out = etcdctl(&cp, &c.service(), &[&user, "put", "secured", "yes"]).unwrap();
+    assert!(out.contains("OK"), "{out}");
+    let refused = etcdctl(&cp, &c.service(), &["get", "secured"]).unwrap_err();
+    assert!(refused.contains("user name is empty"), "{refused}");
+    // The operator still acts as root: status keeps coming.
+    c.until_settled(3, Duration::from_secs(60)).await;
+}

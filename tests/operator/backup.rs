@@ -57,9 +57,15 @@ async fn backups_land_with_checksums_and_retention_prunes_only_ours() {
     let mut records = Vec::new();
     for i in 0..4 {
         records.push(
-            backup::stream_backup(&endpoints, &dest, &dir, at(i * 60))
-                .await
-                .unwrap(),
+            backup::stream_backup(
+                &endpoints,
+                &cairn_operator::members::Access::default(),
+                &dest,
+                &dir,
+                at(i * 60),
+            )
+            .await
+            .unwrap(),
         );
     }
     let first = &records[0];
@@ -148,19 +154,37 @@ async fn a_failed_upload_is_an_error_and_the_next_one_works() {
     let endpoints = vec![pods.layout.client_url(0)];
     let dest = moto.open("bkt", "");
     moto.stop();
-    let err = backup::stream_backup(&endpoints, &dest, "x", at(0))
-        .await
-        .unwrap_err();
+    let err = backup::stream_backup(
+        &endpoints,
+        &cairn_operator::members::Access::default(),
+        &dest,
+        "x",
+        at(0),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, Error::Store(_)), "{err}");
     moto.restart();
     moto.create_bucket("bkt");
-    backup::stream_backup(&endpoints, &dest, "x", at(1))
-        .await
-        .unwrap();
+    backup::stream_backup(
+        &endpoints,
+        &cairn_operator::members::Access::default(),
+        &dest,
+        "x",
+        at(1),
+    )
+    .await
+    .unwrap();
     // No member answers: a clear error too.
-    let err = backup::stream_backup(&["http://127.0.0.1:1".into()], &dest, "x", at(2))
-        .await
-        .unwrap_err();
+    let err = backup::stream_backup(
+        &["http://127.0.0.1:1".into()],
+        &cairn_operator::members::Access::default(),
+        &dest,
+        "x",
+        at(2),
+    )
+    .await
+    .unwrap_err();
     assert!(
         matches!(err, Error::Snapshot { .. } | Error::NoMember(_)),
         "{err}"
@@ -174,9 +198,15 @@ async fn restore_gives_back_the_same_data_and_a_corrupted_backup_is_refused() {
     let dest = moto.open("bkt", "p");
     let pods = one_member("src").await;
     let revision = write_keys(&pods, 300).await;
-    let rec = backup::stream_backup(&[pods.layout.client_url(0)], &dest, "p/ns/src/u", at(0))
-        .await
-        .unwrap();
+    let rec = backup::stream_backup(
+        &[pods.layout.client_url(0)],
+        &cairn_operator::members::Access::default(),
+        &dest,
+        "p/ns/src/u",
+        at(0),
+    )
+    .await
+    .unwrap();
 
     // Download, verified; cairn reads the same revision from the file.
     let file = pods.scratch().join("fetched.snap");

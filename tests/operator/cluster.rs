@@ -57,6 +57,8 @@ pub struct Pods {
     pub layout: Loopback,
     root: tempfile::TempDir,
     bin: PathBuf,
+    /// Ordinals that run another binary than this workspace's cairn (an upgrade's "image").
+    pub binaries: BTreeMap<i32, PathBuf>,
     procs: BTreeMap<i32, Child>,
     pub replicas: i32,
     /// `--initial-cluster-token` of the members (a pod reads it from the ConfigMap).
@@ -76,6 +78,7 @@ impl Pods {
             },
             root: tempfile::tempdir().unwrap(),
             bin: cairn_binary(),
+            binaries: BTreeMap::new(),
             procs: BTreeMap::new(),
             replicas: 0,
             token: "operator-test".to_string(),
@@ -106,7 +109,7 @@ impl Pods {
     pub fn start(&mut self, o: i32, b: &Bootstrap) {
         let l = &self.layout;
         let log = std::fs::File::create(self.log(o)).unwrap();
-        let child = Command::new(&self.bin)
+        let child = Command::new(self.binary(o))
             .arg(format!("--name={}", l.member(o)))
             .arg(format!("--data-dir={}", self.data_dir(o).display()))
             .arg(format!("--listen-client-urls={}", l.client_url(o)))
@@ -125,6 +128,11 @@ impl Pods {
             .spawn()
             .unwrap();
         self.procs.insert(o, child);
+    }
+
+    /// The binary ordinal `o` runs.
+    pub fn binary(&self, o: i32) -> &std::path::Path {
+        self.binaries.get(&o).unwrap_or(&self.bin)
     }
 
     pub fn stop(&mut self, o: i32) {

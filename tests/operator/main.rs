@@ -9,5 +9,6 @@ mod membership;
 mod ports;
 mod reconcile;
 mod s3;
+mod upgrade;
 #[path = "../common/writer.rs"]
 mod writer;

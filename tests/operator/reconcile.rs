@@ -961,6 +961,7 @@ async fn source_with_backup(
     let dir = dest.cluster_dir(NS, name, &format!("uid-{name}"));
     let rec = cairn_operator::backup::stream_backup(
         &[w.pods.layout.client_url(0)],
+        &cairn_operator::members::Access::default(),
         &dest,
         &dir,
         jiff::Timestamp::now(),
@@ -1085,4 +1086,80 @@ async fn an_old_api_server_gets_no_fields_it_does_not_know() {
         sts["spec"]["persistentVolumeClaimRetentionPolicy"]["whenScaled"],
         "Delete"
     );
+}
+
+/// The root password the operator made for `cluster`, from its Secret.
+fn root_password(api: &FakeApi, cluster: &str) -> String {
+    use base64::Engine as _;
+    let s = api
+        .get(&format!("/api/v1/namespaces/{NS}/secrets/{cluster}-root"))
+        .expect("root Secret made");
+    let b = s["data"]["password"].as_str().unwrap();
+    String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b).unwrap()).unwrap()
+}
+
+/// A request without a user: `Ok` with auth off, etcd's refusal with auth on.
+async fn anonymous_user_list(w: &World) -> Result<(), String> {
+    let mut c = etcd_client::Client::connect([w.pods.layout.client_url(0)], None)
+        .await
+        .unwrap();
+    c.user_list().await.map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// `spec.auth.enabled`: the operator makes root's password Secret, root and auth on the real
+/// members, and keeps working as root (status, membership); users get in as root with that
+/// password and not without a user. Turned off again, requests without a user work again. A
+/// Secret that is named but missing is reported, and auth stays off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_is_turned_on_and_off_with_a_managed_root_password() {
+    let mut w = World::new("locked", json!({"size": 1, "auth": {"enabled": true}}));
+    w.until("auth on", |w| w.status()["authEnabled"] == true)
+        .await;
+    let password = root_password(&w.api, "locked");
+    assert_eq!(password.len(), 32);
+    assert_eq!(w.status()["rootSecret"], "locked-root");
+    assert_eq!(w.condition("Auth"), ("True".into(), "Enabled".into()));
+    let refused = anonymous_user_list(&w).await.unwrap_err();
+    assert!(refused.contains("user name is empty"), "{refused}");
+    let mut root = etcd_client::Client::connect(
+        [w.pods.layout.client_url(0)],
+        Some(etcd_client::ConnectOptions::new().with_user("root", password.as_str())),
+    )
+    .await
+    .unwrap();
+    root.put("k", "v", None).await.unwrap();
+    let reasons: Vec<String> = events(&w.api).into_iter().map(|(r, _)| r).collect();
+    assert!(
+        reasons.contains(&"RootSecretCreated".to_string()),
+        "{reasons:?}"
+    );
+    assert!(reasons.contains(&"AuthEnabled".to_string()), "{reasons:?}");
+    // The operator still sees the members (as root) on later rounds.
+    w.reconcile().await.unwrap();
+    assert_eq!(w.status()["readyMembers"], 1);
+    assert_eq!(w.status()["authEnabled"], true);
+
+    w.set_spec(|s| s["auth"]["enabled"] = json!(false));
+    w.until("auth off", |w| w.status()["authEnabled"] == false)
+        .await;
+    anonymous_user_list(&w).await.unwrap();
+    assert_eq!(w.condition("Auth"), ("True".into(), "Disabled".into()));
+    assert!(events(&w.api).iter().any(|(r, _)| r == "AuthDisabled"));
+
+    let mut w = World::new(
+        "named",
+        json!({"size": 1, "auth": {"enabled": true, "rootSecret": "nowhere"}}),
+    );
+    w.until("reported", |w| {
+        w.status()["conditions"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["type"] == "Auth"))
+    })
+    .await;
+    assert_eq!(
+        w.condition("Auth"),
+        ("False".into(), "RootSecretMissing".into())
+    );
+    assert_eq!(w.status()["authEnabled"], false);
+    anonymous_user_list(&w).await.unwrap();
 }

@@ -105,6 +105,9 @@ enum Command {
         /// Directory under the prefix (the operator uses `<namespace>/<cluster>/<uid>`).
         #[arg(long, default_value = "manual")]
         dir: String,
+        /// root's password, for a cluster with auth on.
+        #[arg(long, env = "CAIRN_ROOT_PASSWORD", hide_env_values = true)]
+        root_password: Option<String>,
     },
     /// Downloads a backup and verifies its SHA-256 (the init step of a restore). Does nothing
     /// when `--data-dir` exists or the pod is not the cluster's first member.
@@ -127,7 +130,12 @@ enum Command {
 
 async fn command(cmd: Command) -> anyhow::Result<()> {
     match cmd {
-        Command::Backup { s3, endpoints, dir } => {
+        Command::Backup {
+            s3,
+            endpoints,
+            dir,
+            root_password,
+        } => {
             let dest = s3.destination()?;
             let dir = [dest.prefix.as_str(), dir.as_str()]
                 .iter()
@@ -135,8 +143,14 @@ async fn command(cmd: Command) -> anyhow::Result<()> {
                 .copied()
                 .collect::<Vec<_>>()
                 .join("/");
-            let rec =
-                backup::stream_backup(&endpoints, &dest, &dir, jiff::Timestamp::now()).await?;
+            let rec = backup::stream_backup(
+                &endpoints,
+                &cairn_operator::members::Access { root_password },
+                &dest,
+                &dir,
+                jiff::Timestamp::now(),
+            )
+            .await?;
             println!("{}", serde_json::to_string(&rec)?);
         }
         Command::FetchBackup {

@@ -103,7 +103,8 @@ pub async fn reconcile_backup(eb: Arc<EtcdBackup>, ctx: Arc<Context>) -> Result<
                 requeue = WAIT_REQUEUE;
             }
             Some(ec) => {
-                let r = Reconciler::new(&ec, &ctx, &ns);
+                let mut r = Reconciler::new(&ec, &ctx, &ns);
+                r.access = r.root_access().await?;
                 let endpoints = (0..ec.spec.size.max(1))
                     .map(|o| r.layout.client_url(o))
                     .collect();
@@ -111,7 +112,13 @@ pub async fn reconcile_backup(eb: Arc<EtcdBackup>, ctx: Arc<Context>) -> Result<
                     Ok(dest) => {
                         let dir =
                             dest.cluster_dir(&ns, &r.names.cluster, &ec.uid().unwrap_or_default());
-                        let work = crate::backup::backup_and_prune(endpoints, dest, dir, None);
+                        let work = crate::backup::backup_and_prune(
+                            endpoints,
+                            r.access.clone(),
+                            dest,
+                            dir,
+                            None,
+                        );
                         if ctx
                             .backups
                             .start(&cluster_key, RunOwner::OnDemand(uid.clone()), work)

@@ -68,7 +68,13 @@ pub async fn reconcile(ec: Arc<EtcdCluster>, ctx: Arc<Context>) -> Result<Action
     let name = ec.name_any();
     let _timer = ctx.metrics.reconcile(&ns, &name);
     let span = tracing::info_span!("reconcile", namespace = %ns, cluster = %name);
-    Reconciler::new(&ec, &ctx, &ns).run().instrument(span).await
+    async {
+        let mut r = Reconciler::new(&ec, &ctx, &ns);
+        r.access = r.root_access().await?;
+        r.run().await
+    }
+    .instrument(span)
+    .await
 }
 
 /// The operator's answer to a failed reconcile: count it, log it, try again soon.
@@ -83,11 +89,13 @@ pub fn error_policy(ec: Arc<EtcdCluster>, err: &Error, ctx: Arc<Context>) -> Act
 }
 
 pub(super) struct Reconciler<'a> {
-    ec: &'a EtcdCluster,
-    ctx: &'a Context,
-    ns: &'a str,
+    pub(super) ec: &'a EtcdCluster,
+    pub(super) ctx: &'a Context,
+    pub(super) ns: &'a str,
     pub(super) names: Names,
     pub(super) layout: Arc<dyn Layout>,
+    /// How the members are reached (as root once the cluster has auth on).
+    pub(super) access: Access,
 }
 
 impl<'a> Reconciler<'a> {
@@ -98,10 +106,11 @@ impl<'a> Reconciler<'a> {
             ns,
             names: Names::of(ec),
             layout: (ctx.layout)(ec),
+            access: Access::default(),
         }
     }
 
-    fn api<K>(&self) -> Api<K>
+    pub(super) fn api<K>(&self) -> Api<K>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
         <K as Resource>::DynamicType: Default,
@@ -109,14 +118,14 @@ impl<'a> Reconciler<'a> {
         Api::namespaced(self.ctx.client.clone(), self.ns)
     }
 
-    async fn event(&self, type_: EventType, reason: &str, action: &str, note: String) {
+    pub(super) async fn event(&self, type_: EventType, reason: &str, action: &str, note: String) {
         self.publish(type_, reason, action, note, None).await
     }
 
     /// An Event about one member: its pod is the related object, so that the same step on two
     /// members makes two Events rather than one series (the recorder groups by reason, action
     /// and objects, not by note).
-    async fn member_event(
+    pub(super) async fn member_event(
         &self,
         type_: EventType,
         reason: &str,
@@ -188,7 +197,7 @@ impl<'a> Reconciler<'a> {
         Ok(())
     }
 
-    fn count_op(&self, op: &str, result: &str) {
+    pub(super) fn count_op(&self, op: &str, result: &str) {
         self.ctx
             .metrics
             .membership_operations
@@ -208,13 +217,23 @@ impl<'a> Reconciler<'a> {
             .and_then(|s| s.replicas);
 
         // What the members say.
-        let view = match replicas {
+        let observed = match replicas {
             Some(r) => {
                 let endpoints = (0..r.max(1)).map(|o| self.layout.client_url(o)).collect();
-                Members::new(endpoints).observe().await.ok()
+                Some(
+                    Members::new(endpoints)
+                        .with_access(self.access.clone())
+                        .observe()
+                        .await,
+                )
             }
             None => None,
         };
+        // With auth on, a wrong root password shuts the operator out: said in the Auth condition.
+        let root_refused = observed
+            .as_ref()
+            .is_some_and(|o| o.as_ref().is_err_and(members::credentials_refused));
+        let view = observed.and_then(Result::ok);
         let pods: Api<Pod> = self.api();
         let selector = resources::selector_labels(ec)
             .iter()
@@ -279,7 +298,14 @@ impl<'a> Reconciler<'a> {
         let step = next_step(self.layout.as_ref(), spec.size, bootstrapped, &obs);
 
         if spec.paused {
-            let status = self.status(&prev, view.as_ref(), cluster_id, &Step::Steady, None);
+            let status = self.status(
+                &prev,
+                view.as_ref(),
+                cluster_id,
+                &Step::Steady,
+                &Roll::Steady,
+                prev.operation.clone(),
+            );
             self.patch_status(status).await?;
             return Ok(Action::requeue(STEADY_REQUEUE));
         }
@@ -370,22 +396,44 @@ impl<'a> Reconciler<'a> {
         let mut replicas_now = replicas.unwrap_or(0);
         let mut requeue = self.act(&step, &mut replicas_now, &mut operation).await?;
 
-        // Template changes (image, resources, ...) roll out through the StatefulSet itself,
-        // one pod at a time.
+        // The pod template. Its changes (version, image, resources, ...) reach the members
+        // through the rollout below, one member at a time (the StatefulSet is `OnDelete`); an
+        // image that cannot read the members' data format is not put in it at all.
+        let running_image = sts
+            .as_ref()
+            .and_then(resources::image_of)
+            .map(str::to_string);
+        let refused = self.refused_image(&prev, view.as_ref(), running_image.as_deref());
         if replicas.is_some() || matches!(step, Step::Bootstrap { .. }) {
-            apply(
-                &sts_api,
-                &self
-                    .for_server(resources::statefulset_restoring(
-                        ec,
-                        replicas_now,
-                        &self.ctx.default_image,
-                        restore.as_ref(),
-                    ))
-                    .await,
-            )
-            .await?;
+            let mut desired = resources::statefulset_restoring(
+                ec,
+                replicas_now,
+                &self.ctx.default_image,
+                restore.as_ref(),
+            );
+            if let (Some(_), Some(running)) = (&refused, &running_image) {
+                resources::set_image(&mut desired, running);
+            }
+            apply(&sts_api, &self.for_server(desired).await).await?;
         }
+        let roll = match (&refused, sts.as_ref(), view.as_ref()) {
+            (Some(why), _, _) => {
+                if prev
+                    .condition(condition::PROGRESSING)
+                    .is_none_or(|c| c.reason != crate::crd::reason::UPGRADE_REFUSED)
+                {
+                    self.event(EventType::Warning, "UpgradeRefused", "Upgrade", why.clone())
+                        .await;
+                }
+                Roll::Refused { why: why.clone() }
+            }
+            (None, Some(sts), Some(v)) if step == Step::Steady && !spec.paused => {
+                let (roll, after) = self.roll(&prev, sts, &pod_list, v, &mut operation).await?;
+                requeue = requeue.min(after);
+                roll
+            }
+            _ => Roll::Steady,
+        };
         // A shrunk StatefulSet no longer has the removed members' pods: delete their volumes,
         // or a later grow would start a member on stale data.
         if let Step::Shrink { delete_volumes, .. } = &step {
@@ -408,7 +456,7 @@ impl<'a> Reconciler<'a> {
             .max(1);
         let pdb = self.disruption_budget(voters).await?;
 
-        let mut status = self.status(&prev, view.as_ref(), cluster_id, &step, operation);
+        let mut status = self.status(&prev, view.as_ref(), cluster_id, &step, &roll, operation);
         status.restored_from = restored_from;
         // A restore whose download or verification failed stops the first member in its init
         // containers; say why (the cluster never serves from a bad backup).
@@ -418,6 +466,26 @@ impl<'a> Reconciler<'a> {
                 self.event(EventType::Warning, "RestoreFailed", "Create", msg)
                     .await;
             }
+        }
+        let auth = self
+            .reconcile_auth(&prev, view.as_ref(), root_refused)
+            .await;
+        status.auth_enabled = auth.enabled;
+        if let Some((ok, reason, msg)) = auth.condition {
+            status.root_secret = Some(
+                spec.auth
+                    .as_ref()
+                    .and_then(|a| a.root_secret.clone())
+                    .unwrap_or_else(|| self.names.root_secret()),
+            );
+            status.set_condition(
+                condition::AUTH,
+                ok,
+                reason,
+                msg,
+                ec.metadata.generation,
+                &now(),
+            );
         }
         let (ok, reason, msg) = pdb;
         status.set_condition(
@@ -434,7 +502,18 @@ impl<'a> Reconciler<'a> {
         {
             requeue = requeue.min(after);
         }
+        let restart = match (&roll, &status.operation) {
+            (Roll::Restart { ordinal, .. }, Some(op)) => {
+                Some((*ordinal, op.revision.clone().unwrap_or_default()))
+            }
+            _ => None,
+        };
         self.patch_status(status).await?;
+        // A restart is carried out once the status records it (so that a restart is never
+        // lost: its deadline runs from then).
+        if let Some((ordinal, revision)) = restart {
+            self.restart_pod(ordinal, &revision).await?;
+        }
         Ok(Action::requeue(requeue))
     }
 
@@ -570,6 +649,7 @@ impl<'a> Reconciler<'a> {
                     dest.cluster_dir(self.ns, &self.names.cluster, &ec.uid().unwrap_or_default());
                 let work = crate::backup::backup_and_prune(
                     endpoints,
+                    self.access.clone(),
                     dest,
                     dir,
                     Some(spec.retention.clone()),
@@ -728,7 +808,8 @@ impl<'a> Reconciler<'a> {
             (0..(*replicas).max(1))
                 .map(|o| self.layout.client_url(o))
                 .collect(),
-        );
+        )
+        .with_access(self.access.clone());
         let layout = self.layout.as_ref();
         let start = |kind, member: String| {
             Some(Operation {
@@ -736,6 +817,9 @@ impl<'a> Reconciler<'a> {
                 member,
                 target_size: spec.size,
                 started_at: now(),
+                member_id: None,
+                revision: None,
+                pod_uid: None,
             })
         };
         match step {
@@ -880,7 +964,13 @@ impl<'a> Reconciler<'a> {
                 Ok(WAIT_REQUEUE)
             }
             Step::Steady => {
-                *operation = None;
+                // A restart of the rollout is the rollout's to finish.
+                if operation
+                    .as_ref()
+                    .is_some_and(|o| o.kind != OperationKind::Restart)
+                {
+                    *operation = None;
+                }
                 Ok(STEADY_REQUEUE)
             }
         }
@@ -893,6 +983,7 @@ impl<'a> Reconciler<'a> {
         view: Option<&ClusterView>,
         cluster_id: Option<String>,
         step: &Step,
+        roll: &Roll,
         operation: Option<Operation>,
     ) -> EtcdClusterStatus {
         let t = now();
@@ -903,7 +994,7 @@ impl<'a> Reconciler<'a> {
             layout: self.layout.as_ref(),
             now: &t,
         };
-        status::derive(&report, prev, view, cluster_id, step, operation)
+        status::derive(&report, prev, view, cluster_id, step, roll, operation)
     }
 
     async fn patch_status(&self, status: EtcdClusterStatus) -> Result<(), Error> {

@@ -7,9 +7,11 @@
 //! It never derives membership from pods: a pod that is gone or crash-looping is reported, not
 //! acted on, unless it says its data is unusable (then its member is replaced).
 
+mod auth;
 mod backup;
 mod cluster;
 mod context;
+mod rollout;
 
 pub use backup::{backup_error_policy, read_credentials, reconcile_backup};
 pub use cluster::{error_policy, reconcile};
@@ -37,10 +39,11 @@ use crate::crd::{
     condition, BackupPhase, EtcdBackup, EtcdCluster, EtcdClusterStatus, Operation, OperationKind,
 };
 use crate::layout::{Layout, Names};
-use crate::members::{self, Members, Outcome};
+use crate::members::{self, Access, Members, Outcome};
 use crate::metrics::Metrics;
 use crate::plan::{self, bootstrap, next_step, ClusterView, Observed, Step};
 use crate::resources;
+use crate::rollout::Roll;
 use crate::status;
 
 /// The one field manager of everything the operator applies.
