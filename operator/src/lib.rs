@@ -6,6 +6,7 @@
 //! - [`plan`]: pure membership planning: observed cluster in, next step out.
 //! - [`rollout`]: pure rollout planning: which member to restart into a new template, when.
 //! - [`status`]: pure status derivation: observations and the step in, the status out.
+//! - [`pki`]: the certificates of TLS managed by the operator (CA, members, clients, renewal).
 //! - [`members`]: membership calls through the etcd API (etcd-client).
 //! - [`controller`]: the reconcile loop that ties them together.
 //! - [`leader`], [`metrics`]: leader election between replicas; Prometheus metrics.
@@ -17,6 +18,7 @@ pub mod layout;
 pub mod leader;
 pub mod members;
 pub mod metrics;
+pub mod pki;
 pub mod plan;
 pub mod resources;
 pub mod rollout;
