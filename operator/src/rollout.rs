@@ -110,6 +110,31 @@ pub enum Roll {
     Refused { why: String },
 }
 
+/// A member's pod as the rollout sees it when the cluster cannot answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodState {
+    pub ordinal: i32,
+    /// Its StatefulSet revision (`controller-revision-hash`).
+    pub revision: Option<String>,
+    /// Its Ready condition.
+    pub ready: bool,
+    /// Being deleted.
+    pub deleting: bool,
+}
+
+/// With no quorum (no member answers, or no leader), the one restart that is still safe: a pod
+/// that is down and on an older template than `revision` (a member restarted onto an image that
+/// does not start, whose template was set back). Restarting a member that is down cannot lower
+/// availability, and it may be what brings quorum back; [`next_roll`] needs a leader, so this is
+/// how a one- or two-member cluster, or one that lost quorum, reverts a broken upgrade.
+pub fn restart_without_quorum(pods: &[PodState], revision: &str) -> Option<i32> {
+    pods.iter()
+        .filter(|p| !p.ready && !p.deleting)
+        .filter(|p| p.revision.as_deref().is_some_and(|r| r != revision))
+        .map(|p| p.ordinal)
+        .min()
+}
+
 /// How far behind the leader `m` is, in entries; `None` without a leader's answer.
 pub fn lag(view: &ClusterView, m: &ObservedMember) -> Option<u64> {
     let leader = view.members.iter().find(|l| Some(l.id) == view.leader)?;
@@ -451,6 +476,50 @@ mod tests {
                 ordinal: 0,
                 id: 100
             }
+        );
+    }
+
+    #[test]
+    fn without_quorum_only_a_pod_down_on_an_old_template_is_restarted() {
+        let pod = |ordinal, revision: &str, ready, deleting| PodState {
+            ordinal,
+            revision: Some(revision.to_string()),
+            ready,
+            deleting,
+        };
+        // A one-member cluster whose only member crash-loops on a broken image, set back.
+        assert_eq!(
+            restart_without_quorum(&[pod(0, "broken", false, false)], "good"),
+            Some(0)
+        );
+        // Not while it runs the current template (it is down for another reason), is being
+        // deleted already, or is ready.
+        for p in [
+            pod(0, "good", false, false),
+            pod(0, "broken", false, true),
+            pod(0, "broken", true, false),
+        ] {
+            assert_eq!(
+                restart_without_quorum(std::slice::from_ref(&p), "good"),
+                None,
+                "{p:?}"
+            );
+        }
+        let unknown = PodState {
+            revision: None,
+            ..pod(1, "", false, false)
+        };
+        assert_eq!(restart_without_quorum(&[unknown], "good"), None);
+        // One at a time, the lowest first.
+        assert_eq!(
+            restart_without_quorum(
+                &[
+                    pod(2, "broken", false, false),
+                    pod(1, "broken", false, false)
+                ],
+                "good"
+            ),
+            Some(1)
         );
     }
 

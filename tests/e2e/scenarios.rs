@@ -1033,7 +1033,9 @@ async fn pod_images(c: &Cluster<'_>) -> BTreeMap<String, String> {
 /// the leader last after a leader move), `status.version` ends at this release; then an image
 /// that cannot start stalls the rollout on one member (`UpgradeStalled`) with the other two
 /// untouched, and removing it again reverts that member. Nothing acknowledged is lost. Last,
-/// auth is turned on with `spec.auth` and etcdctl needs root's password from the Secret.
+/// auth is turned on with `spec.auth` and etcdctl needs root's password from the Secret; and a
+/// one-member cluster, which has no quorum while its member restarts, gets out of an image that
+/// does not start when it is set back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s7_upgrade_by_version_stall_and_revert() {
     let new = env!("CARGO_PKG_VERSION");
@@ -1244,4 +1246,58 @@ async fn s7_upgrade_by_version_stall_and_revert() {
     assert!(refused.contains("user name is empty"), "{refused}");
     // The operator still acts as root: status keeps coming.
     c.until_settled(3, Duration::from_secs(60)).await;
+
+    // A one-member cluster has no quorum while its member restarts: onto an image that does
+    // not start, it stays down; set back, the member (down, on the old template) is restarted
+    // onto the current one all the same.
+    apply(&cp, "up", &cluster_yaml("solo", 1, "")).unwrap();
+    let solo = Cluster::new(&cp, "up", "solo");
+    solo.until_settled(1, Duration::from_secs(120)).await;
+    let patch = |image: Value| {
+        let api = solo.api.clone();
+        async move {
+            api.patch(
+                "solo",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"image": image}})),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    patch(json!("cairn:broken")).await;
+    eventually(
+        Duration::from_secs(120),
+        Duration::from_secs(1),
+        async || {
+            let images = pod_images(&solo).await;
+            let (a, reason, _) = solo.condition("Available").await;
+            if images.get("solo-0").map(String::as_str) == Some("cairn:broken") && a == "False" {
+                return Ok(());
+            }
+            Err(format!(
+                "solo not down on the broken image: {images:?} {a} {reason}"
+            ))
+        },
+    )
+    .await;
+    patch(Value::Null).await;
+    eventually(
+        Duration::from_secs(120),
+        Duration::from_secs(1),
+        async || {
+            let images = pod_images(&solo).await;
+            if images.get("solo-0") == Some(&format!("cairn:{new}")) {
+                return Ok(());
+            }
+            Err(format!("solo not back: {images:?}\n{}", cp.operator_logs()))
+        },
+    )
+    .await;
+    solo.until_settled(1, Duration::from_secs(120)).await;
+    assert!(solo
+        .event_reasons()
+        .await
+        .iter()
+        .any(|r| r == "MemberRestarting"));
 }

@@ -209,4 +209,44 @@ impl Reconciler<'_> {
         .await;
         Ok(())
     }
+
+    /// With no quorum, restarts a member that is down on an older template (see
+    /// [`crate::rollout::restart_without_quorum`]); says whether it did.
+    pub(super) async fn restart_down_member(
+        &self,
+        sts: &StatefulSet,
+        pods: &[Pod],
+    ) -> Result<bool, Error> {
+        let status = sts.status.as_ref();
+        if status.and_then(|s| s.observed_generation) != sts.metadata.generation {
+            return Ok(false);
+        }
+        let Some(revision) = status.and_then(|s| s.update_revision.clone()) else {
+            return Ok(false);
+        };
+        let states: Vec<crate::rollout::PodState> = pods
+            .iter()
+            .filter_map(|p| {
+                Some(crate::rollout::PodState {
+                    ordinal: self.names.ordinal(&p.name_any())?,
+                    revision: p.labels().get("controller-revision-hash").cloned(),
+                    ready: p
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| {
+                            c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                        }),
+                    deleting: p.metadata.deletion_timestamp.is_some(),
+                })
+            })
+            .collect();
+        match crate::rollout::restart_without_quorum(&states, &revision) {
+            Some(ordinal) => {
+                self.restart_pod(ordinal, &revision).await?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
 }
