@@ -169,16 +169,6 @@ impl Members {
         }
     }
 
-    /// Checks that root's password gets in: an admin call as root.
-    pub async fn check_root(&self) -> Result<(), Error> {
-        let (mut c, _) = self.reach().await?;
-        c.user_get(ROOT).await.map_err(|source| Error::Call {
-            op: "UserGet",
-            source,
-        })?;
-        Ok(())
-    }
-
     /// Turns auth on with root's password: the root user (made, or its password set) with the
     /// root role, then AuthEnable. Safe to repeat.
     pub async fn enable_auth(&self, password: &str) -> Result<(), Error> {

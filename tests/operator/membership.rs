@@ -127,7 +127,7 @@ async fn wait_steady(pods: &mut Pods, size: i32) {
 }
 
 /// Every acknowledged key is present, read from every member's own store.
-async fn assert_all_present(pods: &Pods, acked: &[String]) {
+pub(crate) async fn assert_all_present(pods: &Pods, acked: &[String]) {
     assert!(!acked.is_empty(), "the writer got no write through");
     for o in 0..pods.replicas {
         let mut c = etcd_client::Client::connect([pods.layout.client_url(o)], None)

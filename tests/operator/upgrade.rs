@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cairn_operator::layout::Layout;
 use cairn_operator::plan::bootstrap;
 use cairn_operator::rollout::{self, Restarting, Roll, Rollout};
 
@@ -100,32 +99,10 @@ async fn roll_to(pods: &mut Pods, target: &Path, deadline: Duration) -> Vec<Roll
     }
 }
 
-/// Every key the writer had acknowledged is on every member.
+/// Every key the writer had acknowledged is on every member (and it got some through).
 async fn assert_all_present(pods: &Pods, acked: &[String]) {
     assert!(acked.len() > 50, "only {} writes acknowledged", acked.len());
-    for o in 0..pods.replicas {
-        let mut c = etcd_client::Client::connect([pods.layout.client_url(o)], None)
-            .await
-            .unwrap();
-        let r = c
-            .get(
-                "load/",
-                Some(
-                    etcd_client::GetOptions::new()
-                        .with_prefix()
-                        .with_keys_only(),
-                ),
-            )
-            .await
-            .unwrap();
-        let have: std::collections::HashSet<&str> =
-            r.kvs().iter().map(|kv| kv.key_str().unwrap()).collect();
-        let lost: Vec<&String> = acked
-            .iter()
-            .filter(|k| !have.contains(k.as_str()))
-            .collect();
-        assert!(lost.is_empty(), "member {o} lost acknowledged {lost:?}");
-    }
+    crate::membership::assert_all_present(pods, acked).await;
 }
 
 async fn steady_on(pods: &Pods, release: &str, format: u32) {

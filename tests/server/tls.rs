@@ -147,6 +147,20 @@ impl Pki {
         self.dir.path().join(f).display().to_string()
     }
 
+    /// The `--peer-*` flags of members presenting `server.crt` both ways, client certificates
+    /// required.
+    fn peer_flags(&self) -> Vec<String> {
+        vec![
+            "--peer-cert-file".to_string(),
+            self.path("server.crt"),
+            "--peer-key-file".into(),
+            self.path("server.key"),
+            "--peer-trusted-ca-file".into(),
+            self.path("ca.crt"),
+            "--peer-client-cert-auth".into(),
+        ]
+    }
+
     /// etcdctl's (and curl's) flags for a client presenting certificate `name`.
     fn client_flags(&self, name: &str) -> Vec<String> {
         vec![
@@ -647,20 +661,8 @@ impl Drop for PeerTrio {
 async fn members_talk_over_mutual_tls() {
     let pki = Pki::new();
     signed(pki.dir.path(), "other-ca", "foreign", "server");
-    let flags: Vec<String> = [
-        "--peer-cert-file",
-        &pki.path("server.crt"),
-        "--peer-key-file",
-        &pki.path("server.key"),
-        "--peer-trusted-ca-file",
-        &pki.path("ca.crt"),
-        "--peer-client-cert-auth",
-        "--peer-cert-allowed-cn",
-        "server",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut flags = pki.peer_flags();
+    flags.extend(["--peer-cert-allowed-cn".to_string(), "server".to_string()]);
     let mut trio = PeerTrio::start(Kind::Cairn, &flags);
     let mut c0 = trio.client(0).await;
     c0.put("a", "1", None).await.unwrap();
@@ -875,18 +877,7 @@ async fn move_peer_urls(trio: &PeerTrio, scheme: &str) {
 async fn peer_traffic_moves_to_tls_and_back_member_by_member() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let pki = Pki::new();
-    let tls: Vec<String> = [
-        "--peer-cert-file",
-        &pki.path("server.crt"),
-        "--peer-key-file",
-        &pki.path("server.key"),
-        "--peer-trusted-ca-file",
-        &pki.path("ca.crt"),
-        "--peer-client-cert-auth",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let tls = pki.peer_flags();
     let mut both = tls.clone();
     both.push("--experimental-peer-accept-plaintext".into());
 

@@ -110,6 +110,18 @@ impl<'a> Reconciler<'a> {
         }
     }
 
+    /// The members `view` lists, reached at their client URLs with this reconcile's access.
+    pub(super) fn members_of(&self, view: &ClusterView) -> Members {
+        Members::new(
+            view.members
+                .iter()
+                .filter_map(|m| view.ordinal(self.layout.as_ref(), m))
+                .map(|o| self.layout.client_url(o))
+                .collect(),
+        )
+        .with_access(self.access.clone())
+    }
+
     pub(super) fn api<K>(&self) -> Api<K>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,

@@ -5,6 +5,16 @@
 use super::cluster::Reconciler;
 use super::*;
 
+/// The StatefulSet's current revision (`status.updateRevision`), once its status describes its
+/// spec (a status that lags the spec names an old revision: wait for it).
+fn current_revision(sts: &StatefulSet) -> Option<String> {
+    let status = sts.status.as_ref()?;
+    if status.observed_generation != sts.metadata.generation {
+        return None;
+    }
+    status.update_revision.clone()
+}
+
 impl Reconciler<'_> {
     /// Why the image the spec asks for may not replace the running one (see
     /// [`crate::rollout::refuse_image`]): judged against the newest data format a member reports now
@@ -42,12 +52,7 @@ impl Reconciler<'_> {
         view: &ClusterView,
         operation: &mut Option<Operation>,
     ) -> Result<(Roll, Duration), Error> {
-        let status = sts.status.as_ref();
-        // A StatefulSet whose status lags its spec names an old revision: wait for it.
-        if status.and_then(|s| s.observed_generation) != sts.metadata.generation {
-            return Ok((Roll::Steady, STEP_REQUEUE));
-        }
-        let Some(revision) = status.and_then(|s| s.update_revision.clone()) else {
+        let Some(revision) = current_revision(sts) else {
             return Ok((Roll::Steady, STEP_REQUEUE));
         };
         let op = operation
@@ -124,14 +129,7 @@ impl Reconciler<'_> {
                 STEP_REQUEUE
             }
             Roll::MoveLeader { from, to } => {
-                let members = Members::new(
-                    view.members
-                        .iter()
-                        .filter_map(|m| view.ordinal(self.layout.as_ref(), m))
-                        .map(|o| self.layout.client_url(o))
-                        .collect(),
-                )
-                .with_access(self.access.clone());
+                let members = self.members_of(view);
                 let result = members.move_leader(*from, *to).await;
                 self.count_op("move_leader", if result.is_ok() { "ok" } else { "error" });
                 result?;
@@ -217,11 +215,7 @@ impl Reconciler<'_> {
         sts: &StatefulSet,
         pods: &[Pod],
     ) -> Result<bool, Error> {
-        let status = sts.status.as_ref();
-        if status.and_then(|s| s.observed_generation) != sts.metadata.generation {
-            return Ok(false);
-        }
-        let Some(revision) = status.and_then(|s| s.update_revision.clone()) else {
+        let Some(revision) = current_revision(sts) else {
             return Ok(false);
         };
         let states: Vec<crate::rollout::PodState> = pods
