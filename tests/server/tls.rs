@@ -904,6 +904,38 @@ async fn peer_traffic_moves_to_tls_and_back_member_by_member() {
         serves(&trio, i).await;
         assert!(peer_port_serves_plaintext(&trio, i).await, "m{i}");
     }
+    // Hostile connections to a port serving both: a TLS record header followed by junk, plain
+    // junk, one that sends nothing and hangs up, and one that sends nothing and stays. None of
+    // them stops the port from serving plaintext and TLS peers, or the member from serving.
+    let peer_addr = format!("127.0.0.1:{}", trio.ports[0].1);
+    let mut idle = tokio::net::TcpStream::connect(&peer_addr).await.unwrap();
+    for junk in [
+        &[0x16u8, 0x03, 0x01, 0xff, 0xff, 0, 1, 2, 3][..],
+        b"GARBAGE \x00\xff not http/2 at all\r\n\r\n",
+        b"",
+    ] {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(&peer_addr).await.unwrap();
+        s.write_all(junk).await.unwrap();
+        drop(s);
+    }
+    assert!(peer_port_serves_plaintext(&trio, 0).await);
+    assert_eq!(
+        members_over_peer_tls(&trio.peer_url("https", 0), &pki, "server.crt", "server.key").await,
+        Ok(3)
+    );
+    serves(&trio, 0).await;
+    // The silent one is cut once the handshake timeout (10 s) passes.
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::io::AsyncReadExt::read(&mut idle, &mut buf),
+    )
+    .await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "a connection that sends nothing was not cut: {read:?}"
+    );
     move_peer_urls(&trio, "https").await;
     for i in 0..3 {
         trio.listen[i] = ("https", tls.clone());

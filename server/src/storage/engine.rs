@@ -737,6 +737,35 @@ mod tests {
         assert_eq!(v, Some((DATA_FORMAT + 1).to_le_bytes().to_vec()));
     }
 
+    /// A format mark that is not 4 bytes (a damaged directory) is refused with what it is, and
+    /// left as it was: never taken for a format and overwritten.
+    #[test]
+    fn a_malformed_data_format_mark_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let e = Engine::open(dir.path()).unwrap();
+            e.db.put_cf(e.cf(CF_META), META_FORMAT, [2u8, 0, 0])
+                .unwrap();
+        }
+        let err = Engine::open(dir.path()).err().unwrap().to_string();
+        assert!(
+            err.contains("the data format mark is 3 bytes long, not 4"),
+            "{err}"
+        );
+        let e = DB::open_cf_descriptors(
+            &Options::default(),
+            dir.path(),
+            ALL_CFS
+                .iter()
+                .map(|n| ColumnFamilyDescriptor::new(*n, Options::default())),
+        )
+        .unwrap();
+        let v = e
+            .get_cf(e.cf_handle(CF_META).unwrap(), META_FORMAT)
+            .unwrap();
+        assert_eq!(v, Some(vec![2u8, 0, 0]));
+    }
+
     /// A data dir from before the state machine lived in `kv` alone: its
     /// position and leases move into `kv`, next to the records, and the old
     /// places are emptied.
