@@ -146,21 +146,23 @@ pub async fn stream_backup(
 ) -> Result<BackupRecord, Error> {
     let mut stream = None;
     let mut last_err = None;
-    for e in endpoints {
-        let opts = etcd_client::ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(10));
-        let attempt = async {
-            let mut c = access.connect(std::slice::from_ref(e), opts).await?;
-            c.snapshot().await
-        };
-        match tokio::time::timeout(Duration::from_secs(10), attempt).await {
-            Ok(Ok(s)) => {
-                stream = Some((e.clone(), s));
-                break;
+    'endpoints: for e in endpoints {
+        for access in access.variants() {
+            let opts = etcd_client::ConnectOptions::new()
+                .with_connect_timeout(Duration::from_secs(3))
+                .with_keep_alive(Duration::from_secs(10), Duration::from_secs(10));
+            let attempt = async {
+                let mut c = access.connect(std::slice::from_ref(e), opts).await?;
+                c.snapshot().await
+            };
+            match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+                Ok(Ok(s)) => {
+                    stream = Some((e.clone(), s));
+                    break 'endpoints;
+                }
+                Ok(Err(err)) => last_err = Some((e.clone(), err)),
+                Err(_) => {}
             }
-            Ok(Err(err)) => last_err = Some((e.clone(), err)),
-            Err(_) => {}
         }
     }
     let Some((endpoint, mut stream)) = stream else {

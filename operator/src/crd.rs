@@ -90,6 +90,127 @@ pub struct EtcdClusterSpec {
     /// etcd's authentication, managed: the root user and its password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthSpec>,
+    /// TLS of client and peer traffic, managed: certificates made by the operator, by
+    /// cert-manager, or given in Secrets. Without it members serve plain HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+}
+
+/// TLS of a cluster's client traffic (port 2379) and peer traffic (port 2380).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// Serve TLS (default true). Turning it on or off on a live cluster moves the members one at
+    /// a time, quorum kept: peer URLs change from `http://` to `https://` (or back) through
+    /// MemberUpdate while the members accept both.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Where the members' certificate for clients comes from.
+    #[serde(default)]
+    pub client: TlsSide,
+    /// Where the members' certificate for each other comes from.
+    #[serde(default)]
+    pub peer: TlsSide,
+    /// Clients must present a certificate signed by the client CA (`--client-cert-auth`,
+    /// default true). Health probes then use a plain metrics port (2381).
+    #[serde(default = "yes")]
+    pub client_cert_auth: bool,
+    /// `Operator` mode: lifetime of the certificates issued (default `2160h`, 90 days).
+    #[serde(default = "default_certificate_lifetime")]
+    #[schemars(regex(pattern = r"^[0-9]+(s|m|h)$"))]
+    pub certificate_lifetime: String,
+    /// `Operator` mode: lifetime of the cluster's CA (default `43800h`, 5 years).
+    #[serde(default = "default_ca_lifetime")]
+    #[schemars(regex(pattern = r"^[0-9]+(s|m|h)$"))]
+    pub ca_lifetime: String,
+    /// `Operator` mode: a certificate (and the CA) is renewed after this percentage of its
+    /// lifetime (default 66: two thirds, leaving a third to notice and fix a failed renewal).
+    /// A replaced CA stays trusted next to the new one until it expires.
+    #[serde(default = "default_renew_percent")]
+    #[schemars(range(min = 10, max = 95))]
+    pub renew_at_percent: i32,
+}
+
+impl Default for TlsSpec {
+    fn default() -> Self {
+        TlsSpec {
+            enabled: true,
+            client: TlsSide::default(),
+            peer: TlsSide::default(),
+            client_cert_auth: true,
+            certificate_lifetime: default_certificate_lifetime(),
+            ca_lifetime: default_ca_lifetime(),
+            renew_at_percent: default_renew_percent(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_certificate_lifetime() -> String {
+    "2160h".to_string()
+}
+
+fn default_ca_lifetime() -> String {
+    "43800h".to_string()
+}
+
+fn default_renew_percent() -> i32 {
+    66
+}
+
+/// Where one side's certificates come from.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSide {
+    #[serde(default)]
+    pub mode: TlsMode,
+    /// `Secret` mode: a Secret in the cluster's namespace with `tls.crt` and `tls.key` (the
+    /// members' certificate: valid for every member's DNS name under the peer Service and, on
+    /// the client side, the client Service's names; with the clientAuth usage too, since members
+    /// and the operator present it as clients) and `ca.crt` (the CAs trusted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    /// `CertManager` mode: the Issuer (same namespace) or ClusterIssuer that signs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer_ref: Option<IssuerRef>,
+}
+
+/// Who makes a side's certificates.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum TlsMode {
+    /// The operator: a CA per cluster, member and client certificates, renewal, CA rollover.
+    #[default]
+    Operator,
+    /// cert-manager: the operator creates `Certificate` objects and mounts their Secrets.
+    CertManager,
+    /// Secrets the user provides and renews (`secretName`).
+    Secret,
+}
+
+/// A cert-manager issuer.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuerRef {
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// `Issuer` (default) or `ClusterIssuer`.
+    #[serde(default = "default_issuer_kind")]
+    #[schemars(regex(pattern = r"^(Issuer|ClusterIssuer)$"))]
+    pub kind: String,
+    /// Default `cert-manager.io`.
+    #[serde(default = "default_issuer_group")]
+    pub group: String,
+}
+
+fn default_issuer_kind() -> String {
+    "Issuer".to_string()
+}
+
+fn default_issuer_group() -> String {
+    "cert-manager.io".to_string()
 }
 
 /// Authentication of a cluster's clients (etcd's users and roles).
@@ -440,6 +561,9 @@ pub struct EtcdClusterStatus {
     /// The Secret holding root's password (key `password`), once auth is managed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_secret: Option<String>,
+    /// TLS as the members serve it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsStatus>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
@@ -464,6 +588,27 @@ pub struct MemberStatus {
     /// The data format of the member's data directory, as its `/version` says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_format: Option<i32>,
+}
+
+/// TLS as the members serve it.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsStatus {
+    /// Client traffic: `Plain`, `Migrating` or `TLS` (every member serves TLS).
+    pub client: String,
+    /// Peer traffic: `Plain`, `Migrating` or `TLS` (every member's peer URL is `https://`).
+    pub peer: String,
+    /// A Secret with a client certificate for users (`tls.crt`, `tls.key`, `ca.crt`), made in
+    /// `Operator` and `CertManager` modes. Its common name is no etcd user: with auth on, give
+    /// `--user` too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<String>,
+    /// When the members' certificates the operator issued expire (the earliest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<Time>,
+    /// When the operator renews them next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_at: Option<Time>,
 }
 
 /// The kind of a membership step.
@@ -579,6 +724,8 @@ pub mod condition {
     pub const BACKUP_SUCCEEDED: &str = "BackupSucceeded";
     /// Whether auth is as `spec.auth` asks.
     pub const AUTH: &str = "Auth";
+    /// Whether TLS is as `spec.tls` asks.
+    pub const TLS: &str = "TLS";
 }
 
 /// Condition reasons of the rollout (on `Progressing`).

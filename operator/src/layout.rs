@@ -3,6 +3,9 @@
 //! [`Layout`] trait the planner and the membership calls see, which the loopback tests implement
 //! with ports instead of DNS names. Pure, no I/O.
 
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
 use kube::ResourceExt;
 
 use crate::crd::EtcdCluster;
@@ -11,6 +14,9 @@ use crate::crd::EtcdCluster;
 pub const CLIENT_PORT: i32 = 2379;
 /// Peer (Raft) port of every member.
 pub const PEER_PORT: i32 = 2380;
+/// Plain HTTP port of every member whose client port serves TLS: `/metrics`, `/health`,
+/// `/readyz`, `/livez` and `/version` for probes, which present no client certificate.
+pub const METRICS_PORT: i32 = 2381;
 /// Name of the volume claim template (PVCs are `data-<pod>`).
 pub const DATA_VOLUME: &str = "data";
 
@@ -29,9 +35,10 @@ pub trait Layout: Send + Sync {
     fn ordinal(&self, member: &str) -> Option<i32> {
         (0..MAX_ORDINAL).find(|o| self.member(*o) == member)
     }
-    /// The ordinal whose peer URL this is.
+    /// The ordinal whose peer URL this is, by address: `http://` or `https://` (a member
+    /// moving to TLS is listed with either).
     fn ordinal_of_peer_url(&self, url: &str) -> Option<i32> {
-        (0..MAX_ORDINAL).find(|o| self.peer_url(*o) == url)
+        (0..MAX_ORDINAL).find(|o| address(&self.peer_url(*o)) == address(url))
     }
     /// `--initial-cluster` naming the given ordinals.
     fn initial_cluster(&self, ordinals: &[i32]) -> String {
@@ -40,6 +47,48 @@ pub trait Layout: Send + Sync {
             .map(|i| format!("{}={}", self.member(*i), self.peer_url(*i)))
             .collect::<Vec<_>>()
             .join(",")
+    }
+}
+
+/// A URL without its scheme.
+pub fn address(url: &str) -> &str {
+    url.split_once("://").map_or(url, |(_, rest)| rest)
+}
+
+/// `url` with `https://` or `http://`.
+fn scheme(url: &str, https: bool) -> String {
+    format!(
+        "{}://{}",
+        if https { "https" } else { "http" },
+        address(url)
+    )
+}
+
+/// A layout with the schemes the members serve: `https://` client URLs for the ordinals whose
+/// pod serves TLS to clients, and `https://` peer URLs for members added now when the template
+/// serves TLS alone on the peer port.
+pub struct Schemed {
+    pub inner: Arc<dyn Layout>,
+    /// Ordinals whose client port serves TLS.
+    pub client_https: BTreeSet<i32>,
+    pub peer_https: bool,
+}
+
+impl Layout for Schemed {
+    fn member(&self, ordinal: i32) -> String {
+        self.inner.member(ordinal)
+    }
+    fn peer_url(&self, ordinal: i32) -> String {
+        scheme(&self.inner.peer_url(ordinal), self.peer_https)
+    }
+    fn client_url(&self, ordinal: i32) -> String {
+        scheme(
+            &self.inner.client_url(ordinal),
+            self.client_https.contains(&ordinal),
+        )
+    }
+    fn ordinal(&self, member: &str) -> Option<i32> {
+        self.inner.ordinal(member)
     }
 }
 

@@ -7,6 +7,8 @@
 //! - [`rollout`]: pure rollout planning: which member to restart into a new template, when.
 //! - [`status`]: pure status derivation: observations and the step in, the status out.
 //! - [`pki`]: the certificates of TLS managed by the operator (CA, members, clients, renewal).
+//! - [`tls`]: TLS managed: Secrets per side, what a member serves, the peer migration, renewal
+//!   and CA rollover.
 //! - [`members`]: membership calls through the etcd API (etcd-client).
 //! - [`controller`]: the reconcile loop that ties them together.
 //! - [`leader`], [`metrics`]: leader election between replicas; Prometheus metrics.
@@ -23,3 +25,4 @@ pub mod plan;
 pub mod resources;
 pub mod rollout;
 pub mod status;
+pub mod tls;

@@ -51,20 +51,91 @@ pub const ROOT: &str = "root";
 
 /// How the operator reaches a cluster's members: as root with this password when the cluster
 /// has auth on; with no user while it has not (so the same calls work before, while and after
-/// auth is enabled).
+/// auth is enabled); over TLS with a client certificate at `https://` URLs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Access {
     pub root_password: Option<String>,
+    pub tls: Option<ClientTls>,
+}
+
+/// The operator's side of TLS to members (PEM): the CAs it trusts, and the client
+/// certificates it presents. Usually one; two while the members move from one client Secret to
+/// another (each member accepts one of them), tried in turn.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientTls {
+    pub ca: String,
+    pub identities: Vec<crate::pki::Pair>,
+}
+
+impl ClientTls {
+    fn options(&self) -> etcd_client::TlsOptions {
+        let mut o = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(&self.ca));
+        if let Some(id) = self.identities.first() {
+            o = o.identity(etcd_client::Identity::from_pem(&id.cert, &id.key));
+        }
+        o
+    }
+
+    /// A rustls client configuration presenting the first identity (HTTP/1.1).
+    fn rustls(&self) -> Option<rustls::ClientConfig> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(self.ca.as_bytes()) {
+            roots.add(c.ok()?).ok()?;
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .ok()?
+            .with_root_certificates(roots);
+        let mut config = match self.identities.first() {
+            Some(id) => {
+                let chain = CertificateDer::pem_slice_iter(id.cert.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()
+                    .ok()?;
+                let key = PrivateKeyDer::from_pem_slice(id.key.as_bytes()).ok()?;
+                builder.with_client_auth_cert(chain, key).ok()?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Some(config)
+    }
 }
 
 impl Access {
+    /// This access once per client certificate, in order (itself when it has at most one).
+    pub fn variants(&self) -> Vec<Access> {
+        match &self.tls {
+            Some(t) if t.identities.len() > 1 => t
+                .identities
+                .iter()
+                .map(|id| Access {
+                    root_password: self.root_password.clone(),
+                    tls: Some(ClientTls {
+                        ca: t.ca.clone(),
+                        identities: vec![id.clone()],
+                    }),
+                })
+                .collect(),
+            _ => vec![self.clone()],
+        }
+    }
+
     /// A client of `endpoints` with `opts`: as root if a password is known and auth is on,
-    /// else with no user.
+    /// else with no user; with the first client certificate at `https://` endpoints.
     pub async fn connect(
         &self,
         endpoints: &[String],
         opts: ConnectOptions,
     ) -> Result<Client, etcd_client::Error> {
+        let https = endpoints.iter().all(|e| e.starts_with("https://"));
+        let opts = match (&self.tls, https) {
+            (Some(t), true) => opts.with_tls(t.options()),
+            _ => opts,
+        };
         if let Some(password) = &self.root_password {
             match Client::connect(
                 endpoints,
@@ -93,14 +164,11 @@ pub fn credentials_refused(e: &Error) -> bool {
 /// Most of an HTTP answer read from a member.
 const MAX_HTTP_ANSWER: u64 = 64 << 10;
 
-/// GETs `path` from a member's `http://` client URL: the body of a `200` answer within the call
-/// timeout. HTTP/1.1 by hand: the answers wanted are small JSON documents.
-pub async fn http_get(url: &str, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let host = url.strip_prefix("http://")?.split('/').next()?.to_string();
-    let work = async move {
-        let mut s = tokio::net::TcpStream::connect(&host).await.ok()?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+/// GETs `path` from a member's client URL (`https://` with `tls`): the body of a `200` answer
+/// within the call timeout. HTTP/1.1 by hand: the answers wanted are small JSON documents.
+pub async fn http_get(url: &str, path: &str, tls: Option<&ClientTls>) -> Option<String> {
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, req: String) -> Option<String> {
         s.write_all(req.as_bytes()).await.ok()?;
         let mut buf = Vec::new();
         s.take(MAX_HTTP_ANSWER).read_to_end(&mut buf).await.ok()?;
@@ -108,6 +176,33 @@ pub async fn http_get(url: &str, path: &str) -> Option<String> {
         let (head, body) = text.split_once("\r\n\r\n")?;
         let code = head.split_whitespace().nth(1)?;
         (code == "200").then(|| body.to_string())
+    }
+    let (https, rest) = match url.split_once("://")? {
+        ("http", rest) => (false, rest),
+        ("https", rest) => (true, rest),
+        _ => return None,
+    };
+    let host = rest.split('/').next()?.to_string();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let config = match (https, tls) {
+        (true, Some(t)) => Some(std::sync::Arc::new(t.rustls()?)),
+        (true, None) => return None,
+        (false, _) => None,
+    };
+    let work = async move {
+        let tcp = tokio::net::TcpStream::connect(&host).await.ok()?;
+        match config {
+            Some(config) => {
+                let name = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h);
+                let name = rustls::pki_types::ServerName::try_from(name.to_string()).ok()?;
+                let s = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, tcp)
+                    .await
+                    .ok()?;
+                exchange(s, req).await
+            }
+            None => exchange(tcp, req).await,
+        }
     };
     tokio::time::timeout(CALL_TIMEOUT, work).await.ok()?
 }
@@ -140,20 +235,40 @@ impl Members {
         self
     }
 
+    /// A client of `endpoints` that answers MemberList, with the first client certificate they
+    /// accept.
     async fn connect(&self, endpoints: &[String]) -> Result<Client, Error> {
-        self.access
-            .connect(endpoints, options())
-            .await
-            .map_err(|source| Error::Unreachable {
-                endpoints: endpoints.to_vec(),
-                source,
-            })
+        let mut last = None;
+        for access in self.access.variants() {
+            let attempt = async {
+                let mut c = access.connect(endpoints, options()).await?;
+                c.member_list().await?;
+                Ok::<_, etcd_client::Error>(c)
+            };
+            match tokio::time::timeout(CALL_TIMEOUT, attempt).await {
+                Ok(Ok(c)) => return Ok(c),
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => last = Some(etcd_client::Error::InvalidArgs("timed out".into())),
+            }
+        }
+        Err(Error::Unreachable {
+            endpoints: endpoints.to_vec(),
+            source: last.unwrap_or_else(|| etcd_client::Error::InvalidArgs("no access".into())),
+        })
+    }
+
+    /// The same members reached with no user (over TLS still, where they serve it).
+    fn anonymous(&self) -> Members {
+        Members::new(self.endpoints.clone()).with_access(Access {
+            root_password: None,
+            tls: self.access.tls.clone(),
+        })
     }
 
     /// Whether the cluster has auth on: a request without a user is refused then (etcd's
     /// "user name is empty"), answered while it is off.
     pub async fn auth_enabled(&self) -> Result<bool, Error> {
-        let (mut anonymous, _) = Members::new(self.endpoints.clone()).reach().await?;
+        let (mut anonymous, _) = self.anonymous().reach().await?;
         match anonymous.user_list().await {
             Ok(_) => Ok(false),
             Err(etcd_client::Error::GRpcStatus(s))
@@ -172,7 +287,7 @@ impl Members {
     /// Turns auth on with root's password: the root user (made, or its password set) with the
     /// root role, then AuthEnable. Safe to repeat.
     pub async fn enable_auth(&self, password: &str) -> Result<(), Error> {
-        let (mut c, _) = Members::new(self.endpoints.clone()).reach().await?;
+        let (mut c, _) = self.anonymous().reach().await?;
         let call = |op: &'static str| move |source| Error::Call { op, source };
         match c.user_add(ROOT, password, None).await {
             Ok(_) => {}
@@ -212,19 +327,21 @@ impl Members {
     /// that are down.
     async fn reach(&self) -> Result<(Client, MemberListResponse), Error> {
         let mut last = None;
+        let variants = self.access.variants();
         for e in &self.endpoints {
-            let attempt = async {
-                let mut c = self
-                    .access
-                    .connect(std::slice::from_ref(e), options())
-                    .await?;
-                let list = c.member_list().await?;
-                Ok::<_, etcd_client::Error>((c, list))
-            };
-            match tokio::time::timeout(CALL_TIMEOUT, attempt).await {
-                Ok(Ok(found)) => return Ok(found),
-                Ok(Err(err)) => last = Some(err),
-                Err(_) => last = Some(etcd_client::Error::InvalidArgs(format!("{e}: timed out"))),
+            for access in &variants {
+                let attempt = async {
+                    let mut c = access.connect(std::slice::from_ref(e), options()).await?;
+                    let list = c.member_list().await?;
+                    Ok::<_, etcd_client::Error>((c, list))
+                };
+                match tokio::time::timeout(CALL_TIMEOUT, attempt).await {
+                    Ok(Ok(found)) => return Ok(found),
+                    Ok(Err(err)) => last = Some(err),
+                    Err(_) => {
+                        last = Some(etcd_client::Error::InvalidArgs(format!("{e}: timed out")))
+                    }
+                }
             }
         }
         Err(Error::Unreachable {
@@ -237,17 +354,25 @@ impl Members {
     pub async fn observe(&self) -> Result<ClusterView, Error> {
         let (_, list) = self.reach().await?;
         let cluster_id = list.header().map_or(0, |h| h.cluster_id());
-        let statuses = join_all(list.members().iter().map(|m| async move {
-            let url = m.client_urls().first()?;
-            let status = async {
-                let mut c = self.access.connect(m.client_urls(), options()).await.ok()?;
-                tokio::time::timeout(CALL_TIMEOUT, c.status())
-                    .await
-                    .ok()?
-                    .ok()
-            };
-            let (status, version) = tokio::join!(status, http_get(url, "/version"));
-            status.map(|s| (s, version.as_deref().and_then(MemberVersion::parse)))
+        let variants = self.access.variants();
+        let statuses = join_all(list.members().iter().map(|m| {
+            let variants = &variants;
+            async move {
+                let url = m.client_urls().first()?;
+                for access in variants {
+                    let status = async {
+                        let mut c = access.connect(m.client_urls(), options()).await.ok()?;
+                        tokio::time::timeout(CALL_TIMEOUT, c.status())
+                            .await
+                            .ok()?
+                            .ok()
+                    };
+                    let Some(status) = status.await else { continue };
+                    let version = http_get(url, "/version", access.tls.as_ref()).await;
+                    return Some((status, version.as_deref().and_then(MemberVersion::parse)));
+                }
+                None
+            }
         }))
         .await;
         // The leader as it reports itself: the others may still name a leader that just died.
@@ -324,6 +449,19 @@ impl Members {
                 source,
             }),
         }
+    }
+
+    /// Sets a member's peer URLs (MemberUpdate).
+    pub async fn update_peer_urls(&self, id: u64, urls: &[String]) -> Result<(), Error> {
+        let (mut client, _) = self.reach().await?;
+        client
+            .member_update(id, urls.to_vec())
+            .await
+            .map_err(|source| Error::Call {
+                op: "MemberUpdate",
+                source,
+            })?;
+        Ok(())
     }
 
     /// Removes a member.

@@ -2,8 +2,7 @@
 //! cluster, the members' certificate (presented to clients and, both ways, to peers, so it has
 //! the serverAuth and clientAuth usages), client certificates (the operator's own, one for
 //! users), when each is due for renewal, and the CA bundle members trust while a CA is replaced.
-//! Pure: PEM in, PEM out, times passed in. Not yet wired into the reconcile (see the note of
-//! issue 23): this is the part of it that needs no Kubernetes.
+//! Pure: PEM in, PEM out, times passed in; `tls` decides when each is made.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
@@ -168,6 +167,25 @@ pub fn valid_between(cert_pem: &str) -> Result<(Timestamp, Timestamp), Error> {
         Timestamp::from_second(t.timestamp()).map_err(|e| Error::Read(e.to_string()))
     };
     Ok((at(&v.not_before)?, at(&v.not_after)?))
+}
+
+/// Whether the first certificate of `cert_pem` names the subject of `ca_pem`'s as its issuer
+/// (CAs made here differ by name, so this tells which CA signed).
+pub fn signed_by(cert_pem: &str, ca_pem: &str) -> bool {
+    let raw = |pem: &str, issuer: bool| -> Option<Vec<u8>> {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+        let cert = pem.parse_x509().ok()?;
+        let name = if issuer {
+            cert.issuer()
+        } else {
+            cert.subject()
+        };
+        Some(name.as_raw().to_vec())
+    };
+    match (raw(cert_pem, true), raw(ca_pem, false)) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
 }
 
 /// When a certificate valid between `from` and `until` is renewed: after `fraction` of its

@@ -21,8 +21,8 @@ use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapKeySelector, Container, ContainerPort, EnvVar,
     EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
     PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SecurityContext, Service, ServicePort, ServiceSpec, VolumeMount,
-    VolumeResourceRequirements, WeightedPodAffinityTerm,
+    PodTemplateSpec, Probe, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
+    Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -31,7 +31,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
 use crate::crd::{AntiAffinityMode, EtcdCluster};
-use crate::layout::{Names, CLIENT_PORT, DATA_VOLUME, PEER_PORT};
+use crate::layout::{Names, CLIENT_PORT, DATA_VOLUME, METRICS_PORT, PEER_PORT};
+use crate::tls::{self, Serving};
 
 /// Where each member's volume is mounted; the data dir lives below it.
 pub const DATA_MOUNT: &str = "/var/lib/cairn";
@@ -67,6 +68,11 @@ pub fn labels(ec: &EtcdCluster) -> BTreeMap<String, String> {
         "etcd".to_string(),
     );
     l
+}
+
+/// The metadata of a child `name` of `ec`: its labels, owned by it (deleted with it).
+pub fn owned_meta(ec: &EtcdCluster, name: String) -> ObjectMeta {
+    meta(ec, name)
 }
 
 fn meta(ec: &EtcdCluster, name: String) -> ObjectMeta {
@@ -176,25 +182,56 @@ fn env_from_configmap(name: &str, configmap: &str, key: &str) -> EnvVar {
     }
 }
 
-/// The flags of a member, as the container's arguments. `$(VAR)` is expanded by the kubelet.
-pub fn member_args(ec: &EtcdCluster) -> Vec<String> {
+/// The flags of a member, as the container's arguments, serving TLS as `serving` says.
+/// `$(VAR)` is expanded by the kubelet.
+pub fn member_args(ec: &EtcdCluster, serving: &Serving) -> Vec<String> {
     let names = Names::of(ec);
     let host = format!(
         "$(POD_NAME).{}.{}.svc",
         names.peer_service(),
         names.namespace
     );
-    vec![
+    let mut args = vec![
         "--name=$(POD_NAME)".to_string(),
         format!("--data-dir={DATA_MOUNT}/data"),
-        format!("--listen-client-urls=http://0.0.0.0:{CLIENT_PORT}"),
-        format!("--advertise-client-urls=http://{host}:{CLIENT_PORT}"),
-        format!("--listen-peer-urls=http://0.0.0.0:{PEER_PORT}"),
-        format!("--initial-advertise-peer-urls=http://{host}:{PEER_PORT}"),
+    ];
+    args.extend(serving.args(&host));
+    args.extend([
         "--initial-cluster=$(INITIAL_CLUSTER)".to_string(),
         "--initial-cluster-state=$(INITIAL_CLUSTER_STATE)".to_string(),
         "--initial-cluster-token=$(INITIAL_CLUSTER_TOKEN)".to_string(),
-    ]
+    ]);
+    args
+}
+
+/// The Secret volumes and their mounts of a member serving TLS.
+fn tls_volumes(serving: &Serving) -> (Vec<Volume>, Vec<VolumeMount>) {
+    let mut volumes = Vec::new();
+    let mut mounts = Vec::new();
+    let sides = [
+        (tls::CLIENT_VOLUME, "client", &serving.client),
+        (tls::PEER_VOLUME, "peer", &serving.peer),
+    ];
+    for (volume, dir, secret) in sides {
+        let Some(secret) = secret else { continue };
+        volumes.push(Volume {
+            name: volume.to_string(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.clone()),
+                // Readable by the members' group (fsGroup), not by others.
+                default_mode: Some(0o440),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: volume.to_string(),
+            mount_path: format!("{}/{dir}", tls::MOUNT),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    (volumes, mounts)
 }
 
 /// The members' affinity: the user's, plus anti-affinity between this cluster's members.
@@ -228,11 +265,11 @@ pub fn affinity(ec: &EtcdCluster) -> Affinity {
     affinity
 }
 
-fn probe(path: &str, period: i32, failures: i32) -> Probe {
+fn probe(path: &str, port: i32, period: i32, failures: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_string()),
-            port: IntOrString::Int(CLIENT_PORT),
+            port: IntOrString::Int(port),
             scheme: Some("HTTP".to_string()),
             ..HTTPGetAction::default()
         }),
@@ -311,7 +348,7 @@ pub fn set_image(sts: &mut StatefulSet, image: &str) {
 /// The template does not depend on the size, so growing or shrinking it restarts no running
 /// member.
 pub fn statefulset(ec: &EtcdCluster, replicas: i32, default_image: &str) -> StatefulSet {
-    statefulset_restoring(ec, replicas, default_image, None)
+    statefulset_restoring(ec, replicas, default_image, None, &Serving::default())
 }
 
 /// Where the first member of a cluster restored from a backup gets its data.
@@ -422,6 +459,7 @@ pub fn statefulset_restoring(
     replicas: i32,
     default_image: &str,
     restore: Option<&Restore>,
+    serving: &Serving,
 ) -> StatefulSet {
     let names = Names::of(ec);
     let spec = &ec.spec;
@@ -430,11 +468,40 @@ pub fn statefulset_restoring(
 
     let mut pod_labels = tmpl.labels.clone();
     pod_labels.extend(labels(ec));
+    let (tls_volumes, tls_mounts) = tls_volumes(serving);
+    // With TLS on the client port, probes (which present no certificate) use the plain port.
+    let probe_port = if serving.client.is_some() {
+        METRICS_PORT
+    } else {
+        CLIENT_PORT
+    };
+    let mut ports = vec![
+        ContainerPort {
+            name: Some("client".to_string()),
+            container_port: CLIENT_PORT,
+            protocol: Some("TCP".to_string()),
+            ..ContainerPort::default()
+        },
+        ContainerPort {
+            name: Some("peer".to_string()),
+            container_port: PEER_PORT,
+            protocol: Some("TCP".to_string()),
+            ..ContainerPort::default()
+        },
+    ];
+    if serving.client.is_some() {
+        ports.push(ContainerPort {
+            name: Some("metrics".to_string()),
+            container_port: METRICS_PORT,
+            protocol: Some("TCP".to_string()),
+            ..ContainerPort::default()
+        });
+    }
 
     let container = Container {
         name: "cairn".to_string(),
         image: Some(image(ec, default_image)),
-        args: Some(member_args(ec)),
+        args: Some(member_args(ec, serving)),
         env: Some(vec![
             EnvVar {
                 name: "POD_NAME".to_string(),
@@ -461,30 +528,21 @@ pub fn statefulset_restoring(
             // Keep the full backtrace of a crash in the termination message.
             env_value("RUST_BACKTRACE", "1"),
         ]),
-        ports: Some(vec![
-            ContainerPort {
-                name: Some("client".to_string()),
-                container_port: CLIENT_PORT,
-                protocol: Some("TCP".to_string()),
-                ..ContainerPort::default()
-            },
-            ContainerPort {
-                name: Some("peer".to_string()),
-                container_port: PEER_PORT,
-                protocol: Some("TCP".to_string()),
-                ..ContainerPort::default()
-            },
-        ]),
-        readiness_probe: Some(probe("/readyz", 5, 3)),
+        ports: Some(ports),
+        readiness_probe: Some(probe("/readyz", probe_port, 5, 3)),
         // Liveness only restarts a process that stopped answering HTTP; it never depends on
         // quorum, so a partitioned cluster is not restarted into a worse state.
-        liveness_probe: Some(probe("/livez", 10, 6)),
+        liveness_probe: Some(probe("/livez", probe_port, 10, 6)),
         resources: spec.resources.as_ref().map(|r| r.requirements()),
-        volume_mounts: Some(vec![VolumeMount {
-            name: DATA_VOLUME.to_string(),
-            mount_path: DATA_MOUNT.to_string(),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(
+            std::iter::once(VolumeMount {
+                name: DATA_VOLUME.to_string(),
+                mount_path: DATA_MOUNT.to_string(),
+                ..VolumeMount::default()
+            })
+            .chain(tls_mounts)
+            .collect(),
+        ),
         // A member that refuses to start (e.g. "member … has already been bootstrapped" after
         // losing its data) says why in the pod status; the controller reads it to repair.
         termination_message_policy: Some("FallbackToLogsOnError".to_string()),
@@ -560,6 +618,7 @@ pub fn statefulset_restoring(
                         )
                     }),
                     containers: vec![container],
+                    volumes: (!tls_volumes.is_empty()).then_some(tls_volumes),
                     affinity: Some(affinity(ec)),
                     node_selector: (!tmpl.node_selector.is_empty())
                         .then(|| tmpl.node_selector.clone()),
@@ -636,7 +695,7 @@ mod tests {
             destination: crate::crd::BackupDestination::default(),
             operator_image: "cairn-operator:1".into(),
         };
-        let s = statefulset_restoring(&ec, 1, "cairn:1", Some(&restore));
+        let s = statefulset_restoring(&ec, 1, "cairn:1", Some(&restore), &Serving::default());
         let ann = s.metadata.annotations.clone().unwrap_or_default();
         assert_eq!(ann.get(RESTORED_FROM_ANNOTATION), Some(&restore.key));
         let init: Vec<&str> = pod_spec(&s)

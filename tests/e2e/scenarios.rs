@@ -93,8 +93,20 @@ fn on_network(
     entrypoint: &str,
     args: &[&str],
 ) -> Result<String, String> {
+    on_network_with(cp, endpoint, None, entrypoint, args)
+}
+
+/// As [`on_network`], with a host directory of certificates mounted at `/certs`.
+fn on_network_with(
+    cp: &ControlPlane,
+    endpoint: &str,
+    certs: Option<&std::path::Path>,
+    entrypoint: &str,
+    args: &[&str],
+) -> Result<String, String> {
     let label = crate::docker::run_label(&cp.run);
     let ep = format!("EP={endpoint}");
+    let mount = certs.map(|d| format!("{}:/certs:ro", d.display()));
     let mut a = vec![
         "run",
         "--rm",
@@ -108,10 +120,11 @@ fn on_network(
         "ETCDCTL_API=3",
         "-e",
         &ep,
-        "--entrypoint",
-        entrypoint,
-        SANDBOX_IMAGE,
     ];
+    if let Some(m) = &mount {
+        a.extend(["-v", m.as_str()]);
+    }
+    a.extend(["--entrypoint", entrypoint, SANDBOX_IMAGE]);
     a.extend(args);
     docker_sync(&a)
 }
@@ -1300,4 +1313,130 @@ async fn s7_upgrade_by_version_stall_and_revert() {
         .await
         .iter()
         .any(|r| r == "MemberRestarting"));
+}
+
+/// TLS managed by the operator, turned on for a live three-member cluster: the operator makes
+/// the CA and certificates, restarts the members one at a time onto TLS (peer URLs moved to
+/// `https://` member by member), reports `TLS=True`; then real etcdctl reaches the cluster over
+/// mutual TLS through the client Service with the users' certificate Secret, and is refused
+/// without a certificate or in plaintext. Every key written before is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s8_tls_turned_on_for_a_live_cluster() {
+    let cp = ControlPlane::start(Storage::Etcd).await;
+    cp.install_operator();
+    create_namespace(&cp, "sec");
+    apply(&cp, "sec", &cluster_yaml("delta", 3, "")).unwrap();
+    let c = Cluster::new(&cp, "sec", "delta");
+    c.until_settled(3, Duration::from_secs(240)).await;
+    let before = put_many(&cp, &c.service(), 200);
+
+    let t = Instant::now();
+    c.api
+        .patch(
+            &c.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"tls": {"enabled": true}}})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(600),
+        Duration::from_secs(2),
+        async || {
+            let st = c.status().await;
+            let (ok, reason, msg) = c.condition("TLS").await;
+            if ok == "True"
+                && st["tls"]["client"] == "TLS"
+                && st["tls"]["peer"] == "TLS"
+                && st["tls"]["clientSecret"] == "delta-client-tls"
+            {
+                return Ok(());
+            }
+            Err(format!(
+                "TLS not on: {ok} {reason} {msg}\n{st:#}\n{}",
+                cp.operator_logs()
+            ))
+        },
+    )
+    .await;
+    eprintln!(
+        "s8: TLS on for a live 3-member cluster in {:?}",
+        t.elapsed()
+    );
+    c.until_settled(3, Duration::from_secs(120)).await;
+    let reasons = c.event_reasons().await;
+    for want in [
+        "CertificateAuthority",
+        "CertificateIssued",
+        "PeerURLsUpdated",
+        "MemberRestarting",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r == want),
+            "no {want} Event in {reasons:?}"
+        );
+    }
+
+    // The users' certificate, as a user would take it from the Secret.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(cp.client.clone(), "sec");
+    let secret = secrets.get("delta-client-tls").await.unwrap();
+    let data = secret.data.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for key in ["tls.crt", "tls.key", "ca.crt"] {
+        let p = dir.path().join(key);
+        std::fs::write(&p, &data[key].0).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let https = format!("https://{}.{}.svc:2379", c.name, c.ns);
+    let mtls = |args: &[&str]| {
+        let ep = format!("--endpoints={https}");
+        let mut a = vec![
+            ep.as_str(),
+            "--command-timeout=10s",
+            "--cacert=/certs/ca.crt",
+            "--cert=/certs/tls.crt",
+            "--key=/certs/tls.key",
+        ];
+        a.extend(args);
+        on_network_with(&cp, &https, Some(dir.path()), "etcdctl", &a)
+    };
+    let out = mtls(&["put", "over-tls", "yes"]).unwrap();
+    assert!(out.contains("OK"), "{out}");
+    let out = mtls(&["get", "writer/", "--prefix", "--keys-only"]).unwrap();
+    let present: std::collections::HashSet<&str> = out.lines().filter(|l| !l.is_empty()).collect();
+    let missing = before
+        .iter()
+        .filter(|k| !present.contains(k.as_str()))
+        .count();
+    assert_eq!(
+        missing,
+        0,
+        "{missing} of {} keys written before TLS missing",
+        before.len()
+    );
+    let health = mtls(&["endpoint", "health", "--cluster"]).unwrap();
+    assert_eq!(health.matches("is healthy").count(), 3, "{health}");
+    // No client certificate: refused by the members (clientCertAuth).
+    let ep = format!("--endpoints={https}");
+    let refused = on_network_with(
+        &cp,
+        &https,
+        Some(dir.path()),
+        "etcdctl",
+        &[
+            &ep,
+            "--command-timeout=5s",
+            "--cacert=/certs/ca.crt",
+            "get",
+            "over-tls",
+        ],
+    );
+    assert!(
+        refused.is_err(),
+        "served without a client certificate: {refused:?}"
+    );
+    // Plaintext: nothing served on the client port any more.
+    assert!(etcdctl(&cp, &c.service(), &["get", "over-tls"]).is_err());
 }

@@ -65,6 +65,9 @@ pub struct Pods {
     pub token: String,
     /// Further flags every member gets (e.g. a small `--snapshot-count`).
     pub extra: Vec<String>,
+    /// The URL (and TLS) flags of an ordinal, where they are not the layout's plain ones (a
+    /// pod template's, with loopback addresses).
+    pub urls: BTreeMap<i32, Vec<String>>,
 }
 
 impl Pods {
@@ -83,6 +86,7 @@ impl Pods {
             replicas: 0,
             token: "operator-test".to_string(),
             extra: Vec::new(),
+            urls: BTreeMap::new(),
         }
     }
 
@@ -109,13 +113,18 @@ impl Pods {
     pub fn start(&mut self, o: i32, b: &Bootstrap) {
         let l = &self.layout;
         let log = std::fs::File::create(self.log(o)).unwrap();
+        let urls = self.urls.get(&o).cloned().unwrap_or_else(|| {
+            vec![
+                format!("--listen-client-urls={}", l.client_url(o)),
+                format!("--advertise-client-urls={}", l.client_url(o)),
+                format!("--listen-peer-urls={}", l.peer_url(o)),
+                format!("--initial-advertise-peer-urls={}", l.peer_url(o)),
+            ]
+        });
         let child = Command::new(self.binary(o))
             .arg(format!("--name={}", l.member(o)))
             .arg(format!("--data-dir={}", self.data_dir(o).display()))
-            .arg(format!("--listen-client-urls={}", l.client_url(o)))
-            .arg(format!("--advertise-client-urls={}", l.client_url(o)))
-            .arg(format!("--listen-peer-urls={}", l.peer_url(o)))
-            .arg(format!("--initial-advertise-peer-urls={}", l.peer_url(o)))
+            .args(urls)
             .arg(format!("--initial-cluster={}", b.initial_cluster))
             .arg(format!(
                 "--initial-cluster-state={}",

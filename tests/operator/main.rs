@@ -9,6 +9,7 @@ mod membership;
 mod ports;
 mod reconcile;
 mod s3;
+mod tls;
 mod upgrade;
 #[path = "../common/writer.rs"]
 mod writer;

@@ -108,6 +108,15 @@ enum Command {
         /// root's password, for a cluster with auth on.
         #[arg(long, env = "CAIRN_ROOT_PASSWORD", hide_env_values = true)]
         root_password: Option<String>,
+        /// The CAs to verify `https://` members with (PEM), as etcdctl's `--cacert`.
+        #[arg(long)]
+        cacert: Option<std::path::PathBuf>,
+        /// The client certificate to present (PEM), as etcdctl's `--cert`.
+        #[arg(long, requires = "key")]
+        cert: Option<std::path::PathBuf>,
+        /// Its private key (PEM), as etcdctl's `--key`.
+        #[arg(long, requires = "cert")]
+        key: Option<std::path::PathBuf>,
     },
     /// Downloads a backup and verifies its SHA-256 (the init step of a restore). Does nothing
     /// when `--data-dir` exists or the pod is not the cluster's first member.
@@ -135,7 +144,26 @@ async fn command(cmd: Command) -> anyhow::Result<()> {
             endpoints,
             dir,
             root_password,
+            cacert,
+            cert,
+            key,
         } => {
+            let read = |p: &std::path::Path| {
+                std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+            };
+            let tls = match (&cacert, &cert, &key) {
+                (None, None, None) => None,
+                _ => Some(cairn_operator::members::ClientTls {
+                    ca: cacert.as_deref().map(read).transpose()?.unwrap_or_default(),
+                    identities: match (&cert, &key) {
+                        (Some(c), Some(k)) => vec![cairn_operator::pki::Pair {
+                            cert: read(c)?,
+                            key: read(k)?,
+                        }],
+                        _ => Vec::new(),
+                    },
+                }),
+            };
             let dest = s3.destination()?;
             let dir = [dest.prefix.as_str(), dir.as_str()]
                 .iter()
@@ -145,7 +173,7 @@ async fn command(cmd: Command) -> anyhow::Result<()> {
                 .join("/");
             let rec = backup::stream_backup(
                 &endpoints,
-                &cairn_operator::members::Access { root_password },
+                &cairn_operator::members::Access { root_password, tls },
                 &dest,
                 &dir,
                 jiff::Timestamp::now(),

@@ -5,8 +5,9 @@
 //! EtcdCluster in FILE at bootstrap, so CI can check them against Kubernetes' own schemas.
 
 use cairn_operator::crd::{EtcdBackup, EtcdCluster};
-use cairn_operator::layout::{Layout, Names};
+use cairn_operator::layout::{Layout, Names, Schemed};
 use cairn_operator::resources::{self, Bootstrap};
+use cairn_operator::tls;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 use serde::Deserialize;
@@ -49,8 +50,16 @@ fn main() -> anyhow::Result<()> {
             ec.metadata.uid = Some("00000000-0000-0000-0000-000000000000".to_string());
             let names = Names::of(&ec);
             let size = ec.spec.size;
+            let serving = tls::wanted(&names, ec.spec.tls.as_ref())
+                .map_err(anyhow::Error::msg)?
+                .serving();
+            let layout = Schemed {
+                inner: std::sync::Arc::new(names.clone()),
+                client_https: Default::default(),
+                peer_https: serving.peer_https(),
+            };
             let boot = Bootstrap {
-                initial_cluster: names.initial_cluster(&(0..size).collect::<Vec<_>>()),
+                initial_cluster: layout.initial_cluster(&(0..size).collect::<Vec<_>>()),
                 new_cluster: true,
             };
             let restore = ec
@@ -75,6 +84,7 @@ fn main() -> anyhow::Result<()> {
                     size,
                     &resources::default_image(),
                     restore.as_ref(),
+                    &serving,
                 ))?,
                 serde_yaml::to_string(&resources::pdb(&ec, size))?,
             ];

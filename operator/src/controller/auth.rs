@@ -49,6 +49,7 @@ impl Reconciler<'_> {
         if let Some(s) = api.get_opt(&name).await? {
             return Ok(Access {
                 root_password: password(&s),
+                tls: None,
             });
         }
         let wanted = self.ec.spec.auth.as_ref().is_some_and(|a| a.enabled);
@@ -96,6 +97,7 @@ impl Reconciler<'_> {
                 .await;
                 Ok(Access {
                     root_password: Some(generated),
+                    tls: None,
                 })
             }
             // Made meanwhile (another reconcile): read it.
@@ -103,6 +105,7 @@ impl Reconciler<'_> {
                 let s = api.get(&name).await?;
                 Ok(Access {
                     root_password: password(&s),
+                    tls: None,
                 })
             }
             Err(e) => Err(e.into()),

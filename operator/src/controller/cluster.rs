@@ -71,7 +71,8 @@ pub async fn reconcile(ec: Arc<EtcdCluster>, ctx: Arc<Context>) -> Result<Action
     async {
         let mut r = Reconciler::new(&ec, &ctx, &ns);
         r.access = r.root_access().await?;
-        r.run().await
+        let tls = r.prepare_tls().await?;
+        r.run(&tls).await
     }
     .instrument(span)
     .await
@@ -217,7 +218,7 @@ impl<'a> Reconciler<'a> {
             .inc();
     }
 
-    async fn run(&self) -> Result<Action, Error> {
+    async fn run(&self, tls: &super::tls::TlsPrep) -> Result<Action, Error> {
         let ec = self.ec;
         let spec = &ec.spec;
         let prev = ec.status.clone().unwrap_or_default();
@@ -392,6 +393,29 @@ impl<'a> Reconciler<'a> {
                     operator_image: self.ctx.operator_image.clone(),
                 });
 
+        // A cluster made with TLS waits for its certificates rather than start without.
+        let tls_wanted = spec.tls.as_ref().is_some_and(|t| t.enabled);
+        if replicas.is_none()
+            && tls_wanted
+            && (tls.wanted.client.is_none() || tls.wanted.peer.is_none())
+        {
+            let mut status = prev.clone();
+            let (reason, msg) = tls.problem.clone().unwrap_or((
+                super::tls::reason::WAITING_FOR_CERTIFICATES,
+                "waiting for the certificates".to_string(),
+            ));
+            status.set_condition(
+                condition::TLS,
+                false,
+                reason,
+                msg,
+                ec.metadata.generation,
+                &now(),
+            );
+            self.patch_status(status).await?;
+            return Ok(Action::requeue(WAIT_REQUEUE));
+        }
+
         // Children that do not depend on the step.
         apply(&self.api::<Service>(), &resources::peer_service(ec)).await?;
         apply(&self.api::<Service>(), &resources::client_service(ec)).await?;
@@ -425,12 +449,14 @@ impl<'a> Reconciler<'a> {
             .and_then(resources::image_of)
             .map(str::to_string);
         let refused = self.refused_image(&prev, view.as_ref(), running_image.as_deref());
+        let (serving, peer_step) = self.serving(tls, view.as_ref(), replicas_now);
         if replicas.is_some() || matches!(step, Step::Bootstrap { .. }) {
             let mut desired = resources::statefulset_restoring(
                 ec,
                 replicas_now,
                 &self.ctx.default_image,
                 restore.as_ref(),
+                &serving,
             );
             if let (Some(_), Some(running)) = (&refused, &running_image) {
                 resources::set_image(&mut desired, running);
@@ -455,6 +481,21 @@ impl<'a> Reconciler<'a> {
             }
             _ => Roll::Steady,
         };
+        // The peer migration's MemberUpdate, once every pod runs the template that takes both.
+        if let (PeerStep::Update { id, urls }, Some(v), Step::Steady) = (&peer_step, &view, &step) {
+            self.members_of(v).update_peer_urls(*id, urls).await?;
+            self.event(
+                EventType::Normal,
+                "PeerURLsUpdated",
+                "TLS",
+                format!("changed the peer URLs of member {id:x} to {urls:?}"),
+            )
+            .await;
+            requeue = requeue.min(STEP_REQUEUE);
+        }
+        if matches!(peer_step, PeerStep::Template(_) | PeerStep::Rolling) {
+            requeue = requeue.min(WAIT_REQUEUE);
+        }
         // A shrunk StatefulSet no longer has the removed members' pods: delete their volumes,
         // or a later grow would start a member on stale data.
         if let Step::Shrink { delete_volumes, .. } = &step {
@@ -501,6 +542,19 @@ impl<'a> Reconciler<'a> {
             );
             status.set_condition(
                 condition::AUTH,
+                ok,
+                reason,
+                msg,
+                ec.metadata.generation,
+                &now(),
+            );
+        }
+        let (tls_status, tls_condition) =
+            self.tls_report(tls, view.as_ref(), &peer_step, replicas_now);
+        status.tls = tls_status;
+        if let Some((ok, reason, msg)) = tls_condition {
+            status.set_condition(
+                condition::TLS,
                 ok,
                 reason,
                 msg,

@@ -12,6 +12,7 @@ mod backup;
 mod cluster;
 mod context;
 mod rollout;
+mod tls;
 
 pub use backup::{backup_error_policy, read_credentials, reconcile_backup};
 pub use cluster::{error_policy, reconcile};
@@ -45,6 +46,7 @@ use crate::plan::{self, bootstrap, next_step, ClusterView, Observed, Step};
 use crate::resources;
 use crate::rollout::Roll;
 use crate::status;
+use crate::tls::PeerStep;
 
 /// The one field manager of everything the operator applies.
 pub const FIELD_MANAGER: &str = "cairn-operator";

@@ -1,0 +1,575 @@
+//! TLS managed by the operator, against real cairn members on loopback: the members run with
+//! the flags of the operator's own template ([`Serving::args`], loopback addresses in place of
+//! pod DNS names, a directory per member in place of the mounted Secrets), and the test plays
+//! the kubelet (writing the Secrets' files, restarting a "pod" onto a new template) while the
+//! operator's planners decide: certificates and CA rotated by [`tls::next_ca`] /
+//! [`tls::next_leaf`] under a writer, and a live cluster moved to TLS and back by
+//! [`tls::next_peer`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cairn_operator::layout::{Layout, Schemed};
+use cairn_operator::members::{Access, ClientTls, Members};
+use cairn_operator::pki::{self, Pair, Profile};
+use cairn_operator::plan::bootstrap;
+use cairn_operator::resources::Bootstrap;
+use cairn_operator::tls::{self, Data, PeerStep, Serving, Settings};
+
+use crate::cluster::Pods;
+
+/// The files of a member's mounted Secrets: `<dir>/<side>/{tls.crt,tls.key,ca.crt}`, replaced
+/// atomically as the kubelet does.
+fn write_secret(dir: &Path, side: &str, data: &Data) {
+    let d = dir.join(side);
+    std::fs::create_dir_all(&d).unwrap();
+    for key in [tls::TLS_CRT, tls::TLS_KEY, tls::CA_CRT] {
+        let tmp = d.join(format!(".{key}.tmp"));
+        std::fs::write(&tmp, &data[key]).unwrap();
+        std::fs::rename(&tmp, d.join(key)).unwrap();
+    }
+}
+
+/// A member's URL and TLS flags from the operator's template, on loopback.
+fn loopback_flags(pods: &Pods, o: i32, s: &Serving, tls_dir: &Path, metrics: u16) -> Vec<String> {
+    let l = &pods.layout;
+    let (client, peer) = (l.client[o as usize], l.peer[o as usize]);
+    s.args("HOST")
+        .into_iter()
+        .map(|a| {
+            a.replace("0.0.0.0:2379", &format!("127.0.0.1:{client}"))
+                .replace("HOST:2379", &format!("127.0.0.1:{client}"))
+                .replace("0.0.0.0:2380", &format!("127.0.0.1:{peer}"))
+                .replace("HOST:2380", &format!("127.0.0.1:{peer}"))
+                .replace("0.0.0.0:2381", &format!("127.0.0.1:{metrics}"))
+                .replace(tls::MOUNT, tls_dir.to_str().unwrap())
+        })
+        .collect()
+}
+
+/// The operator's access over TLS: trusting `ca`, presenting `client`.
+fn access(ca: &str, client: &Data) -> Access {
+    Access {
+        root_password: None,
+        tls: Some(ClientTls {
+            ca: ca.to_string(),
+            identities: vec![Pair {
+                cert: client[tls::TLS_CRT].clone(),
+                key: client[tls::TLS_KEY].clone(),
+            }],
+        }),
+    }
+}
+
+fn https(url: String) -> String {
+    url.replacen("http://", "https://", 1)
+}
+
+/// A linearizable read through member `endpoint` with `access`.
+async fn reads(access: &Access, endpoint: &str) -> Result<(), String> {
+    let opts = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(5));
+    let mut c = access
+        .connect(&[endpoint.to_string()], opts)
+        .await
+        .map_err(|e| e.to_string())?;
+    c.get(
+        "load/",
+        Some(etcd_client::GetOptions::new().with_count_only()),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| e.to_string())
+}
+
+/// Every acknowledged key is on every member (read with `access` at `endpoints`).
+async fn assert_all_present(access: &Access, endpoints: &[String], acked: &[String]) {
+    assert!(acked.len() > 50, "only {} writes acknowledged", acked.len());
+    for e in endpoints {
+        let mut c = access
+            .connect(std::slice::from_ref(e), etcd_client::ConnectOptions::new())
+            .await
+            .unwrap();
+        let r = c
+            .get(
+                "load/",
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only(),
+                ),
+            )
+            .await
+            .unwrap();
+        let have: std::collections::HashSet<&str> =
+            r.kvs().iter().map(|kv| kv.key_str().unwrap()).collect();
+        let missing: Vec<&String> = acked
+            .iter()
+            .filter(|k| !have.contains(k.as_str()))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{e} lacks {} acknowledged keys, e.g. {:?}",
+            missing.len(),
+            missing.first()
+        );
+    }
+}
+
+/// Puts `load/NNNNNNNN` keys through the first endpoint that takes them, reconnecting (with
+/// TLS at `https://` endpoints) after a failure, until `stop`. Returns the acknowledged keys.
+fn resilient_writer(
+    endpoints: Arc<std::sync::Mutex<Vec<String>>>,
+    access: Access,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    tokio::spawn(async move {
+        let opts = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5));
+        let mut acked = Vec::new();
+        let mut client: Option<etcd_client::Client> = None;
+        let mut i = 0u64;
+        while !stop.load(Ordering::SeqCst) {
+            if client.is_none() {
+                let eps = endpoints.lock().unwrap().clone();
+                for e in eps {
+                    if let Ok(c) = access.connect(&[e], opts.clone()).await {
+                        client = Some(c);
+                        break;
+                    }
+                }
+            }
+            let key = format!("load/{i:08}");
+            let ok = match client.as_mut() {
+                Some(c) => c.put(key.clone(), "v", None).await.is_ok(),
+                None => false,
+            };
+            if ok {
+                acked.push(key);
+            } else {
+                client = None;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        acked
+    })
+}
+
+/// Whether `port` speaks plaintext HTTP/2 (the peer port is gRPC): the client preface and an
+/// empty SETTINGS frame are answered with a SETTINGS frame; a port serving TLS alone answers
+/// with a TLS alert or closes.
+async fn answers_plaintext(port: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let work = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .ok()?;
+        let mut head = [0u8; 9];
+        s.read_exact(&mut head).await.ok()?;
+        Some(head[3] == 0x04)
+    };
+    tokio::time::timeout(Duration::from_secs(5), work)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+/// The cluster's PKI as the operator keeps it in Secrets, advanced on the real clock.
+struct Pki {
+    ca: Data,
+    leaves: BTreeMap<&'static str, Data>,
+}
+
+impl Pki {
+    fn profiles() -> [(&'static str, Profile); 3] {
+        [
+            (
+                "server",
+                pki::member_profile(&cairn_operator::layout::Names {
+                    cluster: "tls".into(),
+                    namespace: "test".into(),
+                }),
+            ),
+            (
+                "peer",
+                pki::member_profile(&cairn_operator::layout::Names {
+                    cluster: "tls".into(),
+                    namespace: "test".into(),
+                }),
+            ),
+            (
+                "operator",
+                Profile::Client {
+                    common_name: tls::OPERATOR_CN.into(),
+                },
+            ),
+        ]
+    }
+
+    fn new(ca_s: &Settings, leaf_s: &Settings) -> Pki {
+        let now = jiff::Timestamp::now();
+        let (ca, _) = tls::next_ca("tls", None, now, ca_s).unwrap();
+        let leaves = Self::profiles()
+            .into_iter()
+            .map(|(name, p)| {
+                (
+                    name,
+                    tls::next_leaf(None, &ca, &p, now, leaf_s).unwrap().unwrap(),
+                )
+            })
+            .collect();
+        Pki { ca, leaves }
+    }
+
+    /// One round of the operator's renewal at the current time; whether anything changed.
+    fn advance(&mut self, ca_s: &Settings, leaf_s: &Settings) -> bool {
+        let now = jiff::Timestamp::now();
+        let (ca, mut changed) = tls::next_ca("tls", Some(&self.ca), now, ca_s).unwrap();
+        self.ca = ca;
+        for (name, p) in Self::profiles() {
+            if let Some(d) =
+                tls::next_leaf(self.leaves.get(name), &self.ca, &p, now, leaf_s).unwrap()
+            {
+                self.leaves.insert(name, d);
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// The kubelet's part: every member's files, one member after the other.
+    async fn mount(&self, dirs: &[PathBuf], skew: Duration) {
+        for d in dirs {
+            write_secret(d, "client", &self.leaves["server"]);
+            write_secret(d, "peer", &self.leaves["peer"]);
+            tokio::time::sleep(skew).await;
+        }
+    }
+}
+
+/// A TLS cluster (mutual TLS for clients and peers, the operator's template) whose certificates
+/// are renewed every few seconds and whose CA is replaced three times, under a writer: the
+/// writer never stalls, members reload their files without a restart (new handshakes see the
+/// new certificates: a client trusting only the newest CA is served, one trusting only the
+/// first is refused), a member restarted at the end rejoins its peers over the new
+/// certificates, and every acknowledged write is on every member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_and_the_ca_rotate_under_a_writer_with_nothing_lost() {
+    // Short lifetimes on the real clock (certificates are valid from a minute before they are
+    // made): certificates renewed every ~10 s, the CA every ~15 s, the new CA used for
+    // certificates 5 s after it is in every bundle.
+    let leaf_s = Settings {
+        lifetime: Duration::from_secs(40),
+        ca_lifetime: Duration::from_secs(40),
+        renew_fraction: 0.7,
+        propagation: Duration::from_secs(5),
+    };
+    let ca_s = Settings {
+        renew_fraction: 0.75,
+        ..leaf_s
+    };
+    let mut pods = Pods::new("tls");
+    let serving = Serving {
+        client: Some("tls-server-tls".into()),
+        client_cert_auth: true,
+        peer: Some("tls-peer-tls".into()),
+        peer_plaintext: false,
+    };
+    let mut pki = Pki::new(&ca_s, &leaf_s);
+    let first_ca = pki.ca[tls::CA_CRT].clone();
+    let dirs: Vec<PathBuf> = (0..3)
+        .map(|o| pods.scratch().join(format!("tls-{o}")))
+        .collect();
+    pki.mount(&dirs, Duration::ZERO).await;
+    let metrics = crate::ports::free_ports(3);
+    for o in 0..3 {
+        let flags = loopback_flags(&pods, o, &serving, &dirs[o as usize], metrics[o as usize]);
+        pods.urls.insert(o, flags);
+    }
+    let layout = Schemed {
+        inner: Arc::new(pods.layout.clone()),
+        client_https: (0..3).collect(),
+        peer_https: true,
+    };
+    let b = Bootstrap {
+        initial_cluster: layout.initial_cluster(&[0, 1, 2]),
+        new_cluster: true,
+    };
+    for o in 0..3 {
+        pods.start(o, &b);
+    }
+    pods.replicas = 3;
+    let endpoints: Vec<String> = (0..3).map(|o| layout.client_url(o)).collect();
+    let first = access(&tls::trust(&pki.ca), &pki.leaves["operator"]);
+    let members = Members::new(endpoints.clone()).with_access(first.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while members
+        .observe()
+        .await
+        .ok()
+        .and_then(|v| v.leader)
+        .is_none()
+    {
+        assert!(Instant::now() < deadline, "no leader over TLS");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = resilient_writer(
+        Arc::new(std::sync::Mutex::new(vec![endpoints[0].clone()])),
+        first.clone(),
+        stop.clone(),
+    );
+    let mut cas = vec![first_ca.clone()];
+    let mut reissued = 0;
+    let started = Instant::now();
+    let mut acked_at = Vec::new();
+    while cas.len() < 4 || started.elapsed() < Duration::from_secs(50) {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the CA was replaced {} times only",
+            cas.len() - 1
+        );
+        let before = pki.leaves["server"][tls::TLS_CRT].clone();
+        if pki.advance(&ca_s, &leaf_s) {
+            // The kubelet updates pods one after another, within the propagation time.
+            pki.mount(&dirs, Duration::from_millis(500)).await;
+        }
+        if pki.leaves["server"][tls::TLS_CRT] != before {
+            reissued += 1;
+        }
+        if !cas.contains(&pki.ca[tls::CA_CRT]) {
+            cas.push(pki.ca[tls::CA_CRT].clone());
+        }
+        // Every member keeps serving new connections: trusting the bundle the operator
+        // publishes, with its current certificate.
+        let now = access(&tls::trust(&pki.ca), &pki.leaves["operator"]);
+        for e in &endpoints {
+            reads(&now, e)
+                .await
+                .unwrap_or_else(|err| panic!("{e} after rotation: {err}"));
+        }
+        acked_at.push(Instant::now());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(reissued >= 4, "certificates reissued {reissued} times");
+
+    // Settle: certificates of the newest CA everywhere.
+    let settle = Instant::now() + Duration::from_secs(30);
+    loop {
+        pki.advance(&ca_s, &leaf_s);
+        pki.mount(&dirs, Duration::ZERO).await;
+        if pki::signed_by(&pki.leaves["server"][tls::TLS_CRT], &pki.ca[tls::CA_CRT])
+            && pki::signed_by(&pki.leaves["operator"][tls::TLS_CRT], &pki.ca[tls::CA_CRT])
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < settle,
+            "certificates never moved to the newest CA"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let acked = writer.await.unwrap();
+
+    let newest = Pair {
+        cert: pki.ca[tls::CA_CRT].clone(),
+        key: String::new(),
+    };
+    let only_newest = access(&pki::bundle(&newest, None), &pki.leaves["operator"]);
+    let only_first = access(&first_ca, &pki.leaves["operator"]);
+    for e in &endpoints {
+        reads(&only_newest, e)
+            .await
+            .unwrap_or_else(|err| panic!("{e} with the newest CA: {err}"));
+        assert!(
+            reads(&only_first, e).await.is_err(),
+            "{e} still presents a certificate of the first CA"
+        );
+    }
+    // A member restarted now meets its peers over the newest certificates only.
+    pods.stop(0);
+    pods.start(0, &b);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reads(&only_newest, &endpoints[0]).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "member 0 did not come back over the new certificates"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_all_present(&only_newest, &endpoints, &acked).await;
+}
+
+/// A live plaintext cluster moved to TLS (clients and peers) and back by the operator's peer
+/// planner under a writer: members restarted one at a time onto each template the planner
+/// asks for, peer URLs moved by MemberUpdate while the peer ports take both; never more than
+/// one member down, the peer ports refusing plaintext once done, and every acknowledged write
+/// on every member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_cluster_moves_to_tls_and_back_member_by_member() {
+    let s = Settings {
+        lifetime: Duration::from_secs(3600),
+        ca_lifetime: Duration::from_secs(36000),
+        renew_fraction: 0.66,
+        propagation: Duration::from_secs(5),
+    };
+    let mut pods = Pods::new("migrate");
+    pods.bootstrap(3);
+    crate::cluster::wait_leader(&pods).await;
+    let pki = Pki::new(&s, &s);
+    let dirs: Vec<PathBuf> = (0..3)
+        .map(|o| pods.scratch().join(format!("tls-{o}")))
+        .collect();
+    pki.mount(&dirs, Duration::ZERO).await;
+    let metrics = crate::ports::free_ports(3);
+    let access = access(&tls::trust(&pki.ca), &pki.leaves["operator"]);
+
+    // What each "pod" runs, and the template.
+    let mut running: BTreeMap<i32, Serving> = (0..3).map(|o| (o, Serving::default())).collect();
+    let mut template = Serving::default();
+    let endpoints_of = |running: &BTreeMap<i32, Serving>, pods: &Pods| -> Vec<String> {
+        running
+            .iter()
+            .map(|(o, s)| {
+                let url = pods.layout.client_url(*o);
+                if s.client.is_some() {
+                    https(url)
+                } else {
+                    url
+                }
+            })
+            .collect()
+    };
+    let shared = Arc::new(std::sync::Mutex::new(endpoints_of(&running, &pods)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = resilient_writer(shared.clone(), access.clone(), stop.clone());
+
+    for want in [Some(("migrate-server-tls", "migrate-peer-tls")), None] {
+        let mut steps = Vec::new();
+        let give_up = Instant::now() + Duration::from_secs(240);
+        loop {
+            assert!(Instant::now() < give_up, "no end after {steps:?}");
+            let eps = endpoints_of(&running, &pods);
+            *shared.lock().unwrap() = eps.clone();
+            let Ok(view) = Members::new(eps)
+                .with_access(access.clone())
+                .observe()
+                .await
+            else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            let down = view.voters().filter(|m| !m.healthy).count();
+            assert!(down <= 1, "{down} voters down at once: {view:?}");
+            let rolled = running
+                .values()
+                .all(|r| r.peer_part() == template.peer_part());
+            let urls: Vec<(u64, Vec<String>)> = view
+                .members
+                .iter()
+                .map(|m| (m.id, m.peer_urls.clone()))
+                .collect();
+            let step = tls::next_peer(want.map(|w| w.1), &template.peer_part(), rolled, &urls);
+            match &step {
+                PeerStep::Template(p) => {
+                    template.peer = p.secret.clone();
+                    template.peer_plaintext = p.plaintext;
+                }
+                PeerStep::Update { id, urls } => {
+                    Members::new(endpoints_of(&running, &pods))
+                        .with_access(access.clone())
+                        .update_peer_urls(*id, urls)
+                        .await
+                        .unwrap();
+                }
+                PeerStep::Rolling | PeerStep::Steady => {}
+            }
+            template.client = want.map(|w| w.0.to_string());
+            template.client_cert_auth = want.is_some();
+            if step != PeerStep::Rolling {
+                steps.push(step.clone());
+            }
+            // The rollout: one member whose pod runs another template, when all are healthy.
+            let outdated = (0..3).rev().find(|o| running[o] != template);
+            match outdated {
+                Some(o) if view.members.iter().all(|m| m.healthy) => {
+                    let flags =
+                        loopback_flags(&pods, o, &template, &dirs[o as usize], metrics[o as usize]);
+                    pods.urls.insert(o, flags);
+                    pods.stop(o);
+                    pods.start(o, &bootstrap(&pods.layout, 0, Some(&view)));
+                    running.insert(o, template.clone());
+                    // Back and answering before anything else happens.
+                    let url = endpoints_of(&running, &pods)[o as usize].clone();
+                    let back = Instant::now() + Duration::from_secs(30);
+                    while reads(&access, &url).await.is_err() {
+                        assert!(
+                            Instant::now() < back,
+                            "{url} did not come back on {template:?}"
+                        );
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+                Some(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                None if step == PeerStep::Steady => break,
+                None => {}
+            }
+        }
+        let view = Members::new(endpoints_of(&running, &pods))
+            .with_access(access.clone())
+            .observe()
+            .await
+            .unwrap();
+        for m in &view.members {
+            assert_eq!(tls::urls_https(&m.peer_urls), want.is_some(), "{m:?}");
+        }
+        for o in 0..3 {
+            let port = pods.layout.peer[o];
+            assert_eq!(
+                answers_plaintext(port).await,
+                want.is_none(),
+                "peer port of member {o} after {steps:?}"
+            );
+        }
+        // Through both kinds, then the URLs one member at a time (a member list read just
+        // before the update applied everywhere may ask for the same one again: harmless), then
+        // one kind alone.
+        let updated: std::collections::BTreeSet<u64> = steps
+            .iter()
+            .filter_map(|s| match s {
+                PeerStep::Update { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(updated.len(), 3, "{steps:?}");
+        let kinds: Vec<&PeerStep> = steps
+            .iter()
+            .filter(|s| !matches!(s, PeerStep::Update { .. } | PeerStep::Steady))
+            .collect();
+        assert_eq!(kinds.len(), 2, "{steps:?}");
+        assert!(
+            matches!(kinds[0], PeerStep::Template(p) if p.plaintext),
+            "{steps:?}"
+        );
+        assert!(
+            matches!(kinds[1], PeerStep::Template(p) if !p.plaintext),
+            "{steps:?}"
+        );
+    }
+    stop.store(true, Ordering::SeqCst);
+    let acked = writer.await.unwrap();
+    assert_all_present(&access, &endpoints_of(&running, &pods), &acked).await;
+}
