@@ -1163,3 +1163,206 @@ async fn auth_is_turned_on_and_off_with_a_managed_root_password() {
     assert_eq!(w.status()["authEnabled"], false);
     anonymous_user_list(&w).await.unwrap();
 }
+
+fn secret_data(api: &FakeApi, name: &str) -> Option<BTreeMap<String, String>> {
+    use base64::Engine as _;
+    let s = api.get(&format!("/api/v1/namespaces/{NS}/secrets/{name}"))?;
+    Some(
+        s["data"]
+            .as_object()?
+            .iter()
+            .map(|(k, v)| {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(v.as_str().unwrap())
+                    .unwrap();
+                (k.clone(), String::from_utf8(bytes).unwrap())
+            })
+            .collect(),
+    )
+}
+
+fn template_args(w: &World) -> Vec<String> {
+    let sts = w.api.get(&sts_path(&w.name)).expect("StatefulSet");
+    sts["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `spec.tls` in Operator mode on a new cluster: the CA and four certificates in Secrets owned
+/// by the cluster (the members' for clients and peers, chained to the CA and naming the
+/// members; the operator's and the users' client certificates), the template serving both
+/// sides over TLS from the mounted Secrets, peer URLs `https://` from the first bootstrap, the
+/// users' Secret in status; a second round reissues nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_operator_mode_makes_the_ca_and_certificates_and_serves_from_them() {
+    let w = World::new("sealed", json!({"size": 1, "tls": {"enabled": true}}));
+    w.reconcile().await.unwrap();
+    let ca = secret_data(&w.api, "sealed-ca").expect("CA Secret");
+    assert!(ca["ca.crt"].contains("BEGIN CERTIFICATE") && ca["ca.key"].contains("PRIVATE KEY"));
+    let mut issued = BTreeMap::new();
+    for name in [
+        "sealed-server-tls",
+        "sealed-peer-tls",
+        "sealed-operator-tls",
+        "sealed-client-tls",
+    ] {
+        let raw = w
+            .api
+            .get(&format!("/api/v1/namespaces/{NS}/secrets/{name}"))
+            .unwrap_or_else(|| panic!("no Secret {name}"));
+        assert_eq!(raw["type"], "kubernetes.io/tls", "{name}");
+        assert_eq!(
+            raw["metadata"]["ownerReferences"][0]["name"], "sealed",
+            "{name}"
+        );
+        let d = secret_data(&w.api, name).unwrap();
+        assert!(
+            cairn_operator::pki::signed_by(&d["tls.crt"], &ca["ca.crt"]),
+            "{name}"
+        );
+        assert_eq!(d["ca.crt"].trim(), ca["ca.crt"].trim(), "{name}");
+        issued.insert(name, d["tls.crt"].clone());
+    }
+    let args = template_args(&w);
+    for want in [
+        "--listen-client-urls=https://0.0.0.0:2379",
+        "--listen-peer-urls=https://0.0.0.0:2380",
+        "--cert-file=/etc/cairn/tls/client/tls.crt",
+        "--peer-trusted-ca-file=/etc/cairn/tls/peer/ca.crt",
+        "--client-cert-auth",
+        "--listen-metrics-urls=http://0.0.0.0:2381",
+    ] {
+        assert!(args.iter().any(|a| a == want), "missing {want} in {args:?}");
+    }
+    assert!(!args
+        .iter()
+        .any(|a| a == "--experimental-peer-accept-plaintext"));
+    let sts = w.api.get(&sts_path("sealed")).unwrap();
+    let volumes = &sts["spec"]["template"]["spec"]["volumes"];
+    assert_eq!(volumes[0]["secret"]["secretName"], "sealed-server-tls");
+    assert_eq!(volumes[1]["secret"]["secretName"], "sealed-peer-tls");
+    let probe = &sts["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"];
+    assert_eq!(probe["port"], 2381);
+    // A new cluster starts with https:// peer URLs: no migration.
+    assert!(
+        w.configmap()
+            .initial_cluster
+            .contains("=https://127.0.0.1:"),
+        "{}",
+        w.configmap().initial_cluster
+    );
+    assert_eq!(w.status()["tls"]["clientSecret"], "sealed-client-tls");
+    let reasons: Vec<String> = events(&w.api).into_iter().map(|(r, _)| r).collect();
+    assert!(
+        reasons.contains(&"CertificateAuthority".to_string()),
+        "{reasons:?}"
+    );
+    // Nothing is due: the next round writes no certificate.
+    w.reconcile().await.unwrap();
+    for (name, cert) in issued {
+        assert_eq!(
+            secret_data(&w.api, name).unwrap()["tls.crt"],
+            cert,
+            "{name} reissued"
+        );
+    }
+}
+
+/// `spec.tls` in CertManager mode: with no cert-manager API the TLS condition says so and no
+/// StatefulSet is made; with it, a Certificate per Secret (the members' for each side with
+/// their DNS names, the operator's and the users' client certificates) names the issuer, and
+/// the cluster waits until their Secrets are filled; a cert-manager stand-in (cert-manager's
+/// controller cannot run here) fills them from its own CA, and the members then mount them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_cert_manager_mode_waits_for_certificates_and_mounts_their_secrets() {
+    let issuer = json!({"name": "ca-issuer", "kind": "ClusterIssuer"});
+    let w = World::new(
+        "managed",
+        json!({"size": 1, "tls": {"client": {"mode": "CertManager", "issuerRef": issuer},
+                                   "peer": {"mode": "CertManager", "issuerRef": issuer}}}),
+    );
+    w.api
+        .0
+        .lock()
+        .unwrap()
+        .unserved
+        .push("/apis/cert-manager.io/".into());
+    w.reconcile().await.unwrap();
+    assert_eq!(
+        w.condition("TLS"),
+        ("False".into(), "CertManagerMissing".into())
+    );
+    assert!(
+        w.sts_replicas().is_none(),
+        "a StatefulSet without its certificates"
+    );
+
+    w.api.0.lock().unwrap().unserved.clear();
+    w.reconcile().await.unwrap();
+    assert_eq!(
+        w.condition("TLS"),
+        ("False".into(), "WaitingForCertificates".into())
+    );
+    assert!(w.sts_replicas().is_none());
+    let certs = format!("/apis/cert-manager.io/v1/namespaces/{NS}/certificates");
+    let mut found = Vec::new();
+    for name in [
+        "managed-server",
+        "managed-peer",
+        "managed-operator",
+        "managed-client",
+    ] {
+        let c = w
+            .api
+            .get(&format!("{certs}/{name}"))
+            .unwrap_or_else(|| panic!("no Certificate {name}"));
+        assert_eq!(c["spec"]["issuerRef"]["name"], "ca-issuer");
+        assert_eq!(c["spec"]["issuerRef"]["kind"], "ClusterIssuer");
+        assert_eq!(c["spec"]["secretName"], format!("{name}-cm-tls"));
+        found.push(c);
+    }
+    assert!(found[0]["spec"]["dnsNames"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("*.managed-peer.db.svc")));
+    assert_eq!(found[2]["spec"]["commonName"], "cairn-operator");
+
+    // The stand-in: cert-manager's part, a Secret per Certificate signed by its CA.
+    let now = jiff::Timestamp::now();
+    let ca = cairn_operator::pki::new_ca("stand-in", now, Duration::from_secs(86400)).unwrap();
+    for c in &found {
+        let profile = match c["spec"]["commonName"].as_str() {
+            Some(cn) => cairn_operator::pki::Profile::Client {
+                common_name: cn.to_string(),
+            },
+            None => cairn_operator::pki::member_profile(&cairn_operator::layout::Names {
+                cluster: "managed".into(),
+                namespace: NS.into(),
+            }),
+        };
+        let leaf =
+            cairn_operator::pki::issue(&ca, &profile, now, Duration::from_secs(3600)).unwrap();
+        use base64::Engine as _;
+        let b = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let secret = c["spec"]["secretName"].as_str().unwrap();
+        w.api.put(
+            &format!("/api/v1/namespaces/{NS}/secrets/{secret}"),
+            json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                   "metadata": {"name": secret, "namespace": NS},
+                   "data": {"tls.crt": b(&leaf.cert), "tls.key": b(&leaf.key), "ca.crt": b(&ca.cert)}}),
+        );
+    }
+    w.reconcile().await.unwrap();
+    assert_eq!(w.sts_replicas(), Some(1));
+    let sts = w.api.get(&sts_path("managed")).unwrap();
+    let volumes = &sts["spec"]["template"]["spec"]["volumes"];
+    assert_eq!(volumes[0]["secret"]["secretName"], "managed-server-cm-tls");
+    assert_eq!(volumes[1]["secret"]["secretName"], "managed-peer-cm-tls");
+    assert!(template_args(&w).contains(&"--client-cert-auth".to_string()));
+    assert_eq!(w.status()["tls"]["clientSecret"], "managed-client-cm-tls");
+    // The operator makes no certificate of its own in this mode.
+    assert!(secret_data(&w.api, "managed-ca").is_none());
+}
