@@ -247,9 +247,9 @@ pub fn parse_age(s: &str) -> Option<Duration> {
     let n: u64 = n.parse().ok()?;
     let secs = match unit {
         "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        "d" => n.checked_mul(86400)?,
         _ => return None,
     };
     Some(Duration::from_secs(secs))

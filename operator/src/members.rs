@@ -81,9 +81,10 @@ impl ClientTls {
     fn rustls(&self) -> Option<rustls::ClientConfig> {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        // Entries that do not parse are left out (as Go's AppendCertsFromPEM does).
         let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(self.ca.as_bytes()) {
-            roots.add(c.ok()?).ok()?;
+        for c in CertificateDer::pem_slice_iter(self.ca.as_bytes()).flatten() {
+            let _ = roots.add(c);
         }
         let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider)
@@ -194,6 +195,7 @@ pub async fn http_get(url: &str, path: &str, tls: Option<&ClientTls>) -> Option<
         match config {
             Some(config) => {
                 let name = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h);
+                let name = name.trim_start_matches('[').trim_end_matches(']');
                 let name = rustls::pki_types::ServerName::try_from(name.to_string()).ok()?;
                 let s = tokio_rustls::TlsConnector::from(config)
                     .connect(name, tcp)

@@ -51,10 +51,17 @@ fn validity(
     lifetime: Duration,
 ) -> Result<(), Error> {
     // A minute of slack for clocks that lag the operator's.
-    let from = now - jiff::SignedDuration::from_secs(60);
-    let until = now
-        + jiff::SignedDuration::try_from(lifetime)
-            .map_err(|e| Error::Read(format!("lifetime {lifetime:?}: {e}")))?;
+    let from = now
+        .checked_sub(jiff::SignedDuration::from_secs(60))
+        .map_err(|e| Error::Read(format!("time {now}: {e}")))?;
+    let until = jiff::SignedDuration::try_from(lifetime)
+        .ok()
+        .and_then(|l| now.checked_add(l).ok())
+        .ok_or_else(|| {
+            Error::Read(format!(
+                "a lifetime of {lifetime:?} from {now} is out of range"
+            ))
+        })?;
     params.not_before = time_of(from)?;
     params.not_after = time_of(until)?;
     let serial: [u8; 16] = rand::random();
@@ -167,6 +174,20 @@ pub fn valid_between(cert_pem: &str) -> Result<(Timestamp, Timestamp), Error> {
         Timestamp::from_second(t.timestamp()).map_err(|e| Error::Read(e.to_string()))
     };
     Ok((at(&v.not_before)?, at(&v.not_after)?))
+}
+
+/// Whether `key_pem` is the private key of the first certificate of `cert_pem`.
+pub fn key_matches(cert_pem: &str, key_pem: &str) -> bool {
+    let Ok(key) = KeyPair::from_pem(key_pem) else {
+        return false;
+    };
+    let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()) else {
+        return false;
+    };
+    let Ok(cert) = pem.parse_x509() else {
+        return false;
+    };
+    cert.public_key().subject_public_key.data.as_ref() == key.public_key_raw()
 }
 
 /// Whether the first certificate of `cert_pem` names the subject of `ca_pem`'s as its issuer

@@ -10,15 +10,21 @@
 //! plaintext; once every pod runs it, each member's peer URL is changed to `https://` with
 //! MemberUpdate (peers then call it over TLS); once all are, the members are restarted onto a
 //! template without plaintext. Turning TLS off runs the same steps backwards; a change of the
-//! peer Secret (another mode or another CA) goes through plaintext peer URLs, since members on
-//! the old and the new certificates would not trust each other. Restarts are the rollout's
-//! (`rollout`): one member at a time, the others healthy and caught up.
+//! peer Secret (another mode) goes through plaintext peer URLs, since members on the old and
+//! the new certificates would not trust each other. A new CA behind the same Secret (a user's
+//! `Secret` mode, a cert-manager issuer's CA) is not detected: it must overlap, the old CA
+//! kept in `ca.crt` until every member has the new certificate, as `Operator` mode does.
+//! Restarts are the rollout's (`rollout`): one member at a time, the others healthy and caught
+//! up; template changes wait while a membership step is under way.
 //!
-//! The CA rollover: a CA past its renewal time is replaced by a new one, and the old one stays
-//! in every trust bundle (`ca.crt`) until it expires; certificates are reissued by the new CA
-//! only [`CA_PROPAGATION`] later, once the kubelet has put the new bundle into every pod
-//! (members re-read their files at the next handshake, no restart). Until then a certificate
-//! due for renewal is signed by the previous CA.
+//! The CA rollover (`Operator` mode; clients and peers have a CA each, so that a client
+//! certificate does not get a client onto the peer port): a CA past its renewal time is
+//! replaced by a new one, and the old one stays in every trust bundle (`ca.crt`) until it
+//! expires; certificates are reissued by the new CA only [`CA_PROPAGATION`] later, once the
+//! kubelet has put the new bundle into every pod (members re-read their files at the next
+//! handshake, no restart). Until then a certificate due for renewal is signed by the previous
+//! CA. A CA Secret lost or broken is made again the same way, the bundle members trust kept
+//! as the previous CA.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -391,21 +397,29 @@ fn read_pair(data: &Data, cert: &str, key: &str) -> Option<Pair> {
     })
 }
 
-/// The CA Secret's data at `now`: made if missing or unreadable, rolled over (the old one kept
-/// as the previous CA) once past its renewal time, the previous one dropped once expired.
+/// The CA Secret's data at `now`: made if missing, unreadable or with a key that is not its
+/// certificate's; rolled over (the old one kept as the previous CA) once past its renewal
+/// time; the previous one dropped once expired or unreadable. A CA made while members still
+/// trust another (`trusted`: the bundle their certificates' Secrets hold, e.g. after the CA
+/// Secret was deleted) keeps that bundle as the previous one, with a rollover's overlap.
 /// Returns the data and whether it changed.
 pub fn next_ca(
     cluster: &str,
     stored: Option<&Data>,
+    trusted: Option<&str>,
     now: Timestamp,
     s: &Settings,
 ) -> Result<(Data, bool), pki::Error> {
     let current = stored
         .and_then(|d| read_pair(d, CA_CRT, CA_KEY))
-        .filter(|p| pki::valid_between(&p.cert).is_ok());
+        .filter(|p| pki::valid_between(&p.cert).is_ok() && pki::key_matches(&p.cert, &p.key));
     let Some(current) = current else {
         let ca = pki::new_ca(cluster, now, s.ca_lifetime)?;
-        let data = Data::from([(CA_CRT.to_string(), ca.cert), (CA_KEY.to_string(), ca.key)]);
+        let mut data = Data::from([(CA_CRT.to_string(), ca.cert), (CA_KEY.to_string(), ca.key)]);
+        if let Some(old) = trusted.filter(|t| pki::valid_between(t).is_ok()) {
+            data.insert(PREVIOUS_CRT.to_string(), old.to_string());
+            data.insert(ROTATED_AT.to_string(), now.to_string());
+        }
         return Ok((data, true));
     };
     let mut data = stored.cloned().unwrap_or_default();
@@ -421,10 +435,10 @@ pub fn next_ca(
         ]);
         changed = true;
     }
-    let expired = data
-        .get(PREVIOUS_CRT)
-        .is_some_and(|p| pki::valid_between(p).is_ok_and(|(_, until)| until <= now));
-    if expired {
+    let gone = data.get(PREVIOUS_CRT).is_some_and(|p| {
+        pki::valid_between(p).is_ok_and(|(_, until)| until <= now) || pki::valid_between(p).is_err()
+    });
+    if gone {
         data.remove(PREVIOUS_CRT);
         data.remove(PREVIOUS_KEY);
         changed = true;
@@ -445,24 +459,23 @@ pub fn trust(ca: &Data) -> String {
     pki::bundle(&current, previous.as_ref())
 }
 
-/// The CA that signs now: the current one once the bundle with it had time to reach every
-/// pod, the previous one before that.
-fn signer(ca: &Data, now: Timestamp, s: &Settings) -> Option<Pair> {
+/// Whether the bundle with the current CA had time to reach every pod since it replaced
+/// another (a time that does not parse, or that overflows, counts as settled).
+fn settled(ca: &Data, now: Timestamp, s: &Settings) -> bool {
     let rotated: Option<Timestamp> = ca.get(ROTATED_AT).and_then(|t| t.parse().ok());
-    let settled = rotated.is_none_or(|t| {
+    rotated.is_none_or(|t| {
         jiff::SignedDuration::try_from(s.propagation)
-            .map(|p| now >= t + p)
-            .unwrap_or(true)
-    });
-    match (settled, read_pair(ca, PREVIOUS_CRT, PREVIOUS_KEY)) {
-        (false, Some(previous)) => Some(previous),
-        _ => read_pair(ca, CA_CRT, CA_KEY),
-    }
+            .ok()
+            .and_then(|p| t.checked_add(p).ok())
+            .is_none_or(|at| now >= at)
+    })
 }
 
 /// A certificate Secret's data at `now` (`Operator` mode), or `None` when it needs no change:
-/// issued when missing, unreadable or due, reissued by the current CA once the rollover
-/// settled, and its `ca.crt` kept equal to the trust bundle.
+/// issued when missing, unreadable or due; moved to the current CA once a rollover settled;
+/// its `ca.crt` kept equal to the trust bundle. Until a rollover settled, a certificate that
+/// must be issued is signed by the previous CA when its key is kept (members that still trust
+/// only the previous one accept it).
 pub fn next_leaf(
     stored: Option<&Data>,
     ca: &Data,
@@ -471,16 +484,24 @@ pub fn next_leaf(
     s: &Settings,
 ) -> Result<Option<Data>, pki::Error> {
     let bundle = trust(ca);
-    let signer = signer(ca, now, s).ok_or_else(|| pki::Error::Read("no CA".into()))?;
-    let cert = stored.and_then(|d| read_pair(d, TLS_CRT, TLS_KEY));
+    let current = read_pair(ca, CA_CRT, CA_KEY).ok_or_else(|| pki::Error::Read("no CA".into()))?;
+    let settled = settled(ca, now, s);
+    let cert = stored
+        .and_then(|d| read_pair(d, TLS_CRT, TLS_KEY))
+        .filter(|c| pki::valid_between(&c.cert).is_ok());
     let reissue = match &cert {
         None => true,
         Some(c) => {
-            pki::due(&c.cert, now, s.renew_fraction) || !pki::signed_by(&c.cert, &signer.cert)
+            pki::due(&c.cert, now, s.renew_fraction)
+                || (settled && !pki::signed_by(&c.cert, &current.cert))
         }
     };
     let mut data = stored.cloned().unwrap_or_default();
     if reissue {
+        let signer = match read_pair(ca, PREVIOUS_CRT, PREVIOUS_KEY) {
+            Some(previous) if !settled => previous,
+            _ => current,
+        };
         let leaf = pki::issue(&signer, profile, now, s.lifetime)?;
         data.insert(TLS_CRT.to_string(), leaf.cert);
         data.insert(TLS_KEY.to_string(), leaf.key);
@@ -809,16 +830,16 @@ mod tests {
     #[test]
     fn ca_is_made_then_rolled_over_with_the_previous_kept_until_it_expires() {
         let s = settings();
-        let (ca, changed) = next_ca("demo", None, at(0), &s).unwrap();
+        let (ca, changed) = next_ca("demo", None, None, at(0), &s).unwrap();
         assert!(changed);
         assert!(ca.contains_key(CA_CRT) && ca.contains_key(CA_KEY));
         assert!(!ca.contains_key(PREVIOUS_CRT));
         // Before two thirds of its lifetime: unchanged.
-        let (same, changed) = next_ca("demo", Some(&ca), at(19_000), &s).unwrap();
+        let (same, changed) = next_ca("demo", Some(&ca), None, at(19_000), &s).unwrap();
         assert!(!changed);
         assert_eq!(same, ca);
         // After: a new CA, the old one kept as previous, both trusted.
-        let (rolled, changed) = next_ca("demo", Some(&ca), at(20_100), &s).unwrap();
+        let (rolled, changed) = next_ca("demo", Some(&ca), None, at(20_100), &s).unwrap();
         assert!(changed);
         assert_ne!(rolled[CA_CRT], ca[CA_CRT]);
         assert_eq!(rolled[PREVIOUS_CRT], ca[CA_CRT]);
@@ -826,13 +847,13 @@ mod tests {
         let bundle = trust(&rolled);
         assert!(bundle.contains(ca[CA_CRT].trim()) && bundle.contains(rolled[CA_CRT].trim()));
         // The previous one is dropped once it expired (its lifetime ran from at(0)).
-        let (later, changed) = next_ca("demo", Some(&rolled), at(30_100), &s).unwrap();
+        let (later, changed) = next_ca("demo", Some(&rolled), None, at(30_100), &s).unwrap();
         assert!(changed);
         assert!(!later.contains_key(PREVIOUS_CRT));
         assert_eq!(later[CA_CRT], rolled[CA_CRT]);
         // Garbage in the Secret: a new CA.
         let junk = Data::from([(CA_CRT.to_string(), "junk".to_string())]);
-        let (fresh, changed) = next_ca("demo", Some(&junk), at(0), &s).unwrap();
+        let (fresh, changed) = next_ca("demo", Some(&junk), None, at(0), &s).unwrap();
         assert!(changed && fresh[CA_CRT].contains("BEGIN CERTIFICATE"));
     }
 
@@ -840,7 +861,7 @@ mod tests {
     fn leaves_are_renewed_when_due_and_move_to_a_new_ca_after_propagation() {
         let s = settings();
         let profile = pki::member_profile(&names());
-        let (ca, _) = next_ca("demo", None, at(0), &s).unwrap();
+        let (ca, _) = next_ca("demo", None, None, at(0), &s).unwrap();
         let leaf = next_leaf(None, &ca, &profile, at(0), &s).unwrap().unwrap();
         assert!(pki::signed_by(&leaf[TLS_CRT], &ca[CA_CRT]));
         assert_eq!(leaf[CA_CRT], trust(&ca));
@@ -860,7 +881,7 @@ mod tests {
 
         // The CA rolls over: the bundle is updated at once, the certificate stays (signed by
         // the previous CA) until the new bundle had time to reach every pod.
-        let (rolled, _) = next_ca("demo", Some(&ca), at(20_100), &s).unwrap();
+        let (rolled, _) = next_ca("demo", Some(&ca), None, at(20_100), &s).unwrap();
         let fresh = next_leaf(None, &ca, &profile, at(20_000), &s)
             .unwrap()
             .unwrap();
@@ -888,6 +909,61 @@ mod tests {
             .unwrap();
         assert!(pki::signed_by(&moved[TLS_CRT], &rolled[CA_CRT]));
         assert!(!pki::signed_by(&moved[TLS_CRT], &ca[CA_CRT]));
+    }
+
+    #[test]
+    fn a_lost_or_broken_ca_is_made_again_with_the_trusted_bundle_kept_for_the_overlap() {
+        let s = settings();
+        let profile = pki::member_profile(&names());
+        let (old, _) = next_ca("demo", None, None, at(0), &s).unwrap();
+        let leaf = next_leaf(None, &old, &profile, at(0), &s).unwrap().unwrap();
+        // The key no longer matches the certificate (or is gone): made again; what members
+        // trust (the leaf's bundle) stays trusted, and the certificate is not replaced before
+        // the new bundle had time to reach every pod.
+        let mut broken = old.clone();
+        broken.insert(
+            CA_KEY.into(),
+            pki::new_ca("x", at(0), s.ca_lifetime).unwrap().key,
+        );
+        for stored in [Some(&broken), None] {
+            let (ca, changed) = next_ca("demo", stored, Some(&leaf[CA_CRT]), at(100), &s).unwrap();
+            assert!(changed);
+            assert_ne!(ca[CA_CRT], old[CA_CRT]);
+            assert_eq!(ca[PREVIOUS_CRT], leaf[CA_CRT]);
+            assert!(trust(&ca).contains(old[CA_CRT].trim()));
+            let during = next_leaf(Some(&leaf), &ca, &profile, at(200), &s)
+                .unwrap()
+                .unwrap();
+            assert_eq!(during[TLS_CRT], leaf[TLS_CRT]);
+            assert_eq!(during[CA_CRT], trust(&ca));
+            let after = next_leaf(Some(&during), &ca, &profile, at(401), &s)
+                .unwrap()
+                .unwrap();
+            assert!(pki::signed_by(&after[TLS_CRT], &ca[CA_CRT]));
+        }
+        // Garbage in the Secret never panics: an unreadable previous CA is dropped, a
+        // rotation time at the end of time counts as settled, a leaf with junk is reissued.
+        let mut odd = old.clone();
+        odd.insert(PREVIOUS_CRT.into(), "junk".into());
+        odd.insert(ROTATED_AT.into(), "9999-12-30T21:59:00Z".into());
+        let (ca, changed) = next_ca("demo", Some(&odd), None, at(10), &s).unwrap();
+        assert!(changed && !ca.contains_key(PREVIOUS_CRT));
+        let junk = Data::from([
+            (TLS_CRT.to_string(), "junk".to_string()),
+            (TLS_KEY.to_string(), "junk".to_string()),
+        ]);
+        let fixed = next_leaf(Some(&junk), &odd, &profile, at(10), &s)
+            .unwrap()
+            .unwrap();
+        assert!(pki::signed_by(&fixed[TLS_CRT], &old[CA_CRT]));
+        assert!(pki::key_matches(&fixed[TLS_CRT], &fixed[TLS_KEY]));
+        assert!(!pki::key_matches(&fixed[TLS_CRT], &leaf[TLS_KEY]));
+        // A lifetime past the end of time is an error, not a panic.
+        let huge = Settings {
+            lifetime: Duration::from_secs(u64::MAX / 4),
+            ..s
+        };
+        assert!(next_leaf(None, &old, &profile, at(0), &huge).is_err());
     }
 
     #[test]

@@ -1202,6 +1202,9 @@ async fn tls_operator_mode_makes_the_ca_and_certificates_and_serves_from_them() 
     w.reconcile().await.unwrap();
     let ca = secret_data(&w.api, "sealed-ca").expect("CA Secret");
     assert!(ca["ca.crt"].contains("BEGIN CERTIFICATE") && ca["ca.key"].contains("PRIVATE KEY"));
+    // Peers have a CA of their own: no client certificate gets onto the peer port.
+    let peer_ca = secret_data(&w.api, "sealed-peer-ca").expect("peer CA Secret");
+    assert_ne!(peer_ca["ca.crt"], ca["ca.crt"]);
     let mut issued = BTreeMap::new();
     for name in [
         "sealed-server-tls",
@@ -1209,6 +1212,11 @@ async fn tls_operator_mode_makes_the_ca_and_certificates_and_serves_from_them() 
         "sealed-operator-tls",
         "sealed-client-tls",
     ] {
+        let ca = if name == "sealed-peer-tls" {
+            &peer_ca
+        } else {
+            &ca
+        };
         let raw = w
             .api
             .get(&format!("/api/v1/namespaces/{NS}/secrets/{name}"))

@@ -105,6 +105,9 @@ pub async fn reconcile_backup(eb: Arc<EtcdBackup>, ctx: Arc<Context>) -> Result<
             Some(ec) => {
                 let mut r = Reconciler::new(&ec, &ctx, &ns);
                 r.access = r.root_access().await?;
+                // Over TLS where the members serve it (the cluster's reconcile issues the
+                // certificates; this only reads them).
+                r.prepare_tls(false).await?;
                 let endpoints = (0..ec.spec.size.max(1))
                     .map(|o| r.layout.client_url(o))
                     .collect();

@@ -71,7 +71,7 @@ pub async fn reconcile(ec: Arc<EtcdCluster>, ctx: Arc<Context>) -> Result<Action
     async {
         let mut r = Reconciler::new(&ec, &ctx, &ns);
         r.access = r.root_access().await?;
-        let tls = r.prepare_tls().await?;
+        let tls = r.prepare_tls(true).await?;
         r.run(&tls).await
     }
     .instrument(span)
@@ -449,7 +449,8 @@ impl<'a> Reconciler<'a> {
             .and_then(resources::image_of)
             .map(str::to_string);
         let refused = self.refused_image(&prev, view.as_ref(), running_image.as_deref());
-        let (serving, peer_step) = self.serving(tls, view.as_ref(), replicas_now);
+        let (serving, peer_step) =
+            self.serving(tls, view.as_ref(), replicas_now, step == Step::Steady);
         if replicas.is_some() || matches!(step, Step::Bootstrap { .. }) {
             let mut desired = resources::statefulset_restoring(
                 ec,
@@ -549,8 +550,13 @@ impl<'a> Reconciler<'a> {
                 &now(),
             );
         }
-        let (tls_status, tls_condition) =
-            self.tls_report(tls, view.as_ref(), &peer_step, replicas_now);
+        let (tls_status, tls_condition) = self.tls_report(
+            tls,
+            view.as_ref(),
+            &peer_step,
+            replicas_now,
+            prev.condition(condition::TLS).is_some(),
+        );
         status.tls = tls_status;
         if let Some((ok, reason, msg)) = tls_condition {
             status.set_condition(

@@ -81,42 +81,64 @@ impl Reconciler<'_> {
         Ok(self.api::<Secret>().get_opt(name).await?.map(|s| text(&s)))
     }
 
-    /// `Operator` mode: the CA and the certificates of the sides (and clients) it covers,
-    /// made or renewed now as due.
+    /// `Operator` mode: the CA in Secret `ca_name` and the certificates it signs, made (unless
+    /// `create` is false: then only renewed where they exist) or renewed now as due.
     async fn operator_pki(
         &self,
         settings: &Settings,
+        ca_name: &str,
         leaves: &[(String, Profile)],
+        create: bool,
     ) -> Result<Option<(Timestamp, Timestamp)>, String> {
         let fail = |e: &dyn std::fmt::Display| format!("making certificates: {e}");
         let now = Timestamp::now();
-        let ca_name = format!("{}-ca", self.names.cluster);
-        let stored = self.read_secret(&ca_name).await.map_err(|e| fail(&e))?;
-        let (ca, changed) = tls::next_ca(&self.names.cluster, stored.as_ref(), now, settings)
-            .map_err(|e| fail(&e))?;
+        let mut existing = BTreeMap::new();
+        for (name, _) in leaves {
+            if let Some(d) = self.read_secret(name).await.map_err(|e| fail(&e))? {
+                existing.insert(name.clone(), d);
+            }
+        }
+        let stored = self.read_secret(ca_name).await.map_err(|e| fail(&e))?;
+        if !create && (stored.is_none() || existing.is_empty()) {
+            return Ok(None);
+        }
+        // What members trust now, should the CA have to be made again.
+        let trusted = existing.values().find_map(|d| d.get(tls::CA_CRT)).cloned();
+        // The Secret's name names the CA too: the two CAs of a cluster differ by name.
+        let (ca, changed) =
+            tls::next_ca(ca_name, stored.as_ref(), trusted.as_deref(), now, settings)
+                .map_err(|e| fail(&e))?;
         if changed {
             let rolled = stored.is_some()
                 && ca.contains_key(tls::PREVIOUS_CRT)
                 && stored.as_ref().and_then(|s| s.get(tls::CA_CRT)) != ca.get(tls::CA_CRT);
             apply(
                 &self.api::<Secret>(),
-                &self.secret(&ca_name, "Opaque", ca.clone()),
+                &self.secret(ca_name, "Opaque", ca.clone()),
             )
             .await
             .map_err(|e| fail(&e))?;
             let note = if rolled {
-                format!("replaced the cluster's CA in Secret {ca_name}; the previous one stays trusted until it expires, certificates are reissued by the new one once every pod has it")
-            } else if stored.is_none() {
-                format!("made the cluster's CA in Secret {ca_name}")
+                format!("replaced the CA in Secret {ca_name}; the previous one stays trusted until it expires, certificates are reissued by the new one once every pod has it")
+            } else if stored.is_none() && trusted.is_none() {
+                format!("made the CA in Secret {ca_name}")
+            } else if ca.contains_key(tls::PREVIOUS_CRT)
+                && trusted.is_some()
+                && stored.as_ref().and_then(|s| s.get(tls::CA_CRT)) != ca.get(tls::CA_CRT)
+            {
+                format!("made the CA in Secret {ca_name} again (it was missing or unusable); the CAs the members trust stay trusted next to it until they expire")
             } else {
-                format!("dropped the expired previous CA from Secret {ca_name}")
+                format!("dropped an expired or unreadable previous CA from Secret {ca_name}")
             };
             self.event(EventType::Normal, "CertificateAuthority", "TLS", note)
                 .await;
         }
         let mut times: Option<(Timestamp, Timestamp)> = None;
         for (name, profile) in leaves {
-            let stored = self.read_secret(name).await.map_err(|e| fail(&e))?;
+            let stored = existing.remove(name);
+            if stored.is_none() && !create {
+                continue;
+            }
             let next = tls::next_leaf(stored.as_ref(), &ca, profile, now, settings)
                 .map_err(|e| fail(&e))?;
             let data = match next {
@@ -186,10 +208,11 @@ impl Reconciler<'_> {
         Ok(())
     }
 
-    /// Before the members are observed: the Secrets of `spec.tls` (made, renewed or checked),
-    /// what the template and the pods serve, and how the operator reaches members over TLS.
-    /// Sets `self.layout` to the schemes the members serve and `self.access.tls`.
-    pub(super) async fn prepare_tls(&mut self) -> Result<TlsPrep, Error> {
+    /// Before the members are observed: the Secrets of `spec.tls` (made, renewed or checked;
+    /// with `issue` false, only read), what the template and the pods serve, and how the
+    /// operator reaches members over TLS. Sets `self.layout` to the schemes the members serve
+    /// and `self.access.tls`.
+    pub(super) async fn prepare_tls(&mut self, issue: bool) -> Result<TlsPrep, Error> {
         let spec = self.ec.spec.tls.as_ref();
         let mut prep = TlsPrep::default();
         let sts = self
@@ -225,38 +248,59 @@ impl Reconciler<'_> {
                 }
             }
         };
-        let settings = spec.map(Settings::of).transpose();
-        if let (Some(t), Ok(Some(settings))) = (spec.filter(|t| t.enabled), &settings) {
-            let problem = self.issue(t, settings, &mut prep).await;
+        let on = spec.is_some_and(|t| t.enabled);
+        let serving_tls = prep
+            .template
+            .iter()
+            .chain(prep.pods.values())
+            .any(|s| s.client.is_some() || s.peer.is_some());
+        let t = spec.cloned().unwrap_or_default();
+        // Settings that do not parse are a problem of the spec; renewal goes on with defaults.
+        let settings = Settings::of(&t).unwrap_or_else(|msg| {
+            prep.problem.get_or_insert((reason::INVALID, msg));
+            Settings::of(&crate::crd::TlsSpec::default()).expect("the defaults parse")
+        });
+        // Certificates members still serve with are renewed while TLS is being turned off too.
+        if issue && (on || serving_tls) {
+            let problem = self.issue(&t, &settings, &mut prep, on).await;
             if prep.problem.is_none() {
                 prep.problem = problem;
             }
         }
-        if let Err(msg) = settings {
-            prep.problem.get_or_insert((reason::INVALID, msg));
-        }
-        // A side whose Secret is not complete keeps serving as the template does.
+        // A side whose Secrets are not complete keeps serving as the template does. The client
+        // side needs the operator's own certificate too (or it could not reach the members).
         let mut ready = wanted.clone();
-        for (want, now) in [
+        let operator_secret = t
+            .enabled
+            .then(|| tls::operator_secret(&self.names, &t.client).ok())
+            .flatten();
+        for (want, now, also) in [
             (
                 &mut ready.client,
                 prep.template.as_ref().and_then(|t| t.client.clone()),
+                operator_secret,
             ),
             (
                 &mut ready.peer,
                 prep.template.as_ref().and_then(|t| t.peer.clone()),
+                None,
             ),
         ] {
-            if let Some(name) = want.clone() {
-                let ok = self.read_secret(&name).await?.is_some_and(|d| complete(&d));
+            let Some(name) = want.clone() else { continue };
+            for needed in std::iter::once(name).chain(also) {
+                let ok = self
+                    .read_secret(&needed)
+                    .await?
+                    .is_some_and(|d| complete(&d));
                 if !ok {
                     prep.problem.get_or_insert((
                         reason::WAITING_FOR_CERTIFICATES,
                         format!(
-                            "Secret {name} does not exist yet or lacks tls.crt, tls.key or ca.crt"
+                            "Secret {needed} does not exist yet or lacks tls.crt, tls.key or ca.crt"
                         ),
                     ));
-                    *want = now;
+                    *want = now.clone();
+                    break;
                 }
             }
         }
@@ -340,12 +384,16 @@ impl Reconciler<'_> {
             })
     }
 
-    /// Makes (or asks cert-manager for) the certificates of `spec.tls`.
+    /// Makes (or asks cert-manager for) the certificates of `spec.tls`; with `create` false
+    /// only renews the `Operator` mode certificates that exist. In `Operator` mode the two
+    /// sides have CAs of their own (`<cluster>-ca`, `<cluster>-peer-ca`): a client certificate
+    /// must not get a client onto the peer port.
     async fn issue(
         &self,
         t: &crate::crd::TlsSpec,
         settings: &Settings,
         prep: &mut TlsPrep,
+        create: bool,
     ) -> Option<(&'static str, String)> {
         let names = &self.names;
         let member = pki::member_profile(names);
@@ -355,7 +403,6 @@ impl Reconciler<'_> {
         let users = Profile::Client {
             common_name: tls::users_cn(names),
         };
-        let mut own: Vec<(String, Profile)> = Vec::new();
         let mut managed: Vec<(String, Profile, crate::crd::IssuerRef)> = Vec::new();
         for (side, s) in [(Side::Client, &t.client), (Side::Peer, &t.peer)] {
             let Ok(secret) = tls::side_secret(names, side, s) else {
@@ -372,20 +419,26 @@ impl Reconciler<'_> {
                 }
             }
             match (s.mode, &s.issuer_ref) {
-                (TlsMode::Operator, _) => own.extend(certs),
-                (TlsMode::CertManager, Some(issuer)) => managed.extend(
+                (TlsMode::Operator, _) => {
+                    let ca = match side {
+                        Side::Client => format!("{}-ca", names.cluster),
+                        Side::Peer => format!("{}-peer-ca", names.cluster),
+                    };
+                    match self.operator_pki(settings, &ca, &certs, create).await {
+                        Ok(Some(t)) => {
+                            prep.times =
+                                Some(prep.times.map_or(t, |m| (m.0.min(t.0), m.1.min(t.1))))
+                        }
+                        Ok(None) => {}
+                        Err(msg) => return Some((reason::WAITING_FOR_CERTIFICATES, msg)),
+                    }
+                }
+                (TlsMode::CertManager, Some(issuer)) if create => managed.extend(
                     certs
                         .into_iter()
                         .map(|(secret, p)| (secret, p, issuer.clone())),
                 ),
                 _ => {}
-            }
-        }
-        own.dedup();
-        if !own.is_empty() {
-            match self.operator_pki(settings, &own).await {
-                Ok(times) => prep.times = times,
-                Err(msg) => return Some((reason::WAITING_FOR_CERTIFICATES, msg)),
             }
         }
         self.certificates(settings, &managed).await.err()
@@ -406,15 +459,22 @@ impl Reconciler<'_> {
     }
 
     /// The TLS part of the members' template now, and the peer step it comes from.
+    /// Changes wait while a membership step is under way (`steady` false): a member added now
+    /// must advertise the peer URL it was added with, which the template read before this
+    /// round decided.
     pub(super) fn serving(
         &self,
         prep: &TlsPrep,
         view: Option<&ClusterView>,
         replicas: i32,
+        steady: bool,
     ) -> (Serving, PeerStep) {
         let Some(template) = &prep.template else {
             return (prep.wanted.serving(), PeerStep::Steady);
         };
+        if !steady {
+            return (template.clone(), PeerStep::Rolling);
+        }
         let tpl_peer = template.peer_part();
         let rolled =
             (0..replicas).all(|o| prep.pods.get(&o).is_some_and(|s| s.peer_part() == tpl_peer));
@@ -452,6 +512,7 @@ impl Reconciler<'_> {
         view: Option<&ClusterView>,
         step: &PeerStep,
         replicas: i32,
+        had_condition: bool,
     ) -> (Option<TlsStatus>, Option<(bool, &'static str, String)>) {
         let spec = self.ec.spec.tls.as_ref();
         let serving_pods: Vec<&Serving> = (0..replicas).filter_map(|o| prep.pods.get(&o)).collect();
@@ -459,7 +520,15 @@ impl Reconciler<'_> {
             .iter()
             .any(|s| s.client.is_some() || s.peer.is_some());
         if spec.is_none() && !any_tls {
-            return (None, None);
+            // Never asked for, or turned off and done: a condition left from before says so.
+            let cond = had_condition.then(|| {
+                (
+                    false,
+                    reason::DISABLED,
+                    "members serve plain HTTP".to_string(),
+                )
+            });
+            return (None, cond);
         }
         let word = |all: bool, none: bool| {
             if all {
@@ -470,8 +539,8 @@ impl Reconciler<'_> {
                 "Migrating"
             }
         };
-        let complete_pods = serving_pods.len() as i32 == replicas && replicas > 0;
-        let client_all = complete_pods
+        // Pods not made yet (a scale-up) are left out: they start from the template.
+        let client_all = !serving_pods.is_empty()
             && serving_pods
                 .iter()
                 .all(|s| s.client.is_some() && s.client == prep.wanted.client);
@@ -484,7 +553,14 @@ impl Reconciler<'_> {
                     .collect()
             })
             .unwrap_or_default();
-        let peer_all = !urls.is_empty() && urls.iter().all(|h| *h) && *step == PeerStep::Steady;
+        // Every URL https and every pod serving TLS alone with the wanted Secret.
+        let peer_all = !urls.is_empty()
+            && urls.iter().all(|h| *h)
+            && *step == PeerStep::Steady
+            && !serving_pods.is_empty()
+            && serving_pods
+                .iter()
+                .all(|s| s.peer.is_some() && s.peer == prep.wanted.peer && !s.peer_plaintext);
         let peer_none = urls.iter().all(|h| !h) && serving_pods.iter().all(|s| s.peer.is_none());
         let status = TlsStatus {
             client: word(client_all, client_none).to_string(),
