@@ -1319,7 +1319,11 @@ async fn s7_upgrade_by_version_stall_and_revert() {
 /// the CA and certificates, restarts the members one at a time onto TLS (peer URLs moved to
 /// `https://` member by member), reports `TLS=True`; then real etcdctl reaches the cluster over
 /// mutual TLS through the client Service with the users' certificate Secret, and is refused
-/// without a certificate or in plaintext. Every key written before is still there.
+/// without a certificate or in plaintext. Every key written before is still there. Then TLS
+/// is turned off again the same way. Then CertManager mode: `CertManagerMissing` while the API
+/// server does not serve cert-manager's Certificates; once their CRD is there, a stand-in
+/// fills the Secrets of the operator's Certificates and the cluster serves mutual TLS with
+/// them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s8_tls_turned_on_for_a_live_cluster() {
     let cp = ControlPlane::start(Storage::Etcd).await;
@@ -1452,4 +1456,198 @@ async fn s8_tls_turned_on_for_a_live_cluster() {
     );
     // Plaintext: nothing served on the client port any more.
     assert!(etcdctl(&cp, &c.service(), &["get", "over-tls"]).is_err());
+
+    // And off again, the same way backwards: plain HTTP, every key there.
+    let t = Instant::now();
+    c.api
+        .patch(
+            &c.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"tls": {"enabled": false}}})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(600),
+        Duration::from_secs(2),
+        async || {
+            let st = c.status().await;
+            let (ok, reason, msg) = c.condition("TLS").await;
+            if reason == "Disabled"
+                && st["tls"]["client"] == "Plain"
+                && st["tls"]["peer"] == "Plain"
+            {
+                return Ok(());
+            }
+            Err(format!(
+                "TLS not off: {ok} {reason} {msg}\n{st:#}\n{}",
+                cp.operator_logs()
+            ))
+        },
+    )
+    .await;
+    eprintln!("s8: TLS off again in {:?}", t.elapsed());
+    c.until_settled(3, Duration::from_secs(120)).await;
+    let out = etcdctl(
+        &cp,
+        &c.service(),
+        &["get", "over-tls", "--print-value-only"],
+    )
+    .unwrap();
+    assert_eq!(out, "yes");
+    assert_all_present(&cp, &c, &before);
+
+    // CertManager mode. cert-manager's own controller cannot run here (its images cannot be
+    // pulled, and Debian does not package it): a stand-in in the test fills the Certificates'
+    // Secrets from a CA of its own, as a cert-manager CA issuer would.
+    let issuer = "      issuerRef: {name: stand-in, kind: ClusterIssuer}\n";
+    let spec = format!(
+        "  tls:\n    client:\n      mode: CertManager\n{issuer}    peer:\n      mode: CertManager\n{issuer}"
+    );
+    apply(&cp, "sec", &cluster_yaml("echo", 1, &spec)).unwrap();
+    let e = Cluster::new(&cp, "sec", "echo");
+    eventually(
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        async || {
+            let (ok, reason, msg) = e.condition("TLS").await;
+            (ok == "False" && reason == "CertManagerMissing" && msg.contains("cert-manager"))
+                .then_some(())
+                .ok_or(format!("{ok} {reason} {msg}"))
+        },
+    )
+    .await;
+    kubectl_apply(&cp, "sec", CERTIFICATE_CRD, &[]).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stand_in = tokio::spawn(cert_manager_stand_in(
+        cp.client.clone(),
+        "sec",
+        stop.clone(),
+    ));
+    eventually(
+        Duration::from_secs(180),
+        Duration::from_secs(1),
+        async || {
+            let st = e.status().await;
+            let (ok, reason, msg) = e.condition("TLS").await;
+            if ok == "True" && st["tls"]["clientSecret"] == "echo-client-cm-tls" {
+                return Ok(());
+            }
+            Err(format!(
+                "{ok} {reason} {msg}\n{st:#}\n{}",
+                cp.operator_logs()
+            ))
+        },
+    )
+    .await;
+    e.until_settled(1, Duration::from_secs(120)).await;
+    stop.store(true, Ordering::SeqCst);
+    stand_in.await.unwrap();
+    let secret = secrets.get("echo-client-cm-tls").await.unwrap();
+    let data = secret.data.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for key in ["tls.crt", "tls.key", "ca.crt"] {
+        let p = dir.path().join(key);
+        std::fs::write(&p, &data[key].0).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let https = format!("https://{}.{}.svc:2379", e.name, e.ns);
+    let ep = format!("--endpoints={https}");
+    let out = on_network_with(
+        &cp,
+        &https,
+        Some(dir.path()),
+        "etcdctl",
+        &[
+            &ep,
+            "--command-timeout=10s",
+            "--cacert=/certs/ca.crt",
+            "--cert=/certs/tls.crt",
+            "--key=/certs/tls.key",
+            "put",
+            "issued-by",
+            "stand-in",
+        ],
+    )
+    .unwrap();
+    assert!(out.contains("OK"), "{out}");
+}
+
+/// The Certificate CRD of cert-manager, as much of it as the stand-in needs.
+const CERTIFICATE_CRD: &str = "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: certificates.cert-manager.io
+spec:
+  group: cert-manager.io
+  names: {kind: Certificate, listKind: CertificateList, plural: certificates, singular: certificate}
+  scope: Namespaced
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
+";
+
+/// cert-manager's part for the tests: every Certificate of `ns` whose Secret is missing gets
+/// one (`tls.crt`, `tls.key`, `ca.crt`) signed by the stand-in's CA, with the Certificate's
+/// common name or DNS names and IP addresses.
+async fn cert_manager_stand_in(client: kube::Client, ns: &'static str, stop: Arc<AtomicBool>) {
+    use cairn_operator::pki;
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind, PostParams};
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("cert-manager.io", "v1", "Certificate"),
+        "certificates",
+    );
+    let certs: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client, ns);
+    let now = jiff::Timestamp::now();
+    let ca = pki::new_ca("stand-in", now, Duration::from_secs(86400)).unwrap();
+    while !stop.load(Ordering::SeqCst) {
+        for c in certs
+            .list(&ListParams::default())
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default()
+        {
+            let spec = &c.data["spec"];
+            let Some(name) = spec["secretName"].as_str() else {
+                continue;
+            };
+            if secrets.get_opt(name).await.ok().flatten().is_some() {
+                continue;
+            }
+            let strings = |k: &str| -> Vec<String> {
+                spec[k]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            };
+            let profile = match spec["commonName"].as_str() {
+                Some(cn) => pki::Profile::Client {
+                    common_name: cn.to_string(),
+                },
+                None => pki::Profile::Member {
+                    dns: strings("dnsNames"),
+                    ips: strings("ipAddresses")
+                        .iter()
+                        .filter_map(|i| i.parse().ok())
+                        .collect(),
+                },
+            };
+            let leaf = pki::issue(&ca, &profile, now, Duration::from_secs(3600)).unwrap();
+            let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                "metadata": {"name": name, "namespace": ns},
+                "stringData": {"tls.crt": leaf.cert, "tls.key": leaf.key, "ca.crt": ca.cert},
+            }))
+            .unwrap();
+            let _ = secrets.create(&PostParams::default(), &secret).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
