@@ -1374,3 +1374,55 @@ async fn tls_cert_manager_mode_waits_for_certificates_and_mounts_their_secrets()
     // The operator makes no certificate of its own in this mode.
     assert!(secret_data(&w.api, "managed-ca").is_none());
 }
+
+/// `spec.tls` in Secret mode: the cluster waits for the user's Secrets (saying which is
+/// missing), then mounts them as they are; the operator makes no certificate and names no
+/// users' Secret (the user has theirs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_secret_mode_waits_for_the_users_secrets_and_mounts_them() {
+    let w = World::new(
+        "own",
+        json!({"size": 1, "tls": {"client": {"mode": "Secret", "secretName": "own-certs"},
+                                   "peer": {"mode": "Secret", "secretName": "own-peer-certs"}}}),
+    );
+    w.reconcile().await.unwrap();
+    assert_eq!(
+        w.condition("TLS"),
+        ("False".into(), "WaitingForCertificates".into())
+    );
+    let msg = w.status()["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "TLS")
+        .unwrap()["message"]
+        .clone();
+    assert!(msg.as_str().unwrap().contains("own-certs"), "{msg}");
+    assert!(w.sts_replicas().is_none());
+    let now = jiff::Timestamp::now();
+    use base64::Engine as _;
+    let b = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    for (name, ca_name) in [("own-certs", "user CA"), ("own-peer-certs", "user peer CA")] {
+        let ca = cairn_operator::pki::new_ca(ca_name, now, Duration::from_secs(86400)).unwrap();
+        let profile = cairn_operator::pki::member_profile(&cairn_operator::layout::Names {
+            cluster: "own".into(),
+            namespace: NS.into(),
+        });
+        let leaf =
+            cairn_operator::pki::issue(&ca, &profile, now, Duration::from_secs(3600)).unwrap();
+        w.api.put(
+            &format!("/api/v1/namespaces/{NS}/secrets/{name}"),
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS},
+                   "data": {"tls.crt": b(&leaf.cert), "tls.key": b(&leaf.key), "ca.crt": b(&ca.cert)}}),
+        );
+    }
+    w.reconcile().await.unwrap();
+    assert_eq!(w.sts_replicas(), Some(1));
+    let sts = w.api.get(&sts_path("own")).unwrap();
+    let volumes = &sts["spec"]["template"]["spec"]["volumes"];
+    assert_eq!(volumes[0]["secret"]["secretName"], "own-certs");
+    assert_eq!(volumes[1]["secret"]["secretName"], "own-peer-certs");
+    assert!(secret_data(&w.api, "own-ca").is_none());
+    assert!(secret_data(&w.api, "own-client-tls").is_none());
+    assert!(w.status()["tls"]["clientSecret"].is_null());
+}
