@@ -74,10 +74,12 @@ pub fn new_ca(cluster: &str, now: Timestamp, lifetime: Duration) -> Result<Pair,
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "cairn");
-    // The issue time in the name: a CA and the one that replaces it differ by name too.
+    // The issue time and a random tag in the name: a CA and the one that replaces it (even
+    // within the same second) differ by name too, which `signed_by` relies on.
+    let tag: u32 = rand::random();
     dn.push(
         DnType::CommonName,
-        format!("{cluster} CA {}", now.strftime("%Y%m%dT%H%M%SZ")),
+        format!("{cluster} CA {} {tag:08x}", now.strftime("%Y%m%dT%H%M%SZ")),
     );
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -174,6 +176,37 @@ pub fn valid_between(cert_pem: &str) -> Result<(Timestamp, Timestamp), Error> {
         Timestamp::from_second(t.timestamp()).map_err(|e| Error::Read(e.to_string()))
     };
     Ok((at(&v.not_before)?, at(&v.not_after)?))
+}
+
+/// The certificates of a PEM bundle that parse, as PEM (a CA bundle with a broken entry still
+/// trusts the others, as Go's `AppendCertsFromPEM` does).
+pub fn clean_bundle(pem: &str) -> String {
+    let mut out = String::new();
+    let mut rest = pem.as_bytes();
+    while let Ok((left, block)) = x509_parser::pem::parse_x509_pem(rest) {
+        if block.label == "CERTIFICATE" && block.parse_x509().is_ok() {
+            out.push_str("-----BEGIN CERTIFICATE-----\n");
+            let b64 = base64_lines(&block.contents);
+            out.push_str(&b64);
+            out.push_str("-----END CERTIFICATE-----\n");
+        }
+        if left.len() == rest.len() {
+            break;
+        }
+        rest = left;
+    }
+    out
+}
+
+fn base64_lines(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let text = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::new();
+    for line in text.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out
 }
 
 /// Whether `key_pem` is the private key of the first certificate of `cert_pem`.

@@ -443,6 +443,16 @@ pub fn next_ca(
         data.remove(PREVIOUS_KEY);
         changed = true;
     }
+    // A previous key that is not the previous certificate's would sign certificates nobody
+    // trusts: without it, certificates wait for the rollover to settle instead.
+    let bad_key = match (data.get(PREVIOUS_CRT), data.get(PREVIOUS_KEY)) {
+        (Some(c), Some(k)) => !pki::key_matches(c, k),
+        _ => false,
+    };
+    if bad_key {
+        data.remove(PREVIOUS_KEY);
+        changed = true;
+    }
     Ok((data, changed))
 }
 
@@ -489,16 +499,21 @@ pub fn next_leaf(
     let cert = stored
         .and_then(|d| read_pair(d, TLS_CRT, TLS_KEY))
         .filter(|c| pki::valid_between(&c.cert).is_ok());
+    let previous =
+        read_pair(ca, PREVIOUS_CRT, PREVIOUS_KEY).filter(|p| pki::key_matches(&p.cert, &p.key));
+    // Before the rollover settled, a certificate still valid is kept unless the previous CA
+    // can sign its successor (some pods may not trust the new CA yet).
+    let expired = |c: &Pair| pki::valid_between(&c.cert).is_ok_and(|(_, until)| until <= now);
     let reissue = match &cert {
         None => true,
-        Some(c) => {
-            pki::due(&c.cert, now, s.renew_fraction)
-                || (settled && !pki::signed_by(&c.cert, &current.cert))
+        Some(c) if settled => {
+            pki::due(&c.cert, now, s.renew_fraction) || !pki::signed_by(&c.cert, &current.cert)
         }
+        Some(c) => expired(c) || (previous.is_some() && pki::due(&c.cert, now, s.renew_fraction)),
     };
     let mut data = stored.cloned().unwrap_or_default();
     if reissue {
-        let signer = match read_pair(ca, PREVIOUS_CRT, PREVIOUS_KEY) {
+        let signer = match previous {
             Some(previous) if !settled => previous,
             _ => current,
         };
@@ -941,6 +956,34 @@ mod tests {
                 .unwrap();
             assert!(pki::signed_by(&after[TLS_CRT], &ca[CA_CRT]));
         }
+        // A certificate due while a remade CA settles (no previous key to sign with) is kept
+        // until then: pods that have not the new bundle yet would refuse its successor.
+        let (remade, _) = next_ca("demo", None, Some(&leaf[CA_CRT]), at(2_000), &s).unwrap();
+        let kept = next_leaf(Some(&leaf), &remade, &profile, at(2_100), &s)
+            .unwrap()
+            .unwrap();
+        assert_eq!(kept[TLS_CRT], leaf[TLS_CRT]);
+        let renewed = next_leaf(Some(&kept), &remade, &profile, at(2_301), &s)
+            .unwrap()
+            .unwrap();
+        assert!(pki::signed_by(&renewed[TLS_CRT], &remade[CA_CRT]));
+        // A previous key that is not the previous CA's is dropped, never used.
+        let (mut rolled, _) = next_ca("demo", Some(&old), None, at(20_100), &s).unwrap();
+        rolled.insert(PREVIOUS_KEY.into(), remade[CA_KEY].clone());
+        let (checked, changed) = next_ca("demo", Some(&rolled), None, at(20_110), &s).unwrap();
+        assert!(changed && !checked.contains_key(PREVIOUS_KEY));
+        assert_eq!(checked[PREVIOUS_CRT], old[CA_CRT]);
+        // A bundle with a broken entry keeps the certificates that parse.
+        let messy = format!(
+            "{}-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n{}",
+            old[CA_CRT], remade[CA_CRT]
+        );
+        let clean = pki::clean_bundle(&messy);
+        assert_eq!(clean.matches("BEGIN CERTIFICATE").count(), 2, "{clean}");
+        assert_eq!(
+            pki::valid_between(&clean).unwrap(),
+            pki::valid_between(&old[CA_CRT]).unwrap()
+        );
         // Garbage in the Secret never panics: an unreadable previous CA is dropped, a
         // rotation time at the end of time counts as settled, a leaf with junk is reissued.
         let mut odd = old.clone();

@@ -192,6 +192,49 @@ async fn answers_plaintext(port: u16) -> bool {
         .unwrap_or_else(|_| panic!("{port} answered nothing"))
 }
 
+/// A TLS handshake with the peer port `port` trusting `ca` and presenting `client`, then an
+/// HTTP/2 preface: whether the member let it in (with TLS 1.3 a refused client certificate
+/// shows as an alert on the first read).
+async fn peer_handshake(port: u16, ca: &str, client: &Data) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca.as_bytes()).flatten() {
+        roots.add(c).unwrap();
+    }
+    let chain = CertificateDer::pem_slice_iter(client[tls::TLS_CRT].as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(client[tls::TLS_KEY].as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut head = [0u8; 9];
+    match tokio::time::timeout(Duration::from_secs(5), s.read(&mut head)).await {
+        Ok(Ok(n)) if n > 0 => Ok(()),
+        Ok(Ok(_)) => Err("closed".into()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer".into()),
+    }
+}
+
 /// The cluster's PKI as the operator keeps it in Secrets (a CA for clients, one for peers),
 /// advanced on the real clock.
 struct Pki {
@@ -438,6 +481,18 @@ async fn certificates_and_the_ca_rotate_under_a_writer_with_nothing_lost() {
             "{e}: {refused}"
         );
     }
+    // The peer port lets members in (the peer CA's certificate) and not clients: the
+    // operator's certificate is of the client CA.
+    let peer_port = pods.layout.peer[1];
+    let peer_trust = tls::trust(&pki.peer_ca);
+    peer_handshake(peer_port, &peer_trust, &pki.leaves["peer"])
+        .await
+        .unwrap_or_else(|e| panic!("a member's certificate refused on the peer port: {e}"));
+    let refused = peer_handshake(peer_port, &peer_trust, &pki.leaves["operator"])
+        .await
+        .unwrap_err();
+    // The member's alert: the client CA is not the peer CA.
+    assert!(refused.contains("UnknownCA"), "{refused}");
     // A member restarted now meets its peers over the newest certificates only.
     pods.stop(0);
     pods.start(0, &b);

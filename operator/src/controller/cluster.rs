@@ -62,6 +62,20 @@ fn init_failure(pods: &[Pod], pod: &str) -> Option<String> {
     })
 }
 
+/// Whether a step adds (or replaces) a member: its pod must advertise the peer URL it is added
+/// with, so the template's TLS waits until the step is done.
+fn adds_a_member(step: &Step) -> bool {
+    matches!(
+        step,
+        Step::AddLearner { .. }
+            | Step::Grow { .. }
+            | Step::WaitLearner { .. }
+            | Step::Promote { .. }
+            | Step::Replace { .. }
+            | Step::Wipe { .. }
+    )
+}
+
 /// Reconciles one EtcdCluster.
 pub async fn reconcile(ec: Arc<EtcdCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = ec.namespace().ok_or(Error::NoNamespace)?;
@@ -450,7 +464,7 @@ impl<'a> Reconciler<'a> {
             .map(str::to_string);
         let refused = self.refused_image(&prev, view.as_ref(), running_image.as_deref());
         let (serving, peer_step) =
-            self.serving(tls, view.as_ref(), replicas_now, step == Step::Steady);
+            self.serving(tls, view.as_ref(), replicas_now, !adds_a_member(&step));
         if replicas.is_some() || matches!(step, Step::Bootstrap { .. }) {
             let mut desired = resources::statefulset_restoring(
                 ec,

@@ -270,17 +270,20 @@ impl Reconciler<'_> {
         // A side whose Secrets are not complete keeps serving as the template does. The client
         // side needs the operator's own certificate too (or it could not reach the members).
         let mut ready = wanted.clone();
+        let mut client_fallback = false;
         let operator_secret = t
             .enabled
             .then(|| tls::operator_secret(&self.names, &t.client).ok())
             .flatten();
-        for (want, now, also) in [
+        for (side, want, now, also) in [
             (
+                Side::Client,
                 &mut ready.client,
                 prep.template.as_ref().and_then(|t| t.client.clone()),
                 operator_secret,
             ),
             (
+                Side::Peer,
                 &mut ready.peer,
                 prep.template.as_ref().and_then(|t| t.peer.clone()),
                 None,
@@ -300,9 +303,14 @@ impl Reconciler<'_> {
                         ),
                     ));
                     *want = now.clone();
+                    client_fallback |= side == Side::Client;
                     break;
                 }
             }
+        }
+        // A client side kept as the template serves keeps its clientCertAuth too.
+        if client_fallback {
+            ready.client_cert_auth = prep.template.as_ref().is_some_and(|t| t.client_cert_auth);
         }
         prep.wanted = ready;
 
@@ -321,6 +329,8 @@ impl Reconciler<'_> {
                 continue;
             };
             if let Some(c) = data.get(tls::CA_CRT) {
+                // Only certificates that parse: one broken entry must not cost the others.
+                let c = pki::clean_bundle(c);
                 if !ca.contains(c.trim()) {
                     ca.push_str(c.trim_end());
                     ca.push('\n');
@@ -473,7 +483,7 @@ impl Reconciler<'_> {
             return (prep.wanted.serving(), PeerStep::Steady);
         };
         if !steady {
-            return (template.clone(), PeerStep::Rolling);
+            return (template.clone(), PeerStep::Steady);
         }
         let tpl_peer = template.peer_part();
         let rolled =
