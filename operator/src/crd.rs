@@ -726,6 +726,10 @@ pub mod condition {
     pub const AUTH: &str = "Auth";
     /// Whether TLS is as `spec.tls` asks.
     pub const TLS: &str = "TLS";
+    /// Whether the members' volumes are as `spec.storage` asks.
+    pub const STORAGE: &str = "Storage";
+    /// Whether the StatefulSet could be applied (set once it could not).
+    pub const STATEFUL_SET: &str = "StatefulSet";
 }
 
 /// Condition reasons of the rollout (on `Progressing`).

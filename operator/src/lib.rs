@@ -7,6 +7,7 @@
 //! - [`rollout`]: pure rollout planning: which member to restart into a new template, when.
 //! - [`status`]: pure status derivation: observations and the step in, the status out.
 //! - [`pki`]: the certificates of TLS managed by the operator (CA, members, clients, renewal).
+//! - [`storage`]: quantities compared; what an edit of `spec.storage` asks of the volumes.
 //! - [`tls`]: TLS managed: Secrets per side, what a member serves, the peer migration, renewal
 //!   and CA rollover.
 //! - [`members`]: membership calls through the etcd API (etcd-client).
@@ -25,4 +26,5 @@ pub mod plan;
 pub mod resources;
 pub mod rollout;
 pub mod status;
+pub mod storage;
 pub mod tls;

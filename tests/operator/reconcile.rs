@@ -40,6 +40,9 @@ struct Store {
     next_version: u64,
     /// API path prefixes this server does not serve (like an old Kubernetes).
     unserved: Vec<String>,
+    /// Paths whose PATCH is refused as the API server refuses to grow a claim whose
+    /// StorageClass does not allow expansion.
+    unexpandable: Vec<String>,
 }
 
 #[derive(Clone, Default)]
@@ -117,6 +120,25 @@ impl FakeApi {
                 )
             }
             Method::PATCH => {
+                if st.unexpandable.contains(&base) {
+                    return (
+                        StatusCode::FORBIDDEN,
+                        status_json(403, "Forbidden", &format!("persistentvolumeclaims \"{}\" is forbidden: only dynamically provisioned pvc can be resized and the storageclass that provisions the pvc must support resize", base.rsplit('/').next().unwrap_or_default())),
+                    );
+                }
+                // A StatefulSet's claim templates cannot change, as the API server says.
+                if base.contains("/statefulsets/") && !sub {
+                    if let Some(old) = st.objects.get(&base) {
+                        let before = &old["spec"]["volumeClaimTemplates"];
+                        let after = &body["spec"]["volumeClaimTemplates"];
+                        if before != after {
+                            return (
+                                StatusCode::UNPROCESSABLE_ENTITY,
+                                status_json(422, "Invalid", "StatefulSet.apps is invalid: spec: Forbidden: updates to statefulset spec for fields other than 'replicas', 'template', 'updateStrategy', 'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden"),
+                            );
+                        }
+                    }
+                }
                 let mut obj = st.objects.get(&base).cloned().unwrap_or_else(|| json!({}));
                 if sub {
                     obj["status"] = body["status"].clone();
@@ -1425,4 +1447,91 @@ async fn tls_secret_mode_waits_for_the_users_secrets_and_mounts_them() {
     assert!(secret_data(&w.api, "own-ca").is_none());
     assert!(secret_data(&w.api, "own-client-tls").is_none());
     assert!(w.status()["tls"]["clientSecret"].is_null());
+}
+
+/// Growing `spec.storage.size`: the StatefulSet keeps its claim template (the API server
+/// refuses to change it, as the mock does), so the reconcile goes on; each member's claim asks
+/// for the new size, `Storage` says Expanding until the claims' capacity has it, then
+/// Expanded; a claim whose StorageClass cannot expand is said in the condition; shrinking and
+/// another StorageClass are refused and change nothing; status and the members stay served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_grows_in_place_and_shrinking_is_refused() {
+    let mut w = World::new("vol", json!({"size": 1, "storage": {"size": "1Gi"}}));
+    w.until("bootstrapped", |w| w.status()["readyMembers"] == 1)
+        .await;
+    let claim = format!("/api/v1/namespaces/{NS}/persistentvolumeclaims/data-vol-0");
+    let put_claim = |w: &World, asked: &str, capacity: &str| {
+        w.api.put(
+            &claim,
+            json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                   "metadata": {"name": "data-vol-0", "namespace": NS},
+                   "spec": {"resources": {"requests": {"storage": asked}}},
+                   "status": {"capacity": {"storage": capacity}}}),
+        )
+    };
+    let asked = |w: &World| {
+        w.api.get(&claim).unwrap()["spec"]["resources"]["requests"]["storage"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let template_size = |w: &World| {
+        w.api.get(&sts_path("vol")).unwrap()["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]
+            ["requests"]["storage"]
+            .clone()
+    };
+    // The StatefulSet controller's part: the member's claim.
+    put_claim(&w, "1Gi", "1Gi");
+
+    w.set_spec(|s| s["storage"]["size"] = json!("2Gi"));
+    w.reconcile().await.unwrap();
+    assert_eq!(template_size(&w), "1Gi");
+    assert_eq!(asked(&w), "2Gi");
+    assert_eq!(w.condition("Storage"), ("False".into(), "Expanding".into()));
+    assert!(w.status()["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| c["type"] != "StatefulSet"));
+    // The resizer's part: the volume has grown.
+    put_claim(&w, "2Gi", "2Gi");
+    w.reconcile().await.unwrap();
+    assert_eq!(w.condition("Storage"), ("True".into(), "Expanded".into()));
+    assert_eq!(w.status()["readyMembers"], 1);
+    assert_eq!(w.status()["observedGeneration"], 2);
+
+    // Smaller: refused, nothing touched.
+    w.set_spec(|s| s["storage"]["size"] = json!("512Mi"));
+    w.reconcile().await.unwrap();
+    assert_eq!(
+        w.condition("Storage"),
+        ("False".into(), "ShrinkRefused".into())
+    );
+    assert_eq!(asked(&w), "2Gi");
+    assert_eq!(template_size(&w), "1Gi");
+    // Another class: refused.
+    w.set_spec(|s| s["storage"] = json!({"size": "2Gi", "storageClassName": "elsewhere"}));
+    w.reconcile().await.unwrap();
+    assert_eq!(
+        w.condition("Storage"),
+        ("False".into(), "StorageClassImmutable".into())
+    );
+    // A class that cannot expand: the API server's refusal is in the condition.
+    w.api.0.lock().unwrap().unexpandable.push(claim.clone());
+    w.set_spec(|s| s["storage"] = json!({"size": "4Gi"}));
+    w.reconcile().await.unwrap();
+    let (ok, reason) = w.condition("Storage");
+    assert_eq!(
+        (ok.as_str(), reason.as_str()),
+        ("False", "ExpansionNotSupported")
+    );
+    assert_eq!(asked(&w), "2Gi");
+    // Back to what the volumes have: as requested.
+    w.set_spec(|s| s["storage"] = json!({"size": "1Gi"}));
+    w.reconcile().await.unwrap();
+    assert_eq!(
+        w.condition("Storage"),
+        ("True".into(), "AsRequested".into())
+    );
+    assert_eq!(w.status()["readyMembers"], 1);
 }

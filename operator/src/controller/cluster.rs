@@ -465,6 +465,8 @@ impl<'a> Reconciler<'a> {
         let refused = self.refused_image(&prev, view.as_ref(), running_image.as_deref());
         let (serving, peer_step) =
             self.serving(tls, view.as_ref(), replicas_now, !adds_a_member(&step));
+        let mut storage_condition = None;
+        let mut sts_failure = None;
         if replicas.is_some() || matches!(step, Step::Bootstrap { .. }) {
             let mut desired = resources::statefulset_restoring(
                 ec,
@@ -476,7 +478,12 @@ impl<'a> Reconciler<'a> {
             if let (Some(_), Some(running)) = (&refused, &running_image) {
                 resources::set_image(&mut desired, running);
             }
-            apply(&sts_api, &self.for_server(desired).await).await?;
+            storage_condition = self.storage(sts.as_ref(), &mut desired, replicas_now).await;
+            // Reported, not fatal: status, the PDB and scheduled backups go on.
+            if let Err(e) = apply(&sts_api, &self.for_server(desired).await).await {
+                warn!(error = %e, "applying the StatefulSet");
+                sts_failure = Some(e.to_string());
+            }
         }
         let roll = match (&refused, sts.as_ref(), view.as_ref()) {
             (Some(why), _, _) => {
@@ -581,6 +588,44 @@ impl<'a> Reconciler<'a> {
                 ec.metadata.generation,
                 &now(),
             );
+        }
+        match storage_condition {
+            Some((ok, reason, msg)) => status.set_condition(
+                condition::STORAGE,
+                ok,
+                reason,
+                msg,
+                ec.metadata.generation,
+                &now(),
+            ),
+            None if prev.condition(condition::STORAGE).is_some() => status.set_condition(
+                condition::STORAGE,
+                true,
+                super::storage::reason::AS_REQUESTED,
+                "the volumes are as spec.storage asks",
+                ec.metadata.generation,
+                &now(),
+            ),
+            None => {}
+        }
+        match sts_failure {
+            Some(msg) => status.set_condition(
+                condition::STATEFUL_SET,
+                false,
+                "ApplyFailed",
+                msg,
+                ec.metadata.generation,
+                &now(),
+            ),
+            None if prev.condition(condition::STATEFUL_SET).is_some() => status.set_condition(
+                condition::STATEFUL_SET,
+                true,
+                "Applied",
+                "the StatefulSet is as the spec asks",
+                ec.metadata.generation,
+                &now(),
+            ),
+            None => {}
         }
         let (ok, reason, msg) = pdb;
         status.set_condition(

@@ -12,6 +12,7 @@ mod backup;
 mod cluster;
 mod context;
 mod rollout;
+mod storage;
 mod tls;
 
 pub use backup::{backup_error_policy, read_credentials, reconcile_backup};
