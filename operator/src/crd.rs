@@ -31,6 +31,7 @@ pub const QUANTITY_PATTERN: &str =
     namespaced,
     status = "EtcdClusterStatus",
     derive = "PartialEq",
+    scale = r#"{"specReplicasPath": ".spec.size", "statusReplicasPath": ".status.size"}"#,
     doc = "An etcd-compatible cairn cluster: a StatefulSet of members, their Services and a PodDisruptionBudget.",
     printcolumn(name = "Size", type_ = "integer", json_path = ".spec.size"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyMembers"),
@@ -94,6 +95,79 @@ pub struct EtcdClusterSpec {
     /// cert-manager, or given in Secrets. Without it members serve plain HTTP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSpec>,
+    /// Settings of the members (cairn's flags, etcd's names). A change rolls out one member at
+    /// a time.
+    #[serde(default)]
+    pub server: ServerSpec,
+}
+
+/// Settings of the members, as cairn's (etcd's) flags.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerSpec {
+    /// `--auto-compaction-mode`: `periodic` (default) or `revision`.
+    #[serde(default = "default_compaction_mode")]
+    #[schemars(regex(pattern = r"^(periodic|revision)$"))]
+    pub auto_compaction_mode: String,
+    /// `--auto-compaction-retention`: a duration (`1h`, the default; `30m`) or hours for
+    /// `periodic`, revisions for `revision`; `0` turns compaction off.
+    #[serde(default = "default_compaction_retention")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h)?$"))]
+    pub auto_compaction_retention: String,
+    /// `--quota-backend-bytes` (cairn's default when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub quota_backend_bytes: Option<i64>,
+    /// `--snapshot-count`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub snapshot_count: Option<i64>,
+    /// `--heartbeat-interval`, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub heartbeat_interval: Option<i64>,
+    /// `--election-timeout`, milliseconds (at least five heartbeats, as etcd requires).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub election_timeout: Option<i64>,
+    /// `--max-request-bytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_request_bytes: Option<i64>,
+    /// `--log-level`: `debug`, `info`, `warn` or `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(debug|info|warn|error)$"))]
+    pub log_level: Option<String>,
+    /// Further flags (`--name=value` or `--flag`), an escape hatch: checked against cairn's
+    /// flags at reconcile time; the flags the operator sets itself (names, URLs, data dir,
+    /// cluster, TLS) are refused. Refused arguments are left out and said in the `Server`
+    /// condition.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_args: Vec<String>,
+}
+
+impl Default for ServerSpec {
+    fn default() -> Self {
+        ServerSpec {
+            auto_compaction_mode: default_compaction_mode(),
+            auto_compaction_retention: default_compaction_retention(),
+            quota_backend_bytes: None,
+            snapshot_count: None,
+            heartbeat_interval: None,
+            election_timeout: None,
+            max_request_bytes: None,
+            log_level: None,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+fn default_compaction_mode() -> String {
+    "periodic".to_string()
+}
+
+fn default_compaction_retention() -> String {
+    "1h".to_string()
 }
 
 /// TLS of a cluster's client traffic (port 2379) and peer traffic (port 2380).
@@ -726,6 +800,8 @@ pub mod condition {
     pub const AUTH: &str = "Auth";
     /// Whether TLS is as `spec.tls` asks.
     pub const TLS: &str = "TLS";
+    /// Whether `spec.server` could be applied as written (`extraArgs` checked).
+    pub const SERVER: &str = "Server";
     /// Whether the members' volumes are as `spec.storage` asks.
     pub const STORAGE: &str = "Storage";
     /// Whether the StatefulSet could be applied (set once it could not).

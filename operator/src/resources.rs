@@ -21,8 +21,9 @@ use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapKeySelector, Container, ContainerPort, EnvVar,
     EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
     PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
-    Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
+    PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+    WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -182,6 +183,122 @@ fn env_from_configmap(name: &str, configmap: &str, key: &str) -> EnvVar {
     }
 }
 
+/// cairn's flags the operator sets itself (names, URLs, data dir, cluster, TLS, compaction):
+/// refused in `spec.server.extraArgs`.
+pub const MANAGED_FLAGS: &[&str] = &[
+    "name",
+    "data-dir",
+    "listen-client-urls",
+    "advertise-client-urls",
+    "listen-peer-urls",
+    "initial-advertise-peer-urls",
+    "initial-cluster",
+    "initial-cluster-state",
+    "initial-cluster-token",
+    "listen-metrics-urls",
+    "cert-file",
+    "key-file",
+    "trusted-ca-file",
+    "client-cert-auth",
+    "peer-cert-file",
+    "peer-key-file",
+    "peer-trusted-ca-file",
+    "peer-client-cert-auth",
+    "experimental-peer-accept-plaintext",
+    "auto-tls",
+    "peer-auto-tls",
+    "auto-compaction-mode",
+    "auto-compaction-retention",
+];
+
+/// cairn's other flags (etcd's names), taken in `spec.server.extraArgs` (unless a field of
+/// `spec.server` sets the same). The operator's tests check both lists against
+/// `cairn --help`.
+pub const EXTRA_FLAGS: &[&str] = &[
+    "heartbeat-interval",
+    "election-timeout",
+    "snapshot-count",
+    "quota-backend-bytes",
+    "max-request-bytes",
+    "max-txn-ops",
+    "experimental-watch-progress-notify-interval",
+    "experimental-client-io-threads",
+    "logger",
+    "log-level",
+    "log-outputs",
+    "enable-v2",
+    "self-signed-cert-validity",
+    "peer-cert-allowed-cn",
+    "cipher-suites",
+    "auth-token",
+    "auth-token-ttl",
+    "bcrypt-cost",
+];
+
+/// The member flags of `spec.server`, and the `extraArgs` left out with why.
+pub fn server_args(s: &crate::crd::ServerSpec) -> (Vec<String>, Vec<String>) {
+    let mut args = vec![
+        format!("--auto-compaction-mode={}", s.auto_compaction_mode),
+        format!(
+            "--auto-compaction-retention={}",
+            s.auto_compaction_retention
+        ),
+    ];
+    let fields = [
+        (
+            "quota-backend-bytes",
+            s.quota_backend_bytes.map(|v| v.to_string()),
+        ),
+        ("snapshot-count", s.snapshot_count.map(|v| v.to_string())),
+        (
+            "heartbeat-interval",
+            s.heartbeat_interval.map(|v| v.to_string()),
+        ),
+        (
+            "election-timeout",
+            s.election_timeout.map(|v| v.to_string()),
+        ),
+        (
+            "max-request-bytes",
+            s.max_request_bytes.map(|v| v.to_string()),
+        ),
+        ("log-level", s.log_level.clone()),
+    ];
+    let mut taken: Vec<&str> = Vec::new();
+    for (flag, value) in &fields {
+        if let Some(v) = value {
+            args.push(format!("--{flag}={v}"));
+            taken.push(flag);
+        }
+    }
+    let mut refused = Vec::new();
+    let mut given: Vec<&str> = Vec::new();
+    for a in &s.extra_args {
+        let name = a
+            .strip_prefix("--")
+            .map(|r| r.split_once('=').map_or(r, |(n, _)| n));
+        let why = match name {
+            None => Some("not a --flag or --flag=value".to_string()),
+            Some(n) if MANAGED_FLAGS.contains(&n) => Some(format!("--{n} is set by the operator")),
+            Some(n) if taken.contains(&n) => {
+                Some(format!("--{n} is set by a field of spec.server"))
+            }
+            Some(n) if given.contains(&n) => Some(format!("--{n} is given twice")),
+            Some(n) if !EXTRA_FLAGS.contains(&n) => Some(format!("cairn has no flag --{n}")),
+            Some(_) => None,
+        };
+        match (why, name) {
+            (Some(why), _) => refused.push(format!("{a:?}: {why}")),
+            (None, Some(n)) => {
+                given.push(n);
+                args.push(a.clone());
+            }
+            (None, None) => {}
+        }
+    }
+    (args, refused)
+}
+
 /// The flags of a member, as the container's arguments, serving TLS as `serving` says.
 /// `$(VAR)` is expanded by the kubelet.
 pub fn member_args(ec: &EtcdCluster, serving: &Serving) -> Vec<String> {
@@ -201,6 +318,7 @@ pub fn member_args(ec: &EtcdCluster, serving: &Serving) -> Vec<String> {
         "--initial-cluster-state=$(INITIAL_CLUSTER_STATE)".to_string(),
         "--initial-cluster-token=$(INITIAL_CLUSTER_TOKEN)".to_string(),
     ]);
+    args.extend(server_args(&ec.spec.server).0);
     args
 }
 
@@ -629,6 +747,11 @@ pub fn statefulset_restoring(
                         run_as_group: Some(RUN_AS),
                         fs_group: Some(RUN_AS),
                         run_as_non_root: Some(true),
+                        // The Pod Security "restricted" level asks for it.
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_string(),
+                            localhost_profile: None,
+                        }),
                         ..PodSecurityContext::default()
                     }),
                     termination_grace_period_seconds: Some(30),
@@ -928,6 +1051,65 @@ mod tests {
             .clone()
             .unwrap();
         assert_eq!(policy.when_deleted.as_deref(), Some("Retain"));
+    }
+
+    #[test]
+    fn server_settings_become_flags_and_extra_args_are_checked() {
+        let ec = cluster(serde_json::json!({}));
+        let (args, refused) = server_args(&ec.spec.server);
+        // Compaction on by default: periodic, an hour.
+        assert_eq!(
+            args,
+            vec![
+                "--auto-compaction-mode=periodic",
+                "--auto-compaction-retention=1h"
+            ]
+        );
+        assert!(refused.is_empty());
+        let ec = cluster(serde_json::json!({"server": {
+            "autoCompactionMode": "revision", "autoCompactionRetention": "1000",
+            "quotaBackendBytes": 8589934592i64, "snapshotCount": 5000, "heartbeatInterval": 200,
+            "electionTimeout": 2000, "maxRequestBytes": 3145728, "logLevel": "warn",
+            "extraArgs": ["--max-txn-ops=256", "--auth-token-ttl=600", "--name=evil",
+                          "--snapshot-count=1", "--no-such-flag", "snapshot", "--max-txn-ops=1"]}}));
+        let (args, refused) = server_args(&ec.spec.server);
+        for want in [
+            "--auto-compaction-mode=revision",
+            "--auto-compaction-retention=1000",
+            "--quota-backend-bytes=8589934592",
+            "--snapshot-count=5000",
+            "--heartbeat-interval=200",
+            "--election-timeout=2000",
+            "--max-request-bytes=3145728",
+            "--log-level=warn",
+            "--max-txn-ops=256",
+            "--auth-token-ttl=600",
+        ] {
+            assert!(args.iter().any(|a| a == want), "missing {want} in {args:?}");
+        }
+        assert_eq!(args.len(), 10, "{args:?}");
+        assert_eq!(refused.len(), 5, "{refused:?}");
+        for (arg, why) in [
+            ("--name=evil", "set by the operator"),
+            ("--snapshot-count=1", "set by a field of spec.server"),
+            ("--no-such-flag", "cairn has no flag"),
+            ("snapshot", "not a --flag"),
+            ("--max-txn-ops=1", "given twice"),
+        ] {
+            assert!(
+                refused.iter().any(|r| r.contains(arg) && r.contains(why)),
+                "{arg}: {refused:?}"
+            );
+        }
+        // They reach the members' flags, after the operator's own.
+        let sts = statefulset(&ec, 3, "cairn:1");
+        let c = &pod_spec(&sts).containers[0];
+        let member = c.args.as_ref().unwrap();
+        assert!(member.contains(&"--max-txn-ops=256".to_string()));
+        assert!(!member.contains(&"--name=evil".to_string()));
+        // And the pods run with the RuntimeDefault seccomp profile ("restricted").
+        let sc = pod_spec(&sts).security_context.as_ref().unwrap();
+        assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
     }
 
     #[test]

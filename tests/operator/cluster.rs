@@ -234,3 +234,30 @@ pub async fn dump(c: &mut etcd_client::Client) -> Vec<KeyState> {
         .unwrap();
     key_states(&r)
 }
+
+/// The operator's lists of cairn's flags (the ones it sets itself, the ones `extraArgs` may
+/// carry) are exactly cairn's flags: a flag added to cairn must be sorted into one of them.
+#[test]
+fn the_operators_flag_lists_are_cairns_flags() {
+    use cairn_operator::resources::{EXTRA_FLAGS, MANAGED_FLAGS};
+    let out = Command::new(cairn_binary()).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    let flags: std::collections::BTreeSet<&str> = help
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("--"))
+        .filter_map(|l| {
+            l.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+                .next()
+        })
+        .filter(|f| !["help", "version"].contains(f))
+        .collect();
+    let listed: std::collections::BTreeSet<&str> =
+        MANAGED_FLAGS.iter().chain(EXTRA_FLAGS).copied().collect();
+    assert_eq!(
+        listed.len(),
+        MANAGED_FLAGS.len() + EXTRA_FLAGS.len(),
+        "a flag in both lists"
+    );
+    assert_eq!(flags, listed);
+}

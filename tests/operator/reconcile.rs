@@ -1535,3 +1535,35 @@ async fn storage_grows_in_place_and_shrinking_is_refused() {
     );
     assert_eq!(w.status()["readyMembers"], 1);
 }
+
+/// `spec.server.extraArgs` that cairn does not take, or that the operator sets itself, are
+/// left out of the members' flags and said in the `Server` condition; the rest (compaction on
+/// by default) is in the template.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_settings_reach_the_template_and_bad_extra_args_are_refused() {
+    let w = World::new(
+        "tuned",
+        json!({"size": 1, "server": {"snapshotCount": 5000,
+               "extraArgs": ["--max-txn-ops=256", "--data-dir=/tmp/elsewhere", "--bogus"]}}),
+    );
+    w.reconcile().await.unwrap();
+    let args = template_args(&w);
+    for want in [
+        "--auto-compaction-mode=periodic",
+        "--auto-compaction-retention=1h",
+        "--snapshot-count=5000",
+        "--max-txn-ops=256",
+    ] {
+        assert!(args.iter().any(|a| a == want), "missing {want} in {args:?}");
+    }
+    assert!(!args
+        .iter()
+        .any(|a| a == "--data-dir=/tmp/elsewhere" || a == "--bogus"));
+    assert_eq!(
+        w.condition("Server"),
+        ("False".into(), "ExtraArgsRefused".into())
+    );
+    w.set_spec(|s| s["server"]["extraArgs"] = json!(["--max-txn-ops=256"]));
+    w.reconcile().await.unwrap();
+    assert_eq!(w.condition("Server"), ("True".into(), "Applied".into()));
+}

@@ -608,6 +608,29 @@ impl<'a> Reconciler<'a> {
             ),
             None => {}
         }
+        let (_, refused_args) = resources::server_args(&spec.server);
+        if !refused_args.is_empty() {
+            status.set_condition(
+                condition::SERVER,
+                false,
+                "ExtraArgsRefused",
+                format!(
+                    "left out of the members' flags: {}",
+                    refused_args.join("; ")
+                ),
+                ec.metadata.generation,
+                &now(),
+            );
+        } else if prev.condition(condition::SERVER).is_some() {
+            status.set_condition(
+                condition::SERVER,
+                true,
+                "Applied",
+                "spec.server is in the members' flags",
+                ec.metadata.generation,
+                &now(),
+            );
+        }
         match sts_failure {
             Some(msg) => status.set_condition(
                 condition::STATEFUL_SET,
