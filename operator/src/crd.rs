@@ -99,6 +99,52 @@ pub struct EtcdClusterSpec {
     /// a time.
     #[serde(default)]
     pub server: ServerSpec,
+    /// Scheduled maintenance of the members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<MaintenanceSpec>,
+}
+
+/// Scheduled maintenance of the members.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MaintenanceSpec {
+    /// Defragmentation: one member at a time, followers first, the leader last, only while
+    /// every voter is healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub defrag: Option<DefragSpec>,
+}
+
+/// When the members are defragmented.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DefragSpec {
+    /// A cron expression in UTC, e.g. `0 3 * * 0`.
+    #[schemars(length(min = 1))]
+    pub schedule: String,
+    /// Start no run (one under way finishes).
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+/// Scheduled maintenance as it went.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MaintenanceStatus {
+    /// A defragmentation run under way: when it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub defrag_started: Option<Time>,
+    /// The members (IDs, hex) the run under way, or the last one, defragmented.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub defragmented: Vec<String>,
+    /// When the last run finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_defrag: Option<Time>,
+    /// The scheduled time of the last run started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_defrag_schedule: Option<Time>,
+    /// When the next run is due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_defrag: Option<Time>,
 }
 
 /// Settings of the members, as cairn's (etcd's) flags.
@@ -638,6 +684,9 @@ pub struct EtcdClusterStatus {
     /// TLS as the members serve it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsStatus>,
+    /// Scheduled maintenance as it went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<MaintenanceStatus>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
@@ -800,6 +849,9 @@ pub mod condition {
     pub const AUTH: &str = "Auth";
     /// Whether TLS is as `spec.tls` asks.
     pub const TLS: &str = "TLS";
+    /// Whether scheduled maintenance runs (a defragmentation waiting for health, a bad
+    /// schedule).
+    pub const MAINTENANCE: &str = "Maintenance";
     /// Whether `spec.server` could be applied as written (`extraArgs` checked).
     pub const SERVER: &str = "Server";
     /// Whether the members' volumes are as `spec.storage` asks.

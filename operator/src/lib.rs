@@ -7,6 +7,7 @@
 //! - [`rollout`]: pure rollout planning: which member to restart into a new template, when.
 //! - [`status`]: pure status derivation: observations and the step in, the status out.
 //! - [`pki`]: the certificates of TLS managed by the operator (CA, members, clients, renewal).
+//! - [`maintenance`]: which member a defragmentation run does next.
 //! - [`storage`]: quantities compared; what an edit of `spec.storage` asks of the volumes.
 //! - [`tls`]: TLS managed: Secrets per side, what a member serves, the peer migration, renewal
 //!   and CA rollover.
@@ -19,6 +20,7 @@ pub mod controller;
 pub mod crd;
 pub mod layout;
 pub mod leader;
+pub mod maintenance;
 pub mod members;
 pub mod metrics;
 pub mod pki;

@@ -12,6 +12,8 @@ use crate::plan::{ClusterView, MemberVersion, ObservedMember, Step};
 
 /// How long one call to a member may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a member may take to defragment.
+const DEFRAG_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long to wait for a connection to a member.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -464,6 +466,28 @@ impl Members {
                 source,
             })?;
         Ok(())
+    }
+
+    /// Defragments the member at `endpoint` (its own client URL): its backend is rewritten, so
+    /// the call may take long on a big database.
+    pub async fn defragment(&self, endpoint: &str) -> Result<(), Error> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_timeout(DEFRAG_TIMEOUT);
+        let mut last = None;
+        for access in self.access.variants() {
+            match access.connect(&[endpoint.to_string()], opts.clone()).await {
+                Ok(mut c) => match c.defragment().await {
+                    Ok(_) => return Ok(()),
+                    Err(e) => last = Some(e),
+                },
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(Error::Call {
+            op: "Defragment",
+            source: last.unwrap_or_else(|| etcd_client::Error::InvalidArgs("no access".into())),
+        })
     }
 
     /// Removes a member.

@@ -4,6 +4,7 @@
 
 mod backup;
 mod cluster;
+mod maintenance;
 mod membership;
 #[path = "../common/ports.rs"]
 mod ports;

@@ -1567,3 +1567,48 @@ async fn server_settings_reach_the_template_and_bad_extra_args_are_refused() {
     w.reconcile().await.unwrap();
     assert_eq!(w.condition("Server"), ("True".into(), "Applied".into()));
 }
+
+/// `spec.maintenance.defrag` on a schedule that is due at once: the members are defragmented
+/// one per round, the leader last, with an Event each, and the run is recorded in status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_defragmentation_runs_member_by_member_leader_last() {
+    let mut w = World::new(
+        "tidy",
+        json!({"size": 3, "maintenance": {"defrag": {"schedule": "* * * * * *"}}}),
+    );
+    w.until("defragmented", |w| {
+        w.status()["maintenance"]["lastDefrag"].is_string()
+    })
+    .await;
+    let evs: Vec<(String, String)> = events(&w.api)
+        .into_iter()
+        .filter(|(r, _)| r.starts_with("Defrag") || r == "MemberDefragmented")
+        .collect();
+    let reasons: Vec<&str> = evs.iter().map(|(r, _)| r.as_str()).collect();
+    assert_eq!(
+        reasons[..5],
+        [
+            "DefragStarted",
+            "MemberDefragmented",
+            "MemberDefragmented",
+            "MemberDefragmented",
+            "DefragCompleted"
+        ],
+        "{evs:?}"
+    );
+    assert!(
+        evs[1].1.contains("a follower") && evs[2].1.contains("a follower"),
+        "{evs:?}"
+    );
+    assert!(evs[3].1.contains("the leader"), "{evs:?}");
+    let st = w.status();
+    assert_eq!(
+        st["maintenance"]["defragmented"].as_array().unwrap().len(),
+        3,
+        "{st}"
+    );
+    assert_eq!(
+        w.condition("Maintenance"),
+        ("True".into(), "Completed".into())
+    );
+}

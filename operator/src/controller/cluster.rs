@@ -665,6 +665,14 @@ impl<'a> Reconciler<'a> {
         {
             requeue = requeue.min(after);
         }
+        // Maintenance only while nothing else changes the members.
+        if step == Step::Steady && roll == Roll::Steady && !spec.paused {
+            if let Some(after) = self.maintenance(&prev, view.as_ref(), &mut status).await {
+                requeue = requeue.min(after);
+            }
+        } else {
+            status.maintenance = prev.maintenance.clone();
+        }
         let restart = match (&roll, &status.operation) {
             (Roll::Restart { ordinal, .. }, Some(op)) => {
                 Some((*ordinal, op.revision.clone().unwrap_or_default()))

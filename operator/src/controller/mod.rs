@@ -11,6 +11,7 @@ mod auth;
 mod backup;
 mod cluster;
 mod context;
+mod maintenance;
 mod rollout;
 mod storage;
 mod tls;
