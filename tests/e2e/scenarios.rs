@@ -1384,28 +1384,9 @@ async fn s8_tls_turned_on_for_a_live_cluster() {
     // The users' certificate, as a user would take it from the Secret.
     let secrets: Api<k8s_openapi::api::core::v1::Secret> =
         Api::namespaced(cp.client.clone(), "sec");
-    let secret = secrets.get("delta-client-tls").await.unwrap();
-    let data = secret.data.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    for key in ["tls.crt", "tls.key", "ca.crt"] {
-        let p = dir.path().join(key);
-        std::fs::write(&p, &data[key].0).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
-    }
+    let dir = certificate_files(&secrets, "delta-client-tls").await;
     let https = format!("https://{}.{}.svc:2379", c.name, c.ns);
-    let mtls = |args: &[&str]| {
-        let ep = format!("--endpoints={https}");
-        let mut a = vec![
-            ep.as_str(),
-            "--command-timeout=10s",
-            "--cacert=/certs/ca.crt",
-            "--cert=/certs/tls.crt",
-            "--key=/certs/tls.key",
-        ];
-        a.extend(args);
-        on_network_with(&cp, &https, Some(dir.path()), "etcdctl", &a)
-    };
+    let mtls = |args: &[&str]| etcdctl_mtls(&cp, &https, dir.path(), args);
     let out = mtls(&["put", "over-tls", "yes"]).unwrap();
     assert!(out.contains("OK"), "{out}");
     let out = mtls(&["get", "writer/", "--prefix", "--keys-only"]).unwrap();
@@ -1543,35 +1524,45 @@ async fn s8_tls_turned_on_for_a_live_cluster() {
     e.until_settled(1, Duration::from_secs(120)).await;
     stop.store(true, Ordering::SeqCst);
     stand_in.await.unwrap();
-    let secret = secrets.get("echo-client-cm-tls").await.unwrap();
-    let data = secret.data.unwrap();
+    let dir = certificate_files(&secrets, "echo-client-cm-tls").await;
+    let https = format!("https://{}.{}.svc:2379", e.name, e.ns);
+    let out = etcdctl_mtls(&cp, &https, dir.path(), &["put", "issued-by", "stand-in"]).unwrap();
+    assert!(out.contains("OK"), "{out}");
+}
+
+/// The `tls.crt`, `tls.key` and `ca.crt` of Secret `name`, as files a container can read.
+async fn certificate_files(
+    secrets: &Api<k8s_openapi::api::core::v1::Secret>,
+    name: &str,
+) -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let data = secrets.get(name).await.unwrap().data.unwrap();
     let dir = tempfile::tempdir().unwrap();
     for key in ["tls.crt", "tls.key", "ca.crt"] {
         let p = dir.path().join(key);
         std::fs::write(&p, &data[key].0).unwrap();
-        use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
     }
-    let https = format!("https://{}.{}.svc:2379", e.name, e.ns);
+    dir
+}
+
+/// Real etcdctl against `https` over mutual TLS with the certificate files in `certs`.
+fn etcdctl_mtls(
+    cp: &ControlPlane,
+    https: &str,
+    certs: &std::path::Path,
+    args: &[&str],
+) -> Result<String, String> {
     let ep = format!("--endpoints={https}");
-    let out = on_network_with(
-        &cp,
-        &https,
-        Some(dir.path()),
-        "etcdctl",
-        &[
-            &ep,
-            "--command-timeout=10s",
-            "--cacert=/certs/ca.crt",
-            "--cert=/certs/tls.crt",
-            "--key=/certs/tls.key",
-            "put",
-            "issued-by",
-            "stand-in",
-        ],
-    )
-    .unwrap();
-    assert!(out.contains("OK"), "{out}");
+    let mut a = vec![
+        ep.as_str(),
+        "--command-timeout=10s",
+        "--cacert=/certs/ca.crt",
+        "--cert=/certs/tls.crt",
+        "--key=/certs/tls.key",
+    ];
+    a.extend(args);
+    on_network_with(cp, https, Some(certs), "etcdctl", &a)
 }
 
 /// The Certificate CRD of cert-manager, as much of it as the stand-in needs.

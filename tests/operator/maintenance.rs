@@ -45,15 +45,7 @@ async fn defragmentation_of_every_member_under_a_writer_leader_last() {
     .unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = crate::writer::spawn(
-        pods.endpoints(),
-        etcd_client::ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(5)),
-        "load/",
-        Duration::from_millis(5),
-        stop.clone(),
-    );
+    let writer = crate::upgrade::start_writer(&pods, &stop);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let mut done = Vec::new();

@@ -133,37 +133,39 @@ pub(crate) async fn assert_all_present(pods: &Pods, acked: &[String]) {
         let mut c = etcd_client::Client::connect([pods.layout.client_url(o)], None)
             .await
             .unwrap();
-        // A linearizable read first, so the member has applied everything acknowledged.
-        c.get(
+        assert_member_has(&mut c, &format!("member {o}"), acked).await;
+    }
+}
+
+/// Every acknowledged key is in the store of the member `c` talks to (`who`).
+pub(crate) async fn assert_member_has(c: &mut etcd_client::Client, who: &str, acked: &[String]) {
+    // A linearizable read first, so the member has applied everything acknowledged.
+    c.get(
+        "load/",
+        Some(
+            etcd_client::GetOptions::new()
+                .with_prefix()
+                .with_count_only(),
+        ),
+    )
+    .await
+    .unwrap();
+    let r = c
+        .get(
             "load/",
             Some(
                 etcd_client::GetOptions::new()
                     .with_prefix()
-                    .with_count_only(),
+                    .with_keys_only()
+                    .with_serializable(),
             ),
         )
         .await
         .unwrap();
-        let r = c
-            .get(
-                "load/",
-                Some(
-                    etcd_client::GetOptions::new()
-                        .with_prefix()
-                        .with_keys_only()
-                        .with_serializable(),
-                ),
-            )
-            .await
-            .unwrap();
-        let have: std::collections::HashSet<&str> =
-            r.kvs().iter().map(|kv| kv.key_str().unwrap()).collect();
-        for k in acked {
-            assert!(
-                have.contains(k.as_str()),
-                "member {o} lost acknowledged {k}"
-            );
-        }
+    let have: std::collections::HashSet<&str> =
+        r.kvs().iter().map(|kv| kv.key_str().unwrap()).collect();
+    for k in acked {
+        assert!(have.contains(k.as_str()), "{who} lost acknowledged {k}");
     }
 }
 

@@ -94,29 +94,7 @@ async fn assert_all_present(access: &Access, endpoints: &[String], acked: &[Stri
             .connect(std::slice::from_ref(e), etcd_client::ConnectOptions::new())
             .await
             .unwrap();
-        let r = c
-            .get(
-                "load/",
-                Some(
-                    etcd_client::GetOptions::new()
-                        .with_prefix()
-                        .with_keys_only(),
-                ),
-            )
-            .await
-            .unwrap();
-        let have: std::collections::HashSet<&str> =
-            r.kvs().iter().map(|kv| kv.key_str().unwrap()).collect();
-        let missing: Vec<&String> = acked
-            .iter()
-            .filter(|k| !have.contains(k.as_str()))
-            .collect();
-        assert!(
-            missing.is_empty(),
-            "{e} lacks {} acknowledged keys, e.g. {:?}",
-            missing.len(),
-            missing.first()
-        );
+        crate::membership::assert_member_has(&mut c, e, acked).await;
     }
 }
 

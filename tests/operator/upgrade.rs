@@ -130,7 +130,8 @@ async fn steady_on(pods: &Pods, release: &str, format: u32) {
     }
 }
 
-fn start_writer(
+/// The tests' writer (`load/` keys every 5 ms) through the members of `pods`.
+pub(crate) fn start_writer(
     pods: &Pods,
     stop: &Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<(Vec<String>, usize)> {

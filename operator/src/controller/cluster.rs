@@ -237,7 +237,8 @@ impl<'a> Reconciler<'a> {
         let spec = &ec.spec;
         let prev = ec.status.clone().unwrap_or_default();
         let sts_api: Api<StatefulSet> = self.api();
-        let sts = sts_api.get_opt(&self.names.statefulset()).await?;
+        // Read once, before the members were observed (to know how they serve).
+        let sts = tls.statefulset.clone();
         let replicas = sts
             .as_ref()
             .and_then(|s| s.spec.as_ref())
@@ -261,18 +262,8 @@ impl<'a> Reconciler<'a> {
             .as_ref()
             .is_some_and(|o| o.as_ref().is_err_and(members::credentials_refused));
         let view = observed.and_then(Result::ok);
-        let pods: Api<Pod> = self.api();
-        let selector = resources::selector_labels(ec)
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",");
         let pod_list = match replicas {
-            Some(_) => {
-                pods.list(&ListParams::default().labels(&selector))
-                    .await?
-                    .items
-            }
+            Some(_) => tls.pod_list.clone(),
             None => Vec::new(),
         };
         let unusable = pods_reporting_unusable(&pod_list, &self.names);

@@ -36,6 +36,10 @@ pub(super) struct TlsPrep {
     pub template: Option<Serving>,
     /// What each member pod serves, by ordinal (pods being deleted are left out).
     pub pods: BTreeMap<i32, Serving>,
+    /// The StatefulSet and the member pods as read for this round (the reconcile goes on
+    /// with them rather than reading them again).
+    pub statefulset: Option<StatefulSet>,
+    pub pod_list: Vec<Pod>,
     /// The `TLS` condition when something stands in the way (spec, cert-manager, Secrets).
     pub problem: Option<(&'static str, String)>,
     /// The users' client certificate Secret, and when the members' certificates expire and
@@ -224,7 +228,8 @@ impl Reconciler<'_> {
             .and_then(|s| s.spec.as_ref()?.template.spec.as_ref())
             .map(Serving::of_pod);
         if sts.is_some() {
-            for p in self.member_pods().await? {
+            prep.pod_list = self.member_pods().await?;
+            for p in &prep.pod_list {
                 if p.metadata.deletion_timestamp.is_some() {
                     continue;
                 }
@@ -375,6 +380,7 @@ impl Reconciler<'_> {
             client_https,
             peer_https,
         });
+        prep.statefulset = sts;
         Ok(prep)
     }
 

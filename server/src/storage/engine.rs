@@ -723,18 +723,24 @@ mod tests {
             "{err}"
         );
         // Refused, not rewritten.
+        assert_eq!(
+            stored_format_mark(dir.path()),
+            Some((DATA_FORMAT + 1).to_le_bytes().to_vec())
+        );
+    }
+
+    /// The data format mark as stored, read without `Engine` (which would refuse or rewrite).
+    fn stored_format_mark(dir: &std::path::Path) -> Option<Vec<u8>> {
         let e = DB::open_cf_descriptors(
             &Options::default(),
-            dir.path(),
+            dir,
             ALL_CFS
                 .iter()
                 .map(|n| ColumnFamilyDescriptor::new(*n, Options::default())),
         )
         .unwrap();
-        let v = e
-            .get_cf(e.cf_handle(CF_META).unwrap(), META_FORMAT)
-            .unwrap();
-        assert_eq!(v, Some((DATA_FORMAT + 1).to_le_bytes().to_vec()));
+        e.get_cf(e.cf_handle(CF_META).unwrap(), META_FORMAT)
+            .unwrap()
     }
 
     /// A format mark that is not 4 bytes (a damaged directory) is refused with what it is, and
@@ -752,18 +758,7 @@ mod tests {
             err.contains("the data format mark is 3 bytes long, not 4"),
             "{err}"
         );
-        let e = DB::open_cf_descriptors(
-            &Options::default(),
-            dir.path(),
-            ALL_CFS
-                .iter()
-                .map(|n| ColumnFamilyDescriptor::new(*n, Options::default())),
-        )
-        .unwrap();
-        let v = e
-            .get_cf(e.cf_handle(CF_META).unwrap(), META_FORMAT)
-            .unwrap();
-        assert_eq!(v, Some(vec![2u8, 0, 0]));
+        assert_eq!(stored_format_mark(dir.path()), Some(vec![2u8, 0, 0]));
     }
 
     /// A data dir from before the state machine lived in `kv` alone: its
