@@ -647,7 +647,10 @@ pub fn statefulset_restoring(
             env_value("RUST_BACKTRACE", "1"),
         ]),
         ports: Some(ports),
-        readiness_probe: Some(probe("/readyz", probe_port, 5, 3)),
+        // Ready = a voter that has caught up (cairn's `/readyz?voter`): a learner, or a member
+        // far behind the leader, is kept out of the client Service's endpoints. Releases before
+        // it ignore the query and answer as etcd's `/readyz`.
+        readiness_probe: Some(probe("/readyz?voter", probe_port, 5, 3)),
         // Liveness only restarts a process that stopped answering HTTP; it never depends on
         // quorum, so a partitioned cluster is not restarted into a worse state.
         liveness_probe: Some(probe("/livez", probe_port, 10, 6)),
@@ -1123,7 +1126,7 @@ mod tests {
         };
         assert_eq!(
             path(&c.readiness_probe),
-            ("/readyz".to_string(), IntOrString::Int(2379))
+            ("/readyz?voter".to_string(), IntOrString::Int(2379))
         );
         assert_eq!(
             path(&c.liveness_probe),

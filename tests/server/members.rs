@@ -248,6 +248,23 @@ fn a_learner_serves_only_what_etcd_learners_serve() {
     }
     let status = c.ctl(&[4], &["endpoint", "status"]);
     assert!(status.stdout.contains(", false, true, "), "{status:?}");
+    // etcd's /readyz is ready; cairn's `?voter` (the operator's readiness probe, which keeps
+    // learners out of a Service's endpoints) is not, and is on a voter.
+    let readyz = |slot: usize, path: &str| {
+        let ip = c.net.ip(slot);
+        crate::cluster::http_get(&ip, crate::cluster::CLIENT_PORT, path).unwrap_or_default()
+    };
+    assert!(readyz(4, "/readyz").starts_with("HTTP/1.1 200"));
+    let learner = readyz(4, "/readyz?voter");
+    assert!(
+        learner.starts_with("HTTP/1.1 503")
+            && learner.contains("[-]voter failed: this member is a learner"),
+        "{learner}"
+    );
+    for slot in [1, 2, 3] {
+        let voter = readyz(slot, "/readyz?voter");
+        assert!(voter.starts_with("HTTP/1.1 200"), "{slot}: {voter}");
+    }
     assert_eq!(c.ctl(&[4], &["member", "list"]).code, 0);
 
     // Its data lost, the member may not rejoin under the same ID (as etcd:

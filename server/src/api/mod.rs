@@ -17,7 +17,7 @@ pub mod watch;
 use std::future::Future;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -98,7 +98,28 @@ async fn livez(State(s): State<Arc<EtcdServer>>) -> impl IntoResponse {
     }
 }
 
-async fn readyz(State(s): State<Arc<EtcdServer>>) -> impl IntoResponse {
+/// etcd's `/readyz`; with the query `voter` (`/readyz?voter`, cairn's own) also
+/// "a voter that has caught up" (see [`EtcdServer::not_caught_up`]), for the
+/// readiness probe of members behind a Service: a learner then gets no client
+/// traffic. A query, not a path, so that releases before it (which ignore the
+/// query) keep answering a probe configured with it.
+async fn readyz(
+    State(s): State<Arc<EtcdServer>>,
+    RawQuery(query): RawQuery,
+) -> axum::response::Response {
+    let voter = query
+        .as_deref()
+        .is_some_and(|q| q.split('&').any(|kv| kv.split('=').next() == Some("voter")));
+    let plain = etcd_readyz(&s);
+    if voter && plain.0 == StatusCode::OK {
+        if let Some(why) = s.not_caught_up().await {
+            return (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+        }
+    }
+    plain.into_response()
+}
+
+fn etcd_readyz(s: &EtcdServer) -> (StatusCode, &'static str) {
     if s.raft_stopped().is_some() {
         (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -16,6 +16,7 @@ mod tasks;
 
 pub use door::AppliedResponse;
 pub use propose::{propose_forwarded, MAX_BATCH};
+pub use read::CAUGHT_UP_ENTRIES;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};

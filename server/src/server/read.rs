@@ -12,6 +12,10 @@ use crate::error::{Error, Result};
 use crate::proto::peerpb::ReadIndexRequest;
 use crate::raft::Member;
 
+/// How far behind the leader's log a member may be and still count as caught
+/// up (the operator's rule before restarting or promoting members is the same).
+pub const CAUGHT_UP_ENTRIES: u64 = 1000;
+
 pub(super) type ReadWaiter = oneshot::Sender<Result<()>>;
 
 impl EtcdServer {
@@ -96,6 +100,40 @@ impl EtcdServer {
             }
             Err(e) => Err(check_leader_err(e)),
         }
+    }
+
+    /// Why this member should not take client traffic behind a load balancer, if
+    /// it should not: it is a learner (which refuses most client calls), it knows
+    /// no leader, or its applied index is more than [`CAUGHT_UP_ENTRIES`] behind
+    /// the leader's commit index (asked of the leader, as a read index is).
+    /// Lines in `/readyz`'s format (`[-]<check> failed: <why>`).
+    pub async fn not_caught_up(&self) -> Option<String> {
+        if self.is_learner() {
+            return Some("[-]voter failed: this member is a learner\n".into());
+        }
+        if self.leader() == 0 {
+            return Some("[-]caught_up failed: no leader\n".into());
+        }
+        let head = if self.is_leader() {
+            self.raft.metrics().borrow().last_log_index.unwrap_or(0)
+        } else {
+            let ask = async {
+                let mut leader = self.leader_client()?;
+                leader
+                    .read_index(self.peers.request(ReadIndexRequest {}))
+                    .await
+                    .map(|r| r.into_inner().index)
+                    .map_err(|s| Error::from_peer(&s))
+            };
+            match tokio::time::timeout(Duration::from_secs(2), ask).await {
+                Ok(Ok(index)) => index,
+                Ok(Err(e)) => return Some(format!("[-]caught_up failed: leader: {e}\n")),
+                Err(_) => return Some("[-]caught_up failed: the leader did not answer\n".into()),
+            }
+        };
+        let applied = self.state.applied().0.map(|l| l.index).unwrap_or(0);
+        (head.saturating_sub(applied) > CAUGHT_UP_ENTRIES)
+            .then(|| format!("[-]caught_up failed: applied index {applied}, the leader's {head}\n"))
     }
 
     /// Raises openraft's read index `index`, given while leading `term`, to
