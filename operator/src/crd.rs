@@ -64,6 +64,9 @@ pub struct EtcdClusterSpec {
     /// How changes of the members' pods (a new version or image, resources, ...) roll out.
     #[serde(default)]
     pub rollout: RolloutSpec,
+    /// How members are added when `size` grows.
+    #[serde(default)]
+    pub scaling: ScalingSpec,
     /// Persistent storage: one PersistentVolumeClaim per member.
     #[serde(default)]
     pub storage: StorageSpec,
@@ -378,6 +381,32 @@ fn default_member_deadline() -> String {
     "5m".to_string()
 }
 
+/// How members are added.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScalingSpec {
+    /// How long a new member (a learner until it has caught up) has to be promoted: a number
+    /// with a unit, `s`, `m` or `h` (default `10m`). Past it the learner is removed from the
+    /// cluster with its pod and volume (`Progressing=False`, reason `ScaleUpStalled`, a Warning
+    /// Event): its pod could not be scheduled, or it could not catch up. The next one is added
+    /// once the deadline has passed again. `0s` for none.
+    #[serde(default = "default_learner_deadline")]
+    #[schemars(regex(pattern = r"^[0-9]+(s|m|h)$"))]
+    pub learner_deadline: String,
+}
+
+impl Default for ScalingSpec {
+    fn default() -> Self {
+        ScalingSpec {
+            learner_deadline: default_learner_deadline(),
+        }
+    }
+}
+
+fn default_learner_deadline() -> String {
+    "10m".to_string()
+}
+
 /// Scheduled backups of a cluster.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -687,6 +716,10 @@ pub struct EtcdClusterStatus {
     /// Scheduled maintenance as it went.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maintenance: Option<MaintenanceStatus>,
+    /// The last learner removed for missing `spec.scaling.learnerDeadline`, until the size is
+    /// reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalled_scale_up: Option<StalledScaleUp>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
@@ -732,6 +765,16 @@ pub struct TlsStatus {
     /// When the operator renews them next.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renew_at: Option<Time>,
+}
+
+/// A learner removed for missing its deadline.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StalledScaleUp {
+    /// The member (pod) that was the learner.
+    pub member: String,
+    /// When it was removed.
+    pub removed_at: Time,
 }
 
 /// The kind of a membership step.

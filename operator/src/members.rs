@@ -421,7 +421,7 @@ impl Members {
             }
             Step::Promote { id, .. } => return self.promote(*id).await,
             Step::MoveLeader { from, to } => self.move_leader(*from, *to).await?,
-            Step::Remove { id, .. } => self.remove(*id).await?,
+            Step::Remove { id, .. } | Step::RemoveLearner { id, .. } => self.remove(*id).await?,
             _ => {}
         }
         Ok(Outcome::Done)

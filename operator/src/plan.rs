@@ -13,14 +13,21 @@
 //! - A cluster that starts from a backup bootstraps its first member alone (restored from the
 //!   backup); the others join as learners, as in a scale-up.
 //! - One step at a time, one learner at a time: a learner is promoted before anything else
-//!   happens; it is added before its pod exists, and its pod starts with `existing`.
+//!   happens; it is added before its pod exists, and its pod starts with `existing`. A learner
+//!   not promoted within `spec.scaling.learnerDeadline` (its pod never scheduled, or it cannot
+//!   catch up) is removed, and the next is added only once the deadline has passed again.
 //! - The StatefulSet only ever grows to cover a member in the list and only shrinks after the
 //!   highest member was removed from the list; the removed member's volume is deleted then.
 //! - Shrinking removes the highest ordinal, after moving leadership away from it, and only when
 //!   the healthy voters left still form a quorum; otherwise the step is refused.
 
+use std::time::Duration;
+
 use crate::layout::Layout;
 use crate::resources::Bootstrap;
+
+/// The reason (Progressing condition, Event) when a learner missed its deadline.
+pub const SCALE_UP_STALLED: &str = "ScaleUpStalled";
 
 /// One member as observed through the etcd API.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -170,6 +177,19 @@ pub struct Observed {
     pub unusable: Vec<(i32, Unusable)>,
     /// The cluster starts from a backup (`spec.bootstrap.fromBackup`).
     pub from_backup: bool,
+    /// The learner deadline and how long the learner in flight has had.
+    pub learner_clock: LearnerClock,
+}
+
+/// What [`next_step`] needs to hold learners to `spec.scaling.learnerDeadline`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LearnerClock {
+    /// The deadline; `None`: none.
+    pub deadline: Option<Duration>,
+    /// How long ago the step that added the learner in flight started.
+    pub in_flight_for: Option<Duration>,
+    /// How long ago a learner was last removed for missing its deadline.
+    pub stalled_for: Option<Duration>,
 }
 
 /// Why a step is not taken.
@@ -181,6 +201,12 @@ pub enum Refusal {
     NoLeader,
     /// Removing the member would leave fewer healthy voters than a quorum.
     WouldLoseQuorum { healthy_after: usize, needed: usize },
+    /// The last learner missed its deadline and was removed: the next one is added once the
+    /// deadline has passed again.
+    ScaleUpStalled {
+        deadline: Duration,
+        retry_in: Duration,
+    },
 }
 
 impl Refusal {
@@ -190,6 +216,7 @@ impl Refusal {
             Refusal::Unreachable => "Unreachable",
             Refusal::NoLeader => "QuorumLost",
             Refusal::WouldLoseQuorum { .. } => "WouldLoseQuorum",
+            Refusal::ScaleUpStalled { .. } => SCALE_UP_STALLED,
         }
     }
 
@@ -202,6 +229,11 @@ impl Refusal {
                 needed,
             } => format!(
                 "removing a member now would leave {healthy_after} healthy voters where {needed} are needed for quorum"
+            ),
+            Refusal::ScaleUpStalled { deadline, retry_in } => format!(
+                "the last learner did not catch up within {}s and was removed; the next is added in {}s",
+                deadline.as_secs(),
+                retry_in.as_secs().max(1)
             ),
         }
     }
@@ -225,6 +257,8 @@ pub enum Step {
     Promote { id: u64, ordinal: i32 },
     /// The learner's pod is not serving yet.
     WaitLearner { ordinal: i32 },
+    /// The learner has not caught up within the deadline: remove it (the scale-up stalled).
+    RemoveLearner { id: u64, ordinal: i32 },
     /// Shrink the StatefulSet to `replicas` and delete the volumes of the ordinals above it.
     Shrink {
         replicas: i32,
@@ -312,6 +346,12 @@ pub fn next_step(names: &dyn Layout, desired: i32, bootstrapped: bool, obs: &Obs
                     replicas: ordinal + 1,
                 };
             }
+            let clock = &obs.learner_clock;
+            if let (Some(deadline), Some(age)) = (clock.deadline, clock.in_flight_for) {
+                if age > deadline {
+                    return Step::RemoveLearner { id: l.id, ordinal };
+                }
+            }
             return if l.healthy {
                 Step::Promote { id: l.id, ordinal }
             } else {
@@ -334,6 +374,15 @@ pub fn next_step(names: &dyn Layout, desired: i32, bootstrapped: bool, obs: &Obs
 
     let voters = view.voters().count() as i32;
     if voters < desired {
+        let clock = &obs.learner_clock;
+        if let (Some(deadline), Some(since)) = (clock.deadline, clock.stalled_for) {
+            if since < deadline {
+                return Step::Refuse(Refusal::ScaleUpStalled {
+                    deadline,
+                    retry_in: deadline - since,
+                });
+            }
+        }
         // Fill a hole first (a replaced member whose re-add did not happen), else the next one.
         let ordinal = (0..top)
             .find(|o| view.by_ordinal(names, *o).is_none())
@@ -418,8 +467,7 @@ mod tests {
         Observed {
             statefulset_replicas: Some(replicas),
             view: Some(v),
-            unusable: vec![],
-            from_backup: false,
+            ..Observed::default()
         }
     }
 
@@ -503,12 +551,101 @@ mod tests {
     }
 
     #[test]
+    fn a_learner_past_its_deadline_is_removed_and_the_next_waits_a_deadline() {
+        let minutes = |m: u64| Some(Duration::from_secs(m * 60));
+        let with_learner = |in_flight_for, healthy| Observed {
+            learner_clock: LearnerClock {
+                deadline: minutes(10),
+                in_flight_for,
+                stalled_for: None,
+            },
+            ..obs(
+                4,
+                view(
+                    &[
+                        (0, false, true),
+                        (1, false, true),
+                        (2, false, true),
+                        (3, true, healthy),
+                    ],
+                    Some(0),
+                ),
+            )
+        };
+        // Within the deadline: wait for it, or promote it.
+        assert_eq!(
+            next_step(&names(), 4, true, &with_learner(minutes(9), false)),
+            Step::WaitLearner { ordinal: 3 }
+        );
+        assert_eq!(
+            next_step(&names(), 4, true, &with_learner(minutes(9), true)),
+            Step::Promote {
+                id: 103,
+                ordinal: 3
+            }
+        );
+        // Past it, whether its pod never started or it cannot catch up (promotion refused).
+        for healthy in [false, true] {
+            assert_eq!(
+                next_step(&names(), 4, true, &with_learner(minutes(11), healthy)),
+                Step::RemoveLearner {
+                    id: 103,
+                    ordinal: 3
+                }
+            );
+        }
+        // No deadline, or no record of when it was added: no removal.
+        let mut o = with_learner(minutes(11), false);
+        o.learner_clock.deadline = None;
+        assert_eq!(
+            next_step(&names(), 4, true, &o),
+            Step::WaitLearner { ordinal: 3 }
+        );
+        assert_eq!(
+            next_step(&names(), 4, true, &with_learner(None, false)),
+            Step::WaitLearner { ordinal: 3 }
+        );
+        // Removed: its pod and volume go, then the next learner waits out a deadline.
+        let removed = |stalled_for| Observed {
+            learner_clock: LearnerClock {
+                deadline: minutes(10),
+                in_flight_for: None,
+                stalled_for,
+            },
+            ..obs(3, view(&healthy(3), Some(0)))
+        };
+        assert_eq!(
+            next_step(&names(), 4, true, &removed(minutes(4))),
+            Step::Refuse(Refusal::ScaleUpStalled {
+                deadline: Duration::from_secs(600),
+                retry_in: Duration::from_secs(360)
+            })
+        );
+        assert_eq!(
+            next_step(&names(), 4, true, &removed(minutes(11))),
+            Step::AddLearner { ordinal: 3 }
+        );
+        // A stall does not hold anything else back.
+        assert_eq!(
+            next_step(&names(), 3, true, &removed(minutes(4))),
+            Step::Steady
+        );
+        assert_eq!(
+            Refusal::ScaleUpStalled {
+                deadline: Duration::from_secs(600),
+                retry_in: Duration::from_secs(360)
+            }
+            .message(),
+            "the last learner did not catch up within 600s and was removed; the next is added in 360s"
+        );
+    }
+
+    #[test]
     fn unreachable_waits_during_bootstrap_and_refuses_after() {
         let o = Observed {
             statefulset_replicas: Some(3),
             view: None,
-            unusable: vec![],
-            from_backup: false,
+            ..Observed::default()
         };
         assert_eq!(next_step(&names(), 3, false, &o), Step::WaitBootstrap);
         assert_eq!(

@@ -218,6 +218,14 @@ pub fn derive(
                     layout.member(*ordinal)
                 ),
             ),
+            Step::RemoveLearner { ordinal, .. } => (
+                false,
+                crate::plan::SCALE_UP_STALLED,
+                format!(
+                    "{} was not promoted within the learner deadline: removing it",
+                    layout.member(*ordinal)
+                ),
+            ),
             Step::Refuse(r) => (false, r.reason(), r.message()),
         }
     };

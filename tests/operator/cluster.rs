@@ -151,6 +151,17 @@ impl Pods {
         }
     }
 
+    /// Freezes ordinal `o`'s process (SIGSTOP): it keeps its ports but never answers or
+    /// catches up again; [`Self::stop`] still ends it.
+    pub fn freeze(&self, o: i32) {
+        let pid = self.procs[&o].id();
+        let st = Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
     /// How ordinal `o`'s process ended, if it did.
     pub fn exit_status(&mut self, o: i32) -> Option<std::process::ExitStatus> {
         self.procs.get_mut(&o)?.try_wait().ok()?

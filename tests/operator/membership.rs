@@ -19,6 +19,20 @@ use crate::cluster::{wait_leader, Pods};
 /// refused. Returns the steps taken; checks on every observation that there is never more than
 /// one learner.
 async fn drive(pods: &mut Pods, desired: i32) -> Vec<Step> {
+    drive_with(pods, desired, &mut Learners::default()).await
+}
+
+/// The learner deadline as the controller keeps it (the times it records in status), and
+/// ordinals whose process is frozen right after it starts (a learner that never catches up).
+#[derive(Default)]
+struct Learners {
+    deadline: Option<Duration>,
+    added_at: Option<Instant>,
+    stalled_at: Option<Instant>,
+    freeze: Vec<i32>,
+}
+
+async fn drive_with(pods: &mut Pods, desired: i32, learners: &mut Learners) -> Vec<Step> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut steps = Vec::new();
     loop {
@@ -35,17 +49,30 @@ async fn drive(pods: &mut Pods, desired: i32) -> Vec<Step> {
             view: view.clone(),
             unusable,
             from_backup: false,
+            learner_clock: plan::LearnerClock {
+                deadline: learners.deadline,
+                in_flight_for: learners.added_at.map(|t| t.elapsed()),
+                stalled_for: learners.stalled_at.map(|t| t.elapsed()),
+            },
         };
         let step = next_step(&pods.layout, desired, true, &obs);
         if !matches!(step, Step::WaitLearner { .. }) && steps.last() != Some(&step) {
             steps.push(step.clone());
         }
         match &step {
-            Step::Steady | Step::Refuse(_) => return steps,
+            Step::Steady | Step::Refuse(_) => {
+                if step == Step::Steady {
+                    learners.stalled_at = None;
+                }
+                return steps;
+            }
             Step::Grow { replicas } => {
                 let b = bootstrap(&pods.layout, 0, view.as_ref());
                 for o in pods.replicas..*replicas {
                     pods.start(o, &b);
+                    if learners.freeze.contains(&o) {
+                        pods.freeze(o);
+                    }
                 }
                 pods.replicas = *replicas;
             }
@@ -71,6 +98,7 @@ async fn drive(pods: &mut Pods, desired: i32) -> Vec<Step> {
                     }
                     panic!("{step:?}: {e}");
                 }
+                learners.added_at = Some(Instant::now());
                 if *ordinal < pods.replicas {
                     // The pod exists (it lost its data): restart it with the new member list.
                     let view = pods.members().observe().await.unwrap();
@@ -92,7 +120,7 @@ async fn drive(pods: &mut Pods, desired: i32) -> Vec<Step> {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
-            Step::Promote { .. } | Step::Remove { .. } => {
+            Step::Promote { .. } | Step::Remove { .. } | Step::RemoveLearner { .. } => {
                 let out = pods
                     .members()
                     .execute(&pods.layout, &step)
@@ -100,6 +128,11 @@ async fn drive(pods: &mut Pods, desired: i32) -> Vec<Step> {
                     .unwrap_or_else(|e| panic!("{step:?}: {e}"));
                 if out == Outcome::LearnerBehind {
                     tokio::time::sleep(Duration::from_millis(200)).await;
+                } else if !matches!(step, Step::Remove { .. }) {
+                    learners.added_at = None;
+                }
+                if matches!(step, Step::RemoveLearner { .. }) {
+                    learners.stalled_at = Some(Instant::now());
                 }
             }
             Step::WaitLearner { .. } | Step::WaitBootstrap => {
@@ -256,6 +289,71 @@ async fn resize_up_and_down_learner_first_leader_moved_volumes_deleted() {
     // Grow again: the new members start from empty volumes, not the removed members' data.
     let steps = drive(&mut pods, 4).await;
     assert_eq!(steps.last(), Some(&Step::Steady));
+    assert_all_present(&pods, &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_that_never_catches_up_is_removed_at_its_deadline() {
+    let mut pods = Pods::new("deadline");
+    pods.bootstrap(3);
+    wait_steady(&mut pods, 3).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = crate::writer::spawn(
+        vec![pods.layout.client_url(0)],
+        etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(3)),
+        "load/",
+        Duration::from_millis(5),
+        stop.clone(),
+    );
+    // The new member starts, joins as a learner, and freezes: it never catches up.
+    let mut learners = Learners {
+        deadline: Some(Duration::from_secs(4)),
+        freeze: vec![3],
+        ..Learners::default()
+    };
+    let started = Instant::now();
+    let steps = drive_with(&mut pods, 4, &mut learners).await;
+    let held = started.elapsed();
+    assert!(
+        matches!(
+            steps.as_slice(),
+            [
+                Step::AddLearner { ordinal: 3 },
+                Step::Grow { replicas: 4 },
+                Step::RemoveLearner { ordinal: 3, .. },
+                Step::Shrink { replicas: 3, .. },
+                Step::Refuse(Refusal::ScaleUpStalled { .. }),
+            ]
+        ),
+        "{steps:?}"
+    );
+    assert!(held >= Duration::from_secs(4), "removed after {held:?}");
+    assert!(!pods.volume(3).exists(), "the learner's volume is left");
+    let v = pods.members().observe().await.unwrap();
+    assert_eq!(v.members.len(), 3, "{v:?}");
+    assert!(v.members.iter().all(|m| m.healthy && !m.learner), "{v:?}");
+
+    // Until the deadline has passed again no learner is added; then the next one (whose pod
+    // runs) is added and promoted.
+    learners.freeze.clear();
+    assert!(matches!(
+        drive_with(&mut pods, 4, &mut learners).await.as_slice(),
+        [Step::Refuse(Refusal::ScaleUpStalled { .. })]
+    ));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let steps = drive_with(&mut pods, 4, &mut learners).await;
+    assert_eq!(
+        steps.first(),
+        Some(&Step::AddLearner { ordinal: 3 }),
+        "{steps:?}"
+    );
+    assert_eq!(steps.last(), Some(&Step::Steady), "{steps:?}");
+    let v = pods.members().observe().await.unwrap();
+    assert_eq!(v.voters().count(), 4, "{v:?}");
+
+    stop.store(true, Ordering::Relaxed);
+    let (acked, _) = load.await.unwrap();
+    assert!(!acked.is_empty());
     assert_all_present(&pods, &acked).await;
 }
 

@@ -312,6 +312,7 @@ impl<'a> Reconciler<'a> {
             view: view.clone(),
             unusable,
             from_backup: from_backup.is_some(),
+            learner_clock: self.learner_clock(&prev),
         };
         let step = next_step(self.layout.as_ref(), spec.size, bootstrapped, &obs);
         // No quorum: the rollout cannot run, but a member down on an older template (an
@@ -444,7 +445,10 @@ impl<'a> Reconciler<'a> {
 
         let mut operation = prev.operation.clone();
         let mut replicas_now = replicas.unwrap_or(0);
-        let mut requeue = self.act(&step, &mut replicas_now, &mut operation).await?;
+        let mut stalled = prev.stalled_scale_up.clone();
+        let mut requeue = self
+            .act(&step, &mut replicas_now, &mut operation, &mut stalled)
+            .await?;
 
         // The pod template. Its changes (version, image, resources, ...) reach the members
         // through the rollout below, one member at a time (the StatefulSet is `OnDelete`); an
@@ -533,6 +537,7 @@ impl<'a> Reconciler<'a> {
 
         let mut status = self.status(&prev, view.as_ref(), cluster_id, &step, &roll, operation);
         status.restored_from = restored_from;
+        status.stalled_scale_up = stalled;
         // A restore whose download or verification failed stops the first member in its init
         // containers; say why (the cluster never serves from a bad backup).
         if status.cluster_id.is_none() {
@@ -964,6 +969,7 @@ impl<'a> Reconciler<'a> {
         step: &Step,
         replicas: &mut i32,
         operation: &mut Option<Operation>,
+        stalled: &mut Option<StalledScaleUp>,
     ) -> Result<Duration, Error> {
         let spec = &self.ec.spec;
         let members = Members::new(
@@ -997,7 +1003,48 @@ impl<'a> Reconciler<'a> {
                 .await;
                 Ok(STEP_REQUEUE)
             }
-            Step::WaitBootstrap | Step::WaitLearner { .. } => Ok(STEP_REQUEUE),
+            Step::WaitBootstrap => Ok(STEP_REQUEUE),
+            Step::WaitLearner { ordinal } => {
+                // A learner nobody recorded adding (added by hand, or the status was lost):
+                // its deadline runs from now.
+                if operation.as_ref().is_none_or(|o| {
+                    !matches!(o.kind, OperationKind::ScaleUp | OperationKind::Replace)
+                }) {
+                    *operation = start(OperationKind::ScaleUp, layout.member(*ordinal));
+                }
+                Ok(STEP_REQUEUE)
+            }
+            Step::RemoveLearner { id, ordinal } => {
+                let result = members.execute(layout, step).await;
+                self.count_op(
+                    "remove_learner",
+                    if result.is_ok() { "ok" } else { "error" },
+                );
+                result?;
+                let member = layout.member(*ordinal);
+                let waited = operation
+                    .as_ref()
+                    .map(|o| o.started_at.0)
+                    .and_then(|t| Duration::try_from(jiff::Timestamp::now().duration_since(t)).ok())
+                    .map_or(String::new(), |d| format!(" in {}s", d.as_secs()));
+                self.member_event(
+                    EventType::Warning,
+                    plan::SCALE_UP_STALLED,
+                    "Remove",
+                    format!(
+                        "{member} ({id:x}) was not promoted{waited} (spec.scaling.learnerDeadline {}): removed it from the cluster; its pod and volume go next",
+                        spec.scaling.learner_deadline
+                    ),
+                    &member,
+                )
+                .await;
+                *stalled = Some(StalledScaleUp {
+                    member: member.clone(),
+                    removed_at: now(),
+                });
+                *operation = start(OperationKind::ScaleDown, member);
+                Ok(STEP_REQUEUE)
+            }
             Step::Grow { replicas: r } => {
                 // A volume left from an earlier member of this ordinal would hand it stale data.
                 let pvcs: Api<PersistentVolumeClaim> = self.api();
@@ -1083,6 +1130,7 @@ impl<'a> Reconciler<'a> {
                     )
                     .await;
                     *operation = None;
+                    *stalled = None;
                     Ok(STEP_REQUEUE)
                 }
                 Ok(Outcome::LearnerBehind) => Ok(STEP_REQUEUE),
@@ -1120,6 +1168,10 @@ impl<'a> Reconciler<'a> {
                 *operation = start(OperationKind::ScaleDown, member);
                 Ok(STEP_REQUEUE)
             }
+            // The removal's Event said it; look again when the next learner may be added.
+            Step::Refuse(plan::Refusal::ScaleUpStalled { retry_in, .. }) => {
+                Ok((*retry_in).clamp(STEP_REQUEUE, WAIT_REQUEUE))
+            }
             Step::Refuse(r) => {
                 self.event(EventType::Warning, r.reason(), "Resize", r.message())
                     .await;
@@ -1133,6 +1185,7 @@ impl<'a> Reconciler<'a> {
                 {
                     *operation = None;
                 }
+                *stalled = None;
                 Ok(STEADY_REQUEUE)
             }
         }
@@ -1157,6 +1210,23 @@ impl<'a> Reconciler<'a> {
             now: &t,
         };
         status::derive(&report, prev, view, cluster_id, step, roll, operation)
+    }
+
+    /// The learner deadline, how long the learner in flight has had (from the step that added
+    /// it, in status) and how long ago one was last removed for missing it.
+    fn learner_clock(&self, prev: &EtcdClusterStatus) -> plan::LearnerClock {
+        let now = jiff::Timestamp::now();
+        let ago = |t: &Time| Duration::try_from(now.duration_since(t.0)).unwrap_or(Duration::ZERO);
+        plan::LearnerClock {
+            deadline: crate::backup::parse_age(&self.ec.spec.scaling.learner_deadline)
+                .filter(|d| !d.is_zero()),
+            in_flight_for: prev
+                .operation
+                .as_ref()
+                .filter(|o| matches!(o.kind, OperationKind::ScaleUp | OperationKind::Replace))
+                .map(|o| ago(&o.started_at)),
+            stalled_for: prev.stalled_scale_up.as_ref().map(|s| ago(&s.removed_at)),
+        }
     }
 
     async fn patch_status(&self, status: EtcdClusterStatus) -> Result<(), Error> {

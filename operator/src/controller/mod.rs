@@ -40,6 +40,7 @@ use tracing::{info, warn, Instrument};
 use crate::backup::{Credentials, Destination, Due, RunOwner, Runs};
 use crate::crd::{
     condition, BackupPhase, EtcdBackup, EtcdCluster, EtcdClusterStatus, Operation, OperationKind,
+    StalledScaleUp,
 };
 use crate::layout::{Layout, Names};
 use crate::members::{self, Access, Members, Outcome};
