@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
@@ -82,6 +83,10 @@ pub struct EtcdClusterSpec {
     /// The PodDisruptionBudget that keeps voluntary disruptions from breaking quorum.
     #[serde(default)]
     pub pod_disruption_budget: PodDisruptionBudgetSpec,
+    /// The members' NetworkPolicy: the peer port only for members and the operator; the client
+    /// port open unless `clients` says who may reach it.
+    #[serde(default)]
+    pub network_policy: NetworkPolicySpec,
     /// While true the operator changes nothing (it still reports status).
     #[serde(default)]
     pub paused: bool,
@@ -664,6 +669,32 @@ impl Default for PodDisruptionBudgetSpec {
     }
 }
 
+/// Who may reach the members (see [`crate::network`]).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// Create the NetworkPolicy `<cluster>-members` (default true). Its peer-port rule lets
+    /// only the cluster's members and the operator's pods in. It takes effect where the
+    /// cluster's network plugin enforces NetworkPolicies.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Who may reach the client port (2379), as NetworkPolicy `from` peers; the members and the
+    /// operator are always added. Unset: anyone. Without client TLS the members serve
+    /// `/metrics` on the client port: include Prometheus here then (with client TLS the plain
+    /// metrics port 2381 stays open).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clients: Option<Vec<NetworkPolicyPeer>>,
+}
+
+impl Default for NetworkPolicySpec {
+    fn default() -> Self {
+        NetworkPolicySpec {
+            enabled: true,
+            clients: None,
+        }
+    }
+}
+
 fn default_true() -> bool {
     true
 }
@@ -901,6 +932,10 @@ pub mod condition {
     pub const STORAGE: &str = "Storage";
     /// Whether the StatefulSet could be applied (set once it could not).
     pub const STATEFUL_SET: &str = "StatefulSet";
+    /// Whether the members' NetworkPolicy is in place.
+    pub const NETWORK_POLICY: &str = "NetworkPolicy";
+    /// Whether the peer and client Services could be applied.
+    pub const SERVICES: &str = "Services";
 }
 
 /// Condition reasons of the rollout (on `Progressing`).

@@ -120,6 +120,9 @@ impl Names {
     pub fn pdb(&self) -> String {
         self.cluster.clone()
     }
+    pub fn network_policy(&self) -> String {
+        format!("{}-members", self.cluster)
+    }
     pub fn configmap(&self) -> String {
         format!("{}-bootstrap", self.cluster)
     }

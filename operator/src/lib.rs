@@ -11,6 +11,7 @@
 //! - [`storage`]: quantities compared; what an edit of `spec.storage` asks of the volumes.
 //! - [`tls`]: TLS managed: Secrets per side, what a member serves, the peer migration, renewal
 //!   and CA rollover.
+//! - [`network`]: the members' NetworkPolicy (who reaches the peer and client ports).
 //! - [`members`]: membership calls through the etcd API (etcd-client).
 //! - [`controller`]: the reconcile loop that ties them together.
 //! - [`leader`], [`metrics`]: leader election between replicas; Prometheus metrics.
@@ -23,6 +24,7 @@ pub mod leader;
 pub mod maintenance;
 pub mod members;
 pub mod metrics;
+pub mod network;
 pub mod pki;
 pub mod plan;
 pub mod resources;

@@ -76,7 +76,7 @@ pub fn owned_meta(ec: &EtcdCluster, name: String) -> ObjectMeta {
     meta(ec, name)
 }
 
-fn meta(ec: &EtcdCluster, name: String) -> ObjectMeta {
+pub(crate) fn meta(ec: &EtcdCluster, name: String) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: ec.namespace(),

@@ -516,6 +516,27 @@ async fn create_applies_children_then_reports_the_bootstrapped_cluster() {
         w.api.get(&pdb_path("alpha")).unwrap()["spec"]["maxUnavailable"],
         1
     );
+    // The members' NetworkPolicy, on by default: the peer port for members (and the operator,
+    // whose pod this test's Context does not know), the client port for anyone.
+    let np = w
+        .api
+        .get(&format!(
+            "/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/alpha-members"
+        ))
+        .expect("NetworkPolicy applied");
+    assert_eq!(np["metadata"]["ownerReferences"][0]["kind"], "EtcdCluster");
+    let ingress = np["spec"]["ingress"].as_array().unwrap();
+    assert_eq!(ingress[0]["ports"][0]["port"], 2380);
+    assert_eq!(
+        ingress[0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"],
+        "alpha"
+    );
+    assert_eq!(ingress[1]["ports"][0]["port"], 2379);
+    assert!(ingress[1].get("from").is_none(), "{np}");
+    assert_eq!(
+        w.condition("NetworkPolicy"),
+        ("True".into(), "Applied".into())
+    );
     let b = w.configmap();
     assert!(b.new_cluster);
     assert_eq!(b.initial_cluster.matches('=').count(), 3);
@@ -734,12 +755,10 @@ async fn one_leader_among_operator_replicas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unserved_pdb_api_is_reported_not_fatal() {
     let mut w = World::new("eps", json!({"size": 1}));
-    w.api
-        .0
-        .lock()
-        .unwrap()
-        .unserved
-        .push("/apis/policy/v1/".into());
+    w.api.0.lock().unwrap().unserved.extend([
+        "/apis/policy/v1/".to_string(),
+        "/apis/networking.k8s.io/v1/".to_string(),
+    ]);
     w.until("bootstrapped", |w| w.status()["readyMembers"] == 1)
         .await;
     assert_eq!(w.sts_replicas(), Some(1));
@@ -754,6 +773,10 @@ async fn an_unserved_pdb_api_is_reported_not_fatal() {
     assert!(events(&w.api)
         .iter()
         .any(|(r, _)| r == "PodDisruptionBudgetUnsupported"));
+    assert_eq!(
+        w.condition("NetworkPolicy"),
+        ("False".into(), "APINotServed".into())
+    );
 }
 
 fn backup_spec(moto: &crate::s3::Moto, schedule: &str) -> Value {

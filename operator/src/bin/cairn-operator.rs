@@ -53,6 +53,10 @@ struct Flags {
     /// The operator's own image, which restores run to download a backup.
     #[arg(long, env = "CAIRN_OPERATOR_IMAGE")]
     operator_image: Option<String>,
+    /// The operator's own pods' labels (`key=value,...`; the chart sets them): members'
+    /// NetworkPolicies let pods with them in the operator's namespace reach every port.
+    #[arg(long, env = "CAIRN_OPERATOR_SELECTOR")]
+    operator_selector: Option<String>,
     /// How long a Lease lasts without renewal before another replica takes over.
     #[arg(long, env = "CAIRN_OPERATOR_LEASE_SECONDS", default_value_t = 15)]
     lease_seconds: u64,
@@ -240,6 +244,10 @@ async fn main() -> anyhow::Result<()> {
     if let Some(image) = flags.operator_image {
         ctx.operator_image = image;
     }
+    ctx.operator_pod = cairn_operator::network::OperatorPod::from_env(
+        Some(flags.lease_namespace.clone()),
+        flags.operator_selector.clone(),
+    );
     let ctx = Arc::new(ctx);
     if !flags.leader_elect {
         controller::run(ctx, flags.watch_namespace).await;

@@ -87,6 +87,14 @@ fn main() -> anyhow::Result<()> {
                     &serving,
                 ))?,
                 serde_yaml::to_string(&resources::pdb(&ec, size))?,
+                serde_yaml::to_string(&cairn_operator::network::network_policy(
+                    &ec,
+                    cairn_operator::network::OperatorPod::from_env(
+                        Some("cairn-system".into()),
+                        Some("app.kubernetes.io/name=cairn-operator".into()),
+                    )
+                    .as_ref(),
+                ))?,
             ];
             print!("{}", docs.join("---\n"));
         }

@@ -422,9 +422,23 @@ impl<'a> Reconciler<'a> {
             return Ok(Action::requeue(WAIT_REQUEUE));
         }
 
-        // Children that do not depend on the step.
-        apply(&self.api::<Service>(), &resources::peer_service(ec)).await?;
-        apply(&self.api::<Service>(), &resources::client_service(ec)).await?;
+        // Children that do not depend on the step. Reported, not fatal: the peer Service is
+        // there since the first round, and a member that starts without it only waits.
+        let mut services = (
+            true,
+            "Applied",
+            "the peer and client Services are in place".into(),
+        );
+        for svc in [resources::peer_service(ec), resources::client_service(ec)] {
+            if let Err(e) = apply(&self.api::<Service>(), &svc).await {
+                warn!(error = %e, service = ?svc.metadata.name, "applying a Service");
+                services = (
+                    false,
+                    "ApplyFailed",
+                    format!("{}: {e}", svc.metadata.name.unwrap_or_default()),
+                );
+            }
+        }
         // What a member starting now must read: `new` only before the first bootstrap.
         let initial = replicas.unwrap_or(match step {
             Step::Bootstrap { replicas } => replicas,
@@ -533,7 +547,12 @@ impl<'a> Reconciler<'a> {
             .map_or(replicas_now, |v| v.voters().count() as i32)
             .min(spec.size)
             .max(1);
-        let pdb = self.disruption_budget(voters).await?;
+        // Reported, not fatal (as the StatefulSet): status and backups go on.
+        let pdb = self
+            .disruption_budget(voters)
+            .await
+            .unwrap_or_else(|e| (false, "ApplyFailed", e.to_string()));
+        let network_policy = self.network_policy().await;
 
         let mut status = self.status(&prev, view.as_ref(), cluster_id, &step, &roll, operation);
         status.restored_from = restored_from;
@@ -646,15 +665,13 @@ impl<'a> Reconciler<'a> {
             ),
             None => {}
         }
-        let (ok, reason, msg) = pdb;
-        status.set_condition(
-            condition::DISRUPTION_BUDGET,
-            ok,
-            reason,
-            msg,
-            ec.metadata.generation,
-            &now(),
-        );
+        for (kind, (ok, reason, msg)) in [
+            (condition::DISRUPTION_BUDGET, pdb),
+            (condition::NETWORK_POLICY, network_policy),
+            (condition::SERVICES, services),
+        ] {
+            status.set_condition(kind, ok, reason, msg, ec.metadata.generation, &now());
+        }
         if let Some(after) = self
             .scheduled_backup(&prev, view.as_ref(), &mut status)
             .await?
@@ -937,6 +954,47 @@ impl<'a> Reconciler<'a> {
                 Ok((false, "APINotServed", msg))
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// The members' NetworkPolicy as `spec.networkPolicy` asks; the NetworkPolicy condition.
+    async fn network_policy(&self) -> (bool, &'static str, String) {
+        let api: Api<NetworkPolicy> = self.api();
+        if !self.ec.spec.network_policy.enabled {
+            return match delete_if_exists(&api, &self.names.network_policy()).await {
+                Ok(()) => (
+                    false,
+                    "Disabled",
+                    "spec.networkPolicy.enabled is false".into(),
+                ),
+                Err(e) => (false, "DeleteFailed", e.to_string()),
+            };
+        }
+        let np = crate::network::network_policy(self.ec, self.ctx.operator_pod.as_ref());
+        match apply(&api, &np).await {
+            Ok(()) => {
+                let clients = if self.ec.spec.network_policy.clients.is_some() {
+                    "the client port for the listed clients, the members and the operator"
+                } else {
+                    "the client port for anyone"
+                };
+                let operator = if self.ctx.operator_pod.is_some() {
+                    ""
+                } else {
+                    " (the operator does not know its own pod's labels: members only)"
+                };
+                (
+                    true,
+                    "Applied",
+                    format!("the peer port for the members and the operator{operator}; {clients}"),
+                )
+            }
+            Err(Error::Kube(kube::Error::Api(e))) if e.code == 404 => (
+                false,
+                "APINotServed",
+                "the API server does not serve networking.k8s.io/v1 NetworkPolicies".into(),
+            ),
+            Err(e) => (false, "ApplyFailed", e.to_string()),
         }
     }
 

@@ -46,6 +46,8 @@ pub struct Context {
     pub default_image: String,
     /// The operator's own image (restores download backups with it).
     pub operator_image: String,
+    /// Where the operator's pods run, for the members' NetworkPolicy; `None` outside a pod.
+    pub operator_pod: Option<crate::network::OperatorPod>,
 }
 
 impl Context {
@@ -62,6 +64,7 @@ impl Context {
             operator_image: format!("cairn-operator:{}", env!("CARGO_PKG_VERSION")),
             backups: Runs::default(),
             server_minor: tokio::sync::OnceCell::new(),
+            operator_pod: None,
             layout: Box::new(|ec: &EtcdCluster| Arc::new(Names::of(ec)) as Arc<dyn Layout>),
         }
     }
