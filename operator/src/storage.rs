@@ -1,7 +1,9 @@
 //! Storage growth: Kubernetes quantities compared, and what an edit of `spec.storage` asks of
 //! the members' volumes. A StatefulSet's claim template cannot change, so the controller keeps
-//! the one it has and grows each member's claim in place (where the StorageClass allows
-//! expansion); shrinking and another StorageClass are refused (volumes cannot shrink or move).
+//! the one it has, grows each member's claim in place (where the StorageClass allows
+//! expansion), and once every claim took the new size re-creates the StatefulSet with it (pods
+//! orphaned, then adopted again) for members added later; shrinking and another StorageClass
+//! are refused (volumes cannot shrink or move).
 //! Pure: the controller reads claims and the StatefulSet, this decides.
 
 use k8s_openapi::api::core::v1::PersistentVolumeClaimSpec;

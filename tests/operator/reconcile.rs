@@ -1507,8 +1507,8 @@ async fn storage_grows_in_place_and_shrinking_is_refused() {
     put_claim(&w, "1Gi", "1Gi");
 
     w.set_spec(|s| s["storage"]["size"] = json!("2Gi"));
+    w.api.clear_calls();
     w.reconcile().await.unwrap();
-    assert_eq!(template_size(&w), "1Gi");
     assert_eq!(asked(&w), "2Gi");
     assert_eq!(w.condition("Storage"), ("False".into(), "Expanding".into()));
     assert!(w.status()["conditions"]
@@ -1516,6 +1516,23 @@ async fn storage_grows_in_place_and_shrinking_is_refused() {
         .unwrap()
         .iter()
         .all(|c| c["type"] != "StatefulSet"));
+    // The claim took the new size: the StatefulSet was deleted with its pods orphaned and made
+    // again with the new claim template (the API server refuses to change it in place), so
+    // members added later start at 2Gi. The member kept running.
+    let deletes: Vec<Call> = w
+        .api
+        .calls()
+        .into_iter()
+        .filter(|c| c.method == Method::DELETE && c.path == sts_path("vol"))
+        .collect();
+    assert_eq!(deletes.len(), 1, "{deletes:?}");
+    assert_eq!(deletes[0].body["propagationPolicy"], "Orphan");
+    assert_eq!(template_size(&w), "2Gi");
+    assert_eq!(w.sts_replicas(), Some(1));
+    assert!(events(&w.api)
+        .iter()
+        .any(|(r, _)| r == "StatefulSetRecreated"));
+    assert_eq!(w.pods.exit_status(0), None, "the member was stopped");
     // The resizer's part: the volume has grown.
     put_claim(&w, "2Gi", "2Gi");
     w.reconcile().await.unwrap();
@@ -1531,7 +1548,7 @@ async fn storage_grows_in_place_and_shrinking_is_refused() {
         ("False".into(), "ShrinkRefused".into())
     );
     assert_eq!(asked(&w), "2Gi");
-    assert_eq!(template_size(&w), "1Gi");
+    assert_eq!(template_size(&w), "2Gi");
     // Another class: refused.
     w.set_spec(|s| s["storage"] = json!({"size": "2Gi", "storageClassName": "elsewhere"}));
     w.reconcile().await.unwrap();
@@ -1550,13 +1567,22 @@ async fn storage_grows_in_place_and_shrinking_is_refused() {
     );
     assert_eq!(asked(&w), "2Gi");
     // Back to what the volumes have: as requested.
-    w.set_spec(|s| s["storage"] = json!({"size": "1Gi"}));
+    w.set_spec(|s| s["storage"] = json!({"size": "2Gi"}));
     w.reconcile().await.unwrap();
     assert_eq!(
         w.condition("Storage"),
         ("True".into(), "AsRequested".into())
     );
     assert_eq!(w.status()["readyMembers"], 1);
+
+    // The StatefulSet deleted by hand (its pods orphaned): made again for the member that is
+    // listed, not bootstrapped anew.
+    w.api.0.lock().unwrap().objects.remove(&sts_path("vol"));
+    w.reconcile().await.unwrap();
+    assert_eq!(w.sts_replicas(), Some(1));
+    assert!(!w.configmap().new_cluster);
+    assert_eq!(w.status()["readyMembers"], 1);
+    assert_eq!(w.pods.exit_status(0), None);
 }
 
 /// `spec.server.extraArgs` that cairn does not take, or that the operator sets itself, are

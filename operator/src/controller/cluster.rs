@@ -239,13 +239,18 @@ impl<'a> Reconciler<'a> {
         let sts_api: Api<StatefulSet> = self.api();
         // Read once, before the members were observed (to know how they serve).
         let sts = tls.statefulset.clone();
-        let replicas = sts
+        let sts_replicas = sts
             .as_ref()
             .and_then(|s| s.spec.as_ref())
             .and_then(|s| s.replicas);
+        // A bootstrapped cluster whose StatefulSet is gone (re-created for a new claim size and
+        // not back yet, or deleted by hand with its pods orphaned): its members are still there.
+        let bootstrapped_before = prev.cluster_id.is_some();
+        let look = sts_replicas
+            .or_else(|| bootstrapped_before.then(|| (prev.members.len() as i32).max(spec.size)));
 
         // What the members say.
-        let observed = match replicas {
+        let observed = match look {
             Some(r) => {
                 let endpoints = (0..r.max(1)).map(|o| self.layout.client_url(o)).collect();
                 Some(
@@ -262,6 +267,16 @@ impl<'a> Reconciler<'a> {
             .as_ref()
             .is_some_and(|o| o.as_ref().is_err_and(members::credentials_refused));
         let view = observed.and_then(Result::ok);
+        // The StatefulSet that is gone is made again for the listed members, not bootstrapped.
+        let replicas = sts_replicas.or_else(|| {
+            bootstrapped_before
+                .then(|| {
+                    view.as_ref()?
+                        .max_ordinal(self.layout.as_ref())
+                        .map(|o| o + 1)
+                })
+                .flatten()
+        });
         let pod_list = match replicas {
             Some(_) => tls.pod_list.clone(),
             None => Vec::new(),
@@ -487,9 +502,27 @@ impl<'a> Reconciler<'a> {
             if let (Some(_), Some(running)) = (&refused, &running_image) {
                 resources::set_image(&mut desired, running);
             }
-            storage_condition = self.storage(sts.as_ref(), &mut desired, replicas_now).await;
+            let with_new_claims = desired.clone();
+            let outcome = self.storage(sts.as_ref(), &mut desired, replicas_now).await;
+            storage_condition = outcome.condition;
+            let terminating = sts
+                .as_ref()
+                .is_some_and(|s| s.metadata.deletion_timestamp.is_some());
             // Reported, not fatal: status, the PDB and scheduled backups go on.
-            if let Err(e) = apply(&sts_api, &self.for_server(desired).await).await {
+            let applied = if outcome.recreate && step == Step::Steady && !terminating {
+                // Members added later get the new size; only while membership is steady.
+                self.recreate_statefulset(
+                    &self.for_server(with_new_claims).await,
+                    &spec.storage.size,
+                )
+                .await
+            } else if terminating {
+                // Being deleted (re-created above, its orphans not released yet): next round.
+                Ok(())
+            } else {
+                apply(&sts_api, &self.for_server(desired).await).await
+            };
+            if let Err(e) = applied {
                 warn!(error = %e, "applying the StatefulSet");
                 sts_failure = Some(e.to_string());
             }
