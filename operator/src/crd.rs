@@ -537,6 +537,7 @@ fn default_size() -> i32 {
 /// Persistent storage of each member.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = storage_rules)]
 pub struct StorageSpec {
     /// Requested size of each member's volume, a Kubernetes quantity such as `10Gi`.
     #[serde(default = "default_storage_size")]
@@ -555,6 +556,30 @@ impl Default for StorageSpec {
         }
     }
 }
+
+/// The CEL rules of `spec.storage` ([`STORAGE_RULES`]) in the schema.
+fn storage_rules(schema: &mut schemars::Schema) {
+    let rules: Vec<serde_json::Value> = STORAGE_RULES
+        .iter()
+        .map(|(rule, message)| serde_json::json!({"rule": rule, "message": message}))
+        .collect();
+    schema.insert("x-kubernetes-validations".into(), rules.into());
+}
+
+/// Transition rules of `spec.storage` (CEL, `x-kubernetes-validations`): a volume cannot shrink
+/// and cannot move to another StorageClass. API servers from Kubernetes 1.29 (CEL's quantity
+/// library) refuse such edits; older ones ignore the rules, and the operator refuses the same
+/// edits itself (the `Storage` condition, nothing applied: see [`crate::storage::change`]).
+pub const STORAGE_RULES: [(&str, &str); 2] = [
+    (
+        "quantity(self.size).compareTo(quantity(oldSelf.size)) >= 0",
+        "spec.storage.size cannot be reduced: a volume cannot shrink",
+    ),
+    (
+        "!has(self.storageClassName) || (has(oldSelf.storageClassName) && self.storageClassName == oldSelf.storageClassName)",
+        "spec.storage.storageClassName is immutable: a volume cannot move to another class (left out, the volumes keep theirs)",
+    ),
+];
 
 fn default_storage_size() -> String {
     "8Gi".to_string()
@@ -1010,6 +1035,97 @@ impl EtcdClusterStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The CRD's CEL rules for `spec.storage`, evaluated as an API server with Kubernetes'
+    /// quantity library does (kube-cel), agree with the operator's own rule
+    /// ([`crate::storage::change`]) on every edit: what CEL refuses the operator refuses too,
+    /// on API servers that do not run the rules.
+    #[test]
+    fn storage_rules_refuse_shrinking_and_another_class_as_the_operator_does() {
+        use crate::storage::{change, Change};
+        use k8s_openapi::api::core::v1::{PersistentVolumeClaimSpec, VolumeResourceRequirements};
+        use kube::CustomResourceExt;
+
+        let crd = serde_json::to_value(EtcdCluster::crd()).unwrap();
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        let storage = &schema["properties"]["spec"]["properties"]["storage"];
+        assert_eq!(
+            storage["x-kubernetes-validations"]
+                .as_array()
+                .unwrap()
+                .len(),
+            STORAGE_RULES.len()
+        );
+        let object = |size: &str, class: Option<&str>| {
+            let mut storage = serde_json::json!({"size": size});
+            if let Some(c) = class {
+                storage["storageClassName"] = c.into();
+            }
+            serde_json::json!({"apiVersion": "cairn.dev/v1alpha1", "kind": "EtcdCluster",
+                               "metadata": {"name": "a"}, "spec": {"size": 3, "storage": storage}})
+        };
+        let validator = kube_cel::Validator::new();
+        let cel = |old: (&str, Option<&str>), new: (&str, Option<&str>)| -> Vec<String> {
+            match validator.validate(schema, &object(new.0, new.1), Some(&object(old.0, old.1))) {
+                Ok(()) => Vec::new(),
+                Err(errors) => errors.into_iter().map(|e| e.message).collect(),
+            }
+        };
+        // The operator compares with the volumes, which have what the old spec said.
+        let operator = |old: (&str, Option<&str>), new: (&str, Option<&str>)| {
+            let claim = PersistentVolumeClaimSpec {
+                storage_class_name: old.1.map(str::to_string),
+                resources: Some(VolumeResourceRequirements {
+                    requests: Some([("storage".to_string(), Quantity(old.0.to_string()))].into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let wanted = StorageSpec {
+                size: new.0.to_string(),
+                storage_class_name: new.1.map(str::to_string),
+            };
+            change(&claim, &wanted)
+        };
+        let shrink = "spec.storage.size cannot be reduced: a volume cannot shrink";
+        let class = STORAGE_RULES[1].1;
+        for (old, new, refused) in [
+            (("8Gi", None), ("8Gi", None), None),
+            (("8Gi", None), ("16Gi", None), None),
+            (("8Gi", None), ("8192Mi", None), None),
+            (("1Gi", None), ("1.5Gi", None), None),
+            (("10G", None), ("10Gi", None), None),
+            (("8Gi", None), ("4Gi", None), Some(shrink)),
+            (("1Ti", None), ("1000Gi", None), Some(shrink)),
+            (("10Gi", None), ("10G", None), Some(shrink)),
+            (("8Gi", Some("fast")), ("8Gi", Some("fast")), None),
+            (("8Gi", Some("fast")), ("16Gi", Some("fast")), None),
+            (("8Gi", Some("fast")), ("8Gi", None), None),
+            (("8Gi", Some("fast")), ("8Gi", Some("slow")), Some(class)),
+            (("8Gi", None), ("8Gi", Some("slow")), Some(class)),
+        ] {
+            let said = cel(old, new);
+            assert_eq!(
+                said,
+                refused.map(str::to_string).into_iter().collect::<Vec<_>>(),
+                "CEL on {old:?} -> {new:?}"
+            );
+            let ours = operator(old, new);
+            let ours_refuses = match ours {
+                Change::Shrink { .. } => Some(shrink),
+                Change::OtherClass { .. } => Some(class),
+                Change::Same | Change::Grow { .. } => None,
+            };
+            assert_eq!(
+                ours_refuses, refused,
+                "operator on {old:?} -> {new:?}: {ours:?}"
+            );
+        }
+        // A new object (no old one): transition rules do not apply.
+        assert!(validator
+            .validate(schema, &object("1Gi", Some("any")), None)
+            .is_ok());
+    }
 
     #[test]
     fn defaults_fill_an_empty_spec() {
