@@ -18,6 +18,10 @@ pub struct Metrics {
     pub keys_total: IntGauge,
     pub watchers: IntGauge,
     pub wal_fsync: Histogram,
+    /// Writes of applied batches to the state (etcd's backend commit).
+    pub backend_commit: Histogram,
+    /// `--quota-backend-bytes` as in effect.
+    pub quota_backend_bytes: IntGauge,
     pub compaction_keys: IntCounter,
     pub compaction_pending: IntGauge,
     pub batch_size: Histogram,
@@ -122,6 +126,17 @@ impl Default for Metrics {
                 "etcd_disk_wal_fsync_duration_seconds",
                 "The latency distributions of fsync called by WAL.",
                 prometheus::exponential_buckets(0.001, 2.0, 14).expect("valid buckets"),
+            ),
+            backend_commit: histogram(
+                &r,
+                "etcd_disk_backend_commit_duration_seconds",
+                "The latency distributions of commit called by backend.",
+                prometheus::exponential_buckets(0.001, 2.0, 14).expect("valid buckets"),
+            ),
+            quota_backend_bytes: gauge(
+                &r,
+                "etcd_server_quota_backend_bytes",
+                "Current backend storage quota size in bytes.",
             ),
             batch_size: histogram(
                 &r,

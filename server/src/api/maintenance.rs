@@ -108,6 +108,12 @@ impl Maintenance for MaintenanceService {
         req: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
         self.root_only(&req).await?;
+        // A compaction's records are deleted in the background: wait (bounded) until they are,
+        // or a defragmentation right after a compaction (NOSPACE recovery) reclaims nothing.
+        let until = tokio::time::Instant::now() + self.s.request_timeout();
+        while self.s.state.compactor.pending() > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         let state = self.s.state.clone();
         tokio::task::spawn_blocking(move || state.engine.defragment())
             .await

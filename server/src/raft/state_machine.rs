@@ -52,6 +52,8 @@ pub struct KvState {
     pub auth: crate::auth::Auth,
     /// Deletes the records compactions drop, in the background.
     pub compactor: crate::storage::Compactor,
+    /// Observes how long each applied batch takes to write (the server sets it).
+    pub commit_seconds: std::sync::OnceLock<prometheus::Histogram>,
 }
 
 pub(super) fn decode_position(meta: &StateMeta) -> Result<Position> {
@@ -135,6 +137,7 @@ impl KvState {
             history,
             auth,
             compactor,
+            commit_seconds: std::sync::OnceLock::new(),
         })
     }
 
@@ -302,7 +305,11 @@ impl KvState {
         let meta = self.position_meta(&store, &pos);
         let auth =
             auth_changed.then(|| prost::Message::encode_to_vec(&self.auth.store.read().to_state()));
+        let started = std::time::Instant::now();
         self.engine.write_state(&ws, &meta, auth.as_deref())?;
+        if let Some(h) = self.commit_seconds.get() {
+            h.observe(started.elapsed().as_secs_f64());
+        }
         if store.compacted() != compacted {
             // The index no longer reaches them; their records go in the background.
             self.compactor

@@ -123,11 +123,13 @@ impl EtcdServer {
             tls.peer_client.clone(),
         );
         let metrics = Metrics::default();
+        metrics.quota_backend_bytes.set(cfg.quota_backend_bytes);
         let state = Arc::new(KvState::open(
             engine.clone(),
             cfg.min_lease_ttl(),
             identity.member_id,
         )?);
+        let _ = state.commit_seconds.set(metrics.backend_commit.clone());
         state.auth.set_tokens(tokens);
         if state.auth.enabled() && cfg.peer_tls.as_ref().is_none_or(|t| !t.client_cert_auth) {
             // As with etcd: whoever reaches the peer port can propose as any user.

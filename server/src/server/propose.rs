@@ -67,10 +67,7 @@ impl EtcdServer {
         if req.encoded_len() > self.cfg.max_request_bytes {
             return Err(Error::RequestTooLarge);
         }
-        if needs_space(&req)
-            && self.db_size.load(Ordering::Relaxed) + req.encoded_len() as i64
-                > self.cfg.quota_backend_bytes
-        {
+        if needs_space(&req) && self.over_quota(req.encoded_len() as i64) {
             self.raise_nospace();
             return Err(Error::NoSpace);
         }
@@ -84,6 +81,20 @@ impl EtcdServer {
             Ok(Err(_)) => Err(Error::Internal("server stopped".into())),
             Err(_) => Err(Error::Timeout),
         }
+    }
+
+    /// Whether `more` bytes would take the state past `--quota-backend-bytes`. The size
+    /// refreshed twice a second decides, unless it says no: then the size is read afresh, so a
+    /// write right after space was reclaimed (compact, defragment, disarm) is not refused on a
+    /// stale size (and the alarm not raised again).
+    fn over_quota(&self, more: i64) -> bool {
+        let quota = self.cfg.quota_backend_bytes;
+        if self.db_size.load(Ordering::Relaxed) + more <= quota {
+            return false;
+        }
+        let size = self.state.engine.size();
+        self.db_size.store(size, Ordering::Relaxed);
+        size + more > quota
     }
 
     /// Raises the NOSPACE alarm for this member (once), as etcd does when a
