@@ -3,11 +3,12 @@
 # protoc, RocksDB (linked from the system instead of compiling its C++),
 # libclang for the RocksDB bindings, and etcd 3.4 + etcdctl, which the tests
 # run side by side with cairn; curl, openssl and procps (the end-to-end tests' S3 calls,
-# certificates and leftover check); and from PyPI, moto's S3-compatible server for
+# certificates and leftover check), promtool (Debian's prometheus package: the chart's alerting
+# rules are checked and unit-tested with it); and from PyPI, moto's S3-compatible server for
 # the backup tests. Idempotent; quiet when everything is there.
 set -euo pipefail
 
-packages=(protobuf-compiler libprotobuf-dev iproute2 librocksdb-dev libclang-dev clang pkg-config etcd-server etcd-client curl openssl procps)
+packages=(protobuf-compiler libprotobuf-dev iproute2 librocksdb-dev libclang-dev clang pkg-config etcd-server etcd-client curl openssl procps prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -959,6 +959,8 @@ pub mod condition {
     pub const STATEFUL_SET: &str = "StatefulSet";
     /// Whether the members' NetworkPolicy is in place.
     pub const NETWORK_POLICY: &str = "NetworkPolicy";
+    /// Whether the members have space (set once a NOSPACE alarm was seen).
+    pub const SPACE: &str = "Space";
     /// Whether the peer and client Services could be applied.
     pub const SERVICES: &str = "Services";
 }

@@ -4,7 +4,10 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, MemberAddOptions, MemberListResponse};
+use etcd_client::{
+    AlarmAction, AlarmOptions, AlarmType, Client, CompactionOptions, ConnectOptions,
+    MemberAddOptions, MemberListResponse,
+};
 use futures::future::join_all;
 
 use crate::layout::Layout;
@@ -488,6 +491,85 @@ impl Members {
             op: "Defragment",
             source: last.unwrap_or_else(|| etcd_client::Error::InvalidArgs("no access".into())),
         })
+    }
+
+    /// The members that raised the NOSPACE alarm.
+    pub async fn nospace_alarms(&self) -> Result<Vec<u64>, Error> {
+        let (mut client, _) = self.reach().await?;
+        let resp = client
+            .alarm(AlarmAction::Get, AlarmType::None, None)
+            .await
+            .map_err(|source| Error::Call {
+                op: "Alarm",
+                source,
+            })?;
+        Ok(resp
+            .alarms()
+            .iter()
+            .filter(|a| a.alarm() == AlarmType::Nospace)
+            .map(|a| a.member_id())
+            .collect())
+    }
+
+    /// Compacts the key space at its current revision, waiting until the member asked has
+    /// deleted what it drops (`physical`); returns the revision. A revision already compacted
+    /// is no error (nothing is left to drop).
+    pub async fn compact_to_current(&self) -> Result<i64, Error> {
+        let (mut client, _) = self.reach().await?;
+        let status = client.status().await.map_err(|source| Error::Call {
+            op: "Status",
+            source,
+        })?;
+        let revision = status.header().map_or(0, |h| h.revision());
+        match client
+            .compact(revision, Some(CompactionOptions::new().with_physical()))
+            .await
+        {
+            Ok(_) => Ok(revision),
+            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("compacted") => {
+                Ok(revision)
+            }
+            Err(source) => Err(Error::Call {
+                op: "Compact",
+                source,
+            }),
+        }
+    }
+
+    /// The size of the database of the member at `endpoint` (its own client URL), from Status.
+    pub async fn db_size(&self, endpoint: &str) -> Result<i64, Error> {
+        let mut last = None;
+        for access in self.access.variants() {
+            let opts = ConnectOptions::new()
+                .with_connect_timeout(CONNECT_TIMEOUT)
+                .with_timeout(CALL_TIMEOUT);
+            match access.connect(&[endpoint.to_string()], opts).await {
+                Ok(mut c) => match c.status().await {
+                    Ok(s) => return Ok(s.db_size()),
+                    Err(e) => last = Some(e),
+                },
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(Error::Call {
+            op: "Status",
+            source: last.unwrap_or_else(|| etcd_client::Error::InvalidArgs("no access".into())),
+        })
+    }
+
+    /// Disarms the NOSPACE alarm of member `id`.
+    pub async fn disarm_nospace(&self, id: u64) -> Result<(), Error> {
+        let (mut client, _) = self.reach().await?;
+        let mut options = AlarmOptions::new();
+        options.with_member(id);
+        client
+            .alarm(AlarmAction::Deactivate, AlarmType::Nospace, Some(options))
+            .await
+            .map_err(|source| Error::Call {
+                op: "Alarm",
+                source,
+            })?;
+        Ok(())
     }
 
     /// Removes a member.

@@ -1,11 +1,21 @@
-//! Prometheus metrics of the operator: reconciles (count, errors, duration) and membership
-//! operations. Served on `/metrics` next to `/healthz`.
+//! Prometheus metrics of the operator: reconciles (count, errors, duration), membership
+//! operations, and per cluster what the chart's alerts watch (members desired and ready, the
+//! last scheduled backup, failures in a row, when the members' certificates expire). Served on
+//! `/metrics` next to `/healthz`.
 
-use std::time::Instant;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use prometheus::{
-    histogram_opts, opts, Encoder, HistogramVec, IntCounterVec, Registry, TextEncoder,
+    histogram_opts, opts, Encoder, GaugeVec, HistogramVec, IntCounterVec, Registry, TextEncoder,
 };
+
+use crate::crd::{EtcdClusterSpec, EtcdClusterStatus};
+
+/// A cluster not reported for this long is gone (deleted): its gauges are dropped, so no alert
+/// fires for it. Reconciles run at least every few minutes.
+const STALE: Duration = Duration::from_secs(15 * 60);
 
 /// The operator's metrics, registered in their own registry.
 #[derive(Clone)]
@@ -15,6 +25,129 @@ pub struct Metrics {
     pub reconcile_errors: IntCounterVec,
     pub reconcile_duration: HistogramVec,
     pub membership_operations: IntCounterVec,
+    /// Per cluster (`namespace`, `cluster`): gauges from its spec and status.
+    pub cluster: ClusterGauges,
+}
+
+/// Gauges per cluster, set from the status each reconcile writes.
+#[derive(Clone)]
+pub struct ClusterGauges {
+    desired_members: GaugeVec,
+    ready_members: GaugeVec,
+    backup_last_success: GaugeVec,
+    backup_failures: GaugeVec,
+    certificate_expiry: GaugeVec,
+    /// When each cluster was last reported.
+    seen: Arc<Mutex<BTreeMap<(String, String), Instant>>>,
+}
+
+impl ClusterGauges {
+    fn new(registry: &Registry) -> Self {
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = GaugeVec::new(opts!(name, help), labels).unwrap();
+            registry.register(Box::new(g.clone())).unwrap();
+            g
+        };
+        let l = ["namespace", "cluster"];
+        ClusterGauges {
+            desired_members: gauge(
+                "cairn_operator_cluster_desired_members",
+                "spec.size of the EtcdCluster",
+                &l,
+            ),
+            ready_members: gauge(
+                "cairn_operator_cluster_ready_members",
+                "Members that answer (status.readyMembers)",
+                &l,
+            ),
+            backup_last_success: gauge(
+                "cairn_operator_backup_last_success_timestamp_seconds",
+                "Unix time of the last scheduled backup that succeeded (the cluster's creation before the first); only while scheduled backups are on",
+                &l,
+            ),
+            backup_failures: gauge(
+                "cairn_operator_backup_consecutive_failures",
+                "Consecutive failures of the current scheduled backup",
+                &l,
+            ),
+            certificate_expiry: gauge(
+                "cairn_operator_certificate_expiry_timestamp_seconds",
+                "Unix time the members' certificates issued by the operator expire (the earliest)",
+                &["namespace", "cluster", "certificate"],
+            ),
+            seen: Arc::default(),
+        }
+    }
+
+    /// Sets the gauges of one cluster from its spec and the status being written; drops those
+    /// of clusters not reported for [`STALE`].
+    pub fn report(
+        &self,
+        namespace: &str,
+        cluster: &str,
+        spec: &EtcdClusterSpec,
+        status: &EtcdClusterStatus,
+        created: Option<f64>,
+    ) {
+        let l = [namespace, cluster];
+        self.desired_members
+            .with_label_values(&l)
+            .set(spec.size as f64);
+        self.ready_members
+            .with_label_values(&l)
+            .set(status.ready_members as f64);
+        let scheduled = spec.backup.as_ref().is_some_and(|b| !b.suspend);
+        let backup = status.backup.as_ref();
+        let last = backup
+            .and_then(|b| b.last_backup.as_ref())
+            .map(|r| r.time.0.as_millisecond() as f64 / 1000.0)
+            .or(created);
+        match (scheduled, last) {
+            (true, Some(t)) => {
+                self.backup_last_success.with_label_values(&l).set(t);
+                self.backup_failures
+                    .with_label_values(&l)
+                    .set(backup.map_or(0, |b| b.failures) as f64);
+            }
+            _ => {
+                let _ = self.backup_last_success.remove_label_values(&l);
+                let _ = self.backup_failures.remove_label_values(&l);
+            }
+        }
+        let member = [namespace, cluster, "member"];
+        match status.tls.as_ref().and_then(|t| t.not_after.as_ref()) {
+            Some(t) => self
+                .certificate_expiry
+                .with_label_values(&member)
+                .set(t.0.as_millisecond() as f64 / 1000.0),
+            None => {
+                let _ = self.certificate_expiry.remove_label_values(&member);
+            }
+        }
+        let now = Instant::now();
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.insert((namespace.to_string(), cluster.to_string()), now);
+        let gone: Vec<(String, String)> = seen
+            .iter()
+            .filter(|(_, at)| now.duration_since(**at) > STALE)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (ns, c) in gone {
+            seen.remove(&(ns.clone(), c.clone()));
+            let l = [ns.as_str(), c.as_str()];
+            for g in [
+                &self.desired_members,
+                &self.ready_members,
+                &self.backup_last_success,
+                &self.backup_failures,
+            ] {
+                let _ = g.remove_label_values(&l);
+            }
+            let _ =
+                self.certificate_expiry
+                    .remove_label_values(&[ns.as_str(), c.as_str(), "member"]);
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -56,12 +189,14 @@ impl Default for Metrics {
         registry
             .register(Box::new(reconcile_duration.clone()))
             .unwrap();
+        let cluster = ClusterGauges::new(&registry);
         Metrics {
             registry,
             reconciles,
             reconcile_errors,
             reconcile_duration,
             membership_operations,
+            cluster,
         }
     }
 }
@@ -99,5 +234,68 @@ pub struct ReconcileTimer {
 impl Drop for ReconcileTimer {
     fn drop(&mut self) {
         self.hist.observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(v: serde_json::Value) -> EtcdClusterSpec {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn cluster_gauges_follow_spec_and_status() {
+        let m = Metrics::default();
+        let backup = serde_json::json!({"size": 3, "backup": {
+            "schedule": "0 * * * *",
+            "destination": {"s3": {"bucket": "b"}}}});
+        let mut status: EtcdClusterStatus = serde_json::from_value(serde_json::json!({
+            "readyMembers": 2,
+            "tls": {"client": "TLS", "peer": "TLS", "notAfter": "2027-01-01T00:00:00Z"}
+        }))
+        .unwrap();
+        m.cluster
+            .report("db", "a", &spec(backup.clone()), &status, Some(1000.0));
+        let text = m.render();
+        for line in [
+            r#"cairn_operator_cluster_desired_members{cluster="a",namespace="db"} 3"#,
+            r#"cairn_operator_cluster_ready_members{cluster="a",namespace="db"} 2"#,
+            // No backup yet: the cluster's creation.
+            r#"cairn_operator_backup_last_success_timestamp_seconds{cluster="a",namespace="db"} 1000"#,
+            r#"cairn_operator_backup_consecutive_failures{cluster="a",namespace="db"} 0"#,
+            r#"cairn_operator_certificate_expiry_timestamp_seconds{certificate="member",cluster="a",namespace="db"} 1798761600"#,
+        ] {
+            assert!(text.contains(line), "{line} not in\n{text}");
+        }
+        status.backup = Some(
+            serde_json::from_value(serde_json::json!({"failures": 2,
+                "lastBackup": {"time": "2026-12-07T00:00:00Z", "key": "k", "size": 1,
+                               "revision": 1, "sha256": "x"}}))
+            .unwrap(),
+        );
+        m.cluster
+            .report("db", "a", &spec(backup), &status, Some(1000.0));
+        let text = m.render();
+        assert!(text.contains(
+            r#"cairn_operator_backup_last_success_timestamp_seconds{cluster="a",namespace="db"} 1796601600"#
+        ), "{text}");
+        assert!(text.contains(
+            r#"cairn_operator_backup_consecutive_failures{cluster="a",namespace="db"} 2"#
+        ));
+        // Backups and TLS off: those gauges go, so their alerts cannot fire.
+        status.tls = None;
+        m.cluster.report(
+            "db",
+            "a",
+            &spec(serde_json::json!({"size": 3})),
+            &status,
+            None,
+        );
+        let text = m.render();
+        assert!(!text.contains("cairn_operator_backup_last_success_timestamp_seconds{"));
+        assert!(!text.contains("cairn_operator_certificate_expiry_timestamp_seconds{"));
+        assert!(text.contains("cairn_operator_cluster_desired_members"));
     }
 }

@@ -587,13 +587,9 @@ pub fn statefulset_restoring(
     let mut pod_labels = tmpl.labels.clone();
     pod_labels.extend(labels(ec));
     let (tls_volumes, tls_mounts) = tls_volumes(serving);
-    // With TLS on the client port, probes (which present no certificate) use the plain port.
-    let probe_port = if serving.client.is_some() {
-        METRICS_PORT
-    } else {
-        CLIENT_PORT
-    };
-    let mut ports = vec![
+    // Probes (which present no certificate) and Prometheus use the plain metrics port.
+    let probe_port = METRICS_PORT;
+    let ports = vec![
         ContainerPort {
             name: Some("client".to_string()),
             container_port: CLIENT_PORT,
@@ -606,15 +602,13 @@ pub fn statefulset_restoring(
             protocol: Some("TCP".to_string()),
             ..ContainerPort::default()
         },
-    ];
-    if serving.client.is_some() {
-        ports.push(ContainerPort {
+        ContainerPort {
             name: Some("metrics".to_string()),
             container_port: METRICS_PORT,
             protocol: Some("TCP".to_string()),
             ..ContainerPort::default()
-        });
-    }
+        },
+    ];
 
     let container = Container {
         name: "cairn".to_string(),
@@ -1126,11 +1120,11 @@ mod tests {
         };
         assert_eq!(
             path(&c.readiness_probe),
-            ("/readyz?voter".to_string(), IntOrString::Int(2379))
+            ("/readyz?voter".to_string(), IntOrString::Int(2381))
         );
         assert_eq!(
             path(&c.liveness_probe),
-            ("/livez".to_string(), IntOrString::Int(2379))
+            ("/livez".to_string(), IntOrString::Int(2381))
         );
         let args = c.args.as_ref().unwrap();
         for want in [
@@ -1143,6 +1137,7 @@ mod tests {
             "--initial-cluster=$(INITIAL_CLUSTER)",
             "--initial-cluster-state=$(INITIAL_CLUSTER_STATE)",
             "--initial-cluster-token=$(INITIAL_CLUSTER_TOKEN)",
+            "--listen-metrics-urls=http://0.0.0.0:2381",
         ] {
             assert!(args.iter().any(|a| a == want), "missing {want} in {args:?}");
         }

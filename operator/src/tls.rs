@@ -260,11 +260,12 @@ impl Serving {
             if self.client_cert_auth {
                 out.push("--client-cert-auth".to_string());
             }
-            // Probes cannot present a client certificate: they use a plain port of their own.
-            out.push(format!(
-                "--listen-metrics-urls=http://0.0.0.0:{METRICS_PORT}"
-            ));
         }
+        // Probes and Prometheus use a plain port of their own, with or without client TLS
+        // (they present no client certificate): one port to scrape on every member.
+        out.push(format!(
+            "--listen-metrics-urls=http://0.0.0.0:{METRICS_PORT}"
+        ));
         if self.peer.is_some() {
             let dir = format!("{MOUNT}/peer");
             out.push(format!("--peer-cert-file={dir}/{TLS_CRT}"));
@@ -720,6 +721,7 @@ mod tests {
                 "--advertise-client-urls=http://h:2379",
                 "--listen-peer-urls=http://0.0.0.0:2380",
                 "--initial-advertise-peer-urls=http://h:2380",
+                "--listen-metrics-urls=http://0.0.0.0:2381",
             ]
         );
         let tls_only = Serving {

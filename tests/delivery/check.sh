@@ -20,6 +20,31 @@ helm template cairn-operator "$chart" --namespace ops --set watchNamespace=db,re
   --set-string cairnImage=registry.local/cairn:1 > "$work/variant.yaml"
 kubernetes-validate --strict --quiet "$work/default.yaml" "$work/variant.yaml"
 
+echo "== monitoring: the alerting rules (promtool check + unit tests), the chart's monitoring objects"
+promtool check rules "$chart/monitoring/rules.yaml"
+promtool test rules tests/monitoring/rules_test.yaml
+helm template cairn-operator "$chart" --namespace cairn-system --set monitoring.enabled=true > "$work/monitoring.yaml"
+# The Prometheus Operator's kinds are checked here (its CRDs are not in kubernetes-validate): the
+# PrometheusRule carries the rules promtool checked, the dashboard is JSON, every monitor is there.
+python3 - "$work/monitoring.yaml" "$work/rendered-rules.yaml" "$work/monitoring-core.yaml" <<'PY'
+import json, sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+kinds = {d["kind"] for d in docs}
+for k in ("PodMonitor", "ServiceMonitor", "PrometheusRule"):
+    assert k in kinds, f"{k} not rendered"
+pod = next(d for d in docs if d["kind"] == "PodMonitor")
+assert pod["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+rule = next(d for d in docs if d["kind"] == "PrometheusRule")
+assert rule["spec"] == yaml.safe_load(open("charts/cairn-operator/monitoring/rules.yaml"))
+yaml.safe_dump(rule["spec"], open(sys.argv[2], "w"))
+board = next(d for d in docs if d["kind"] == "ConfigMap" and "cairn.json" in d.get("data", {}))
+assert json.loads(board["data"]["cairn.json"])["panels"]
+core = [d for d in docs if not d["apiVersion"].startswith("monitoring.coreos.com/")]
+yaml.safe_dump_all(core, open(sys.argv[3], "w"))
+PY
+promtool check rules "$work/rendered-rules.yaml"
+kubernetes-validate --strict --quiet "$work/monitoring-core.yaml"
+
 echo "== deploy/ | kubernetes-validate --strict"
 kubernetes-validate --strict --quiet deploy/*.yaml
 

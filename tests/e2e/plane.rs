@@ -513,6 +513,10 @@ impl ControlPlane {
                 "--namespace",
                 "cairn-system",
                 "--create-namespace",
+                // Kubernetes 1.20's server-side apply refuses the CRD's CEL rules
+                // (x-kubernetes-validations, a field it does not know); a plain create drops
+                // them, as such an API server does (README: API servers before 1.25).
+                "--server-side=false",
                 "--set",
                 "image.pullPolicy=Never",
                 "--set",

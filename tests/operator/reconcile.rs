@@ -1661,3 +1661,104 @@ async fn scheduled_defragmentation_runs_member_by_member_leader_last() {
         ("True".into(), "Completed".into())
     );
 }
+
+/// Writes values of 100 kB to `key(i)` until the member refuses with NOSPACE. The values are
+/// noise: RocksDB compresses, and a run of one byte would take no space once compacted.
+async fn fill_until_nospace(c: &mut etcd_client::Client, key: impl Fn(usize) -> String) {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for i in 0..400 {
+        let value: Vec<u8> = (0..100_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        if let Err(e) = c.put(key(i), value, None).await {
+            assert!(e.to_string().contains("database space exceeded"), "{e}");
+            return;
+        }
+        // The size the quota sees is refreshed twice a second.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no NOSPACE after 400 writes of 100 kB");
+}
+
+/// A NOSPACE alarm is handled, not just reported: when the space went to history, the
+/// reconcile compacts, defragments and disarms (Event NoSpaceRecovered) and writes work again;
+/// when live data fills the quota, the alarm stays, the Space condition says why, and the next
+/// attempt waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nospace_alarm_is_cleared_by_compacting_and_defragmenting() {
+    let mut w = World::new(
+        "full",
+        json!({"size": 1, "server": {"quotaBackendBytes": 3_000_000}}),
+    );
+    w.pods.extra = vec!["--quota-backend-bytes=3000000".to_string()];
+    w.until("bootstrapped", |w| w.status()["readyMembers"] == 1)
+        .await;
+    let mut c = etcd_client::Client::connect([w.pods.layout.client_url(0)], None)
+        .await
+        .unwrap();
+    let nospace = |alarms: &etcd_client::AlarmResponse| {
+        alarms
+            .alarms()
+            .iter()
+            .any(|a| a.alarm() == etcd_client::AlarmType::Nospace)
+    };
+
+    fill_until_nospace(&mut c, |_| "history".to_string()).await;
+    w.reconcile().await.unwrap();
+    assert_eq!(w.condition("Space"), ("True".into(), "Recovered".into()));
+    let recovered: Vec<String> = events(&w.api)
+        .into_iter()
+        .filter(|(r, _)| r == "NoSpaceRecovered")
+        .map(|(_, m)| m)
+        .collect();
+    assert_eq!(recovered.len(), 1, "{recovered:?}");
+    assert!(
+        recovered[0].contains("compacted at revision"),
+        "{}",
+        recovered[0]
+    );
+    let alarms = c
+        .alarm(
+            etcd_client::AlarmAction::Get,
+            etcd_client::AlarmType::None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(!nospace(&alarms));
+    // At once: the quota check does not refuse on the size it read before the recovery.
+    c.put("after", "ok", None).await.unwrap();
+
+    // Live data over the quota: nothing to reclaim.
+    fill_until_nospace(&mut c, |i| format!("live/{i}")).await;
+    w.reconcile().await.unwrap();
+    assert_eq!(
+        w.condition("Space"),
+        ("False".into(), "QuotaExceeded".into())
+    );
+    assert!(events(&w.api)
+        .iter()
+        .any(|(r, m)| r == "QuotaExceeded" && m.contains("quotaBackendBytes")));
+    let alarms = c
+        .alarm(
+            etcd_client::AlarmAction::Get,
+            etcd_client::AlarmType::None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(nospace(&alarms), "the alarm of a full member stays");
+    // The next round does not defragment again at once.
+    w.api.clear_calls();
+    w.reconcile().await.unwrap();
+    assert!(!events(&w.api).iter().any(|(r, _)| r == "QuotaExceeded"));
+    assert_eq!(
+        w.condition("Space"),
+        ("False".into(), "QuotaExceeded".into())
+    );
+}

@@ -711,6 +711,12 @@ impl<'a> Reconciler<'a> {
         {
             requeue = requeue.min(after);
         }
+        // A NOSPACE alarm stops every write: handled whatever else is under way.
+        if let (Some(v), false) = (view.as_ref().filter(|v| v.leader.is_some()), spec.paused) {
+            if let Some(after) = self.nospace(&prev, v, &mut status).await {
+                requeue = requeue.min(after);
+            }
+        }
         // Maintenance only while nothing else changes the members.
         if step == Step::Steady && roll == Roll::Steady && !spec.paused {
             if let Some(after) = self.maintenance(&prev, view.as_ref(), &mut status).await {
@@ -1321,6 +1327,19 @@ impl<'a> Reconciler<'a> {
     }
 
     async fn patch_status(&self, status: EtcdClusterStatus) -> Result<(), Error> {
+        let created = self
+            .ec
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.as_millisecond() as f64 / 1000.0);
+        self.ctx.metrics.cluster.report(
+            self.ns,
+            &self.names.cluster,
+            &self.ec.spec,
+            &status,
+            created,
+        );
         let api: Api<EtcdCluster> = self.api();
         let patch = serde_json::json!({
             "apiVersion": "cairn.dev/v1alpha1",

@@ -6,7 +6,205 @@ use super::*;
 use crate::backup::Due;
 use crate::maintenance::{next_defrag, Defrag};
 
+/// cairn's `--quota-backend-bytes` when none is given (etcd's 2 GiB).
+const DEFAULT_QUOTA_BYTES: i64 = 2 << 30;
+
+/// How long a NOSPACE alarm that compaction and defragmentation did not clear waits before the
+/// next attempt (each defragments every member).
+const NOSPACE_RETRY: Duration = Duration::from_secs(300);
+
 impl Reconciler<'_> {
+    /// Handles a NOSPACE alarm (the cluster takes no writes until space is reclaimed, as etcd's
+    /// runbook says): compacts at the current revision (waiting until the records are gone),
+    /// defragments every voter one at a time (followers first, the leader last), then disarms
+    /// the alarm of each member whose database is back under the quota, and says so in an
+    /// Event. A member still over it (its data does not fit the quota) keeps its alarm: the
+    /// `Space` condition says so, and the next attempt waits [`NOSPACE_RETRY`]. Returns when
+    /// to look again, `None` without an alarm.
+    pub(super) async fn nospace(
+        &self,
+        prev: &EtcdClusterStatus,
+        view: &ClusterView,
+        status: &mut EtcdClusterStatus,
+    ) -> Option<Duration> {
+        let generation = self.ec.metadata.generation;
+        let t = now();
+        let members = self.members_of(view);
+        let alarmed = match members.nospace_alarms().await {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "reading the alarms");
+                return None;
+            }
+        };
+        let last = prev.condition(condition::SPACE);
+        if alarmed.is_empty() {
+            if last.is_some_and(|c| c.status != "True") {
+                status.set_condition(
+                    condition::SPACE,
+                    true,
+                    "NoAlarm",
+                    "no NOSPACE alarm is raised".to_string(),
+                    generation,
+                    &t,
+                );
+            }
+            return None;
+        }
+        if let Some(c) = last.filter(|c| c.reason == "QuotaExceeded") {
+            let since = Duration::try_from(t.0.duration_since(c.last_transition_time.0))
+                .unwrap_or(Duration::ZERO);
+            if since < NOSPACE_RETRY {
+                return Some(NOSPACE_RETRY - since);
+            }
+        }
+        let quota = self
+            .ec
+            .spec
+            .server
+            .quota_backend_bytes
+            .filter(|q| *q > 0)
+            .unwrap_or(DEFAULT_QUOTA_BYTES);
+        let started = std::time::Instant::now();
+        let revision = match members.compact_to_current().await {
+            Ok(r) => r,
+            Err(e) => {
+                let msg = format!("NOSPACE alarm: compacting failed: {e}");
+                self.event(
+                    EventType::Warning,
+                    "NoSpaceRecoveryFailed",
+                    "Compact",
+                    msg.clone(),
+                )
+                .await;
+                status.set_condition(
+                    condition::SPACE,
+                    false,
+                    "RecoveryFailed",
+                    msg,
+                    generation,
+                    &t,
+                );
+                return Some(WAIT_REQUEUE);
+            }
+        };
+        let mut done = Vec::new();
+        loop {
+            match next_defrag(self.layout.as_ref(), view, &done) {
+                Defrag::Member { id, ordinal, .. } => {
+                    if let Err(e) = members.defragment(&self.layout.client_url(ordinal)).await {
+                        let msg = format!(
+                            "NOSPACE alarm: defragmenting {}: {e}",
+                            self.layout.member(ordinal)
+                        );
+                        self.event(
+                            EventType::Warning,
+                            "NoSpaceRecoveryFailed",
+                            "Defragment",
+                            msg.clone(),
+                        )
+                        .await;
+                        status.set_condition(
+                            condition::SPACE,
+                            false,
+                            "RecoveryFailed",
+                            msg,
+                            generation,
+                            &t,
+                        );
+                        return Some(WAIT_REQUEUE);
+                    }
+                    done.push(id);
+                }
+                Defrag::Wait(why) => {
+                    let msg = format!("NOSPACE alarm: recovery waits: {why}");
+                    status.set_condition(
+                        condition::SPACE,
+                        false,
+                        "RecoveryWaiting",
+                        msg,
+                        generation,
+                        &t,
+                    );
+                    return Some(WAIT_REQUEUE);
+                }
+                Defrag::Done => break,
+            }
+        }
+        let mut disarmed = Vec::new();
+        let mut full = Vec::new();
+        for id in alarmed {
+            let Some(m) = view.members.iter().find(|m| m.id == id) else {
+                // A member no longer in the cluster: its alarm can go.
+                if members.disarm_nospace(id).await.is_ok() {
+                    disarmed.push(format!("{id:x}"));
+                }
+                continue;
+            };
+            let name = view
+                .ordinal(self.layout.as_ref(), m)
+                .map_or_else(|| format!("{id:x}"), |o| self.layout.member(o));
+            let size = match view.ordinal(self.layout.as_ref(), m) {
+                Some(o) => members.db_size(&self.layout.client_url(o)).await.ok(),
+                None => None,
+            };
+            match size {
+                Some(size) if size < quota => match members.disarm_nospace(id).await {
+                    Ok(()) => disarmed.push(format!("{name} ({size} bytes)")),
+                    Err(e) => full.push(format!("{name}: disarming failed: {e}")),
+                },
+                Some(size) => full.push(format!("{name} has {size} bytes")),
+                None => full.push(format!("{name}: its size is unknown")),
+            }
+        }
+        if !disarmed.is_empty() {
+            self.event(
+                EventType::Normal,
+                "NoSpaceRecovered",
+                "Defragment",
+                format!(
+                    "NOSPACE alarm: compacted at revision {revision}, defragmented {} members in {:.1?}, disarmed the alarm of {}",
+                    done.len(),
+                    started.elapsed(),
+                    disarmed.join(", ")
+                ),
+            )
+            .await;
+        }
+        if full.is_empty() {
+            status.set_condition(
+                condition::SPACE,
+                true,
+                "Recovered",
+                format!("the NOSPACE alarm was cleared after compacting at revision {revision} and defragmenting"),
+                generation,
+                &t,
+            );
+            Some(STEP_REQUEUE)
+        } else {
+            let msg = format!(
+                "NOSPACE alarm stays: after compacting at revision {revision} and defragmenting, {} (quota {quota} bytes): raise spec.server.quotaBackendBytes or delete data",
+                full.join(", ")
+            );
+            self.event(
+                EventType::Warning,
+                "QuotaExceeded",
+                "Defragment",
+                msg.clone(),
+            )
+            .await;
+            status.set_condition(
+                condition::SPACE,
+                false,
+                "QuotaExceeded",
+                msg,
+                generation,
+                &t,
+            );
+            Some(NOSPACE_RETRY)
+        }
+    }
+
     /// Starts a defragmentation run when its schedule is due and defragments its next member
     /// while every voter is healthy; fills `status.maintenance` and the `Maintenance`
     /// condition. Returns when to look again.
