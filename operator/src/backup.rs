@@ -5,8 +5,10 @@
 //!
 //! Object layout under a destination's prefix:
 //! `<prefix>/<namespace>/<cluster>/<cluster uid>/<UTC time>.snap` and `<UTC time>.json` (the
-//! manifest: key, size, revision, SHA-256, time). Retention lists that one directory and touches
-//! only names of that exact form.
+//! manifest: key, size, revision, SHA-256, time); on-demand backups (EtcdBackup objects) under
+//! `.../<cluster uid>/on-demand/<EtcdBackup name>/`. Retention lists the scheduled directory only
+//! (not its subdirectories) and touches only names of that exact form: it never deletes an
+//! on-demand backup.
 
 use std::path::Path as FsPath;
 use std::sync::Arc;
@@ -21,6 +23,9 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use sha2::{Digest, Sha256};
 
 use crate::crd::{BackupDestination, BackupRecord, RetentionSpec};
+
+/// The subdirectory of a cluster's directory that holds its on-demand backups.
+pub const ON_DEMAND_DIR: &str = "on-demand";
 
 /// Size of each uploaded part (S3 wants at least 5 MiB but the last).
 const PART_SIZE: usize = 8 << 20;
@@ -99,9 +104,21 @@ impl Destination {
         })
     }
 
-    /// The directory of one cluster's backups.
+    /// The directory of one cluster's scheduled backups.
     pub fn cluster_dir(&self, namespace: &str, cluster: &str, uid: &str) -> String {
         join(&[&self.prefix, namespace, cluster, uid])
+    }
+
+    /// The directory of the on-demand backup `name` (an EtcdBackup) of a cluster: below the
+    /// cluster's, so that a restore from the cluster's latest backup finds it, but apart from
+    /// the scheduled ones, so that their retention (which lists the cluster's directory only)
+    /// never deletes it.
+    pub fn on_demand_dir(&self, namespace: &str, cluster: &str, uid: &str, name: &str) -> String {
+        join(&[
+            &self.cluster_dir(namespace, cluster, uid),
+            ON_DEMAND_DIR,
+            name,
+        ])
     }
 }
 

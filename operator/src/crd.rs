@@ -886,6 +886,11 @@ pub struct Operation {
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Key", type_ = "string", json_path = ".status.backup.key"),
     printcolumn(
+        name = "Completed",
+        type_ = "date",
+        json_path = ".status.completionTime"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -933,6 +938,38 @@ pub struct EtcdBackupStatus {
     /// Attempts made so far.
     #[serde(default)]
     pub attempts: i32,
+    /// When the first attempt started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When it succeeded, or failed for the last time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// As a Job's: `Complete` (True once the backup is stored) or `Failed` (True once every
+    /// attempt failed); `kubectl wait --for=condition=Complete etcdbackup/<name>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+impl EtcdBackupStatus {
+    /// Sets a condition, keeping its `lastTransitionTime` when the status did not change.
+    pub fn set_condition(
+        &mut self,
+        type_: &str,
+        status: bool,
+        reason: &str,
+        message: String,
+        now: &Time,
+    ) {
+        set_condition(
+            &mut self.conditions,
+            type_,
+            status,
+            reason,
+            message,
+            None,
+            now,
+        );
+    }
 }
 
 /// Condition types.
@@ -977,6 +1014,38 @@ pub mod reason {
     pub const UPGRADE_WAITING: &str = "UpgradeWaiting";
 }
 
+/// Sets a condition in `conditions`, keeping its `lastTransitionTime` when the status did not
+/// change.
+fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) {
+    let status = if status { "True" } else { "False" }.to_string();
+    if let Some(c) = conditions.iter_mut().find(|c| c.type_ == type_) {
+        if c.status != status {
+            c.last_transition_time = now.clone();
+        }
+        c.status = status;
+        c.reason = reason.to_string();
+        c.message = message;
+        c.observed_generation = generation;
+    } else {
+        conditions.push(Condition {
+            type_: type_.to_string(),
+            status,
+            reason: reason.to_string(),
+            message,
+            observed_generation: generation,
+            last_transition_time: now.clone(),
+        });
+    }
+}
+
 impl EtcdClusterStatus {
     /// Sets a condition, keeping its `lastTransitionTime` when the status did not change.
     pub fn set_condition(
@@ -988,26 +1057,15 @@ impl EtcdClusterStatus {
         generation: Option<i64>,
         now: &Time,
     ) {
-        let status = if status { "True" } else { "False" }.to_string();
-        let message = message.into();
-        if let Some(c) = self.conditions.iter_mut().find(|c| c.type_ == type_) {
-            if c.status != status {
-                c.last_transition_time = now.clone();
-            }
-            c.status = status;
-            c.reason = reason.to_string();
-            c.message = message;
-            c.observed_generation = generation;
-        } else {
-            self.conditions.push(Condition {
-                type_: type_.to_string(),
-                status,
-                reason: reason.to_string(),
-                message,
-                observed_generation: generation,
-                last_transition_time: now.clone(),
-            });
-        }
+        set_condition(
+            &mut self.conditions,
+            type_,
+            status,
+            reason,
+            message.into(),
+            generation,
+            now,
+        );
     }
 
     /// A restore that cannot go on: not available, not progressing, degraded, with why.

@@ -952,14 +952,53 @@ async fn an_on_demand_backup_runs_once_and_reports() {
     }
     let st = w.api.get(&path("now")).unwrap()["status"].clone();
     let key = st["backup"]["key"].as_str().unwrap().to_string();
+    // Apart from the scheduled backups (the cluster's directory), under the EtcdBackup's name.
     assert!(
-        key.starts_with(&format!("etcd/{NS}/theta/uid-theta/")),
+        key.starts_with(&format!("etcd/{NS}/theta/uid-theta/on-demand/now/")),
         "{key}"
     );
-    let rec = cairn_operator::backup::record(&moto.open("scheduled", "etcd"), &key)
-        .await
-        .unwrap();
+    let dest = moto.open("scheduled", "etcd");
+    let rec = cairn_operator::backup::record(&dest, &key).await.unwrap();
     assert_eq!(rec.sha256, st["backup"]["sha256"].as_str().unwrap());
+    // Start and completion times, and a Job's Complete condition.
+    let (started, completed) = (
+        st["startTime"].as_str().unwrap(),
+        st["completionTime"].as_str().unwrap(),
+    );
+    assert!(started <= completed, "{st}");
+    let complete = st["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Complete")
+        .unwrap();
+    assert_eq!(complete["status"], "True");
+    assert_eq!(complete["reason"], "BackupSucceeded");
+    // Retention of scheduled backups never sees it: even keeping none of them leaves it.
+    let dir = dest.cluster_dir(NS, "theta", "uid-theta");
+    assert!(cairn_operator::backup::list_backups(&dest, &dir)
+        .await
+        .unwrap()
+        .is_empty());
+    let keep_none: cairn_operator::crd::RetentionSpec =
+        serde_json::from_value(json!({"maxAge": "1s"})).unwrap();
+    cairn_operator::backup::apply_retention(
+        &dest,
+        &dir,
+        &keep_none,
+        jiff::Timestamp::now() + std::time::Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
+    assert!(cairn_operator::backup::record(&dest, &key).await.is_ok());
+    // A restore from the cluster's latest backup finds it.
+    assert_eq!(
+        cairn_operator::backup::latest(&dest, &dir)
+            .await
+            .unwrap()
+            .key,
+        key
+    );
     assert!(events(&w.api)
         .iter()
         .any(|(r, n)| r == "BackupSucceeded" && n.contains(&key)));

@@ -76,13 +76,23 @@ pub async fn reconcile_backup(eb: Arc<EtcdBackup>, ctx: Arc<Context>) -> Result<
                 .await;
                 st.phase = Some(BackupPhase::Succeeded);
                 st.message = None;
+                st.completion_time = Some(now());
+                st.set_condition(
+                    "Complete",
+                    true,
+                    "BackupSucceeded",
+                    format!("stored {}", rec.key),
+                    &now(),
+                );
                 st.backup = Some(rec);
             }
             Err(msg) => {
                 publish(EventType::Warning, "BackupFailed", msg.clone()).await;
-                st.message = Some(msg);
+                st.message = Some(msg.clone());
                 if st.attempts >= ON_DEMAND_ATTEMPTS {
                     st.phase = Some(BackupPhase::Failed);
+                    st.completion_time = Some(now());
+                    st.set_condition("Failed", true, "BackupFailed", msg, &now());
                 } else {
                     st.phase = Some(BackupPhase::Pending);
                     requeue = crate::backup::retry_backoff(st.attempts);
@@ -113,8 +123,12 @@ pub async fn reconcile_backup(eb: Arc<EtcdBackup>, ctx: Arc<Context>) -> Result<
                     .collect();
                 match r.destination(&eb.spec.destination).await {
                     Ok(dest) => {
-                        let dir =
-                            dest.cluster_dir(&ns, &r.names.cluster, &ec.uid().unwrap_or_default());
+                        let dir = dest.on_demand_dir(
+                            &ns,
+                            &r.names.cluster,
+                            &ec.uid().unwrap_or_default(),
+                            &eb.name_any(),
+                        );
                         let work = crate::backup::backup_and_prune(
                             endpoints,
                             r.access.clone(),
@@ -128,16 +142,20 @@ pub async fn reconcile_backup(eb: Arc<EtcdBackup>, ctx: Arc<Context>) -> Result<
                         {
                             st.phase = Some(BackupPhase::Running);
                             st.message = None;
+                            st.start_time.get_or_insert_with(now);
                         }
                     }
                     Err(e) => {
                         st.attempts += 1;
                         st.message = Some(e.to_string());
-                        st.phase = Some(if st.attempts >= ON_DEMAND_ATTEMPTS {
-                            BackupPhase::Failed
+                        st.start_time.get_or_insert_with(now);
+                        if st.attempts >= ON_DEMAND_ATTEMPTS {
+                            st.phase = Some(BackupPhase::Failed);
+                            st.completion_time = Some(now());
+                            st.set_condition("Failed", true, "BackupFailed", e.to_string(), &now());
                         } else {
-                            BackupPhase::Pending
-                        });
+                            st.phase = Some(BackupPhase::Pending);
+                        }
                         requeue = crate::backup::retry_backoff(st.attempts);
                     }
                 }
