@@ -977,7 +977,284 @@ async fn s6_bad_input_is_refused_and_unreachable_backups_show_in_status() {
     let (avail, _, _) = c.condition("Available").await;
     assert_eq!(avail, "True");
     etcdctl(&cp, &c.service(), &["put", "still", "writable"]).unwrap();
+
+    day_two_on_a_real_api_server(&cp, &c).await;
 }
+
+/// Issue 24's edits on Kubernetes 1.20, on a 3-member cluster whose scheduled backups fail:
+/// the NetworkPolicy as the API server took it; a bigger `spec.storage.size` (1.20 resizes only
+/// bound, dynamically provisioned claims: the e2e's are neither) said in the Storage condition
+/// while status and scheduled backups go on; a smaller one refused by the operator (1.20 does
+/// not run the CRD's CEL rules); a learner held out of the client Service's endpoints while it
+/// is one; the chart's monitoring objects installed by `helm upgrade`.
+async fn day_two_on_a_real_api_server(cp: &ControlPlane, c: &Cluster<'_>) {
+    use k8s_openapi::api::core::v1::Endpoints;
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+    // The members' NetworkPolicy, accepted by the API server.
+    let nps: Api<NetworkPolicy> = Api::namespaced(cp.client.clone(), &c.ns);
+    let np = nps.get(&format!("{}-members", c.name)).await.unwrap();
+    let ingress = np.spec.unwrap().ingress.unwrap();
+    let port = |i: usize| ingress[i].ports.as_ref().unwrap()[0].port.clone();
+    assert_eq!(port(0), Some(IntOrString::Int(2380)));
+    assert!(ingress[0].from.as_ref().is_some_and(|f| !f.is_empty()));
+    assert_eq!(port(1), Some(IntOrString::Int(2379)));
+    assert!(
+        ingress[1].from.is_none(),
+        "the client port is open by default"
+    );
+    assert_eq!(c.condition("NetworkPolicy").await.0, "True");
+
+    // Bigger volumes on an API server that cannot grow them.
+    let failures = |st: &Value| st["backup"]["failures"].as_i64().unwrap_or(0);
+    let before = failures(&c.status().await);
+    let storage = |size: &str| Patch::Merge(json!({"spec": {"storage": {"size": size}}}));
+    c.api
+        .patch(&c.name, &PatchParams::default(), &storage("2Gi"))
+        .await
+        .unwrap();
+    let generation = c.api.get(&c.name).await.unwrap().metadata.generation;
+    let msg = eventually(
+        Duration::from_secs(90),
+        Duration::from_secs(1),
+        async || {
+            let (ok, reason, msg) = c.condition("Storage").await;
+            let st = c.status().await;
+            if ok == "False"
+                && reason == "ExpansionNotSupported"
+                && st["observedGeneration"].as_i64() == generation
+                && failures(&st) > before
+            {
+                return Ok(msg);
+            }
+            Err(format!("Storage {ok}/{reason}: {msg}; status {st:#}"))
+        },
+    )
+    .await;
+    eprintln!("e2e: storage edit without expansion: {msg}");
+    assert!(msg.contains("volume claim"), "{msg}");
+    assert_eq!(c.condition("Available").await.0, "True");
+    // Smaller than the volumes: refused by the operator, nothing changed.
+    c.api
+        .patch(&c.name, &PatchParams::default(), &storage("512Mi"))
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        async || match c.condition("Storage").await {
+            (ok, reason, _) if ok == "False" && reason == "ShrinkRefused" => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
+    c.api
+        .patch(&c.name, &PatchParams::default(), &storage("1Gi"))
+        .await
+        .unwrap();
+
+    // A learner is not in the client Service's ready endpoints. The endpoints are read before
+    // the member list: a member that is a learner in the later list was one at the earlier read.
+    let endpoints: Api<Endpoints> = Api::namespaced(cp.client.clone(), &c.ns);
+    let pods: Api<Pod> = Api::namespaced(cp.client.clone(), &c.ns);
+    c.resize(4).await;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut held_out = 0;
+    loop {
+        let ep = endpoints.get(&c.name).await.unwrap();
+        let ips = |ready: bool| -> Vec<String> {
+            ep.subsets
+                .iter()
+                .flatten()
+                .flat_map(|s| {
+                    if ready {
+                        s.addresses.clone()
+                    } else {
+                        s.not_ready_addresses.clone()
+                    }
+                })
+                .flatten()
+                .map(|a| a.ip)
+                .collect()
+        };
+        let (ready, not_ready) = (ips(true), ips(false));
+        let Ok(list) = etcdctl(cp, &c.service(), &["member", "list", "-w", "json"]) else {
+            continue;
+        };
+        let list: Value = serde_json::from_str(&list).unwrap();
+        let members = list["members"].as_array().cloned().unwrap_or_default();
+        let learners: Vec<String> = members
+            .iter()
+            .filter(|m| m["isLearner"] == true)
+            .filter_map(|m| m["peerURLs"][0].as_str())
+            .filter_map(|u| u.split("//").nth(1)?.split('.').next().map(str::to_string))
+            .collect();
+        for l in &learners {
+            let Some(ip) = pods
+                .get_opt(l)
+                .await
+                .unwrap()
+                .and_then(|p| p.status?.pod_ip)
+            else {
+                continue;
+            };
+            assert!(
+                !ready.contains(&ip),
+                "learner {l} ({ip}) is in the client Service's ready endpoints {ready:?}"
+            );
+            if not_ready.contains(&ip) {
+                held_out += 1;
+            }
+        }
+        if learners.is_empty() && members.len() == 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no 4th voter: {list:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        held_out > 0,
+        "the learner's pod was never seen running and held out of the endpoints"
+    );
+    eprintln!("e2e: the learner was seen {held_out} times running and out of the endpoints");
+    c.until_settled(4, Duration::from_secs(120)).await;
+
+    // The chart's monitoring, with the Prometheus Operator's CRDs (stand-ins: their schema
+    // is not what is tested here).
+    apply(cp, "default", PROMETHEUS_OPERATOR_CRDS).unwrap();
+    let out = cp
+        .helm()
+        .args([
+            "upgrade",
+            "cairn-operator",
+            &crate::plane::repo()
+                .join("charts/cairn-operator")
+                .display()
+                .to_string(),
+            "--namespace",
+            "cairn-system",
+            "--reuse-values",
+            "--server-side=false",
+            "--set",
+            "monitoring.enabled=true",
+            "--set",
+            "monitoring.labels.release=prometheus",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm upgrade with monitoring: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = cp
+        .kubectl()
+        .args([
+            "get",
+            "-n",
+            "cairn-system",
+            "podmonitors,servicemonitors,prometheusrules,configmaps",
+            "-l",
+            "release=prometheus",
+            "-o",
+            "name",
+        ])
+        .output()
+        .unwrap();
+    let names = String::from_utf8_lossy(&got.stdout).to_string();
+    for want in [
+        "podmonitor.monitoring.coreos.com/cairn-operator-members",
+        "servicemonitor.monitoring.coreos.com/cairn-operator",
+        "prometheusrule.monitoring.coreos.com/cairn-operator",
+    ] {
+        assert!(names.contains(want), "{want} not in {names}");
+    }
+    let cm = cp
+        .kubectl()
+        .args([
+            "get",
+            "-n",
+            "cairn-system",
+            "configmap",
+            "cairn-operator-dashboard",
+            "-o",
+            "jsonpath={.data.cairn\\.json}",
+        ])
+        .output()
+        .unwrap();
+    let board: Value = serde_json::from_slice(&cm.stdout).expect("the dashboard is JSON");
+    assert!(board["panels"].as_array().is_some_and(|p| !p.is_empty()));
+    // The members serve what the PodMonitor scrapes: /metrics on the `metrics` port (the
+    // pods' Docker network is reachable from the host).
+    let metrics = {
+        use std::io::{Read, Write};
+        let addr = format!("{}:2381", c.pod_ip(0).await);
+        let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(conn, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+        let mut body = String::new();
+        conn.read_to_string(&mut body).unwrap();
+        body
+    };
+    assert!(metrics.contains("etcd_server_has_leader 1"), "{metrics}");
+    assert!(
+        metrics.contains("etcd_server_quota_backend_bytes"),
+        "{metrics}"
+    );
+    eprintln!(
+        "e2e: monitoring objects installed: {}",
+        names.trim().replace('\n', ", ")
+    );
+}
+
+/// The Prometheus Operator's CRDs, as much of them as `helm upgrade` needs.
+const PROMETHEUS_OPERATOR_CRDS: &str = "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: podmonitors.monitoring.coreos.com
+spec:
+  group: monitoring.coreos.com
+  names: {kind: PodMonitor, listKind: PodMonitorList, plural: podmonitors, singular: podmonitor}
+  scope: Namespaced
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
+---
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: servicemonitors.monitoring.coreos.com
+spec:
+  group: monitoring.coreos.com
+  names: {kind: ServiceMonitor, listKind: ServiceMonitorList, plural: servicemonitors, singular: servicemonitor}
+  scope: Namespaced
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
+---
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: prometheusrules.monitoring.coreos.com
+spec:
+  group: monitoring.coreos.com
+  names: {kind: PrometheusRule, listKind: PrometheusRuleList, plural: prometheusrules, singular: prometheusrule}
+  scope: Namespaced
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
+";
 
 /// A writer inside the pods' network for `seconds`: puts `writer/<i>` through `endpoint` (a
 /// Service name, which keeps working while pods are re-created) one after another with
