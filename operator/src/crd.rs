@@ -192,6 +192,17 @@ pub struct ServerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^(debug|info|warn|error)$"))]
     pub log_level: Option<String>,
+    /// `--experimental-initial-corrupt-check`: a member whose data differs from its peers'
+    /// does not start, and the operator replaces it (cairn 0.2.0 and later; off by default,
+    /// so that members on 0.1.0, which lacks the flag, start).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub initial_corrupt_check: bool,
+    /// `--experimental-corrupt-check-time`: how often the leader compares the members' data
+    /// (`30m`, `1h`); a member that differs gets a CORRUPT alarm and the operator replaces it.
+    /// Unset: never (cairn 0.2.0 and later).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(s|m|h)$"))]
+    pub corrupt_check_time: Option<String>,
     /// Further flags (`--name=value` or `--flag`), an escape hatch: checked against cairn's
     /// flags at reconcile time; the flags the operator sets itself (names, URLs, data dir,
     /// cluster, TLS) are refused. Refused arguments are left out and said in the `Server`
@@ -211,6 +222,8 @@ impl Default for ServerSpec {
             election_timeout: None,
             max_request_bytes: None,
             log_level: None,
+            initial_corrupt_check: false,
+            corrupt_check_time: None,
             extra_args: Vec::new(),
         }
     }

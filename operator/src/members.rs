@@ -424,7 +424,9 @@ impl Members {
             }
             Step::Promote { id, .. } => return self.promote(*id).await,
             Step::MoveLeader { from, to } => self.move_leader(*from, *to).await?,
-            Step::Remove { id, .. } | Step::RemoveLearner { id, .. } => self.remove(*id).await?,
+            Step::Remove { id, .. }
+            | Step::RemoveLearner { id, .. }
+            | Step::RemoveCorrupt { id, .. } => self.remove(*id).await?,
             _ => {}
         }
         Ok(Outcome::Done)
@@ -493,8 +495,8 @@ impl Members {
         })
     }
 
-    /// The members that raised the NOSPACE alarm.
-    pub async fn nospace_alarms(&self) -> Result<Vec<u64>, Error> {
+    /// The alarms raised: (member ID, alarm).
+    pub async fn alarms(&self) -> Result<Vec<(u64, AlarmType)>, Error> {
         let (mut client, _) = self.reach().await?;
         let resp = client
             .alarm(AlarmAction::Get, AlarmType::None, None)
@@ -506,8 +508,7 @@ impl Members {
         Ok(resp
             .alarms()
             .iter()
-            .filter(|a| a.alarm() == AlarmType::Nospace)
-            .map(|a| a.member_id())
+            .map(|a| (a.member_id(), a.alarm()))
             .collect())
     }
 
@@ -559,11 +560,16 @@ impl Members {
 
     /// Disarms the NOSPACE alarm of member `id`.
     pub async fn disarm_nospace(&self, id: u64) -> Result<(), Error> {
+        self.disarm(id, AlarmType::Nospace).await
+    }
+
+    /// Disarms `alarm` of member `id`.
+    pub async fn disarm(&self, id: u64, alarm: AlarmType) -> Result<(), Error> {
         let (mut client, _) = self.reach().await?;
         let mut options = AlarmOptions::new();
         options.with_member(id);
         client
-            .alarm(AlarmAction::Deactivate, AlarmType::Nospace, Some(options))
+            .alarm(AlarmAction::Deactivate, alarm, Some(options))
             .await
             .map_err(|source| Error::Call {
                 op: "Alarm",

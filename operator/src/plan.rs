@@ -124,6 +124,10 @@ pub const LOST_DATA_MESSAGE: &str = "has already been bootstrapped";
 /// the ID).
 pub const REMOVED_MESSAGE: &str = ": the member has been permanently removed from the cluster";
 
+/// What cairn says, and exits with, when `--experimental-initial-corrupt-check` finds its data
+/// different from a peer's: `member <id> found data inconsistency with peers: ...`.
+pub const INCONSISTENT_MESSAGE: &str = " found data inconsistency with peers";
+
 /// Why a member pod's data cannot serve, as its termination message says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Unusable {
@@ -131,6 +135,9 @@ pub enum Unusable {
     LostData { id: u64 },
     /// Its member `id` was removed from the cluster: its data can never serve again.
     Removed { id: u64 },
+    /// Its data differs from its peers' (the initial corruption check): member `id` must be
+    /// removed and join again with an empty volume.
+    Inconsistent { id: u64 },
 }
 
 /// What a termination message says about the member's data, if anything (the last such line).
@@ -140,15 +147,17 @@ pub fn unusable(termination_message: &str) -> Option<Unusable> {
             (&line[..i], 0)
         } else if let Some(i) = line.find(REMOVED_MESSAGE) {
             (&line[..i], 1)
+        } else if let Some(i) = line.find(INCONSISTENT_MESSAGE) {
+            (&line[..i], 2)
         } else {
             return None;
         };
         let id = before.trim_end().rsplit("member ").next()?.trim();
         let id = u64::from_str_radix(id, 16).ok()?;
-        Some(if kind == 0 {
-            Unusable::LostData { id }
-        } else {
-            Unusable::Removed { id }
+        Some(match kind {
+            0 => Unusable::LostData { id },
+            1 => Unusable::Removed { id },
+            _ => Unusable::Inconsistent { id },
         })
     })
 }
@@ -179,6 +188,8 @@ pub struct Observed {
     pub from_backup: bool,
     /// The learner deadline and how long the learner in flight has had.
     pub learner_clock: LearnerClock,
+    /// Members with a CORRUPT alarm (their data differs from the leader's).
+    pub corrupt: Vec<u64>,
 }
 
 /// What [`next_step`] needs to hold learners to `spec.scaling.learnerDeadline`.
@@ -259,6 +270,9 @@ pub enum Step {
     WaitLearner { ordinal: i32 },
     /// The learner has not caught up within the deadline: remove it (the scale-up stalled).
     RemoveLearner { id: u64, ordinal: i32 },
+    /// The member's data differs from its peers' (a CORRUPT alarm, or the initial check):
+    /// remove it and disarm its alarm; its pod then stops, is wiped and joins again.
+    RemoveCorrupt { id: u64, ordinal: i32 },
     /// Shrink the StatefulSet to `replicas` and delete the volumes of the ordinals above it.
     Shrink {
         replicas: i32,
@@ -329,12 +343,58 @@ pub fn next_step(names: &dyn Layout, desired: i32, bootstrapped: bool, obs: &Obs
                     return Step::Replace { id, ordinal };
                 }
             }
+            Unusable::Inconsistent { .. } => {}
             // Above the listed members it is a removal for a shrink, which deletes the volume.
             Unusable::Removed { id } => {
                 if ordinal < top && ordinal < replicas && !view.members.iter().any(|m| m.id == id) {
                     return Step::Wipe { ordinal };
                 }
             }
+        }
+    }
+
+    // A member whose data differs from its peers': out of the cluster (the leader moved away
+    // first), as long as the others keep a quorum; it then joins again with an empty volume.
+    let inconsistent = obs.unusable.iter().filter_map(|&(ordinal, why)| match why {
+        Unusable::Inconsistent { id } => view
+            .by_ordinal(names, ordinal)
+            .filter(|m| m.id == id)
+            .map(|m| m.id),
+        _ => None,
+    });
+    let corrupt: Vec<u64> = obs.corrupt.iter().copied().chain(inconsistent).collect();
+    if let Some(bad) = view.members.iter().find(|m| corrupt.contains(&m.id)) {
+        if let Some(ordinal) = view.ordinal(names, bad) {
+            if !bad.learner {
+                let voters = view.voters().count();
+                let healthy_after = view
+                    .voters()
+                    .filter(|m| m.id != bad.id && m.healthy && !corrupt.contains(&m.id))
+                    .count();
+                let needed = quorum(voters.saturating_sub(1).max(1));
+                if healthy_after < needed {
+                    return Step::Refuse(Refusal::WouldLoseQuorum {
+                        healthy_after,
+                        needed,
+                    });
+                }
+                if view.leader == Some(bad.id) {
+                    if let Some(to) = view
+                        .voters()
+                        .filter(|m| m.id != bad.id && m.healthy && !corrupt.contains(&m.id))
+                        .min_by_key(|m| view.ordinal(names, m).unwrap_or(i32::MAX))
+                    {
+                        return Step::MoveLeader {
+                            from: bad.id,
+                            to: to.id,
+                        };
+                    }
+                }
+            }
+            return Step::RemoveCorrupt {
+                id: bad.id,
+                ordinal,
+            };
         }
     }
 
@@ -637,6 +697,71 @@ mod tests {
             }
             .message(),
             "the last learner did not catch up within 600s and was removed; the next is added in 360s"
+        );
+    }
+
+    #[test]
+    fn a_member_whose_data_differs_is_removed_leader_moved_first_quorum_kept() {
+        // A CORRUPT alarm on a follower: removed.
+        let o = Observed {
+            corrupt: vec![102],
+            ..obs(3, view(&healthy(3), Some(0)))
+        };
+        assert_eq!(
+            next_step(&names(), 3, true, &o),
+            Step::RemoveCorrupt {
+                id: 102,
+                ordinal: 2
+            }
+        );
+        // On the leader: leadership moves to a consistent member first.
+        let o = Observed {
+            corrupt: vec![100],
+            ..obs(3, view(&healthy(3), Some(0)))
+        };
+        assert_eq!(
+            next_step(&names(), 3, true, &o),
+            Step::MoveLeader { from: 100, to: 101 }
+        );
+        // The initial check's exit, for the member the pod names.
+        let o = Observed {
+            unusable: vec![(1, Unusable::Inconsistent { id: 101 })],
+            ..obs(3, view(&healthy(3), Some(0)))
+        };
+        assert_eq!(
+            next_step(&names(), 3, true, &o),
+            Step::RemoveCorrupt {
+                id: 101,
+                ordinal: 1
+            }
+        );
+        // A message from before a replacement names another ID: nothing.
+        let o = Observed {
+            unusable: vec![(1, Unusable::Inconsistent { id: 77 })],
+            ..obs(3, view(&healthy(3), Some(0)))
+        };
+        assert_eq!(next_step(&names(), 3, true, &o), Step::Steady);
+        // Not when the others would not keep a quorum.
+        let o = Observed {
+            corrupt: vec![102],
+            ..obs(
+                3,
+                view(
+                    &[(0, false, true), (1, false, false), (2, false, true)],
+                    Some(0),
+                ),
+            )
+        };
+        assert_eq!(
+            next_step(&names(), 3, true, &o),
+            Step::Refuse(Refusal::WouldLoseQuorum {
+                healthy_after: 1,
+                needed: 2
+            })
+        );
+        assert_eq!(
+            unusable("cairn: member 9c819950b72cd2e2 found data inconsistency with peers: member 1 has hash 2"),
+            Some(Unusable::Inconsistent { id: 0x9c819950b72cd2e2 })
         );
     }
 

@@ -233,6 +233,8 @@ pub const EXTRA_FLAGS: &[&str] = &[
     "auth-token",
     "auth-token-ttl",
     "bcrypt-cost",
+    "experimental-initial-corrupt-check",
+    "experimental-corrupt-check-time",
 ];
 
 /// The member flags of `spec.server`, and the `extraArgs` left out with why.
@@ -263,6 +265,14 @@ pub fn server_args(s: &crate::crd::ServerSpec) -> (Vec<String>, Vec<String>) {
             s.max_request_bytes.map(|v| v.to_string()),
         ),
         ("log-level", s.log_level.clone()),
+        (
+            "experimental-initial-corrupt-check",
+            s.initial_corrupt_check.then(|| "true".to_string()),
+        ),
+        (
+            "experimental-corrupt-check-time",
+            s.corrupt_check_time.clone(),
+        ),
     ];
     let mut taken: Vec<&str> = Vec::new();
     for (flag, value) in &fields {

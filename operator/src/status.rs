@@ -218,6 +218,14 @@ pub fn derive(
                     layout.member(*ordinal)
                 ),
             ),
+            Step::RemoveCorrupt { ordinal, .. } => (
+                true,
+                "MemberReplaced",
+                format!(
+                    "replacing {}, whose data differs from its peers'",
+                    layout.member(*ordinal)
+                ),
+            ),
             Step::RemoveLearner { ordinal, .. } => (
                 false,
                 crate::plan::SCALE_UP_STALLED,

@@ -121,6 +121,15 @@ pub struct Flags {
     #[arg(long, env = "ETCD_EXPERIMENTAL_PEER_ACCEPT_PLAINTEXT", default_value = "false", num_args = 0..=1,
           default_missing_value = "true", value_parser = parse_go_bool)]
     pub experimental_peer_accept_plaintext: bool,
+    /// Check the data's consistency with the peers' before serving clients: a member whose
+    /// key-space hash at a revision differs from a peer's (same compaction) does not start.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_INITIAL_CORRUPT_CHECK", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", value_parser = parse_go_bool)]
+    pub experimental_initial_corrupt_check: bool,
+    /// How often the leader checks the members' key-space hashes against its own; a member
+    /// that differs gets a CORRUPT alarm. 0s: never.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_CORRUPT_CHECK_TIME", default_value = "0s", value_parser = parse_go_duration)]
+    pub experimental_corrupt_check_time: Duration,
     /// Logger: 'zap' or 'capnslog' (accepted for compatibility; cairn logs with tracing).
     #[arg(long, env = "ETCD_LOGGER", default_value = "zap", value_parser = ["zap", "capnslog"])]
     pub logger: String,
@@ -275,6 +284,10 @@ pub struct Config {
     pub listen_peer_tls: Vec<bool>,
     /// `--experimental-peer-accept-plaintext`: TLS peer addresses serve plaintext too.
     pub peer_accept_plaintext: bool,
+    /// `--experimental-initial-corrupt-check`.
+    pub initial_corrupt_check: bool,
+    /// `--experimental-corrupt-check-time` (`None`: off).
+    pub corrupt_check_every: Option<Duration>,
     /// The peer port's TLS files (`--peer-*`): served on `https://` peer URLs and presented
     /// when calling other members.
     pub peer_tls: Option<TlsFiles>,
@@ -590,6 +603,8 @@ impl Config {
             client_tls,
             listen_peer_tls,
             peer_accept_plaintext: f.experimental_peer_accept_plaintext,
+            initial_corrupt_check: f.experimental_initial_corrupt_check,
+            corrupt_check_every: Some(f.experimental_corrupt_check_time).filter(|d| !d.is_zero()),
             peer_tls,
             advertise_client_urls: adv_client,
             listen_peer: bind_addrs("listen-peer-urls", &peer)?,

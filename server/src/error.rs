@@ -65,6 +65,13 @@ pub enum Error {
     BadLeaderTransferee,
     #[error("etcdserver: unhealthy cluster")]
     Unhealthy,
+    /// A CORRUPT alarm is raised: the cluster serves nothing but maintenance (etcd's
+    /// `ErrGRPCCorrupt`).
+    #[error("etcdserver: corrupt cluster")]
+    Corrupt,
+    /// `--experimental-initial-corrupt-check` found this member's data differ from a peer's.
+    #[error("{0}")]
+    DataInconsistency(String),
     #[error("etcdserver: the member has been permanently removed from the cluster")]
     MemberRemoved,
     /// How a removed member stops: etcd's text after its ID (an operator reads the ID from the
@@ -133,6 +140,8 @@ impl Error {
             Unknown(_) => Code::Unknown,
             Compacted | FutureRev | LeaseTtlTooLarge => Code::OutOfRange,
             NoSpace => Code::ResourceExhausted,
+            Corrupt => Code::DataLoss,
+            DataInconsistency(_) => Code::DataLoss,
             LeaseNotFound | MemberNotFound => Code::NotFound,
             LeaseExist
             | NotLeader
@@ -176,6 +185,7 @@ impl Error {
             Compacted,
             FutureRev,
             NoSpace,
+            Corrupt,
             LeaseNotFound,
             LeaseExist,
             LeaseTtlTooLarge,

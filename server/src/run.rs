@@ -54,6 +54,17 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
     let stop = async move {
         let _ = stopped.wait_for(|s| *s).await;
     };
+    if server.cfg.initial_corrupt_check {
+        // As etcd: once the member knows its peers and leader, before serving clients.
+        server.wait_joined().await;
+        let _ = server.wait_leader().await;
+        if let Err(e) = server.initial_corrupt_check().await {
+            error!("{e}");
+            eprintln!("cairn: {e}");
+            server.shutdown().await;
+            return Err(e);
+        }
+    }
     let serving = crate::api::serve(server.clone(), stop);
     let result = tokio::select! {
         r = serving => r,

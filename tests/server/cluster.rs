@@ -432,6 +432,15 @@ impl Cluster {
         self.spawn(slot);
     }
 
+    /// Adds (`on`) or removes a flag of member `slot` for its next start.
+    pub fn set_flag(&mut self, slot: usize, flag: &str, on: bool) {
+        let node = self.node(slot);
+        node.args.retain(|a| a != flag);
+        if on {
+            node.args.push(flag.to_string());
+        }
+    }
+
     /// Whether member `slot`'s process has exited (e.g. after removal).
     pub fn exited(&mut self, slot: usize) -> bool {
         matches!(

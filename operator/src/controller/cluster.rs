@@ -321,6 +321,14 @@ impl<'a> Reconciler<'a> {
             }
         }
 
+        // The alarms (NOSPACE is handled below; a CORRUPT member is replaced by the plan).
+        let alarms = match view.as_ref().filter(|v| v.leader.is_some()) {
+            Some(v) => self.members_of(v).alarms().await.unwrap_or_else(|e| {
+                warn!(error = %e, "reading the alarms");
+                Vec::new()
+            }),
+            None => Vec::new(),
+        };
         let from_backup = spec.bootstrap.as_ref().and_then(|b| b.from_backup.as_ref());
         let obs = Observed {
             statefulset_replicas: replicas,
@@ -328,6 +336,11 @@ impl<'a> Reconciler<'a> {
             unusable,
             from_backup: from_backup.is_some(),
             learner_clock: self.learner_clock(&prev),
+            corrupt: alarms
+                .iter()
+                .filter(|(_, a)| *a == etcd_client::AlarmType::Corrupt)
+                .map(|(id, _)| *id)
+                .collect(),
         };
         let step = next_step(self.layout.as_ref(), spec.size, bootstrapped, &obs);
         // No quorum: the rollout cannot run, but a member down on an older template (an
@@ -713,7 +726,7 @@ impl<'a> Reconciler<'a> {
         }
         // A NOSPACE alarm stops every write: handled whatever else is under way.
         if let (Some(v), false) = (view.as_ref().filter(|v| v.leader.is_some()), spec.paused) {
-            if let Some(after) = self.nospace(&prev, v, &mut status).await {
+            if let Some(after) = self.nospace(&prev, v, &alarms, &mut status).await {
                 requeue = requeue.min(after);
             }
         }
@@ -1109,6 +1122,31 @@ impl<'a> Reconciler<'a> {
                 }) {
                     *operation = start(OperationKind::ScaleUp, layout.member(*ordinal));
                 }
+                Ok(STEP_REQUEUE)
+            }
+            Step::RemoveCorrupt { id, ordinal } => {
+                let result = members.execute(layout, step).await;
+                self.count_op(
+                    "remove_corrupt",
+                    if result.is_ok() { "ok" } else { "error" },
+                );
+                result?;
+                // The cluster serves nothing while a CORRUPT alarm stands; the member is gone.
+                if let Err(e) = members.disarm(*id, etcd_client::AlarmType::Corrupt).await {
+                    warn!(error = %e, "disarming the CORRUPT alarm");
+                }
+                let member = layout.member(*ordinal);
+                self.member_event(
+                    EventType::Warning,
+                    "MemberCorrupt",
+                    "Remove",
+                    format!(
+                        "{member} ({id:x}) has data that differs from its peers': removed it from the cluster; its volume is wiped and it joins again as a new member"
+                    ),
+                    &member,
+                )
+                .await;
+                *operation = start(OperationKind::Replace, member);
                 Ok(STEP_REQUEUE)
             }
             Step::RemoveLearner { id, ordinal } => {

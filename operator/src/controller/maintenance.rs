@@ -25,18 +25,17 @@ impl Reconciler<'_> {
         &self,
         prev: &EtcdClusterStatus,
         view: &ClusterView,
+        alarms: &[(u64, etcd_client::AlarmType)],
         status: &mut EtcdClusterStatus,
     ) -> Option<Duration> {
         let generation = self.ec.metadata.generation;
         let t = now();
         let members = self.members_of(view);
-        let alarmed = match members.nospace_alarms().await {
-            Ok(a) => a,
-            Err(e) => {
-                warn!(error = %e, "reading the alarms");
-                return None;
-            }
-        };
+        let alarmed: Vec<u64> = alarms
+            .iter()
+            .filter(|(_, a)| *a == etcd_client::AlarmType::Nospace)
+            .map(|(id, _)| *id)
+            .collect();
         let last = prev.condition(condition::SPACE);
         if alarmed.is_empty() {
             if last.is_some_and(|c| c.status != "True") {

@@ -146,37 +146,7 @@ impl Maintenance for MaintenanceService {
         req: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
         self.root_only(&req).await?;
-        let r = req.into_inner();
-        let state = self.s.state.clone();
-        let (hash, compacted, rev, current) = tokio::task::spawn_blocking(move || {
-            let (view, compacted, rev, current, kept) = {
-                let store = state.store.read();
-                let current = store.revision();
-                let rev = if r.revision <= 0 { current } else { r.revision };
-                if rev > current {
-                    return Err(Error::FutureRev);
-                }
-                if rev < store.compacted() {
-                    return Err(Error::Compacted);
-                }
-                let kept = store.kept_at_compacted();
-                (state.engine.view(), store.compacted(), rev, current, kept)
-            };
-            Ok((
-                view.hash_kv(rev, compacted, &kept)?,
-                compacted,
-                rev,
-                current,
-            ))
-        })
-        .await
-        .map_err(Error::internal)??;
-        Ok(Response::new(HashKvResponse {
-            header: Some(self.s.header(current)),
-            hash,
-            compact_revision: compacted,
-            hash_revision: rev,
-        }))
+        Ok(Response::new(self.s.hash_kv(req.get_ref().revision).await?))
     }
 
     type SnapshotStream = SnapshotStream;

@@ -9,8 +9,9 @@ use tonic::{Request, Response, Status};
 
 use crate::error::Error;
 use crate::proto::etcdserverpb::{
-    MemberAddRequest, MemberAddResponse, MemberPromoteRequest, MemberPromoteResponse,
-    MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse,
+    HashKvRequest, HashKvResponse, MemberAddRequest, MemberAddResponse, MemberPromoteRequest,
+    MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest,
+    MemberUpdateResponse,
 };
 use crate::proto::peerpb::peer_server::Peer;
 use crate::proto::peerpb::{
@@ -508,6 +509,14 @@ impl Peer for PeerService {
             Kind::Release => self.s.raft.runtime_config().elect(true),
         }
         Ok(Response::new(ElectResponse {}))
+    }
+
+    async fn hash_kv(
+        &self,
+        req: Request<HashKvRequest>,
+    ) -> Result<Response<HashKvResponse>, Status> {
+        self.check(&req)?;
+        Ok(Response::new(self.s.hash_kv(req.get_ref().revision).await?))
     }
 }
 

@@ -192,6 +192,9 @@ impl EtcdServer {
     /// single-threaded runtimes, so a range that may be large is evaluated
     /// on the blocking pool and stalls nobody else.
     pub async fn range(&self, r: RangeRequest, ai: Option<&AuthInfo>) -> Result<RangeResponse> {
+        if self.corrupt() {
+            return Err(Error::Corrupt);
+        }
         if !r.serializable {
             self.read_index().await?;
         }

@@ -7,6 +7,7 @@
 //! proposals), `discover` (a joining member finding its ID) and `membership` (etcd's
 //! Cluster API on Raft's membership). Serving the API is `crate::run`'s.
 
+mod corrupt;
 mod discover;
 mod door;
 pub mod membership;
@@ -265,6 +266,9 @@ impl EtcdServer {
         tokio::spawn(tasks::track_leadership(Arc::downgrade(&server)));
         tokio::spawn(tasks::expire_leases(Arc::downgrade(&server)));
         tokio::spawn(tasks::watch_removal(Arc::downgrade(&server)));
+        if let Some(every) = server.cfg.corrupt_check_every {
+            tokio::spawn(corrupt::periodic(Arc::downgrade(&server), every));
+        }
         Ok(server)
     }
 

@@ -67,6 +67,9 @@ impl EtcdServer {
         if req.encoded_len() > self.cfg.max_request_bytes {
             return Err(Error::RequestTooLarge);
         }
+        if refused_when_corrupt(&req) && self.corrupt() {
+            return Err(Error::Corrupt);
+        }
         if needs_space(&req) && self.over_quota(req.encoded_len() as i64) {
             self.raise_nospace();
             return Err(Error::NoSpace);
@@ -191,6 +194,22 @@ impl EtcdServer {
 }
 
 /// Requests that grow the database and are refused over the quota.
+/// Requests a cluster with a CORRUPT alarm refuses (etcd's corrupt applier: the key space and
+/// leases; alarms, members and auth still work, so the alarm can be dealt with).
+fn refused_when_corrupt(r: &InternalRequest) -> bool {
+    matches!(
+        &r.request,
+        Some(
+            Request::Put(_)
+                | Request::DeleteRange(_)
+                | Request::Txn(_)
+                | Request::Compaction(_)
+                | Request::LeaseGrant(_)
+                | Request::LeaseRevoke(_)
+        )
+    )
+}
+
 pub(super) fn needs_space(r: &InternalRequest) -> bool {
     match &r.request {
         Some(Request::Put(_)) | Some(Request::LeaseGrant(_)) => true,
