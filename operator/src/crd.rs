@@ -785,6 +785,10 @@ pub struct EtcdClusterStatus {
     /// Scheduled maintenance as it went.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maintenance: Option<MaintenanceStatus>,
+    /// When the operator last compacted and defragmented the members for a NOSPACE alarm (the
+    /// next attempt waits 5 minutes after it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_no_space_recovery: Option<Time>,
     /// The last learner removed for missing `spec.scaling.learnerDeadline`, until the size is
     /// reached.
     #[serde(default, skip_serializing_if = "Option::is_none")]

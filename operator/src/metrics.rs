@@ -13,9 +13,10 @@ use prometheus::{
 
 use crate::crd::{EtcdClusterSpec, EtcdClusterStatus};
 
-/// A cluster not reported for this long is gone (deleted): its gauges are dropped, so no alert
-/// fires for it. Reconciles run at least every few minutes.
-const STALE: Duration = Duration::from_secs(15 * 60);
+/// A cluster not reported for this long is gone (deleted): its gauges are dropped (on the next
+/// report or scrape), so no alert fires for it. Reconciles run at least every few minutes, and
+/// report even when a part of them fails.
+const STALE: Duration = Duration::from_secs(60 * 60);
 
 /// The operator's metrics, registered in their own registry.
 #[derive(Clone)]
@@ -124,9 +125,17 @@ impl ClusterGauges {
                 let _ = self.certificate_expiry.remove_label_values(&member);
             }
         }
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((namespace.to_string(), cluster.to_string()), Instant::now());
+        self.prune();
+    }
+
+    /// Drops the gauges of clusters not reported for [`STALE`].
+    pub fn prune(&self) {
         let now = Instant::now();
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        seen.insert((namespace.to_string(), cluster.to_string()), now);
         let gone: Vec<(String, String)> = seen
             .iter()
             .filter(|(_, at)| now.duration_since(**at) > STALE)
@@ -217,6 +226,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        self.cluster.prune();
         let mut buf = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)

@@ -6,7 +6,8 @@
 //!   let any pod in the cluster join the conversation.
 //! - The client port is open to everyone unless `clients` names who may reach it; then the
 //!   members and the operator are added to them, so the operator is never cut off from the
-//!   cluster it runs (and neither are the members' own probes of each other).
+//!   cluster it runs. An operator that does not know its own pod (outside the cluster, or
+//!   deployed without `CAIRN_OPERATOR_SELECTOR`) leaves the client port open.
 //! - The plain metrics port (served with client TLS on) stays open: Prometheus must scrape it.
 //!   Without client TLS `/metrics` is on the client port, and `clients` must include Prometheus.
 
@@ -96,12 +97,12 @@ pub fn network_policy(ec: &EtcdCluster, operator: Option<&OperatorPod>) -> Netwo
     let ours: Vec<NetworkPolicyPeer> = std::iter::once(members)
         .chain(operator.map(|o| o.peer(&namespace)))
         .collect();
-    let clients = ec
-        .spec
-        .network_policy
-        .clients
-        .as_ref()
-        .map(|c| c.iter().cloned().chain(ours.iter().cloned()).collect());
+    // Without the operator's own pod to let in, the client port stays open: the operator must
+    // never cut itself off from the cluster it runs (said in the NetworkPolicy condition).
+    let clients = match (&ec.spec.network_policy.clients, operator) {
+        (Some(c), Some(_)) => Some(c.iter().cloned().chain(ours.iter().cloned()).collect()),
+        _ => None,
+    };
     NetworkPolicy {
         metadata: meta(ec, names.network_policy()),
         spec: Some(NetworkPolicySpec {
@@ -271,5 +272,8 @@ mod tests {
         let ec = cluster(serde_json::json!({"size": 3, "networkPolicy": {"clients": []}}));
         let np = network_policy(&ec, Some(&operator("cairn-system")));
         assert_eq!(rule(&np, CLIENT_PORT).from.as_ref().unwrap().len(), 2);
+        // An operator that does not know its pod could not let itself in: the port stays open.
+        let np = network_policy(&ec, None);
+        assert_eq!(rule(&np, CLIENT_PORT).from, None);
     }
 }

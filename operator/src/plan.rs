@@ -318,6 +318,12 @@ pub fn bootstrap(names: &dyn Layout, initial: i32, view: Option<&ClusterView>) -
 /// The next membership step towards `desired` voters.
 pub fn next_step(names: &dyn Layout, desired: i32, bootstrapped: bool, obs: &Observed) -> Step {
     let Some(replicas) = obs.statefulset_replicas else {
+        // A bootstrapped cluster is never bootstrapped again: a StatefulSet made for a size
+        // other than the member list's would adopt its pods and shrink them away (with their
+        // volumes). The controller makes it again for the listed members when it knows them.
+        if bootstrapped {
+            return Step::Refuse(Refusal::Unreachable);
+        }
         // From a backup the first member alone starts, restored; the others join as learners.
         let replicas = if obs.from_backup { 1 } else { desired };
         return Step::Bootstrap { replicas };
@@ -406,9 +412,12 @@ pub fn next_step(names: &dyn Layout, desired: i32, bootstrapped: bool, obs: &Obs
                     replicas: ordinal + 1,
                 };
             }
+            // Past the deadline a learner that answers is still tried for promotion (the
+            // controller removes it when the promotion is refused as not caught up); one that
+            // does not answer is removed.
             let clock = &obs.learner_clock;
             if let (Some(deadline), Some(age)) = (clock.deadline, clock.in_flight_for) {
-                if age > deadline {
+                if age > deadline && !l.healthy {
                     return Step::RemoveLearner { id: l.id, ordinal };
                 }
             }
@@ -585,6 +594,20 @@ mod tests {
     }
 
     #[test]
+    fn a_bootstrapped_cluster_without_statefulset_is_never_bootstrapped_again() {
+        for from_backup in [false, true] {
+            let o = Observed {
+                from_backup,
+                ..Observed::default()
+            };
+            assert_eq!(
+                next_step(&names(), 3, true, &o),
+                Step::Refuse(Refusal::Unreachable)
+            );
+        }
+    }
+
+    #[test]
     fn bootstrap_when_there_is_no_statefulset() {
         let o = Observed::default();
         assert_eq!(
@@ -644,16 +667,22 @@ mod tests {
                 ordinal: 3
             }
         );
-        // Past it, whether its pod never started or it cannot catch up (promotion refused).
-        for healthy in [false, true] {
-            assert_eq!(
-                next_step(&names(), 4, true, &with_learner(minutes(11), healthy)),
-                Step::RemoveLearner {
-                    id: 103,
-                    ordinal: 3
-                }
-            );
-        }
+        // Past it: removed when it does not answer (its pod never started, or it hangs); one
+        // that answers is still tried for promotion (removed by the controller when refused).
+        assert_eq!(
+            next_step(&names(), 4, true, &with_learner(minutes(11), false)),
+            Step::RemoveLearner {
+                id: 103,
+                ordinal: 3
+            }
+        );
+        assert_eq!(
+            next_step(&names(), 4, true, &with_learner(minutes(11), true)),
+            Step::Promote {
+                id: 103,
+                ordinal: 3
+            }
+        );
         // No deadline, or no record of when it was added: no removal.
         let mut o = with_learner(minutes(11), false);
         o.learner_clock.deadline = None;

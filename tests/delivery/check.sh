@@ -21,9 +21,12 @@ helm template cairn-operator "$chart" --namespace ops --set watchNamespace=db,re
 kubernetes-validate --strict --quiet "$work/default.yaml" "$work/variant.yaml"
 
 echo "== monitoring: the alerting rules (promtool check + unit tests), the chart's monitoring objects"
-promtool check rules "$chart/monitoring/rules.yaml"
+promtool check rules "$chart"/monitoring/*-rules.yaml
 promtool test rules tests/monitoring/rules_test.yaml
 helm template cairn-operator "$chart" --namespace cairn-system --set monitoring.enabled=true > "$work/monitoring.yaml"
+# Without the operator's metrics, no operator rules (CairnOperatorDown would always fire).
+helm template cairn-operator "$chart" --namespace cairn-system --set monitoring.enabled=true,metrics.enabled=false \
+  | python3 -c 'import sys, yaml; r = [d for d in yaml.safe_load_all(sys.stdin) if d and d["kind"] == "PrometheusRule"][0]; assert [g["name"] for g in r["spec"]["groups"]] == ["cairn-members"], r'
 # The Prometheus Operator's kinds are checked here (its CRDs are not in kubernetes-validate): the
 # PrometheusRule carries the rules promtool checked, the dashboard is JSON, every monitor is there.
 python3 - "$work/monitoring.yaml" "$work/rendered-rules.yaml" "$work/monitoring-core.yaml" <<'PY'
@@ -35,7 +38,9 @@ for k in ("PodMonitor", "ServiceMonitor", "PrometheusRule"):
 pod = next(d for d in docs if d["kind"] == "PodMonitor")
 assert pod["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
 rule = next(d for d in docs if d["kind"] == "PrometheusRule")
-assert rule["spec"] == yaml.safe_load(open("charts/cairn-operator/monitoring/rules.yaml"))
+groups = [g for f in ("members", "operator")
+          for g in yaml.safe_load(open(f"charts/cairn-operator/monitoring/{f}-rules.yaml"))["groups"]]
+assert rule["spec"] == {"groups": groups}, "the PrometheusRule is not the rules files"
 yaml.safe_dump(rule["spec"], open(sys.argv[2], "w"))
 board = next(d for d in docs if d["kind"] == "ConfigMap" and "cairn.json" in d.get("data", {}))
 assert json.loads(board["data"]["cairn.json"])["panels"]

@@ -267,15 +267,21 @@ impl<'a> Reconciler<'a> {
             .as_ref()
             .is_some_and(|o| o.as_ref().is_err_and(members::credentials_refused));
         let view = observed.and_then(Result::ok);
-        // The StatefulSet that is gone is made again for the listed members, not bootstrapped.
+        // The StatefulSet that is gone is made again for the listed members (as the members
+        // say, else as the last status listed them), never bootstrapped again.
         let replicas = sts_replicas.or_else(|| {
-            bootstrapped_before
-                .then(|| {
-                    view.as_ref()?
-                        .max_ordinal(self.layout.as_ref())
-                        .map(|o| o + 1)
+            if !bootstrapped_before {
+                return None;
+            }
+            view.as_ref()
+                .and_then(|v| v.max_ordinal(self.layout.as_ref()))
+                .or_else(|| {
+                    prev.members
+                        .iter()
+                        .filter_map(|m| self.names.ordinal(&m.name))
+                        .max()
                 })
-                .flatten()
+                .map(|o| o + 1)
         });
         let pod_list = match replicas {
             Some(_) => tls.pod_list.clone(),
@@ -523,12 +529,21 @@ impl<'a> Reconciler<'a> {
                 .is_some_and(|s| s.metadata.deletion_timestamp.is_some());
             // Reported, not fatal: status, the PDB and scheduled backups go on.
             let applied = if outcome.recreate && step == Step::Steady && !terminating {
-                // Members added later get the new size; only while membership is steady.
-                self.recreate_statefulset(
-                    &self.for_server(with_new_claims).await,
-                    &spec.storage.size,
-                )
-                .await
+                // Members added later get the new size; only while membership is steady. If it
+                // cannot be done (no delete permission, say), the template is still applied.
+                match self
+                    .recreate_statefulset(
+                        &self.for_server(with_new_claims).await,
+                        &spec.storage.size,
+                    )
+                    .await
+                {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        warn!(error = %e, "re-creating the StatefulSet with the new claim size");
+                        apply(&sts_api, &self.for_server(desired).await).await
+                    }
+                }
             } else if terminating {
                 // Being deleted (re-created above, its orphans not released yet): next round.
                 Ok(())
@@ -724,6 +739,7 @@ impl<'a> Reconciler<'a> {
         {
             requeue = requeue.min(after);
         }
+        status.last_no_space_recovery = prev.last_no_space_recovery.clone();
         // A NOSPACE alarm stops every write: handled whatever else is under way.
         if let (Some(v), false) = (view.as_ref().filter(|v| v.leader.is_some()), spec.paused) {
             if let Some(after) = self.nospace(&prev, v, &alarms, &mut status).await {
@@ -1023,7 +1039,13 @@ impl<'a> Reconciler<'a> {
             };
         }
         let np = crate::network::network_policy(self.ec, self.ctx.operator_pod.as_ref());
+        let restricted = self.ec.spec.network_policy.clients.is_some();
         match apply(&api, &np).await {
+            Ok(()) if restricted && self.ctx.operator_pod.is_none() => (
+                false,
+                "OperatorPodUnknown",
+                "spec.networkPolicy.clients is not applied: the operator does not know its own pods' labels (CAIRN_OPERATOR_SELECTOR) and would cut itself off; the client port is open, the peer port only for the members".into(),
+            ),
             Ok(()) => {
                 let clients = if self.ec.spec.network_policy.clients.is_some() {
                     "the client port for the listed clients, the members and the operator"
@@ -1150,35 +1172,8 @@ impl<'a> Reconciler<'a> {
                 Ok(STEP_REQUEUE)
             }
             Step::RemoveLearner { id, ordinal } => {
-                let result = members.execute(layout, step).await;
-                self.count_op(
-                    "remove_learner",
-                    if result.is_ok() { "ok" } else { "error" },
-                );
-                result?;
-                let member = layout.member(*ordinal);
-                let waited = operation
-                    .as_ref()
-                    .map(|o| o.started_at.0)
-                    .and_then(|t| Duration::try_from(jiff::Timestamp::now().duration_since(t)).ok())
-                    .map_or(String::new(), |d| format!(" in {}s", d.as_secs()));
-                self.member_event(
-                    EventType::Warning,
-                    plan::SCALE_UP_STALLED,
-                    "Remove",
-                    format!(
-                        "{member} ({id:x}) was not promoted{waited} (spec.scaling.learnerDeadline {}): removed it from the cluster; its pod and volume go next",
-                        spec.scaling.learner_deadline
-                    ),
-                    &member,
-                )
-                .await;
-                *stalled = Some(StalledScaleUp {
-                    member: member.clone(),
-                    removed_at: now(),
-                });
-                *operation = start(OperationKind::ScaleDown, member);
-                Ok(STEP_REQUEUE)
+                self.remove_stalled_learner(&members, *id, *ordinal, operation, stalled)
+                    .await
             }
             Step::Grow { replicas: r } => {
                 // A volume left from an earlier member of this ordinal would hand it stale data.
@@ -1268,6 +1263,15 @@ impl<'a> Reconciler<'a> {
                     *stalled = None;
                     Ok(STEP_REQUEUE)
                 }
+                // Still behind past its deadline: removed (the scale-up stalled).
+                Ok(Outcome::LearnerBehind) if self.learner_overdue(operation.as_ref()) => {
+                    let id = match step {
+                        Step::Promote { id, .. } => *id,
+                        _ => unreachable!("a promotion"),
+                    };
+                    self.remove_stalled_learner(&members, id, *ordinal, operation, stalled)
+                        .await
+                }
                 Ok(Outcome::LearnerBehind) => Ok(STEP_REQUEUE),
                 Err(e) => {
                     self.count_op("promote", "error");
@@ -1345,6 +1349,70 @@ impl<'a> Reconciler<'a> {
             now: &t,
         };
         status::derive(&report, prev, view, cluster_id, step, roll, operation)
+    }
+
+    /// Whether the learner added by `operation` is past `spec.scaling.learnerDeadline`.
+    fn learner_overdue(&self, operation: Option<&Operation>) -> bool {
+        let deadline = crate::backup::parse_age(&self.ec.spec.scaling.learner_deadline)
+            .filter(|d| !d.is_zero());
+        let age = operation
+            .filter(|o| matches!(o.kind, OperationKind::ScaleUp | OperationKind::Replace))
+            .and_then(|o| {
+                Duration::try_from(jiff::Timestamp::now().duration_since(o.started_at.0)).ok()
+            });
+        matches!((deadline, age), (Some(d), Some(a)) if a > d)
+    }
+
+    /// Removes the learner `id` (ordinal `ordinal`) that missed its deadline: the scale-up
+    /// stalled (Warning Event, `status.stalledScaleUp`); its pod and volume go next.
+    async fn remove_stalled_learner(
+        &self,
+        members: &Members,
+        id: u64,
+        ordinal: i32,
+        operation: &mut Option<Operation>,
+        stalled: &mut Option<StalledScaleUp>,
+    ) -> Result<Duration, Error> {
+        let layout = self.layout.as_ref();
+        let result = members
+            .execute(layout, &Step::RemoveLearner { id, ordinal })
+            .await;
+        self.count_op(
+            "remove_learner",
+            if result.is_ok() { "ok" } else { "error" },
+        );
+        result?;
+        let member = layout.member(ordinal);
+        let waited = operation
+            .as_ref()
+            .map(|o| o.started_at.0)
+            .and_then(|t| Duration::try_from(jiff::Timestamp::now().duration_since(t)).ok())
+            .map_or(String::new(), |d| format!(" in {}s", d.as_secs()));
+        self.member_event(
+            EventType::Warning,
+            plan::SCALE_UP_STALLED,
+            "Remove",
+            format!(
+                "{member} ({id:x}) was not promoted{waited} (spec.scaling.learnerDeadline {}): removed it from the cluster; its pod and volume go next",
+                self.ec.spec.scaling.learner_deadline
+            ),
+            &member,
+        )
+        .await;
+        *stalled = Some(StalledScaleUp {
+            member: member.clone(),
+            removed_at: now(),
+        });
+        *operation = Some(Operation {
+            kind: OperationKind::ScaleDown,
+            member,
+            target_size: self.ec.spec.size,
+            started_at: now(),
+            member_id: None,
+            revision: None,
+            pod_uid: None,
+        });
+        Ok(STEP_REQUEUE)
     }
 
     /// The learner deadline, how long the learner in flight has had (from the step that added

@@ -9,8 +9,8 @@ use crate::maintenance::{next_defrag, Defrag};
 /// cairn's `--quota-backend-bytes` when none is given (etcd's 2 GiB).
 const DEFAULT_QUOTA_BYTES: i64 = 2 << 30;
 
-/// How long a NOSPACE alarm that compaction and defragmentation did not clear waits before the
-/// next attempt (each defragments every member).
+/// How long after an attempt to clear a NOSPACE alarm the next one may start (each compacts
+/// away the history and defragments every member).
 const NOSPACE_RETRY: Duration = Duration::from_secs(300);
 
 impl Reconciler<'_> {
@@ -19,8 +19,8 @@ impl Reconciler<'_> {
     /// defragments every voter one at a time (followers first, the leader last), then disarms
     /// the alarm of each member whose database is back under the quota, and says so in an
     /// Event. A member still over it (its data does not fit the quota) keeps its alarm: the
-    /// `Space` condition says so, and the next attempt waits [`NOSPACE_RETRY`]. Returns when
-    /// to look again, `None` without an alarm.
+    /// `Space` condition says so. Attempts are [`NOSPACE_RETRY`] apart
+    /// (`status.lastNoSpaceRecovery`). Returns when to look again, `None` without an alarm.
     pub(super) async fn nospace(
         &self,
         prev: &EtcdClusterStatus,
@@ -50,13 +50,15 @@ impl Reconciler<'_> {
             }
             return None;
         }
-        if let Some(c) = last.filter(|c| c.reason == "QuotaExceeded") {
-            let since = Duration::try_from(t.0.duration_since(c.last_transition_time.0))
-                .unwrap_or(Duration::ZERO);
+        // One attempt per back-off, whatever the last one did: each compacts away the history
+        // and rewrites every member.
+        if let Some(at) = &prev.last_no_space_recovery {
+            let since = Duration::try_from(t.0.duration_since(at.0)).unwrap_or(Duration::ZERO);
             if since < NOSPACE_RETRY {
                 return Some(NOSPACE_RETRY - since);
             }
         }
+        status.last_no_space_recovery = Some(t.clone());
         let quota = self
             .ec
             .spec

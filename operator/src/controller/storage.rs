@@ -22,8 +22,8 @@ pub mod reason {
 pub(super) struct StorageOutcome {
     /// The `Storage` condition, none while nothing was asked of the volumes.
     pub condition: Option<(bool, &'static str, String)>,
-    /// Every member's claim took the new size: the StatefulSet is to be re-created with it
-    /// (its pods orphaned), so that members added later get it too.
+    /// Every member's claim has the new size (its capacity): the StatefulSet is to be
+    /// re-created with it (its pods orphaned), so that members added later get it too.
     pub recreate: bool,
 }
 
@@ -224,6 +224,7 @@ impl Reconciler<'_> {
                 format!("growing {} to {to}", pending.join(", ")),
             )
         };
-        (condition, true)
+        // Every claim has the size: members added later should get it too.
+        (condition, pending.is_empty())
     }
 }
