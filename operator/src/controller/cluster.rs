@@ -327,12 +327,33 @@ impl<'a> Reconciler<'a> {
             }
         }
 
-        // The alarms (NOSPACE is handled below; a CORRUPT member is replaced by the plan).
+        // The alarms (NOSPACE is handled below; a CORRUPT member is replaced by the plan). The
+        // CORRUPT alarm of a member no longer in the cluster (replaced, its disarm lost) would
+        // keep the cluster refusing every request: disarmed here.
         let alarms = match view.as_ref().filter(|v| v.leader.is_some()) {
-            Some(v) => self.members_of(v).alarms().await.unwrap_or_else(|e| {
-                warn!(error = %e, "reading the alarms");
-                Vec::new()
-            }),
+            Some(v) => {
+                let members = self.members_of(v);
+                let alarms = members.alarms().await.unwrap_or_else(|e| {
+                    warn!(error = %e, "reading the alarms");
+                    Vec::new()
+                });
+                for (id, a) in &alarms {
+                    if *a == etcd_client::AlarmType::Corrupt
+                        && !v.members.iter().any(|m| m.id == *id)
+                    {
+                        match members.disarm(*id, *a).await {
+                            Ok(()) => info!(
+                                member = format!("{id:x}"),
+                                "disarmed the CORRUPT alarm of a removed member"
+                            ),
+                            Err(e) => {
+                                warn!(error = %e, "disarming a removed member's CORRUPT alarm")
+                            }
+                        }
+                    }
+                }
+                alarms
+            }
             None => Vec::new(),
         };
         let from_backup = spec.bootstrap.as_ref().and_then(|b| b.from_backup.as_ref());

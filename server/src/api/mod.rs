@@ -107,9 +107,15 @@ async fn readyz(
     State(s): State<Arc<EtcdServer>>,
     RawQuery(query): RawQuery,
 ) -> axum::response::Response {
-    let voter = query
-        .as_deref()
-        .is_some_and(|q| q.split('&').any(|kv| kv.split('=').next() == Some("voter")));
+    // `voter`, `voter=true` or `voter=1` (as Go reads a boolean query); `voter=false` is off.
+    let voter = query.as_deref().is_some_and(|q| {
+        q.split('&').any(|kv| match kv.split_once('=') {
+            None => kv == "voter",
+            Some((k, v)) => {
+                k == "voter" && !matches!(v, "false" | "0" | "f" | "F" | "FALSE" | "False")
+            }
+        })
+    });
     let plain = etcd_readyz(&s);
     if voter && plain.0 == StatusCode::OK {
         if let Some(why) = s.not_caught_up().await {
