@@ -476,21 +476,37 @@ impl Members {
     /// Defragments the member at `endpoint` (its own client URL): its backend is rewritten, so
     /// the call may take long on a big database.
     pub async fn defragment(&self, endpoint: &str) -> Result<(), Error> {
+        self.on_member(endpoint, DEFRAG_TIMEOUT, "Defragment", async |c| {
+            c.defragment().await.map(|_| ())
+        })
+        .await
+    }
+
+    /// `call` on the member at `endpoint` alone (not any member of the cluster), with each
+    /// way of access in turn (as root, then without a user while auth may be off; the TLS
+    /// identities) until one answers; the last error otherwise.
+    async fn on_member<T>(
+        &self,
+        endpoint: &str,
+        timeout: Duration,
+        op: &'static str,
+        call: impl AsyncFn(&mut Client) -> Result<T, etcd_client::Error>,
+    ) -> Result<T, Error> {
         let opts = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
-            .with_timeout(DEFRAG_TIMEOUT);
+            .with_timeout(timeout);
         let mut last = None;
         for access in self.access.variants() {
             match access.connect(&[endpoint.to_string()], opts.clone()).await {
-                Ok(mut c) => match c.defragment().await {
-                    Ok(_) => return Ok(()),
+                Ok(mut c) => match call(&mut c).await {
+                    Ok(v) => return Ok(v),
                     Err(e) => last = Some(e),
                 },
                 Err(e) => last = Some(e),
             }
         }
         Err(Error::Call {
-            op: "Defragment",
+            op,
             source: last.unwrap_or_else(|| etcd_client::Error::InvalidArgs("no access".into())),
         })
     }
@@ -539,28 +555,10 @@ impl Members {
 
     /// The size of the database of the member at `endpoint` (its own client URL), from Status.
     pub async fn db_size(&self, endpoint: &str) -> Result<i64, Error> {
-        let mut last = None;
-        for access in self.access.variants() {
-            let opts = ConnectOptions::new()
-                .with_connect_timeout(CONNECT_TIMEOUT)
-                .with_timeout(CALL_TIMEOUT);
-            match access.connect(&[endpoint.to_string()], opts).await {
-                Ok(mut c) => match c.status().await {
-                    Ok(s) => return Ok(s.db_size()),
-                    Err(e) => last = Some(e),
-                },
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(Error::Call {
-            op: "Status",
-            source: last.unwrap_or_else(|| etcd_client::Error::InvalidArgs("no access".into())),
+        self.on_member(endpoint, CALL_TIMEOUT, "Status", async |c| {
+            c.status().await.map(|s| s.db_size())
         })
-    }
-
-    /// Disarms the NOSPACE alarm of member `id`.
-    pub async fn disarm_nospace(&self, id: u64) -> Result<(), Error> {
-        self.disarm(id, AlarmType::Nospace).await
+        .await
     }
 
     /// Disarms `alarm` of member `id`.

@@ -23,7 +23,7 @@ use kube::ResourceExt;
 
 use crate::crd::EtcdCluster;
 use crate::layout::{Names, CLIENT_PORT, METRICS_PORT, PEER_PORT};
-use crate::resources::{meta, selector_labels};
+use crate::resources::{member_selector, meta};
 
 /// The label every namespace carries with its name (Kubernetes 1.21+).
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
@@ -87,10 +87,7 @@ pub fn network_policy(ec: &EtcdCluster, operator: Option<&OperatorPod>) -> Netwo
     let names = Names::of(ec);
     let namespace = ec.namespace().unwrap_or_default();
     let members = NetworkPolicyPeer {
-        pod_selector: Some(LabelSelector {
-            match_labels: Some(selector_labels(ec)),
-            match_expressions: None,
-        }),
+        pod_selector: Some(member_selector(ec)),
         namespace_selector: None,
         ip_block: None,
     };
@@ -106,10 +103,7 @@ pub fn network_policy(ec: &EtcdCluster, operator: Option<&OperatorPod>) -> Netwo
     NetworkPolicy {
         metadata: meta(ec, names.network_policy()),
         spec: Some(NetworkPolicySpec {
-            pod_selector: Some(LabelSelector {
-                match_labels: Some(selector_labels(ec)),
-                match_expressions: None,
-            }),
+            pod_selector: Some(member_selector(ec)),
             policy_types: Some(vec!["Ingress".to_string()]),
             ingress: Some(vec![
                 NetworkPolicyIngressRule {
@@ -135,6 +129,7 @@ pub fn network_policy(ec: &EtcdCluster, operator: Option<&OperatorPod>) -> Netwo
 mod tests {
     use super::*;
     use crate::crd::EtcdClusterSpec;
+    use crate::resources::selector_labels;
 
     fn cluster(spec: serde_json::Value) -> EtcdCluster {
         let spec: EtcdClusterSpec = serde_json::from_value(spec).unwrap();

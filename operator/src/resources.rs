@@ -57,6 +57,14 @@ pub fn selector_labels(ec: &EtcdCluster) -> BTreeMap<String, String> {
     ])
 }
 
+/// The selector of a cluster's member pods (StatefulSet, PDB, anti-affinity, NetworkPolicy).
+pub fn member_selector(ec: &EtcdCluster) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some(selector_labels(ec)),
+        match_expressions: None,
+    }
+}
+
 /// Labels of every child object.
 pub fn labels(ec: &EtcdCluster) -> BTreeMap<String, String> {
     let mut l = selector_labels(ec);
@@ -366,10 +374,7 @@ fn tls_volumes(serving: &Serving) -> (Vec<Volume>, Vec<VolumeMount>) {
 pub fn affinity(ec: &EtcdCluster) -> Affinity {
     let spec = &ec.spec;
     let term = PodAffinityTerm {
-        label_selector: Some(LabelSelector {
-            match_labels: Some(selector_labels(ec)),
-            match_expressions: None,
-        }),
+        label_selector: Some(member_selector(ec)),
         topology_key: spec.anti_affinity.topology_key.clone(),
         ..PodAffinityTerm::default()
     };
@@ -710,10 +715,7 @@ pub fn statefulset_restoring(
             service_name: Some(names.peer_service()),
             // The first members must start together: none is ready before a quorum runs.
             pod_management_policy: Some("Parallel".to_string()),
-            selector: LabelSelector {
-                match_labels: Some(selector_labels(ec)),
-                match_expressions: None,
-            },
+            selector: member_selector(ec),
             // The operator restarts members into a new template itself, one at a time and only
             // while the others are healthy and caught up (see `rollout`).
             update_strategy: Some(StatefulSetUpdateStrategy {
@@ -785,10 +787,7 @@ pub fn pdb(ec: &EtcdCluster, voters: i32) -> PodDisruptionBudget {
         metadata: meta(ec, names.pdb()),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(tolerated_failures(voters))),
-            selector: Some(LabelSelector {
-                match_labels: Some(selector_labels(ec)),
-                match_expressions: None,
-            }),
+            selector: Some(member_selector(ec)),
             ..PodDisruptionBudgetSpec::default()
         }),
         status: None,

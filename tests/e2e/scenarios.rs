@@ -1122,7 +1122,10 @@ async fn day_two_on_a_real_api_server(cp: &ControlPlane, c: &Cluster<'_>) {
 
     // The chart's monitoring, with the Prometheus Operator's CRDs (stand-ins: their schema
     // is not what is tested here).
-    apply(cp, "default", PROMETHEUS_OPERATOR_CRDS).unwrap();
+    let crds = ["PodMonitor", "ServiceMonitor", "PrometheusRule"]
+        .map(|kind| stand_in_crd("monitoring.coreos.com", kind))
+        .join("---\n");
+    apply(cp, "default", &crds).unwrap();
     let out = cp
         .helm()
         .args([
@@ -1209,52 +1212,30 @@ async fn day_two_on_a_real_api_server(cp: &ControlPlane, c: &Cluster<'_>) {
     );
 }
 
-/// The Prometheus Operator's CRDs, as much of them as `helm upgrade` needs.
-const PROMETHEUS_OPERATOR_CRDS: &str = "apiVersion: apiextensions.k8s.io/v1
+/// A stand-in CustomResourceDefinition of a third-party `kind` (namespaced, version `v1`)
+/// that takes any object: for CRDs whose schema the tests do not exercise (cert-manager's,
+/// the Prometheus Operator's), which cannot be fetched here.
+fn stand_in_crd(group: &str, kind: &str) -> String {
+    let singular = kind.to_lowercase();
+    let plural = format!("{singular}s");
+    format!(
+        "apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
 metadata:
-  name: podmonitors.monitoring.coreos.com
+  name: {plural}.{group}
 spec:
-  group: monitoring.coreos.com
-  names: {kind: PodMonitor, listKind: PodMonitorList, plural: podmonitors, singular: podmonitor}
+  group: {group}
+  names: {{kind: {kind}, listKind: {kind}List, plural: {plural}, singular: {singular}}}
   scope: Namespaced
   versions:
   - name: v1
     served: true
     storage: true
     schema:
-      openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
----
-apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata:
-  name: servicemonitors.monitoring.coreos.com
-spec:
-  group: monitoring.coreos.com
-  names: {kind: ServiceMonitor, listKind: ServiceMonitorList, plural: servicemonitors, singular: servicemonitor}
-  scope: Namespaced
-  versions:
-  - name: v1
-    served: true
-    storage: true
-    schema:
-      openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
----
-apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata:
-  name: prometheusrules.monitoring.coreos.com
-spec:
-  group: monitoring.coreos.com
-  names: {kind: PrometheusRule, listKind: PrometheusRuleList, plural: prometheusrules, singular: prometheusrule}
-  scope: Namespaced
-  versions:
-  - name: v1
-    served: true
-    storage: true
-    schema:
-      openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
-";
+      openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}
+"
+    )
+}
 
 /// A writer inside the pods' network for `seconds`: puts `writer/<i>` through `endpoint` (a
 /// Service name, which keeps working while pods are re-created) one after another with
@@ -1775,7 +1756,13 @@ async fn s8_tls_turned_on_for_a_live_cluster() {
         },
     )
     .await;
-    kubectl_apply(&cp, "sec", CERTIFICATE_CRD, &[]).unwrap();
+    kubectl_apply(
+        &cp,
+        "sec",
+        &stand_in_crd("cert-manager.io", "Certificate"),
+        &[],
+    )
+    .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let stand_in = tokio::spawn(cert_manager_stand_in(
         cp.client.clone(),
@@ -1841,23 +1828,6 @@ fn etcdctl_mtls(
     a.extend(args);
     on_network_with(cp, https, Some(certs), "etcdctl", &a)
 }
-
-/// The Certificate CRD of cert-manager, as much of it as the stand-in needs.
-const CERTIFICATE_CRD: &str = "apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata:
-  name: certificates.cert-manager.io
-spec:
-  group: cert-manager.io
-  names: {kind: Certificate, listKind: CertificateList, plural: certificates, singular: certificate}
-  scope: Namespaced
-  versions:
-  - name: v1
-    served: true
-    storage: true
-    schema:
-      openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
-";
 
 /// cert-manager's part for the tests: every Certificate of `ns` whose Secret is missing gets
 /// one (`tls.crt`, `tls.key`, `ca.crt`) signed by the stand-in's CA, with the Certificate's

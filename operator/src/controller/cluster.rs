@@ -362,7 +362,8 @@ impl<'a> Reconciler<'a> {
             view: view.clone(),
             unusable,
             from_backup: from_backup.is_some(),
-            learner_clock: self.learner_clock(&prev),
+            learner_clock: self
+                .learner_clock(prev.operation.as_ref(), prev.stalled_scale_up.as_ref()),
             corrupt: alarms
                 .iter()
                 .filter(|(_, a)| *a == etcd_client::AlarmType::Corrupt)
@@ -1124,7 +1125,6 @@ impl<'a> Reconciler<'a> {
         operation: &mut Option<Operation>,
         stalled: &mut Option<StalledScaleUp>,
     ) -> Result<Duration, Error> {
-        let spec = &self.ec.spec;
         let members = Members::new(
             (0..(*replicas).max(1))
                 .map(|o| self.layout.client_url(o))
@@ -1132,17 +1132,7 @@ impl<'a> Reconciler<'a> {
         )
         .with_access(self.access.clone());
         let layout = self.layout.as_ref();
-        let start = |kind, member: String| {
-            Some(Operation {
-                kind,
-                member,
-                target_size: spec.size,
-                started_at: now(),
-                member_id: None,
-                revision: None,
-                pod_uid: None,
-            })
-        };
+        let start = |kind, member| Some(self.operation(kind, member));
         match step {
             Step::Bootstrap { replicas: r } => {
                 info!(members = r, "bootstrapping");
@@ -1374,14 +1364,21 @@ impl<'a> Reconciler<'a> {
 
     /// Whether the learner added by `operation` is past `spec.scaling.learnerDeadline`.
     fn learner_overdue(&self, operation: Option<&Operation>) -> bool {
-        let deadline = crate::backup::parse_age(&self.ec.spec.scaling.learner_deadline)
-            .filter(|d| !d.is_zero());
-        let age = operation
-            .filter(|o| matches!(o.kind, OperationKind::ScaleUp | OperationKind::Replace))
-            .and_then(|o| {
-                Duration::try_from(jiff::Timestamp::now().duration_since(o.started_at.0)).ok()
-            });
-        matches!((deadline, age), (Some(d), Some(a)) if a > d)
+        let clock = self.learner_clock(operation, None);
+        matches!((clock.deadline, clock.in_flight_for), (Some(d), Some(a)) if a > d)
+    }
+
+    /// A membership step starting now.
+    fn operation(&self, kind: OperationKind, member: String) -> Operation {
+        Operation {
+            kind,
+            member,
+            target_size: self.ec.spec.size,
+            started_at: now(),
+            member_id: None,
+            revision: None,
+            pod_uid: None,
+        }
     }
 
     /// Removes the learner `id` (ordinal `ordinal`) that missed its deadline: the scale-up
@@ -1404,11 +1401,9 @@ impl<'a> Reconciler<'a> {
         );
         result?;
         let member = layout.member(ordinal);
-        let waited = operation
-            .as_ref()
-            .map(|o| o.started_at.0)
-            .and_then(|t| Duration::try_from(jiff::Timestamp::now().duration_since(t)).ok())
-            .map_or(String::new(), |d| format!(" in {}s", d.as_secs()));
+        let waited = operation.as_ref().map_or(String::new(), |o| {
+            format!(" in {}s", ago(&o.started_at).as_secs())
+        });
         self.member_event(
             EventType::Warning,
             plan::SCALE_UP_STALLED,
@@ -1424,32 +1419,24 @@ impl<'a> Reconciler<'a> {
             member: member.clone(),
             removed_at: now(),
         });
-        *operation = Some(Operation {
-            kind: OperationKind::ScaleDown,
-            member,
-            target_size: self.ec.spec.size,
-            started_at: now(),
-            member_id: None,
-            revision: None,
-            pod_uid: None,
-        });
+        *operation = Some(self.operation(OperationKind::ScaleDown, member));
         Ok(STEP_REQUEUE)
     }
 
-    /// The learner deadline, how long the learner in flight has had (from the step that added
-    /// it, in status) and how long ago one was last removed for missing it.
-    fn learner_clock(&self, prev: &EtcdClusterStatus) -> plan::LearnerClock {
-        let now = jiff::Timestamp::now();
-        let ago = |t: &Time| Duration::try_from(now.duration_since(t.0)).unwrap_or(Duration::ZERO);
+    /// The learner deadline, how long the learner added by `operation` has had (the step in
+    /// status) and how long ago one was last removed for missing it (`stalled`).
+    fn learner_clock(
+        &self,
+        operation: Option<&Operation>,
+        stalled: Option<&StalledScaleUp>,
+    ) -> plan::LearnerClock {
         plan::LearnerClock {
             deadline: crate::backup::parse_age(&self.ec.spec.scaling.learner_deadline)
                 .filter(|d| !d.is_zero()),
-            in_flight_for: prev
-                .operation
-                .as_ref()
+            in_flight_for: operation
                 .filter(|o| matches!(o.kind, OperationKind::ScaleUp | OperationKind::Replace))
                 .map(|o| ago(&o.started_at)),
-            stalled_for: prev.stalled_scale_up.as_ref().map(|s| ago(&s.removed_at)),
+            stalled_for: stalled.map(|s| ago(&s.removed_at)),
         }
     }
 

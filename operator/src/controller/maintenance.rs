@@ -53,7 +53,7 @@ impl Reconciler<'_> {
         // One attempt per back-off, whatever the last one did: each compacts away the history
         // and rewrites every member.
         if let Some(at) = &prev.last_no_space_recovery {
-            let since = Duration::try_from(t.0.duration_since(at.0)).unwrap_or(Duration::ZERO);
+            let since = ago(at);
             if since < NOSPACE_RETRY {
                 return Some(NOSPACE_RETRY - since);
             }
@@ -71,22 +71,7 @@ impl Reconciler<'_> {
             Ok(r) => r,
             Err(e) => {
                 let msg = format!("NOSPACE alarm: compacting failed: {e}");
-                self.event(
-                    EventType::Warning,
-                    "NoSpaceRecoveryFailed",
-                    "Compact",
-                    msg.clone(),
-                )
-                .await;
-                status.set_condition(
-                    condition::SPACE,
-                    false,
-                    "RecoveryFailed",
-                    msg,
-                    generation,
-                    &t,
-                );
-                return Some(WAIT_REQUEUE);
+                return self.nospace_failed("Compact", msg, status).await;
             }
         };
         let mut done = Vec::new();
@@ -98,22 +83,7 @@ impl Reconciler<'_> {
                             "NOSPACE alarm: defragmenting {}: {e}",
                             self.layout.member(ordinal)
                         );
-                        self.event(
-                            EventType::Warning,
-                            "NoSpaceRecoveryFailed",
-                            "Defragment",
-                            msg.clone(),
-                        )
-                        .await;
-                        status.set_condition(
-                            condition::SPACE,
-                            false,
-                            "RecoveryFailed",
-                            msg,
-                            generation,
-                            &t,
-                        );
-                        return Some(WAIT_REQUEUE);
+                        return self.nospace_failed("Defragment", msg, status).await;
                     }
                     done.push(id);
                 }
@@ -137,7 +107,11 @@ impl Reconciler<'_> {
         for id in alarmed {
             let Some(m) = view.members.iter().find(|m| m.id == id) else {
                 // A member no longer in the cluster: its alarm can go.
-                if members.disarm_nospace(id).await.is_ok() {
+                if members
+                    .disarm(id, etcd_client::AlarmType::Nospace)
+                    .await
+                    .is_ok()
+                {
                     disarmed.push(format!("{id:x}"));
                 }
                 continue;
@@ -150,10 +124,12 @@ impl Reconciler<'_> {
                 None => None,
             };
             match size {
-                Some(size) if size < quota => match members.disarm_nospace(id).await {
-                    Ok(()) => disarmed.push(format!("{name} ({size} bytes)")),
-                    Err(e) => full.push(format!("{name}: disarming failed: {e}")),
-                },
+                Some(size) if size < quota => {
+                    match members.disarm(id, etcd_client::AlarmType::Nospace).await {
+                        Ok(()) => disarmed.push(format!("{name} ({size} bytes)")),
+                        Err(e) => full.push(format!("{name}: disarming failed: {e}")),
+                    }
+                }
                 Some(size) => full.push(format!("{name} has {size} bytes")),
                 None => full.push(format!("{name}: its size is unknown")),
             }
@@ -204,6 +180,32 @@ impl Reconciler<'_> {
             );
             Some(NOSPACE_RETRY)
         }
+    }
+
+    /// A NOSPACE recovery that failed at `action`: a Warning Event and `Space=False`,
+    /// `RecoveryFailed`; look again soon (the next attempt waits out the back-off).
+    async fn nospace_failed(
+        &self,
+        action: &'static str,
+        msg: String,
+        status: &mut EtcdClusterStatus,
+    ) -> Option<Duration> {
+        self.event(
+            EventType::Warning,
+            "NoSpaceRecoveryFailed",
+            action,
+            msg.clone(),
+        )
+        .await;
+        status.set_condition(
+            condition::SPACE,
+            false,
+            "RecoveryFailed",
+            msg,
+            self.ec.metadata.generation,
+            &now(),
+        );
+        Some(WAIT_REQUEUE)
     }
 
     /// Starts a defragmentation run when its schedule is due and defragments its next member

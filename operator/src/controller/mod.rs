@@ -91,6 +91,11 @@ fn now() -> Time {
     Time(jiff::Timestamp::now())
 }
 
+/// How long ago `t` was (zero for a time to come).
+fn ago(t: &Time) -> Duration {
+    Duration::try_from(jiff::Timestamp::now().duration_since(t.0)).unwrap_or(Duration::ZERO)
+}
+
 /// Runs the controller until the stream of reconciles ends (on shutdown).
 pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     let client = ctx.client.clone();

@@ -61,14 +61,19 @@ impl EtcdServer {
             let index = self.leader_read_index().await?;
             return self.wait_applied(index, timeout).await;
         }
+        let index = self.read_index_of_leader().await?;
+        self.wait_applied(index, timeout).await
+    }
+
+    /// The leader's read index, asked through the peer service (from another member).
+    async fn read_index_of_leader(&self) -> Result<u64> {
         let mut leader = self.leader_client()?;
-        let index = leader
+        Ok(leader
             .read_index(self.peers.request(ReadIndexRequest {}))
             .await
             .map_err(|s| Error::from_peer(&s))?
             .into_inner()
-            .index;
-        self.wait_applied(index, timeout).await
+            .index)
     }
 
     /// Waits until this member has applied log index `index`.
@@ -119,21 +124,12 @@ impl EtcdServer {
         if self.is_leader() {
             return None;
         }
-        let head = {
-            let ask = async {
-                let mut leader = self.leader_client()?;
-                leader
-                    .read_index(self.peers.request(ReadIndexRequest {}))
-                    .await
-                    .map(|r| r.into_inner().index)
-                    .map_err(|s| Error::from_peer(&s))
-            };
-            match tokio::time::timeout(Duration::from_secs(2), ask).await {
+        let head =
+            match tokio::time::timeout(Duration::from_secs(2), self.read_index_of_leader()).await {
                 Ok(Ok(index)) => index,
                 Ok(Err(e)) => return Some(format!("[-]caught_up failed: leader: {e}\n")),
                 Err(_) => return Some("[-]caught_up failed: the leader did not answer\n".into()),
-            }
-        };
+            };
         let applied = self.state.applied().0.map(|l| l.index).unwrap_or(0);
         (head.saturating_sub(applied) > CAUGHT_UP_ENTRIES)
             .then(|| format!("[-]caught_up failed: applied index {applied}, the leader's {head}\n"))
