@@ -340,6 +340,16 @@ impl Members {
                 let attempt = async {
                     let mut c = access.connect(std::slice::from_ref(e), options()).await?;
                     let list = c.member_list().await?;
+                    // A learner answers the member list but refuses membership changes
+                    // (MemberPromote among them): the cluster is reached through a voter.
+                    let me = list.header().map(|h| h.member_id());
+                    if list
+                        .members()
+                        .iter()
+                        .any(|m| Some(m.id()) == me && m.is_learner())
+                    {
+                        return Err(etcd_client::Error::InvalidArgs(format!("{e} is a learner")));
+                    }
                     Ok::<_, etcd_client::Error>((c, list))
                 };
                 match tokio::time::timeout(CALL_TIMEOUT, attempt).await {
