@@ -66,6 +66,10 @@ pub struct EtcdServer {
     /// Held (shared) around Raft proposals and read rounds; MoveLeader holds
     /// it exclusively while the leader goes quiet.
     pub(crate) transfer_gate: tokio::sync::RwLock<()>,
+    /// The leader's read index as `/readyz?voter` last asked it, and when: probes and
+    /// scrapers asking within [`read::CAUGHT_UP_FRESH`] share one answer (each asking costs
+    /// the leader a quorum round), and callers arriving while one is asked wait for it.
+    pub(crate) caught_up_head: tokio::sync::Mutex<Option<(std::time::Instant, u64)>>,
     /// Restored from a snapshot and not yet in a Raft snapshot of its own: members must not be
     /// added until it is (they would replay a log that lacks the restored data).
     pub(crate) restore_pending: std::sync::atomic::AtomicBool,
@@ -245,6 +249,7 @@ impl EtcdServer {
             membership_lock: Default::default(),
             removed: tokio::sync::watch::channel(false).0,
             transfer_gate: Default::default(),
+            caught_up_head: Default::default(),
             log_background_sync,
             restored_leadership,
             restore_pending: std::sync::atomic::AtomicBool::new(restore_pending),

@@ -15,6 +15,8 @@ use crate::raft::Member;
 /// How far behind the leader's log a member may be and still count as caught
 /// up (the operator's rule before restarting or promoting members is the same).
 pub const CAUGHT_UP_ENTRIES: u64 = 1000;
+/// How long `/readyz?voter` reuses the leader's read index it last asked for.
+pub const CAUGHT_UP_FRESH: Duration = Duration::from_secs(1);
 
 pub(super) type ReadWaiter = oneshot::Sender<Result<()>>;
 
@@ -124,12 +126,26 @@ impl EtcdServer {
         if self.is_leader() {
             return None;
         }
-        let head =
-            match tokio::time::timeout(Duration::from_secs(2), self.read_index_of_leader()).await {
-                Ok(Ok(index)) => index,
-                Ok(Err(e)) => return Some(format!("[-]caught_up failed: leader: {e}\n")),
-                Err(_) => return Some("[-]caught_up failed: the leader did not answer\n".into()),
-            };
+        let mut cached = self.caught_up_head.lock().await;
+        let head = match *cached {
+            Some((at, index)) if at.elapsed() < CAUGHT_UP_FRESH => index,
+            _ => {
+                let asked = std::time::Instant::now();
+                let index =
+                    match tokio::time::timeout(Duration::from_secs(2), self.read_index_of_leader())
+                        .await
+                    {
+                        Ok(Ok(index)) => index,
+                        Ok(Err(e)) => return Some(format!("[-]caught_up failed: leader: {e}\n")),
+                        Err(_) => {
+                            return Some("[-]caught_up failed: the leader did not answer\n".into())
+                        }
+                    };
+                *cached = Some((asked, index));
+                index
+            }
+        };
+        drop(cached);
         let applied = self.state.applied().0.map(|l| l.index).unwrap_or(0);
         (head.saturating_sub(applied) > CAUGHT_UP_ENTRIES)
             .then(|| format!("[-]caught_up failed: applied index {applied}, the leader's {head}\n"))
