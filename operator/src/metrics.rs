@@ -37,9 +37,34 @@ pub struct ClusterGauges {
     ready_members: GaugeVec,
     backup_last_success: GaugeVec,
     backup_failures: GaugeVec,
+    backup_interval: GaugeVec,
     certificate_expiry: GaugeVec,
     /// When each cluster was last reported.
     seen: Arc<Mutex<BTreeMap<(String, String), Instant>>>,
+}
+
+/// The longest gap between consecutive runs of `schedule` after `now`: over the coming week
+/// (which covers daily and weekday patterns), or, for a schedule with fewer than two runs in
+/// it, until two runs are found within the coming year. At most 10,000 runs are looked at (a
+/// schedule that dense has short gaps anyway). `None` if it never runs twice in a year.
+pub fn schedule_interval(
+    schedule: &croner::Cron,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<std::time::Duration> {
+    let week = now + chrono::Duration::days(8);
+    let year = now + chrono::Duration::days(400);
+    let mut prev: Option<chrono::DateTime<chrono::Utc>> = None;
+    let mut longest: Option<chrono::Duration> = None;
+    for t in schedule.iter_after(now).take(10_000) {
+        if t > year || (t > week && longest.is_some()) {
+            break;
+        }
+        if let Some(p) = prev {
+            longest = longest.max(Some(t - p));
+        }
+        prev = Some(t);
+    }
+    longest.and_then(|d| d.to_std().ok())
 }
 
 impl ClusterGauges {
@@ -69,6 +94,11 @@ impl ClusterGauges {
             backup_failures: gauge(
                 "cairn_operator_backup_consecutive_failures",
                 "Consecutive failures of the current scheduled backup",
+                &l,
+            ),
+            backup_interval: gauge(
+                "cairn_operator_backup_schedule_interval_seconds",
+                "The longest time between two runs of the backup schedule (over the coming week, or the coming year for sparser schedules); only while scheduled backups are on",
                 &l,
             ),
             certificate_expiry: gauge(
@@ -103,16 +133,25 @@ impl ClusterGauges {
             .and_then(|b| b.last_backup.as_ref())
             .map(|r| r.time.0.as_millisecond() as f64 / 1000.0)
             .or(created);
-        match (scheduled, last) {
-            (true, Some(t)) => {
+        let interval = spec
+            .backup
+            .as_ref()
+            .and_then(|b| crate::backup::parse_schedule(&b.schedule).ok())
+            .and_then(|c| schedule_interval(&c, chrono::Utc::now()));
+        match (scheduled, last, interval) {
+            (true, Some(t), Some(interval)) => {
                 self.backup_last_success.with_label_values(&l).set(t);
                 self.backup_failures
                     .with_label_values(&l)
                     .set(backup.map_or(0, |b| b.failures) as f64);
+                self.backup_interval
+                    .with_label_values(&l)
+                    .set(interval.as_secs_f64());
             }
             _ => {
                 let _ = self.backup_last_success.remove_label_values(&l);
                 let _ = self.backup_failures.remove_label_values(&l);
+                let _ = self.backup_interval.remove_label_values(&l);
             }
         }
         let member = [namespace, cluster, "member"];
@@ -149,6 +188,7 @@ impl ClusterGauges {
                 &self.ready_members,
                 &self.backup_last_success,
                 &self.backup_failures,
+                &self.backup_interval,
             ] {
                 let _ = g.remove_label_values(&l);
             }
@@ -275,6 +315,7 @@ mod tests {
             // No backup yet: the cluster's creation.
             r#"cairn_operator_backup_last_success_timestamp_seconds{cluster="a",namespace="db"} 1000"#,
             r#"cairn_operator_backup_consecutive_failures{cluster="a",namespace="db"} 0"#,
+            r#"cairn_operator_backup_schedule_interval_seconds{cluster="a",namespace="db"} 3600"#,
             r#"cairn_operator_certificate_expiry_timestamp_seconds{certificate="member",cluster="a",namespace="db"} 1798761600"#,
         ] {
             assert!(text.contains(line), "{line} not in\n{text}");
@@ -305,7 +346,28 @@ mod tests {
         );
         let text = m.render();
         assert!(!text.contains("cairn_operator_backup_last_success_timestamp_seconds{"));
+        assert!(!text.contains("cairn_operator_backup_schedule_interval_seconds{"));
         assert!(!text.contains("cairn_operator_certificate_expiry_timestamp_seconds{"));
         assert!(text.contains("cairn_operator_cluster_desired_members"));
+    }
+
+    #[test]
+    fn schedule_interval_is_the_longest_gap() {
+        let at = |s: &str| s.parse::<chrono::DateTime<chrono::Utc>>().unwrap();
+        let gap = |cron: &str, now: &str| {
+            let c = crate::backup::parse_schedule(cron).unwrap();
+            schedule_interval(&c, at(now)).map(|d| d.as_secs())
+        };
+        let monday = "2026-12-07T10:00:00Z";
+        assert_eq!(gap("0 * * * *", monday), Some(3600));
+        assert_eq!(gap("*/10 * * * * *", monday), Some(10));
+        assert_eq!(gap("0 2 * * *", monday), Some(86_400));
+        // Weekdays only: the weekend's gap, Friday 02:00 to Monday 02:00.
+        assert_eq!(gap("0 2 * * 1-5", monday), Some(3 * 86_400));
+        assert_eq!(gap("0 3 * * 0", monday), Some(7 * 86_400));
+        // Monthly: December 2026 to January 2027, January to February.
+        assert_eq!(gap("0 0 1 * *", monday), Some(31 * 86_400));
+        // Once a year at most: no interval.
+        assert_eq!(gap("0 0 29 2 *", monday), None);
     }
 }
