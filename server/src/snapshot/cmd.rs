@@ -5,7 +5,8 @@
 //! cluster (a new cluster ID from `--initial-cluster` and `--initial-cluster-token`), with the
 //! snapshot's keys, values, leases and revisions; nothing of the old cluster's Raft state or
 //! membership is kept. A file whose checksum does not match is refused before anything is
-//! written.
+//! written. Restore also takes etcd's snapshot files ([`crate::snapshot::etcd`]): a migration
+//! from etcd that keeps every revision.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -200,6 +201,35 @@ pub async fn save(endpoint: &str, file: &Path) -> Result<String> {
 /// Restores `file` into `cfg.data_dir` for member `cfg.name` of the new cluster
 /// `cfg.initial_cluster`.
 pub fn restore(file: &Path, cfg: &Config, skip_hash_check: bool) -> Result<String> {
+    if !crate::snapshot::etcd::is_etcd_snapshot(file)? {
+        return restore_cairn(file, cfg, skip_hash_check);
+    }
+    // An etcd snapshot: turned into a cairn snapshot file beside the data dir, then restored
+    // as one (the conversion checked the etcd file's hash; the new file is not checked again).
+    if cfg.data_dir.exists() {
+        return Err(Error::InvalidArgument(format!(
+            "data-dir {:?} exists",
+            cfg.data_dir.display().to_string()
+        )));
+    }
+    let converted = cfg.data_dir.with_extension("from-etcd.snap");
+    let result = crate::snapshot::etcd::convert(file, &converted, !skip_hash_check)
+        .and_then(|c| Ok((c, restore_cairn(&converted, cfg, true)?)));
+    let _ = std::fs::remove_file(&converted);
+    let (c, done) = result?;
+    Ok(format!(
+        "{done} from an etcd snapshot: {} revisions (compacted at {}), {} leases, {} users, {} roles{}",
+        c.records,
+        c.compacted,
+        c.leases,
+        c.users,
+        c.roles,
+        if c.auth_enabled { ", auth enabled" } else { "" }
+    ))
+}
+
+/// [`restore`] of a cairn snapshot file.
+fn restore_cairn(file: &Path, cfg: &Config, skip_hash_check: bool) -> Result<String> {
     // The whole file is checked before anything is written, and read piece by piece.
     let revision = check_file(
         file,
@@ -316,6 +346,9 @@ impl SnapshotStatus {
 /// Reads and verifies a snapshot file, piece by piece.
 pub fn status(file: &Path) -> Result<SnapshotStatus> {
     use std::io::{Read, Seek, SeekFrom};
+    if crate::snapshot::etcd::is_etcd_snapshot(file)? {
+        return crate::snapshot::etcd::status(file);
+    }
     let open = || {
         std::fs::File::open(file)
             .map_err(|e| Error::InvalidArgument(format!("{}: {e}", file.display())))

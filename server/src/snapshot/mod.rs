@@ -10,7 +10,9 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
+mod bbolt;
 pub mod cmd;
+pub mod etcd;
 mod payload;
 
 pub use payload::{
