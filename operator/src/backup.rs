@@ -386,6 +386,51 @@ pub async fn fetch(dest: &Destination, key: &str, out: &FsPath) -> Result<Backup
     Ok(rec)
 }
 
+/// An etcd snapshot to migrate from, as a record: its key, size and time (it has no manifest:
+/// its own trailing SHA-256 is checked by `cairn snapshot restore`, which refuses a file
+/// without one).
+pub async fn etcd_snapshot(dest: &Destination, key: &str) -> Result<BackupRecord, Error> {
+    let meta = dest.store.head(&Path::from(key)).await?;
+    Ok(BackupRecord {
+        time: Time(jiff_of(meta.last_modified)),
+        key: key.to_string(),
+        size: meta.size as i64,
+        revision: 0,
+        sha256: String::new(),
+    })
+}
+
+/// Downloads an etcd snapshot into `out`, streaming; its size must be what the store says.
+pub async fn fetch_etcd_snapshot(
+    dest: &Destination,
+    key: &str,
+    out: &FsPath,
+) -> Result<BackupRecord, Error> {
+    use tokio::io::AsyncWriteExt;
+    let rec = etcd_snapshot(dest, key).await?;
+    let got = dest.store.get(&Path::from(key)).await?;
+    let mut stream = got.into_stream();
+    let part = out.with_extension("part");
+    let mut file = tokio::fs::File::create(&part).await?;
+    let mut size = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        size += chunk.len() as u64;
+        file.write_all(&chunk).await?;
+    }
+    file.sync_all().await?;
+    drop(file);
+    if size as i64 != rec.size {
+        let _ = tokio::fs::remove_file(&part).await;
+        return Err(Error::Io(std::io::Error::other(format!(
+            "etcd snapshot {key}: {size} bytes received, {} stored",
+            rec.size
+        ))));
+    }
+    tokio::fs::rename(&part, out).await?;
+    Ok(rec)
+}
+
 /// Who started a backup run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RunOwner {

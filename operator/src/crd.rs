@@ -492,9 +492,62 @@ pub struct S3Destination {
 /// How a new cluster starts.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = bootstrap_rules)]
 pub struct BootstrapSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_backup: Option<FromBackup>,
+    /// Migration from etcd: an etcd v3 snapshot (`etcdctl snapshot save`'s file, which ends in
+    /// its SHA-256) in object storage. The first member restores every key with its revisions
+    /// (Kubernetes' resourceVersions go on), leases, users and roles; the others join it. Not
+    /// together with `fromBackup`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_etcd_snapshot: Option<FromEtcdSnapshot>,
+}
+
+impl BootstrapSpec {
+    /// Where a new cluster's data comes from, as a backup to fetch: the object, and whether
+    /// it is an etcd snapshot (checked by its own trailing SHA-256, not a cairn manifest).
+    /// Both given is refused ([`BOOTSTRAP_RULE`]'s message).
+    pub fn source(&self) -> Result<Option<(FromBackup, bool)>, String> {
+        match (&self.from_backup, &self.from_etcd_snapshot) {
+            (Some(_), Some(_)) => Err(BOOTSTRAP_RULE.1.to_string()),
+            (Some(b), None) => Ok(Some((b.clone(), false))),
+            (None, Some(e)) => Ok(Some((
+                FromBackup {
+                    destination: e.destination.clone(),
+                    key: Some(e.key.clone()),
+                    prefix: None,
+                },
+                true,
+            ))),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// The CEL rule of `spec.bootstrap`: one source. The operator refuses both itself too
+/// (`RestoreFailed`), on API servers that do not run the rule.
+pub const BOOTSTRAP_RULE: (&str, &str) = (
+    "!(has(self.fromBackup) && has(self.fromEtcdSnapshot))",
+    "spec.bootstrap: fromBackup and fromEtcdSnapshot cannot both be given",
+);
+
+fn bootstrap_rules(schema: &mut schemars::Schema) {
+    let (rule, message) = BOOTSTRAP_RULE;
+    schema.insert(
+        "x-kubernetes-validations".into(),
+        serde_json::json!([{"rule": rule, "message": message}]),
+    );
+}
+
+/// An etcd snapshot a new cluster starts from.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FromEtcdSnapshot {
+    pub destination: BackupDestination,
+    /// The object key of the snapshot file.
+    #[schemars(length(min = 1))]
+    pub key: String,
 }
 
 /// The backup a new cluster starts from.
@@ -1112,6 +1165,42 @@ impl EtcdClusterStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `spec.bootstrap` takes one source: the CRD's rule (as an API server runs it) and the
+    /// operator's [`BootstrapSpec::source`] check agree.
+    #[test]
+    fn bootstrap_takes_one_source() {
+        use kube::CustomResourceExt;
+        let crd = serde_json::to_value(EtcdCluster::crd()).unwrap();
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        let dest = serde_json::json!({"s3": {"bucket": "b"}});
+        let object = |bootstrap: serde_json::Value| {
+            serde_json::json!({"apiVersion": "cairn.dev/v1alpha1", "kind": "EtcdCluster",
+                               "metadata": {"name": "a"}, "spec": {"size": 3, "bootstrap": bootstrap}})
+        };
+        let validator = kube_cel::Validator::new();
+        let backup = serde_json::json!({"destination": dest, "key": "k"});
+        let etcd = serde_json::json!({"destination": dest, "key": "etcd.db"});
+        for (bootstrap, ok) in [
+            (serde_json::json!({"fromBackup": backup}), true),
+            (serde_json::json!({"fromEtcdSnapshot": etcd}), true),
+            (serde_json::json!({}), true),
+            (
+                serde_json::json!({"fromBackup": backup, "fromEtcdSnapshot": etcd}),
+                false,
+            ),
+        ] {
+            let said = validator.validate(schema, &object(bootstrap.clone()), None);
+            assert_eq!(said.is_ok(), ok, "{bootstrap}: {said:?}");
+            let spec: BootstrapSpec = serde_json::from_value(bootstrap.clone()).unwrap();
+            assert_eq!(spec.source().is_ok(), ok, "{bootstrap}");
+        }
+        let spec: BootstrapSpec =
+            serde_json::from_value(serde_json::json!({"fromEtcdSnapshot": etcd})).unwrap();
+        let (from, is_etcd) = spec.source().unwrap().unwrap();
+        assert!(is_etcd);
+        assert_eq!(from.key.as_deref(), Some("etcd.db"));
+    }
 
     /// The CRD's CEL rules for `spec.storage`, evaluated as an API server with Kubernetes'
     /// quantity library does (kube-cel), agree with the operator's own rule

@@ -492,6 +492,9 @@ pub struct Restore {
     pub destination: crate::crd::BackupDestination,
     /// The operator's image, which downloads and verifies the backup.
     pub operator_image: String,
+    /// An etcd snapshot (`spec.bootstrap.fromEtcdSnapshot`): no manifest; its own trailing
+    /// SHA-256 is checked by the restore.
+    pub etcd_snapshot: bool,
 }
 
 /// Where a restore's download lands, inside the member's volume.
@@ -519,6 +522,9 @@ fn restore_containers(r: &Restore, cairn_image: &str, env: &[EnvVar]) -> Vec<Con
         format!("--out={RESTORE_FILE}"),
         format!("--data-dir={data_dir}"),
     ];
+    if r.etcd_snapshot {
+        fetch_args.push("--etcd-snapshot".to_string());
+    }
     let mut fetch_env = env.to_vec();
     if let Some(s3) = &r.destination.s3 {
         fetch_args.push(format!("--bucket={}", s3.bucket));
@@ -823,6 +829,7 @@ mod tests {
             key: "e2e/prod/demo/0f5e/20261121T000000Z.snap".into(),
             destination: crate::crd::BackupDestination::default(),
             operator_image: "cairn-operator:1".into(),
+            etcd_snapshot: false,
         };
         let s = statefulset_restoring(&ec, 1, "cairn:1", Some(&restore), &Serving::default());
         let ann = s.metadata.annotations.clone().unwrap_or_default();
@@ -834,6 +841,20 @@ mod tests {
             .map(|c| c.name.as_str())
             .collect();
         assert_eq!(init, ["fetch-backup", "restore"]);
+        // An etcd snapshot is fetched without a manifest.
+        let fetch_args = |r: &Restore| {
+            let s = statefulset_restoring(&ec, 1, "cairn:1", Some(r), &Serving::default());
+            pod_spec(&s).init_containers.clone().unwrap()[0]
+                .args
+                .clone()
+                .unwrap()
+        };
+        let etcd = Restore {
+            etcd_snapshot: true,
+            ..restore.clone()
+        };
+        assert!(fetch_args(&etcd).contains(&"--etcd-snapshot".to_string()));
+        assert!(!fetch_args(&restore).contains(&"--etcd-snapshot".to_string()));
         let plain = statefulset(&ec, 1, "cairn:1");
         assert!(plain.metadata.annotations.is_none());
         assert!(pod_spec(&plain).init_containers.is_none());

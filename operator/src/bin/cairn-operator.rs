@@ -138,6 +138,10 @@ enum Command {
         /// The pod's name: only ordinal 0 restores (the others join it).
         #[arg(long, env = "POD_NAME")]
         pod_name: Option<String>,
+        /// An etcd snapshot to migrate from: no manifest (the restore checks the SHA-256 the
+        /// file ends with).
+        #[arg(long)]
+        etcd_snapshot: bool,
     },
 }
 
@@ -191,6 +195,7 @@ async fn command(cmd: Command) -> anyhow::Result<()> {
             out,
             data_dir,
             pod_name,
+            etcd_snapshot,
         } => {
             if data_dir.as_ref().is_some_and(|d| d.exists()) {
                 println!("data dir exists: nothing to restore");
@@ -198,6 +203,14 @@ async fn command(cmd: Command) -> anyhow::Result<()> {
             }
             if pod_name.as_deref().is_some_and(|p| !p.ends_with("-0")) {
                 println!("not the first member: it joins the restored one");
+                return Ok(());
+            }
+            if etcd_snapshot {
+                let rec = backup::fetch_etcd_snapshot(&s3.destination()?, &key, &out).await?;
+                println!(
+                    "fetched etcd snapshot {} ({} bytes; the restore checks its SHA-256)",
+                    rec.key, rec.size
+                );
                 return Ok(());
             }
             let rec = backup::fetch(&s3.destination()?, &key, &out).await?;

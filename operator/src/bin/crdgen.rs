@@ -66,14 +66,15 @@ fn main() -> anyhow::Result<()> {
                 .spec
                 .bootstrap
                 .as_ref()
-                .and_then(|b| b.from_backup.as_ref())
-                .map(|f| resources::Restore {
+                .and_then(|b| b.source().ok().flatten())
+                .map(|(f, etcd_snapshot)| resources::Restore {
                     key: f
                         .key
                         .clone()
                         .unwrap_or_else(|| "example/20260101T000000Z.snap".into()),
                     destination: f.destination.clone(),
                     operator_image: "cairn-operator:example".into(),
+                    etcd_snapshot,
                 });
             let docs = [
                 serde_yaml::to_string(&resources::peer_service(&ec))?,

@@ -356,12 +356,18 @@ impl<'a> Reconciler<'a> {
             }
             None => Vec::new(),
         };
-        let from_backup = spec.bootstrap.as_ref().and_then(|b| b.from_backup.as_ref());
+        // Where a new cluster's data comes from (a backup, or an etcd snapshot to migrate).
+        let source = spec.bootstrap.as_ref().map_or(Ok(None), |b| b.source());
+        let from_backup = source
+            .as_ref()
+            .ok()
+            .and_then(|s| s.as_ref().map(|(f, _)| f));
+        let from_etcd = matches!(source, Ok(Some((_, true))));
         let obs = Observed {
             statefulset_replicas: replicas,
             view: view.clone(),
             unusable,
-            from_backup: from_backup.is_some(),
+            from_backup: from_backup.is_some() || source.is_err(),
             learner_clock: self
                 .learner_clock(prev.operation.as_ref(), prev.stalled_scale_up.as_ref()),
             corrupt: alarms
@@ -417,31 +423,40 @@ impl<'a> Reconciler<'a> {
                 .and_then(|s| s.metadata.annotations.as_ref())
                 .and_then(|a| a.get(resources::RESTORED_FROM_ANNOTATION).cloned())
         });
-        if let Some(from) = from_backup {
-            if restored_from.is_none() && replicas.is_none() {
-                match self.resolve_backup(from).await {
-                    Ok(rec) => {
-                        self.event(
-                            EventType::Normal,
-                            "Restoring",
-                            "Create",
-                            format!(
-                                "starting from backup {} (revision {}, sha256 {})",
-                                rec.key, rec.revision, rec.sha256
-                            ),
+        if (from_backup.is_some() || source.is_err())
+            && restored_from.is_none()
+            && replicas.is_none()
+        {
+            let resolved = match (&source, from_backup) {
+                (Err(msg), _) => Err(format!("cannot restore: {msg}")),
+                (Ok(_), Some(from)) => self.resolve_backup(from, from_etcd).await,
+                (Ok(_), None) => Err("cannot restore: nothing to restore from".to_string()),
+            };
+            match resolved {
+                Ok(rec) => {
+                    let what = if from_etcd {
+                        format!(
+                            "starting from etcd snapshot {} ({} bytes; its own SHA-256 is checked by the restore)",
+                            rec.key, rec.size
                         )
+                    } else {
+                        format!(
+                            "starting from backup {} (revision {}, sha256 {})",
+                            rec.key, rec.revision, rec.sha256
+                        )
+                    };
+                    self.event(EventType::Normal, "Restoring", "Create", what)
                         .await;
-                        restored_from = Some(rec.key);
-                    }
-                    Err(msg) => {
-                        self.event(EventType::Warning, "RestoreFailed", "Create", msg.clone())
-                            .await;
-                        let mut status = prev.clone();
-                        status.observed_generation = ec.metadata.generation;
-                        status.restore_failed(msg, ec.metadata.generation, &now());
-                        self.patch_status(status).await?;
-                        return Ok(Action::requeue(WAIT_REQUEUE));
-                    }
+                    restored_from = Some(rec.key);
+                }
+                Err(msg) => {
+                    self.event(EventType::Warning, "RestoreFailed", "Create", msg.clone())
+                        .await;
+                    let mut status = prev.clone();
+                    status.observed_generation = ec.metadata.generation;
+                    status.restore_failed(msg, ec.metadata.generation, &now());
+                    self.patch_status(status).await?;
+                    return Ok(Action::requeue(WAIT_REQUEUE));
                 }
             }
         }
@@ -453,6 +468,7 @@ impl<'a> Reconciler<'a> {
                     key,
                     destination: from.destination.clone(),
                     operator_image: self.ctx.operator_image.clone(),
+                    etcd_snapshot: from_etcd,
                 });
 
         // A cluster made with TLS waits for its certificates rather than start without.
@@ -954,12 +970,14 @@ impl<'a> Reconciler<'a> {
     async fn resolve_backup(
         &self,
         from: &crate::crd::FromBackup,
+        etcd_snapshot: bool,
     ) -> Result<crate::crd::BackupRecord, String> {
         let dest = self
             .destination(&from.destination)
             .await
             .map_err(|e| e.to_string())?;
         let result = match &from.key {
+            Some(key) if etcd_snapshot => crate::backup::etcd_snapshot(&dest, key).await,
             Some(key) => crate::backup::record(&dest, key).await,
             None => {
                 let prefix = from.prefix.clone().unwrap_or_else(|| dest.prefix.clone());
