@@ -11,7 +11,7 @@
 //!   that selects it (`svc.ns`, `svc.ns.svc[.cluster.local]`) are network aliases, so Docker's
 //!   DNS answers them as cluster DNS would; `kubernetes.default.svc` is the API server.
 //! - Volumes: a PVC is a Docker volume per claim (it survives the pod and is removed once the
-//!   claim is gone); emptyDir a volume per pod; Secrets and ConfigMaps (also projected) files
+//!   claim is gone), bound to a PersistentVolume and grown by [`crate::provisioner`]; emptyDir a volume per pod; Secrets and ConfigMaps (also projected) files
 //!   written from the API. fsGroup is applied to writable volumes.
 //! - Env (`value`, `fieldRef`, `configMapKeyRef`, `secretKeyRef`, `envFrom`, the
 //!   `KUBERNETES_SERVICE_*` variables) and `$(VAR)` in command and args, as the kubelet does.
@@ -64,10 +64,14 @@ struct PodTask {
 pub async fn start(cfg: AgentConfig) -> JoinHandle<()> {
     let cfg = Arc::new(cfg);
     register_nodes(&cfg).await;
+    crate::provisioner::install_classes(&cfg.client).await;
     tokio::spawn(async move {
         let mut tasks: HashMap<String, PodTask> = HashMap::new();
         let mut tick = 0u64;
         loop {
+            if let Err(e) = crate::provisioner::round(&cfg.client).await {
+                eprintln!("agent: {e}");
+            }
             if let Err(e) = round(&cfg, &mut tasks).await {
                 eprintln!("agent: {e}");
             }

@@ -9,6 +9,7 @@ mod docker;
 mod plane;
 #[path = "../common/ports.rs"]
 mod ports;
+mod provisioner;
 mod scenarios;
 #[path = "../common/writer.rs"]
 mod writer;

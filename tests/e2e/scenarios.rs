@@ -535,10 +535,22 @@ async fn s2_resize_3_5_3_under_a_writer() {
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
 
+    grow_volumes_in_place(&cp, &c).await;
+
     c.resize(5).await;
     let up = c.until_settled(5, Duration::from_secs(300)).await;
     eprintln!("e2e: resize 3 -> 5 took {:.1}s", up.as_secs_f64());
     assert_eq!(c.members().len(), 5);
+    // Members added after the growth have the new size from their StatefulSet.
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(cp.client.clone(), "grow");
+    for i in 3..5 {
+        let claim = pvcs.get(&format!("data-beta-{i}")).await.unwrap();
+        assert_eq!(
+            claim_size(&claim, false).as_deref(),
+            Some("2Gi"),
+            "data-beta-{i}"
+        );
+    }
     let volume = |i: i32| claim_volume_name(&cp.run, "grow", &format!("data-beta-{i}"));
     for i in 0..5 {
         assert!(
@@ -570,7 +582,6 @@ async fn s2_resize_3_5_3_under_a_writer() {
     );
 
     // The removed members' pods, claims and volumes are gone.
-    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(cp.client.clone(), "grow");
     eventually(
         Duration::from_secs(60),
         Duration::from_millis(500),
@@ -652,6 +663,94 @@ async fn s2_resize_3_5_3_under_a_writer() {
     )
     .await;
     assert_all_present(&cp, &c, &acked);
+}
+
+/// A claim's requested storage (`capacity`: what its volume has).
+fn claim_size(claim: &PersistentVolumeClaim, capacity: bool) -> Option<String> {
+    if capacity {
+        claim
+            .status
+            .as_ref()?
+            .capacity
+            .as_ref()?
+            .get("storage")
+            .map(|q| q.0.clone())
+    } else {
+        let requests = claim.spec.as_ref()?.resources.as_ref()?.requests.as_ref()?;
+        requests.get("storage").map(|q| q.0.clone())
+    }
+}
+
+/// Issue 24: `spec.storage.size` 1Gi -> 2Gi on a cluster under a writer, on the e2e's default
+/// StorageClass (volume expansion allowed; the node agent binds volumes and plays the external
+/// resizer): every member's claim is grown in place, the StatefulSet is re-created with the new
+/// claim template while its pods are orphaned and adopted again: no pod is replaced.
+async fn grow_volumes_in_place(cp: &ControlPlane, c: &Cluster<'_>) {
+    use k8s_openapi::api::apps::v1::StatefulSet;
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(cp.client.clone(), &c.ns);
+    let sts: Api<StatefulSet> = Api::namespaced(cp.client.clone(), &c.ns);
+    let uids = |pods: Vec<Pod>| -> BTreeMap<String, String> {
+        pods.iter()
+            .map(|p| (p.name_any(), p.uid().unwrap_or_default()))
+            .collect()
+    };
+    let before = uids(c.pods().await);
+    assert_eq!(before.len(), 3);
+    let old_sts = sts.get(&c.name).await.unwrap().uid();
+    for i in 0..3 {
+        let claim = pvcs.get(&format!("data-{}-{i}", c.name)).await.unwrap();
+        let phase = claim.status.as_ref().and_then(|s| s.phase.clone());
+        assert_eq!(phase.as_deref(), Some("Bound"), "claim {i} not bound");
+        assert_eq!(claim_size(&claim, true).as_deref(), Some("1Gi"));
+    }
+    let t = Instant::now();
+    let patch = Patch::Merge(json!({"spec": {"storage": {"size": "2Gi"}}}));
+    c.api
+        .patch(&c.name, &PatchParams::default(), &patch)
+        .await
+        .unwrap();
+    let msg = eventually(
+        Duration::from_secs(180),
+        Duration::from_secs(1),
+        async || {
+            let (ok, reason, msg) = c.condition("Storage").await;
+            let mut sizes = vec![];
+            for i in 0..3 {
+                let claim = pvcs.get(&format!("data-{}-{i}", c.name)).await.unwrap();
+                sizes.push(claim_size(&claim, true));
+            }
+            let set = sts.get_opt(&c.name).await.unwrap();
+            let template = set
+                .as_ref()
+                .and_then(|s| s.spec.as_ref()?.volume_claim_templates.clone())
+                .and_then(|t| claim_size(t.first()?, false));
+            let recreated = set.as_ref().is_some_and(|s| s.uid() != old_sts);
+            // Expanded, then (the template has the size) AsRequested.
+            if ok == "True"
+                && ["Expanded", "AsRequested"].contains(&reason.as_str())
+                && sizes.iter().all(|s| s.as_deref() == Some("2Gi"))
+                && template.as_deref() == Some("2Gi")
+                && recreated
+            {
+                return Ok(msg);
+            }
+            Err(format!(
+                "Storage {ok}/{reason}: {msg}; capacities {sizes:?}; template {template:?}, re-created {recreated}"
+            ))
+        },
+    )
+    .await;
+    eprintln!(
+        "e2e: volumes grown 1Gi -> 2Gi in place, StatefulSet re-created, in {:.1}s: {msg}",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(uids(c.pods().await), before, "a member pod was replaced");
+    let reasons = c.event_reasons().await;
+    for r in ["VolumeExpanding", "StatefulSetRecreated"] {
+        assert!(reasons.iter().any(|e| e == r), "no {r}: {reasons:?}");
+    }
+    let (avail, _, _) = c.condition("Available").await;
+    assert_eq!(avail, "True");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -948,6 +1047,11 @@ async fn s6_bad_input_is_refused_and_unreachable_backups_show_in_status() {
         "  backup:\n    schedule: \"*/10 * * * * *\"\n    destination:\n      s3:\n        bucket: nowhere\n        region: us-east-1\n        endpoint: http://{}:{dead}\n        forcePathStyle: true\n        credentialsSecret: s3\n",
         cp.gateway
     );
+    // On the e2e's StorageClass whose volumes cannot grow (the storage edit below).
+    let backup = format!(
+        "    storageClassName: {}\n{backup}",
+        crate::provisioner::FIXED
+    );
     apply(&cp, "bad", &cluster_yaml("omega", 3, &backup)).unwrap();
     let c = Cluster::new(&cp, "bad", "omega");
     c.until_settled(3, Duration::from_secs(240)).await;
@@ -982,8 +1086,8 @@ async fn s6_bad_input_is_refused_and_unreachable_backups_show_in_status() {
 }
 
 /// Issue 24's edits on Kubernetes 1.20, on a 3-member cluster whose scheduled backups fail:
-/// the NetworkPolicy as the API server took it; a bigger `spec.storage.size` (1.20 resizes only
-/// bound, dynamically provisioned claims: the e2e's are neither) said in the Storage condition
+/// the NetworkPolicy as the API server took it; a bigger `spec.storage.size` on a StorageClass
+/// that does not allow expansion (the API server refuses to resize the claims) said in the Storage condition
 /// while status and scheduled backups go on; a smaller one refused by the operator (1.20 does
 /// not run the CRD's CEL rules); a learner held out of the client Service's endpoints while it
 /// is one; the chart's monitoring objects installed by `helm upgrade`.
