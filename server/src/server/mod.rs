@@ -154,6 +154,9 @@ impl EtcdServer {
         let restore_pending = engine
             .raft_get::<bool>(crate::storage::RESTORED_NEEDS_SNAPSHOT)?
             .unwrap_or(false);
+        // A restored data dir's first start bootstraps the membership it was restored for.
+        let restored_members: Option<BTreeMap<u64, Member>> =
+            engine.raft_get(crate::storage::RESTORED_MEMBERS)?;
         let restore_engine = engine.clone();
         let legacy_log = cfg.data_dir.join("member").join("cairn-wal");
         let mut log = LogStore::new(engine, &legacy_log, identity.member_id, move |secs| {
@@ -205,25 +208,30 @@ impl EtcdServer {
         )
         .await
         .map_err(Error::internal)?;
-        if cfg.initial_cluster_new && !raft.is_initialized().await.map_err(Error::internal)? {
+        if (cfg.initial_cluster_new || restored_members.is_some())
+            && !raft.is_initialized().await.map_err(Error::internal)?
+        {
             // Every member bootstraps the same membership (Raft's first
             // entry must be identical everywhere); each then publishes its
-            // client URLs once it runs, as etcd members do.
-            let ids = cfg.initial_member_ids();
-            let members: BTreeMap<u64, Member> = cfg
-                .initial_cluster
-                .iter()
-                .map(|(name, urls)| {
-                    (
-                        ids[name],
-                        Member {
-                            name: name.clone(),
-                            peer_urls: urls.clone(),
-                            client_urls: Vec::new(),
-                        },
-                    )
-                })
-                .collect();
+            // client URLs once it runs, as etcd members do. A restored data
+            // dir bootstraps what it was restored for (its member ID came
+            // from the restore's flags; etcd's restored WAL holds them too).
+            let members: BTreeMap<u64, Member> = restored_members.unwrap_or_else(|| {
+                let ids = cfg.initial_member_ids();
+                cfg.initial_cluster
+                    .iter()
+                    .map(|(name, urls)| {
+                        (
+                            ids[name],
+                            Member {
+                                name: name.clone(),
+                                peer_urls: urls.clone(),
+                                client_urls: Vec::new(),
+                            },
+                        )
+                    })
+                    .collect()
+            });
             info!(
                 member = format!("{:x}", identity.member_id),
                 cluster = format!("{:x}", identity.cluster_id),

@@ -39,3 +39,8 @@ pub use log_writer::{LogOp, LogWriter};
 /// A key of the `raft` column family, set by `cairn snapshot restore`: the restored data came
 /// from outside the Raft log, and must be put in a Raft snapshot before members may join.
 pub const RESTORED_NEEDS_SNAPSHOT: &[u8] = b"restored_needs_snapshot";
+
+/// A key of the `raft` column family, set by `cairn snapshot restore`: the membership the data
+/// dir was restored for (`--initial-cluster` and `--initial-cluster-token` of the restore). The
+/// first start bootstraps it whatever the start's own flags say, as etcd's restored WAL does.
+pub const RESTORED_MEMBERS: &[u8] = b"restored_members";
