@@ -33,6 +33,9 @@ pub struct ControlPlane {
     pub storage: Storage,
     /// The storage's client URL.
     pub storage_url: String,
+    /// kube-apiserver's secure port, and flags it gets besides the usual ones.
+    api_port: u16,
+    apiserver_args: Vec<String>,
     dir: tempfile::TempDir,
     procs: Vec<(String, Child)>,
     agent: Option<JoinHandle<()>>,
@@ -104,6 +107,11 @@ fn sh(cmd: &mut Command) -> String {
 impl ControlPlane {
     /// Starts everything and installs the operator with Helm.
     pub async fn start(storage: Storage) -> ControlPlane {
+        Self::start_with(storage, &[]).await
+    }
+
+    /// [`Self::start`], kube-apiserver with `apiserver_args` too.
+    pub async fn start_with(storage: Storage, apiserver_args: &[&str]) -> ControlPlane {
         let t0 = Instant::now();
         let run = format!(
             "ce2e{}x{}",
@@ -136,6 +144,8 @@ impl ControlPlane {
             gateway: gateway.clone(),
             storage,
             storage_url: String::new(),
+            api_port: 0,
+            apiserver_args: apiserver_args.iter().map(|a| a.to_string()).collect(),
             dir,
             procs: vec![],
             agent: None,
@@ -143,6 +153,7 @@ impl ControlPlane {
         cp.certificates();
         cp.start_storage();
         let api_port = free_port();
+        cp.api_port = api_port;
         cp.start_apiserver(api_port);
         cp.write_kubeconfig(api_port);
         let kc = Kubeconfig::read_from(&cp.kubeconfig).unwrap();
@@ -376,6 +387,7 @@ impl ControlPlane {
             "--profiling=false".into(),
             format!("--cert-dir={}", self.p("certs")),
         ];
+        args.extend(self.apiserver_args.iter().cloned());
         if self.storage == Storage::Cairn {
             args.extend([
                 format!("--etcd-cafile={}", self.p("ca.crt")),
@@ -464,6 +476,74 @@ impl ControlPlane {
             );
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
+    }
+
+    /// Stops process `name` (SIGKILL) and forgets it; its log stays.
+    fn stop(&mut self, name: &str) {
+        if let Some(i) = self.procs.iter().position(|(n, _)| n == name) {
+            let (_, mut c) = self.procs.remove(i);
+            let _ = c.kill();
+            let _ = c.wait();
+            let log = self.path(&format!("{name}.log"));
+            let _ = std::fs::rename(&log, log.with_extension("stopped.log"));
+        }
+    }
+
+    /// The cutover of README's "Migrating from etcd" on this plane (storage etcd): the API
+    /// server and controller manager stopped, `etcdctl snapshot save`, etcd stopped, the file
+    /// restored by `cairn snapshot restore` into a one-member cairn (plain, as the etcd was),
+    /// the API server and controller manager started again on it, same port, same flags.
+    /// Returns what the restore printed.
+    pub async fn migrate_storage_to_cairn(&mut self) -> String {
+        assert_eq!(self.storage, Storage::Etcd);
+        self.stop("kube-controller-manager");
+        self.stop("kube-apiserver");
+        let snap = self.path("migrate.db");
+        let first = self.storage_url.split(',').next().unwrap().to_string();
+        sh(Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &first, "snapshot", "save"])
+            .arg(&snap));
+        self.stop("storage0");
+        let ports = free_ports(2);
+        let (client, peer) = (
+            format!("http://127.0.0.1:{}", ports[0]),
+            format!("http://127.0.0.1:{}", ports[1]),
+        );
+        let data = self.p("cairn-migrated");
+        let restored = sh(Command::new(cairn_binary())
+            .args(["snapshot", "restore"])
+            .arg(&snap)
+            .args([
+                &format!("--data-dir={data}"),
+                "--name=storage0",
+                &format!("--initial-cluster=storage0={peer}"),
+                "--initial-cluster-token=migrated",
+            ]));
+        let args = vec![
+            "--name=storage0".to_string(),
+            format!("--data-dir={data}"),
+            format!("--listen-client-urls={client}"),
+            format!("--advertise-client-urls={client}"),
+            format!("--listen-peer-urls={peer}"),
+            format!("--initial-advertise-peer-urls={peer}"),
+            format!("--initial-cluster=storage0={peer}"),
+        ];
+        self.spawn("storage0", Command::new(cairn_binary()).args(args));
+        self.storage_url = client;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", ports[0])).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "cairn did not start: {}",
+                self.logs("storage0")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.start_apiserver(self.api_port);
+        self.wait_ready().await;
+        self.start_controller_manager();
+        restored
     }
 
     fn exited(&mut self, name: &str) -> Option<String> {
