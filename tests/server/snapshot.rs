@@ -294,6 +294,22 @@ async fn etcd_snapshot_restored_by_cairn_as_by_etcd() {
     assert_eq!(out.code, 1, "{out:?}");
     assert!(out.stderr.contains("sha256 checksum mismatch"), "{out:?}");
     assert!(!target.exists());
+    // As etcdctl's restore does, a data dir whose parents do not exist yet is made; nothing
+    // of the conversion is left beside it.
+    let deeper = src.dir.path().join("deeper/still");
+    let out = cairn(&[
+        "snapshot",
+        "restore",
+        path,
+        "--data-dir",
+        deeper.join("data").to_str().unwrap(),
+    ]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let left: Vec<_> = std::fs::read_dir(&deeper)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["data"], "{left:?}");
 
     let root = ["--user=root:rootpw"];
     let reads = |m: &Member| -> Vec<String> {

@@ -16,7 +16,10 @@
 //!   only page is stored inline, right after those 16 bytes.
 //!
 //! Everything read is checked against the file's size before use: a damaged or hostile file is
-//! an error, never a panic, an allocation beyond one page run or an endless walk.
+//! an error, never a panic. Every page is read at most once per open database (bbolt's trees
+//! never share pages): a page reached twice, by a cycle or by two parents, is an error, so the
+//! work and the memory of any walk stay within the file's size. Each bucket may therefore be
+//! walked once.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -49,9 +52,15 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// Whether `head` (a file's first bytes) is a bbolt database's first meta page.
+/// How many of a file's first bytes [`is_bbolt`] looks at.
+pub const HEAD: usize = 4096 + HEADER + 4;
+
+/// Whether `head` (a file's first bytes) starts a bbolt database: the magic of its first meta
+/// page, or of its second at the commonest page size (the first may be damaged; bbolt then
+/// reads the second).
 pub fn is_bbolt(head: &[u8]) -> bool {
-    head.len() >= HEADER + 8 && u32_at(head, HEADER) == MAGIC
+    let magic_at = |at: usize| head.len() >= at + 4 && u32_at(head, at) == MAGIC;
+    magic_at(HEADER) || magic_at(4096 + HEADER)
 }
 
 fn fnv1a64(b: &[u8]) -> u64 {
@@ -110,7 +119,10 @@ pub struct Bolt {
     len: u64,
     page_size: u64,
     pages: u64,
-    root: u64,
+    /// The top-level buckets, by name (the root bucket holds nothing else).
+    buckets: Vec<(Vec<u8>, Bucket)>,
+    /// Pages read so far, a bit per page id.
+    read: std::cell::RefCell<Vec<u64>>,
 }
 
 /// A page (with the pages it spans), read whole.
@@ -194,13 +206,42 @@ impl Bolt {
                 m.high_water
             )));
         }
-        Ok(Self {
+        let mut db = Self {
             file,
             len,
             page_size,
             pages: m.high_water,
-            root: m.root,
-        })
+            buckets: Vec::new(),
+            read: std::cell::RefCell::new(vec![0; m.high_water.div_ceil(64) as usize]),
+        };
+        let mut buckets = Vec::new();
+        db.each(&Bucket::Root(m.root), &mut |flags, k, v| {
+            if flags & BUCKET_LEAF == 0 {
+                return Err(bad("a key outside any bucket"));
+            }
+            buckets.push((k.to_vec(), child_bucket(v)?));
+            Ok(true)
+        })?;
+        db.buckets = buckets;
+        Ok(db)
+    }
+
+    /// Marks pages `first..first + n` read; an error if one was already.
+    fn mark(&self, first: u64, n: u64) -> Result<()> {
+        let mut read = self.read.borrow_mut();
+        for id in first..first + n {
+            let (word, bit) = ((id / 64) as usize, 1u64 << (id % 64));
+            let w = read
+                .get_mut(word)
+                .ok_or_else(|| bad(format!("page {id} out of range")))?;
+            if *w & bit != 0 {
+                return Err(bad(format!(
+                    "page {id} is reached twice (the trees share pages or form a cycle)"
+                )));
+            }
+            *w |= bit;
+        }
+        Ok(())
     }
 
     fn page(&self, id: u64) -> Result<Page> {
@@ -222,6 +263,7 @@ impl Bolt {
             .checked_mul(self.page_size)
             .filter(|n| at + n <= self.len && id + n / self.page_size <= self.pages)
             .ok_or_else(|| bad(format!("page {id} runs past the end")))?;
+        self.mark(id, span / self.page_size)?;
         let mut b = vec![0u8; span as usize];
         self.file
             .read_exact_at(&mut b, at)
@@ -234,26 +276,22 @@ impl Bolt {
         self.pages * self.page_size
     }
 
-    /// The root bucket (which holds the top-level buckets).
-    pub fn root(&self) -> Bucket {
-        Bucket::Root(self.root)
+    /// The top-level buckets, by name, in name order.
+    pub fn buckets(&self) -> &[(Vec<u8>, Bucket)] {
+        &self.buckets
     }
 
     /// The top-level bucket `name`, if there is one.
-    pub fn bucket(&self, name: &[u8]) -> Result<Option<Bucket>> {
-        let mut found = None;
-        self.each(&self.root(), &mut |flags, k, v| {
-            if k == name && flags & BUCKET_LEAF != 0 {
-                found = Some(child_bucket(v)?);
-                return Ok(false);
-            }
-            Ok(true)
-        })?;
-        Ok(found)
+    pub fn bucket(&self, name: &[u8]) -> Option<Bucket> {
+        self.buckets
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, b)| b.clone())
     }
 
     /// Calls `f(flags, key, value)` for every element of `bucket` in key order, until it
-    /// returns false. Nested buckets come as elements with flag 0x01.
+    /// returns false. Nested buckets come as elements with flag 0x01. A bucket stored in pages
+    /// can be walked once (see the module's notes).
     pub fn each(&self, bucket: &Bucket, f: &mut Visit<'_>) -> Result<()> {
         let mut visited = 0u64;
         match bucket {
@@ -413,7 +451,7 @@ mod tests {
             .unwrap();
             out
         };
-        let small = db.bucket(b"small").unwrap().unwrap();
+        let small = db.bucket(b"small").unwrap();
         assert_eq!(
             items(&small),
             vec![
@@ -421,26 +459,45 @@ mod tests {
                 (b"b".to_vec(), b"2".to_vec())
             ]
         );
-        let big = db.bucket(b"big").unwrap().unwrap();
+        let big = db.bucket(b"big").unwrap();
         assert_eq!(items(&big), vec![(b"k".to_vec(), b"v".to_vec())]);
-        assert!(db.bucket(b"none").unwrap().is_none());
+        assert!(db.bucket(b"none").is_none());
     }
 
     #[test]
     fn damaged_files_are_errors() {
         let size = 4096;
-        let root = leaf_page(2, size, &[(b"k", b"v", 0)]);
+        // Page 2: the root, with bucket "b" whose tree is page 3, a leaf; page 4: a spare leaf.
+        let mut bucket = vec![0u8; 16];
+        bucket[0..8].copy_from_slice(&3u64.to_le_bytes());
+        let root = leaf_page(2, size, &[(b"b", &bucket, BUCKET_LEAF)]);
         let good = [
-            meta_page(0, size, 2, 3, 1),
-            meta_page(1, size, 2, 3, 0),
+            meta_page(0, size, 2, 5, 1),
+            meta_page(1, size, 2, 5, 0),
             root,
+            leaf_page(3, size, &[(b"k", b"v", 0)]),
+            leaf_page(4, size, &[(b"x", b"y", 0)]),
         ];
         let open = |pages: &[Vec<u8>]| {
             let (f, len) = file_of(pages);
             Bolt::open(f.reopen().unwrap(), len).and_then(|db| {
-                db.each(&db.root(), &mut |_, _, _| Ok(true))?;
+                for (_, b) in db.buckets() {
+                    db.each(b, &mut |_, _, _| Ok(true))?;
+                }
                 Ok(())
             })
+        };
+        let branch = |id: u64, children: &[u64], overflow: u32| {
+            let mut p = vec![0u8; size];
+            p[0..8].copy_from_slice(&id.to_le_bytes());
+            p[8..10].copy_from_slice(&BRANCH.to_le_bytes());
+            p[10..12].copy_from_slice(&(children.len() as u16).to_le_bytes());
+            p[12..16].copy_from_slice(&overflow.to_le_bytes());
+            for (i, c) in children.iter().enumerate() {
+                let e = HEADER + i * ELEMENT;
+                p[e + 8..e + 16].copy_from_slice(&c.to_le_bytes());
+            }
+            p
         };
         open(&good).unwrap();
         // Both metas with bad checksums.
@@ -448,31 +505,45 @@ mod tests {
         p[0][HEADER + 20] ^= 1;
         p[1][HEADER + 20] ^= 1;
         assert!(open(&p).is_err());
-        // Cut short: the meta says 3 pages.
-        assert!(open(&good[..2]).is_err());
+        // Cut short: the meta says 5 pages.
+        assert!(open(&good[..4]).is_err());
         // An element whose key runs past its page.
         let mut p = good.to_vec();
-        p[2][HEADER + 8..HEADER + 12].copy_from_slice(&u32::MAX.to_le_bytes());
+        p[3][HEADER + 8..HEADER + 12].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(open(&p).is_err());
         // A count of elements larger than the page.
         let mut p = good.to_vec();
-        p[2][10..12].copy_from_slice(&u16::MAX.to_le_bytes());
+        p[3][10..12].copy_from_slice(&u16::MAX.to_le_bytes());
         assert!(open(&p).is_err());
-        // A branch page pointing at itself.
+        // A key outside any bucket.
         let mut p = good.to_vec();
-        let mut branch = vec![0u8; size];
-        branch[0..8].copy_from_slice(&2u64.to_le_bytes());
-        branch[8..10].copy_from_slice(&BRANCH.to_le_bytes());
-        branch[10..12].copy_from_slice(&1u16.to_le_bytes());
-        branch[HEADER + 8..HEADER + 16].copy_from_slice(&2u64.to_le_bytes());
-        p[2] = branch;
+        p[2] = leaf_page(2, size, &[(b"k", b"v", 0)]);
+        assert!(open(&p).is_err());
+        // A branch page pointing at itself, spanning the rest of the file (each level would
+        // hold another copy of it), or naming one page twice (read over and over).
+        for bad in [branch(3, &[3], 1), branch(3, &[4, 4, 4, 4], 0)] {
+            let mut p = good.to_vec();
+            p[3] = bad;
+            let err = open(&p).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("reached twice"), "{err}");
+        }
+        // The root's page named as a bucket's tree too.
+        let mut p = good.to_vec();
+        let mut twice = vec![0u8; 16];
+        twice[0..8].copy_from_slice(&2u64.to_le_bytes());
+        p[2] = leaf_page(2, size, &[(b"b", &twice, BUCKET_LEAF)]);
         assert!(open(&p).is_err());
         // A page claiming to span far past the file.
         let mut p = good.to_vec();
-        p[2][12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        p[3][12..16].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(open(&p).is_err());
         // Not bbolt at all.
         assert!(!is_bbolt(b"CAIRNSNAP1...................."));
         assert!(is_bbolt(&good[0]));
+        let mut damaged_first = good[0].clone();
+        damaged_first[HEADER] ^= 1;
+        assert!(!is_bbolt(&damaged_first));
+        damaged_first.extend_from_slice(&good[1]);
+        assert!(is_bbolt(&damaged_first));
     }
 }

@@ -212,7 +212,27 @@ pub fn restore(file: &Path, cfg: &Config, skip_hash_check: bool) -> Result<Strin
             cfg.data_dir.display().to_string()
         )));
     }
-    let converted = cfg.data_dir.with_extension("from-etcd.snap");
+    // The checks of a restore that need no file, before a conversion that may take minutes.
+    if !cfg.initial_member_ids().contains_key(&cfg.name) {
+        return Err(Error::InvalidArgument(format!(
+            "couldn't find local name {:?} in the initial cluster configuration",
+            cfg.name
+        )));
+    }
+    // Beside the data dir (same file system), a name of this run's own.
+    let parent = cfg
+        .data_dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .map_err(|e| Error::Internal(format!("cannot create {}: {e}", parent.display())))?;
+    let base = cfg
+        .data_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let converted = parent.join(format!(".{base}.from-etcd.{}.snap", std::process::id()));
     let result = crate::snapshot::etcd::convert(file, &converted, !skip_hash_check)
         .and_then(|c| Ok((c, restore_cairn(&converted, cfg, true)?)));
     let _ = std::fs::remove_file(&converted);

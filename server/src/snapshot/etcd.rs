@@ -79,7 +79,7 @@ impl Out<'_> {
 
 /// Whether the file at `path` is an etcd (bbolt) snapshot.
 pub fn is_etcd_snapshot(path: &Path) -> Result<bool> {
-    let mut head = [0u8; 24];
+    let mut head = [0u8; bbolt::HEAD];
     let mut f = File::open(path).map_err(io(path))?;
     let mut got = 0;
     while got < head.len() {
@@ -88,7 +88,8 @@ pub fn is_etcd_snapshot(path: &Path) -> Result<bool> {
             n => got += n,
         }
     }
-    Ok(bbolt::is_bbolt(&head[..got]))
+    // A cairn snapshot's own magic first: its payload may hold anything at bbolt's offsets.
+    Ok(!head[..got].starts_with(super::MAGIC) && bbolt::is_bbolt(&head[..got]))
 }
 
 /// An etcd revision key: (main, sub, deletion).
@@ -151,7 +152,7 @@ pub fn convert(src: &Path, dst: &Path, check: bool) -> Result<Converted> {
 
     // Compaction.
     let mut compacted = 0i64;
-    if let Some(meta) = bucket("meta")? {
+    if let Some(meta) = bucket("meta") {
         db.each(&meta, &mut |_, k, v| {
             if k == b"scheduledCompactRev" || k == b"finishedCompactRev" {
                 let (main, _, _) = revision_key(v).ok_or_else(|| {
@@ -200,7 +201,7 @@ pub fn convert(src: &Path, dst: &Path, check: bool) -> Result<Converted> {
     // The history, in revision order (bbolt's key order).
     let mut records = 0u64;
     let mut last: Option<(i64, i64)> = None;
-    if let Some(keys) = bucket("key")? {
+    if let Some(keys) = bucket("key") {
         db.each(&keys, &mut |flags, k, v| {
             let (main, sub, tombstone) =
                 revision_key(k).filter(|_| flags == 0).ok_or_else(|| {
@@ -233,6 +234,13 @@ pub fn convert(src: &Path, dst: &Path, check: bool) -> Result<Converted> {
                 )));
             }
             let rec = encode_record(&Record { kv, tombstone });
+            if rec.len() as u64 > super::payload::MAX_RECORD {
+                return Err(bad(format!(
+                    "revision {main}/{sub}: a key and value of {} bytes, more than cairn keeps ({} MiB)",
+                    rec.len(),
+                    super::payload::MAX_RECORD >> 20
+                )));
+            }
             w.put(&main.to_le_bytes())?;
             w.put(&sub.to_le_bytes())?;
             w.put(&(rec.len() as u64).to_le_bytes())?;
@@ -245,7 +253,7 @@ pub fn convert(src: &Path, dst: &Path, check: bool) -> Result<Converted> {
 
     // Leases.
     let mut leases: Vec<(i64, i64)> = Vec::new();
-    if let Some(b) = bucket("lease")? {
+    if let Some(b) = bucket("lease") {
         db.each(&b, &mut |_, k, v| {
             let l = EtcdLease::decode(v).map_err(|e| bad(format!("a lease: {e}")))?;
             let id = <[u8; 8]>::try_from(k)
@@ -263,7 +271,7 @@ pub fn convert(src: &Path, dst: &Path, check: bool) -> Result<Converted> {
     // Auth.
     let mut auth = crate::proto::raftpb::AuthState::default();
     let mut any_auth = false;
-    if let Some(b) = bucket("auth")? {
+    if let Some(b) = bucket("auth") {
         db.each(&b, &mut |_, k, v| {
             match k {
                 b"authEnabled" => auth.enabled = v == [1],
@@ -278,7 +286,7 @@ pub fn convert(src: &Path, dst: &Path, check: bool) -> Result<Converted> {
             Ok(true)
         })?;
     }
-    if let Some(b) = bucket("authUsers")? {
+    if let Some(b) = bucket("authUsers") {
         db.each(&b, &mut |_, k, v| {
             let u = authpb::User::decode(v).map_err(|e| bad(format!("a user: {e}")))?;
             if u.name != k {
@@ -288,7 +296,7 @@ pub fn convert(src: &Path, dst: &Path, check: bool) -> Result<Converted> {
             Ok(true)
         })?;
     }
-    if let Some(b) = bucket("authRoles")? {
+    if let Some(b) = bucket("authRoles") {
         db.each(&b, &mut |_, k, v| {
             let r = authpb::Role::decode(v).map_err(|e| bad(format!("a role: {e}")))?;
             if r.name != k {
@@ -373,18 +381,11 @@ fn crc32c(crc: u32, bytes: &[u8]) -> u32 {
 pub fn status(path: &Path) -> Result<super::cmd::SnapshotStatus> {
     let mut file = File::open(path).map_err(io(path))?;
     let len = file.metadata().map_err(io(path))?.len();
-    let db_len = check_hash(&mut file, path, len, len % 512 == 32)?;
+    // As etcdctl: the trailing hash is cut off, not checked.
+    let db_len = check_hash(&mut file, path, len, false)?;
     let db = Bolt::open(file, db_len)?;
     let (mut hash, mut revision, mut total_key) = (0u32, 0i64, 0usize);
-    let mut buckets = Vec::new();
-    db.each(&db.root(), &mut |flags, k, v| {
-        if flags & 0x01 == 0 {
-            return Err(bad("a key outside any bucket"));
-        }
-        buckets.push((k.to_vec(), bbolt::child_bucket(v)?));
-        Ok(true)
-    })?;
-    for (name, b) in &buckets {
+    for (name, b) in db.buckets() {
         hash = crc32c(hash, name);
         let is_key = name == b"key";
         db.each(b, &mut |flags, k, v| {

@@ -134,7 +134,7 @@ const MAX_AUTH_EXTENSION: u64 = 64 << 20;
 
 /// More bytes than any stored record takes: a key and a value, each within the largest
 /// request a member accepts (`--max-request-bytes` is capped at 64 MiB), and a few numbers.
-const MAX_RECORD: u64 = 130 << 20;
+pub(crate) const MAX_RECORD: u64 = 130 << 20;
 
 /// A record is sent as two i64s, a u64 length and its bytes.
 const RECORD_HEAD: u64 = 24;
