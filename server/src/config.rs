@@ -660,6 +660,24 @@ impl Config {
             .map(|(name, urls)| (name.clone(), member_id(urls, &self.initial_cluster_token)))
             .collect()
     }
+
+    /// The membership `--initial-cluster` describes, by member ID (client URLs are published
+    /// by each member once it runs).
+    pub fn initial_members(&self) -> BTreeMap<u64, crate::raft::Member> {
+        self.initial_cluster
+            .iter()
+            .map(|(name, urls)| {
+                (
+                    member_id(urls, &self.initial_cluster_token),
+                    crate::raft::Member {
+                        name: name.clone(),
+                        peer_urls: urls.clone(),
+                        client_urls: Vec::new(),
+                    },
+                )
+            })
+            .collect()
+    }
 }
 
 /// etcd's member ID: the first 8 bytes of SHA-1 over the sorted peer URLs

@@ -216,22 +216,7 @@ impl EtcdServer {
             // client URLs once it runs, as etcd members do. A restored data
             // dir bootstraps what it was restored for (its member ID came
             // from the restore's flags; etcd's restored WAL holds them too).
-            let members: BTreeMap<u64, Member> = restored_members.unwrap_or_else(|| {
-                let ids = cfg.initial_member_ids();
-                cfg.initial_cluster
-                    .iter()
-                    .map(|(name, urls)| {
-                        (
-                            ids[name],
-                            Member {
-                                name: name.clone(),
-                                peer_urls: urls.clone(),
-                                client_urls: Vec::new(),
-                            },
-                        )
-                    })
-                    .collect()
-            });
+            let members = restored_members.unwrap_or_else(|| cfg.initial_members());
             info!(
                 member = format!("{:x}", identity.member_id),
                 cluster = format!("{:x}", identity.cluster_id),

@@ -293,26 +293,24 @@ impl Bolt {
     /// returns false. Nested buckets come as elements with flag 0x01. A bucket stored in pages
     /// can be walked once (see the module's notes).
     pub fn each(&self, bucket: &Bucket, f: &mut Visit<'_>) -> Result<()> {
-        let mut visited = 0u64;
         match bucket {
             Bucket::Inline(b) => {
                 let page = Page(b.clone());
                 if page.flags() != LEAF {
                     return Err(bad("an inline bucket that is not a leaf"));
                 }
-                self.walk(page, 0, &mut visited, f).map(|_| ())
+                self.walk(page, 0, f).map(|_| ())
             }
-            Bucket::Root(id) => self.walk(self.page(*id)?, 0, &mut visited, f).map(|_| ()),
+            Bucket::Root(id) => self.walk(self.page(*id)?, 0, f).map(|_| ()),
         }
     }
 
-    /// Walks the tree under `page`; false once `f` asked to stop.
-    fn walk(&self, page: Page, depth: usize, visited: &mut u64, f: &mut Visit<'_>) -> Result<bool> {
-        *visited += 1;
-        if depth > MAX_DEPTH || *visited > self.pages {
-            return Err(bad(
-                "the tree has a cycle or is deeper than any bbolt makes",
-            ));
+    /// Walks the tree under `page`; false once `f` asked to stop. No page is read twice
+    /// ([`Self::page`]); the depth is bounded so that a long chain of one-child branch pages
+    /// cannot exhaust the stack.
+    fn walk(&self, page: Page, depth: usize, f: &mut Visit<'_>) -> Result<bool> {
+        if depth > MAX_DEPTH {
+            return Err(bad("the tree is deeper than any bbolt makes"));
         }
         match page.flags() {
             LEAF => {
@@ -327,7 +325,7 @@ impl Bolt {
             BRANCH => {
                 for i in 0..page.count() {
                     let (_, child) = page.branch(i)?;
-                    if !self.walk(self.page(child)?, depth + 1, visited, f)? {
+                    if !self.walk(self.page(child)?, depth + 1, f)? {
                         return Ok(false);
                     }
                 }

@@ -286,21 +286,7 @@ fn restore_cairn(file: &Path, cfg: &Config, skip_hash_check: bool) -> Result<Str
             member_id,
         })?;
         engine.raft_put(crate::storage::RESTORED_NEEDS_SNAPSHOT, &true)?;
-        let members: std::collections::BTreeMap<u64, crate::raft::Member> = cfg
-            .initial_cluster
-            .iter()
-            .map(|(name, urls)| {
-                (
-                    ids[name],
-                    crate::raft::Member {
-                        name: name.clone(),
-                        peer_urls: urls.clone(),
-                        client_urls: Vec::new(),
-                    },
-                )
-            })
-            .collect();
-        engine.raft_put(crate::storage::RESTORED_MEMBERS, &members)?;
+        engine.raft_put(crate::storage::RESTORED_MEMBERS, &cfg.initial_members())?;
         let state = KvState::open(engine, cfg.min_lease_ttl(), member_id)?;
         // Nothing of the old cluster's Raft position, membership or alarms: the member starts
         // a new Raft log with the new membership, on top of the restored keys.

@@ -22,7 +22,6 @@ use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use prost::Message;
-use sha2::{Digest, Sha256};
 
 use super::bbolt::{self, Bolt};
 use crate::error::{Error, Result};
@@ -118,26 +117,31 @@ fn check_hash(file: &mut File, path: &Path, len: u64, check: bool) -> Result<u64
         }
         return Ok(len);
     }
-    let db_len = len - 32;
-    if check {
-        let mut hasher = Sha256::new();
-        let mut rest = (&mut *file).take(db_len);
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = rest.read(&mut buf).map_err(io(path))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        let mut sum = [0u8; 32];
-        file.seek(SeekFrom::Start(db_len)).map_err(io(path))?;
-        file.read_exact(&mut sum).map_err(io(path))?;
-        if hasher.finalize().as_slice() != sum {
-            return Err(bad("sha256 checksum mismatch"));
-        }
+    if check && !super::ends_in_its_sha256(file, len).map_err(io(path))? {
+        return Err(bad("sha256 checksum mismatch"));
     }
-    Ok(db_len)
+    Ok(len - 32)
+}
+
+/// The messages of bucket `bucket`, each stored under its own name (etcd's users and roles).
+fn by_name<M: Message + Default>(
+    db: &Bolt,
+    bucket: &str,
+    what: &str,
+    name: fn(&M) -> &[u8],
+) -> Result<Vec<M>> {
+    let mut all = Vec::new();
+    if let Some(b) = db.bucket(bucket.as_bytes()) {
+        db.each(&b, &mut |_, k, v| {
+            let m = M::decode(v).map_err(|e| bad(format!("a {what}: {e}")))?;
+            if name(&m) != k {
+                return Err(bad(format!("a {what} stored under another name")));
+            }
+            all.push(m);
+            Ok(true)
+        })?;
+    }
+    Ok(all)
 }
 
 /// Reads the etcd snapshot at `src` and writes a cairn snapshot file of the same history to
@@ -286,26 +290,8 @@ pub fn convert(src: &Path, dst: &Path, check: bool) -> Result<Converted> {
             Ok(true)
         })?;
     }
-    if let Some(b) = bucket("authUsers") {
-        db.each(&b, &mut |_, k, v| {
-            let u = authpb::User::decode(v).map_err(|e| bad(format!("a user: {e}")))?;
-            if u.name != k {
-                return Err(bad("a user stored under another name"));
-            }
-            auth.users.push(u);
-            Ok(true)
-        })?;
-    }
-    if let Some(b) = bucket("authRoles") {
-        db.each(&b, &mut |_, k, v| {
-            let r = authpb::Role::decode(v).map_err(|e| bad(format!("a role: {e}")))?;
-            if r.name != k {
-                return Err(bad("a role stored under another name"));
-            }
-            auth.roles.push(r);
-            Ok(true)
-        })?;
-    }
+    auth.users = by_name(&db, "authUsers", "user", |u: &authpb::User| &u.name)?;
+    auth.roles = by_name(&db, "authRoles", "role", |r: &authpb::Role| &r.name)?;
     any_auth |= !auth.users.is_empty() || !auth.roles.is_empty();
     let (users, roles, auth_enabled) = (auth.users.len(), auth.roles.len(), auth.enabled);
     let auth = if any_auth {
@@ -327,17 +313,8 @@ pub fn convert(src: &Path, dst: &Path, check: bool) -> Result<Converted> {
     debug_assert_eq!(meta.len(), meta_len);
     out.write_all(&meta).map_err(io(dst))?;
     out.write_all(&records.to_le_bytes()).map_err(io(dst))?;
-    out.seek(SeekFrom::Start(0)).map_err(io(dst))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = out.read(&mut buf).map_err(io(dst))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    out.write_all(&hasher.finalize()).map_err(io(dst))?;
+    let digest = super::sha256_prefix(&mut out, padded).map_err(io(dst))?;
+    out.write_all(&digest).map_err(io(dst))?;
     out.sync_all().map_err(io(dst))?;
     Ok(Converted {
         revision,

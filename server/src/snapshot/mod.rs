@@ -55,6 +55,35 @@ pub fn verify(file: &[u8]) -> Result<&[u8]> {
         .ok_or_else(|| Error::InvalidArgument("snapshot: truncated payload".into()))
 }
 
+/// The SHA-256 of the first `n` bytes of `file`, read in 1 MiB pieces.
+pub(crate) fn sha256_prefix(file: &mut std::fs::File, n: u64) -> std::io::Result<[u8; 32]> {
+    use std::io::{Read, Seek, SeekFrom};
+    file.seek(SeekFrom::Start(0))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = n;
+    while left > 0 {
+        let take = (buf.len() as u64).min(left) as usize;
+        file.read_exact(&mut buf[..take])?;
+        hasher.update(&buf[..take]);
+        left -= take as u64;
+    }
+    Ok(hasher.finalize().into())
+}
+
+/// Whether the `len` bytes of `file` end in the SHA-256 of those before (etcd's snapshot files
+/// and cairn's both do).
+pub(crate) fn ends_in_its_sha256(file: &mut std::fs::File, len: u64) -> std::io::Result<bool> {
+    use std::io::Read;
+    let Some(body) = len.checked_sub(32) else {
+        return Ok(false);
+    };
+    let digest = sha256_prefix(file, body)?;
+    let mut sum = [0u8; 32];
+    file.read_exact(&mut sum)?;
+    Ok(digest == sum)
+}
+
 /// Where the payload of the snapshot file `file` (of `len` bytes) lies: (offset, length).
 /// With `check_hash`, the file's SHA-256 is checked first, reading it through in 1 MiB pieces.
 pub fn locate_payload(file: &mut std::fs::File, len: u64, check_hash: bool) -> Result<(u64, u64)> {
@@ -71,25 +100,10 @@ pub fn locate_payload(file: &mut std::fs::File, len: u64, check_hash: bool) -> R
     if &header[..MAGIC.len()] != MAGIC {
         return Err(not_ours());
     }
-    if check_hash {
-        let body = len - 32;
-        let mut hasher = Sha256::new();
-        file.seek(SeekFrom::Start(0)).map_err(io)?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut left = body;
-        while left > 0 {
-            let n = (buf.len() as u64).min(left) as usize;
-            file.read_exact(&mut buf[..n]).map_err(io)?;
-            hasher.update(&buf[..n]);
-            left -= n as u64;
-        }
-        let mut sum = [0u8; 32];
-        file.read_exact(&mut sum).map_err(io)?;
-        if hasher.finalize().as_slice() != sum {
-            return Err(Error::InvalidArgument(
-                "snapshot: sha256 checksum mismatch".into(),
-            ));
-        }
+    if check_hash && !ends_in_its_sha256(file, len).map_err(io)? {
+        return Err(Error::InvalidArgument(
+            "snapshot: sha256 checksum mismatch".into(),
+        ));
     }
     let payload = u64::from_le_bytes(header[MAGIC.len()..].try_into().expect("8 bytes"));
     if payload > len - HEADER as u64 {
