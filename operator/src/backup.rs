@@ -357,8 +357,27 @@ pub async fn latest(dest: &Destination, prefix: &str) -> Result<BackupRecord, Er
 /// Downloads a backup into `out`, streaming, and checks it against its manifest's SHA-256
 /// (and size). On a mismatch `out` is removed and nothing is restored from it.
 pub async fn fetch(dest: &Destination, key: &str, out: &FsPath) -> Result<BackupRecord, Error> {
-    use tokio::io::AsyncWriteExt;
     let rec = record(dest, key).await?;
+    download(dest, key, out, |size, actual| {
+        (actual != rec.sha256 || size as i64 != rec.size).then(|| Error::Checksum {
+            key: key.to_string(),
+            expected: rec.sha256.clone(),
+            actual: actual.to_string(),
+        })
+    })
+    .await?;
+    Ok(rec)
+}
+
+/// Streams object `key` into `out` (through `out.part`, synced, renamed); `refuse(size, sha256
+/// hex)` may refuse what arrived, which is then removed.
+async fn download(
+    dest: &Destination,
+    key: &str,
+    out: &FsPath,
+    refuse: impl FnOnce(u64, &str) -> Option<Error>,
+) -> Result<(), Error> {
+    use tokio::io::AsyncWriteExt;
     let got = dest.store.get(&Path::from(key)).await?;
     let mut stream = got.into_stream();
     let part = out.with_extension("part");
@@ -373,17 +392,12 @@ pub async fn fetch(dest: &Destination, key: &str, out: &FsPath) -> Result<Backup
     }
     file.sync_all().await?;
     drop(file);
-    let actual = hex(&hasher.finalize());
-    if actual != rec.sha256 || size as i64 != rec.size {
+    if let Some(e) = refuse(size, &hex(&hasher.finalize())) {
         let _ = tokio::fs::remove_file(&part).await;
-        return Err(Error::Checksum {
-            key: key.to_string(),
-            expected: rec.sha256,
-            actual,
-        });
+        return Err(e);
     }
     tokio::fs::rename(&part, out).await?;
-    Ok(rec)
+    Ok(())
 }
 
 /// An etcd snapshot to migrate from, as a record: its key, size and time (it has no manifest:
@@ -406,28 +420,16 @@ pub async fn fetch_etcd_snapshot(
     key: &str,
     out: &FsPath,
 ) -> Result<BackupRecord, Error> {
-    use tokio::io::AsyncWriteExt;
     let rec = etcd_snapshot(dest, key).await?;
-    let got = dest.store.get(&Path::from(key)).await?;
-    let mut stream = got.into_stream();
-    let part = out.with_extension("part");
-    let mut file = tokio::fs::File::create(&part).await?;
-    let mut size = 0u64;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk?;
-        size += chunk.len() as u64;
-        file.write_all(&chunk).await?;
-    }
-    file.sync_all().await?;
-    drop(file);
-    if size as i64 != rec.size {
-        let _ = tokio::fs::remove_file(&part).await;
-        return Err(Error::Io(std::io::Error::other(format!(
-            "etcd snapshot {key}: {size} bytes received, {} stored",
-            rec.size
-        ))));
-    }
-    tokio::fs::rename(&part, out).await?;
+    download(dest, key, out, |size, _| {
+        (size as i64 != rec.size).then(|| {
+            Error::Io(std::io::Error::other(format!(
+                "etcd snapshot {key}: {size} bytes received, {} stored",
+                rec.size
+            )))
+        })
+    })
+    .await?;
     Ok(rec)
 }
 
