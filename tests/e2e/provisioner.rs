@@ -17,6 +17,7 @@
 //!   request, then the claim's `status.capacity`, as the CSI external-resizer does for a driver
 //!   that needs no node step.
 
+use cairn_operator::storage::bytes;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -165,13 +166,13 @@ async fn resize(
     let (Some(asked), true) = (requested(claim), bound) else {
         return;
     };
-    let Some(asked_bytes) = bytes(&asked) else {
+    let Some(asked_bytes) = bytes(&asked.0) else {
         return;
     };
     let capacity = |c: Option<&std::collections::BTreeMap<String, Quantity>>| {
         c.and_then(|c| c.get("storage"))
-            .and_then(bytes)
-            .unwrap_or(0)
+            .and_then(|q| bytes(&q.0))
+            .unwrap_or(0.0)
     };
     let ns = claim.namespace().unwrap_or_default();
     if capacity(pv.spec.as_ref().and_then(|s| s.capacity.as_ref())) < asked_bytes {
@@ -201,42 +202,5 @@ async fn resize(
         {
             eprintln!("agent: resize claim {ns}/{}: {e}", claim.name_any());
         }
-    }
-}
-
-/// The bytes of a storage quantity (binary and decimal suffixes; no fractions).
-fn bytes(q: &Quantity) -> Option<u64> {
-    let s = q.0.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, suffix) = s.split_at(split);
-    let n: u64 = n.parse().ok()?;
-    let mult: u64 = match suffix {
-        "" => 1,
-        "k" => 1_000,
-        "M" => 1_000_000,
-        "G" => 1_000_000_000,
-        "T" => 1_000_000_000_000,
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        "Ti" => 1 << 40,
-        _ => return None,
-    };
-    n.checked_mul(mult)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn storage_quantities_in_bytes() {
-        let b = |s: &str| bytes(&Quantity(s.to_string()));
-        assert_eq!(b("1Gi"), Some(1 << 30));
-        assert_eq!(b("2G"), Some(2_000_000_000));
-        assert_eq!(b("512Mi"), Some(512 << 20));
-        assert_eq!(b("100"), Some(100));
-        assert_eq!(b("1.5Gi"), None);
-        assert!(b("2Gi") > b("1Gi"));
     }
 }

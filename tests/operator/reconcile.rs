@@ -1065,11 +1065,7 @@ async fn a_new_cluster_starts_from_the_latest_backup() {
         restore_spec(&moto, json!({"prefix": format!("etcd/{NS}/iota")})),
     );
     put_credentials(&w.api);
-    w.until("restored and grown to 3", |w| {
-        let st = w.status();
-        st["size"] == 3 && st["readyMembers"] == 3 && st.get("operation").is_none()
-    })
-    .await;
+    restored_on_every_member(&mut w, &kvs, rec.revision + 1).await;
     let st = w.status();
     assert_eq!(st["restoredFrom"], json!(rec.key));
     assert!(events(&w.api)
@@ -1083,7 +1079,16 @@ async fn a_new_cluster_starts_from_the_latest_backup() {
         .map(|c| c["name"].as_str().unwrap())
         .collect();
     assert_eq!(inits, vec!["fetch-backup", "restore"]);
-    // Every member has the source's keys, values and revisions; the cluster is a new one.
+}
+
+/// Waits until the restored cluster `w` has grown to 3 members, then checks that every member
+/// has `kvs` (keys, values, revisions) and that the next write is at `next_revision`.
+async fn restored_on_every_member(w: &mut World, kvs: &[KeyState], next_revision: i64) {
+    w.until("restored and grown to 3", |w| {
+        let st = w.status();
+        st["size"] == 3 && st["readyMembers"] == 3 && st.get("operation").is_none()
+    })
+    .await;
     for o in 0..3 {
         let mut c = etcd_client::Client::connect([w.pods.layout.client_url(o)], None)
             .await
@@ -1096,8 +1101,8 @@ async fn a_new_cluster_starts_from_the_latest_backup() {
     let r = c.put("after", "restore", None).await.unwrap();
     assert_eq!(
         r.header().unwrap().revision(),
-        rec.revision + 1,
-        "revisions continue from the backup's"
+        next_revision,
+        "revisions continue from the source's"
     );
 }
 
@@ -1189,26 +1194,11 @@ async fn a_new_cluster_migrates_from_an_etcd_snapshot() {
         json!({"size": 3, "bootstrap": {"fromEtcdSnapshot": from}}),
     );
     put_credentials(&w.api);
-    w.until("restored and grown to 3", |w| {
-        let st = w.status();
-        st["size"] == 3 && st["readyMembers"] == 3 && st.get("operation").is_none()
-    })
-    .await;
+    restored_on_every_member(&mut w, &kvs, revision + 1).await;
     assert_eq!(w.status()["restoredFrom"], json!(key));
     assert!(events(&w.api)
         .iter()
         .any(|(r, n)| r == "Restoring" && n.contains("etcd snapshot")));
-    for o in 0..3 {
-        let mut c = etcd_client::Client::connect([w.pods.layout.client_url(o)], None)
-            .await
-            .unwrap();
-        assert_eq!(dump(&mut c).await, kvs, "member {o}");
-    }
-    let mut c = etcd_client::Client::connect([w.pods.layout.client_url(0)], None)
-        .await
-        .unwrap();
-    let r = c.put("after", "migration", None).await.unwrap();
-    assert_eq!(r.header().unwrap().revision(), revision + 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
