@@ -121,6 +121,22 @@ pub struct Flags {
     #[arg(long, env = "ETCD_EXPERIMENTAL_PEER_ACCEPT_PLAINTEXT", default_value = "false", num_args = 0..=1,
           default_missing_value = "true", value_parser = parse_go_bool)]
     pub experimental_peer_accept_plaintext: bool,
+    /// Force to create a new one member cluster: a member with data starts as the only voter
+    /// of its cluster, keeping its member and cluster IDs and its data up to its commit index
+    /// (entries past it are dropped; the other members are left behind). Every start with
+    /// the flag does it again: remove it once the member runs. Ignored without data.
+    #[arg(long, env = "ETCD_FORCE_NEW_CLUSTER", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", value_parser = parse_go_bool)]
+    pub force_new_cluster: bool,
+    /// cairn: `<name>:<token>`: as --force-new-cluster, on the member whose --name is <name>
+    /// only, and once per <token> (the token done is kept in the data dir). One flag for every
+    /// member of a StatefulSet, harmless on restarts. Empty: never.
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_FORCE_NEW_CLUSTER_ONCE",
+        default_value = ""
+    )]
+    pub experimental_force_new_cluster_once: String,
     /// Check the data's consistency with the peers' before serving clients: a member whose
     /// key-space hash at a revision differs from a peer's (same compaction) does not start.
     #[arg(long, env = "ETCD_EXPERIMENTAL_INITIAL_CORRUPT_CHECK", default_value = "false", num_args = 0..=1,
@@ -286,6 +302,8 @@ pub struct Config {
     pub peer_accept_plaintext: bool,
     /// `--experimental-initial-corrupt-check`.
     pub initial_corrupt_check: bool,
+    /// `--force-new-cluster`, or `--experimental-force-new-cluster-once` naming this member.
+    pub force_new_cluster: ForceNewCluster,
     /// `--experimental-corrupt-check-time` (`None`: off).
     pub corrupt_check_every: Option<Duration>,
     /// The peer port's TLS files (`--peer-*`): served on `https://` peer URLs and presented
@@ -362,6 +380,17 @@ fn parse_auto_compaction(
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct ConfigError(pub String);
+
+/// Whether this start forces a new one-member cluster from the member's data.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ForceNewCluster {
+    #[default]
+    No,
+    /// `--force-new-cluster`: on every start with data.
+    Always,
+    /// `--experimental-force-new-cluster-once` naming this member: once for this token.
+    Once(String),
+}
 
 fn split_urls(flag: &str, s: &str) -> Result<Vec<Url>, ConfigError> {
     s.split(',')
@@ -589,6 +618,23 @@ impl Config {
                 f.self_signed_cert_validity
             )));
         }
+        let force_new_cluster = match f.experimental_force_new_cluster_once.split_once(':') {
+            _ if f.force_new_cluster => ForceNewCluster::Always,
+            _ if f.experimental_force_new_cluster_once.is_empty() => ForceNewCluster::No,
+            Some((name, token)) if !name.is_empty() && !token.is_empty() => {
+                if name == f.name {
+                    ForceNewCluster::Once(token.to_string())
+                } else {
+                    ForceNewCluster::No
+                }
+            }
+            _ => {
+                return Err(ConfigError(format!(
+                    "invalid value {:?} for flag -experimental-force-new-cluster-once: expected <name>:<token>",
+                    f.experimental_force_new_cluster_once
+                )))
+            }
+        };
         if f.election_timeout < 5 * f.heartbeat_interval {
             return Err(ConfigError(format!(
                 "--election-timeout[{}ms] should be at least as 5 times as --heartbeat-interval[{}ms]",
@@ -604,6 +650,7 @@ impl Config {
             listen_peer_tls,
             peer_accept_plaintext: f.experimental_peer_accept_plaintext,
             initial_corrupt_check: f.experimental_initial_corrupt_check,
+            force_new_cluster,
             corrupt_check_every: Some(f.experimental_corrupt_check_time).filter(|d| !d.is_zero()),
             peer_tls,
             advertise_client_urls: adv_client,

@@ -19,6 +19,7 @@ mod limits;
 mod members;
 mod memory;
 mod peer;
+mod recovery;
 mod runner;
 mod snapshot;
 mod tls;

@@ -33,6 +33,8 @@ use crate::storage::{Engine, LogOp, LogWriter};
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_PURGED: &[u8] = b"purged";
+/// The last committed log id openraft told this member of (see `save_committed`).
+const KEY_COMMITTED: &[u8] = b"committed";
 
 /// How many of the newest entries are kept in memory.
 pub const LOG_CACHE_ENTRIES: u64 = 4096;
@@ -225,6 +227,79 @@ impl LogStore {
             .map_or(0, |l| l.index)
     }
 
+    /// The last log id known committed that this member's log on disk still holds: the id
+    /// saved by `save_committed`, or the log's last entry when a crash cut the log short of it
+    /// (a leader reports its own appends before they are synced, so openraft can count an entry
+    /// committed that the leader then loses; the entries before it that did reach the disk
+    /// were committed with it). `None` when nothing was saved, or the saved id names an entry
+    /// the log holds differently (then the applied position is all that is known).
+    pub fn committed_on_disk(&self) -> Result<Option<LogId>, StorageError> {
+        let Some(saved) = self
+            .engine
+            .raft_get::<LogId>(KEY_COMMITTED)
+            .map_err(io_err)?
+        else {
+            return Ok(None);
+        };
+        let state = log_state(&self.engine)?;
+        let Some(last) = state.last_log_id else {
+            return Ok(None);
+        };
+        if last.index < saved.index {
+            return Ok(Some(last));
+        }
+        if state
+            .last_purged_log_id
+            .is_some_and(|p| p.index >= saved.index)
+        {
+            // Purged: in the applied state, which is ahead of it.
+            return Ok(Some(saved));
+        }
+        let cf = self.engine.cf(crate::storage::CF_LOG);
+        let held = match self
+            .engine
+            .db
+            .get_cf(cf, saved.index.to_be_bytes())
+            .map_err(io_err)?
+        {
+            Some(v) => {
+                bincode::deserialize::<Entry<TypeConfig>>(&v)
+                    .map_err(io_err)?
+                    .log_id
+            }
+            None => return Ok(None),
+        };
+        Ok((held == saved).then_some(saved))
+    }
+
+    /// Replaces the log past `kept` by `entry` (at `kept.index + 1`), saves `vote` and `kept`
+    /// as committed, all synced, before Raft starts: what `--force-new-cluster` writes
+    /// (`super::force`). The leadership restored at start is dropped with the old vote.
+    pub(super) fn rewrite_tail(
+        &mut self,
+        kept: LogId,
+        entry: Entry<TypeConfig>,
+        vote: Vote<u64>,
+    ) -> Result<(), StorageError> {
+        let index = entry.log_id.index;
+        self.cache.lock().retain(|i, _| *i <= kept.index);
+        self.writer
+            .write(LogOp::TruncateFrom(kept.index + 1))
+            .map_err(io_err)?;
+        self.writer
+            .write(LogOp::Append(vec![(
+                index,
+                bincode::serialize(&entry).map_err(io_err)?,
+            )]))
+            .map_err(io_err)?;
+        self.durable.reset(index);
+        self.engine.raft_put(KEY_COMMITTED, &kept).map_err(io_err)?;
+        self.engine.raft_put(KEY_VOTE, &vote).map_err(io_err)?;
+        *self.vote.lock() = Some(vote);
+        self.restored = None;
+        Ok(())
+    }
+
     /// The switch between inline and background syncs.
     pub fn background_sync(&self) -> Arc<std::sync::atomic::AtomicBool> {
         self.background_sync.clone()
@@ -358,6 +433,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError> {
         // Read from disk at open, kept by every save.
         Ok(*self.vote.lock())
+    }
+
+    /// Kept so that a restart applies again what this member had applied (openraft re-applies
+    /// the log up to it at start) and so that `--force-new-cluster` knows how far the log is
+    /// committed. Written without a sync, once per commit advance: a process crash keeps it (the
+    /// RocksDB WAL is in the page cache), a power loss may take it back to an older value,
+    /// which is safe (the applied position is then the floor, as before it was kept).
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        let Some(c) = committed else { return Ok(()) };
+        self.engine
+            .raft_put_unsynced(KEY_COMMITTED, &c)
+            .map_err(io_err)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        self.committed_on_disk()
     }
 
     async fn append<I>(

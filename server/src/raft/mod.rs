@@ -1,12 +1,14 @@
 //! openraft wiring: the type configuration, the RocksDB log store, the
 //! state machine that applies batches to MVCC, and the peer network.
 
+mod force;
 mod history;
 mod log_store;
 mod network;
 mod snapshot;
 mod state_machine;
 
+pub use force::{force_new_cluster, ForceError, Forced};
 pub use history::MemberHistory;
 pub use log_store::{AppliedNow, Durable, LogStore, RestoredLeadership};
 pub use network::{

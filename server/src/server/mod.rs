@@ -82,6 +82,48 @@ pub struct EtcdServer {
     pub tls: crate::tls::MemberTls,
 }
 
+/// `--force-new-cluster` (or its once-per-token form naming this member): before Raft starts,
+/// the member's log is rewritten so that it starts as the only voter (`raft::force`).
+async fn force_new_cluster(
+    cfg: &Config,
+    engine: &Engine,
+    log: &mut LogStore,
+    state: &KvState,
+    me: u64,
+) -> Result<()> {
+    use crate::config::ForceNewCluster;
+    let once = match &cfg.force_new_cluster {
+        ForceNewCluster::No => return Ok(()),
+        ForceNewCluster::Always => None,
+        ForceNewCluster::Once(token) => {
+            let done: Option<String> = engine.raft_get(crate::storage::FORCED_NEW_CLUSTER)?;
+            if done.as_ref() == Some(token) {
+                info!(
+                    token,
+                    "--experimental-force-new-cluster-once: done before, not again"
+                );
+                return Ok(());
+            }
+            Some(token)
+        }
+    };
+    match crate::raft::force_new_cluster(log, me, &state.applied()).await {
+        Ok(Some(f)) => warn!(
+            member = format!("{me:x}"),
+            kept_index = f.kept.index,
+            dropped_entries = f.dropped,
+            left_behind = ?f.left_behind.iter().map(|id| format!("{id:x}")).collect::<Vec<_>>(),
+            "forcing a new cluster: this member is its only voter; its data up to its commit index is kept"
+        ),
+        Ok(None) => info!("--force-new-cluster: the data holds no membership, nothing to force"),
+        Err(e) => return Err(Error::Internal(format!("cannot force a new cluster: {e}"))),
+    }
+    if let Some(token) = once {
+        engine.raft_put(crate::storage::FORCED_NEW_CLUSTER, token)?;
+    }
+    Ok(())
+}
+
 impl EtcdServer {
     /// Opens the member's storage and starts Raft (not the client listeners).
     pub async fn start(cfg: Config) -> Result<Arc<Self>> {
@@ -93,6 +135,7 @@ impl EtcdServer {
             Error::Internal(format!("cannot create data dir {}: {e}", dir.display()))
         })?;
         let engine = Engine::open(&dir)?;
+        let had_data = engine.identity()?.is_some();
         let identity = match engine.identity()? {
             Some(id) => id,
             None if cfg.initial_cluster_new => {
@@ -158,6 +201,7 @@ impl EtcdServer {
         let restored_members: Option<BTreeMap<u64, Member>> =
             engine.raft_get(crate::storage::RESTORED_MEMBERS)?;
         let restore_engine = engine.clone();
+        let force_engine = engine.clone();
         let legacy_log = cfg.data_dir.join("member").join("cairn-wal");
         let mut log = LogStore::new(engine, &legacy_log, identity.member_id, move |secs| {
             fsync.observe(secs)
@@ -166,6 +210,9 @@ impl EtcdServer {
         let applied_state = state.clone();
         log.limit_purges(Arc::new(move || applied_state.applied().0))
             .map_err(Error::internal)?;
+        if had_data {
+            force_new_cluster(&cfg, &force_engine, &mut log, &state, identity.member_id).await?;
+        }
         let log_background_sync = log.background_sync();
         let restored_leadership = log.restored_leadership();
         let durable = log.durable();

@@ -277,6 +277,12 @@ impl Engine {
             .map_err(rocks)
     }
 
+    /// Writes a bincode value to the `raft` column family through the WAL, not synced: a
+    /// process crash keeps it, a power loss may not.
+    pub fn raft_put_unsynced<T: Serialize>(&self, key: &[u8], v: &T) -> Result<()> {
+        self.db.put_cf(self.cf(CF_RAFT), key, enc(v)).map_err(rocks)
+    }
+
     pub fn state_meta(&self) -> Result<StateMeta> {
         match self.db.get_cf(self.cf(CF_KV), STATE_KEY).map_err(rocks)? {
             Some(b) => dec(&b),

@@ -4,8 +4,9 @@
 //!   WAL: each change is also recorded in the log's journal
 //!   (`<data-dir>/member/cairn-journal`, see [`journal`]), fsynced before it
 //!   is acknowledged;
-//! - `raft`: the vote and the purged log id (the committed index is not
-//!   stored: after a restart entries are applied once a leader confirms them);
+//! - `raft`: the vote, the purged log id and the committed log id (written
+//!   unsynced; at start openraft applies the log up to it again, so a
+//!   restarted member reports at least the applied index it had);
 //! - `kv`: the whole state machine: MVCC history by revision (main, sub),
 //!   see [`crate::mvcc`]; lease id to granted TTL; and the state's position
 //!   (applied log id, membership, current and compacted revision, alarms);
@@ -44,3 +45,7 @@ pub const RESTORED_NEEDS_SNAPSHOT: &[u8] = b"restored_needs_snapshot";
 /// dir was restored for (`--initial-cluster` and `--initial-cluster-token` of the restore). The
 /// first start bootstraps it whatever the start's own flags say, as etcd's restored WAL does.
 pub const RESTORED_MEMBERS: &[u8] = b"restored_members";
+
+/// A key of the `raft` column family: the token of the last
+/// `--experimental-force-new-cluster-once` this member carried out (it is carried out once).
+pub const FORCED_NEW_CLUSTER: &[u8] = b"forced_new_cluster";
