@@ -110,6 +110,111 @@ pub struct EtcdClusterSpec {
     /// Scheduled maintenance of the members.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maintenance: Option<MaintenanceSpec>,
+    /// What happens when a majority of the voters is lost.
+    #[serde(default)]
+    pub recovery: RecoverySpec,
+}
+
+/// Recovery from quorum loss: when a majority of the voters cannot be reached, the cluster
+/// serves nothing and no membership change can be made. The operator can then restart the
+/// member with the most data as a one-member cluster from its own data (`--force-new-cluster`:
+/// member and cluster IDs kept, its data up to its commit index kept, writes it had not seen
+/// lost), after deleting the other members' pods and volumes so that they cannot come back and
+/// form a second cluster; they then join again as new members, one at a time.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoverySpec {
+    /// `Manual` (default): only when the annotation `cairn.dev/recover` is set to a new value
+    /// (a token, acted on once). `Automatic`: also once a majority of the voters has not
+    /// answered for `after` and none of their pods is merely Pending (it may come back with its
+    /// data).
+    #[serde(default)]
+    pub quorum_loss: QuorumLossMode,
+    /// How long a majority of the voters must be unreachable before an automatic recovery: a
+    /// number with a unit, `s`, `m` or `h` (default `5m`).
+    #[serde(default = "default_recovery_after")]
+    #[schemars(regex(pattern = r"^[0-9]+(s|m|h)$"))]
+    pub after: String,
+}
+
+impl Default for RecoverySpec {
+    fn default() -> Self {
+        RecoverySpec {
+            quorum_loss: QuorumLossMode::default(),
+            after: default_recovery_after(),
+        }
+    }
+}
+
+fn default_recovery_after() -> String {
+    "5m".to_string()
+}
+
+/// Who starts a quorum-loss recovery.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum QuorumLossMode {
+    /// Only the annotation `cairn.dev/recover=<token>`.
+    #[default]
+    Manual,
+    /// The operator, after `after`; the annotation too.
+    Automatic,
+}
+
+/// The annotation that asks for a quorum-loss recovery now: its value is a token, acted on once
+/// (set a new value for another recovery).
+pub const RECOVER_ANNOTATION: &str = "cairn.dev/recover";
+
+/// Quorum-loss recovery as it went.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryStatus {
+    /// When the operator first saw a majority of the voters unreachable; cleared once a quorum
+    /// answers again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quorum_lost_since: Option<Time>,
+    /// Why no recovery is made now (while the quorum is lost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
+    /// The recovery under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_progress: Option<RecoveryRun>,
+    /// The token of the last recovery made (an annotation's, or the operator's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_token: Option<String>,
+    /// When the last recovery finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_recovered: Option<Time>,
+}
+
+/// One quorum-loss recovery.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryRun {
+    /// What started it: the annotation's token, or `auto-<time the quorum was lost>`.
+    pub token: String,
+    /// The member restarted as a one-member cluster.
+    pub survivor: String,
+    /// Its member ID (hex).
+    pub survivor_id: String,
+    /// Its applied index when it was chosen (the highest of the members that answered).
+    pub applied_index: u64,
+    /// The highest revision any member had reported before the loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub highest_revision: Option<i64>,
+    pub started: Time,
+    /// The step it is at.
+    pub phase: RecoveryPhase,
+}
+
+/// The steps of a quorum-loss recovery, in order.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RecoveryPhase {
+    /// Deleting every other member's pod and volume.
+    Fencing,
+    /// Restarting the survivor with `--force-new-cluster` (once, by token).
+    Restarting,
+    /// Waiting for the survivor to lead alone.
+    Forcing,
 }
 
 /// Scheduled maintenance of the members.
@@ -846,6 +951,13 @@ pub struct EtcdClusterStatus {
     /// reached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stalled_scale_up: Option<StalledScaleUp>,
+    /// The highest revision a member has reported to the operator (kept through an outage: a
+    /// recovery says how much of it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<i64>,
+    /// Quorum-loss recovery (`spec.recovery`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<RecoveryStatus>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
@@ -1070,6 +1182,8 @@ pub mod condition {
     pub const SPACE: &str = "Space";
     /// Whether the peer and client Services could be applied.
     pub const SERVICES: &str = "Services";
+    /// The last quorum-loss recovery: the revision it kept, the highest one reported before.
+    pub const RECOVERED: &str = "Recovered";
 }
 
 /// Condition reasons of the rollout (on `Progressing`).

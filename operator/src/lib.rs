@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod network;
 pub mod pki;
 pub mod plan;
+pub mod recovery;
 pub mod resources;
 pub mod rollout;
 pub mod status;

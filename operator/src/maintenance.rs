@@ -70,6 +70,7 @@ mod tests {
                 healthy: !unhealthy.contains(&(10 + o as u64)),
                 applied_index: 5,
                 raft_index: 5,
+                revision: 0,
                 version: None,
             })
             .collect();

@@ -411,6 +411,10 @@ impl Members {
                 healthy: status.is_some(),
                 applied_index: status.as_ref().map_or(0, |(s, _)| s.raft_applied_index()),
                 raft_index: status.as_ref().map_or(0, |(s, _)| s.raft_index()),
+                revision: status
+                    .as_ref()
+                    .and_then(|(s, _)| s.header())
+                    .map_or(0, |h| h.revision()),
                 version: status.as_ref().and_then(|(_, v)| v.clone()),
             })
             .collect();

@@ -43,6 +43,8 @@ pub struct ObservedMember {
     pub applied_index: u64,
     /// The index of its last log entry, from Status (the leader's is the cluster's head).
     pub raft_index: u64,
+    /// The revision its Status header carried (0 when it did not answer).
+    pub revision: i64,
     /// What its `/version` says of cairn, if it answered.
     pub version: Option<MemberVersion>,
 }
@@ -526,6 +528,7 @@ mod tests {
                     healthy,
                     applied_index: 0,
                     raft_index: 0,
+                    revision: 0,
                     version: None,
                 })
                 .collect(),
@@ -557,6 +560,7 @@ mod tests {
             healthy: true,
             applied_index: 0,
             raft_index: 0,
+            revision: 0,
             version: None,
         };
         assert_eq!(v.ordinal(&n, &foreign), None);

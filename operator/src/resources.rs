@@ -40,6 +40,9 @@ pub const DATA_MOUNT: &str = "/var/lib/cairn";
 /// ConfigMap keys read by the members at start.
 pub const KEY_INITIAL_CLUSTER: &str = "initial-cluster";
 pub const KEY_INITIAL_CLUSTER_STATE: &str = "initial-cluster-state";
+/// The ConfigMap key read as `ETCD_EXPERIMENTAL_FORCE_NEW_CLUSTER_ONCE` (a quorum-loss
+/// recovery's survivor and token; empty otherwise).
+pub const KEY_FORCE_NEW_CLUSTER_ONCE: &str = "force-new-cluster-once";
 pub const KEY_INITIAL_CLUSTER_TOKEN: &str = "initial-cluster-token";
 /// The uid/gid cairn runs as (the image's user).
 pub const RUN_AS: i64 = 65532;
@@ -153,8 +156,10 @@ pub fn cluster_token(ec: &EtcdCluster) -> String {
     }
 }
 
-/// The ConfigMap the members read their bootstrap flags from.
-pub fn bootstrap_configmap(ec: &EtcdCluster, b: &Bootstrap) -> ConfigMap {
+/// The ConfigMap the members read their bootstrap flags from; `force_once` is the value of
+/// `--experimental-force-new-cluster-once` (`<member>:<token>`) while a quorum-loss recovery
+/// restarts that member alone, else none.
+pub fn bootstrap_configmap(ec: &EtcdCluster, b: &Bootstrap, force_once: Option<&str>) -> ConfigMap {
     let names = Names::of(ec);
     let state = if b.new_cluster { "new" } else { "existing" };
     ConfigMap {
@@ -163,6 +168,10 @@ pub fn bootstrap_configmap(ec: &EtcdCluster, b: &Bootstrap) -> ConfigMap {
             (KEY_INITIAL_CLUSTER.to_string(), b.initial_cluster.clone()),
             (KEY_INITIAL_CLUSTER_STATE.to_string(), state.to_string()),
             (KEY_INITIAL_CLUSTER_TOKEN.to_string(), cluster_token(ec)),
+            (
+                KEY_FORCE_NEW_CLUSTER_ONCE.to_string(),
+                force_once.unwrap_or_default().to_string(),
+            ),
         ])),
         ..ConfigMap::default()
     }
@@ -191,6 +200,18 @@ fn env_from_configmap(name: &str, configmap: &str, key: &str) -> EnvVar {
     }
 }
 
+/// `e` (a ConfigMap key reference) with the key optional.
+fn optional(mut e: EnvVar) -> EnvVar {
+    if let Some(r) = e
+        .value_from
+        .as_mut()
+        .and_then(|f| f.config_map_key_ref.as_mut())
+    {
+        r.optional = Some(true);
+    }
+    e
+}
+
 /// cairn's flags the operator sets itself (names, URLs, data dir, cluster, TLS, compaction):
 /// refused in `spec.server.extraArgs`.
 pub const MANAGED_FLAGS: &[&str] = &[
@@ -213,6 +234,8 @@ pub const MANAGED_FLAGS: &[&str] = &[
     "peer-trusted-ca-file",
     "peer-client-cert-auth",
     "experimental-peer-accept-plaintext",
+    "force-new-cluster",
+    "experimental-force-new-cluster-once",
     "auto-tls",
     "peer-auto-tls",
     "auto-compaction-mode",
@@ -658,6 +681,13 @@ pub fn statefulset_restoring(
                 &configmap,
                 KEY_INITIAL_CLUSTER_TOKEN,
             ),
+            // cairn reads it itself: empty (or, from a ConfigMap of an older operator, unset)
+            // unless a quorum-loss recovery restarts one member alone.
+            optional(env_from_configmap(
+                "ETCD_EXPERIMENTAL_FORCE_NEW_CLUSTER_ONCE",
+                &configmap,
+                KEY_FORCE_NEW_CLUSTER_ONCE,
+            )),
             // Keep the full backtrace of a crash in the termination message.
             env_value("RUST_BACKTRACE", "1"),
         ]),
@@ -889,7 +919,7 @@ mod tests {
         let metas = [
             peer_service(&ec).metadata,
             client_service(&ec).metadata,
-            bootstrap_configmap(&ec, &b).metadata,
+            bootstrap_configmap(&ec, &b, None).metadata,
             statefulset(&ec, 3, &default_image()).metadata,
             pdb(&ec, 3).metadata,
         ];
@@ -930,7 +960,7 @@ mod tests {
             initial_cluster: names.initial_cluster(&(0..3).collect::<Vec<_>>()),
             new_cluster: true,
         };
-        let cm = bootstrap_configmap(&ec, &b);
+        let cm = bootstrap_configmap(&ec, &b, None);
         assert_eq!(cm.metadata.name.as_deref(), Some("demo-bootstrap"));
         let d = cm.data.unwrap();
         assert_eq!(d[KEY_INITIAL_CLUSTER_STATE], "new");
@@ -941,7 +971,7 @@ mod tests {
             ..b
         };
         assert_eq!(
-            bootstrap_configmap(&ec, &b).data.unwrap()[KEY_INITIAL_CLUSTER_STATE],
+            bootstrap_configmap(&ec, &b, None).data.unwrap()[KEY_INITIAL_CLUSTER_STATE],
             "existing"
         );
     }

@@ -273,6 +273,7 @@ mod tests {
                     healthy: healthy[o],
                     applied_index: applied[o],
                     raft_index: if o as i32 == leader { 5000 } else { applied[o] },
+                    revision: 0,
                     version: None,
                 })
                 .collect(),

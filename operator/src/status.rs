@@ -61,6 +61,12 @@ pub fn derive(
         // The controller sets these when it looks again; until then they stand.
         auth_enabled: prev.auth_enabled,
         root_secret: prev.root_secret.clone(),
+        recovery: prev.recovery.clone(),
+        // The highest revision ever reported: it outlives the members that reported it.
+        revision: view
+            .and_then(|v| v.members.iter().map(|m| m.revision).max())
+            .filter(|r| *r > 0)
+            .max(prev.revision),
         ..EtcdClusterStatus::default()
     };
     if let Some(v) = view {
@@ -308,6 +314,7 @@ mod tests {
                     healthy: healthy[o as usize],
                     applied_index: 0,
                     raft_index: 0,
+                    revision: 0,
                     version: None,
                 })
                 .collect(),

@@ -68,6 +68,8 @@ pub struct Pods {
     /// The URL (and TLS) flags of an ordinal, where they are not the layout's plain ones (a
     /// pod template's, with loopback addresses).
     pub urls: BTreeMap<i32, Vec<String>>,
+    /// Environment every member starts with (a pod's variables from the ConfigMap).
+    pub env: BTreeMap<String, String>,
 }
 
 impl Pods {
@@ -87,6 +89,7 @@ impl Pods {
             token: "operator-test".to_string(),
             extra: Vec::new(),
             urls: BTreeMap::new(),
+            env: BTreeMap::new(),
         }
     }
 
@@ -132,6 +135,7 @@ impl Pods {
             ))
             .arg(format!("--initial-cluster-token={}", self.token))
             .args(&self.extra)
+            .envs(&self.env)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -157,6 +161,16 @@ impl Pods {
         let pid = self.procs[&o].id();
         let st = Command::new("kill")
             .args(["-STOP", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    /// Lets a frozen ordinal `o` run again (SIGCONT).
+    pub fn thaw(&self, o: i32) {
+        let pid = self.procs[&o].id();
+        let st = Command::new("kill")
+            .args(["-CONT", &pid.to_string()])
             .status()
             .unwrap();
         assert!(st.success());

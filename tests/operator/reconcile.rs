@@ -263,6 +263,11 @@ struct World {
     ctx: Arc<Context>,
     pods: Pods,
     name: String,
+    /// Whether the kubelet restarts the pods the operator deletes (with an empty volume if
+    /// their claim was deleted too), as a StatefulSet's controller and kubelet would.
+    restart_deleted: bool,
+    /// How many of the API's calls the kubelet has looked at.
+    calls_seen: usize,
 }
 
 impl World {
@@ -286,7 +291,78 @@ impl World {
             ctx: Arc::new(ctx),
             pods,
             name: name.to_string(),
+            restart_deleted: false,
+            calls_seen: 0,
         }
+    }
+
+    /// Forgets the calls so far (events included).
+    fn clear_calls_for_test(&mut self) {
+        self.api.clear_calls();
+        self.calls_seen = 0;
+    }
+
+    fn annotate(&self, key: &str, value: &str) {
+        let mut o = self.api.get(&cluster_path(&self.name)).unwrap();
+        o["metadata"]["annotations"][key] = json!(value);
+        self.api.put(&cluster_path(&self.name), o);
+    }
+
+    /// The kubelet's part for pods and claims the operator deleted (see `restart_deleted`).
+    fn restart_deleted_pods(&mut self) {
+        let calls = self.api.calls();
+        if calls.len() < self.calls_seen {
+            self.calls_seen = 0;
+        }
+        let mut wiped = Vec::new();
+        let mut restart = Vec::new();
+        for c in &calls[self.calls_seen..] {
+            if c.method != Method::DELETE {
+                continue;
+            }
+            let Some(name) = c.path.rsplit('/').next() else {
+                continue;
+            };
+            if c.path.contains("/persistentvolumeclaims/") {
+                if let Some(o) =
+                    (0..8).find(|o| name == format!("data-{}", self.pods.layout.member(*o)))
+                {
+                    wiped.push(o);
+                }
+            } else if c.path.contains("/pods/") {
+                if let Some(o) = (0..8).find(|o| name == self.pods.layout.member(*o)) {
+                    restart.push(o);
+                }
+            }
+        }
+        self.calls_seen = calls.len();
+        for o in wiped {
+            if o >= self.pods.replicas || restart.contains(&o) {
+                self.pods.stop(o);
+                let _ = std::fs::remove_dir_all(self.pods.volume(o));
+            }
+        }
+        for o in restart {
+            if o < self.pods.replicas {
+                self.pods.stop(o);
+                self.set_pod_env();
+                let b = self.configmap();
+                self.pods.start(o, &b);
+            }
+        }
+    }
+
+    /// What a pod reads from the ConfigMap besides its bootstrap flags.
+    fn set_pod_env(&mut self) {
+        let cm = self.api.get(&cm_path(&self.name)).unwrap();
+        let force = cm["data"]["force-new-cluster-once"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        self.pods.env.insert(
+            "ETCD_EXPERIMENTAL_FORCE_NEW_CLUSTER_ONCE".to_string(),
+            force,
+        );
     }
 
     fn object(&self) -> EtcdCluster {
@@ -302,7 +378,9 @@ impl World {
     }
 
     async fn reconcile(&self) -> Result<(), String> {
-        reconcile(Arc::new(self.object()), self.ctx.clone())
+        // Boxed: a reconcile's future is big in a debug build, and the test's own future
+        // lives on the test thread's stack.
+        Box::pin(reconcile(Arc::new(self.object()), self.ctx.clone()))
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())
@@ -347,6 +425,9 @@ impl World {
 
     /// The kubelet's part: run a member per StatefulSet replica, with the ConfigMap's flags.
     fn kubelet(&mut self) {
+        if self.restart_deleted {
+            self.restart_deleted_pods();
+        }
         let want = self.sts_replicas().unwrap_or(0) as i32;
         for o in self.pods.replicas..want {
             if let Err(message) = self.init_containers(o) {
@@ -362,6 +443,7 @@ impl World {
                 return;
             }
             let b = self.configmap();
+            self.set_pod_env();
             let cm = self.api.get(&cm_path(&self.name)).unwrap();
             self.pods.token = cm["data"]["initial-cluster-token"]
                 .as_str()
@@ -1912,4 +1994,172 @@ async fn a_nospace_alarm_is_cleared_by_compacting_and_defragmenting() {
         w.condition("Space"),
         ("False".into(), "QuotaExceeded".into())
     );
+}
+
+/// Waits until the three members answer with a leader; returns a client of them.
+async fn three_ready(w: &mut World) -> etcd_client::Client {
+    w.until("3 members ready", |w| {
+        let st = w.status();
+        st["readyMembers"] == 3 && st["leader"].is_string()
+    })
+    .await;
+    etcd_client::Client::connect(w.pods.endpoints(), None)
+        .await
+        .unwrap()
+}
+
+/// Issue 25 (quorum-loss recovery): two of three members lost with their data. `Manual`: the
+/// operator says what it would do and waits; the annotation's token starts it: the other two
+/// are fenced (pods and volumes deleted), the survivor restarts as a one-member cluster from
+/// its own data (member and cluster IDs kept), `Recovered` says the revision kept and the
+/// highest one reported before, and the cluster grows back to three with every acknowledged
+/// write on every member. The same token again does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_quorum_is_recovered_on_a_token_from_the_member_with_the_most_data() {
+    let mut w = World::new("lost", json!({"size": 3}));
+    w.restart_deleted = true;
+    let mut c = three_ready(&mut w).await;
+    for i in 0..50 {
+        c.put(format!("k/{:02}", i % 30), format!("v{i}"), None)
+            .await
+            .unwrap();
+    }
+    let kvs = dump(&mut c).await;
+    let revision = c.status().await.unwrap().header().unwrap().revision();
+    let cluster_id = w.status()["clusterID"].clone();
+    let survivor_id = w.status()["members"][0]["id"].clone();
+    // The operator learns the revision from the members' Status.
+    w.until("the revision reported", |w| {
+        w.status()["revision"] == revision
+    })
+    .await;
+    for o in [1, 2] {
+        w.pods.stop(o);
+        std::fs::remove_dir_all(w.pods.volume(o)).unwrap();
+    }
+    w.until("quorum loss seen", |w| {
+        w.status()["recovery"]["waiting"]
+            .as_str()
+            .is_some_and(|m| m.contains("cairn.dev/recover=") && m.contains("lost-0"))
+    })
+    .await;
+    // Manual: rounds go by, nothing is done.
+    for _ in 0..3 {
+        w.reconcile().await.unwrap();
+    }
+    let seen: Vec<String> = events(&w.api).into_iter().map(|(r, _)| r).collect();
+    assert!(seen.contains(&"QuorumLost".to_string()), "{seen:?}");
+    assert!(!seen.contains(&"RecoveryStarted".to_string()), "{seen:?}");
+    assert!(
+        w.pods.exit_status(0).is_none(),
+        "the survivor was not touched"
+    );
+
+    w.annotate("cairn.dev/recover", "outage-1");
+    w.until("recovered", |w| {
+        w.status()["conditions"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Recovered" && c["status"] == "True")
+        })
+    })
+    .await;
+    let st = w.status();
+    assert_eq!(st["recovery"]["lastToken"], "outage-1", "{st}");
+    assert_eq!(st["clusterID"], cluster_id);
+    let recovered = st["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Recovered")
+        .unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        recovered.contains(&format!("revision {revision} kept"))
+            && recovered.contains(&format!("before the loss was {revision}")),
+        "{recovered}"
+    );
+    let seen: Vec<(String, String)> = events(&w.api);
+    let reasons: Vec<&str> = seen.iter().map(|(r, _)| r.as_str()).collect();
+    let at = |r: &str| {
+        reasons
+            .iter()
+            .position(|x| *x == r)
+            .unwrap_or_else(|| panic!("no {r}: {reasons:?}"))
+    };
+    assert!(at("RecoveryStarted") < at("MemberFenced"));
+    assert!(at("MemberFenced") < at("ForcingNewCluster"));
+    assert!(at("ForcingNewCluster") < at("Recovered"));
+    assert_eq!(reasons.iter().filter(|r| **r == "MemberFenced").count(), 2);
+    // The survivor kept its member ID; the ConfigMap no longer names it.
+    restored_on_every_member(&mut w, &kvs, revision + 1).await;
+    let st = w.status();
+    assert_eq!(st["members"][0]["id"], survivor_id, "{st}");
+    let cm = w.api.get(&cm_path("lost")).unwrap();
+    assert_eq!(cm["data"]["force-new-cluster-once"], "");
+    // The same token again: nothing more.
+    w.clear_calls_for_test();
+    for _ in 0..3 {
+        w.reconcile().await.unwrap();
+        w.kubelet();
+    }
+    assert!(events(&w.api).iter().all(|(r, _)| r != "RecoveryStarted"));
+}
+
+/// `Automatic`: two members killed with their data are recovered from without a token once
+/// `after` has passed; a majority that was only frozen for less than `after` is never
+/// "recovered".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_quorum_is_recovered_automatically_and_a_slow_one_is_not() {
+    let mut w = World::new(
+        "auto",
+        json!({"size": 3, "recovery": {"quorumLoss": "Automatic", "after": "8s"}}),
+    );
+    w.restart_deleted = true;
+    let mut c = three_ready(&mut w).await;
+    for i in 0..20 {
+        c.put(format!("k{i}"), "v", None).await.unwrap();
+    }
+    // Frozen (SIGSTOP) for about half of `after`: the quorum is lost and comes back untouched.
+    for o in [1, 2] {
+        w.pods.freeze(o);
+    }
+    let frozen = Instant::now();
+    w.until("quorum loss seen", |w| {
+        w.status()["recovery"]["quorumLostSince"].is_string()
+    })
+    .await;
+    while frozen.elapsed() < Duration::from_secs(4) {
+        w.reconcile().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for o in [1, 2] {
+        w.pods.thaw(o);
+    }
+    w.until("quorum back", |w| {
+        w.status()["readyMembers"] == 3 && w.status()["recovery"]["quorumLostSince"].is_null()
+    })
+    .await;
+    assert!(events(&w.api).iter().all(|(r, _)| r != "RecoveryStarted"));
+    let kvs = dump(&mut c).await;
+    let revision = c.status().await.unwrap().header().unwrap().revision();
+    // Killed with their data: recovered once `after` has passed, with no token.
+    for o in [1, 2] {
+        w.pods.stop(o);
+        std::fs::remove_dir_all(w.pods.volume(o)).unwrap();
+    }
+    let lost = Instant::now();
+    w.until("recovered", |w| {
+        w.status()["recovery"]["lastToken"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("auto-"))
+    })
+    .await;
+    assert!(
+        lost.elapsed() >= Duration::from_secs(8),
+        "{:?}",
+        lost.elapsed()
+    );
+    restored_on_every_member(&mut w, &kvs, revision + 1).await;
 }

@@ -79,7 +79,7 @@ fn main() -> anyhow::Result<()> {
             let docs = [
                 serde_yaml::to_string(&resources::peer_service(&ec))?,
                 serde_yaml::to_string(&resources::client_service(&ec))?,
-                serde_yaml::to_string(&resources::bootstrap_configmap(&ec, &boot))?,
+                serde_yaml::to_string(&resources::bootstrap_configmap(&ec, &boot, None))?,
                 serde_yaml::to_string(&resources::statefulset_restoring(
                     &ec,
                     size,

@@ -235,7 +235,7 @@ impl<'a> Reconciler<'a> {
     async fn run(&self, tls: &super::tls::TlsPrep) -> Result<Action, Error> {
         let ec = self.ec;
         let spec = &ec.spec;
-        let prev = ec.status.clone().unwrap_or_default();
+        let mut prev = ec.status.clone().unwrap_or_default();
         let sts_api: Api<StatefulSet> = self.api();
         // Read once, before the members were observed (to know how they serve).
         let sts = tls.statefulset.clone();
@@ -376,6 +376,17 @@ impl<'a> Reconciler<'a> {
                 .map(|(id, _)| *id)
                 .collect(),
         };
+        // Quorum loss (spec.recovery): a recovery under way comes before any membership step.
+        if bootstrapped && !spec.paused {
+            let top = replicas.unwrap_or(0);
+            // Boxed: its state would make every reconcile's future bigger.
+            if let Some(after) =
+                Box::pin(self.recover(&mut prev, view.as_ref(), cluster_id.clone(), top, &pod_list))
+                    .await?
+            {
+                return Ok(Action::requeue(after));
+            }
+        }
         let step = next_step(self.layout.as_ref(), spec.size, bootstrapped, &obs);
         // No quorum: the rollout cannot run, but a member down on an older template (an
         // upgrade to an image that does not start, set back) is restarted onto the current one.
@@ -524,7 +535,7 @@ impl<'a> Reconciler<'a> {
         if let Some(b) = &boot {
             apply(
                 &self.api::<ConfigMap>(),
-                &resources::bootstrap_configmap(ec, b),
+                &resources::bootstrap_configmap(ec, b, None),
             )
             .await?;
         }
@@ -1360,7 +1371,7 @@ impl<'a> Reconciler<'a> {
     }
 
     /// The status for this round (see [`status::derive`]).
-    fn status(
+    pub(super) fn status(
         &self,
         prev: &EtcdClusterStatus,
         view: Option<&ClusterView>,
@@ -1458,7 +1469,7 @@ impl<'a> Reconciler<'a> {
         }
     }
 
-    async fn patch_status(&self, status: EtcdClusterStatus) -> Result<(), Error> {
+    pub(super) async fn patch_status(&self, status: EtcdClusterStatus) -> Result<(), Error> {
         let created = self
             .ec
             .metadata

@@ -12,6 +12,7 @@ mod backup;
 mod cluster;
 mod context;
 mod maintenance;
+mod recovery;
 mod rollout;
 mod storage;
 mod tls;

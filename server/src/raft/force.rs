@@ -58,7 +58,10 @@ pub async fn force_new_cluster(
         (Some(c), Some(a)) => Some(if c.index >= a.index { c } else { a }),
         (c, a) => c.or(a),
     };
-    let Some(kept) = kept else { return Ok(None) };
+    let Some(kept) = kept else {
+        tracing::info!("no committed entry known and nothing applied");
+        return Ok(None);
+    };
     let state = log.get_log_state().await.map_err(Box::new)?;
     let last = state.last_log_id.unwrap_or(kept);
     // The membership in force at `kept`: the last one in the log up to it after the applied
@@ -87,6 +90,12 @@ pub async fn force_new_cluster(
     }
     let membership = membership.unwrap_or_else(|| applied.1.membership().clone());
     if membership.nodes().next().is_none() {
+        tracing::info!(
+            kept = kept.index,
+            applied = ?applied.0.map(|a| a.index),
+            first,
+            "no membership up to the commit index"
+        );
         return Ok(None);
     }
     let node = membership

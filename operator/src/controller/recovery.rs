@@ -1,0 +1,269 @@
+//! Quorum-loss recovery of one EtcdCluster, carried out (`crate::recovery` decides). A
+//! recovery goes through its phases one reconcile at a time, each recorded in
+//! `status.recovery.inProgress` before the next starts, so that an operator restarted midway
+//! goes on where it was:
+//! 1. `Fencing`: the pod and volume of every member but the survivor are deleted (a majority
+//!    coming back with its data could otherwise elect a leader of its own next to the
+//!    survivor's one-member cluster). Their pods start again empty, and cannot join: they are
+//!    no longer, or never were, in the survivor's member list.
+//! 2. `Restarting`: the bootstrap ConfigMap names the survivor and the recovery's token
+//!    (`--experimental-force-new-cluster-once`, read by every member, acted on by the survivor
+//!    once per token) and the survivor's pod is deleted; it starts again as a one-member cluster
+//!    from its own data, with its member and cluster IDs.
+//! 3. `Forcing`: once the survivor leads alone the recovery is done: `Recovered` says what was
+//!    kept, the ConfigMap no longer names anyone, and the membership plan grows the cluster
+//!    back (learners first, one at a time) as after any loss of members.
+
+use super::cluster::Reconciler;
+use super::*;
+use crate::crd::{QuorumLossMode, RecoveryPhase, RecoveryRun, RecoveryStatus, RECOVER_ANNOTATION};
+use crate::recovery::{decide, has_quorum, Decision, Facts};
+
+/// Condition reasons of a recovery.
+const RECOVERING: &str = "RecoveringQuorum";
+
+impl Reconciler<'_> {
+    /// Runs before the membership plan of a bootstrapped cluster; updates `prev`'s recovery
+    /// status (and `Recovered` condition) for the rest of the reconcile. Returns `Some(when)`
+    /// if this reconcile belongs to a recovery under way: the plan must not run, and the status
+    /// is patched here.
+    pub(super) async fn recover(
+        &self,
+        prev: &mut EtcdClusterStatus,
+        view: Option<&ClusterView>,
+        cluster_id: Option<String>,
+        replicas: i32,
+        pods: &[Pod],
+    ) -> Result<Option<Duration>, Error> {
+        let ec = self.ec;
+        let mut rec = prev.recovery.clone().unwrap_or_default();
+        let pending: Vec<i32> = pods
+            .iter()
+            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Pending"))
+            .filter_map(|p| self.names.ordinal(&p.name_any()))
+            .collect();
+        let spec = &ec.spec.recovery;
+        let after = crate::backup::parse_age(&spec.after).unwrap_or(Duration::from_secs(300));
+        let since = rec.quorum_lost_since.clone();
+        let auto_token = since.as_ref().map_or_else(
+            || "auto".to_string(),
+            |t| format!("auto-{}", t.0.as_second()),
+        );
+        let facts = Facts {
+            mode: spec.quorum_loss,
+            after,
+            requested: ec.annotations().get(RECOVER_ANNOTATION).map(String::as_str),
+            prev: &rec,
+            lost_for: since.as_ref().map(ago),
+            view,
+            pending: &pending,
+            replicas,
+        };
+        match decide(self.layout.as_ref(), &facts, &auto_token) {
+            Decision::Quorum => {
+                if rec.quorum_lost_since.take().is_some() {
+                    info!("a quorum answers again");
+                }
+                rec.waiting = None;
+                prev.recovery = Some(rec).filter(|r| *r != RecoveryStatus::default());
+                Ok(None)
+            }
+            Decision::Wait(why) => {
+                if rec.quorum_lost_since.is_none() {
+                    let mode = match spec.quorum_loss {
+                        QuorumLossMode::Manual => "Manual",
+                        QuorumLossMode::Automatic => "Automatic",
+                    };
+                    self.event(
+                        EventType::Warning,
+                        "QuorumLost",
+                        "Observe",
+                        format!("a majority of the voters does not answer (spec.recovery.quorumLoss: {mode}): {why}"),
+                    )
+                    .await;
+                    rec.quorum_lost_since = Some(now());
+                }
+                rec.waiting = Some(why);
+                prev.recovery = Some(rec);
+                Ok(None)
+            }
+            Decision::Recover {
+                survivor,
+                fence,
+                token,
+            } => {
+                let name = self.layout.member(survivor.ordinal);
+                let fenced: Vec<String> = fence.iter().map(|o| self.layout.member(*o)).collect();
+                self.event(
+                    EventType::Warning,
+                    "RecoveryStarted",
+                    "Recover",
+                    format!(
+                        "recovering from quorum loss ({token}): keeping {name} (applied index {}, the highest of the members that answer); deleting the pods and volumes of {} first",
+                        survivor.applied_index,
+                        fenced.join(", ")
+                    ),
+                )
+                .await;
+                rec.quorum_lost_since.get_or_insert_with(now);
+                rec.waiting = None;
+                rec.in_progress = Some(RecoveryRun {
+                    token,
+                    survivor: name,
+                    survivor_id: format!("{:x}", survivor.id),
+                    applied_index: survivor.applied_index,
+                    highest_revision: prev.revision,
+                    started: now(),
+                    phase: RecoveryPhase::Fencing,
+                });
+                self.recovery_step(prev, rec, view, cluster_id, replicas)
+                    .await
+            }
+            Decision::InProgress => {
+                self.recovery_step(prev, rec, view, cluster_id, replicas)
+                    .await
+            }
+        }
+    }
+
+    /// One phase of the recovery in `rec.in_progress`.
+    async fn recovery_step(
+        &self,
+        prev: &mut EtcdClusterStatus,
+        mut rec: RecoveryStatus,
+        view: Option<&ClusterView>,
+        cluster_id: Option<String>,
+        replicas: i32,
+    ) -> Result<Option<Duration>, Error> {
+        let Some(mut run) = rec.in_progress.clone() else {
+            prev.recovery = Some(rec);
+            return Ok(None);
+        };
+        let layout = self.layout.as_ref();
+        let survivor = self.names.ordinal(&run.survivor).unwrap_or(0);
+        let survivor_id = u64::from_str_radix(&run.survivor_id, 16).unwrap_or(0);
+        let message = match run.phase {
+            RecoveryPhase::Fencing => {
+                let top = replicas.max(
+                    view.and_then(|v| v.max_ordinal(layout))
+                        .map_or(0, |o| o + 1),
+                );
+                let pvcs: Api<PersistentVolumeClaim> = self.api();
+                let pod_api: Api<Pod> = self.api();
+                for o in (0..top).filter(|o| *o != survivor) {
+                    let member = layout.member(o);
+                    delete_if_exists(&pvcs, &self.names.pvc(o)).await?;
+                    delete_if_exists(&pod_api, &member).await?;
+                    self.member_event(
+                        EventType::Warning,
+                        "MemberFenced",
+                        "DeleteVolume",
+                        format!("deleted the volume and pod of {member}: it cannot come back with its data and form a cluster beside {}; it joins again as a new member", run.survivor),
+                        &member,
+                    )
+                    .await;
+                }
+                self.count_op("fence", "ok");
+                run.phase = RecoveryPhase::Restarting;
+                format!("fenced every member but {}", run.survivor)
+            }
+            RecoveryPhase::Restarting => {
+                self.apply_bootstrap(view, Some(&run)).await?;
+                let pod_api: Api<Pod> = self.api();
+                delete_if_exists(&pod_api, &run.survivor).await?;
+                self.member_event(
+                    EventType::Warning,
+                    "ForcingNewCluster",
+                    "Recover",
+                    format!(
+                        "restarting {} as a one-member cluster from its own data (member {}, its cluster ID kept; entries past its commit index dropped)",
+                        run.survivor, run.survivor_id
+                    ),
+                    &run.survivor,
+                )
+                .await;
+                run.phase = RecoveryPhase::Forcing;
+                format!("restarting {} as a one-member cluster", run.survivor)
+            }
+            RecoveryPhase::Forcing => {
+                let alone = view.is_some_and(|v| {
+                    v.leader == Some(survivor_id)
+                        && v.members.iter().all(|m| m.id == survivor_id)
+                        && has_quorum(v)
+                });
+                if alone {
+                    let kept = view
+                        .and_then(|v| v.members.iter().find(|m| m.id == survivor_id))
+                        .map_or(0, |m| m.revision);
+                    let before = run
+                        .highest_revision
+                        .map_or_else(|| "unknown".to_string(), |r| r.to_string());
+                    let msg = format!(
+                        "{} restarted as a one-member cluster from its own data ({}): revision {kept} kept; the highest revision a member had reported before the loss was {before}; the other members join again as new members",
+                        run.survivor, run.token
+                    );
+                    self.event(EventType::Normal, "Recovered", "Recover", msg.clone())
+                        .await;
+                    self.count_op("recover", "ok");
+                    rec.last_token = Some(run.token.clone());
+                    rec.last_recovered = Some(now());
+                    rec.in_progress = None;
+                    rec.quorum_lost_since = None;
+                    prev.recovery = Some(rec);
+                    prev.set_condition(
+                        condition::RECOVERED,
+                        true,
+                        "QuorumRestored",
+                        msg,
+                        self.ec.metadata.generation,
+                        &now(),
+                    );
+                    // The plan takes over (the ConfigMap no longer names the survivor).
+                    return Ok(None);
+                }
+                // The pod may have started before the ConfigMap named it (a restart by
+                // someone else in between): the apply is kept up until it leads alone.
+                self.apply_bootstrap(view, Some(&run)).await?;
+                format!("waiting for {} to lead alone", run.survivor)
+            }
+        };
+        rec.in_progress = Some(run);
+        prev.recovery = Some(rec);
+        let step = Step::Refuse(plan::Refusal::NoLeader);
+        let mut status = self.status(
+            prev,
+            view,
+            cluster_id,
+            &step,
+            &Roll::Steady,
+            prev.operation.clone(),
+        );
+        status.set_condition(
+            condition::PROGRESSING,
+            true,
+            RECOVERING,
+            message,
+            self.ec.metadata.generation,
+            &now(),
+        );
+        self.patch_status(status).await?;
+        Ok(Some(STEP_REQUEUE))
+    }
+
+    /// Applies the bootstrap ConfigMap for the members `view` lists, naming the survivor of
+    /// `run` for `--experimental-force-new-cluster-once` (or nobody).
+    pub(super) async fn apply_bootstrap(
+        &self,
+        view: Option<&ClusterView>,
+        run: Option<&RecoveryRun>,
+    ) -> Result<(), Error> {
+        let Some(v) = view else { return Ok(()) };
+        let b = bootstrap(self.layout.as_ref(), self.ec.spec.size, Some(v));
+        let force = run.map(|r| format!("{}:{}", r.survivor, r.token));
+        apply(
+            &self.api::<ConfigMap>(),
+            &resources::bootstrap_configmap(self.ec, &b, force.as_deref()),
+        )
+        .await
+    }
+}

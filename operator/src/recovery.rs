@@ -1,0 +1,353 @@
+//! Quorum-loss recovery, decided: from what a reconcile observed (the member list and who
+//! answers, the pods that are Pending, the annotation, the outage clock) to whether to recover
+//! now and from which member. Pure logic, no I/O; `controller::recovery` carries it out.
+//!
+//! The rules:
+//! - Never while a quorum of the voters answers (a slow majority that answers is a majority),
+//!   and never while a recovery is under way (one recovery per outage).
+//! - `Manual`: only for an annotation token not acted on before. `Automatic`: also once the
+//!   outage has lasted `spec.recovery.after`, unless a voter that does not answer has a Pending
+//!   pod (not scheduled, or its volume not attached yet: it may come back with its data).
+//! - The survivor is the member that answers with the highest applied index (ties: the lowest
+//!   ordinal); every other ordinal is fenced (its pod and volume deleted) before the survivor is
+//!   restarted alone.
+//! - With no member answering there is no data to keep: nothing is done (restoring the latest
+//!   verified backup is the way back, by hand for now).
+
+use std::time::Duration;
+
+use crate::crd::{QuorumLossMode, RecoveryStatus};
+use crate::layout::Layout;
+use crate::plan::{quorum, ClusterView};
+
+/// What a reconcile knows for the decision.
+pub struct Facts<'a> {
+    pub mode: QuorumLossMode,
+    /// `spec.recovery.after`.
+    pub after: Duration,
+    /// The value of the `cairn.dev/recover` annotation, if set.
+    pub requested: Option<&'a str>,
+    pub prev: &'a RecoveryStatus,
+    /// How long the quorum has been lost, by the status's clock (`None`: not lost before now).
+    pub lost_for: Option<Duration>,
+    pub view: Option<&'a ClusterView>,
+    /// Ordinals whose pod is Pending.
+    pub pending: &'a [i32],
+    /// The StatefulSet's replicas.
+    pub replicas: i32,
+}
+
+/// The member to keep.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Survivor {
+    pub ordinal: i32,
+    pub id: u64,
+    pub applied_index: u64,
+}
+
+/// What to do about quorum loss now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// A quorum answers (or there is no cluster to speak of): no outage.
+    Quorum,
+    /// A recovery is under way: it goes on.
+    InProgress,
+    /// The quorum is lost and nothing is done now, for this reason.
+    Wait(String),
+    /// Recover now: fence `fence`, then restart `survivor` alone, under `token`.
+    Recover {
+        survivor: Survivor,
+        fence: Vec<i32>,
+        token: String,
+    },
+}
+
+/// Whether a quorum of the voters in `view` answers.
+pub fn has_quorum(view: &ClusterView) -> bool {
+    let voters = view.voters().count();
+    voters > 0 && view.voters().filter(|m| m.healthy).count() >= quorum(voters)
+}
+
+/// The decision for `f`; `names` maps members to ordinals; `auto_token` is the token an
+/// automatic recovery takes (unique to the outage).
+pub fn decide(names: &dyn Layout, f: &Facts<'_>, auto_token: &str) -> Decision {
+    if f.prev.in_progress.is_some() {
+        return Decision::InProgress;
+    }
+    let requested = f
+        .requested
+        .filter(|t| !t.is_empty() && f.prev.last_token.as_deref() != Some(*t));
+    let Some(view) = f.view else {
+        return Decision::Wait(
+            "no member answers: there is no data to recover from (restore the latest verified backup into a new cluster)"
+                .to_string(),
+        );
+    };
+    if has_quorum(view) {
+        return Decision::Quorum;
+    }
+    let answering: Vec<_> = view
+        .members
+        .iter()
+        .filter(|m| m.healthy)
+        .filter_map(|m| view.ordinal(names, m).map(|o| (o, m)))
+        .collect();
+    let Some((ordinal, best)) = answering
+        .iter()
+        .max_by(|(oa, a), (ob, b)| a.applied_index.cmp(&b.applied_index).then(ob.cmp(oa)))
+    else {
+        return Decision::Wait(
+            "no member answers: there is no data to recover from (restore the latest verified backup into a new cluster)"
+                .to_string(),
+        );
+    };
+    let token = match (requested, f.mode) {
+        (Some(t), _) => t.to_string(),
+        (None, QuorumLossMode::Manual) => {
+            return Decision::Wait(format!(
+                "spec.recovery.quorumLoss is Manual: annotate the EtcdCluster with {}=<a new token> to restart {} (applied index {}, the highest of the members that answer) as a one-member cluster",
+                crate::crd::RECOVER_ANNOTATION,
+                names.member(*ordinal),
+                best.applied_index
+            ));
+        }
+        (None, QuorumLossMode::Automatic) => {
+            let lost_for = f.lost_for.unwrap_or_default();
+            if lost_for < f.after {
+                return Decision::Wait(format!(
+                    "a majority of the voters has not answered for {}s; recovering automatically after {}s",
+                    lost_for.as_secs(),
+                    f.after.as_secs()
+                ));
+            }
+            let pending: Vec<String> = view
+                .voters()
+                .filter(|m| !m.healthy)
+                .filter_map(|m| view.ordinal(names, m))
+                .filter(|o| f.pending.contains(o))
+                .map(|o| names.member(o))
+                .collect();
+            if !pending.is_empty() {
+                return Decision::Wait(format!(
+                    "the pods of {} are Pending: they may come back with their data",
+                    pending.join(", ")
+                ));
+            }
+            auto_token.to_string()
+        }
+    };
+    let top = f.replicas.max(view.max_ordinal(names).map_or(0, |o| o + 1));
+    Decision::Recover {
+        survivor: Survivor {
+            ordinal: *ordinal,
+            id: best.id,
+            applied_index: best.applied_index,
+        },
+        fence: (0..top).filter(|o| o != ordinal).collect(),
+        token,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::Names;
+    use crate::plan::ObservedMember;
+
+    fn names() -> Names {
+        Names {
+            cluster: "demo".into(),
+            namespace: "ns".into(),
+        }
+    }
+
+    /// Members per ordinal: (ordinal, healthy, applied index); no leader.
+    fn view(members: &[(i32, bool, u64)]) -> ClusterView {
+        let n = names();
+        ClusterView {
+            cluster_id: 7,
+            leader: None,
+            members: members
+                .iter()
+                .map(|&(o, healthy, applied_index)| ObservedMember {
+                    id: 100 + o as u64,
+                    name: n.member(o),
+                    peer_urls: vec![n.peer_url(o)],
+                    learner: false,
+                    healthy,
+                    applied_index,
+                    raft_index: applied_index,
+                    revision: 0,
+                    version: None,
+                })
+                .collect(),
+        }
+    }
+
+    fn facts<'a>(
+        mode: QuorumLossMode,
+        view: Option<&'a ClusterView>,
+        prev: &'a RecoveryStatus,
+        lost_for: Option<Duration>,
+        pending: &'a [i32],
+    ) -> Facts<'a> {
+        Facts {
+            mode,
+            after: Duration::from_secs(300),
+            requested: None,
+            prev,
+            lost_for,
+            view,
+            pending,
+            replicas: 3,
+        }
+    }
+
+    const LONG: Option<Duration> = Some(Duration::from_secs(301));
+
+    #[test]
+    fn automatic_recovery_keeps_the_member_with_the_most_data_and_fences_the_rest() {
+        let n = names();
+        let prev = RecoveryStatus::default();
+        let v = view(&[(0, true, 40), (1, false, 0), (2, true, 55)]);
+        // Two of three answer: a quorum, nothing to do, however long anything lasted.
+        assert_eq!(
+            decide(
+                &n,
+                &facts(QuorumLossMode::Automatic, Some(&v), &prev, LONG, &[]),
+                "a"
+            ),
+            Decision::Quorum
+        );
+        let v = view(&[(0, true, 40), (1, false, 0), (2, false, 0)]);
+        assert_eq!(
+            decide(
+                &n,
+                &facts(QuorumLossMode::Automatic, Some(&v), &prev, LONG, &[]),
+                "auto-1"
+            ),
+            Decision::Recover {
+                survivor: Survivor {
+                    ordinal: 0,
+                    id: 100,
+                    applied_index: 40
+                },
+                fence: vec![1, 2],
+                token: "auto-1".into(),
+            }
+        );
+        // Two answer without a leader in a five-member cluster: the one further ahead is kept.
+        let v = view(&[
+            (0, true, 40),
+            (1, false, 0),
+            (2, true, 41),
+            (3, false, 0),
+            (4, false, 0),
+        ]);
+        let mut f = facts(QuorumLossMode::Automatic, Some(&v), &prev, LONG, &[]);
+        f.replicas = 5;
+        match decide(&n, &f, "t") {
+            Decision::Recover {
+                survivor, fence, ..
+            } => {
+                assert_eq!((survivor.ordinal, fence), (2, vec![0, 1, 3, 4]));
+            }
+            d => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn automatic_recovery_waits_for_the_delay_and_for_pending_pods() {
+        let n = names();
+        let prev = RecoveryStatus::default();
+        let v = view(&[(0, true, 40), (1, false, 0), (2, false, 0)]);
+        for lost in [None, Some(Duration::from_secs(299))] {
+            let d = decide(
+                &n,
+                &facts(QuorumLossMode::Automatic, Some(&v), &prev, lost, &[]),
+                "t",
+            );
+            assert!(
+                matches!(&d, Decision::Wait(w) if w.contains("after 300s")),
+                "{d:?}"
+            );
+        }
+        let d = decide(
+            &n,
+            &facts(QuorumLossMode::Automatic, Some(&v), &prev, LONG, &[2]),
+            "t",
+        );
+        assert_eq!(
+            d,
+            Decision::Wait(
+                "the pods of demo-2 are Pending: they may come back with their data".into()
+            )
+        );
+    }
+
+    #[test]
+    fn manual_recovery_waits_for_a_new_token_and_never_acts_twice() {
+        let n = names();
+        let v = view(&[(0, false, 0), (1, true, 12), (2, false, 0)]);
+        let prev = RecoveryStatus::default();
+        let d = decide(
+            &n,
+            &facts(QuorumLossMode::Manual, Some(&v), &prev, LONG, &[]),
+            "t",
+        );
+        assert!(
+            matches!(&d, Decision::Wait(w) if w.contains("cairn.dev/recover") && w.contains("demo-1")),
+            "{d:?}"
+        );
+        // The token acts at once, Pending pods or not (whoever set it decided).
+        let mut f = facts(QuorumLossMode::Manual, Some(&v), &prev, None, &[0]);
+        f.requested = Some("outage-7");
+        assert!(
+            matches!(decide(&n, &f, "t"), Decision::Recover { token, survivor, .. } if token == "outage-7" && survivor.ordinal == 1)
+        );
+        // The same token again, after it was acted on: nothing.
+        let done = RecoveryStatus {
+            last_token: Some("outage-7".into()),
+            ..RecoveryStatus::default()
+        };
+        f.prev = &done;
+        assert!(matches!(decide(&n, &f, "t"), Decision::Wait(_)));
+        // But never while a quorum answers, token or not.
+        let healthy = view(&[(0, true, 9), (1, true, 12), (2, false, 0)]);
+        f.view = Some(&healthy);
+        f.requested = Some("outage-8");
+        assert_eq!(decide(&n, &f, "t"), Decision::Quorum);
+        // Nor while one is under way.
+        let running = RecoveryStatus {
+            in_progress: Some(crate::crd::RecoveryRun {
+                token: "outage-7".into(),
+                survivor: "demo-1".into(),
+                survivor_id: "65".into(),
+                applied_index: 12,
+                highest_revision: None,
+                started: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    jiff::Timestamp::UNIX_EPOCH,
+                ),
+                phase: crate::crd::RecoveryPhase::Forcing,
+            }),
+            ..RecoveryStatus::default()
+        };
+        f.prev = &running;
+        f.view = Some(&v);
+        assert_eq!(decide(&n, &f, "t"), Decision::InProgress);
+    }
+
+    #[test]
+    fn with_no_member_answering_there_is_nothing_to_recover_from() {
+        let n = names();
+        let prev = RecoveryStatus::default();
+        let v = view(&[(0, false, 0), (1, false, 0), (2, false, 0)]);
+        for v in [None, Some(&v)] {
+            let mut f = facts(QuorumLossMode::Automatic, v, &prev, LONG, &[]);
+            f.requested = Some("x");
+            assert!(
+                matches!(decide(&n, &f, "t"), Decision::Wait(w) if w.contains("no member answers"))
+            );
+        }
+    }
+}
