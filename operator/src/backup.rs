@@ -217,12 +217,15 @@ pub async fn stream_backup(
         writer.write(blob);
     }
     writer.finish().await?;
+    let (keys, hash) = contents_at(&endpoint, access, revision).await;
     let record = BackupRecord {
         time: Time(now),
         key: key.clone(),
         size: size as i64,
         revision,
         sha256: hex(&hasher.finalize()),
+        keys,
+        hash,
     };
     let manifest = serde_json::to_vec_pretty(&record).expect("a record serializes");
     dest.store
@@ -232,6 +235,39 @@ pub async fn stream_backup(
         )
         .await?;
     Ok(record)
+}
+
+/// What the member at `endpoint` holds at `revision`, for a verification to compare with: its
+/// key count and HashKV (each `None` when it cannot say, e.g. compacted past it meanwhile).
+async fn contents_at(
+    endpoint: &str,
+    access: &crate::members::Access,
+    revision: i64,
+) -> (Option<i64>, Option<u32>) {
+    for access in access.variants() {
+        let opts = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(60));
+        let Ok(mut c) = access.connect(&[endpoint.to_string()], opts).await else {
+            continue;
+        };
+        let count = c
+            .get(
+                vec![0],
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_from_key()
+                        .with_count_only()
+                        .with_serializable()
+                        .with_revision(revision),
+                ),
+            )
+            .await;
+        let Ok(count) = count else { continue };
+        let hash = c.hash_kv(revision).await.ok().map(|h| h.hash());
+        return (Some(count.count()), hash);
+    }
+    (None, None)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -411,6 +447,8 @@ pub async fn etcd_snapshot(dest: &Destination, key: &str) -> Result<BackupRecord
         size: meta.size as i64,
         revision: 0,
         sha256: String::new(),
+        keys: None,
+        hash: None,
     })
 }
 

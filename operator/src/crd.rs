@@ -546,6 +546,40 @@ pub struct BackupSpec {
     /// Stop scheduling backups (a running one finishes).
     #[serde(default)]
     pub suspend: bool,
+    /// Verification of the backups taken: a Job restores one into a scratch member with no
+    /// peers and checks it against what was recorded when it was taken.
+    #[serde(default)]
+    pub verify: VerifySpec,
+}
+
+/// Which scheduled backups are verified.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifySpec {
+    /// Verify backups (default true). A Job restores the backup into a scratch member with no
+    /// peers: its SHA-256 is checked against the manifest and the file's own, the member must
+    /// open, and its revision, key count and HashKV at that revision must be those recorded
+    /// when the backup was taken. The result is `status.backup.lastVerifiedBackup`, the
+    /// `BackupVerified` condition, an Event and `cairn_operator_backup_verifications_total`.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Verify every Nth scheduled backup (default 1: each).
+    #[serde(default = "default_every")]
+    #[schemars(range(min = 1))]
+    pub every: i32,
+}
+
+impl Default for VerifySpec {
+    fn default() -> Self {
+        VerifySpec {
+            enabled: true,
+            every: 1,
+        }
+    }
+}
+
+fn default_every() -> i32 {
+    1
 }
 
 /// Which backups to keep. Both limits apply when both are set; the newest backup is always kept.
@@ -679,6 +713,13 @@ pub struct BackupRecord {
     pub revision: i64,
     /// SHA-256 of the object, hex.
     pub sha256: String,
+    /// Keys at `revision`, as the member that took the backup counted them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<i64>,
+    /// HashKV at `revision`, as the member that took the backup answered it: a verification
+    /// restores the backup and compares its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<u32>,
 }
 
 /// Backup progress of a cluster.
@@ -695,6 +736,15 @@ pub struct BackupStatus {
     /// Consecutive failures of the current scheduled backup.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub failures: i32,
+    /// The newest backup that a verification restored and found as recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verified_backup: Option<BackupRecord>,
+    /// The backup being verified now (its Job runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verifying: Option<BackupRecord>,
+    /// Scheduled backups taken since the last verification started.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unverified: i32,
 }
 
 fn is_zero(n: &i32) -> bool {
@@ -1184,6 +1234,8 @@ pub mod condition {
     pub const SERVICES: &str = "Services";
     /// The last quorum-loss recovery: the revision it kept, the highest one reported before.
     pub const RECOVERED: &str = "Recovered";
+    /// Whether the last backup verified restored as recorded.
+    pub const BACKUP_VERIFIED: &str = "BackupVerified";
 }
 
 /// Condition reasons of the rollout (on `Progressing`).

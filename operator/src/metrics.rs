@@ -26,6 +26,8 @@ pub struct Metrics {
     pub reconcile_errors: IntCounterVec,
     pub reconcile_duration: HistogramVec,
     pub membership_operations: IntCounterVec,
+    /// Backup verifications by result (`ok`, `failed`).
+    pub backup_verifications: IntCounterVec,
     /// Per cluster (`namespace`, `cluster`): gauges from its spec and status.
     pub cluster: ClusterGauges,
 }
@@ -232,7 +234,20 @@ impl Default for Metrics {
             &["namespace", "cluster", "operation", "result"],
         )
         .unwrap();
-        for c in [&reconciles, &reconcile_errors, &membership_operations] {
+        let backup_verifications = IntCounterVec::new(
+            opts!(
+                "cairn_operator_backup_verifications_total",
+                "Backups verified by restoring them into a scratch member, by result (ok, failed)"
+            ),
+            &["namespace", "cluster", "result"],
+        )
+        .unwrap();
+        for c in [
+            &reconciles,
+            &reconcile_errors,
+            &membership_operations,
+            &backup_verifications,
+        ] {
             registry.register(Box::new(c.clone())).unwrap();
         }
         registry
@@ -245,6 +260,7 @@ impl Default for Metrics {
             reconcile_errors,
             reconcile_duration,
             membership_operations,
+            backup_verifications,
             cluster,
         }
     }

@@ -17,6 +17,7 @@ use k8s_openapi::api::apps::v1::{
     StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
     StatefulSetUpdateStrategy,
 };
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapKeySelector, Container, ContainerPort, EnvVar,
     EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
@@ -31,7 +32,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
-use crate::crd::{AntiAffinityMode, EtcdCluster};
+use crate::crd::{AntiAffinityMode, BackupRecord, EtcdCluster};
 use crate::layout::{Names, CLIENT_PORT, DATA_VOLUME, METRICS_PORT, PEER_PORT};
 use crate::tls::{self, Serving};
 
@@ -539,12 +540,48 @@ fn restore_containers(r: &Restore, cairn_image: &str, env: &[EnvVar]) -> Vec<Con
         mount_path: DATA_MOUNT.to_string(),
         ..VolumeMount::default()
     }];
+    let security = Some(container_security());
+    vec![
+        fetch_container(r, RESTORE_FILE, Some(&data_dir), env, mount.clone()),
+        Container {
+            name: "restore".to_string(),
+            image: Some(cairn_image.to_string()),
+            args: Some(vec![
+                "snapshot".to_string(),
+                "restore".to_string(),
+                RESTORE_FILE.to_string(),
+                "--if-needed".to_string(),
+                format!("--data-dir={data_dir}"),
+                "--name=$(POD_NAME)".to_string(),
+                "--initial-cluster=$(INITIAL_CLUSTER)".to_string(),
+                "--initial-cluster-token=$(INITIAL_CLUSTER_TOKEN)".to_string(),
+            ]),
+            env: Some(env.to_vec()),
+            volume_mounts: Some(mount),
+            termination_message_policy: Some("FallbackToLogsOnError".to_string()),
+            security_context: security,
+            ..Container::default()
+        },
+    ]
+}
+
+/// The container that downloads backup `r.key` into `out` (its SHA-256 checked against the
+/// manifest), unless `data_dir` exists.
+fn fetch_container(
+    r: &Restore,
+    out: &str,
+    data_dir: Option<&str>,
+    env: &[EnvVar],
+    mount: Vec<VolumeMount>,
+) -> Container {
     let mut fetch_args = vec![
         "fetch-backup".to_string(),
         format!("--key={}", r.key),
-        format!("--out={RESTORE_FILE}"),
-        format!("--data-dir={data_dir}"),
+        format!("--out={out}"),
     ];
+    if let Some(d) = data_dir {
+        fetch_args.push(format!("--data-dir={d}"));
+    }
     if r.etcd_snapshot {
         fetch_args.push("--etcd-snapshot".to_string());
     }
@@ -581,38 +618,129 @@ fn restore_containers(r: &Restore, cairn_image: &str, env: &[EnvVar]) -> Vec<Con
             }
         }
     }
-    let security = Some(container_security());
-    vec![
-        Container {
-            name: "fetch-backup".to_string(),
-            image: Some(r.operator_image.clone()),
-            args: Some(fetch_args),
-            env: Some(fetch_env),
-            volume_mounts: Some(mount.clone()),
-            termination_message_policy: Some("FallbackToLogsOnError".to_string()),
-            security_context: security.clone(),
-            ..Container::default()
+    Container {
+        name: "fetch-backup".to_string(),
+        image: Some(r.operator_image.clone()),
+        args: Some(fetch_args),
+        env: Some(fetch_env),
+        volume_mounts: Some(mount),
+        termination_message_policy: Some("FallbackToLogsOnError".to_string()),
+        security_context: Some(container_security()),
+        ..Container::default()
+    }
+}
+
+/// The pod security context of the operator's pods (members, verification Jobs): a fixed
+/// non-root user and group owning the volumes, the runtime's seccomp profile.
+fn pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_user: Some(RUN_AS),
+        run_as_group: Some(RUN_AS),
+        fs_group: Some(RUN_AS),
+        run_as_non_root: Some(true),
+        // The Pod Security "restricted" level asks for it.
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".to_string(),
+            localhost_profile: None,
+        }),
+        ..PodSecurityContext::default()
+    }
+}
+
+/// Labels of a backup verification Job (and its pod).
+pub const VERIFY_LABEL: &str = "cairn.dev/verify";
+
+/// The name of the Job that verifies backup `key` of cluster `cluster`.
+pub fn verify_job_name(cluster: &str, key: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    let short: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{cluster}-verify-{short}")
+}
+
+/// The Job that verifies backup `rec` (at `r`'s destination): the operator's image downloads
+/// it into a scratch volume (SHA-256 checked against the manifest), then cairn's restores it
+/// into a scratch member with no peers and compares its revision, key count and HashKV with
+/// the record (`cairn snapshot verify`). It runs once (no retries), is given an hour, and is
+/// deleted an hour after it finished.
+pub fn verify_job(ec: &EtcdCluster, r: &Restore, rec: &BackupRecord, cairn_image: &str) -> Job {
+    let names = Names::of(ec);
+    let name = verify_job_name(&names.cluster, &rec.key);
+    let scratch = "/scratch";
+    let mount = vec![VolumeMount {
+        name: "scratch".to_string(),
+        mount_path: scratch.to_string(),
+        ..VolumeMount::default()
+    }];
+    let file = format!("{scratch}/backup.snap");
+    let mut args = vec![
+        "snapshot".to_string(),
+        "verify".to_string(),
+        file.clone(),
+        format!("--revision={}", rec.revision),
+        format!("--scratch-dir={scratch}/member"),
+    ];
+    if let Some(k) = rec.keys {
+        args.push(format!("--keys={k}"));
+    }
+    if let Some(h) = rec.hash {
+        args.push(format!("--hash={h}"));
+    }
+    // Not the members' labels: nothing that selects members (the StatefulSet, the PDB, the
+    // Services) may select this pod.
+    let labels = BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            "cairn-verify".to_string(),
+        ),
+        ("app.kubernetes.io/instance".to_string(), ec.name_any()),
+        (VERIFY_LABEL.to_string(), name.clone()),
+    ]);
+    Job {
+        metadata: ObjectMeta {
+            labels: Some(labels.clone()),
+            ..meta(ec, name)
         },
-        Container {
-            name: "restore".to_string(),
-            image: Some(cairn_image.to_string()),
-            args: Some(vec![
-                "snapshot".to_string(),
-                "restore".to_string(),
-                RESTORE_FILE.to_string(),
-                "--if-needed".to_string(),
-                format!("--data-dir={data_dir}"),
-                "--name=$(POD_NAME)".to_string(),
-                "--initial-cluster=$(INITIAL_CLUSTER)".to_string(),
-                "--initial-cluster-token=$(INITIAL_CLUSTER_TOKEN)".to_string(),
-            ]),
-            env: Some(env.to_vec()),
-            volume_mounts: Some(mount),
-            termination_message_policy: Some("FallbackToLogsOnError".to_string()),
-            security_context: security,
-            ..Container::default()
-        },
-    ]
+        spec: Some(JobSpec {
+            backoff_limit: Some(0),
+            active_deadline_seconds: Some(3600),
+            ttl_seconds_after_finished: Some(3600),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".to_string()),
+                    security_context: Some(pod_security()),
+                    init_containers: Some(vec![fetch_container(
+                        r,
+                        &file,
+                        None,
+                        &[],
+                        mount.clone(),
+                    )]),
+                    containers: vec![Container {
+                        name: "verify".to_string(),
+                        image: Some(cairn_image.to_string()),
+                        args: Some(args),
+                        volume_mounts: Some(mount),
+                        termination_message_policy: Some("FallbackToLogsOnError".to_string()),
+                        security_context: Some(container_security()),
+                        ..Container::default()
+                    }],
+                    volumes: Some(vec![Volume {
+                        name: "scratch".to_string(),
+                        empty_dir: Some(Default::default()),
+                        ..Volume::default()
+                    }]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..JobSpec::default()
+        }),
+        ..Job::default()
+    }
 }
 
 /// [`statefulset`], with the init containers of a restore when `restore` is given.
@@ -787,18 +915,7 @@ pub fn statefulset_restoring(
                         .then(|| tmpl.node_selector.clone()),
                     tolerations: (!tmpl.tolerations.is_empty()).then(|| tmpl.tolerations.clone()),
                     priority_class_name: tmpl.priority_class_name.clone(),
-                    security_context: Some(PodSecurityContext {
-                        run_as_user: Some(RUN_AS),
-                        run_as_group: Some(RUN_AS),
-                        fs_group: Some(RUN_AS),
-                        run_as_non_root: Some(true),
-                        // The Pod Security "restricted" level asks for it.
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".to_string(),
-                            localhost_profile: None,
-                        }),
-                        ..PodSecurityContext::default()
-                    }),
+                    security_context: Some(pod_security()),
                     termination_grace_period_seconds: Some(30),
                     ..PodSpec::default()
                 }),
@@ -850,6 +967,59 @@ mod tests {
 
     fn pod_spec(s: &StatefulSet) -> &PodSpec {
         s.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+    }
+
+    #[test]
+    fn a_verification_job_checks_the_record_and_selects_no_member() {
+        let ec = cluster(serde_json::json!({"size": 3}));
+        let restore = Restore {
+            key: "e2e/prod/demo/0f5e/20261121T000000Z.snap".into(),
+            destination: crate::crd::BackupDestination::default(),
+            operator_image: "cairn-operator:1".into(),
+            etcd_snapshot: false,
+        };
+        let rec = BackupRecord {
+            time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH),
+            key: restore.key.clone(),
+            size: 10,
+            revision: 42,
+            sha256: "ab".into(),
+            keys: Some(7),
+            hash: Some(99),
+        };
+        let job = verify_job(&ec, &restore, &rec, "cairn:1");
+        assert_eq!(job.metadata.name, Some(verify_job_name("demo", &rec.key)));
+        assert_ne!(
+            verify_job_name("demo", &rec.key),
+            verify_job_name("demo", "other")
+        );
+        let spec = job.spec.as_ref().unwrap();
+        assert_eq!(spec.backoff_limit, Some(0));
+        let pod = spec.template.spec.as_ref().unwrap();
+        let args = pod.containers[0].args.clone().unwrap();
+        for a in ["verify", "--revision=42", "--keys=7", "--hash=99"] {
+            assert!(args.contains(&a.to_string()), "{args:?}");
+        }
+        let fetch = &pod.init_containers.as_ref().unwrap()[0];
+        assert!(fetch
+            .args
+            .as_ref()
+            .unwrap()
+            .contains(&format!("--key={}", rec.key)));
+        // Nothing that selects the members (StatefulSet, PDB, Services) selects this pod.
+        let labels = spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .clone()
+            .unwrap();
+        let members = selector_labels(&ec);
+        assert!(
+            !members.iter().all(|(k, v)| labels.get(k) == Some(v)),
+            "{labels:?}"
+        );
     }
 
     #[test]

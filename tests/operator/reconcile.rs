@@ -268,6 +268,8 @@ struct World {
     restart_deleted: bool,
     /// How many of the API's calls the kubelet has looked at.
     calls_seen: usize,
+    /// Whether Jobs wait (are not run) for now.
+    hold_jobs: bool,
 }
 
 impl World {
@@ -293,6 +295,7 @@ impl World {
             name: name.to_string(),
             restart_deleted: false,
             calls_seen: 0,
+            hold_jobs: false,
         }
     }
 
@@ -428,6 +431,7 @@ impl World {
         if self.restart_deleted {
             self.restart_deleted_pods();
         }
+        self.run_jobs();
         let want = self.sts_replicas().unwrap_or(0) as i32;
         for o in self.pods.replicas..want {
             if let Err(message) = self.init_containers(o) {
@@ -465,17 +469,89 @@ impl World {
         let Some(inits) = sts["spec"]["template"]["spec"]["initContainers"].as_array() else {
             return Ok(());
         };
-        let cm = self.api.get(&cm_path(&self.name)).unwrap();
         let volume = self.pods.volume(o);
         std::fs::create_dir_all(&volume).unwrap();
-        for c in inits {
+        self.run_containers(
+            inits,
+            Some(self.pods.layout.member(o)),
+            "/var/lib/cairn",
+            &volume,
+        )
+    }
+
+    /// The Jobs' part (a Job controller and kubelet): runs each verification Job not run yet,
+    /// its containers with this workspace's binaries and a scratch directory as its volume,
+    /// then sets its status, and for a failure puts its pod with the container's message.
+    fn run_jobs(&self) {
+        if self.hold_jobs {
+            return;
+        }
+        let prefix = format!("/apis/batch/v1/namespaces/{NS}/jobs/");
+        let jobs: Vec<(String, Value)> = self
+            .api
+            .0
+            .lock()
+            .unwrap()
+            .objects
+            .iter()
+            .filter(|(k, v)| k.starts_with(&prefix) && v.get("status").is_none())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (path, mut job) in jobs {
+            let spec = &job["spec"]["template"]["spec"];
+            let mut all: Vec<Value> = spec["initContainers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            all.extend(spec["containers"].as_array().cloned().unwrap_or_default());
+            let scratch = self
+                .pods
+                .scratch()
+                .join(format!("job-{}", path.rsplit('/').next().unwrap()));
+            let _ = std::fs::remove_dir_all(&scratch);
+            std::fs::create_dir_all(&scratch).unwrap();
+            let result = self.run_containers(&all, None, "/scratch", &scratch);
+            let name = job["metadata"]["name"].as_str().unwrap().to_string();
+            match result {
+                Ok(()) => job["status"] = json!({"succeeded": 1}),
+                Err((container, message)) => {
+                    job["status"] =
+                        json!({"failed": 1, "conditions": [{"type": "Failed", "status": "True"}]});
+                    self.api.put(
+                        &format!("/api/v1/namespaces/{NS}/pods/{name}-run"),
+                        json!({"apiVersion": "v1", "kind": "Pod",
+                               "metadata": {"name": format!("{name}-run"), "namespace": NS,
+                                            "labels": {"cairn.dev/verify": name}},
+                               "status": {"phase": "Failed", "containerStatuses": [{
+                                   "name": container, "image": "", "imageID": "", "ready": false, "restartCount": 0,
+                                   "state": {"terminated": {"exitCode": 1, "message": message}}}]}}),
+                    );
+                }
+            }
+            self.api.put(&path, job);
+        }
+    }
+
+    /// Runs `containers` in order with this workspace's binaries: the kubelet's expansion of
+    /// `$(VAR)` from the pod's env (field, ConfigMap and Secret references; `metadata.name` is
+    /// `pod`), the volume mounted at `mount` being `dir`. Returns the failed container and its
+    /// output.
+    fn run_containers(
+        &self,
+        containers: &[Value],
+        pod: Option<String>,
+        mount: &str,
+        dir: &std::path::Path,
+    ) -> Result<(), (String, String)> {
+        let cm = self.api.get(&cm_path(&self.name)).unwrap_or(Value::Null);
+        for c in containers {
             let mut env: Vec<(String, String)> = Vec::new();
             for e in c["env"].as_array().into_iter().flatten() {
                 let from = &e["valueFrom"];
                 let value = if let Some(v) = e["value"].as_str() {
                     Some(v.to_string())
                 } else if from["fieldRef"]["fieldPath"] == "metadata.name" {
-                    Some(self.pods.layout.member(o))
+                    pod.clone()
                 } else if let Some(k) = from["configMapKeyRef"]["key"].as_str() {
                     cm["data"][k].as_str().map(str::to_string)
                 } else if let Some(k) = from["secretKeyRef"]["key"].as_str() {
@@ -509,7 +585,7 @@ impl World {
                     for (k, v) in &env {
                         a = a.replace(&format!("$({k})"), v);
                     }
-                    a.replace("/var/lib/cairn", volume.to_str().unwrap())
+                    a.replace(mount, dir.to_str().unwrap())
                 })
                 .collect();
             let image = c["image"].as_str().unwrap();
@@ -2162,4 +2238,102 @@ async fn a_lost_quorum_is_recovered_automatically_and_a_slow_one_is_not() {
         lost.elapsed()
     );
     restored_on_every_member(&mut w, &kvs, revision + 1).await;
+}
+
+/// Issue 25 (verified backups): every scheduled backup is verified by a Job that restores it
+/// into a scratch member with no peers (`cairn snapshot verify` on what `fetch-backup`
+/// downloaded): `lastVerifiedBackup`, `BackupVerified`, an Event and the metric. A backup
+/// corrupted in the store before its Job runs fails verification, says why, and is not
+/// `lastVerifiedBackup`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_are_verified_and_a_corrupted_one_fails_verification() {
+    let moto = crate::s3::Moto::start();
+    moto.create_bucket("scheduled");
+    let mut w = World::new(
+        "vera",
+        json!({"size": 1, "backup": backup_spec(&moto, "*/2 * * * * *")}),
+    );
+    put_credentials(&w.api);
+    w.until("bootstrapped", |w| w.status()["readyMembers"] == 1)
+        .await;
+    let mut c = etcd_client::Client::connect(w.pods.endpoints(), None)
+        .await
+        .unwrap();
+    for i in 0..40 {
+        c.put(format!("k{i}"), vec![b'v'; 1000], None)
+            .await
+            .unwrap();
+    }
+    w.until("a backup verified", |w| {
+        w.status()["backup"]["lastVerifiedBackup"]["key"].is_string()
+    })
+    .await;
+    let st = w.status();
+    let verified = st["backup"]["lastVerifiedBackup"].clone();
+    assert!(
+        verified["keys"].as_i64().is_some() && verified["hash"].as_u64().is_some(),
+        "{st}"
+    );
+    assert_eq!(
+        w.condition("BackupVerified"),
+        ("True".into(), "BackupVerified".into())
+    );
+    assert!(events(&w.api)
+        .iter()
+        .any(|(r, m)| r == "BackupVerified" && m.contains(verified["key"].as_str().unwrap())));
+    let ok = w
+        .ctx
+        .metrics
+        .backup_verifications
+        .with_label_values(&[NS, "vera", "ok"])
+        .get();
+    assert!(ok >= 1);
+
+    // The next one is corrupted in the store before its Job runs.
+    w.hold_jobs = true;
+    let verified_key = verified["key"].as_str().unwrap().to_string();
+    w.until("the next verification started", |w| {
+        w.status()["backup"]["verifying"]["key"]
+            .as_str()
+            .is_some_and(|k| k != verified_key)
+    })
+    .await;
+    let held = w.status()["backup"]["verifying"]["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dest = moto.open("scheduled", "etcd");
+    crate::s3::corrupt(&dest, &held, 5000, 0x40).await;
+    w.hold_jobs = false;
+    w.until("the verification failed", |w| {
+        w.status()["conditions"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "BackupVerified" && c["status"] == "False")
+        })
+    })
+    .await;
+    assert_eq!(w.condition("BackupVerified").1, "VerificationFailed");
+    let failed: Vec<String> = events(&w.api)
+        .into_iter()
+        .filter(|(r, _)| r == "BackupVerificationFailed")
+        .map(|(_, m)| m)
+        .collect();
+    assert!(
+        failed
+            .iter()
+            .any(|m| m.contains(&held) && m.contains("checksum mismatch")),
+        "{failed:?}"
+    );
+    assert_ne!(
+        w.status()["backup"]["lastVerifiedBackup"]["key"].as_str(),
+        Some(held.as_str()),
+        "a backup that failed verification is never the last verified one"
+    );
+    let failures = w
+        .ctx
+        .metrics
+        .backup_verifications
+        .with_label_values(&[NS, "vera", "failed"])
+        .get();
+    assert_eq!(failures, 1);
 }

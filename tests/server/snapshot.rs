@@ -506,3 +506,73 @@ fn a_restored_member_starts_with_other_bootstrap_flags() {
         }
     }
 }
+
+/// `cairn snapshot verify`: a snapshot restores into a scratch member that opens and holds the
+/// revision, key count and HashKV its member answered when it was taken; a wrong count or
+/// hash, or a damaged file, is an error that says what differs; the scratch dir is removed.
+#[test]
+fn snapshot_verify_checks_what_a_restore_holds() {
+    let m = Member::start(Kind::Cairn);
+    write_history(&m);
+    m.ctl(&["compact", "3"]);
+    let file = save(&m, "v.snap");
+    let status = m.ctl(&["endpoint", "status", "-w", "json"]).stdout;
+    let revision: i64 = status
+        .split("\"revision\":")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let keys = m
+        .ctl(&["get", "", "--prefix", "--keys-only"])
+        .stdout
+        .lines()
+        .filter(|l| !l.is_empty())
+        .count() as i64;
+    let hashkv = m
+        .ctl(&["endpoint", "hashkv", "--rev", &revision.to_string()])
+        .stdout;
+    let hash = hashkv.trim().rsplit(", ").next().unwrap().to_string();
+    let scratch = m.dir.path().join("scratch");
+    let verify = |keys: &str, hash: &str, f: &Path| {
+        cairn(&[
+            "snapshot",
+            "verify",
+            f.to_str().unwrap(),
+            &format!("--revision={revision}"),
+            &format!("--keys={keys}"),
+            &format!("--hash={hash}"),
+            &format!("--scratch-dir={}", scratch.display()),
+        ])
+    };
+    let ok = verify(&keys.to_string(), &hash, &file);
+    assert_eq!(ok.code, 0, "{ok:?}");
+    assert!(
+        ok.stdout
+            .contains(&format!("revision {revision}, {keys} keys, HashKV {hash}")),
+        "{ok:?}"
+    );
+    assert!(!scratch.exists());
+    let wrong = verify(&(keys + 1).to_string(), "12345", &file);
+    assert_ne!(wrong.code, 0);
+    assert!(
+        wrong
+            .stderr
+            .contains(&format!("{keys} keys, recorded {}", keys + 1))
+            && wrong
+                .stderr
+                .contains(&format!("HashKV {hash}, recorded 12345")),
+        "{wrong:?}"
+    );
+    assert!(!scratch.exists());
+    // A damaged copy never opens.
+    let damaged = m.dir.path().join("damaged.snap");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes.len() / 3;
+    bytes[at] ^= 0x10;
+    std::fs::write(&damaged, bytes).unwrap();
+    let bad = verify(&keys.to_string(), &hash, &damaged);
+    assert_ne!(bad.code, 0, "{bad:?}");
+    assert!(!scratch.exists());
+}

@@ -862,11 +862,16 @@ impl<'a> Reconciler<'a> {
                     }
                     st.failures = 0;
                     st.last_backup = Some(rec);
+                    st.unverified += 1;
                 }
                 Err(msg) => {
                     self.backup_failed(msg, &mut st, status, &t).await;
                 }
             }
+        }
+        // A verification's failure is reported, never fatal to the backups.
+        if let Err(e) = self.verify_backups(spec, &mut st, status).await {
+            warn!(error = %e, "backup verification");
         }
         if self.ctx.backups.running(&key).is_some() {
             status.backup = Some(st);

@@ -16,6 +16,7 @@ mod recovery;
 mod rollout;
 mod storage;
 mod tls;
+mod verify;
 
 pub use backup::{backup_error_policy, read_credentials, reconcile_backup};
 pub use cluster::{error_policy, reconcile};

@@ -64,6 +64,25 @@ pub enum SnapshotCmd {
         #[arg(long)]
         if_needed: bool,
     },
+    /// Checks that FILE restores into a member that opens and holds what the backup's record
+    /// says: a scratch member with no peers is restored from it (its SHA-256 checked) and
+    /// started, then its revision, key count and HashKV at that revision are compared with the
+    /// given ones. The scratch data dir is removed afterwards. Exits non-zero on any mismatch.
+    Verify {
+        file: PathBuf,
+        /// The revision the backup was taken at.
+        #[arg(long)]
+        revision: i64,
+        /// The number of keys at that revision.
+        #[arg(long)]
+        keys: Option<i64>,
+        /// HashKV at that revision, as the member that took the backup answered.
+        #[arg(long)]
+        hash: Option<u32>,
+        /// Where the scratch member's data dir goes (default: beside FILE).
+        #[arg(long)]
+        scratch_dir: Option<PathBuf>,
+    },
     /// Prints a snapshot's hash, revision, number of keys (revisions) and size.
     Status {
         file: PathBuf,
@@ -131,6 +150,27 @@ pub async fn run(cmd: SnapshotCmd) -> Result<String> {
             }
             Ok(out)
         }
+        SnapshotCmd::Verify {
+            file,
+            revision,
+            keys,
+            hash,
+            scratch_dir,
+        } => {
+            let scratch = scratch_dir.unwrap_or_else(|| {
+                let mut name = file.file_name().unwrap_or_default().to_os_string();
+                name.push(format!(".verify.{}", std::process::id()));
+                file.with_file_name(name)
+            });
+            let expected = Expected {
+                revision,
+                keys,
+                hash,
+            };
+            let result = verify(&file, &scratch, &expected).await;
+            let _ = std::fs::remove_dir_all(&scratch);
+            result
+        }
         SnapshotCmd::Status { file, write_out } => {
             let st = status(&file)?;
             st.render(&write_out)
@@ -196,6 +236,85 @@ pub async fn save(endpoint: &str, file: &Path) -> Result<String> {
         "Snapshot saved at {} ({size} bytes)",
         file.display()
     ))
+}
+
+/// What a backup was recorded to hold when it was taken.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Expected {
+    pub revision: i64,
+    pub keys: Option<i64>,
+    pub hash: Option<u32>,
+}
+
+/// Restores `file` into `scratch` (which must not exist), starts a member on it with no peers
+/// and compares what it holds with `expected`.
+pub async fn verify(file: &Path, scratch: &Path, expected: &Expected) -> Result<String> {
+    let args = [
+        "cairn".to_string(),
+        "--name=verify".to_string(),
+        format!("--data-dir={}", scratch.display()),
+        "--initial-cluster=verify=http://127.0.0.1:2380".to_string(),
+        "--initial-advertise-peer-urls=http://127.0.0.1:2380".to_string(),
+        "--initial-cluster-token=cairn-verify".to_string(),
+    ];
+    let flags = Flags::try_parse_from(args).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let cfg = Config::from_flags(flags).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    restore(file, &cfg, false)?;
+    let server = crate::server::EtcdServer::start(cfg).await?;
+    let checked = check_restored(&server, expected).await;
+    server.shutdown().await;
+    let (revision, keys, hash) = checked?;
+    let mut wrong = Vec::new();
+    if revision != expected.revision {
+        wrong.push(format!(
+            "revision {revision}, recorded {}",
+            expected.revision
+        ));
+    }
+    if let Some(k) = expected.keys.filter(|k| *k != keys) {
+        wrong.push(format!("{keys} keys, recorded {k}"));
+    }
+    if let Some(h) = expected.hash.filter(|h| *h != hash) {
+        wrong.push(format!("HashKV {hash}, recorded {h}"));
+    }
+    if !wrong.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "backup {} does not hold what was recorded when it was taken: {}",
+            file.display(),
+            wrong.join("; ")
+        )));
+    }
+    Ok(format!(
+        "verified {}: it restores and opens; revision {revision}, {keys} keys, HashKV {hash} at {revision}{}",
+        file.display(),
+        if expected.hash.is_none() {
+            " (no hash recorded to compare)"
+        } else {
+            ", as recorded"
+        }
+    ))
+}
+
+/// The restored member's (revision, keys at it, HashKV at it).
+async fn check_restored(
+    server: &crate::server::EtcdServer,
+    expected: &Expected,
+) -> Result<(i64, i64, u32)> {
+    let revision = server.state.store.read().revision();
+    let at = expected.revision.min(revision);
+    let count = server
+        .state
+        .range(&crate::proto::etcdserverpb::RangeRequest {
+            key: vec![0],
+            range_end: vec![0],
+            revision: at,
+            count_only: true,
+            serializable: true,
+            ..Default::default()
+        })?
+        .count;
+    let hash = server.hash_kv(at).await?.hash;
+    Ok((revision, count, hash))
 }
 
 /// Restores `file` into `cfg.data_dir` for member `cfg.name` of the new cluster
