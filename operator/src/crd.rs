@@ -125,13 +125,14 @@ pub struct EtcdClusterSpec {
 #[serde(rename_all = "camelCase")]
 pub struct RecoverySpec {
     /// `Manual` (default): only when the annotation `cairn.dev/recover` is set to a new value
-    /// (a token, acted on once). `Automatic`: also once a majority of the voters has not
+    /// (a token of 1-63 letters, digits, `.`, `_` or `-`, acted on once; one set while a
+    /// quorum answers is used up without effect). `Automatic`: also once a majority of the voters has not
     /// answered for `after` and none of their pods is merely Pending (it may come back with its
     /// data).
     #[serde(default)]
     pub quorum_loss: QuorumLossMode,
     /// How long a majority of the voters must be unreachable before an automatic recovery: a
-    /// number with a unit, `s`, `m` or `h` (default `5m`).
+    /// number with a unit, `s`, `m` or `h` (default `5m`; at least `10s` is waited).
     #[serde(default = "default_recovery_after")]
     #[schemars(regex(pattern = r"^[0-9]+(s|m|h)$"))]
     pub after: String,
@@ -184,6 +185,10 @@ pub struct RecoveryStatus {
     /// When the last recovery finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_recovered: Option<Time>,
+    /// The highest applied index a member reported when the loss was first seen: a member
+    /// that applies more since shows a quorum exists that the operator cannot reach.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_at_loss: Option<u64>,
 }
 
 /// One quorum-loss recovery.
@@ -204,6 +209,16 @@ pub struct RecoveryRun {
     pub started: Time,
     /// The step it is at.
     pub phase: RecoveryPhase,
+    /// Since when it is at that step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase_since: Option<Time>,
+    /// The UIDs of the pods and claims deleted by the fencing, waited for until they are gone
+    /// (unset until the fencing started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced: Option<Vec<String>>,
+    /// Whether it was reported as stuck.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stuck: bool,
 }
 
 /// The steps of a quorum-loss recovery, in order.

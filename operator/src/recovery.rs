@@ -4,7 +4,9 @@
 //!
 //! The rules:
 //! - Never while a quorum of the voters answers (a slow majority that answers is a majority),
-//!   and never while a recovery is under way (one recovery per outage).
+//!   never while a member that answers applies entries it had not when the loss was first seen
+//!   (a quorum exists that the operator cannot reach), and never while a recovery is under way
+//!   (one recovery per outage; a new annotation token starts it over).
 //! - `Manual`: only for an annotation token not acted on before. `Automatic`: also once the
 //!   outage has lasted `spec.recovery.after`, unless a voter that does not answer has a Pending
 //!   pod (not scheduled, or its volume not attached yet: it may come back with its data).
@@ -37,6 +39,13 @@ pub struct Facts<'a> {
     pub replicas: i32,
 }
 
+/// Whether `t` is a token the annotation may carry: 1-63 letters, digits, `.`, `_`, `-`.
+pub fn valid_token(t: &str) -> bool {
+    (1..=63).contains(&t.len())
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// The member to keep.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Survivor {
@@ -54,6 +63,9 @@ pub enum Decision {
     InProgress,
     /// The quorum is lost and nothing is done now, for this reason.
     Wait(String),
+    /// The quorum looks lost but the cluster makes progress (this says how): the outage clock
+    /// starts again.
+    Progress(String),
     /// Recover now: fence `fence`, then restart `survivor` alone, under `token`.
     Recover {
         survivor: Survivor,
@@ -71,12 +83,23 @@ pub fn has_quorum(view: &ClusterView) -> bool {
 /// The decision for `f`; `names` maps members to ordinals; `auto_token` is the token an
 /// automatic recovery takes (unique to the outage).
 pub fn decide(names: &dyn Layout, f: &Facts<'_>, auto_token: &str) -> Decision {
-    if f.prev.in_progress.is_some() {
-        return Decision::InProgress;
-    }
     let requested = f
         .requested
         .filter(|t| !t.is_empty() && f.prev.last_token.as_deref() != Some(*t));
+    if let Some(t) = requested.filter(|t| !valid_token(t)) {
+        return Decision::Wait(format!(
+            "the value of {} ({} bytes) is not a token: 1-63 letters, digits, '.', '_' or '-'",
+            crate::crd::RECOVER_ANNOTATION,
+            t.len()
+        ));
+    }
+    if let Some(run) = &f.prev.in_progress {
+        // A new token starts a recovery that has not finished over, unless a quorum answers.
+        let superseded = requested.is_some_and(|t| t != run.token);
+        if !superseded || f.view.is_some_and(has_quorum) {
+            return Decision::InProgress;
+        }
+    }
     let Some(view) = f.view else {
         return Decision::Wait(
             "no member answers: there is no data to recover from (restore the latest verified backup into a new cluster)"
@@ -92,6 +115,14 @@ pub fn decide(names: &dyn Layout, f: &Facts<'_>, auto_token: &str) -> Decision {
         .filter(|m| m.healthy)
         .filter_map(|m| view.ordinal(names, m).map(|o| (o, m)))
         .collect();
+    let applied_now = answering.iter().map(|(_, m)| m.applied_index).max();
+    if let (Some(then), Some(now)) = (f.prev.applied_at_loss, applied_now) {
+        if now > then {
+            return Decision::Progress(format!(
+                "members that answer still apply entries (applied index {now}, {then} when the loss was seen): a quorum exists that the operator cannot reach"
+            ));
+        }
+    }
     let Some((ordinal, best)) = answering
         .iter()
         .max_by(|(oa, a), (ob, b)| a.applied_index.cmp(&b.applied_index).then(ob.cmp(oa)))
@@ -132,6 +163,9 @@ pub fn decide(names: &dyn Layout, f: &Facts<'_>, auto_token: &str) -> Decision {
                     "the pods of {} are Pending: they may come back with their data",
                     pending.join(", ")
                 ));
+            }
+            if f.prev.last_token.as_deref() == Some(auto_token) {
+                return Decision::Wait("recovered from this outage already".to_string());
             }
             auto_token.to_string()
         }
@@ -329,12 +363,74 @@ mod tests {
                     jiff::Timestamp::UNIX_EPOCH,
                 ),
                 phase: crate::crd::RecoveryPhase::Forcing,
+                phase_since: None,
+                fenced: None,
+                stuck: false,
             }),
             ..RecoveryStatus::default()
         };
         f.prev = &running;
         f.view = Some(&v);
+        f.requested = Some("outage-7");
         assert_eq!(decide(&n, &f, "t"), Decision::InProgress);
+        // A new token starts a stuck one over.
+        f.requested = Some("outage-8");
+        assert!(
+            matches!(decide(&n, &f, "t"), Decision::Recover { token, .. } if token == "outage-8")
+        );
+        // A value that is no token is refused, said why.
+        let long = "x".repeat(64);
+        for bad in ["a b", "x:y", long.as_str()] {
+            f.requested = Some(bad);
+            f.prev = &prev;
+            assert!(
+                matches!(decide(&n, &f, "t"), Decision::Wait(w) if w.contains("not a token")),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn members_that_still_apply_entries_show_a_quorum_the_operator_cannot_reach() {
+        let n = names();
+        let v = view(&[(0, true, 40), (1, false, 0), (2, false, 0)]);
+        let seen = RecoveryStatus {
+            applied_at_loss: Some(35),
+            ..RecoveryStatus::default()
+        };
+        let d = decide(
+            &n,
+            &facts(QuorumLossMode::Automatic, Some(&v), &seen, LONG, &[]),
+            "t",
+        );
+        assert!(
+            matches!(&d, Decision::Progress(w) if w.contains("applied index 40, 35")),
+            "{d:?}"
+        );
+        let still = RecoveryStatus {
+            applied_at_loss: Some(40),
+            ..RecoveryStatus::default()
+        };
+        let d = decide(
+            &n,
+            &facts(QuorumLossMode::Automatic, Some(&v), &still, LONG, &[]),
+            "t",
+        );
+        assert!(matches!(d, Decision::Recover { .. }), "{d:?}");
+        // The same outage's token again (recovered already): nothing.
+        let done = RecoveryStatus {
+            last_token: Some("auto-5".into()),
+            ..RecoveryStatus::default()
+        };
+        let d = decide(
+            &n,
+            &facts(QuorumLossMode::Automatic, Some(&v), &done, LONG, &[]),
+            "auto-5",
+        );
+        assert!(
+            matches!(&d, Decision::Wait(w) if w.contains("already")),
+            "{d:?}"
+        );
     }
 
     #[test]

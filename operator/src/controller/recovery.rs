@@ -21,6 +21,24 @@ use crate::recovery::{decide, has_quorum, Decision, Facts};
 
 /// Condition reasons of a recovery.
 const RECOVERING: &str = "RecoveringQuorum";
+/// The shortest outage an automatic recovery waits for, whatever `spec.recovery.after` says.
+const MIN_AFTER: Duration = Duration::from_secs(10);
+/// How long a survivor that answers but does not lead alone is given before it is restarted
+/// again.
+const RESTART_AGAIN: Duration = Duration::from_secs(60);
+/// When a recovery that has not finished is reported stuck.
+const STUCK: Duration = Duration::from_secs(600);
+
+/// The highest applied index the members that answer report.
+fn max_applied(view: Option<&ClusterView>) -> Option<u64> {
+    view.and_then(|v| {
+        v.members
+            .iter()
+            .filter(|m| m.healthy)
+            .map(|m| m.applied_index)
+            .max()
+    })
+}
 
 impl Reconciler<'_> {
     /// Runs before the membership plan of a bootstrapped cluster; updates `prev`'s recovery
@@ -37,17 +55,26 @@ impl Reconciler<'_> {
     ) -> Result<Option<Duration>, Error> {
         let ec = self.ec;
         let mut rec = prev.recovery.clone().unwrap_or_default();
+        // Pods that may come back with their data: not started yet (Pending), on a node that
+        // does not report (Unknown), or being deleted.
         let pending: Vec<i32> = pods
             .iter()
-            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Pending"))
+            .filter(|p| {
+                let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+                matches!(phase, Some("Pending" | "Unknown"))
+                    || p.metadata.deletion_timestamp.is_some()
+            })
             .filter_map(|p| self.names.ordinal(&p.name_any()))
             .collect();
         let spec = &ec.spec.recovery;
-        let after = crate::backup::parse_age(&spec.after).unwrap_or(Duration::from_secs(300));
+        let after = crate::backup::parse_age(&spec.after)
+            .unwrap_or(Duration::from_secs(300))
+            .max(MIN_AFTER);
         let since = rec.quorum_lost_since.clone();
+        // Unique to the outage: its first sighting, to the millisecond.
         let auto_token = since.as_ref().map_or_else(
             || "auto".to_string(),
-            |t| format!("auto-{}", t.0.as_second()),
+            |t| format!("auto-{}", t.0.as_millisecond()),
         );
         let facts = Facts {
             mode: spec.quorum_loss,
@@ -59,17 +86,45 @@ impl Reconciler<'_> {
             pending: &pending,
             replicas,
         };
-        match decide(self.layout.as_ref(), &facts, &auto_token) {
+        let requested = facts.requested.map(str::to_string);
+        let decision = decide(self.layout.as_ref(), &facts, &auto_token);
+        match decision {
             Decision::Quorum => {
                 if rec.quorum_lost_since.take().is_some() {
                     info!("a quorum answers again");
                 }
                 rec.waiting = None;
+                rec.applied_at_loss = None;
+                // A token set while a quorum answers is used up: it must not fire at the next
+                // outage without anyone deciding again.
+                if let Some(t) = requested
+                    .filter(|t| !t.is_empty() && rec.last_token.as_deref() != Some(t.as_str()))
+                {
+                    if rec.in_progress.as_ref().is_none_or(|r| r.token != t) {
+                        self.event(
+                            EventType::Normal,
+                            "RecoveryNotNeeded",
+                            "Recover",
+                            format!("{RECOVER_ANNOTATION} is set while a quorum answers: nothing to recover; the token is used up"),
+                        )
+                        .await;
+                        rec.last_token = Some(t.chars().take(63).collect());
+                    }
+                }
                 prev.recovery = Some(rec).filter(|r| *r != RecoveryStatus::default());
+                Ok(None)
+            }
+            Decision::Progress(why) => {
+                info!(why, "the quorum looks lost, but the cluster makes progress");
+                rec.quorum_lost_since = Some(now());
+                rec.applied_at_loss = max_applied(view);
+                rec.waiting = Some(why);
+                prev.recovery = Some(rec);
                 Ok(None)
             }
             Decision::Wait(why) => {
                 if rec.quorum_lost_since.is_none() {
+                    rec.applied_at_loss = max_applied(view);
                     let mode = match spec.quorum_loss {
                         QuorumLossMode::Manual => "Manual",
                         QuorumLossMode::Automatic => "Automatic",
@@ -115,12 +170,15 @@ impl Reconciler<'_> {
                     highest_revision: prev.revision,
                     started: now(),
                     phase: RecoveryPhase::Fencing,
+                    phase_since: Some(now()),
+                    fenced: None,
+                    stuck: false,
                 });
-                self.recovery_step(prev, rec, view, cluster_id, replicas)
+                self.recovery_step(prev, rec, view, cluster_id, replicas, pods)
                     .await
             }
             Decision::InProgress => {
-                self.recovery_step(prev, rec, view, cluster_id, replicas)
+                self.recovery_step(prev, rec, view, cluster_id, replicas, pods)
                     .await
             }
         }
@@ -134,6 +192,7 @@ impl Reconciler<'_> {
         view: Option<&ClusterView>,
         cluster_id: Option<String>,
         replicas: i32,
+        pods: &[Pod],
     ) -> Result<Option<Duration>, Error> {
         let Some(mut run) = rec.in_progress.clone() else {
             prev.recovery = Some(rec);
@@ -142,30 +201,21 @@ impl Reconciler<'_> {
         let layout = self.layout.as_ref();
         let survivor = self.names.ordinal(&run.survivor).unwrap_or(0);
         let survivor_id = u64::from_str_radix(&run.survivor_id, 16).unwrap_or(0);
+        let since = run.phase_since.as_ref().map(ago).unwrap_or_default();
         let message = match run.phase {
             RecoveryPhase::Fencing => {
                 let top = replicas.max(
                     view.and_then(|v| v.max_ordinal(layout))
                         .map_or(0, |o| o + 1),
                 );
-                let pvcs: Api<PersistentVolumeClaim> = self.api();
-                let pod_api: Api<Pod> = self.api();
-                for o in (0..top).filter(|o| *o != survivor) {
-                    let member = layout.member(o);
-                    delete_if_exists(&pvcs, &self.names.pvc(o)).await?;
-                    delete_if_exists(&pod_api, &member).await?;
-                    self.member_event(
-                        EventType::Warning,
-                        "MemberFenced",
-                        "DeleteVolume",
-                        format!("deleted the volume and pod of {member}: it cannot come back with its data and form a cluster beside {}; it joins again as a new member", run.survivor),
-                        &member,
-                    )
-                    .await;
-                }
-                self.count_op("fence", "ok");
-                run.phase = RecoveryPhase::Restarting;
-                format!("fenced every member but {}", run.survivor)
+                let others: Vec<i32> = (0..top).filter(|o| *o != survivor).collect();
+                self.fence(&mut run, &others, pods).await?
+            }
+            RecoveryPhase::Restarting if view.is_none() => {
+                format!(
+                    "waiting for {} to answer before it is restarted",
+                    run.survivor
+                )
             }
             RecoveryPhase::Restarting => {
                 self.apply_bootstrap(view, Some(&run)).await?;
@@ -183,6 +233,7 @@ impl Reconciler<'_> {
                 )
                 .await;
                 run.phase = RecoveryPhase::Forcing;
+                run.phase_since = Some(now());
                 format!("restarting {} as a one-member cluster", run.survivor)
             }
             RecoveryPhase::Forcing => {
@@ -209,6 +260,8 @@ impl Reconciler<'_> {
                     rec.last_recovered = Some(now());
                     rec.in_progress = None;
                     rec.quorum_lost_since = None;
+                    rec.applied_at_loss = None;
+                    rec.waiting = None;
                     prev.recovery = Some(rec);
                     prev.set_condition(
                         condition::RECOVERED,
@@ -222,11 +275,40 @@ impl Reconciler<'_> {
                     return Ok(None);
                 }
                 // The pod may have started before the ConfigMap named it (a restart by
-                // someone else in between): the apply is kept up until it leads alone.
+                // someone else in between, a kubelet's stale copy): the apply is kept up, and a
+                // survivor that answers but does not lead alone a minute on is restarted again.
                 self.apply_bootstrap(view, Some(&run)).await?;
-                format!("waiting for {} to lead alone", run.survivor)
+                let answers = view
+                    .is_some_and(|v| v.members.iter().any(|m| m.id == survivor_id && m.healthy));
+                if answers && since > RESTART_AGAIN {
+                    let pod_api: Api<Pod> = self.api();
+                    delete_if_exists(&pod_api, &run.survivor).await?;
+                    run.phase_since = Some(now());
+                    format!("{} does not lead alone: restarted it again", run.survivor)
+                } else {
+                    format!("waiting for {} to lead alone", run.survivor)
+                }
             }
         };
+        if !run.stuck && ago(&run.started) > STUCK {
+            run.stuck = true;
+            let msg = format!(
+                "the recovery from {} ({}) has not finished after {} minutes ({message}); set {RECOVER_ANNOTATION} to a new token to start it over",
+                run.survivor,
+                run.token,
+                STUCK.as_secs() / 60
+            );
+            self.event(EventType::Warning, "RecoveryStuck", "Recover", msg.clone())
+                .await;
+            prev.set_condition(
+                condition::RECOVERED,
+                false,
+                "RecoveryStuck",
+                msg,
+                self.ec.metadata.generation,
+                &now(),
+            );
+        }
         rec.in_progress = Some(run);
         prev.recovery = Some(rec);
         let step = Step::Refuse(plan::Refusal::NoLeader);
@@ -248,6 +330,70 @@ impl Reconciler<'_> {
         );
         self.patch_status(status).await?;
         Ok(Some(STEP_REQUEUE))
+    }
+
+    /// The fencing phase: deletes the pods and volumes of `others`, keeping their UIDs, then in
+    /// later rounds waits until every one of them is gone before the survivor restarts (a
+    /// member still running could otherwise vote in a cluster beside the survivor's). Returns
+    /// what is done or waited for.
+    async fn fence(
+        &self,
+        run: &mut RecoveryRun,
+        others: &[i32],
+        pods: &[Pod],
+    ) -> Result<String, Error> {
+        let layout = self.layout.as_ref();
+        let pvcs: Api<PersistentVolumeClaim> = self.api();
+        let pod_api: Api<Pod> = self.api();
+        let Some(uids) = run.fenced.clone() else {
+            let mut uids = Vec::new();
+            for &o in others {
+                let member = layout.member(o);
+                if let Some(c) = pvcs.get_opt(&self.names.pvc(o)).await? {
+                    uids.extend(c.metadata.uid);
+                }
+                if let Some(p) = pods.iter().find(|p| p.name_any() == member) {
+                    uids.extend(p.metadata.uid.clone());
+                }
+                delete_if_exists(&pvcs, &self.names.pvc(o)).await?;
+                delete_if_exists(&pod_api, &member).await?;
+                self.member_event(
+                    EventType::Warning,
+                    "MemberFenced",
+                    "DeleteVolume",
+                    format!("deleted the volume and pod of {member}: it cannot come back with its data and form a cluster beside {}; it joins again as a new member", run.survivor),
+                    &member,
+                )
+                .await;
+            }
+            self.count_op("fence", "ok");
+            run.fenced = Some(uids);
+            return Ok(format!(
+                "deleting the pods and volumes of every member but {}",
+                run.survivor
+            ));
+        };
+        let mut left = Vec::new();
+        for &o in others {
+            let member = layout.member(o);
+            let old = |uid: Option<&String>| uid.is_some_and(|u| uids.contains(u));
+            let pod = pod_api.get_opt(&member).await?;
+            let claim = pvcs.get_opt(&self.names.pvc(o)).await?;
+            if pod.as_ref().is_some_and(|p| old(p.metadata.uid.as_ref()))
+                || claim.as_ref().is_some_and(|c| old(c.metadata.uid.as_ref()))
+            {
+                left.push(member);
+            }
+        }
+        if !left.is_empty() {
+            return Ok(format!(
+                "waiting for the pods and volumes of {} to be gone (a pod on a node that does not answer stays until it is deleted with --force)",
+                left.join(", ")
+            ));
+        }
+        run.phase = RecoveryPhase::Restarting;
+        run.phase_since = Some(now());
+        Ok(format!("fenced every member but {}", run.survivor))
     }
 
     /// Applies the bootstrap ConfigMap for the members `view` lists, naming the survivor of

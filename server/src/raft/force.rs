@@ -259,6 +259,19 @@ mod tests {
             (f.kept, f.dropped, f.left_behind),
             (id(3, 2, 5), 1, vec![2, 3])
         );
+        // A log emptied by a snapshot from the leader (purged to 3, applied at 10): purged up
+        // to the applied position before the new entry, so that no hole is left below it.
+        let (_dir, mut log, first) = log_with(3, &[]);
+        log.purge(id(3, 2, 3)).await.unwrap();
+        let applied = (Some(id(3, 2, 10)), first);
+        let f = force_new_cluster(&mut log, 1, &applied)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(f.kept, id(3, 2, 10));
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(id(3, 2, 10)));
+        assert_eq!(state.last_log_id.map(|l| l.index), Some(11));
         // A member that never joined: nothing to force.
         let dir = tempfile::tempdir().unwrap();
         let engine = Engine::open(&dir.path().join("db")).unwrap();

@@ -282,6 +282,22 @@ impl LogStore {
         vote: Vote<u64>,
     ) -> Result<(), StorageError> {
         let index = entry.log_id.index;
+        // The commit index first: a crash midway then forces again from the same point.
+        self.engine.raft_put(KEY_COMMITTED, &kept).map_err(io_err)?;
+        // A log that does not hold `kept` (empty past a snapshot loaded from a leader, its
+        // purge held back) would be left with a hole below the new entry: purged up to it
+        // first, the applied state flushed (it holds `kept`).
+        let cf = self.engine.cf(crate::storage::CF_LOG);
+        let held = self
+            .engine
+            .db
+            .get_cf(cf, kept.index.to_be_bytes())
+            .map_err(io_err)?
+            .is_some();
+        if !held && kept.index > self.purged_index() {
+            self.engine.persist_state().map_err(io_err)?;
+            self.purge_now(kept)?;
+        }
         self.cache.lock().retain(|i, _| *i <= kept.index);
         self.writer
             .write(LogOp::TruncateFrom(kept.index + 1))
@@ -293,7 +309,6 @@ impl LogStore {
             )]))
             .map_err(io_err)?;
         self.durable.reset(index);
-        self.engine.raft_put(KEY_COMMITTED, &kept).map_err(io_err)?;
         self.engine.raft_put(KEY_VOTE, &vote).map_err(io_err)?;
         *self.vote.lock() = Some(vote);
         self.restored = None;
@@ -437,7 +452,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     /// Kept so that a restart applies again what this member had applied (openraft re-applies
     /// the log up to it at start) and so that `--force-new-cluster` knows how far the log is
-    /// committed. Written without a sync, once per commit advance: a process crash keeps it (the
+    /// committed. Only a leader's own tail can be shorter on disk than what was committed
+    /// (followers sync their appends before they answer, so before any commit covers them):
+    /// `committed_on_disk` clamps to the log at start. Written without a sync, once per commit advance: a process crash keeps it (the
     /// RocksDB WAL is in the page cache), a power loss may take it back to an older value,
     /// which is safe (the applied position is then the floor, as before it was kept).
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
