@@ -219,6 +219,10 @@ pub struct RecoveryRun {
     /// Whether it was reported as stuck.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stuck: bool,
+    /// No member had data: the cluster starts again from this verified backup (`survivor` is
+    /// then the member that restores it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_backup: Option<BackupRecord>,
 }
 
 /// The steps of a quorum-loss recovery, in order.
@@ -230,6 +234,9 @@ pub enum RecoveryPhase {
     Restarting,
     /// Waiting for the survivor to lead alone.
     Forcing,
+    /// No member had data: the StatefulSet is made again with its first member restoring the
+    /// latest verified backup, as a cluster that starts from a backup.
+    Rebootstrapping,
 }
 
 /// Scheduled maintenance of the members.

@@ -13,12 +13,14 @@
 //! - The survivor is the member that answers with the highest applied index (ties: the lowest
 //!   ordinal); every other ordinal is fenced (its pod and volume deleted) before the survivor is
 //!   restarted alone.
-//! - With no member answering there is no data to keep: nothing is done (restoring the latest
-//!   verified backup is the way back, by hand for now).
+//! - With no member answering, the latest verified backup is restored (never one that was
+//!   not verified): by a token, or automatically once every member's pod is crash-looping (it
+//!   cannot start: its data is gone) for `after`. Members that merely do not answer (a
+//!   partition between the operator and them) are never replaced by a backup automatically.
 
 use std::time::Duration;
 
-use crate::crd::{QuorumLossMode, RecoveryStatus};
+use crate::crd::{BackupRecord, QuorumLossMode, RecoveryStatus};
 use crate::layout::Layout;
 use crate::plan::{quorum, ClusterView};
 
@@ -35,6 +37,10 @@ pub struct Facts<'a> {
     pub view: Option<&'a ClusterView>,
     /// Ordinals whose pod is Pending.
     pub pending: &'a [i32],
+    /// Ordinals whose pod keeps failing to start (restarted, not ready).
+    pub crashlooping: &'a [i32],
+    /// The latest backup that verification found as recorded.
+    pub verified: Option<&'a BackupRecord>,
     /// The StatefulSet's replicas.
     pub replicas: i32,
 }
@@ -72,6 +78,8 @@ pub enum Decision {
         fence: Vec<i32>,
         token: String,
     },
+    /// No member answers: start the cluster again from `backup` (verified), under `token`.
+    Restore { backup: BackupRecord, token: String },
 }
 
 /// Whether a quorum of the voters in `view` answers.
@@ -100,11 +108,9 @@ pub fn decide(names: &dyn Layout, f: &Facts<'_>, auto_token: &str) -> Decision {
             return Decision::InProgress;
         }
     }
-    let Some(view) = f.view else {
-        return Decision::Wait(
-            "no member answers: there is no data to recover from (restore the latest verified backup into a new cluster)"
-                .to_string(),
-        );
+    let nobody = f.view.is_none_or(|v| !v.members.iter().any(|m| m.healthy));
+    let Some(view) = f.view.filter(|_| !nobody) else {
+        return restore(names, f, requested, auto_token);
     };
     if has_quorum(view) {
         return Decision::Quorum;
@@ -127,10 +133,7 @@ pub fn decide(names: &dyn Layout, f: &Facts<'_>, auto_token: &str) -> Decision {
         .iter()
         .max_by(|(oa, a), (ob, b)| a.applied_index.cmp(&b.applied_index).then(ob.cmp(oa)))
     else {
-        return Decision::Wait(
-            "no member answers: there is no data to recover from (restore the latest verified backup into a new cluster)"
-                .to_string(),
-        );
+        return restore(names, f, requested, auto_token);
     };
     let token = match (requested, f.mode) {
         (Some(t), _) => t.to_string(),
@@ -178,6 +181,62 @@ pub fn decide(names: &dyn Layout, f: &Facts<'_>, auto_token: &str) -> Decision {
             applied_index: best.applied_index,
         },
         fence: (0..top).filter(|o| o != ordinal).collect(),
+        token,
+    }
+}
+
+/// No member answers: the latest verified backup, by a token, or automatically once every
+/// member's pod has been crash-looping for `after`.
+fn restore(
+    names: &dyn Layout,
+    f: &Facts<'_>,
+    requested: Option<&str>,
+    auto_token: &str,
+) -> Decision {
+    let Some(backup) = f.verified else {
+        return Decision::Wait(
+            "no member answers, and there is no verified backup to start again from".to_string(),
+        );
+    };
+    let token = match (requested, f.mode) {
+        (Some(t), _) => t.to_string(),
+        (None, QuorumLossMode::Manual) => {
+            return Decision::Wait(format!(
+                "no member answers: annotate the EtcdCluster with {}=<a new token> to start it again from the verified backup {} (revision {}); what was written after it is lost",
+                crate::crd::RECOVER_ANNOTATION,
+                backup.key,
+                backup.revision
+            ));
+        }
+        (None, QuorumLossMode::Automatic) => {
+            let lost_for = f.lost_for.unwrap_or_default();
+            let not_starting: Vec<String> = (0..f.replicas)
+                .filter(|o| !f.crashlooping.contains(o))
+                .map(|o| names.member(o))
+                .collect();
+            if !not_starting.is_empty() {
+                return Decision::Wait(format!(
+                    "no member answers, but {} {} not failing to start (unreachable from the operator, or not started yet): not replaced by a backup without a token",
+                    not_starting.join(", "),
+                    if not_starting.len() == 1 { "is" } else { "are" }
+                ));
+            }
+            if lost_for < f.after {
+                return Decision::Wait(format!(
+                    "no member can start for {}s; starting again from the verified backup {} after {}s",
+                    lost_for.as_secs(),
+                    backup.key,
+                    f.after.as_secs()
+                ));
+            }
+            if f.prev.last_token.as_deref() == Some(auto_token) {
+                return Decision::Wait("recovered from this outage already".to_string());
+            }
+            auto_token.to_string()
+        }
+    };
+    Decision::Restore {
+        backup: backup.clone(),
         token,
     }
 }
@@ -233,6 +292,8 @@ mod tests {
             lost_for,
             view,
             pending,
+            crashlooping: &[],
+            verified: None,
             replicas: 3,
         }
     }
@@ -366,6 +427,7 @@ mod tests {
                 phase_since: None,
                 fenced: None,
                 stuck: false,
+                from_backup: None,
             }),
             ..RecoveryStatus::default()
         };
@@ -434,16 +496,46 @@ mod tests {
     }
 
     #[test]
-    fn with_no_member_answering_there_is_nothing_to_recover_from() {
+    fn with_no_member_answering_only_a_verified_backup_is_restored() {
         let n = names();
         let prev = RecoveryStatus::default();
         let v = view(&[(0, false, 0), (1, false, 0), (2, false, 0)]);
+        let backup = BackupRecord {
+            time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH),
+            key: "b/1.snap".into(),
+            size: 1,
+            revision: 9,
+            sha256: "x".into(),
+            keys: None,
+            hash: None,
+        };
         for v in [None, Some(&v)] {
+            // No verified backup: nothing, token or not.
             let mut f = facts(QuorumLossMode::Automatic, v, &prev, LONG, &[]);
             f.requested = Some("x");
             assert!(
-                matches!(decide(&n, &f, "t"), Decision::Wait(w) if w.contains("no member answers"))
+                matches!(decide(&n, &f, "t"), Decision::Wait(w) if w.contains("no verified backup"))
             );
+            // A token restores the verified one.
+            f.verified = Some(&backup);
+            assert!(
+                matches!(decide(&n, &f, "t"), Decision::Restore { backup: b, token } if b.key == "b/1.snap" && token == "x")
+            );
+            // Automatic: only when every member's pod fails to start, after `after`.
+            f.requested = None;
+            let d = decide(&n, &f, "t");
+            assert!(
+                matches!(&d, Decision::Wait(w) if w.contains("demo-0, demo-1, demo-2 are not failing")),
+                "{d:?}"
+            );
+            f.crashlooping = &[0, 1, 2];
+            assert!(matches!(decide(&n, &f, "t"), Decision::Restore { token, .. } if token == "t"));
+            f.lost_for = Some(Duration::from_secs(5));
+            assert!(matches!(decide(&n, &f, "t"), Decision::Wait(_)));
+            // Manual: the token only.
+            f.mode = QuorumLossMode::Manual;
+            f.lost_for = LONG;
+            assert!(matches!(decide(&n, &f, "t"), Decision::Wait(w) if w.contains("b/1.snap")));
         }
     }
 }

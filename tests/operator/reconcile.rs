@@ -339,14 +339,18 @@ impl World {
             }
         }
         self.calls_seen = calls.len();
+        // The StatefulSet makes a deleted pod again only while it exists and covers it.
+        let want = self.sts_replicas().unwrap_or(0) as i32;
         for o in wiped {
-            if o >= self.pods.replicas || restart.contains(&o) {
+            if o >= self.pods.replicas || o >= want || restart.contains(&o) {
                 self.pods.stop(o);
                 let _ = std::fs::remove_dir_all(self.pods.volume(o));
             }
         }
         for o in restart {
-            if o < self.pods.replicas {
+            if o >= want {
+                self.pods.stop(o);
+            } else if o < self.pods.replicas {
                 self.pods.stop(o);
                 self.set_pod_env();
                 let b = self.configmap();
@@ -2343,4 +2347,120 @@ async fn backups_are_verified_and_a_corrupted_one_fails_verification() {
         .with_label_values(&[NS, "vera", "failed"])
         .get();
     assert_eq!(failures, 1);
+}
+
+/// Issue 25: every member's data gone. A newer backup that failed verification is never used:
+/// on the token the cluster starts again from the latest verified backup (every member's pod
+/// and volume deleted first, the StatefulSet made again, its first member restoring it), with
+/// that backup's keys and revisions on every member once it has grown back to three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_data_left_the_latest_verified_backup_is_restored_never_a_failed_one() {
+    let moto = crate::s3::Moto::start();
+    moto.create_bucket("scheduled");
+    let mut w = World::new(
+        "gone",
+        json!({"size": 3, "backup": backup_spec(&moto, "*/2 * * * * *")}),
+    );
+    w.restart_deleted = true;
+    put_credentials(&w.api);
+    let mut c = three_ready(&mut w).await;
+    for i in 0..30 {
+        c.put(format!("k/{i:02}"), format!("v{i}"), None)
+            .await
+            .unwrap();
+    }
+    let written = c.status().await.unwrap().header().unwrap().revision();
+    w.until("a backup of every write verified", |w| {
+        w.status()["backup"]["lastVerifiedBackup"]["revision"]
+            .as_i64()
+            .is_some_and(|r| r >= written)
+    })
+    .await;
+    let verified = w.status()["backup"]["lastVerifiedBackup"].clone();
+    let at: i64 = verified["revision"].as_i64().unwrap();
+    let kvs = {
+        let r = c
+            .get(
+                "",
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_all_keys()
+                        .with_revision(at),
+                ),
+            )
+            .await
+            .unwrap();
+        crate::cluster::key_states(&r)
+    };
+    // Later writes, and a later backup that fails its verification (corrupted in the store).
+    for i in 0..5 {
+        c.put(format!("late/{i}"), "x", None).await.unwrap();
+    }
+    w.hold_jobs = true;
+    w.until("a later backup being verified", |w| {
+        w.status()["backup"]["verifying"]["key"]
+            .as_str()
+            .is_some_and(|k| Some(k) != verified["key"].as_str())
+    })
+    .await;
+    let bad = w.status()["backup"]["verifying"]["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    crate::s3::corrupt(&moto.open("scheduled", "etcd"), &bad, 1000, 0x40).await;
+    w.hold_jobs = false;
+    w.until("the later backup failed verification", |w| {
+        w.status()["conditions"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "BackupVerified" && c["status"] == "False")
+        })
+    })
+    .await;
+    w.set_spec(|s| s["backup"]["suspend"] = json!(true));
+    assert_eq!(w.status()["backup"]["lastVerifiedBackup"], verified);
+    // Every member's data gone.
+    for o in 0..3 {
+        w.pods.stop(o);
+        std::fs::remove_dir_all(w.pods.volume(o)).unwrap();
+    }
+    w.until("the loss seen", |w| {
+        w.status()["recovery"]["waiting"]
+            .as_str()
+            .is_some_and(|m| m.contains(verified["key"].as_str().unwrap()))
+    })
+    .await;
+    w.annotate("cairn.dev/recover", "all-gone");
+    w.until("restored from the verified backup", |w| {
+        w.status()["conditions"].as_array().is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c["type"] == "Recovered"
+                    && c["status"] == "True"
+                    && c["reason"] == "RestoredFromBackup"
+            })
+        })
+    })
+    .await;
+    let reasons: Vec<String> = events(&w.api).into_iter().map(|(r, _)| r).collect();
+    for r in [
+        "RecoveryStarted",
+        "MemberFenced",
+        "Rebootstrapping",
+        "Restoring",
+        "Recovered",
+    ] {
+        assert!(reasons.iter().any(|x| x == r), "no {r}: {reasons:?}");
+    }
+    let restoring: Vec<String> = events(&w.api)
+        .into_iter()
+        .filter(|(r, _)| r == "Restoring")
+        .map(|(_, m)| m)
+        .collect();
+    assert!(
+        restoring.iter().all(|m| !m.contains(&bad))
+            && restoring
+                .iter()
+                .any(|m| m.contains(verified["key"].as_str().unwrap())),
+        "{restoring:?}"
+    );
+    restored_on_every_member(&mut w, &kvs, at + 1).await;
 }

@@ -358,11 +358,25 @@ impl<'a> Reconciler<'a> {
         };
         // Where a new cluster's data comes from (a backup, or an etcd snapshot to migrate).
         let source = spec.bootstrap.as_ref().map_or(Ok(None), |b| b.source());
-        let from_backup = source
+        // A quorum-loss recovery with no member's data left starts the cluster again from the
+        // latest verified backup, as a cluster that starts from a backup.
+        let recovery_source = prev
+            .recovery
+            .as_ref()
+            .and_then(|r| r.in_progress.as_ref())
+            .filter(|r| r.phase == crate::crd::RecoveryPhase::Rebootstrapping)
+            .and_then(|r| r.from_backup.as_ref())
+            .zip(spec.backup.as_ref())
+            .map(|(b, spec)| crate::crd::FromBackup {
+                destination: spec.destination.clone(),
+                key: Some(b.key.clone()),
+                prefix: None,
+            });
+        let from_backup = recovery_source.as_ref().or(source
             .as_ref()
             .ok()
-            .and_then(|s| s.as_ref().map(|(f, _)| f));
-        let from_etcd = matches!(source, Ok(Some((_, true))));
+            .and_then(|s| s.as_ref().map(|(f, _)| f)));
+        let from_etcd = recovery_source.is_none() && matches!(source, Ok(Some((_, true))));
         let obs = Observed {
             statefulset_replicas: replicas,
             view: view.clone(),

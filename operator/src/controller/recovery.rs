@@ -76,6 +76,22 @@ impl Reconciler<'_> {
             || "auto".to_string(),
             |t| format!("auto-{}", t.0.as_millisecond()),
         );
+        // Pods that keep failing to start: restarted and not ready.
+        let crashlooping: Vec<i32> = pods
+            .iter()
+            .filter(|p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.container_statuses.as_ref())
+                    .and_then(|cs| cs.first())
+                    .is_some_and(|c| c.restart_count > 0 && !c.ready)
+            })
+            .filter_map(|p| self.names.ordinal(&p.name_any()))
+            .collect();
+        let verified = prev
+            .backup
+            .as_ref()
+            .and_then(|b| b.last_verified_backup.clone());
         let facts = Facts {
             mode: spec.quorum_loss,
             after,
@@ -84,6 +100,8 @@ impl Reconciler<'_> {
             lost_for: since.as_ref().map(ago),
             view,
             pending: &pending,
+            crashlooping: &crashlooping,
+            verified: verified.as_ref(),
             replicas,
         };
         let requested = facts.requested.map(str::to_string);
@@ -173,6 +191,36 @@ impl Reconciler<'_> {
                     phase_since: Some(now()),
                     fenced: None,
                     stuck: false,
+                    from_backup: None,
+                });
+                self.recovery_step(prev, rec, view, cluster_id, replicas, pods)
+                    .await
+            }
+            Decision::Restore { backup, token } => {
+                self.event(
+                    EventType::Warning,
+                    "RecoveryStarted",
+                    "Recover",
+                    format!(
+                        "no member answers ({token}): starting the cluster again from the verified backup {} (revision {}); deleting every member's pod and volume first",
+                        backup.key, backup.revision
+                    ),
+                )
+                .await;
+                rec.quorum_lost_since.get_or_insert_with(now);
+                rec.waiting = None;
+                rec.in_progress = Some(RecoveryRun {
+                    token,
+                    survivor: self.layout.member(0),
+                    survivor_id: String::new(),
+                    applied_index: 0,
+                    highest_revision: prev.revision,
+                    started: now(),
+                    phase: RecoveryPhase::Fencing,
+                    phase_since: Some(now()),
+                    fenced: None,
+                    stuck: false,
+                    from_backup: Some(backup),
                 });
                 self.recovery_step(prev, rec, view, cluster_id, replicas, pods)
                     .await
@@ -208,8 +256,82 @@ impl Reconciler<'_> {
                     view.and_then(|v| v.max_ordinal(layout))
                         .map_or(0, |o| o + 1),
                 );
-                let others: Vec<i32> = (0..top).filter(|o| *o != survivor).collect();
+                let restoring = run.from_backup.is_some();
+                let others: Vec<i32> = (0..top).filter(|o| restoring || *o != survivor).collect();
                 self.fence(&mut run, &others, pods).await?
+            }
+            RecoveryPhase::Restarting if run.from_backup.is_some() => {
+                // Every member and the StatefulSet are gone: the cluster is bootstrapped
+                // again, its first member restoring the backup.
+                let backup = run.from_backup.clone().expect("checked");
+                self.event(
+                    EventType::Warning,
+                    "Rebootstrapping",
+                    "Recover",
+                    format!(
+                        "starting the cluster again: {} restores {} (revision {})",
+                        run.survivor, backup.key, backup.revision
+                    ),
+                )
+                .await;
+                run.phase = RecoveryPhase::Rebootstrapping;
+                run.phase_since = Some(now());
+                rec.in_progress = Some(run);
+                prev.recovery = Some(rec);
+                prev.cluster_id = None;
+                prev.restored_from = None;
+                prev.members.clear();
+                let mut status =
+                    self.status(prev, None, None, &Step::WaitBootstrap, &Roll::Steady, None);
+                status.restored_from = None;
+                status.set_condition(
+                    condition::PROGRESSING,
+                    true,
+                    RECOVERING,
+                    format!("starting again from the verified backup {}", backup.key),
+                    self.ec.metadata.generation,
+                    &now(),
+                );
+                self.patch_status(status).await?;
+                return Ok(Some(STEP_REQUEUE));
+            }
+            RecoveryPhase::Rebootstrapping => {
+                let backup = run
+                    .from_backup
+                    .clone()
+                    .unwrap_or_else(|| unreachable!("a rebootstrap has its backup"));
+                if view.is_some_and(|v| v.leader.is_some()) {
+                    let before = run
+                        .highest_revision
+                        .map_or_else(|| "unknown".to_string(), |r| r.to_string());
+                    let msg = format!(
+                        "no member had data: started again from the verified backup {} ({}): revision {} kept, what was written after it lost; the highest revision a member had reported before the loss was {before}",
+                        backup.key, run.token, backup.revision
+                    );
+                    self.event(EventType::Normal, "Recovered", "Recover", msg.clone())
+                        .await;
+                    self.count_op("recover", "ok");
+                    rec.last_token = Some(run.token.clone());
+                    rec.last_recovered = Some(now());
+                    rec.in_progress = None;
+                    rec.quorum_lost_since = None;
+                    rec.applied_at_loss = None;
+                    rec.waiting = None;
+                    prev.recovery = Some(rec);
+                    prev.set_condition(
+                        condition::RECOVERED,
+                        true,
+                        "RestoredFromBackup",
+                        msg,
+                        self.ec.metadata.generation,
+                        &now(),
+                    );
+                    return Ok(None);
+                }
+                // Bootstrapping again: the plan does it (see `run`).
+                rec.in_progress = Some(run);
+                prev.recovery = Some(rec);
+                return Ok(None);
             }
             RecoveryPhase::Restarting if view.is_none() => {
                 format!(
@@ -346,6 +468,13 @@ impl Reconciler<'_> {
         let pvcs: Api<PersistentVolumeClaim> = self.api();
         let pod_api: Api<Pod> = self.api();
         let Some(uids) = run.fenced.clone() else {
+            if run.from_backup.is_some() {
+                // Every member goes: the StatefulSet first, or it would make their pods again
+                // and a new pod's failed start leave a data dir in the new claim, which the
+                // restore would then not replace.
+                let sts: Api<StatefulSet> = self.api();
+                delete_if_exists(&sts, &self.names.statefulset()).await?;
+            }
             let mut uids = Vec::new();
             for &o in others {
                 let member = layout.member(o);
