@@ -979,7 +979,10 @@ async fn s4_scheduled_backups_verified_restored_and_quorum_loss_recovered() {
         "e2e: a backup verified by its Job {:.1}s after four backups",
         t.elapsed().as_secs_f64()
     );
-    assert!(verified["keys"].as_i64().is_some_and(|k| k >= 50), "{verified}");
+    assert!(
+        verified["keys"].as_i64().is_some_and(|k| k >= 50),
+        "{verified}"
+    );
     assert_eq!(
         c.condition("BackupVerified").await.0,
         "True",
@@ -1035,7 +1038,9 @@ async fn s4_scheduled_backups_verified_restored_and_quorum_loss_recovered() {
         .patch(
             "delta",
             &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"recovery": {"quorumLoss": "Automatic", "after": "10s"}}})),
+            &Patch::Merge(
+                json!({"spec": {"recovery": {"quorumLoss": "Automatic", "after": "10s"}}}),
+            ),
         )
         .await
         .unwrap();
@@ -1085,14 +1090,26 @@ async fn s4_scheduled_backups_verified_restored_and_quorum_loss_recovered() {
         t.elapsed().as_secs_f64()
     );
     let after = c.members();
-    assert_eq!(after["delta-0"], before["delta-0"], "the survivor keeps its member ID");
+    assert_eq!(
+        after["delta-0"], before["delta-0"],
+        "the survivor keeps its member ID"
+    );
     for o in [1, 2] {
         let name = format!("delta-{o}");
-        assert_ne!(after[&name], before[&name], "{name} joined again as a new member");
+        assert_ne!(
+            after[&name], before[&name],
+            "{name} joined again as a new member"
+        );
     }
     assert_all_present(&cp, &c, &acked);
     let reasons = c.event_reasons().await;
-    for r in ["QuorumLost", "RecoveryStarted", "MemberFenced", "ForcingNewCluster", "Recovered"] {
+    for r in [
+        "QuorumLost",
+        "RecoveryStarted",
+        "MemberFenced",
+        "ForcingNewCluster",
+        "Recovered",
+    ] {
         assert!(reasons.iter().any(|x| x == r), "no {r} Event: {reasons:?}");
     }
 }
