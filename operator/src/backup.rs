@@ -23,6 +23,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use sha2::{Digest, Sha256};
 
 use crate::crd::{BackupDestination, BackupRecord, RetentionSpec};
+use crate::seal::{BackupKey, Opener, SealError, Sealer};
 
 /// The subdirectory of a cluster's directory that holds its on-demand backups.
 pub const ON_DEMAND_DIR: &str = "on-demand";
@@ -58,6 +59,14 @@ pub enum Error {
     NoBackup(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("backup {key}: {source}")]
+    Seal { key: String, source: SealError },
+    #[error("backup {key} is sealed with key {id:?}: {why}")]
+    KeyMismatch {
+        key: String,
+        id: String,
+        why: String,
+    },
 }
 
 /// Static credentials for an object store (from a Secret).
@@ -68,11 +77,13 @@ pub struct Credentials {
     pub session_token: Option<String>,
 }
 
-/// An opened destination: the store and the key prefix inside it.
+/// An opened destination: the store and the key prefix inside it, and the key that seals what
+/// is written there (client-side encryption), if any.
 #[derive(Clone, Debug)]
 pub struct Destination {
     pub store: Arc<dyn ObjectStore>,
     pub prefix: String,
+    pub key: Option<BackupKey>,
 }
 
 impl Destination {
@@ -97,11 +108,35 @@ impl Destination {
                 b = b.with_token(t);
             }
         }
+        if let Some(sse) = &s3.server_side_encryption {
+            use object_store::aws::AmazonS3ConfigKey;
+            b = match (sse.kind.as_str(), &sse.kms_key_id) {
+                ("aws:kms", Some(id)) => b.with_sse_kms_encryption(id),
+                (kind @ ("AES256" | "aws:kms"), _) => {
+                    let key: AmazonS3ConfigKey = "aws_server_side_encryption"
+                        .parse()
+                        .map_err(|e: object_store::Error| Error::Destination(e.to_string()))?;
+                    b.with_config(key, kind)
+                }
+                (other, _) => {
+                    return Err(Error::Destination(format!(
+                        "serverSideEncryption.type {other:?}: AES256 or aws:kms"
+                    )))
+                }
+            };
+        }
         let store = b.build().map_err(|e| Error::Destination(e.to_string()))?;
         Ok(Destination {
             store: Arc::new(store),
             prefix: s3.prefix.trim_matches('/').to_string(),
+            key: None,
         })
+    }
+
+    /// This destination, sealing what it writes (and opening what it reads) with `key`.
+    pub fn with_key(mut self, key: Option<BackupKey>) -> Self {
+        self.key = key;
+        self
     }
 
     /// The directory of one cluster's scheduled backups.
@@ -196,6 +231,23 @@ pub async fn stream_backup(
     let mut hasher = Sha256::new();
     let mut size: u64 = 0;
     let mut revision = 0;
+    let seal_err = |source| Error::Seal {
+        key: key.clone(),
+        source,
+    };
+    let mut sealer = match &dest.key {
+        Some(k) => Some(Sealer::new(k).map_err(seal_err)?),
+        None => None,
+    };
+    // What is stored: the snapshot's bytes, or their sealed segments.
+    let mut put = |bytes: &[u8], writer: &mut WriteMultipart| {
+        hasher.update(bytes);
+        size += bytes.len() as u64;
+        writer.write(bytes);
+    };
+    if let Some(s) = &sealer {
+        put(&s.header(), &mut writer);
+    }
     loop {
         let msg = match stream.message().await {
             Ok(Some(m)) => m,
@@ -208,16 +260,23 @@ pub async fn stream_backup(
         if revision == 0 {
             revision = msg.header().map_or(0, |h| h.revision());
         }
-        let blob = msg.blob();
-        hasher.update(blob);
-        size += blob.len() as u64;
         if let Err(e) = writer.wait_for_capacity(PARTS_IN_FLIGHT).await {
             return Err(e.into());
         }
-        writer.write(blob);
+        match sealer.as_mut() {
+            Some(s) => {
+                let sealed = s.update(msg.blob()).map_err(seal_err)?;
+                put(&sealed, &mut writer);
+            }
+            None => put(msg.blob(), &mut writer),
+        }
+    }
+    if let Some(s) = sealer.take() {
+        let last = s.finish().map_err(seal_err)?;
+        put(&last, &mut writer);
     }
     writer.finish().await?;
-    let (keys, hash) = contents_at(&endpoint, access, revision).await;
+    let (keys, hash, hash_compact_revision) = contents_at(&endpoint, access, revision).await;
     let record = BackupRecord {
         time: Time(now),
         key: key.clone(),
@@ -226,6 +285,8 @@ pub async fn stream_backup(
         sha256: hex(&hasher.finalize()),
         keys,
         hash,
+        hash_compact_revision,
+        encryption_key_id: dest.key.as_ref().map(|k| k.id.clone()),
     };
     let manifest = serde_json::to_vec_pretty(&record).expect("a record serializes");
     dest.store
@@ -238,12 +299,13 @@ pub async fn stream_backup(
 }
 
 /// What the member at `endpoint` holds at `revision`, for a verification to compare with: its
-/// key count and HashKV (each `None` when it cannot say, e.g. compacted past it meanwhile).
+/// key count, HashKV and the compaction revision of that HashKV (each `None` when it cannot
+/// say, e.g. compacted past it meanwhile).
 async fn contents_at(
     endpoint: &str,
     access: &crate::members::Access,
     revision: i64,
-) -> (Option<i64>, Option<u32>) {
+) -> (Option<i64>, Option<u32>, Option<i64>) {
     for access in access.variants() {
         let opts = etcd_client::ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
@@ -264,10 +326,14 @@ async fn contents_at(
             )
             .await;
         let Ok(count) = count else { continue };
-        let hash = c.hash_kv(revision).await.ok().map(|h| h.hash());
-        return (Some(count.count()), hash);
+        let hash = c.hash_kv(revision).await.ok();
+        return (
+            Some(count.count()),
+            hash.as_ref().map(|h| h.hash()),
+            hash.as_ref().map(|h| h.compact_version()),
+        );
     }
-    (None, None)
+    (None, None, None)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -335,15 +401,18 @@ pub fn retention_victims(
     victims
 }
 
-/// Applies retention to one cluster's directory; returns the deleted backups' keys.
+/// Applies retention to one cluster's directory, never deleting `keep` (the last verified
+/// backup: a quorum-loss recovery may need it); returns the deleted backups' keys.
 pub async fn apply_retention(
     dest: &Destination,
     dir: &str,
     retention: &RetentionSpec,
     now: Timestamp,
+    keep: Option<&str>,
 ) -> Result<Vec<String>, Error> {
     let backups = list_backups(dest, dir).await?;
-    let victims = retention_victims(&backups, retention, now);
+    let mut victims = retention_victims(&backups, retention, now);
+    victims.retain(|v| Some(v.as_str()) != keep);
     for key in &victims {
         dest.store.delete(&Path::from(key.as_str())).await?;
         match dest
@@ -394,7 +463,30 @@ pub async fn latest(dest: &Destination, prefix: &str) -> Result<BackupRecord, Er
 /// (and size). On a mismatch `out` is removed and nothing is restored from it.
 pub async fn fetch(dest: &Destination, key: &str, out: &FsPath) -> Result<BackupRecord, Error> {
     let rec = record(dest, key).await?;
-    download(dest, key, out, |size, actual| {
+    let backup_key = match (&rec.encryption_key_id, &dest.key) {
+        (None, _) => None,
+        (Some(id), None) => {
+            return Err(Error::KeyMismatch {
+                key: key.to_string(),
+                id: id.clone(),
+                why: "no key was given".to_string(),
+            })
+        }
+        (Some(id), Some(k)) if k.id != *id => {
+            return Err(Error::KeyMismatch {
+                key: key.to_string(),
+                id: id.clone(),
+                why: format!("the key given is {:?}", k.id),
+            })
+        }
+        (Some(_), Some(k)) => Some(k.clone()),
+    };
+    // A sealed backup is checked as stored, then opened into `out`.
+    let stored = match &backup_key {
+        Some(_) => out.with_extension("sealed"),
+        None => out.to_path_buf(),
+    };
+    download(dest, key, &stored, |size, actual| {
         (actual != rec.sha256 || size as i64 != rec.size).then(|| Error::Checksum {
             key: key.to_string(),
             expected: rec.sha256.clone(),
@@ -402,7 +494,53 @@ pub async fn fetch(dest: &Destination, key: &str, out: &FsPath) -> Result<Backup
         })
     })
     .await?;
+    if let Some(k) = backup_key {
+        let opened = open_file(&stored, out, &k).await.map_err(|e| match e {
+            Error::Seal { source, .. } => Error::Seal {
+                key: key.to_string(),
+                source,
+            },
+            e => e,
+        });
+        let _ = tokio::fs::remove_file(&stored).await;
+        opened?;
+    }
     Ok(rec)
+}
+
+/// Opens the sealed file `sealed` into `out` (through `out.part`, synced, renamed), streaming.
+async fn open_file(sealed: &FsPath, out: &FsPath, key: &BackupKey) -> Result<(), Error> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let seal_err = |source| Error::Seal {
+        key: sealed.display().to_string(),
+        source,
+    };
+    let mut input = tokio::fs::File::open(sealed).await?;
+    let part = out.with_extension("part");
+    let mut file = tokio::fs::File::create(&part).await?;
+    let mut opener = Opener::new(key);
+    let mut buf = vec![0u8; 1 << 20];
+    let result = async {
+        loop {
+            let n = input.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            file.write_all(&opener.update(&buf[..n]).map_err(seal_err)?)
+                .await?;
+        }
+        file.write_all(&opener.finish().map_err(seal_err)?).await?;
+        file.sync_all().await?;
+        Ok::<(), Error>(())
+    }
+    .await;
+    drop(file);
+    if let Err(e) = result {
+        let _ = tokio::fs::remove_file(&part).await;
+        return Err(e);
+    }
+    tokio::fs::rename(&part, out).await?;
+    Ok(())
 }
 
 /// Streams object `key` into `out` (through `out.part`, synced, renamed); `refuse(size, sha256
@@ -449,6 +587,8 @@ pub async fn etcd_snapshot(dest: &Destination, key: &str) -> Result<BackupRecord
         sha256: String::new(),
         keys: None,
         hash: None,
+        hash_compact_revision: None,
+        encryption_key_id: None,
     })
 }
 
@@ -576,13 +716,14 @@ pub async fn backup_and_prune(
     dest: Destination,
     dir: String,
     retention: Option<RetentionSpec>,
+    keep: Option<String>,
 ) -> Result<BackupRecord, String> {
     let now = Timestamp::now();
     let rec = stream_backup(&endpoints, &access, &dest, &dir, now)
         .await
         .map_err(|e| e.to_string())?;
     if let Some(r) = retention {
-        match apply_retention(&dest, &dir, &r, now).await {
+        match apply_retention(&dest, &dir, &r, now, keep.as_deref()).await {
             Ok(deleted) if !deleted.is_empty() => {
                 tracing::info!(?deleted, "retention deleted old backups")
             }

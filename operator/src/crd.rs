@@ -138,6 +138,13 @@ pub struct RecoverySpec {
     pub after: String,
 }
 
+impl RecoveryStatus {
+    /// Whether `token` was acted on or used up already.
+    pub fn used(&self, token: &str) -> bool {
+        self.last_token.as_deref() == Some(token) || self.used_tokens.iter().any(|t| t == token)
+    }
+}
+
 impl Default for RecoverySpec {
     fn default() -> Self {
         RecoverySpec {
@@ -165,8 +172,12 @@ pub enum QuorumLossMode {
 /// (set a new value for another recovery).
 pub const RECOVER_ANNOTATION: &str = "cairn.dev/recover";
 
+/// The annotation that asks, when no member answers, to discard every member's volume and
+/// start the cluster again from the latest verified backup: its value is a token, acted on once.
+pub const RECOVER_FROM_BACKUP_ANNOTATION: &str = "cairn.dev/recover-from-backup";
+
 /// Quorum-loss recovery as it went.
-#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RecoveryStatus {
     /// When the operator first saw a majority of the voters unreachable; cleared once a quorum
@@ -189,10 +200,18 @@ pub struct RecoveryStatus {
     /// that applies more since shows a quorum exists that the operator cannot reach.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_at_loss: Option<u64>,
+    /// Annotation tokens used up without a recovery (set while a quorum answered), newest
+    /// last, at most 8.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub used_tokens: Vec<String>,
+    /// The backup the cluster was last started again from (its members' template keeps
+    /// restoring from it, as a cluster bootstrapped from a backup does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from_backup: Option<FromBackup>,
 }
 
 /// One quorum-loss recovery.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RecoveryRun {
     /// What started it: the annotation's token, or `auto-<time the quorum was lost>`.
@@ -223,6 +242,9 @@ pub struct RecoveryRun {
     /// then the member that restores it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_backup: Option<BackupRecord>,
+    /// Where that backup is (`spec.backup.destination` when the recovery started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<BackupDestination>,
 }
 
 /// The steps of a quorum-loss recovery, in order.
@@ -624,7 +646,39 @@ pub struct RetentionSpec {
 pub struct BackupDestination {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3: Option<S3Destination>,
+    /// Client-side encryption: backups are sealed before they leave the operator (and opened
+    /// by a restore or a verification) with a key from a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<BackupEncryption>,
 }
+
+/// Client-side encryption of backups: AES-256-GCM in 64 KiB segments, streamed.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupEncryption {
+    /// A Secret in the cluster's namespace whose key `key` holds the 256-bit key: 32 bytes, or
+    /// their base64 (`head -c32 /dev/urandom | base64`).
+    #[schemars(length(min = 1))]
+    pub secret_name: String,
+    /// The key's name, recorded with each backup (default: the Secret's name). A backup is
+    /// opened only with the key of its id: rotate by a new Secret and id, keeping the old
+    /// Secret while backups sealed with it are kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9._-]{1,63}$"))]
+    pub key_id: Option<String>,
+}
+
+impl BackupEncryption {
+    /// The id recorded with the backups it seals.
+    pub fn id(&self) -> String {
+        self.key_id
+            .clone()
+            .unwrap_or_else(|| self.secret_name.clone())
+    }
+}
+
+/// The Secret key that holds a backup encryption key.
+pub const BACKUP_KEY_SECRET_KEY: &str = "key";
 
 /// An S3-compatible bucket.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -648,6 +702,22 @@ pub struct S3Destination {
     /// ambient identity is used (environment, web identity, instance metadata).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret: Option<String>,
+    /// Server-side encryption of the objects written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_side_encryption: Option<ServerSideEncryption>,
+}
+
+/// S3 server-side encryption of what is written (reads need nothing).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerSideEncryption {
+    /// `AES256` (SSE-S3) or `aws:kms` (SSE-KMS).
+    #[serde(rename = "type")]
+    #[schemars(regex(pattern = r"^(AES256|aws:kms)$"))]
+    pub kind: String,
+    /// With `aws:kms`: the KMS key (default: the account's AWS-managed key for S3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kms_key_id: Option<String>,
 }
 
 /// How a new cluster starts.
@@ -742,6 +812,14 @@ pub struct BackupRecord {
     /// restores the backup and compares its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash: Option<u32>,
+    /// The compaction revision of that HashKV (the member may have compacted since the
+    /// snapshot; a verification compacts its scratch member to it first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_compact_revision: Option<i64>,
+    /// The id of the key the backup is sealed with (client-side encryption); `sha256` and
+    /// `size` are then those of the sealed object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_key_id: Option<String>,
 }
 
 /// Backup progress of a cluster.

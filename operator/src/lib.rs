@@ -30,6 +30,7 @@ pub mod plan;
 pub mod recovery;
 pub mod resources;
 pub mod rollout;
+pub mod seal;
 pub mod status;
 pub mod storage;
 pub mod tls;

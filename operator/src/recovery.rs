@@ -13,10 +13,13 @@
 //! - The survivor is the member that answers with the highest applied index (ties: the lowest
 //!   ordinal); every other ordinal is fenced (its pod and volume deleted) before the survivor is
 //!   restarted alone.
-//! - With no member answering, the latest verified backup is restored (never one that was
-//!   not verified): by a token, or automatically once every member's pod is crash-looping (it
-//!   cannot start: its data is gone) for `after`. Members that merely do not answer (a
-//!   partition between the operator and them) are never replaced by a backup automatically.
+//! - With no member answering, the latest verified backup is the way back (never one that was
+//!   not verified), and it discards every member's volume: so never on `cairn.dev/recover`
+//!   (which only ever restarts a member that has data), only on its own annotation
+//!   `cairn.dev/recover-from-backup=<token>`, or automatically once every member's pod has said
+//!   its data is gone (cairn's `has already been bootstrapped` termination message) for
+//!   `after`. Members that merely do not answer, or crash for another reason (a bad image, an
+//!   expired certificate), are never replaced by a backup without a token.
 
 use std::time::Duration;
 
@@ -37,8 +40,10 @@ pub struct Facts<'a> {
     pub view: Option<&'a ClusterView>,
     /// Ordinals whose pod is Pending.
     pub pending: &'a [i32],
-    /// Ordinals whose pod keeps failing to start (restarted, not ready).
-    pub crashlooping: &'a [i32],
+    /// The value of the `cairn.dev/recover-from-backup` annotation, if set.
+    pub requested_backup: Option<&'a str>,
+    /// Ordinals whose pod says (its termination message) that its data is gone.
+    pub lost_data: &'a [i32],
     /// The latest backup that verification found as recorded.
     pub verified: Option<&'a BackupRecord>,
     /// The StatefulSet's replicas.
@@ -91,26 +96,46 @@ pub fn has_quorum(view: &ClusterView) -> bool {
 /// The decision for `f`; `names` maps members to ordinals; `auto_token` is the token an
 /// automatic recovery takes (unique to the outage).
 pub fn decide(names: &dyn Layout, f: &Facts<'_>, auto_token: &str) -> Decision {
-    let requested = f
-        .requested
-        .filter(|t| !t.is_empty() && f.prev.last_token.as_deref() != Some(*t));
-    if let Some(t) = requested.filter(|t| !valid_token(t)) {
-        return Decision::Wait(format!(
-            "the value of {} ({} bytes) is not a token: 1-63 letters, digits, '.', '_' or '-'",
-            crate::crd::RECOVER_ANNOTATION,
-            t.len()
-        ));
+    let requested = f.requested.filter(|t| !t.is_empty() && !f.prev.used(t));
+    let requested_backup = f
+        .requested_backup
+        .filter(|t| !t.is_empty() && !f.prev.used(t));
+    for (annotation, t) in [
+        (crate::crd::RECOVER_ANNOTATION, requested),
+        (crate::crd::RECOVER_FROM_BACKUP_ANNOTATION, requested_backup),
+    ] {
+        if let Some(t) = t.filter(|t| !valid_token(t)) {
+            return Decision::Wait(format!(
+                "the value of {annotation} ({} bytes) is not a token: 1-63 letters, digits, '.', '_' or '-'",
+                t.len()
+            ));
+        }
     }
     if let Some(run) = &f.prev.in_progress {
-        // A new token starts a recovery that has not finished over, unless a quorum answers.
-        let superseded = requested.is_some_and(|t| t != run.token);
+        // A new token of the same kind starts a recovery that has not finished over, unless a
+        // quorum answers: a survivor's recovery is never turned into a restore from a backup.
+        let new = match run.from_backup {
+            None => requested,
+            Some(_) => requested_backup,
+        };
+        let superseded = new.is_some_and(|t| t != run.token);
         if !superseded || f.view.is_some_and(has_quorum) {
             return Decision::InProgress;
+        }
+        if run.from_backup.is_some() {
+            return restore(names, f, requested_backup, auto_token);
+        }
+        if f.view.is_none_or(|v| !v.members.iter().any(|m| m.healthy)) {
+            return Decision::Wait(format!(
+                "no member answers: the new {} token starts the recovery over once a member with data answers; {}=<token> would discard every member's volume for the verified backup",
+                crate::crd::RECOVER_ANNOTATION,
+                crate::crd::RECOVER_FROM_BACKUP_ANNOTATION,
+            ));
         }
     }
     let nobody = f.view.is_none_or(|v| !v.members.iter().any(|m| m.healthy));
     let Some(view) = f.view.filter(|_| !nobody) else {
-        return restore(names, f, requested, auto_token);
+        return restore(names, f, requested_backup, auto_token);
     };
     if has_quorum(view) {
         return Decision::Quorum;
@@ -133,7 +158,7 @@ pub fn decide(names: &dyn Layout, f: &Facts<'_>, auto_token: &str) -> Decision {
         .iter()
         .max_by(|(oa, a), (ob, b)| a.applied_index.cmp(&b.applied_index).then(ob.cmp(oa)))
     else {
-        return restore(names, f, requested, auto_token);
+        return restore(names, f, requested_backup, auto_token);
     };
     let token = match (requested, f.mode) {
         (Some(t), _) => t.to_string(),
@@ -202,28 +227,30 @@ fn restore(
         (Some(t), _) => t.to_string(),
         (None, QuorumLossMode::Manual) => {
             return Decision::Wait(format!(
-                "no member answers: annotate the EtcdCluster with {}=<a new token> to start it again from the verified backup {} (revision {}); what was written after it is lost",
+                "no member answers: {} restarts a member that has data once one answers; to discard every member's volume and start again from the verified backup {} (revision {}; what was written after it is lost), annotate the EtcdCluster with {}=<a new token>",
                 crate::crd::RECOVER_ANNOTATION,
                 backup.key,
-                backup.revision
+                backup.revision,
+                crate::crd::RECOVER_FROM_BACKUP_ANNOTATION,
             ));
         }
         (None, QuorumLossMode::Automatic) => {
             let lost_for = f.lost_for.unwrap_or_default();
-            let not_starting: Vec<String> = (0..f.replicas)
-                .filter(|o| !f.crashlooping.contains(o))
+            let not_lost: Vec<String> = (0..f.replicas.max(1))
+                .filter(|o| !f.lost_data.contains(o) || f.pending.contains(o))
                 .map(|o| names.member(o))
                 .collect();
-            if !not_starting.is_empty() {
+            if !not_lost.is_empty() {
                 return Decision::Wait(format!(
-                    "no member answers, but {} {} not failing to start (unreachable from the operator, or not started yet): not replaced by a backup without a token",
-                    not_starting.join(", "),
-                    if not_starting.len() == 1 { "is" } else { "are" }
+                    "no member answers, but {} {} not said that its data is gone: not replaced by a backup without {}=<token>",
+                    not_lost.join(", "),
+                    if not_lost.len() == 1 { "has" } else { "have" },
+                    crate::crd::RECOVER_FROM_BACKUP_ANNOTATION,
                 ));
             }
             if lost_for < f.after {
                 return Decision::Wait(format!(
-                    "no member can start for {}s; starting again from the verified backup {} after {}s",
+                    "every member's data is gone for {}s; starting again from the verified backup {} after {}s",
                     lost_for.as_secs(),
                     backup.key,
                     f.after.as_secs()
@@ -292,7 +319,8 @@ mod tests {
             lost_for,
             view,
             pending,
-            crashlooping: &[],
+            requested_backup: None,
+            lost_data: &[],
             verified: None,
             replicas: 3,
         }
@@ -428,6 +456,7 @@ mod tests {
                 fenced: None,
                 stuck: false,
                 from_backup: None,
+                destination: None,
             }),
             ..RecoveryStatus::default()
         };
@@ -508,34 +537,81 @@ mod tests {
             sha256: "x".into(),
             keys: None,
             hash: None,
+            hash_compact_revision: None,
+            encryption_key_id: None,
         };
         for v in [None, Some(&v)] {
             // No verified backup: nothing, token or not.
             let mut f = facts(QuorumLossMode::Automatic, v, &prev, LONG, &[]);
-            f.requested = Some("x");
+            f.requested_backup = Some("x");
             assert!(
                 matches!(decide(&n, &f, "t"), Decision::Wait(w) if w.contains("no verified backup"))
             );
-            // A token restores the verified one.
+            // Its own token restores the verified one; cairn.dev/recover never does.
             f.verified = Some(&backup);
             assert!(
                 matches!(decide(&n, &f, "t"), Decision::Restore { backup: b, token } if b.key == "b/1.snap" && token == "x")
             );
-            // Automatic: only when every member's pod fails to start, after `after`.
+            f.requested_backup = None;
+            f.requested = Some("y");
+            f.lost_data = &[0, 1, 2];
+            f.mode = QuorumLossMode::Manual;
+            assert!(
+                matches!(decide(&n, &f, "t"), Decision::Wait(w) if w.contains("recover-from-backup"))
+            );
+            // Automatic: only once every member's pod said its data is gone, after `after`.
             f.requested = None;
+            f.mode = QuorumLossMode::Automatic;
+            f.lost_data = &[0, 2];
             let d = decide(&n, &f, "t");
             assert!(
-                matches!(&d, Decision::Wait(w) if w.contains("demo-0, demo-1, demo-2 are not failing")),
+                matches!(&d, Decision::Wait(w) if w.contains("demo-1 has not said")),
                 "{d:?}"
             );
-            f.crashlooping = &[0, 1, 2];
+            f.lost_data = &[0, 1, 2];
+            f.pending = &[1];
+            assert!(matches!(decide(&n, &f, "t"), Decision::Wait(_)));
+            f.pending = &[];
             assert!(matches!(decide(&n, &f, "t"), Decision::Restore { token, .. } if token == "t"));
             f.lost_for = Some(Duration::from_secs(5));
             assert!(matches!(decide(&n, &f, "t"), Decision::Wait(_)));
-            // Manual: the token only.
-            f.mode = QuorumLossMode::Manual;
+            // No replicas known: no evidence either.
             f.lost_for = LONG;
-            assert!(matches!(decide(&n, &f, "t"), Decision::Wait(w) if w.contains("b/1.snap")));
+            f.replicas = 0;
+            f.lost_data = &[];
+            assert!(matches!(decide(&n, &f, "t"), Decision::Wait(_)));
         }
+        // A survivor's recovery under way is never turned into a restore by a new token.
+        let running = RecoveryStatus {
+            in_progress: Some(crate::crd::RecoveryRun {
+                token: "outage-7".into(),
+                survivor: "demo-1".into(),
+                survivor_id: "65".into(),
+                applied_index: 12,
+                highest_revision: None,
+                started: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    jiff::Timestamp::UNIX_EPOCH,
+                ),
+                phase: crate::crd::RecoveryPhase::Forcing,
+                phase_since: None,
+                fenced: None,
+                stuck: false,
+                from_backup: None,
+                destination: None,
+            }),
+            ..RecoveryStatus::default()
+        };
+        let mut f = facts(QuorumLossMode::Automatic, Some(&v), &running, LONG, &[]);
+        f.verified = Some(&backup);
+        f.lost_data = &[0, 1, 2];
+        f.requested = Some("outage-8");
+        let d = decide(&n, &f, "t");
+        assert!(
+            matches!(&d, Decision::Wait(w) if w.contains("recover-from-backup")),
+            "{d:?}"
+        );
+        f.requested = None;
+        f.requested_backup = Some("outage-8");
+        assert_eq!(decide(&n, &f, "t"), Decision::InProgress);
     }
 }

@@ -586,6 +586,21 @@ fn fetch_container(
         fetch_args.push("--etcd-snapshot".to_string());
     }
     let mut fetch_env = env.to_vec();
+    if let Some(e) = &r.destination.encryption {
+        fetch_args.push(format!("--encryption-key-id={}", e.id()));
+        fetch_env.push(EnvVar {
+            name: "CAIRN_BACKUP_KEY".to_string(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(k8s_openapi::api::core::v1::SecretKeySelector {
+                    name: e.secret_name.clone(),
+                    key: crate::crd::BACKUP_KEY_SECRET_KEY.to_string(),
+                    optional: Some(false),
+                }),
+                ..EnvVarSource::default()
+            }),
+        });
+    }
     if let Some(s3) = &r.destination.s3 {
         fetch_args.push(format!("--bucket={}", s3.bucket));
         if let Some(region) = &s3.region {
@@ -655,7 +670,9 @@ pub fn verify_job_name(cluster: &str, key: &str) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(key.as_bytes());
     let short: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
-    format!("{cluster}-verify-{short}")
+    // A Job's name is also a label value (its pods' `job-name`): 63 characters at most.
+    let base: String = cluster.chars().take(63 - "-verify-".len() - 8).collect();
+    format!("{}-verify-{short}", base.trim_end_matches(['-', '.']))
 }
 
 /// The Job that verifies backup `rec` (at `r`'s destination): the operator's image downloads
@@ -685,6 +702,9 @@ pub fn verify_job(ec: &EtcdCluster, r: &Restore, rec: &BackupRecord, cairn_image
     }
     if let Some(h) = rec.hash {
         args.push(format!("--hash={h}"));
+    }
+    if let Some(c) = rec.hash_compact_revision {
+        args.push(format!("--hash-compact-revision={c}"));
     }
     // Not the members' labels: nothing that selects members (the StatefulSet, the PDB, the
     // Services) may select this pod.
@@ -986,6 +1006,8 @@ mod tests {
             sha256: "ab".into(),
             keys: Some(7),
             hash: Some(99),
+            hash_compact_revision: Some(3),
+            encryption_key_id: None,
         };
         let job = verify_job(&ec, &restore, &rec, "cairn:1");
         assert_eq!(job.metadata.name, Some(verify_job_name("demo", &rec.key)));
@@ -993,11 +1015,19 @@ mod tests {
             verify_job_name("demo", &rec.key),
             verify_job_name("demo", "other")
         );
+        let long = "a".repeat(60);
+        assert!(verify_job_name(&long, &rec.key).len() <= 63);
         let spec = job.spec.as_ref().unwrap();
         assert_eq!(spec.backoff_limit, Some(0));
         let pod = spec.template.spec.as_ref().unwrap();
         let args = pod.containers[0].args.clone().unwrap();
-        for a in ["verify", "--revision=42", "--keys=7", "--hash=99"] {
+        for a in [
+            "verify",
+            "--revision=42",
+            "--keys=7",
+            "--hash=99",
+            "--hash-compact-revision=3",
+        ] {
             assert!(args.contains(&a.to_string()), "{args:?}");
         }
         let fetch = &pod.init_containers.as_ref().unwrap()[0];
@@ -1006,6 +1036,51 @@ mod tests {
             .as_ref()
             .unwrap()
             .contains(&format!("--key={}", rec.key)));
+        // A sealed destination: the fetch gets the key's id and the key from its Secret.
+        let sealed = Restore {
+            destination: crate::crd::BackupDestination {
+                encryption: Some(crate::crd::BackupEncryption {
+                    secret_name: "backup-key".into(),
+                    key_id: None,
+                }),
+                ..Default::default()
+            },
+            ..restore.clone()
+        };
+        let job = verify_job(&ec, &sealed, &rec, "cairn:1");
+        let fetch = &job
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .init_containers
+            .as_ref()
+            .unwrap()[0];
+        assert!(fetch
+            .args
+            .as_ref()
+            .unwrap()
+            .contains(&"--encryption-key-id=backup-key".to_string()));
+        let env = fetch
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == "CAIRN_BACKUP_KEY")
+            .unwrap();
+        let r = env
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!((r.name.as_str(), r.key.as_str()), ("backup-key", "key"));
+        let job = verify_job(&ec, &restore, &rec, "cairn:1");
+        let spec = job.spec.as_ref().unwrap();
         // Nothing that selects the members (StatefulSet, PDB, Services) selects this pod.
         let labels = spec
             .template

@@ -110,7 +110,7 @@ async fn backups_land_with_checksums_and_retention_prunes_only_ours() {
         keep_last: Some(2),
         max_age: None,
     };
-    let deleted = backup::apply_retention(&dest, &dir, &keep2, at(300))
+    let deleted = backup::apply_retention(&dest, &dir, &keep2, at(300), None)
         .await
         .unwrap();
     assert_eq!(
@@ -282,4 +282,117 @@ async fn restore_gives_back_the_same_data_and_a_corrupted_backup_is_refused() {
     let err = backup::fetch(&dest, &rec.key, &bad).await.unwrap_err();
     assert!(matches!(err, Error::Checksum { .. }), "{err}");
     assert!(!bad.exists() && !bad.with_extension("part").exists());
+}
+
+/// Client-side encryption and S3 server-side encryption, against moto and a real member: a
+/// sealed backup holds none of the member's values in the store, its manifest names the key,
+/// and it comes back (opened) byte for byte as the unsealed snapshot would (cairn reads the
+/// same revision and keys from it, `cairn snapshot verify` passes); the wrong key, no key, or a
+/// damaged object is refused and leaves no file. With `serverSideEncryption` the store is
+/// asked to encrypt what it writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_backups_open_only_with_their_key_and_sse_is_asked_for() {
+    use cairn_operator::seal::BackupKey;
+    let moto = Moto::start();
+    moto.create_bucket("sealed");
+    let key = BackupKey::parse("k-2026", &[5u8; 32]).unwrap();
+    let mut d = moto.destination("sealed", "p");
+    d.s3.as_mut().unwrap().server_side_encryption =
+        Some(cairn_operator::crd::ServerSideEncryption {
+            kind: "AES256".into(),
+            kms_key_id: None,
+        });
+    let dest = backup::Destination::open(&d, Some(&crate::s3::credentials()))
+        .unwrap()
+        .with_key(Some(key.clone()));
+    let pods = one_member("seal").await;
+    let revision = write_keys(&pods, 300).await;
+    let rec = backup::stream_backup(
+        &[pods.layout.client_url(0)],
+        &cairn_operator::members::Access::default(),
+        &dest,
+        "p/ns/seal/u",
+        at(0),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rec.encryption_key_id.as_deref(), Some("k-2026"));
+    assert_eq!(
+        backup::record(&dest, &rec.key).await.unwrap(),
+        rec,
+        "the manifest names the key"
+    );
+    let stored = dest
+        .store
+        .get(&Path::from(rec.key.as_str()))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(stored.starts_with(cairn_operator::seal::MAGIC));
+    assert!(
+        !stored.windows(b"value-12".len()).any(|w| w == b"value-12"),
+        "no value in the clear"
+    );
+    assert_eq!(
+        format!("{:x}", Sha256::digest(&stored)),
+        rec.sha256,
+        "the record's SHA-256 is the stored object's"
+    );
+    // Server-side encryption was asked for: moto answers with the header.
+    let head = Command::new("curl")
+        .args(["-sI", &format!("{}/sealed/{}", moto.url(), rec.key)])
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&head.stdout).to_lowercase();
+    assert!(
+        head.contains("x-amz-server-side-encryption: aes256"),
+        "{head}"
+    );
+
+    // Opened with its key: a snapshot cairn reads and verifies.
+    let file = pods.scratch().join("opened.snap");
+    assert_eq!(backup::fetch(&dest, &rec.key, &file).await.unwrap(), rec);
+    let verify = Command::new(cairn_binary())
+        .args(["snapshot", "verify", file.to_str().unwrap()])
+        .arg(format!("--revision={}", rec.revision))
+        .arg(format!("--keys={}", rec.keys.unwrap()))
+        .arg(format!("--hash={}", rec.hash.unwrap()))
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{verify:?}");
+    assert_eq!(rec.revision, revision);
+    assert!(!file.with_extension("sealed").exists());
+
+    // The wrong key, no key, a damaged object: refused, no file left.
+    let out = pods.scratch().join("refused.snap");
+    let other = dest
+        .clone()
+        .with_key(Some(BackupKey::parse("k-2027", &[5u8; 32]).unwrap()));
+    let err = backup::fetch(&other, &rec.key, &out).await.unwrap_err();
+    assert!(
+        err.to_string().contains("sealed with key \"k-2026\""),
+        "{err}"
+    );
+    let none = dest.clone().with_key(None);
+    let err = backup::fetch(&none, &rec.key, &out).await.unwrap_err();
+    assert!(err.to_string().contains("no key was given"), "{err}");
+    let same_id_wrong_bytes = dest
+        .clone()
+        .with_key(Some(BackupKey::parse("k-2026", &[6u8; 32]).unwrap()));
+    let err = backup::fetch(&same_id_wrong_bytes, &rec.key, &out)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("does not decrypt"), "{err}");
+    crate::s3::corrupt(&dest, &rec.key, 5000, 0x01).await;
+    let err = backup::fetch(&dest, &rec.key, &out).await.unwrap_err();
+    assert!(matches!(err, Error::Checksum { .. }), "{err}");
+    for f in [
+        out.clone(),
+        out.with_extension("part"),
+        out.with_extension("sealed"),
+    ] {
+        assert!(!f.exists(), "{} left behind", f.display());
+    }
 }

@@ -66,8 +66,9 @@ impl Moto {
                 region: Some("us-east-1".into()),
                 endpoint: Some(self.url()),
                 force_path_style: true,
-                credentials_secret: None,
+                ..S3Destination::default()
             }),
+            ..BackupDestination::default()
         }
     }
 

@@ -566,6 +566,44 @@ fn snapshot_verify_checks_what_a_restore_holds() {
         "{wrong:?}"
     );
     assert!(!scratch.exists());
+    // The member compacts after the snapshot: its HashKV at the snapshot's revision then covers
+    // fewer revisions; the scratch member is compacted to the same point before it compares.
+    m.ctl(&["compact", &(revision - 1).to_string()]);
+    let json = m
+        .ctl(&[
+            "endpoint",
+            "hashkv",
+            "--rev",
+            &revision.to_string(),
+            "-w",
+            "json",
+        ])
+        .stdout;
+    let field = |name: &str| -> String {
+        json.split(&format!("\"{name}\":"))
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .unwrap_or_else(|| panic!("{name} in {json}"))
+            .to_string()
+    };
+    let (later_hash, compacted) = (field("hash"), field("compact_revision"));
+    assert_eq!(compacted, (revision - 1).to_string());
+    let without = verify(&keys.to_string(), &later_hash, &file);
+    assert_ne!(
+        without.code, 0,
+        "a HashKV taken after a compaction differs: {without:?}"
+    );
+    let with = cairn(&[
+        "snapshot",
+        "verify",
+        file.to_str().unwrap(),
+        &format!("--revision={revision}"),
+        &format!("--keys={keys}"),
+        &format!("--hash={later_hash}"),
+        &format!("--hash-compact-revision={compacted}"),
+        &format!("--scratch-dir={}", scratch.display()),
+    ]);
+    assert_eq!(with.code, 0, "{with:?}");
     // A damaged copy never opens.
     let damaged = m.dir.path().join("damaged.snap");
     let mut bytes = std::fs::read(&file).unwrap();

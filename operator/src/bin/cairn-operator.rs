@@ -78,6 +78,17 @@ struct S3Args {
     endpoint: Option<String>,
     #[arg(long)]
     force_path_style: bool,
+    /// The id of the client-side encryption key (backups are sealed with it, or must have been).
+    #[arg(long, requires = "encryption_key")]
+    encryption_key_id: Option<String>,
+    /// The 256-bit key itself, base64 (from the environment in a pod, as a Secret's value).
+    #[arg(
+        long,
+        env = "CAIRN_BACKUP_KEY",
+        hide_env_values = true,
+        requires = "encryption_key_id"
+    )]
+    encryption_key: Option<String>,
 }
 
 impl S3Args {
@@ -89,10 +100,15 @@ impl S3Args {
                 region: self.region.clone(),
                 endpoint: self.endpoint.clone(),
                 force_path_style: self.force_path_style,
-                credentials_secret: None,
+                ..S3Destination::default()
             }),
+            ..BackupDestination::default()
         };
-        Ok(Destination::open(&d, None)?)
+        let key = match (&self.encryption_key_id, &self.encryption_key) {
+            (Some(id), Some(k)) => Some(cairn_operator::seal::BackupKey::parse(id, k.as_bytes())?),
+            _ => None,
+        };
+        Ok(Destination::open(&d, None)?.with_key(key))
     }
 }
 

@@ -29,6 +29,27 @@ pub async fn read_credentials(
     })
 }
 
+/// The key of a destination's client-side encryption, from its Secret (key `key`).
+pub async fn read_backup_key(
+    api: &Api<k8s_openapi::api::core::v1::Secret>,
+    e: &crate::crd::BackupEncryption,
+) -> Result<crate::seal::BackupKey, Error> {
+    let name = &e.secret_name;
+    let secret = api
+        .get_opt(name)
+        .await?
+        .ok_or_else(|| Error::Credentials(format!("Secret {name} not found")))?;
+    let data = secret.data.unwrap_or_default();
+    let value = data.get(crate::crd::BACKUP_KEY_SECRET_KEY).ok_or_else(|| {
+        Error::Credentials(format!(
+            "Secret {name} has no key {:?}",
+            crate::crd::BACKUP_KEY_SECRET_KEY
+        ))
+    })?;
+    crate::seal::BackupKey::parse(&e.id(), &value.0)
+        .map_err(|err| Error::Credentials(format!("Secret {name}: {err}")))
+}
+
 /// How many times an on-demand backup is tried before it is marked Failed.
 const ON_DEMAND_ATTEMPTS: i32 = 5;
 
@@ -134,6 +155,7 @@ pub async fn reconcile_backup(eb: Arc<EtcdBackup>, ctx: Arc<Context>) -> Result<
                             r.access.clone(),
                             dest,
                             dir,
+                            None,
                             None,
                         );
                         if ctx

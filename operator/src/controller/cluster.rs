@@ -6,7 +6,7 @@ use super::*;
 
 /// Ordinals whose member pod says its data cannot serve, and why (its termination message, now
 /// or last time). A pod being deleted is not asked: it has been dealt with.
-fn pods_reporting_unusable(pods: &[Pod], names: &Names) -> Vec<(i32, plan::Unusable)> {
+pub(super) fn pods_reporting_unusable(pods: &[Pod], names: &Names) -> Vec<(i32, plan::Unusable)> {
     let mut out: Vec<(i32, plan::Unusable)> = pods
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
@@ -360,18 +360,23 @@ impl<'a> Reconciler<'a> {
         let source = spec.bootstrap.as_ref().map_or(Ok(None), |b| b.source());
         // A quorum-loss recovery with no member's data left starts the cluster again from the
         // latest verified backup, as a cluster that starts from a backup.
-        let recovery_source = prev
-            .recovery
-            .as_ref()
-            .and_then(|r| r.in_progress.as_ref())
-            .filter(|r| r.phase == crate::crd::RecoveryPhase::Rebootstrapping)
-            .and_then(|r| r.from_backup.as_ref())
-            .zip(spec.backup.as_ref())
-            .map(|(b, spec)| crate::crd::FromBackup {
-                destination: spec.destination.clone(),
-                key: Some(b.key.clone()),
-                prefix: None,
-            });
+        // After it, its members' template keeps restoring from that backup.
+        let recovery_source = prev.recovery.as_ref().and_then(|r| {
+            r.in_progress
+                .as_ref()
+                .filter(|run| run.phase == crate::crd::RecoveryPhase::Rebootstrapping)
+                .and_then(|run| {
+                    run.from_backup
+                        .as_ref()
+                        .zip(run.destination.as_ref())
+                        .map(|(b, d)| crate::crd::FromBackup {
+                            destination: d.clone(),
+                            key: Some(b.key.clone()),
+                            prefix: None,
+                        })
+                })
+                .or_else(|| r.restored_from_backup.clone())
+        });
         let from_backup = recovery_source.as_ref().or(source
             .as_ref()
             .ok()
@@ -391,6 +396,9 @@ impl<'a> Reconciler<'a> {
                 .collect(),
         };
         // Quorum loss (spec.recovery): a recovery under way comes before any membership step.
+        if !bootstrapped {
+            self.rebootstrap_watch(&mut prev).await;
+        }
         if bootstrapped && !spec.paused {
             let top = replicas.unwrap_or(0);
             // Boxed: its state would make every reconcile's future bigger.
@@ -973,6 +981,7 @@ impl<'a> Reconciler<'a> {
                     dest,
                     dir,
                     Some(spec.retention.clone()),
+                    st.last_verified_backup.as_ref().map(|b| b.key.clone()),
                 );
                 if self
                     .ctx
@@ -1055,7 +1064,15 @@ impl<'a> Reconciler<'a> {
             ),
             None => None,
         };
-        Destination::open(d, creds.as_ref()).map_err(|e| Error::Credentials(e.to_string()))
+        let key = match &d.encryption {
+            Some(e) => {
+                Some(read_backup_key(&self.api::<k8s_openapi::api::core::v1::Secret>(), e).await?)
+            }
+            None => None,
+        };
+        Destination::open(d, creds.as_ref())
+            .map(|dest| dest.with_key(key))
+            .map_err(|e| Error::Credentials(e.to_string()))
     }
 
     /// Applies (or, when disabled, deletes) the PodDisruptionBudget. An API server that does not

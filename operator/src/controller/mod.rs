@@ -18,7 +18,7 @@ mod storage;
 mod tls;
 mod verify;
 
-pub use backup::{backup_error_policy, read_credentials, reconcile_backup};
+pub use backup::{backup_error_policy, read_backup_key, read_credentials, reconcile_backup};
 pub use cluster::{error_policy, reconcile};
 pub use context::{Context, Error, LayoutFn};
 

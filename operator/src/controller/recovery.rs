@@ -16,7 +16,10 @@
 
 use super::cluster::Reconciler;
 use super::*;
-use crate::crd::{QuorumLossMode, RecoveryPhase, RecoveryRun, RecoveryStatus, RECOVER_ANNOTATION};
+use crate::crd::{
+    QuorumLossMode, RecoveryPhase, RecoveryRun, RecoveryStatus, RECOVER_ANNOTATION,
+    RECOVER_FROM_BACKUP_ANNOTATION,
+};
 use crate::recovery::{decide, has_quorum, Decision, Facts};
 
 /// Condition reasons of a recovery.
@@ -76,17 +79,11 @@ impl Reconciler<'_> {
             || "auto".to_string(),
             |t| format!("auto-{}", t.0.as_millisecond()),
         );
-        // Pods that keep failing to start: restarted and not ready.
-        let crashlooping: Vec<i32> = pods
-            .iter()
-            .filter(|p| {
-                p.status
-                    .as_ref()
-                    .and_then(|s| s.container_statuses.as_ref())
-                    .and_then(|cs| cs.first())
-                    .is_some_and(|c| c.restart_count > 0 && !c.ready)
-            })
-            .filter_map(|p| self.names.ordinal(&p.name_any()))
+        // Pods that say their data is gone (cairn's "has already been bootstrapped").
+        let lost_data: Vec<i32> = super::cluster::pods_reporting_unusable(pods, &self.names)
+            .into_iter()
+            .filter(|(_, why)| matches!(why, crate::plan::Unusable::LostData { .. }))
+            .map(|(o, _)| o)
             .collect();
         let verified = prev
             .backup
@@ -100,11 +97,19 @@ impl Reconciler<'_> {
             lost_for: since.as_ref().map(ago),
             view,
             pending: &pending,
-            crashlooping: &crashlooping,
+            requested_backup: ec
+                .annotations()
+                .get(RECOVER_FROM_BACKUP_ANNOTATION)
+                .map(String::as_str),
+            lost_data: &lost_data,
             verified: verified.as_ref(),
             replicas,
         };
-        let requested = facts.requested.map(str::to_string);
+        let requested: Vec<String> = [facts.requested, facts.requested_backup]
+            .into_iter()
+            .flatten()
+            .map(str::to_string)
+            .collect();
         let decision = decide(self.layout.as_ref(), &facts, &auto_token);
         match decision {
             Decision::Quorum => {
@@ -115,19 +120,24 @@ impl Reconciler<'_> {
                 rec.applied_at_loss = None;
                 // A token set while a quorum answers is used up: it must not fire at the next
                 // outage without anyone deciding again.
-                if let Some(t) = requested
-                    .filter(|t| !t.is_empty() && rec.last_token.as_deref() != Some(t.as_str()))
-                {
-                    if rec.in_progress.as_ref().is_none_or(|r| r.token != t) {
-                        self.event(
-                            EventType::Normal,
-                            "RecoveryNotNeeded",
-                            "Recover",
-                            format!("{RECOVER_ANNOTATION} is set while a quorum answers: nothing to recover; the token is used up"),
-                        )
-                        .await;
-                        rec.last_token = Some(t.chars().take(63).collect());
+                for t in requested {
+                    let t: String = t.chars().take(63).collect();
+                    if t.is_empty()
+                        || rec.used(&t)
+                        || rec.in_progress.as_ref().is_some_and(|r| r.token == t)
+                    {
+                        continue;
                     }
+                    self.event(
+                        EventType::Normal,
+                        "RecoveryNotNeeded",
+                        "Recover",
+                        format!("a recovery token ({t}) is set while a quorum answers: nothing to recover; the token is used up"),
+                    )
+                    .await;
+                    rec.used_tokens.push(t);
+                    let extra = rec.used_tokens.len().saturating_sub(8);
+                    rec.used_tokens.drain(..extra);
                 }
                 prev.recovery = Some(rec).filter(|r| *r != RecoveryStatus::default());
                 Ok(None)
@@ -192,11 +202,45 @@ impl Reconciler<'_> {
                     fenced: None,
                     stuck: false,
                     from_backup: None,
+                    destination: None,
                 });
                 self.recovery_step(prev, rec, view, cluster_id, replicas, pods)
                     .await
             }
             Decision::Restore { backup, token } => {
+                // Checked before anything is deleted: the object is there, and its manifest is
+                // the one that was verified.
+                let Some(destination) = ec.spec.backup.as_ref().map(|b| b.destination.clone())
+                else {
+                    rec.waiting = Some("no spec.backup: nowhere to restore from".to_string());
+                    prev.recovery = Some(rec);
+                    return Ok(None);
+                };
+                let found = match self.destination(&destination).await {
+                    Ok(dest) => crate::backup::record(&dest, &backup.key)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match found {
+                    Ok(r) if r.sha256 == backup.sha256 => {}
+                    Ok(r) => {
+                        rec.waiting = Some(format!(
+                            "the verified backup {} now has sha256 {} in its manifest, {} when it was verified: not restored",
+                            backup.key, r.sha256, backup.sha256
+                        ));
+                        prev.recovery = Some(rec);
+                        return Ok(None);
+                    }
+                    Err(e) => {
+                        rec.waiting = Some(format!(
+                            "the verified backup {} cannot be read: {e}",
+                            backup.key
+                        ));
+                        prev.recovery = Some(rec);
+                        return Ok(None);
+                    }
+                }
                 self.event(
                     EventType::Warning,
                     "RecoveryStarted",
@@ -221,6 +265,7 @@ impl Reconciler<'_> {
                     fenced: None,
                     stuck: false,
                     from_backup: Some(backup),
+                    destination: Some(destination),
                 });
                 self.recovery_step(prev, rec, view, cluster_id, replicas, pods)
                     .await
@@ -296,10 +341,13 @@ impl Reconciler<'_> {
                 return Ok(Some(STEP_REQUEUE));
             }
             RecoveryPhase::Rebootstrapping => {
-                let backup = run
-                    .from_backup
-                    .clone()
-                    .unwrap_or_else(|| unreachable!("a rebootstrap has its backup"));
+                let Some(backup) = run.from_backup.clone() else {
+                    // Not one this operator started (a status edited by hand): dropped.
+                    warn!("a rebootstrap without its backup in status.recovery: dropped");
+                    rec.in_progress = None;
+                    prev.recovery = Some(rec);
+                    return Ok(None);
+                };
                 if view.is_some_and(|v| v.leader.is_some()) {
                     let before = run
                         .highest_revision
@@ -317,6 +365,16 @@ impl Reconciler<'_> {
                     rec.quorum_lost_since = None;
                     rec.applied_at_loss = None;
                     rec.waiting = None;
+                    // The members' template keeps restoring from it (as a cluster bootstrapped
+                    // from a backup), so the cluster does not roll once it is back.
+                    rec.restored_from_backup =
+                        run.destination
+                            .clone()
+                            .map(|destination| crate::crd::FromBackup {
+                                destination,
+                                key: Some(backup.key.clone()),
+                                prefix: None,
+                            });
                     prev.recovery = Some(rec);
                     prev.set_condition(
                         condition::RECOVERED,
@@ -452,6 +510,37 @@ impl Reconciler<'_> {
         );
         self.patch_status(status).await?;
         Ok(Some(STEP_REQUEUE))
+    }
+
+    /// While a cluster is bootstrapped again from a backup (`recover` does not run: the
+    /// cluster has no ID yet), a bootstrap that does not come back within [`STUCK`] is said
+    /// to be stuck: an Event and `Recovered=False/RecoveryStuck`.
+    pub(super) async fn rebootstrap_watch(&self, prev: &mut EtcdClusterStatus) {
+        let Some(rec) = prev.recovery.as_mut() else {
+            return;
+        };
+        let Some(run) = rec.in_progress.as_mut() else {
+            return;
+        };
+        if run.phase != RecoveryPhase::Rebootstrapping || run.stuck || ago(&run.started) <= STUCK {
+            return;
+        }
+        run.stuck = true;
+        let msg = format!(
+            "the cluster has not come back from the verified backup {} after {} minutes: see the RestoreFailed condition and the first member's init containers",
+            run.from_backup.as_ref().map_or("?", |b| b.key.as_str()),
+            STUCK.as_secs() / 60
+        );
+        self.event(EventType::Warning, "RecoveryStuck", "Recover", msg.clone())
+            .await;
+        prev.set_condition(
+            condition::RECOVERED,
+            false,
+            "RecoveryStuck",
+            msg,
+            self.ec.metadata.generation,
+            &now(),
+        );
     }
 
     /// The fencing phase: deletes the pods and volumes of `others`, keeping their UIDs, then in

@@ -58,15 +58,17 @@ impl Reconciler<'_> {
                 );
                 st.last_verified_backup = Some(rec);
                 st.verifying = None;
-            } else if failed || job.is_none() {
+            } else if job.is_none() {
+                // Gone before its outcome was read (deleted, or its TTL passed): run again.
+                info!(backup = %rec.key, "the verification Job is gone: running it again");
+                st.verifying = None;
+                st.unverified = st.unverified.max(spec.verify.every.max(1));
+            } else if failed {
                 metric("failed");
-                let why = match job {
-                    None => "its Job is gone before it finished".to_string(),
-                    Some(_) => self
-                        .verify_failure(&name)
-                        .await
-                        .unwrap_or_else(|| "its Job failed".to_string()),
-                };
+                let why = self
+                    .verify_failure(&name)
+                    .await
+                    .unwrap_or_else(|| "its Job failed".to_string());
                 let msg = format!("{} failed verification: {why}", rec.key);
                 self.event(
                     EventType::Warning,
@@ -105,7 +107,9 @@ impl Reconciler<'_> {
             operator_image: self.ctx.operator_image.clone(),
             etcd_snapshot: false,
         };
-        let image = resources::image(self.ec, &self.ctx.default_image);
+        // The operator's own cairn release (it has `snapshot verify`), whatever release the
+        // members run.
+        let image = self.ctx.default_image.clone();
         let job = resources::verify_job(self.ec, &restore, &rec, &image);
         apply(&jobs, &job).await?;
         self.event(

@@ -79,6 +79,10 @@ pub enum SnapshotCmd {
         /// HashKV at that revision, as the member that took the backup answered.
         #[arg(long)]
         hash: Option<u32>,
+        /// The compaction revision that member's HashKV was taken at (it may have compacted
+        /// since the snapshot): the scratch member is compacted to it before its own HashKV.
+        #[arg(long)]
+        hash_compact_revision: Option<i64>,
         /// Where the scratch member's data dir goes (default: beside FILE).
         #[arg(long)]
         scratch_dir: Option<PathBuf>,
@@ -155,6 +159,7 @@ pub async fn run(cmd: SnapshotCmd) -> Result<String> {
             revision,
             keys,
             hash,
+            hash_compact_revision,
             scratch_dir,
         } => {
             let scratch = scratch_dir.unwrap_or_else(|| {
@@ -166,6 +171,7 @@ pub async fn run(cmd: SnapshotCmd) -> Result<String> {
                 revision,
                 keys,
                 hash,
+                hash_compact_revision,
             };
             let result = verify(&file, &scratch, &expected).await;
             let _ = std::fs::remove_dir_all(&scratch);
@@ -244,6 +250,8 @@ pub struct Expected {
     pub revision: i64,
     pub keys: Option<i64>,
     pub hash: Option<u32>,
+    /// The compaction revision `hash` was taken at.
+    pub hash_compact_revision: Option<i64>,
 }
 
 /// Restores `file` into `scratch` (which must not exist), starts a member on it with no peers
@@ -260,9 +268,24 @@ pub async fn verify(file: &Path, scratch: &Path, expected: &Expected) -> Result<
     let flags = Flags::try_parse_from(args).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     let cfg = Config::from_flags(flags).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     restore(file, &cfg, false)?;
+    // The scratch member takes no members: the Raft snapshot a restored member makes of its
+    // data for them (a full copy) is not wanted.
+    {
+        let engine = Engine::open(&cfg.data_dir.join("member").join("cairn"))?;
+        engine.raft_put(crate::storage::RESTORED_NEEDS_SNAPSHOT, &false)?;
+    }
     let server = crate::server::EtcdServer::start(cfg).await?;
     let checked = check_restored(&server, expected).await;
+    // Closed before the caller removes the scratch dir: the database's last holder gone (its
+    // background work stopped), then dropped.
+    let engine = server.state.engine.clone();
     server.shutdown().await;
+    drop(server);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::sync::Arc::strong_count(&engine) > 1 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop(engine);
     let (revision, keys, hash) = checked?;
     let mut wrong = Vec::new();
     if revision != expected.revision {
@@ -313,6 +336,26 @@ async fn check_restored(
             ..Default::default()
         })?
         .count;
+    // The member that took the backup may have compacted between the snapshot and its HashKV
+    // (HashKV covers the revisions after the compaction): the scratch member does the same.
+    let compacted = server.state.store.read().compacted();
+    if let Some(c) = expected
+        .hash_compact_revision
+        .filter(|c| *c > compacted && *c <= revision)
+    {
+        server.wait_leader().await?;
+        server
+            .propose_as::<crate::proto::etcdserverpb::CompactionResponse>(
+                crate::proto::raftpb::internal_request::Request::Compaction(
+                    crate::proto::etcdserverpb::CompactionRequest {
+                        revision: c,
+                        physical: false,
+                    },
+                ),
+                None,
+            )
+            .await?;
+    }
     let hash = server.hash_kv(at).await?.hash;
     Ok((revision, count, hash))
 }
