@@ -232,10 +232,7 @@ impl Engine {
     /// Makes every applied change durable (it is written without the WAL):
     /// the state machine's column family is flushed, at once and whole.
     pub fn persist_state(&self) -> Result<()> {
-        self.db.flush_cf(self.cf(CF_KV)).map_err(rocks)?;
-        // The raft family takes an unsynced write per commit (the committed log id): flushed
-        // here too, so that the WAL files holding those writes can go.
-        self.db.flush_cf(self.cf(CF_RAFT)).map_err(rocks)
+        self.db.flush_cf(self.cf(CF_KV)).map_err(rocks)
     }
 
     pub(crate) fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
