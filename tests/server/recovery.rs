@@ -119,6 +119,12 @@ async fn lose_two_and_force(net: u64, kind: Kind) -> Vec<String> {
         put.header().unwrap().revision() == before.0 + 1
     ));
     drop(client);
+    if kind == Kind::Etcd {
+        // What etcd is compared on ends here (its regrowth below is cairn's check: an etcd
+        // learner added right after the force was seen to stay one write behind for 30 s
+        // under CI's load).
+        return out;
+    }
     // The flag is for one start; the member then runs as any other (etcd's advice).
     c.kill9(1);
     c.set_flag(1, "--force-new-cluster", false);
@@ -169,7 +175,7 @@ async fn force_new_cluster_recovers_a_survivor_as_etcd_does() {
     let net = crate::cluster::Net::next_id();
     let etcd = lose_two_and_force(net, Kind::Etcd).await;
     let cairn = lose_two_and_force(net, Kind::Cairn).await;
-    // cairn keeps every write the survivor had applied and acknowledged.
+    // cairn keeps every write the survivor had applied and acknowledged, and grows again.
     assert_eq!(
         cairn,
         [
@@ -184,8 +190,8 @@ async fn force_new_cluster_recovers_a_survivor_as_etcd_does() {
     // etcd 3.4 does the same membership and IDs. Its data can come back shorter: it drops the
     // entries past the commit index its WAL last recorded, which lags what it applied (and
     // acknowledged) when it is killed; seen here: the last delete lost, revision 66 then 65.
-    let same = [0, 1, 4];
-    for i in same {
+    assert_eq!(etcd.len(), 4, "{etcd:#?}");
+    for i in [0, 1] {
         assert_eq!(cairn[i], etcd[i], "etcd: {etcd:#?}");
     }
     eprintln!("etcd 3.4 after the same steps: {etcd:#?}");
