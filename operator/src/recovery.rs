@@ -10,8 +10,8 @@
 //! - `Manual`: only for an annotation token not acted on before. `Automatic`: also once the
 //!   outage has lasted `spec.recovery.after`, unless a voter that does not answer has a Pending
 //!   pod (not scheduled, or its volume not attached yet: it may come back with its data).
-//! - The survivor is the member that answers with the highest applied index (ties: the lowest
-//!   ordinal); every other ordinal is fenced (its pod and volume deleted) before the survivor is
+//! - The survivor is the member that answers with the longest log (its last index; then the
+//!   highest applied index; ties: the lowest ordinal); every other ordinal is fenced (its pod and volume deleted) before the survivor is
 //!   restarted alone.
 //! - With no member answering, the latest verified backup is the way back (never one that was
 //!   not verified), and it discards every member's volume: so never on `cairn.dev/recover`
@@ -154,17 +154,20 @@ pub fn decide(names: &dyn Layout, f: &Facts<'_>, auto_token: &str) -> Decision {
             ));
         }
     }
-    let Some((ordinal, best)) = answering
-        .iter()
-        .max_by(|(oa, a), (ob, b)| a.applied_index.cmp(&b.applied_index).then(ob.cmp(oa)))
-    else {
+    // The longest log (Raft's "most up to date", and it survives restarts, where the applied
+    // index restarts from the last flush), then the furthest applied, then the lowest ordinal.
+    let Some((ordinal, best)) = answering.iter().max_by(|(oa, a), (ob, b)| {
+        (a.raft_index, a.applied_index)
+            .cmp(&(b.raft_index, b.applied_index))
+            .then(ob.cmp(oa))
+    }) else {
         return restore(names, f, requested_backup, auto_token);
     };
     let token = match (requested, f.mode) {
         (Some(t), _) => t.to_string(),
         (None, QuorumLossMode::Manual) => {
             return Decision::Wait(format!(
-                "spec.recovery.quorumLoss is Manual: annotate the EtcdCluster with {}=<a new token> to restart {} (applied index {}, the highest of the members that answer) as a one-member cluster",
+                "spec.recovery.quorumLoss is Manual: annotate the EtcdCluster with {}=<a new token> to restart {} (applied index {}; the longest log of the members that answer) as a one-member cluster",
                 crate::crd::RECOVER_ANNOTATION,
                 names.member(*ordinal),
                 best.applied_index

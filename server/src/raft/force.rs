@@ -209,7 +209,7 @@ mod tests {
         assert_eq!(m.voter_ids().collect::<Vec<_>>(), [1]);
         assert_eq!(m.get_node(&1).unwrap().name, "m1");
         assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(4, 1)));
-        assert_eq!(log.read_committed().await.unwrap(), Some(id(3, 2, 7)));
+        assert_eq!(log.committed_on_disk().unwrap(), Some(id(3, 2, 7)));
         // Nothing past the new entry is left, in memory or on disk.
         assert!(log.try_get_log_entries(9..).await.unwrap().is_empty());
     }

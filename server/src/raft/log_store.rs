@@ -450,9 +450,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(*self.vote.lock())
     }
 
-    /// Kept so that a restart applies again what this member had applied (openraft re-applies
-    /// the log up to it at start) and so that `--force-new-cluster` knows how far the log is
-    /// committed. Only a leader's own tail can be shorter on disk than what was committed
+    /// Kept so that `--force-new-cluster` knows how far the log is committed (the applied
+    /// position is persisted lazily, and can be far behind after a crash). Only a leader's own tail can be shorter on disk than what was committed
     /// (followers sync their appends before they answer, so before any commit covers them):
     /// `committed_on_disk` clamps to the log at start. Written without a sync, once per commit advance: a process crash keeps it (the
     /// RocksDB WAL is in the page cache), a power loss may take it back to an older value,
@@ -465,7 +464,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        self.committed_on_disk()
+        // Not handed to openraft: with it, openraft re-applies the log up to it at start, and
+        // the fault suites then saw a leader, after every member restarted, unable to read
+        // entries it had applied (CI, twice in three runs; not understood yet). The saved id
+        // serves `--force-new-cluster` (`committed_on_disk`) only.
+        Ok(None)
     }
 
     async fn append<I>(

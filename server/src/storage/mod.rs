@@ -5,8 +5,8 @@
 //!   (`<data-dir>/member/cairn-journal`, see [`journal`]), fsynced before it
 //!   is acknowledged;
 //! - `raft`: the vote, the purged log id and the committed log id (written
-//!   unsynced; at start openraft applies the log up to it again, so a
-//!   restarted member reports at least the applied index it had);
+//!   unsynced; read by `--force-new-cluster` only: after a restart entries
+//!   are applied once a leader confirms them);
 //! - `kv`: the whole state machine: MVCC history by revision (main, sub),
 //!   see [`crate::mvcc`]; lease id to granted TTL; and the state's position
 //!   (applied log id, membership, current and compacted revision, alarms);
