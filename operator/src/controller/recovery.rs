@@ -32,6 +32,16 @@ const RESTART_AGAIN: Duration = Duration::from_secs(60);
 /// When a recovery that has not finished is reported stuck.
 const STUCK: Duration = Duration::from_secs(600);
 
+/// Records the recovery of `token` as done and the outage as over.
+fn finished(rec: &mut RecoveryStatus, token: &str) {
+    rec.last_token = Some(token.to_string());
+    rec.last_recovered = Some(now());
+    rec.in_progress = None;
+    rec.quorum_lost_since = None;
+    rec.applied_at_loss = None;
+    rec.waiting = None;
+}
+
 /// The highest applied index the members that answer report.
 fn max_applied(view: Option<&ClusterView>) -> Option<u64> {
     view.and_then(|v| {
@@ -359,12 +369,7 @@ impl Reconciler<'_> {
                     self.event(EventType::Normal, "Recovered", "Recover", msg.clone())
                         .await;
                     self.count_op("recover", "ok");
-                    rec.last_token = Some(run.token.clone());
-                    rec.last_recovered = Some(now());
-                    rec.in_progress = None;
-                    rec.quorum_lost_since = None;
-                    rec.applied_at_loss = None;
-                    rec.waiting = None;
+                    finished(&mut rec, &run.token);
                     // The members' template keeps restoring from it (as a cluster bootstrapped
                     // from a backup), so the cluster does not roll once it is back.
                     rec.restored_from_backup =
@@ -436,12 +441,7 @@ impl Reconciler<'_> {
                     self.event(EventType::Normal, "Recovered", "Recover", msg.clone())
                         .await;
                     self.count_op("recover", "ok");
-                    rec.last_token = Some(run.token.clone());
-                    rec.last_recovered = Some(now());
-                    rec.in_progress = None;
-                    rec.quorum_lost_since = None;
-                    rec.applied_at_loss = None;
-                    rec.waiting = None;
+                    finished(&mut rec, &run.token);
                     prev.recovery = Some(rec);
                     prev.set_condition(
                         condition::RECOVERED,
@@ -478,16 +478,7 @@ impl Reconciler<'_> {
                 run.token,
                 STUCK.as_secs() / 60
             );
-            self.event(EventType::Warning, "RecoveryStuck", "Recover", msg.clone())
-                .await;
-            prev.set_condition(
-                condition::RECOVERED,
-                false,
-                "RecoveryStuck",
-                msg,
-                self.ec.metadata.generation,
-                &now(),
-            );
+            self.report_stuck(prev, msg).await;
         }
         rec.in_progress = Some(run);
         prev.recovery = Some(rec);
@@ -531,6 +522,11 @@ impl Reconciler<'_> {
             run.from_backup.as_ref().map_or("?", |b| b.key.as_str()),
             STUCK.as_secs() / 60
         );
+        self.report_stuck(prev, msg).await;
+    }
+
+    /// A recovery that has not finished in [`STUCK`]: an Event and `Recovered=False`.
+    async fn report_stuck(&self, prev: &mut EtcdClusterStatus, msg: String) {
         self.event(EventType::Warning, "RecoveryStuck", "Recover", msg.clone())
             .await;
         prev.set_condition(
