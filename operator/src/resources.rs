@@ -201,6 +201,22 @@ fn env_from_configmap(name: &str, configmap: &str, key: &str) -> EnvVar {
     }
 }
 
+/// An environment variable from key `key` of Secret `secret`.
+fn env_from_secret(name: &str, secret: &str, key: &str, optional: bool) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(k8s_openapi::api::core::v1::SecretKeySelector {
+                name: secret.to_string(),
+                key: key.to_string(),
+                optional: Some(optional),
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
 /// `e` (a ConfigMap key reference) with the key optional.
 fn optional(mut e: EnvVar) -> EnvVar {
     if let Some(r) = e
@@ -588,18 +604,12 @@ fn fetch_container(
     let mut fetch_env = env.to_vec();
     if let Some(e) = &r.destination.encryption {
         fetch_args.push(format!("--encryption-key-id={}", e.id()));
-        fetch_env.push(EnvVar {
-            name: "CAIRN_BACKUP_KEY".to_string(),
-            value: None,
-            value_from: Some(EnvVarSource {
-                secret_key_ref: Some(k8s_openapi::api::core::v1::SecretKeySelector {
-                    name: e.secret_name.clone(),
-                    key: crate::crd::BACKUP_KEY_SECRET_KEY.to_string(),
-                    optional: Some(false),
-                }),
-                ..EnvVarSource::default()
-            }),
-        });
+        fetch_env.push(env_from_secret(
+            "CAIRN_BACKUP_KEY",
+            &e.secret_name,
+            crate::crd::BACKUP_KEY_SECRET_KEY,
+            false,
+        ));
     }
     if let Some(s3) = &r.destination.s3 {
         fetch_args.push(format!("--bucket={}", s3.bucket));
@@ -618,18 +628,7 @@ fn fetch_container(
                 ("AWS_SECRET_ACCESS_KEY", false),
                 ("AWS_SESSION_TOKEN", true),
             ] {
-                fetch_env.push(EnvVar {
-                    name: key.to_string(),
-                    value: None,
-                    value_from: Some(EnvVarSource {
-                        secret_key_ref: Some(k8s_openapi::api::core::v1::SecretKeySelector {
-                            name: secret.clone(),
-                            key: key.to_string(),
-                            optional: Some(optional),
-                        }),
-                        ..EnvVarSource::default()
-                    }),
-                });
+                fetch_env.push(env_from_secret(key, secret, key, optional));
             }
         }
     }
