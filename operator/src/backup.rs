@@ -18,11 +18,13 @@ use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use sha2::{Digest, Sha256};
 
-use crate::crd::{BackupDestination, BackupRecord, RetentionSpec};
+use crate::crd::{BackupDestination, BackupRecord, RetentionSpec, Store};
 use crate::seal::{BackupKey, Opener, SealError, Sealer};
 
 /// The subdirectory of a cluster's directory that holds its on-demand backups.
@@ -69,13 +71,9 @@ pub enum Error {
     },
 }
 
-/// Static credentials for an object store (from a Secret).
-#[derive(Clone, Debug, Default)]
-pub struct Credentials {
-    pub access_key_id: String,
-    pub secret_access_key: String,
-    pub session_token: Option<String>,
-}
+/// Credentials for an object store, from a Secret: its keys (the store's
+/// [`Store::credential_keys`]) and values.
+pub type Credentials = std::collections::BTreeMap<String, String>;
 
 /// An opened destination: the store and the key prefix inside it, and the key that seals what
 /// is written there (client-side encryption), if any.
@@ -87,48 +85,116 @@ pub struct Destination {
 }
 
 impl Destination {
-    /// Opens a destination; without `credentials`, the ambient identity (environment, web
-    /// identity, instance metadata) is used.
+    /// Opens a destination. Settings come from the environment first (in a pod, the
+    /// credentials Secret's keys arrive as variables of the same names), then from
+    /// `credentials`; with neither, the ambient identity of the store's platform is used
+    /// (web identity / workload identity tokens, instance metadata).
     pub fn open(d: &BackupDestination, credentials: Option<&Credentials>) -> Result<Self, Error> {
-        let Some(s3) = &d.s3 else {
-            return Err(Error::Destination("no destination kind is set (s3)".into()));
+        let store = d.store().map_err(Error::Destination)?;
+        let bad = |e: object_store::Error| Error::Destination(e.to_string());
+        // Only the keys this store documents are taken from a Secret: anything else in it
+        // (another store's keys, a stray endpoint) is ignored, not applied.
+        let settings = || {
+            let allowed = store.credential_keys();
+            credentials
+                .into_iter()
+                .flatten()
+                .filter(move |(k, _)| allowed.iter().any(|(a, _)| a == k))
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
         };
-        let mut b = AmazonS3Builder::from_env()
-            .with_bucket_name(&s3.bucket)
-            .with_region(s3.region.clone().unwrap_or_else(|| "us-east-1".into()))
-            .with_virtual_hosted_style_request(!s3.force_path_style);
-        if let Some(e) = &s3.endpoint {
-            b = b.with_endpoint(e).with_allow_http(e.starts_with("http://"));
-        }
-        if let Some(c) = credentials {
-            b = b
-                .with_access_key_id(&c.access_key_id)
-                .with_secret_access_key(&c.secret_access_key);
-            if let Some(t) = &c.session_token {
-                b = b.with_token(t);
+        let built: Arc<dyn ObjectStore> = match store {
+            Store::S3(s3) => {
+                let mut b = AmazonS3Builder::from_env()
+                    .with_bucket_name(&s3.bucket)
+                    .with_region(s3.region.clone().unwrap_or_else(|| "us-east-1".into()))
+                    .with_virtual_hosted_style_request(!s3.force_path_style);
+                if let Some(e) = &s3.endpoint {
+                    b = b.with_endpoint(e).with_allow_http(e.starts_with("http://"));
+                }
+                for (k, v) in settings() {
+                    b = b.with_config(k.parse().map_err(bad)?, v);
+                }
+                if let Some(sse) = &s3.server_side_encryption {
+                    use object_store::aws::AmazonS3ConfigKey;
+                    b = match (sse.kind.as_str(), &sse.kms_key_id) {
+                        ("aws:kms", Some(id)) => b.with_sse_kms_encryption(id),
+                        (kind @ ("AES256" | "aws:kms"), _) => {
+                            let key: AmazonS3ConfigKey =
+                                "aws_server_side_encryption".parse().map_err(bad)?;
+                            b.with_config(key, kind)
+                        }
+                        (other, _) => {
+                            return Err(Error::Destination(format!(
+                                "serverSideEncryption.type {other:?}: AES256 or aws:kms"
+                            )))
+                        }
+                    };
+                }
+                Arc::new(b.build().map_err(bad)?)
             }
-        }
-        if let Some(sse) = &s3.server_side_encryption {
-            use object_store::aws::AmazonS3ConfigKey;
-            b = match (sse.kind.as_str(), &sse.kms_key_id) {
-                ("aws:kms", Some(id)) => b.with_sse_kms_encryption(id),
-                (kind @ ("AES256" | "aws:kms"), _) => {
-                    let key: AmazonS3ConfigKey = "aws_server_side_encryption"
-                        .parse()
-                        .map_err(|e: object_store::Error| Error::Destination(e.to_string()))?;
-                    b.with_config(key, kind)
+            Store::Gcs(gcs) => {
+                let mut b = GoogleCloudStorageBuilder::from_env().with_bucket_name(&gcs.bucket);
+                let mut keyed = false;
+                for (k, v) in settings() {
+                    keyed = true;
+                    b = b.with_config(k.parse().map_err(bad)?, v);
                 }
-                (other, _) => {
-                    return Err(Error::Destination(format!(
-                        "serverSideEncryption.type {other:?}: AES256 or aws:kms"
-                    )))
+                if let Some(e) = &gcs.endpoint {
+                    b = b
+                        .with_base_url(e.trim_end_matches('/'))
+                        .with_client_options(
+                            object_store::ClientOptions::new()
+                                .with_allow_http(e.starts_with("http://")),
+                        );
+                    let ambient = [
+                        "GOOGLE_SERVICE_ACCOUNT",
+                        "GOOGLE_SERVICE_ACCOUNT_KEY",
+                        "GOOGLE_APPLICATION_CREDENTIALS",
+                    ]
+                    .iter()
+                    .any(|v| std::env::var_os(v).is_some());
+                    if !keyed && !ambient {
+                        // An endpoint and no key: an emulator, asked without OAuth tokens (there
+                        // is no metadata server to get one from).
+                        b = b.with_credentials(Arc::new(
+                            object_store::StaticCredentialProvider::new(
+                                object_store::gcp::GcpCredential {
+                                    bearer: String::new(),
+                                },
+                            ),
+                        ));
+                    }
                 }
-            };
-        }
-        let store = b.build().map_err(|e| Error::Destination(e.to_string()))?;
+                Arc::new(b.build().map_err(bad)?)
+            }
+            Store::Azure(az) => {
+                let mut b = MicrosoftAzureBuilder::from_env()
+                    .with_account(&az.account)
+                    .with_container_name(&az.container);
+                for (k, v) in settings() {
+                    b = b.with_config(k.parse().map_err(bad)?, v);
+                }
+                if let Some(e) = &az.endpoint {
+                    b = b
+                        .with_endpoint(e.trim_end_matches('/').to_string())
+                        .with_allow_http(e.starts_with("http://"));
+                }
+                Arc::new(b.build().map_err(bad)?)
+            }
+        };
         Ok(Destination {
-            store: Arc::new(store),
-            prefix: s3.prefix.trim_matches('/').to_string(),
+            store: built,
+            prefix: store.prefix().trim_matches('/').to_string(),
+            key: None,
+        })
+    }
+
+    /// A destination on a local filesystem (a mounted volume) rooted at `root`.
+    pub fn local(root: &FsPath, prefix: &str) -> Result<Self, Error> {
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(root)?;
+        Ok(Destination {
+            store: Arc::new(fs),
+            prefix: prefix.trim_matches('/').to_string(),
             key: None,
         })
     }
@@ -225,9 +291,7 @@ pub async fn stream_backup(
     };
 
     let key = join(&[dir, &object_name(now)]);
-    let path = Path::from(key.as_str());
-    let upload = dest.store.put_multipart(&path).await?;
-    let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+    let mut writer = Upload::new(dest.store.clone(), Path::from(key.as_str()));
     let mut hasher = Sha256::new();
     let mut size: u64 = 0;
     let mut revision = 0;
@@ -240,40 +304,42 @@ pub async fn stream_backup(
         None => None,
     };
     // What is stored: the snapshot's bytes, or their sealed segments.
-    let mut put = |bytes: &[u8], writer: &mut WriteMultipart| {
+    let mut count = |bytes: &[u8]| {
         hasher.update(bytes);
         size += bytes.len() as u64;
-        writer.write(bytes);
     };
     if let Some(s) = &sealer {
-        put(&s.header(), &mut writer);
+        let header = s.header();
+        count(&header);
+        writer.write(&header).await?;
     }
     loop {
         let msg = match stream.message().await {
             Ok(Some(m)) => m,
             Ok(None) => break,
             Err(source) => {
-                let _ = writer.abort().await;
+                writer.abort().await;
                 return Err(Error::Snapshot { endpoint, source });
             }
         };
         if revision == 0 {
             revision = msg.header().map_or(0, |h| h.revision());
         }
-        if let Err(e) = writer.wait_for_capacity(PARTS_IN_FLIGHT).await {
-            return Err(e.into());
-        }
-        match sealer.as_mut() {
+        let sealed;
+        let bytes = match sealer.as_mut() {
             Some(s) => {
-                let sealed = s.update(msg.blob()).map_err(seal_err)?;
-                put(&sealed, &mut writer);
+                sealed = s.update(msg.blob()).map_err(seal_err)?;
+                &sealed[..]
             }
-            None => put(msg.blob(), &mut writer),
-        }
+            None => msg.blob(),
+        };
+        count(bytes);
+        writer.write(bytes).await?;
     }
     if let Some(s) = sealer.take() {
         let last = s.finish().map_err(seal_err)?;
-        put(&last, &mut writer);
+        count(&last);
+        writer.write(&last).await?;
     }
     writer.finish().await?;
     let (keys, hash, hash_compact_revision) = contents_at(&endpoint, access, revision).await;
@@ -296,6 +362,65 @@ pub async fn stream_backup(
         )
         .await?;
     Ok(record)
+}
+
+/// An object written as it is produced: held in memory until it outgrows one part, then a
+/// multipart upload with at most [`PARTS_IN_FLIGHT`] parts in flight. An object smaller than
+/// one part is one PUT: fewer requests, and stores without multipart uploads (GCS emulators)
+/// take small backups too.
+struct Upload {
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    held: Vec<u8>,
+    multipart: Option<WriteMultipart>,
+}
+
+impl Upload {
+    fn new(store: Arc<dyn ObjectStore>, path: Path) -> Self {
+        Upload {
+            store,
+            path,
+            held: Vec::new(),
+            multipart: None,
+        }
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        if self.multipart.is_none() {
+            if self.held.len() + bytes.len() < PART_SIZE {
+                self.held.extend_from_slice(bytes);
+                return Ok(());
+            }
+            let upload = self.store.put_multipart(&self.path).await?;
+            let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+            w.write(&std::mem::take(&mut self.held));
+            self.multipart = Some(w);
+        }
+        let w = self.multipart.as_mut().expect("started above");
+        w.wait_for_capacity(PARTS_IN_FLIGHT).await?;
+        w.write(bytes);
+        Ok(())
+    }
+
+    async fn finish(self) -> Result<(), Error> {
+        match self.multipart {
+            Some(w) => {
+                w.finish().await?;
+            }
+            None => {
+                self.store
+                    .put(&self.path, PutPayload::from(self.held))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn abort(self) {
+        if let Some(w) = self.multipart {
+            let _ = w.abort().await;
+        }
+    }
 }
 
 /// What the member at `endpoint` holds at `revision`, for a verification to compare with: its

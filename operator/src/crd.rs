@@ -607,10 +607,15 @@ pub struct VerifySpec {
     /// `BackupVerified` condition, an Event and `cairn_operator_backup_verifications_total`.
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// Verify every Nth scheduled backup (default 1: each).
+    /// Verify every Nth scheduled backup (default 1: each). Not used with `schedule`.
     #[serde(default = "default_every")]
     #[schemars(range(min = 1))]
     pub every: i32,
+    /// Verify on a schedule instead (a cron expression in UTC, as `spec.backup.schedule`): at
+    /// each scheduled time the latest backup, unless it is verified already.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub schedule: Option<String>,
 }
 
 impl Default for VerifySpec {
@@ -618,6 +623,7 @@ impl Default for VerifySpec {
         VerifySpec {
             enabled: true,
             every: 1,
+            schedule: None,
         }
     }
 }
@@ -640,16 +646,141 @@ pub struct RetentionSpec {
     pub max_age: Option<String>,
 }
 
-/// An object store location. Exactly one kind is set; `s3` is the one supported today.
+/// An object store location: exactly one of `s3`, `gcs` and `azure`.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = destination_rules)]
 pub struct BackupDestination {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3: Option<S3Destination>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gcs: Option<GcsDestination>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure: Option<AzureDestination>,
     /// Client-side encryption: backups are sealed before they leave the operator (and opened
     /// by a restore or a verification) with a key from a Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<BackupEncryption>,
+}
+
+/// The CEL rule of a backup destination: one store. The operator refuses none or several
+/// itself too, on API servers that do not run the rule.
+pub const DESTINATION_RULE: (&str, &str) = (
+    "(has(self.s3) ? 1 : 0) + (has(self.gcs) ? 1 : 0) + (has(self.azure) ? 1 : 0) == 1",
+    "exactly one of s3, gcs and azure must be given",
+);
+
+fn destination_rules(schema: &mut schemars::Schema) {
+    let (rule, message) = DESTINATION_RULE;
+    schema.insert(
+        "x-kubernetes-validations".into(),
+        serde_json::json!([{"rule": rule, "message": message}]),
+    );
+}
+
+/// The store of a destination, once it is known to name exactly one.
+#[derive(Clone, Copy, Debug)]
+pub enum Store<'a> {
+    S3(&'a S3Destination),
+    Gcs(&'a GcsDestination),
+    Azure(&'a AzureDestination),
+}
+
+impl BackupDestination {
+    /// The one store this destination names ([`DESTINATION_RULE`]'s message otherwise).
+    pub fn store(&self) -> Result<Store<'_>, String> {
+        match (&self.s3, &self.gcs, &self.azure) {
+            (Some(s), None, None) => Ok(Store::S3(s)),
+            (None, Some(g), None) => Ok(Store::Gcs(g)),
+            (None, None, Some(a)) => Ok(Store::Azure(a)),
+            _ => Err(format!("backup destination: {}", DESTINATION_RULE.1)),
+        }
+    }
+
+    /// The Secret with the store's credentials, if one is named.
+    pub fn credentials_secret(&self) -> Option<&str> {
+        match self.store().ok()? {
+            Store::S3(s) => s.credentials_secret.as_deref(),
+            Store::Gcs(g) => g.credentials_secret.as_deref(),
+            Store::Azure(a) => a.credentials_secret.as_deref(),
+        }
+    }
+}
+
+impl Store<'_> {
+    /// The keys of a credentials Secret this store reads (each also the environment variable a
+    /// pod that reaches the store is given, and object_store's name for the setting), and
+    /// whether each must be present.
+    pub fn credential_keys(&self) -> &'static [(&'static str, bool)] {
+        match self {
+            Store::S3(_) => &[
+                ("AWS_ACCESS_KEY_ID", true),
+                ("AWS_SECRET_ACCESS_KEY", true),
+                ("AWS_SESSION_TOKEN", false),
+            ],
+            Store::Gcs(_) => &[("GOOGLE_SERVICE_ACCOUNT_KEY", true)],
+            Store::Azure(_) => &[
+                ("AZURE_STORAGE_ACCOUNT_KEY", false),
+                ("AZURE_STORAGE_SAS_KEY", false),
+                ("AZURE_CLIENT_ID", false),
+                ("AZURE_CLIENT_SECRET", false),
+                ("AZURE_TENANT_ID", false),
+            ],
+        }
+    }
+
+    /// The key prefix inside the bucket or container.
+    pub fn prefix(&self) -> &str {
+        match self {
+            Store::S3(s) => &s.prefix,
+            Store::Gcs(g) => &g.prefix,
+            Store::Azure(a) => &a.prefix,
+        }
+    }
+}
+
+/// A Google Cloud Storage bucket.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GcsDestination {
+    #[schemars(length(min = 1))]
+    pub bucket: String,
+    /// Object name prefix under which this cluster's backups go.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prefix: String,
+    /// Base URL of a GCS-compatible server other than Google's (an emulator:
+    /// `http://gcs.storage:9023`); with no service account key, requests to it carry no token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// A Secret in the cluster's namespace whose key `GOOGLE_SERVICE_ACCOUNT_KEY` holds a
+    /// service account's JSON key. Without one the ambient identity is used (GKE workload
+    /// identity or the instance's, through the metadata server; `GOOGLE_APPLICATION_CREDENTIALS`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
+}
+
+/// An Azure Blob Storage container.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AzureDestination {
+    /// The storage account.
+    #[schemars(length(min = 1))]
+    pub account: String,
+    #[schemars(length(min = 1))]
+    pub container: String,
+    /// Blob name prefix under which this cluster's backups go.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prefix: String,
+    /// Blob endpoint other than `https://<account>.blob.core.windows.net` (a sovereign cloud,
+    /// a private endpoint, Azurite's `http://azurite:10000/<account>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// A Secret in the cluster's namespace with the credentials: `AZURE_STORAGE_ACCOUNT_KEY`
+    /// (a shared key), or `AZURE_STORAGE_SAS_KEY` (a SAS token), or a service principal's
+    /// `AZURE_CLIENT_ID`, `AZURE_CLIENT_SECRET` and `AZURE_TENANT_ID`. Without one the ambient
+    /// identity is used (Azure workload identity's federated token, managed identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
 }
 
 /// Client-side encryption of backups: AES-256-GCM in 64 KiB segments, streamed.
@@ -845,6 +976,9 @@ pub struct BackupStatus {
     /// Scheduled backups taken since the last verification started.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub unverified: i32,
+    /// With `verify.schedule`: the scheduled time the last verification was due at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verify_schedule_time: Option<Time>,
 }
 
 fn is_zero(n: &i32) -> bool {
@@ -1466,6 +1600,43 @@ mod tests {
         let (from, is_etcd) = spec.source().unwrap().unwrap();
         assert!(is_etcd);
         assert_eq!(from.key.as_deref(), Some("etcd.db"));
+    }
+
+    /// A backup destination names exactly one store: the CRD's CEL rule (as an API server runs
+    /// it) and the operator's own check agree, with the same message.
+    #[test]
+    fn a_destination_names_exactly_one_store() {
+        use kube::CustomResourceExt;
+        let crd = serde_json::to_value(EtcdCluster::crd()).unwrap();
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        let validator = kube_cel::Validator::new();
+        let s3 = serde_json::json!({"bucket": "b"});
+        let gcs = serde_json::json!({"bucket": "b"});
+        let azure = serde_json::json!({"account": "a", "container": "c"});
+        for (dest, ok) in [
+            (serde_json::json!({"s3": s3}), true),
+            (serde_json::json!({"gcs": gcs}), true),
+            (serde_json::json!({"azure": azure}), true),
+            (serde_json::json!({}), false),
+            (serde_json::json!({"s3": s3, "gcs": gcs}), false),
+            (serde_json::json!({"gcs": gcs, "azure": azure}), false),
+        ] {
+            let object = serde_json::json!({"apiVersion": "cairn.dev/v1alpha1", "kind": "EtcdCluster",
+                "metadata": {"name": "a"},
+                "spec": {"size": 3, "backup": {"schedule": "0 * * * *", "destination": dest}}});
+            let cel = match validator.validate(schema, &object, None) {
+                Ok(()) => None,
+                Err(errors) => Some(errors.into_iter().map(|e| e.message).collect::<Vec<_>>()),
+            };
+            let parsed: BackupDestination = serde_json::from_value(dest.clone()).unwrap();
+            let operator = parsed.store().err();
+            assert_eq!(cel.is_none(), ok, "{dest}: {cel:?}");
+            assert_eq!(operator.is_none(), ok, "{dest}: {operator:?}");
+            if let (Some(cel), Some(op)) = (cel, operator) {
+                assert!(cel.iter().any(|m| m == DESTINATION_RULE.1), "{cel:?}");
+                assert!(op.ends_with(DESTINATION_RULE.1), "{op}");
+            }
+        }
     }
 
     /// The CRD's CEL rules for `spec.storage`, evaluated as an API server with Kubernetes'

@@ -130,6 +130,10 @@ impl Names {
     pub fn root_secret(&self) -> String {
         format!("{}-root", self.cluster)
     }
+    /// The ServiceAccount of pods that reach object storage with ambient credentials.
+    pub fn backup_service_account(&self) -> String {
+        format!("{}-backup", self.cluster)
+    }
     /// The PVC of an ordinal.
     pub fn pvc(&self, ordinal: i32) -> String {
         format!("{DATA_VOLUME}-{}", self.member(ordinal))

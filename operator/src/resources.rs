@@ -23,7 +23,7 @@ use k8s_openapi::api::core::v1::{
     EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
     PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
     PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Service,
-    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+    ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
     WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
@@ -32,7 +32,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
-use crate::crd::{AntiAffinityMode, BackupRecord, EtcdCluster};
+use crate::crd::{AntiAffinityMode, BackupRecord, EtcdCluster, Store};
 use crate::layout::{Names, CLIENT_PORT, DATA_VOLUME, METRICS_PORT, PEER_PORT};
 use crate::tls::{self, Serving};
 
@@ -535,6 +535,43 @@ pub struct Restore {
     /// An etcd snapshot (`spec.bootstrap.fromEtcdSnapshot`): no manifest; its own trailing
     /// SHA-256 is checked by the restore.
     pub etcd_snapshot: bool,
+    /// The identity the downloading pod takes when the destination names no credentials
+    /// Secret.
+    pub identity: BackupIdentity,
+}
+
+impl Restore {
+    /// Whether the download uses ambient credentials (no credentials Secret): the pod then
+    /// runs as the cluster's backup ServiceAccount ([`backup_service_account`]).
+    pub fn ambient(&self) -> bool {
+        self.destination.credentials_secret().is_none()
+    }
+}
+
+/// The identity of pods that reach object storage with ambient credentials (a restore's
+/// download, a verification Job). Workload identity (EKS IRSA, GKE, Azure) binds a cloud
+/// identity to a ServiceAccount through its annotations, so the operator makes one per cluster
+/// with the annotations its own has (the chart's `backupIdentity`, by default its
+/// `serviceAccount.annotations`), and gives those pods the labels some platforms ask for
+/// (Azure's `azure.workload.identity/use: "true"`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BackupIdentity {
+    pub annotations: BTreeMap<String, String>,
+    pub pod_labels: BTreeMap<String, String>,
+}
+
+/// The ServiceAccount of a cluster's pods that reach object storage with ambient credentials.
+/// It mounts no API token of its own: those pods never talk to Kubernetes (the platforms'
+/// identity webhooks project their own tokens).
+pub fn backup_service_account(ec: &EtcdCluster, id: &BackupIdentity) -> ServiceAccount {
+    let names = Names::of(ec);
+    let mut metadata = meta(ec, names.backup_service_account());
+    metadata.annotations = (!id.annotations.is_empty()).then(|| id.annotations.clone());
+    ServiceAccount {
+        metadata,
+        automount_service_account_token: Some(false),
+        ..ServiceAccount::default()
+    }
 }
 
 /// Where a restore's download lands, inside the member's volume.
@@ -611,25 +648,36 @@ fn fetch_container(
             false,
         ));
     }
-    if let Some(s3) = &r.destination.s3 {
-        fetch_args.push(format!("--bucket={}", s3.bucket));
-        if let Some(region) = &s3.region {
-            fetch_args.push(format!("--region={region}"));
-        }
-        if let Some(e) = &s3.endpoint {
-            fetch_args.push(format!("--endpoint={e}"));
-        }
-        if s3.force_path_style {
-            fetch_args.push("--force-path-style".to_string());
-        }
-        if let Some(secret) = &s3.credentials_secret {
-            for (key, optional) in [
-                ("AWS_ACCESS_KEY_ID", false),
-                ("AWS_SECRET_ACCESS_KEY", false),
-                ("AWS_SESSION_TOKEN", true),
-            ] {
-                fetch_env.push(env_from_secret(key, secret, key, optional));
+    match r.destination.store() {
+        // S3 as flags, as before other stores came: the pods of clusters restored from S3 keep
+        // their template (no roll when the operator is upgraded).
+        Ok(Store::S3(s3)) => {
+            fetch_args.push(format!("--bucket={}", s3.bucket));
+            if let Some(region) = &s3.region {
+                fetch_args.push(format!("--region={region}"));
             }
+            if let Some(e) = &s3.endpoint {
+                fetch_args.push(format!("--endpoint={e}"));
+            }
+            if s3.force_path_style {
+                fetch_args.push("--force-path-style".to_string());
+            }
+        }
+        // Any other store as the destination itself (its encryption goes by the flags above).
+        _ => {
+            let plain = crate::crd::BackupDestination {
+                encryption: None,
+                ..r.destination.clone()
+            };
+            fetch_args.push(format!(
+                "--destination={}",
+                serde_json::to_string(&plain).expect("a destination serializes")
+            ));
+        }
+    }
+    if let (Some(secret), Ok(store)) = (r.destination.credentials_secret(), r.destination.store()) {
+        for (key, required) in store.credential_keys() {
+            fetch_env.push(env_from_secret(key, secret, key, !required));
         }
     }
     Container {
@@ -715,9 +763,15 @@ pub fn verify_job(ec: &EtcdCluster, r: &Restore, rec: &BackupRecord, cairn_image
         ("app.kubernetes.io/instance".to_string(), ec.name_any()),
         (VERIFY_LABEL.to_string(), name.clone()),
     ]);
+    let mut pod_labels = labels.clone();
+    if r.ambient() {
+        for (k, v) in &r.identity.pod_labels {
+            pod_labels.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
     Job {
         metadata: ObjectMeta {
-            labels: Some(labels.clone()),
+            labels: Some(labels),
             ..meta(ec, name)
         },
         spec: Some(JobSpec {
@@ -726,11 +780,12 @@ pub fn verify_job(ec: &EtcdCluster, r: &Restore, rec: &BackupRecord, cairn_image
             ttl_seconds_after_finished: Some(3600),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(labels),
+                    labels: Some(pod_labels),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
                     restart_policy: Some("Never".to_string()),
+                    service_account_name: r.ambient().then(|| names.backup_service_account()),
                     security_context: Some(pod_security()),
                     init_containers: Some(vec![fetch_container(
                         r,
@@ -776,6 +831,10 @@ pub fn statefulset_restoring(
     let configmap = names.configmap();
 
     let mut pod_labels = tmpl.labels.clone();
+    let ambient = restore.filter(|r| r.ambient());
+    if let Some(r) = ambient {
+        pod_labels.extend(r.identity.pod_labels.clone());
+    }
     pod_labels.extend(labels(ec));
     let (tls_volumes, tls_mounts) = tls_volumes(serving);
     // Probes (which present no certificate) and Prometheus use the plain metrics port.
@@ -934,6 +993,9 @@ pub fn statefulset_restoring(
                         .then(|| tmpl.node_selector.clone()),
                     tolerations: (!tmpl.tolerations.is_empty()).then(|| tmpl.tolerations.clone()),
                     priority_class_name: tmpl.priority_class_name.clone(),
+                    // A restore downloading with ambient credentials: the cluster's backup
+                    // ServiceAccount (workload identity). Otherwise the namespace's default.
+                    service_account_name: ambient.map(|_| names.backup_service_account()),
                     security_context: Some(pod_security()),
                     termination_grace_period_seconds: Some(30),
                     ..PodSpec::default()
@@ -996,6 +1058,7 @@ mod tests {
             destination: crate::crd::BackupDestination::default(),
             operator_image: "cairn-operator:1".into(),
             etcd_snapshot: false,
+            identity: Default::default(),
         };
         let rec = BackupRecord {
             time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH),
@@ -1104,6 +1167,7 @@ mod tests {
             destination: crate::crd::BackupDestination::default(),
             operator_image: "cairn-operator:1".into(),
             etcd_snapshot: false,
+            identity: Default::default(),
         };
         let s = statefulset_restoring(&ec, 1, "cairn:1", Some(&restore), &Serving::default());
         let ann = s.metadata.annotations.clone().unwrap_or_default();
@@ -1132,6 +1196,148 @@ mod tests {
         let plain = statefulset(&ec, 1, "cairn:1");
         assert!(plain.metadata.annotations.is_none());
         assert!(pod_spec(&plain).init_containers.is_none());
+    }
+
+    /// A restore from GCS or Azure passes the destination as JSON (S3 keeps its flags, so an
+    /// S3-restored cluster's template does not change) and the credentials Secret's keys of
+    /// that store as environment variables; with no Secret the pods run as the cluster's backup
+    /// ServiceAccount, with the identity's labels, and that ServiceAccount carries the
+    /// identity's annotations and mounts no token.
+    #[test]
+    fn restores_reach_any_store_with_its_keys_or_the_backup_identity() {
+        let ec = cluster(serde_json::json!({"size": 3}));
+        let identity = BackupIdentity {
+            annotations: BTreeMap::from([(
+                "iam.gke.io/gcp-service-account".to_string(),
+                "backups@p.iam.gserviceaccount.com".to_string(),
+            )]),
+            pod_labels: BTreeMap::from([(
+                "azure.workload.identity/use".to_string(),
+                "true".to_string(),
+            )]),
+        };
+        let gcs = crate::crd::BackupDestination {
+            gcs: Some(crate::crd::GcsDestination {
+                bucket: "b".into(),
+                credentials_secret: Some("gcs-key".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let restore = Restore {
+            key: "p/x.snap".into(),
+            destination: gcs.clone(),
+            operator_image: "cairn-operator:1".into(),
+            etcd_snapshot: false,
+            identity: identity.clone(),
+        };
+        let s = statefulset_restoring(&ec, 1, "cairn:1", Some(&restore), &Serving::default());
+        let fetch = &pod_spec(&s).init_containers.clone().unwrap()[0];
+        let args = fetch.args.clone().unwrap();
+        let json = args
+            .iter()
+            .find_map(|a| a.strip_prefix("--destination="))
+            .expect("the destination as JSON");
+        let parsed: crate::crd::BackupDestination = serde_json::from_str(json).unwrap();
+        assert_eq!(parsed, gcs);
+        assert!(!args.iter().any(|a| a.starts_with("--bucket")));
+        let env: Vec<(String, String, bool)> = fetch
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| {
+                let r = e.value_from.as_ref()?.secret_key_ref.as_ref()?;
+                Some((e.name.clone(), r.name.clone(), r.optional.unwrap_or(false)))
+            })
+            .collect();
+        assert_eq!(
+            env,
+            [(
+                "GOOGLE_SERVICE_ACCOUNT_KEY".to_string(),
+                "gcs-key".to_string(),
+                false
+            )]
+        );
+        // A Secret: the namespace's default ServiceAccount, no identity labels.
+        assert_eq!(pod_spec(&s).service_account_name, None);
+        let labels = s
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .clone();
+        assert!(!labels.unwrap().contains_key("azure.workload.identity/use"));
+
+        // No Secret: the backup identity, here and in a verification Job.
+        let ambient = Restore {
+            destination: crate::crd::BackupDestination {
+                azure: Some(crate::crd::AzureDestination {
+                    account: "a".into(),
+                    container: "c".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..restore.clone()
+        };
+        let s = statefulset_restoring(&ec, 1, "cairn:1", Some(&ambient), &Serving::default());
+        assert_eq!(
+            pod_spec(&s).service_account_name.as_deref(),
+            Some("demo-backup")
+        );
+        let labels = s
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .clone()
+            .unwrap();
+        assert_eq!(
+            labels
+                .get("azure.workload.identity/use")
+                .map(String::as_str),
+            Some("true")
+        );
+        // The selector's labels still win.
+        for (k, v) in selector_labels(&ec) {
+            assert_eq!(labels.get(&k), Some(&v));
+        }
+        let rec = BackupRecord {
+            time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH),
+            key: "p/x.snap".into(),
+            size: 1,
+            revision: 2,
+            sha256: "00".into(),
+            keys: None,
+            hash: None,
+            hash_compact_revision: None,
+            encryption_key_id: None,
+        };
+        let job = verify_job(&ec, &ambient, &rec, "cairn:1");
+        let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        assert_eq!(pod.service_account_name.as_deref(), Some("demo-backup"));
+        let job = verify_job(&ec, &restore, &rec, "cairn:1");
+        let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        assert_eq!(pod.service_account_name, None);
+
+        let sa = backup_service_account(&ec, &identity);
+        assert_eq!(sa.metadata.name.as_deref(), Some("demo-backup"));
+        assert_eq!(sa.metadata.annotations, Some(identity.annotations.clone()));
+        assert_eq!(sa.automount_service_account_token, Some(false));
+        assert!(sa.metadata.owner_references.is_some());
+        // A plain cluster never names it.
+        assert_eq!(
+            pod_spec(&statefulset(&ec, 1, "cairn:1")).service_account_name,
+            None
+        );
     }
 
     #[test]

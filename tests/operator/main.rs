@@ -10,6 +10,7 @@ mod membership;
 mod ports;
 mod reconcile;
 mod s3;
+mod stores;
 mod tls;
 mod upgrade;
 #[path = "../common/writer.rs"]

@@ -79,11 +79,10 @@ impl Moto {
 
 /// moto accepts any credentials.
 pub fn credentials() -> Credentials {
-    Credentials {
-        access_key_id: "testing".into(),
-        secret_access_key: "testing".into(),
-        session_token: None,
-    }
+    Credentials::from([
+        ("AWS_ACCESS_KEY_ID".to_string(), "testing".to_string()),
+        ("AWS_SECRET_ACCESS_KEY".to_string(), "testing".to_string()),
+    ])
 }
 
 impl Drop for Moto {

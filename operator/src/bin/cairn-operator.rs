@@ -1,6 +1,7 @@
 //! The operator's binary: flags, the HTTP endpoint (`/healthz`, `/metrics`), leader election,
 //! then the controller. Runs in a pod (in-cluster config) or from a kubeconfig (`KUBECONFIG`).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,6 +58,15 @@ struct Flags {
     /// NetworkPolicies let pods with them in the operator's namespace reach every port.
     #[arg(long, env = "CAIRN_OPERATOR_SELECTOR")]
     operator_selector: Option<String>,
+    /// Annotations of the ServiceAccount the operator makes for each cluster's pods that reach
+    /// object storage with ambient credentials (a restore's download, a verification Job), as
+    /// a JSON object: workload identity's (`{"eks.amazonaws.com/role-arn": "..."}`). The chart
+    /// passes its `backupIdentity.annotations`, by default the operator's own ServiceAccount's.
+    #[arg(long, env = "CAIRN_BACKUP_SA_ANNOTATIONS", value_parser = json_map)]
+    backup_sa_annotations: Option<BTreeMap<String, String>>,
+    /// Labels of those pods, as a JSON object (`{"azure.workload.identity/use": "true"}`).
+    #[arg(long, env = "CAIRN_BACKUP_POD_LABELS", value_parser = json_map)]
+    backup_pod_labels: Option<BTreeMap<String, String>>,
     /// How long a Lease lasts without renewal before another replica takes over.
     #[arg(long, env = "CAIRN_OPERATOR_LEASE_SECONDS", default_value_t = 15)]
     lease_seconds: u64,
@@ -64,14 +74,28 @@ struct Flags {
     command: Option<Command>,
 }
 
-/// An S3 destination on the command line; credentials come from the environment
-/// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...) or the ambient identity.
+/// A JSON object of strings (an empty value is an empty object: a chart that sets nothing).
+fn json_map(s: &str) -> Result<BTreeMap<String, String>, String> {
+    if s.trim().is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    serde_json::from_str(s).map_err(|e| format!("a JSON object of strings: {e}"))
+}
+
+/// A destination on the command line: an S3 bucket by flags, or any store as `--destination`.
+/// Credentials come from the environment (the credentials Secret's keys: `AWS_ACCESS_KEY_ID`,
+/// `GOOGLE_SERVICE_ACCOUNT_KEY`, `AZURE_STORAGE_ACCOUNT_KEY`, ...) or the ambient identity.
 #[derive(clap::Args, Debug)]
 struct S3Args {
+    /// The destination as JSON, in the form of an EtcdCluster's `spec.backup.destination`
+    /// (`{"gcs":{"bucket":"b"}}`); instead of `--bucket` and the S3 flags.
+    #[arg(long, conflicts_with_all = ["bucket", "prefix", "region", "endpoint", "force_path_style"])]
+    destination: Option<String>,
+    /// An S3 bucket.
+    #[arg(long, required_unless_present = "destination")]
+    bucket: Option<String>,
     #[arg(long)]
-    bucket: String,
-    #[arg(long, default_value = "")]
-    prefix: String,
+    prefix: Option<String>,
     #[arg(long)]
     region: Option<String>,
     #[arg(long)]
@@ -93,16 +117,27 @@ struct S3Args {
 
 impl S3Args {
     fn destination(&self) -> anyhow::Result<Destination> {
-        let d = BackupDestination {
-            s3: Some(S3Destination {
-                bucket: self.bucket.clone(),
-                prefix: self.prefix.clone(),
-                region: self.region.clone(),
-                endpoint: self.endpoint.clone(),
-                force_path_style: self.force_path_style,
-                ..S3Destination::default()
-            }),
-            ..BackupDestination::default()
+        let d = match &self.destination {
+            Some(json) => {
+                let d: BackupDestination = serde_json::from_str(json)
+                    .map_err(|e| anyhow::anyhow!("--destination: {e}"))?;
+                anyhow::ensure!(
+                    d.encryption.is_none(),
+                    "--destination: give the encryption key by --encryption-key-id and CAIRN_BACKUP_KEY"
+                );
+                d
+            }
+            None => BackupDestination {
+                s3: Some(S3Destination {
+                    bucket: self.bucket.clone().unwrap_or_default(),
+                    prefix: self.prefix.clone().unwrap_or_default(),
+                    region: self.region.clone(),
+                    endpoint: self.endpoint.clone(),
+                    force_path_style: self.force_path_style,
+                    ..S3Destination::default()
+                }),
+                ..BackupDestination::default()
+            },
         };
         let key = match (&self.encryption_key_id, &self.encryption_key) {
             (Some(id), Some(k)) => Some(cairn_operator::seal::BackupKey::parse(id, k.as_bytes())?),
@@ -273,6 +308,10 @@ async fn main() -> anyhow::Result<()> {
     if let Some(image) = flags.operator_image {
         ctx.operator_image = image;
     }
+    ctx.backup_identity = cairn_operator::resources::BackupIdentity {
+        annotations: flags.backup_sa_annotations.clone().unwrap_or_default(),
+        pod_labels: flags.backup_pod_labels.clone().unwrap_or_default(),
+    };
     ctx.operator_pod = cairn_operator::network::OperatorPod::from_env(
         Some(flags.lease_namespace.clone()),
         flags.operator_selector.clone(),

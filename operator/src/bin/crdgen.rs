@@ -75,6 +75,7 @@ fn main() -> anyhow::Result<()> {
                     destination: f.destination.clone(),
                     operator_image: "cairn-operator:example".into(),
                     etcd_snapshot,
+                    identity: Default::default(),
                 });
             let docs = [
                 serde_yaml::to_string(&resources::peer_service(&ec))?,

@@ -1,32 +1,37 @@
 //! EtcdBackup reconciles: an on-demand backup waits for its cluster to be free of other
-//! backups, is taken, and its outcome recorded; and the S3 credentials backups use.
+//! backups, is taken, and its outcome recorded; and the store credentials backups use.
 
 use super::cluster::Reconciler;
 use super::*;
 
-/// Reads S3 credentials from a Secret: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and
-/// optionally `AWS_SESSION_TOKEN`.
+/// Reads a store's credentials from a Secret: the keys the store documents
+/// ([`crate::crd::Store::credential_keys`]), the required ones checked, the others ignored.
 pub async fn read_credentials(
     api: &Api<k8s_openapi::api::core::v1::Secret>,
     name: &str,
+    store: crate::crd::Store<'_>,
 ) -> Result<Credentials, Error> {
     let secret = api
         .get_opt(name)
         .await?
         .ok_or_else(|| Error::Credentials(format!("Secret {name} not found")))?;
     let data = secret.data.unwrap_or_default();
-    let get = |k: &str| {
-        data.get(k)
-            .map(|v| String::from_utf8_lossy(&v.0).trim().to_string())
-    };
-    Ok(Credentials {
-        access_key_id: get("AWS_ACCESS_KEY_ID")
-            .ok_or_else(|| Error::Credentials(format!("Secret {name} has no AWS_ACCESS_KEY_ID")))?,
-        secret_access_key: get("AWS_SECRET_ACCESS_KEY").ok_or_else(|| {
-            Error::Credentials(format!("Secret {name} has no AWS_SECRET_ACCESS_KEY"))
-        })?,
-        session_token: get("AWS_SESSION_TOKEN"),
-    })
+    let mut out = Credentials::new();
+    for (key, required) in store.credential_keys() {
+        match data.get(*key) {
+            Some(v) => {
+                out.insert(
+                    key.to_string(),
+                    String::from_utf8_lossy(&v.0).trim().to_string(),
+                );
+            }
+            None if *required => {
+                return Err(Error::Credentials(format!("Secret {name} has no {key}")))
+            }
+            None => {}
+        }
+    }
+    Ok(out)
 }
 
 /// The key of a destination's client-side encryption, from its Secret (key `key`).

@@ -502,6 +502,7 @@ impl<'a> Reconciler<'a> {
                     destination: from.destination.clone(),
                     operator_image: self.ctx.operator_image.clone(),
                     etcd_snapshot: from_etcd,
+                    identity: self.ctx.backup_identity.clone(),
                 });
 
         // A cluster made with TLS waits for its certificates rather than start without.
@@ -582,6 +583,9 @@ impl<'a> Reconciler<'a> {
         let mut storage_condition = None;
         let mut sts_failure = None;
         if replicas.is_some() || matches!(step, Step::Bootstrap { .. }) {
+            if let Some(r) = &restore {
+                self.backup_identity(r).await?;
+            }
             let mut desired = resources::statefulset_restoring(
                 ec,
                 replicas_now,
@@ -892,10 +896,34 @@ impl<'a> Reconciler<'a> {
             }
         }
         // A verification's failure is reported, never fatal to the backups.
-        if let Err(e) = self.verify_backups(spec, &mut st, status).await {
-            warn!(error = %e, "backup verification");
-        }
-        if self.ctx.backups.running(&key).is_some() {
+        let verify_wake = match self.verify_backups(spec, &mut st, status).await {
+            Ok(wake) => wake,
+            Err(e) => {
+                warn!(error = %e, "backup verification");
+                None
+            }
+        };
+        let next = self.next_backup(spec, st, view, status, &key).await?;
+        Ok(match (next, verify_wake) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        })
+    }
+
+    /// Starts the scheduled backup when it is due (`st` is this reconcile's backup status, put
+    /// into `status`), and says when to look again.
+    async fn next_backup(
+        &self,
+        spec: &crate::crd::BackupSpec,
+        mut st: crate::crd::BackupStatus,
+        view: Option<&ClusterView>,
+        status: &mut EtcdClusterStatus,
+        key: &str,
+    ) -> Result<Option<Duration>, Error> {
+        let ec = self.ec;
+        let generation = ec.metadata.generation;
+        let t = now();
+        if self.ctx.backups.running(key).is_some() {
             status.backup = Some(st);
             return Ok(Some(STEP_REQUEUE));
         }
@@ -929,9 +957,7 @@ impl<'a> Reconciler<'a> {
         let retry_at = (st.failures > 0)
             .then(|| st.next_backup_time.clone())
             .flatten();
-        let wait = |until: jiff::Timestamp| {
-            Duration::from_secs_f64(until.duration_since(t.0).as_secs_f64().clamp(0.5, 300.0))
-        };
+        let wait = |until: jiff::Timestamp| super::verify::wait_until(t.0, until);
         match due {
             Due::At(next) => {
                 st.next_backup_time = Some(Time(next));
@@ -986,7 +1012,7 @@ impl<'a> Reconciler<'a> {
                 if self
                     .ctx
                     .backups
-                    .start(&key, RunOwner::Schedule(scheduled), work)
+                    .start(key, RunOwner::Schedule(scheduled), work)
                 {
                     info!(scheduled = %scheduled, "backup started");
                     self.event(
@@ -1058,9 +1084,15 @@ impl<'a> Reconciler<'a> {
         &self,
         d: &crate::crd::BackupDestination,
     ) -> Result<Destination, Error> {
-        let creds = match d.s3.as_ref().and_then(|s| s.credentials_secret.as_deref()) {
+        let store = d.store().map_err(Error::Credentials)?;
+        let creds = match d.credentials_secret() {
             Some(name) => Some(
-                read_credentials(&self.api::<k8s_openapi::api::core::v1::Secret>(), name).await?,
+                read_credentials(
+                    &self.api::<k8s_openapi::api::core::v1::Secret>(),
+                    name,
+                    store,
+                )
+                .await?,
             ),
             None => None,
         };

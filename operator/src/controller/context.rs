@@ -48,6 +48,8 @@ pub struct Context {
     pub operator_image: String,
     /// Where the operator's pods run, for the members' NetworkPolicy; `None` outside a pod.
     pub operator_pod: Option<crate::network::OperatorPod>,
+    /// The identity of pods that reach object storage with ambient credentials.
+    pub backup_identity: resources::BackupIdentity,
 }
 
 impl Context {
@@ -65,6 +67,7 @@ impl Context {
             backups: Runs::default(),
             server_minor: tokio::sync::OnceCell::new(),
             operator_pod: None,
+            backup_identity: resources::BackupIdentity::default(),
             layout: Box::new(|ec: &EtcdCluster| Arc::new(Names::of(ec)) as Arc<dyn Layout>),
         }
     }

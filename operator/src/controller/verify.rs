@@ -1,22 +1,26 @@
-//! Backup verification (`spec.backup.verify`): after every Nth scheduled backup a Job
+//! Backup verification (`spec.backup.verify`): after every Nth scheduled backup (or at the
+//! times of its own schedule, the latest backup) a Job
 //! ([`resources::verify_job`]) restores it into a scratch member with no peers and checks it
 //! against its record. One verification at a time; its outcome is read back from the Job (and
 //! the reason of a failure from its pod's termination message) in a later reconcile.
 
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::ServiceAccount;
 
 use super::cluster::Reconciler;
 use super::*;
+use crate::backup::Due;
 use crate::crd::{BackupSpec, BackupStatus};
 
 impl Reconciler<'_> {
-    /// Reads back the verification under way, if any, and starts the next one when due.
+    /// Reads back the verification under way, if any, and starts the next one when due (after
+    /// every Nth backup, or at `verify.schedule`'s times); says when a schedule wants a look.
     pub(super) async fn verify_backups(
         &self,
         spec: &BackupSpec,
         st: &mut BackupStatus,
         status: &mut EtcdClusterStatus,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<Duration>, Error> {
         let jobs: Api<Job> = self.api();
         let generation = self.ec.metadata.generation;
         if let Some(rec) = st.verifying.clone() {
@@ -89,28 +93,66 @@ impl Reconciler<'_> {
             }
         }
         if !spec.verify.enabled || st.verifying.is_some() {
-            return Ok(());
+            // A verification under way: its Job's changes wake the controller.
+            return Ok(None);
         }
         let Some(rec) = st.last_backup.clone() else {
-            return Ok(());
+            return Ok(None);
         };
         let done = st
             .last_verified_backup
             .as_ref()
             .is_some_and(|v| v.key == rec.key);
-        if done || st.unverified < spec.verify.every.max(1) {
-            return Ok(());
+        let mut wake = None;
+        match &spec.verify.schedule {
+            Some(schedule) => {
+                let schedule = match crate::backup::parse_schedule(schedule) {
+                    Ok(s) => s,
+                    Err(msg) => {
+                        status.set_condition(
+                            condition::BACKUP_VERIFIED,
+                            false,
+                            "InvalidSchedule",
+                            format!("spec.backup.verify.schedule: {msg}"),
+                            generation,
+                            &now(),
+                        );
+                        return Ok(None);
+                    }
+                };
+                let t = now().0;
+                let last = st
+                    .last_verify_schedule_time
+                    .clone()
+                    .unwrap_or(rec.time.clone());
+                match crate::backup::due(&schedule, last.0, t) {
+                    Due::At(next) => return Ok(Some(wait_until(t, next))),
+                    Due::Now(scheduled) => {
+                        st.last_verify_schedule_time = Some(Time(scheduled));
+                        if let Due::At(next) = crate::backup::due(&schedule, scheduled, t) {
+                            wake = Some(wait_until(t, next));
+                        }
+                    }
+                }
+                if done {
+                    return Ok(wake);
+                }
+            }
+            None if done || st.unverified < spec.verify.every.max(1) => return Ok(None),
+            None => {}
         }
         let restore = resources::Restore {
             key: rec.key.clone(),
             destination: spec.destination.clone(),
             operator_image: self.ctx.operator_image.clone(),
             etcd_snapshot: false,
+            identity: self.ctx.backup_identity.clone(),
         };
         // The operator's own cairn release (it has `snapshot verify`), whatever release the
         // members run.
         let image = self.ctx.default_image.clone();
         let job = resources::verify_job(self.ec, &restore, &rec, &image);
+        self.backup_identity(&restore).await?;
         apply(&jobs, &job).await?;
         self.event(
             EventType::Normal,
@@ -125,6 +167,16 @@ impl Reconciler<'_> {
         .await;
         st.verifying = Some(rec);
         st.unverified = 0;
+        Ok(wake)
+    }
+
+    /// The cluster's backup ServiceAccount, when a pod about to be made downloads with
+    /// ambient credentials.
+    pub(super) async fn backup_identity(&self, r: &resources::Restore) -> Result<(), Error> {
+        if r.ambient() {
+            let sa = resources::backup_service_account(self.ec, &r.identity);
+            apply(&self.api::<ServiceAccount>(), &sa).await?;
+        }
         Ok(())
     }
 
@@ -149,4 +201,10 @@ impl Reconciler<'_> {
                 })
         })
     }
+}
+
+/// How long until `until`, as a requeue: at least half a second, at most five minutes (a
+/// schedule is looked at again at least that often).
+pub(super) fn wait_until(now: jiff::Timestamp, until: jiff::Timestamp) -> Duration {
+    Duration::from_secs_f64(until.duration_since(now).as_secs_f64().clamp(0.5, 300.0))
 }
