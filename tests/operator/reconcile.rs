@@ -2350,6 +2350,60 @@ async fn backups_are_verified_and_a_corrupted_one_fails_verification() {
     assert_eq!(failures, 1);
 }
 
+/// Issue 25 (verification on a schedule): backups every 2 s, verifications at the seconds of
+/// `verify.schedule` (multiples of 7) only, each of the latest backup; the scheduled time is
+/// recorded. With a credentials Secret no backup ServiceAccount is made (the Job's pod runs as
+/// the namespace's default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verification_on_its_own_schedule() {
+    let moto = crate::s3::Moto::start();
+    moto.create_bucket("scheduled");
+    let mut spec = backup_spec(&moto, "*/2 * * * * *");
+    spec["verify"] = json!({"schedule": "*/7 * * * * *"});
+    let mut w = World::new("sched", json!({"size": 1, "backup": spec}));
+    put_credentials(&w.api);
+    w.until("bootstrapped", |w| w.status()["readyMembers"] == 1)
+        .await;
+    // Every backup and every verification seen, by key.
+    let seen = std::sync::Mutex::new((
+        std::collections::BTreeSet::new(),
+        std::collections::BTreeSet::new(),
+    ));
+    w.until("two scheduled verifications", |w| {
+        let st = w.status();
+        let mut seen = seen.lock().unwrap();
+        if let Some(k) = st["backup"]["lastBackup"]["key"].as_str() {
+            seen.0.insert(k.to_string());
+        }
+        if let Some(k) = st["backup"]["verifying"]["key"].as_str() {
+            seen.1.insert(k.to_string());
+        }
+        w.ctx
+            .metrics
+            .backup_verifications
+            .with_label_values(&[NS, "sched", "ok"])
+            .get()
+            >= 2
+    })
+    .await;
+    let st = w.status();
+    let at = st["backup"]["lastVerifyScheduleTime"]
+        .as_str()
+        .expect("the scheduled time is recorded");
+    let second: u32 = at[17..19].parse().unwrap();
+    assert_eq!(second % 7, 0, "{at}");
+    let (backups, verified) = seen.into_inner().unwrap();
+    assert!(
+        verified.len() < backups.len() && verified.is_subset(&backups),
+        "verified {verified:?} of backups {backups:?}: not one per backup"
+    );
+    assert!(w
+        .api
+        .calls()
+        .iter()
+        .all(|c| !c.path.contains("/serviceaccounts")));
+}
+
 /// Issue 25: every member's data gone. A newer backup that failed verification is never used:
 /// on the token the cluster starts again from the latest verified backup (every member's pod
 /// and volume deleted first, the StatefulSet made again, its first member restoring it), with
