@@ -220,7 +220,7 @@ pub struct RecoveryRun {
     pub survivor: String,
     /// Its member ID (hex).
     pub survivor_id: String,
-    /// Its applied index when it was chosen (it had the longest log of the members that answered).
+    /// Its applied index when it was chosen (the highest of the members that answered).
     pub applied_index: u64,
     /// The highest revision any member had reported before the loss.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -10,8 +10,10 @@
 //! - `Manual`: only for an annotation token not acted on before. `Automatic`: also once the
 //!   outage has lasted `spec.recovery.after`, unless a voter that does not answer has a Pending
 //!   pod (not scheduled, or its volume not attached yet: it may come back with its data).
-//! - The survivor is the member that answers with the longest log (its last index; then the
-//!   highest applied index; ties: the lowest ordinal); every other ordinal is fenced (its pod and volume deleted) before the survivor is
+//! - The survivor is the member that answers with the highest applied index (what
+//!   `--force-new-cluster` keeps: the log is cut at the commit index; cairn re-applies up to the
+//!   commit index it saved when it restarts, so the figure survives restarts); then the longest
+//!   log; ties: the lowest ordinal. Every other ordinal is fenced (its pod and volume deleted) before the survivor is
 //!   restarted alone.
 //! - With no member answering, the latest verified backup is the way back (never one that was
 //!   not verified), and it discards every member's volume: so never on `cairn.dev/recover`
@@ -154,11 +156,11 @@ pub fn decide(names: &dyn Layout, f: &Facts<'_>, auto_token: &str) -> Decision {
             ));
         }
     }
-    // The longest log (Raft's "most up to date", and it survives restarts, where the applied
-    // index restarts from the last flush), then the furthest applied, then the lowest ordinal.
+    // The furthest applied (what a forced member keeps), then the longest log, then the lowest
+    // ordinal.
     let Some((ordinal, best)) = answering.iter().max_by(|(oa, a), (ob, b)| {
-        (a.raft_index, a.applied_index)
-            .cmp(&(b.raft_index, b.applied_index))
+        (a.applied_index, a.raft_index)
+            .cmp(&(b.applied_index, b.raft_index))
             .then(ob.cmp(oa))
     }) else {
         return restore(names, f, requested_backup, auto_token);
@@ -167,7 +169,7 @@ pub fn decide(names: &dyn Layout, f: &Facts<'_>, auto_token: &str) -> Decision {
         (Some(t), _) => t.to_string(),
         (None, QuorumLossMode::Manual) => {
             return Decision::Wait(format!(
-                "spec.recovery.quorumLoss is Manual: annotate the EtcdCluster with {}=<a new token> to restart {} (applied index {}; the longest log of the members that answer) as a one-member cluster",
+                "spec.recovery.quorumLoss is Manual: annotate the EtcdCluster with {}=<a new token> to restart {} (applied index {}, the highest of the members that answer) as a one-member cluster",
                 crate::crd::RECOVER_ANNOTATION,
                 names.member(*ordinal),
                 best.applied_index

@@ -270,3 +270,42 @@ async fn force_once_acts_on_the_named_member_once_per_token() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The applied index a member reports survives its restart, also with no quorum to commit
+/// anything new: what the operator picks a quorum-loss survivor by. (The applied state is
+/// flushed lazily; at start the member re-applies its log up to the commit index it saved.)
+#[tokio::test(flavor = "multi_thread")]
+async fn the_applied_index_survives_a_restart_without_quorum() {
+    let mut c = Cluster::start(Kind::Cairn, 3, &[]);
+    let mut client = c.client(&[1, 2, 3]).await;
+    for i in 0..100 {
+        client.put(format!("k/{i}"), "v", None).await.unwrap();
+    }
+    drop(client);
+    c.converge().await;
+    let before = c.client(&[1]).await.status().await.unwrap();
+    assert!(before.raft_applied_index() >= 100, "{before:?}");
+    for slot in [2, 3, 1] {
+        c.kill9(slot);
+    }
+    c.restart(1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        if let Ok(mut client) = tokio::time::timeout(Duration::from_secs(2), c.client(&[1])).await {
+            if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(2), client.status()).await {
+                break s;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no status after the restart\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        after.raft_applied_index(),
+        before.raft_applied_index(),
+        "applied index before {before:?}, after {after:?}"
+    );
+}

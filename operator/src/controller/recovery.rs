@@ -192,7 +192,7 @@ impl Reconciler<'_> {
                     "RecoveryStarted",
                     "Recover",
                     format!(
-                        "recovering from quorum loss ({token}): keeping {name} (applied index {}; the longest log of the members that answer); deleting the pods and volumes of {} first",
+                        "recovering from quorum loss ({token}): keeping {name} (applied index {}, the highest of the members that answer); deleting the pods and volumes of {} first",
                         survivor.applied_index,
                         fenced.join(", ")
                     ),

@@ -35,6 +35,10 @@ const KEY_VOTE: &[u8] = b"vote";
 const KEY_PURGED: &[u8] = b"purged";
 /// The last committed log id openraft told this member of (see `save_committed`).
 const KEY_COMMITTED: &[u8] = b"committed";
+/// A purge openraft asked for that `purge` held back at the applied position (a follower told
+/// to purge up to a snapshot from the leader before the snapshot is loaded). Openraft counts
+/// it done: its log may then hold a hole below it, which `limit_purges` purges at start.
+const KEY_PURGE_WANTED: &[u8] = b"purge_wanted";
 
 /// How many of the newest entries are kept in memory.
 pub const LOG_CACHE_ENTRIES: u64 = 4096;
@@ -184,6 +188,21 @@ impl LogStore {
     pub fn limit_purges(&mut self, applied: AppliedNow) -> Result<(), StorageError> {
         if let Some(a) = applied() {
             let purged = self.purged_index();
+            let wanted: Option<LogId> = self.engine.raft_get(KEY_PURGE_WANTED).map_err(io_err)?;
+            // A purge held back once reached the applied position: openraft was told it was
+            // done, so below it the log may have a hole (entries it never sent again, the
+            // snapshot holding them), whatever the first key on disk says (a purge's deletes
+            // can come back after a crash).
+            if wanted.is_some_and(|w| w.index > purged && a.index >= w.index) {
+                tracing::info!(
+                    upto = a.index,
+                    "purging a log held back for a loaded snapshot"
+                );
+                self.engine.persist_state().map_err(io_err)?;
+                self.purge_now(a)?;
+                self.applied = Some(applied);
+                return Ok(());
+            }
             let cf = self.engine.cf(crate::storage::CF_LOG);
             let first = match self.engine.db.iterator_cf(cf, IteratorMode::Start).next() {
                 Some(item) => {
@@ -270,6 +289,55 @@ impl LogStore {
             None => return Ok(None),
         };
         Ok((held == saved).then_some(saved))
+    }
+
+    /// The committed id handed to openraft at start: the saved one only when the log holds
+    /// that very entry (by Raft's log matching, the entries before it are then the committed
+    /// ones, not an old term's tail) and every entry from the applied position up to it (no
+    /// hole: openraft re-applies them, and a gap would stop the start). Otherwise `None`: the
+    /// applied position, as before the id was kept. Earlier, handing openraft the saved id
+    /// unchecked broke the fault suites (a log left with a hole by a held-back purge, see
+    /// `KEY_PURGE_WANTED`, read at start); `limit_purges` now purges such a hole first.
+    fn committed_for_start(&self) -> Result<Option<LogId>, StorageError> {
+        let Some(saved) = self
+            .engine
+            .raft_get::<LogId>(KEY_COMMITTED)
+            .map_err(io_err)?
+        else {
+            return Ok(None);
+        };
+        let purged = self.purged_index();
+        let applied = self
+            .applied
+            .as_ref()
+            .and_then(|now| now())
+            .map_or(0, |a| a.index);
+        let from = purged.max(applied) + 1;
+        if saved.index < from {
+            return Ok(Some(saved).filter(|_| saved.index <= applied));
+        }
+        let cf = self.engine.cf(crate::storage::CF_LOG);
+        let mut next = from;
+        let mut last = None;
+        for item in self.engine.db.iterator_cf(
+            cf,
+            IteratorMode::From(&from.to_be_bytes(), rocksdb::Direction::Forward),
+        ) {
+            let (k, v) = item.map_err(io_err)?;
+            let idx = u64::from_be_bytes(k.as_ref().try_into().map_err(io_err)?);
+            if idx != next || idx > saved.index {
+                break;
+            }
+            if idx == saved.index {
+                last = Some(
+                    bincode::deserialize::<Entry<TypeConfig>>(&v)
+                        .map_err(io_err)?
+                        .log_id,
+                );
+            }
+            next += 1;
+        }
+        Ok(last.filter(|l| *l == saved))
     }
 
     /// Replaces the log past `kept` by `entry` (at `kept.index + 1`), saves `vote` and `kept`
@@ -412,6 +480,10 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let mut out = Vec::new();
         let cf = self.engine.cf(crate::storage::CF_LOG);
         let from = start.to_be_bytes();
+        // Only a run without gaps from `start`: a log with a hole (see `KEY_PURGE_WANTED`)
+        // must never hand out entries that are not consecutive, which a follower would take
+        // as following `start - 1`.
+        let mut next = start;
         for item in self
             .engine
             .db
@@ -419,10 +491,18 @@ impl RaftLogReader<TypeConfig> for LogStore {
         {
             let (k, v) = item.map_err(io_err)?;
             let idx = u64::from_be_bytes(k.as_ref().try_into().map_err(io_err)?);
-            if !range.contains(&idx) {
+            if !range.contains(&idx) || idx != next {
+                if idx != next && range.contains(&idx) {
+                    tracing::warn!(
+                        start,
+                        missing = next,
+                        "the log has a hole: read stops at it"
+                    );
+                }
                 break;
             }
             out.push(bincode::deserialize(&v).map_err(io_err)?);
+            next += 1;
         }
         Ok(out)
     }
@@ -463,12 +543,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(io_err)
     }
 
+    /// Openraft re-applies the log up to it at start, so a restarted member reports (and
+    /// serves) what it had applied, not only what was flushed. See `committed_for_start`.
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        // Not handed to openraft: with it, openraft re-applies the log up to it at start, and
-        // the fault suites then saw a leader, after every member restarted, unable to read
-        // entries it had applied (CI, twice in three runs; not understood yet). The saved id
-        // serves `--force-new-cluster` (`committed_on_disk`) only.
-        Ok(None)
+        self.committed_for_start()
     }
 
     async fn append<I>(
@@ -567,15 +645,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // would leave a log purged past the applied position, which no restart recovers from.
         // So a purge goes no further than the state machine has applied (read before the
         // flush, so on disk after it); what it keeps is purged later.
+        let wanted = log_id;
         let log_id = match self.applied.as_ref().map(|now| now()) {
             None => log_id,
             Some(Some(a)) if a.index >= log_id.index => log_id,
             Some(Some(a)) if a.index > self.purged_index() => a,
             Some(_) => {
                 tracing::info!(upto = log_id.index, "not purging past the applied position");
+                self.engine
+                    .raft_put(KEY_PURGE_WANTED, &log_id)
+                    .map_err(io_err)?;
                 return Ok(());
             }
         };
+        if log_id.index < wanted.index {
+            // Held back: remembered, so that a restart purges past the hole openraft may leave.
+            self.engine
+                .raft_put(KEY_PURGE_WANTED, &wanted)
+                .map_err(io_err)?;
+        }
         let engine = self.engine.clone();
         let started = std::time::Instant::now();
         tokio::task::spawn_blocking(move || engine.persist_state())
@@ -705,6 +793,74 @@ mod tests {
             store.get_log_state().await.unwrap().last_purged_log_id,
             None
         );
+    }
+
+    /// A follower told to purge up to a snapshot from the leader (20) before the snapshot is
+    /// loaded purges only to its applied position (5) and remembers the rest; openraft counts
+    /// the purge done and appends past the snapshot (21..25), leaving a hole (11..20) after its
+    /// old entries (6..10). Reads never cross the hole, and a restart once the snapshot is
+    /// loaded purges past it, whatever the first key on disk is.
+    #[tokio::test]
+    async fn a_held_back_purge_leaves_no_hole_after_a_restart() {
+        use openraft::storage::{RaftLogReader, RaftLogStorage};
+        let (dir, mut store) = store_with(1..=10);
+        let applied = Arc::new(Mutex::new(Some(blank(5).log_id)));
+        let now = applied.clone();
+        store.limit_purges(Arc::new(move || *now.lock())).unwrap();
+        store.purge(blank(20).log_id).await.unwrap();
+        assert_eq!(store.purged_index(), 5);
+        let engine = store.engine.clone();
+        let cf = engine.cf(crate::storage::CF_LOG);
+        for i in 21..=25 {
+            let e = bincode::serialize(&blank(i)).unwrap();
+            engine.db.put_cf(cf, i.to_be_bytes(), e).unwrap();
+        }
+        let got = store.try_get_log_entries(6..26).await.unwrap();
+        assert_eq!(
+            got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+            (6..=10).collect::<Vec<_>>(),
+            "a read stops at the hole"
+        );
+        // The snapshot loaded, then a restart.
+        *applied.lock() = Some(blank(20).log_id);
+        drop(store);
+        let mut store =
+            LogStore::new(engine.clone(), &dir.path().join("cairn-wal"), 1, |_| {}).unwrap();
+        let now = applied.clone();
+        store.limit_purges(Arc::new(move || *now.lock())).unwrap();
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(blank(20).log_id));
+        assert_eq!(state.last_log_id, Some(blank(25).log_id));
+        let got = store.try_get_log_entries(21..26).await.unwrap();
+        assert_eq!(got.len(), 5);
+    }
+
+    /// The committed id openraft re-applies up to at start: the saved one only when the log
+    /// holds that very entry and every entry from the applied position up to it.
+    #[tokio::test]
+    async fn the_committed_id_at_start_is_checked_against_the_log() {
+        use openraft::storage::RaftLogStorage;
+        let (_dir, mut store) = store_with(1..=10);
+        store
+            .limit_purges(Arc::new(move || Some(blank(3).log_id)))
+            .unwrap();
+        assert_eq!(store.read_committed().await.unwrap(), None, "nothing saved");
+        store.save_committed(Some(blank(8).log_id)).await.unwrap();
+        assert_eq!(store.read_committed().await.unwrap(), Some(blank(8).log_id));
+        // Saved at or below the applied position: as saved (openraft takes the larger).
+        store.save_committed(Some(blank(2).log_id)).await.unwrap();
+        assert_eq!(store.read_committed().await.unwrap(), Some(blank(2).log_id));
+        // An entry of another term at that index: not this log's committed prefix.
+        let other = LogId::new(openraft::CommittedLeaderId::new(2, 1), 8);
+        store.save_committed(Some(other)).await.unwrap();
+        assert_eq!(store.read_committed().await.unwrap(), None);
+        // Past the log's end, or across a hole: not handed over.
+        store.save_committed(Some(blank(12).log_id)).await.unwrap();
+        assert_eq!(store.read_committed().await.unwrap(), None);
+        store.save_committed(Some(blank(8).log_id)).await.unwrap();
+        let cf = store.engine.cf(crate::storage::CF_LOG);
+        store.engine.db.delete_cf(cf, 6u64.to_be_bytes()).unwrap();
+        assert_eq!(store.read_committed().await.unwrap(), None);
     }
 
     /// openraft restores a leadership at start, without an election, when
