@@ -133,7 +133,13 @@ impl Destination {
                 Arc::new(b.build().map_err(bad)?)
             }
             Store::Gcs(gcs) => {
-                let mut b = GoogleCloudStorageBuilder::from_env().with_bucket_name(&gcs.bucket);
+                // With a Secret's keys, nothing from the process's environment (the operator's
+                // own identity) mixes in.
+                let b = match credentials {
+                    Some(_) => GoogleCloudStorageBuilder::new(),
+                    None => GoogleCloudStorageBuilder::from_env(),
+                };
+                let mut b = b.with_bucket_name(&gcs.bucket);
                 let mut keyed = false;
                 for (k, v) in settings() {
                     keyed = true;
@@ -146,13 +152,16 @@ impl Destination {
                             object_store::ClientOptions::new()
                                 .with_allow_http(e.starts_with("http://")),
                         );
-                    let ambient = [
-                        "GOOGLE_SERVICE_ACCOUNT",
-                        "GOOGLE_SERVICE_ACCOUNT_KEY",
-                        "GOOGLE_APPLICATION_CREDENTIALS",
-                    ]
-                    .iter()
-                    .any(|v| std::env::var_os(v).is_some());
+                    let ambient = credentials.is_none()
+                        && [
+                            "GOOGLE_SERVICE_ACCOUNT",
+                            "GOOGLE_SERVICE_ACCOUNT_PATH",
+                            "GOOGLE_SERVICE_ACCOUNT_KEY",
+                            "GOOGLE_APPLICATION_CREDENTIALS",
+                            "SERVICE_ACCOUNT",
+                        ]
+                        .iter()
+                        .any(|v| std::env::var_os(v).is_some());
                     if !keyed && !ambient {
                         // An endpoint and no key: an emulator, asked without OAuth tokens (there
                         // is no metadata server to get one from).
@@ -168,7 +177,11 @@ impl Destination {
                 Arc::new(b.build().map_err(bad)?)
             }
             Store::Azure(az) => {
-                let mut b = MicrosoftAzureBuilder::from_env()
+                let b = match credentials {
+                    Some(_) => MicrosoftAzureBuilder::new(),
+                    None => MicrosoftAzureBuilder::from_env(),
+                };
+                let mut b = b
                     .with_account(&az.account)
                     .with_container_name(&az.container);
                 for (k, v) in settings() {

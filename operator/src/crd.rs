@@ -729,6 +729,32 @@ impl Store<'_> {
         }
     }
 
+    /// Whether `keys` (a credentials Secret's keys) hold one complete set of this store's
+    /// credentials; the message names what is missing.
+    pub fn check_credentials<'k>(
+        &self,
+        keys: impl IntoIterator<Item = &'k str> + Clone,
+    ) -> Result<(), String> {
+        let has = |k: &str| keys.clone().into_iter().any(|x| x == k);
+        if let Some((missing, _)) = self
+            .credential_keys()
+            .iter()
+            .find(|(k, required)| *required && !has(k))
+        {
+            return Err(format!("has no {missing}"));
+        }
+        if let Store::Azure(_) = self {
+            let principal = ["AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET", "AZURE_TENANT_ID"];
+            if !has("AZURE_STORAGE_ACCOUNT_KEY")
+                && !has("AZURE_STORAGE_SAS_KEY")
+                && !principal.iter().all(|k| has(k))
+            {
+                return Err("has none of AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_SAS_KEY, or all of AZURE_CLIENT_ID, AZURE_CLIENT_SECRET and AZURE_TENANT_ID".into());
+            }
+        }
+        Ok(())
+    }
+
     /// The key prefix inside the bucket or container.
     pub fn prefix(&self) -> &str {
         match self {
@@ -1600,6 +1626,40 @@ mod tests {
         let (from, is_etcd) = spec.source().unwrap().unwrap();
         assert!(is_etcd);
         assert_eq!(from.key.as_deref(), Some("etcd.db"));
+    }
+
+    /// A credentials Secret must hold one complete set of its store's credentials.
+    #[test]
+    fn credentials_are_checked_per_store() {
+        let s3 = S3Destination::default();
+        let gcs = GcsDestination::default();
+        let azure = AzureDestination::default();
+        let check = |store: Store<'_>, keys: &[&str]| store.check_credentials(keys.iter().copied());
+        assert!(check(
+            Store::S3(&s3),
+            &["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+        )
+        .is_ok());
+        assert_eq!(
+            check(Store::S3(&s3), &["AWS_ACCESS_KEY_ID"]),
+            Err("has no AWS_SECRET_ACCESS_KEY".into())
+        );
+        assert!(check(Store::Gcs(&gcs), &["GOOGLE_SERVICE_ACCOUNT_KEY"]).is_ok());
+        assert!(check(Store::Gcs(&gcs), &["AWS_ACCESS_KEY_ID"]).is_err());
+        for ok in [
+            &["AZURE_STORAGE_ACCOUNT_KEY"][..],
+            &["AZURE_STORAGE_SAS_KEY"],
+            &["AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET", "AZURE_TENANT_ID"],
+        ] {
+            assert!(check(Store::Azure(&azure), ok).is_ok(), "{ok:?}");
+        }
+        for bad in [
+            &["AZURE_STORAGE_KEY"][..],
+            &["AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET"],
+            &[],
+        ] {
+            assert!(check(Store::Azure(&azure), bad).is_err(), "{bad:?}");
+        }
     }
 
     /// A backup destination names exactly one store: the CRD's CEL rule (as an API server runs

@@ -541,19 +541,56 @@ pub struct Restore {
 }
 
 impl Restore {
-    /// Whether the download uses ambient credentials (no credentials Secret): the pod then
-    /// runs as the cluster's backup ServiceAccount ([`backup_service_account`]).
+    /// Whether the downloading pod runs as the cluster's backup ServiceAccount
+    /// ([`backup_service_account`]): the destination names no credentials Secret (ambient
+    /// credentials) and the operator was given a backup identity.
     pub fn ambient(&self) -> bool {
-        self.destination.credentials_secret().is_none()
+        self.destination.credentials_secret().is_none() && self.identity.is_set()
+    }
+}
+
+impl BackupIdentity {
+    /// Whether one was configured (the chart's `backupIdentity`). Without one, pods that
+    /// download with ambient credentials run as the namespace's default ServiceAccount.
+    pub fn is_set(&self) -> bool {
+        !self.annotations.is_empty() || !self.pod_labels.is_empty()
+    }
+}
+
+/// Keeps a running StatefulSet's identity in `desired`: its pods' ServiceAccount, and of the
+/// identity's pod labels only those its template has. A cluster made before the identity was
+/// configured (or by an operator without it) is not rolled onto it, nor off it.
+pub fn keep_identity(desired: &mut StatefulSet, running: &StatefulSet, id: &BackupIdentity) {
+    let template = |s: &StatefulSet| s.spec.as_ref().map(|s| s.template.clone());
+    let Some(old) = template(running) else { return };
+    let Some(new) = desired.spec.as_mut().map(|s| &mut s.template) else {
+        return;
+    };
+    if let Some(pod) = new.spec.as_mut() {
+        pod.service_account_name = old.spec.and_then(|p| p.service_account_name);
+    }
+    let old_labels = old.metadata.and_then(|m| m.labels).unwrap_or_default();
+    if let Some(labels) = new.metadata.as_mut().and_then(|m| m.labels.as_mut()) {
+        for k in id.pod_labels.keys() {
+            match old_labels.get(k) {
+                Some(v) => {
+                    labels.insert(k.clone(), v.clone());
+                }
+                None => {
+                    labels.remove(k);
+                }
+            }
+        }
     }
 }
 
 /// The identity of pods that reach object storage with ambient credentials (a restore's
 /// download, a verification Job). Workload identity (EKS IRSA, GKE, Azure) binds a cloud
 /// identity to a ServiceAccount through its annotations, so the operator makes one per cluster
-/// with the annotations its own has (the chart's `backupIdentity`, by default its
-/// `serviceAccount.annotations`), and gives those pods the labels some platforms ask for
-/// (Azure's `azure.workload.identity/use: "true"`).
+/// with the annotations it is given (the chart's `backupIdentity`; none by default: an
+/// identity that reads backups is the administrator's choice, and every pod of the namespace
+/// could run as it), and gives those pods the labels some platforms ask for (Azure's
+/// `azure.workload.identity/use: "true"`).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct BackupIdentity {
     pub annotations: BTreeMap<String, String>,
@@ -1333,6 +1370,41 @@ mod tests {
         assert_eq!(sa.metadata.annotations, Some(identity.annotations.clone()));
         assert_eq!(sa.automount_service_account_token, Some(false));
         assert!(sa.metadata.owner_references.is_some());
+        // No identity configured: the namespace's default ServiceAccount, no labels added.
+        let unset = Restore {
+            identity: BackupIdentity::default(),
+            ..ambient.clone()
+        };
+        let plain = statefulset_restoring(&ec, 1, "cairn:1", Some(&unset), &Serving::default());
+        assert_eq!(pod_spec(&plain).service_account_name, None);
+        // A running StatefulSet keeps the identity its template has, with or without it: no
+        // roll when the identity is configured later, or the operator upgraded.
+        let mut desired = s.clone();
+        keep_identity(&mut desired, &plain, &identity);
+        assert_eq!(pod_spec(&desired).service_account_name, None);
+        let labels = desired
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap();
+        assert!(!labels
+            .labels
+            .as_ref()
+            .unwrap()
+            .contains_key("azure.workload.identity/use"));
+        assert_eq!(
+            desired.spec.as_ref().unwrap().template,
+            plain.spec.as_ref().unwrap().template
+        );
+        let mut desired = plain.clone();
+        keep_identity(&mut desired, &s, &identity);
+        assert_eq!(
+            desired.spec.as_ref().unwrap().template,
+            s.spec.as_ref().unwrap().template
+        );
         // A plain cluster never names it.
         assert_eq!(
             pod_spec(&statefulset(&ec, 1, "cairn:1")).service_account_name,

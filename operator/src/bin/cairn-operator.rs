@@ -74,12 +74,21 @@ struct Flags {
     command: Option<Command>,
 }
 
-/// A JSON object of strings (an empty value is an empty object: a chart that sets nothing).
+/// A JSON object (an empty value is an empty object: a chart that sets nothing); numbers and
+/// booleans become their text (`true` as YAML gives it for `"true"` unquoted).
 fn json_map(s: &str) -> Result<BTreeMap<String, String>, String> {
     if s.trim().is_empty() {
         return Ok(BTreeMap::new());
     }
-    serde_json::from_str(s).map_err(|e| format!("a JSON object of strings: {e}"))
+    let map: BTreeMap<String, serde_json::Value> =
+        serde_json::from_str(s).map_err(|e| format!("a JSON object: {e}"))?;
+    map.into_iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::String(s) => Ok((k, s)),
+            serde_json::Value::Bool(_) | serde_json::Value::Number(_) => Ok((k, v.to_string())),
+            other => Err(format!("{k}: a string, not {other}")),
+        })
+        .collect()
 }
 
 /// A destination on the command line: an S3 bucket by flags, or any store as `--destination`.

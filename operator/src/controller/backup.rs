@@ -16,22 +16,20 @@ pub async fn read_credentials(
         .await?
         .ok_or_else(|| Error::Credentials(format!("Secret {name} not found")))?;
     let data = secret.data.unwrap_or_default();
-    let mut out = Credentials::new();
-    for (key, required) in store.credential_keys() {
-        match data.get(*key) {
-            Some(v) => {
-                out.insert(
-                    key.to_string(),
-                    String::from_utf8_lossy(&v.0).trim().to_string(),
-                );
-            }
-            None if *required => {
-                return Err(Error::Credentials(format!("Secret {name} has no {key}")))
-            }
-            None => {}
-        }
-    }
-    Ok(out)
+    store
+        .check_credentials(data.keys().map(String::as_str))
+        .map_err(|why| Error::Credentials(format!("Secret {name} {why}")))?;
+    Ok(store
+        .credential_keys()
+        .iter()
+        .filter_map(|(key, _)| {
+            let v = data.get(*key)?;
+            Some((
+                key.to_string(),
+                String::from_utf8_lossy(&v.0).trim().to_string(),
+            ))
+        })
+        .collect())
 }
 
 /// The key of a destination's client-side encryption, from its Secret (key `key`).

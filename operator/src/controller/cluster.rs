@@ -583,9 +583,6 @@ impl<'a> Reconciler<'a> {
         let mut storage_condition = None;
         let mut sts_failure = None;
         if replicas.is_some() || matches!(step, Step::Bootstrap { .. }) {
-            if let Some(r) = &restore {
-                self.backup_identity(r).await?;
-            }
             let mut desired = resources::statefulset_restoring(
                 ec,
                 replicas_now,
@@ -595,6 +592,21 @@ impl<'a> Reconciler<'a> {
             );
             if let (Some(_), Some(running)) = (&refused, &running_image) {
                 resources::set_image(&mut desired, running);
+            }
+            if let Some(running) = &sts {
+                resources::keep_identity(&mut desired, running, &self.ctx.backup_identity);
+            }
+            let names_identity = desired
+                .spec
+                .as_ref()
+                .and_then(|s| s.template.spec.as_ref())
+                .and_then(|p| p.service_account_name.as_deref())
+                == Some(self.names.backup_service_account().as_str());
+            if let (Some(r), true) = (&restore, names_identity) {
+                // Reported, not fatal: the members' pods wait for it, nothing else does.
+                if let Err(e) = self.backup_identity(r).await {
+                    warn!(error = %e, "applying the backup ServiceAccount");
+                }
             }
             let with_new_claims = desired.clone();
             let outcome = self.storage(sts.as_ref(), &mut desired, replicas_now).await;

@@ -104,6 +104,9 @@ impl Reconciler<'_> {
             .as_ref()
             .is_some_and(|v| v.key == rec.key);
         let mut wake = None;
+        // The scheduled time this run is for: recorded once its Job is made (a Job that could
+        // not be made is tried again, not skipped until the next time).
+        let mut slot = None;
         match &spec.verify.schedule {
             Some(schedule) => {
                 let schedule = match crate::backup::parse_schedule(schedule) {
@@ -128,18 +131,22 @@ impl Reconciler<'_> {
                 match crate::backup::due(&schedule, last.0, t) {
                     Due::At(next) => return Ok(Some(wait_until(t, next))),
                     Due::Now(scheduled) => {
-                        st.last_verify_schedule_time = Some(Time(scheduled));
+                        slot = Some(Time(scheduled));
                         if let Due::At(next) = crate::backup::due(&schedule, scheduled, t) {
                             wake = Some(wait_until(t, next));
                         }
                     }
                 }
                 if done {
+                    st.last_verify_schedule_time = slot;
                     return Ok(wake);
                 }
             }
-            None if done || st.unverified < spec.verify.every.max(1) => return Ok(None),
-            None => {}
+            None if done || st.unverified < spec.verify.every.max(1) => {
+                st.last_verify_schedule_time = None;
+                return Ok(None);
+            }
+            None => st.last_verify_schedule_time = None,
         }
         let restore = resources::Restore {
             key: rec.key.clone(),
@@ -167,6 +174,9 @@ impl Reconciler<'_> {
         .await;
         st.verifying = Some(rec);
         st.unverified = 0;
+        if slot.is_some() {
+            st.last_verify_schedule_time = slot;
+        }
         Ok(wake)
     }
 

@@ -200,6 +200,7 @@ impl LogStore {
                 );
                 self.engine.persist_state().map_err(io_err)?;
                 self.purge_now(a)?;
+                self.engine.raft_delete(KEY_PURGE_WANTED).map_err(io_err)?;
                 self.applied = Some(applied);
                 return Ok(());
             }
@@ -317,12 +318,12 @@ impl LogStore {
             return Ok(Some(saved).filter(|_| saved.index <= applied));
         }
         let cf = self.engine.cf(crate::storage::CF_LOG);
-        let mut next = from;
         let mut last = None;
-        for item in self.engine.db.iterator_cf(
+        let entries = self.engine.db.iterator_cf(
             cf,
             IteratorMode::From(&from.to_be_bytes(), rocksdb::Direction::Forward),
-        ) {
+        );
+        for (item, next) in entries.zip(from..) {
             let (k, v) = item.map_err(io_err)?;
             let idx = u64::from_be_bytes(k.as_ref().try_into().map_err(io_err)?);
             if idx != next || idx > saved.index {
@@ -335,7 +336,6 @@ impl LogStore {
                         .log_id,
                 );
             }
-            next += 1;
         }
         Ok(last.filter(|l| *l == saved))
     }
@@ -483,12 +483,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
         // Only a run without gaps from `start`: a log with a hole (see `KEY_PURGE_WANTED`)
         // must never hand out entries that are not consecutive, which a follower would take
         // as following `start - 1`.
-        let mut next = start;
-        for item in self
+        let entries = self
             .engine
             .db
-            .iterator_cf(cf, IteratorMode::From(&from, rocksdb::Direction::Forward))
-        {
+            .iterator_cf(cf, IteratorMode::From(&from, rocksdb::Direction::Forward));
+        for (item, next) in entries.zip(start..) {
             let (k, v) = item.map_err(io_err)?;
             let idx = u64::from_be_bytes(k.as_ref().try_into().map_err(io_err)?);
             if !range.contains(&idx) || idx != next {
@@ -502,7 +501,6 @@ impl RaftLogReader<TypeConfig> for LogStore {
                 break;
             }
             out.push(bincode::deserialize(&v).map_err(io_err)?);
-            next += 1;
         }
         Ok(out)
     }
