@@ -479,28 +479,35 @@ impl RaftLogReader<TypeConfig> for LogStore {
         }
         let mut out = Vec::new();
         let cf = self.engine.cf(crate::storage::CF_LOG);
-        let from = start.to_be_bytes();
-        // Only a run without gaps from `start`: a log with a hole (see `KEY_PURGE_WANTED`)
-        // must never hand out entries that are not consecutive, which a follower would take
-        // as following `start - 1`.
-        let entries = self
+        // Only a run without gaps from the first index of the range that is not purged: a log
+        // with a hole (see `KEY_PURGE_WANTED`) must never hand out entries that are not
+        // consecutive, which a follower would take as following the one before. (Purged
+        // entries a crash brought back on disk are not the log's: skipped. A log never purged
+        // starts where its first entry is.)
+        let purged: Option<LogId> = self.engine.raft_get(KEY_PURGED).map_err(io_err)?;
+        let first = purged.map_or(start, |p| start.max(p.index + 1));
+        let from = first.to_be_bytes();
+        let mut next = None;
+        for item in self
             .engine
             .db
-            .iterator_cf(cf, IteratorMode::From(&from, rocksdb::Direction::Forward));
-        for (item, next) in entries.zip(start..) {
+            .iterator_cf(cf, IteratorMode::From(&from, rocksdb::Direction::Forward))
+        {
             let (k, v) = item.map_err(io_err)?;
             let idx = u64::from_be_bytes(k.as_ref().try_into().map_err(io_err)?);
-            if !range.contains(&idx) || idx != next {
-                if idx != next && range.contains(&idx) {
+            let next = next.get_or_insert(if purged.is_some() { first } else { idx });
+            if !range.contains(&idx) || idx != *next {
+                if idx != *next && range.contains(&idx) {
                     tracing::warn!(
                         start,
-                        missing = next,
+                        missing = *next,
                         "the log has a hole: read stops at it"
                     );
                 }
                 break;
             }
             out.push(bincode::deserialize(&v).map_err(io_err)?);
+            *next += 1;
         }
         Ok(out)
     }
