@@ -415,23 +415,36 @@ impl Upload {
         Ok(())
     }
 
-    async fn finish(self) -> Result<(), Error> {
-        match self.multipart {
+    async fn finish(mut self) -> Result<(), Error> {
+        match self.multipart.take() {
             Some(w) => {
                 w.finish().await?;
             }
             None => {
-                self.store
-                    .put(&self.path, PutPayload::from(self.held))
-                    .await?;
+                let held = std::mem::take(&mut self.held);
+                self.store.put(&self.path, PutPayload::from(held)).await?;
             }
         }
         Ok(())
     }
 
-    async fn abort(self) {
-        if let Some(w) = self.multipart {
+    async fn abort(mut self) {
+        if let Some(w) = self.multipart.take() {
             let _ = w.abort().await;
+        }
+    }
+}
+
+/// An upload dropped unfinished (a write failed, sealing failed, the backup was cancelled)
+/// aborts its multipart upload, so that no parts are left in the store.
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if let Some(w) = self.multipart.take() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = w.abort().await;
+                });
+            }
         }
     }
 }

@@ -382,6 +382,28 @@ mod tests {
             }
             d => panic!("{d:?}"),
         }
+        // The highest applied index wins over a longer log (entries past a member's commit
+        // index are dropped by the force); the longer log breaks a tie.
+        let mut v = view(&[
+            (0, true, 50),
+            (1, false, 0),
+            (2, true, 48),
+            (3, false, 0),
+            (4, false, 0),
+        ]);
+        v.members[0].raft_index = 50;
+        v.members[2].raft_index = 60;
+        let mut f = facts(QuorumLossMode::Automatic, Some(&v), &prev, LONG, &[]);
+        f.replicas = 5;
+        assert!(
+            matches!(decide(&n, &f, "t"), Decision::Recover { survivor, .. } if survivor.ordinal == 0)
+        );
+        v.members[2].applied_index = 50;
+        let mut f = facts(QuorumLossMode::Automatic, Some(&v), &prev, LONG, &[]);
+        f.replicas = 5;
+        assert!(
+            matches!(decide(&n, &f, "t"), Decision::Recover { survivor, .. } if survivor.ordinal == 2)
+        );
     }
 
     #[test]

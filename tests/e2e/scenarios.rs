@@ -1031,9 +1031,9 @@ async fn s4_scheduled_backups_verified_restored_and_quorum_loss_recovered() {
     // A new cluster: its own ID.
     assert_ne!(c.status().await["clusterID"], r.status().await["clusterID"]);
 
-    // Quorum loss: two of delta's three members lose their data at once (both volumes wiped
-    // under the running processes, then both killed together: one at a time, the first would
-    // be repaired from the quorum the other two still make, as a lost member is). They
+    // Quorum loss: two of delta's three members lose their data at once (both volumes wiped,
+    // then both pods deleted together, as in s3 for one: one at a time, the first would be
+    // repaired from the quorum the other two still make, as a lost member is). They
     // crash-loop on "has already been bootstrapped"; automatic recovery fences them, restarts
     // delta-0 alone from its own data and grows back to three.
     c.api
@@ -1048,17 +1048,12 @@ async fn s4_scheduled_backups_verified_restored_and_quorum_loss_recovered() {
         .unwrap();
     let before = c.members();
     let mut wipe = vec!["run".to_string(), "--rm".to_string()];
-    let mut ids = Vec::new();
     for o in [1, 2] {
         let vol = claim_volume_name(&cp.run, "keep", &format!("data-delta-{o}"));
         wipe.extend([
             "--mount".to_string(),
             format!("type=volume,source={vol},target=/v{o}"),
         ]);
-        let filter = format!("name=^{}-keep-delta-{o}-.*-cairn$", cp.run);
-        let id = docker_sync(&["ps", "-q", "--filter", &filter]).unwrap();
-        assert!(!id.trim().is_empty(), "no container of delta-{o}");
-        ids.push(id.trim().to_string());
     }
     wipe.extend(
         [
@@ -1077,9 +1072,12 @@ async fn s4_scheduled_backups_verified_restored_and_quorum_loss_recovered() {
         "the volumes still hold: {left}"
     );
     let t = Instant::now();
-    let mut kill = vec!["kill", "--signal", "KILL"];
-    kill.extend(ids.iter().map(String::as_str));
-    docker_sync(&kill).unwrap();
+    let pods: Api<Pod> = Api::namespaced(cp.client.clone(), "keep");
+    for o in [1, 2] {
+        pods.delete(&format!("delta-{o}"), &DeleteParams::default())
+            .await
+            .unwrap();
+    }
     let recovered = eventually(
         Duration::from_secs(300),
         Duration::from_secs(1),

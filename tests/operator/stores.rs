@@ -103,6 +103,18 @@ async fn gcs_configuration_and_the_restore_step() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+    // A misspelt field is refused by name, not dropped.
+    let out = Command::new(env!("CARGO_BIN_EXE_cairn-operator"))
+        .arg("fetch-backup")
+        .arg(r#"--destination={"gcs":{"bucket":"b","prefx":"p","endpoint":""}}"#)
+        .args(["--key=k", "--out=/nonexistent/x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown field gcs.prefx"),
+        "{out:?}"
+    );
     // Both forms at once are refused.
     let out = Command::new(env!("CARGO_BIN_EXE_cairn-operator"))
         .arg("fetch-backup")

@@ -74,6 +74,31 @@ struct Flags {
     command: Option<Command>,
 }
 
+/// The first field of `given` (an object, as JSON) that `parsed` (what it was read into, written
+/// back) does not have, unless its value is empty (written back, an empty value is left out): a
+/// misspelt field would otherwise be dropped without a word.
+fn unknown_field(
+    given: &serde_json::Value,
+    parsed: &serde_json::Value,
+    at: &str,
+) -> Option<String> {
+    let (serde_json::Value::Object(g), serde_json::Value::Object(p)) = (given, parsed) else {
+        return None;
+    };
+    let empty = |v: &serde_json::Value| match v {
+        serde_json::Value::Null | serde_json::Value::Bool(false) => true,
+        serde_json::Value::String(s) => s.is_empty(),
+        serde_json::Value::Array(a) => a.is_empty(),
+        serde_json::Value::Object(o) => o.is_empty(),
+        serde_json::Value::Number(_) | serde_json::Value::Bool(true) => false,
+    };
+    g.iter().find_map(|(k, v)| match p.get(k) {
+        None if empty(v) => None,
+        None => Some(format!("{at}{k}")),
+        Some(pv) => unknown_field(v, pv, &format!("{at}{k}.")),
+    })
+}
+
 /// A JSON object (an empty value is an empty object: a chart that sets nothing); numbers and
 /// booleans become their text (`true` as YAML gives it for `"true"` unquoted).
 fn json_map(s: &str) -> Result<BTreeMap<String, String>, String> {
@@ -130,6 +155,10 @@ impl S3Args {
             Some(json) => {
                 let d: BackupDestination = serde_json::from_str(json)
                     .map_err(|e| anyhow::anyhow!("--destination: {e}"))?;
+                let given: serde_json::Value = serde_json::from_str(json)?;
+                if let Some(field) = unknown_field(&given, &serde_json::to_value(&d)?, "") {
+                    anyhow::bail!("--destination: unknown field {field}");
+                }
                 anyhow::ensure!(
                     d.encryption.is_none(),
                     "--destination: give the encryption key by --encryption-key-id and CAIRN_BACKUP_KEY"
