@@ -928,6 +928,12 @@ pub fn due(schedule: &croner::Cron, last: Timestamp, now: Timestamp) -> Due {
     Due::Now(latest.max(next))
 }
 
+/// How long until `until`, as a requeue: at least half a second, at most five minutes (a
+/// schedule is looked at again at least that often).
+pub fn wait_until(now: Timestamp, until: Timestamp) -> Duration {
+    Duration::from_secs_f64(until.duration_since(now).as_secs_f64().clamp(0.5, 300.0))
+}
+
 /// How long to wait before retrying a failed backup: 10 s doubling up to 10 min.
 pub fn retry_backoff(failures: i32) -> Duration {
     let exp = failures.clamp(1, 7) as u32 - 1;

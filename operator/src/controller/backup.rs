@@ -4,6 +4,18 @@
 use super::cluster::Reconciler;
 use super::*;
 
+/// The data of a Secret the destination names (its absence is a credentials error).
+async fn secret_data(
+    api: &Api<k8s_openapi::api::core::v1::Secret>,
+    name: &str,
+) -> Result<std::collections::BTreeMap<String, k8s_openapi::ByteString>, Error> {
+    let secret = api
+        .get_opt(name)
+        .await?
+        .ok_or_else(|| Error::Credentials(format!("Secret {name} not found")))?;
+    Ok(secret.data.unwrap_or_default())
+}
+
 /// Reads a store's credentials from a Secret: the keys the store documents
 /// ([`crate::crd::Store::credential_keys`]), the required ones checked, the others ignored.
 pub async fn read_credentials(
@@ -11,11 +23,7 @@ pub async fn read_credentials(
     name: &str,
     store: crate::crd::Store<'_>,
 ) -> Result<Credentials, Error> {
-    let secret = api
-        .get_opt(name)
-        .await?
-        .ok_or_else(|| Error::Credentials(format!("Secret {name} not found")))?;
-    let data = secret.data.unwrap_or_default();
+    let data = secret_data(api, name).await?;
     store
         .check_credentials(data.keys().map(String::as_str))
         .map_err(|why| Error::Credentials(format!("Secret {name} {why}")))?;
@@ -38,11 +46,7 @@ pub async fn read_backup_key(
     e: &crate::crd::BackupEncryption,
 ) -> Result<crate::seal::BackupKey, Error> {
     let name = &e.secret_name;
-    let secret = api
-        .get_opt(name)
-        .await?
-        .ok_or_else(|| Error::Credentials(format!("Secret {name} not found")))?;
-    let data = secret.data.unwrap_or_default();
+    let data = secret_data(api, name).await?;
     let value = data.get(crate::crd::BACKUP_KEY_SECRET_KEY).ok_or_else(|| {
         Error::Credentials(format!(
             "Secret {name} has no key {:?}",

@@ -969,7 +969,7 @@ impl<'a> Reconciler<'a> {
         let retry_at = (st.failures > 0)
             .then(|| st.next_backup_time.clone())
             .flatten();
-        let wait = |until: jiff::Timestamp| super::verify::wait_until(t.0, until);
+        let wait = |until: jiff::Timestamp| crate::backup::wait_until(t.0, until);
         match due {
             Due::At(next) => {
                 st.next_backup_time = Some(Time(next));

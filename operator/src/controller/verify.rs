@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::ServiceAccount;
 
 use super::cluster::Reconciler;
 use super::*;
-use crate::backup::Due;
+use crate::backup::{wait_until, Due};
 use crate::crd::{BackupSpec, BackupStatus};
 
 impl Reconciler<'_> {
@@ -211,10 +211,4 @@ impl Reconciler<'_> {
                 })
         })
     }
-}
-
-/// How long until `until`, as a requeue: at least half a second, at most five minutes (a
-/// schedule is looked at again at least that often).
-pub(super) fn wait_until(now: jiff::Timestamp, until: jiff::Timestamp) -> Duration {
-    Duration::from_secs_f64(until.duration_since(now).as_secs_f64().clamp(0.5, 300.0))
 }

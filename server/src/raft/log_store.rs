@@ -193,17 +193,7 @@ impl LogStore {
             // done, so below it the log may have a hole (entries it never sent again, the
             // snapshot holding them), whatever the first key on disk says (a purge's deletes
             // can come back after a crash).
-            if wanted.is_some_and(|w| w.index > purged && a.index >= w.index) {
-                tracing::info!(
-                    upto = a.index,
-                    "purging a log held back for a loaded snapshot"
-                );
-                self.engine.persist_state().map_err(io_err)?;
-                self.purge_now(a)?;
-                self.engine.raft_delete(KEY_PURGE_WANTED).map_err(io_err)?;
-                self.applied = Some(applied);
-                return Ok(());
-            }
+            let held_back = wanted.is_some_and(|w| w.index > purged && a.index >= w.index);
             let cf = self.engine.cf(crate::storage::CF_LOG);
             let first = match self.engine.db.iterator_cf(cf, IteratorMode::Start).next() {
                 Some(item) => {
@@ -213,13 +203,17 @@ impl LogStore {
                 }
                 None => None,
             };
-            if a.index > purged && first.is_some_and(|f| f > purged + 1) {
+            let hole_at_start = a.index > purged && first.is_some_and(|f| f > purged + 1);
+            if held_back || hole_at_start {
                 tracing::info!(
                     upto = a.index,
                     "purging a log held back for a loaded snapshot"
                 );
                 self.engine.persist_state().map_err(io_err)?;
                 self.purge_now(a)?;
+                if held_back {
+                    self.engine.raft_delete(KEY_PURGE_WANTED).map_err(io_err)?;
+                }
             }
         }
         self.applied = Some(applied);
