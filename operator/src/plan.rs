@@ -212,6 +212,12 @@ pub enum Refusal {
     Unreachable,
     /// Members answered but there is no leader.
     NoLeader,
+    /// A leader answers, but fewer voters than a quorum do.
+    NoQuorum {
+        answering: usize,
+        voters: usize,
+        needed: usize,
+    },
     /// Removing the member would leave fewer healthy voters than a quorum.
     WouldLoseQuorum { healthy_after: usize, needed: usize },
     /// The last learner missed its deadline and was removed: the next one is added once the
@@ -227,7 +233,7 @@ impl Refusal {
     pub fn reason(&self) -> &'static str {
         match self {
             Refusal::Unreachable => "Unreachable",
-            Refusal::NoLeader => "QuorumLost",
+            Refusal::NoLeader | Refusal::NoQuorum { .. } => "QuorumLost",
             Refusal::WouldLoseQuorum { .. } => "WouldLoseQuorum",
             Refusal::ScaleUpStalled { .. } => SCALE_UP_STALLED,
         }
@@ -237,6 +243,13 @@ impl Refusal {
         match self {
             Refusal::Unreachable => "no member of the cluster answers".to_string(),
             Refusal::NoLeader => "the cluster has no leader (quorum lost?)".to_string(),
+            Refusal::NoQuorum {
+                answering,
+                voters,
+                needed,
+            } => format!(
+                "{answering} of {voters} voters answer where {needed} are needed for quorum: no membership change until a quorum answers"
+            ),
             Refusal::WouldLoseQuorum {
                 healthy_after,
                 needed,
@@ -339,6 +352,18 @@ pub fn next_step(names: &dyn Layout, desired: i32, bootstrapped: bool, obs: &Obs
     };
     if view.leader.is_none() {
         return Step::Refuse(Refusal::NoLeader);
+    }
+    // A member can still call itself leader while a majority of the voters does not answer
+    // (until it hears of a newer term): no membership change can commit then (etcd refuses it
+    // as `unhealthy cluster`), and the quorum-loss recovery decides what happens.
+    let voters = view.voters().count();
+    let answering = view.voters().filter(|m| m.healthy).count();
+    if voters > 0 && answering < quorum(voters) {
+        return Step::Refuse(Refusal::NoQuorum {
+            answering,
+            voters,
+            needed: quorum(voters),
+        });
     }
 
     // A member whose data cannot serve: deal with it first. Only for the member ID the pod
@@ -827,12 +852,25 @@ mod tests {
 
     #[test]
     fn transient_pod_loss_changes_nothing() {
-        // Two members down (pods gone): no shrink, no re-add, no replace.
+        // One member down (pod gone): no shrink, no re-add, no replace.
+        let v = view(
+            &[(0, false, true), (1, false, false), (2, false, true)],
+            Some(0),
+        );
+        assert_eq!(next_step(&names(), 3, true, &obs(3, v)), Step::Steady);
+        // Two: the quorum is gone, the step refused (and still nothing changes).
         let v = view(
             &[(0, false, true), (1, false, false), (2, false, false)],
             Some(0),
         );
-        assert_eq!(next_step(&names(), 3, true, &obs(3, v)), Step::Steady);
+        assert_eq!(
+            next_step(&names(), 3, true, &obs(3, v)),
+            Step::Refuse(Refusal::NoQuorum {
+                answering: 1,
+                voters: 3,
+                needed: 2
+            })
+        );
     }
 
     #[test]
@@ -981,6 +1019,46 @@ mod tests {
                 id: 101,
                 ordinal: 1
             }
+        );
+    }
+
+    #[test]
+    fn no_membership_change_while_a_leader_answers_without_quorum() {
+        // Two of three voters gone (their data too): the survivor still calls itself leader.
+        let v = view(
+            &[(0, false, true), (1, false, false), (2, false, false)],
+            Some(0),
+        );
+        let o = Observed {
+            unusable: vec![
+                (1, Unusable::LostData { id: 101 }),
+                (2, Unusable::LostData { id: 102 }),
+            ],
+            ..obs(3, v.clone())
+        };
+        let why = Refusal::NoQuorum {
+            answering: 1,
+            voters: 3,
+            needed: 2,
+        };
+        let refused = Step::Refuse(why.clone());
+        assert_eq!(next_step(&names(), 3, true, &o), refused);
+        // Nor a shrink, a removal or a growth.
+        assert_eq!(next_step(&names(), 1, true, &obs(3, v.clone())), refused);
+        assert_eq!(next_step(&names(), 5, true, &obs(3, v)), refused);
+        // A learner does not count: one voter of one answers, the learner is promoted.
+        let v = view(&[(0, false, true), (1, true, true)], Some(0));
+        assert_eq!(
+            next_step(&names(), 3, true, &obs(2, v)),
+            Step::Promote {
+                id: 101,
+                ordinal: 1
+            }
+        );
+        assert_eq!(why.reason(), "QuorumLost");
+        assert_eq!(
+            why.message(),
+            "1 of 3 voters answer where 2 are needed for quorum: no membership change until a quorum answers"
         );
     }
 

@@ -208,6 +208,9 @@ async fn a_stalled_upgrade_touches_nothing_else_and_is_reverted() {
     let good = cairn_binary();
     pods.bootstrap(3);
     crate::cluster::wait_leader(&pods).await;
+    // Every member answers before the rollout counts the members down (a leader can be
+    // elected before the third member answers).
+    steady_on(&pods, env!("CARGO_PKG_VERSION"), 2).await;
     let broken = broken_build(&pods.scratch());
     let stop = Arc::new(AtomicBool::new(false));
     let writer = start_writer(&pods, &stop);

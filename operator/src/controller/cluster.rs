@@ -412,8 +412,14 @@ impl<'a> Reconciler<'a> {
         let step = next_step(self.layout.as_ref(), spec.size, bootstrapped, &obs);
         // No quorum: the rollout cannot run, but a member down on an older template (an
         // upgrade to an image that does not start, set back) is restarted onto the current one.
-        if let (Step::Refuse(plan::Refusal::Unreachable | plan::Refusal::NoLeader), Some(s)) =
-            (&step, sts.as_ref())
+        if let (
+            Step::Refuse(
+                plan::Refusal::Unreachable
+                | plan::Refusal::NoLeader
+                | plan::Refusal::NoQuorum { .. },
+            ),
+            Some(s),
+        ) = (&step, sts.as_ref())
         {
             if !spec.paused && self.restart_down_member(s, &pod_list).await? {
                 return Ok(Action::requeue(STEP_REQUEUE));

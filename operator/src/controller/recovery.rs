@@ -67,7 +67,7 @@ impl Reconciler<'_> {
         pods: &[Pod],
     ) -> Result<Option<Duration>, Error> {
         let ec = self.ec;
-        let mut rec = prev.recovery.clone().unwrap_or_default();
+        let rec = prev.recovery.clone().unwrap_or_default();
         // Pods that may come back with their data: not started yet (Pending), on a node that
         // does not report (Unknown), or being deleted.
         let pending: Vec<i32> = pods
@@ -121,6 +121,39 @@ impl Reconciler<'_> {
             .map(str::to_string)
             .collect();
         let decision = decide(self.layout.as_ref(), &facts, &auto_token);
+        let outcome = self
+            .decided(
+                decision, prev, rec, requested, view, cluster_id, replicas, pods,
+            )
+            .await;
+        // What the outage's clock and baseline say is saved now if it changed: the rest of the
+        // reconcile may fail (an API call), and a baseline not saved would have every later
+        // reconcile see the same "progress" again and never let the recovery start.
+        let saved = ec.status.as_ref().and_then(|s| s.recovery.as_ref());
+        let outage = |r: Option<&RecoveryStatus>| {
+            r.map(|r| (r.quorum_lost_since.clone(), r.applied_at_loss))
+        };
+        if matches!(outcome, Ok(None)) && outage(prev.recovery.as_ref()) != outage(saved) {
+            self.patch_status(prev.clone()).await?;
+        }
+        outcome
+    }
+
+    /// Carries out `decision` (see [`Self::recover`]).
+    #[allow(clippy::too_many_arguments)]
+    async fn decided(
+        &self,
+        decision: Decision,
+        prev: &mut EtcdClusterStatus,
+        mut rec: RecoveryStatus,
+        requested: Vec<String>,
+        view: Option<&ClusterView>,
+        cluster_id: Option<String>,
+        replicas: i32,
+        pods: &[Pod],
+    ) -> Result<Option<Duration>, Error> {
+        let ec = self.ec;
+        let spec = &ec.spec.recovery;
         match decision {
             Decision::Quorum => {
                 if rec.quorum_lost_since.take().is_some() {
