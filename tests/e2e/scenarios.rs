@@ -903,7 +903,7 @@ impl Drop for Moto {
 const CREDENTIALS: &str = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: s3\nstringData:\n  AWS_ACCESS_KEY_ID: e2e\n  AWS_SECRET_ACCESS_KEY: e2e\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn s4_scheduled_backups_verified_and_restored() {
+async fn s4_scheduled_backups_verified_restored_and_quorum_loss_recovered() {
     let cp = ControlPlane::start(Storage::Etcd).await;
     cp.install_operator();
     let moto = Moto::start(&cp);
@@ -916,7 +916,7 @@ async fn s4_scheduled_backups_verified_and_restored() {
     apply(&cp, "keep", &cluster_yaml("delta", 3, &backup)).unwrap();
     let c = Cluster::new(&cp, "keep", "delta");
     c.until_settled(3, Duration::from_secs(240)).await;
-    put_many(&cp, &c.service(), 50);
+    let acked = put_many(&cp, &c.service(), 50);
     // Backups land on schedule (every 20 s); retention keeps the last two.
     let t = Instant::now();
     let mut seen = std::collections::BTreeSet::new();
@@ -1030,6 +1030,102 @@ async fn s4_scheduled_backups_verified_and_restored() {
     assert_eq!(dst.lines().count(), 100);
     // A new cluster: its own ID.
     assert_ne!(c.status().await["clusterID"], r.status().await["clusterID"]);
+
+    // Quorum loss: two of delta's three members lose their data at once (both volumes wiped,
+    // then both pods deleted together, as in s3 for one: one at a time, the first would be
+    // repaired from the quorum the other two still make, as a lost member is). They
+    // crash-loop on "has already been bootstrapped"; automatic recovery fences them, restarts
+    // delta-0 alone from its own data and grows back to three.
+    c.api
+        .patch(
+            "delta",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"recovery": {"quorumLoss": "Automatic", "after": "10s"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let before = c.members();
+    let mut wipe = vec!["run".to_string(), "--rm".to_string()];
+    for o in [1, 2] {
+        let vol = claim_volume_name(&cp.run, "keep", &format!("data-delta-{o}"));
+        wipe.extend([
+            "--mount".to_string(),
+            format!("type=volume,source={vol},target=/v{o}"),
+        ]);
+    }
+    wipe.extend(
+        [
+            "--entrypoint",
+            "sh",
+            SANDBOX_IMAGE,
+            "-c",
+            "rm -rf /v1/* /v1/.[!.]* /v2/* /v2/.[!.]*; ls -A /v1 /v2",
+        ]
+        .map(String::from),
+    );
+    let left = docker_sync(&wipe.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+    assert!(
+        left.lines()
+            .all(|l| l.ends_with(':') || l.trim().is_empty()),
+        "the volumes still hold: {left}"
+    );
+    let t = Instant::now();
+    let pods: Api<Pod> = Api::namespaced(cp.client.clone(), "keep");
+    for o in [1, 2] {
+        pods.delete(&format!("delta-{o}"), &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    let recovered = eventually(
+        Duration::from_secs(300),
+        Duration::from_secs(1),
+        async || match c.condition("Recovered").await {
+            (status, reason, msg) if status == "True" => Ok((reason, msg)),
+            _ => Err(format!(
+                "not recovered: {:#}\n{}",
+                c.status().await,
+                cp.operator_logs()
+            )),
+        },
+    )
+    .await;
+    eprintln!(
+        "e2e: quorum loss (2 of 3 wiped) recovered {:.1}s after the loss: {}",
+        t.elapsed().as_secs_f64(),
+        recovered.1
+    );
+    assert_eq!(recovered.0, "QuorumRestored");
+    assert!(recovered.1.contains("delta-0"), "{}", recovered.1);
+    c.until_settled(3, Duration::from_secs(300)).await;
+    eprintln!(
+        "e2e: grown back to 3 members {:.1}s after the loss",
+        t.elapsed().as_secs_f64()
+    );
+    let after = c.members();
+    assert_eq!(
+        after["delta-0"], before["delta-0"],
+        "the survivor keeps its member ID"
+    );
+    for o in [1, 2] {
+        let name = format!("delta-{o}");
+        assert_ne!(
+            after[&name], before[&name],
+            "{name} joined again as a new member"
+        );
+    }
+    assert_all_present(&cp, &c, &acked);
+    let reasons = c.event_reasons().await;
+    for r in [
+        "QuorumLost",
+        "RecoveryStarted",
+        "MemberFenced",
+        "ForcingNewCluster",
+        "Recovered",
+    ] {
+        assert!(reasons.iter().any(|x| x == r), "no {r} Event: {reasons:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
