@@ -194,6 +194,30 @@ impl Destination {
                 }
                 Arc::new(b.build().map_err(bad)?)
             }
+            Store::Pvc(p) => {
+                // In a pod, from its environment (the token Secret's keys); in the operator,
+                // from the Secret read.
+                let setting = |k: &str| {
+                    std::env::var(k)
+                        .ok()
+                        .filter(|v| !v.is_empty())
+                        .or_else(|| credentials.and_then(|c| c.get(k).cloned()))
+                        .ok_or_else(|| {
+                            Error::Destination(format!(
+                                "pvc {}: no {k} (the Secret {} has it)",
+                                p.claim_name,
+                                p.server_name()
+                            ))
+                        })
+                };
+                Arc::new(
+                    crate::store::client::PvcStore::new(
+                        &setting(crate::store::URL_ENV)?,
+                        &setting(crate::store::TOKEN_ENV)?,
+                    )
+                    .map_err(Error::Destination)?,
+                )
+            }
         };
         Ok(Destination {
             store: built,

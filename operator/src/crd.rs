@@ -646,7 +646,7 @@ pub struct RetentionSpec {
     pub max_age: Option<String>,
 }
 
-/// An object store location: exactly one of `s3`, `gcs` and `azure`.
+/// An object store location: exactly one of `s3`, `gcs`, `azure` and `pvc`.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(transform = destination_rules)]
@@ -657,6 +657,8 @@ pub struct BackupDestination {
     pub gcs: Option<GcsDestination>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub azure: Option<AzureDestination>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<PvcDestination>,
     /// Client-side encryption: backups are sealed before they leave the operator (and opened
     /// by a restore or a verification) with a key from a Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -666,8 +668,8 @@ pub struct BackupDestination {
 /// The CEL rule of a backup destination: one store. The operator refuses none or several
 /// itself too, on API servers that do not run the rule.
 pub const DESTINATION_RULE: (&str, &str) = (
-    "(has(self.s3) ? 1 : 0) + (has(self.gcs) ? 1 : 0) + (has(self.azure) ? 1 : 0) == 1",
-    "exactly one of s3, gcs and azure must be given",
+    "(has(self.s3) ? 1 : 0) + (has(self.gcs) ? 1 : 0) + (has(self.azure) ? 1 : 0) + (has(self.pvc) ? 1 : 0) == 1",
+    "exactly one of s3, gcs, azure and pvc must be given",
 );
 
 fn destination_rules(schema: &mut schemars::Schema) {
@@ -684,25 +686,29 @@ pub enum Store<'a> {
     S3(&'a S3Destination),
     Gcs(&'a GcsDestination),
     Azure(&'a AzureDestination),
+    Pvc(&'a PvcDestination),
 }
 
 impl BackupDestination {
     /// The one store this destination names ([`DESTINATION_RULE`]'s message otherwise).
     pub fn store(&self) -> Result<Store<'_>, String> {
-        match (&self.s3, &self.gcs, &self.azure) {
-            (Some(s), None, None) => Ok(Store::S3(s)),
-            (None, Some(g), None) => Ok(Store::Gcs(g)),
-            (None, None, Some(a)) => Ok(Store::Azure(a)),
+        match (&self.s3, &self.gcs, &self.azure, &self.pvc) {
+            (Some(s), None, None, None) => Ok(Store::S3(s)),
+            (None, Some(g), None, None) => Ok(Store::Gcs(g)),
+            (None, None, Some(a), None) => Ok(Store::Azure(a)),
+            (None, None, None, Some(p)) => Ok(Store::Pvc(p)),
             _ => Err(format!("backup destination: {}", DESTINATION_RULE.1)),
         }
     }
 
-    /// The Secret with the store's credentials, if one is named.
-    pub fn credentials_secret(&self) -> Option<&str> {
+    /// The Secret with the store's credentials, if one is named. A `pvc` store's is the
+    /// token Secret the operator makes for its server.
+    pub fn credentials_secret(&self) -> Option<String> {
         match self.store().ok()? {
-            Store::S3(s) => s.credentials_secret.as_deref(),
-            Store::Gcs(g) => g.credentials_secret.as_deref(),
-            Store::Azure(a) => a.credentials_secret.as_deref(),
+            Store::S3(s) => s.credentials_secret.clone(),
+            Store::Gcs(g) => g.credentials_secret.clone(),
+            Store::Azure(a) => a.credentials_secret.clone(),
+            Store::Pvc(p) => Some(p.server_name()),
         }
     }
 }
@@ -725,6 +731,10 @@ impl Store<'_> {
                 ("AZURE_CLIENT_ID", false),
                 ("AZURE_CLIENT_SECRET", false),
                 ("AZURE_TENANT_ID", false),
+            ],
+            Store::Pvc(_) => &[
+                (crate::store::TOKEN_ENV, true),
+                (crate::store::URL_ENV, true),
             ],
         }
     }
@@ -761,7 +771,32 @@ impl Store<'_> {
             Store::S3(s) => &s.prefix,
             Store::Gcs(g) => &g.prefix,
             Store::Azure(a) => &a.prefix,
+            Store::Pvc(p) => &p.prefix,
         }
+    }
+}
+
+/// A PersistentVolumeClaim in the cluster's namespace. Backups, restores and verifications
+/// reach it through a small server the operator runs for the claim (`cairn-store-<claim>`: a
+/// Deployment of one pod that mounts it, a Service, and a Secret with the token every request
+/// carries), shared by every cluster of the namespace that names the claim. The claim is
+/// yours: the operator never makes or deletes it, and deleting it deletes its server.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PvcDestination {
+    /// The claim's name: a DNS label that leaves room for the server's name
+    /// (`cairn-store-<claim>`, 63 characters at most).
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,49}[a-z0-9])?$"))]
+    pub claim_name: String,
+    /// Directory in the volume under which this cluster's backups go.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prefix: String,
+}
+
+impl PvcDestination {
+    /// The name of the claim's server: its Deployment, Service and token Secret.
+    pub fn server_name(&self) -> String {
+        format!("cairn-store-{}", self.claim_name)
     }
 }
 
@@ -1673,13 +1708,16 @@ mod tests {
         let s3 = serde_json::json!({"bucket": "b"});
         let gcs = serde_json::json!({"bucket": "b"});
         let azure = serde_json::json!({"account": "a", "container": "c"});
+        let pvc = serde_json::json!({"claimName": "backups"});
         for (dest, ok) in [
             (serde_json::json!({"s3": s3}), true),
             (serde_json::json!({"gcs": gcs}), true),
             (serde_json::json!({"azure": azure}), true),
+            (serde_json::json!({"pvc": pvc}), true),
             (serde_json::json!({}), false),
             (serde_json::json!({"s3": s3, "gcs": gcs}), false),
             (serde_json::json!({"gcs": gcs, "azure": azure}), false),
+            (serde_json::json!({"pvc": pvc, "s3": s3}), false),
         ] {
             let object = serde_json::json!({"apiVersion": "cairn.dev/v1alpha1", "kind": "EtcdCluster",
                 "metadata": {"name": "a"},

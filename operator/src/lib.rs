@@ -12,6 +12,7 @@
 //! - [`tls`]: TLS managed: Secrets per side, what a member serves, the peer migration, renewal
 //!   and CA rollover.
 //! - [`network`]: the members' NetworkPolicy (who reaches the peer and client ports).
+//! - [`store`]: the `pvc` backup destination: a claim served over HTTP, and its client.
 //! - [`members`]: membership calls through the etcd API (etcd-client).
 //! - [`controller`]: the reconcile loop that ties them together.
 //! - [`leader`], [`metrics`]: leader election between replicas; Prometheus metrics.
@@ -33,4 +34,5 @@ pub mod rollout;
 pub mod seal;
 pub mod status;
 pub mod storage;
+pub mod store;
 pub mod tls;

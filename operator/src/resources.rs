@@ -454,7 +454,7 @@ fn probe(path: &str, port: i32, period: i32, failures: i32) -> Probe {
 }
 
 /// Every container of a member pod: no privileges, read-only root, no capabilities.
-fn container_security() -> SecurityContext {
+pub(crate) fn container_security() -> SecurityContext {
     SecurityContext {
         allow_privilege_escalation: Some(false),
         read_only_root_filesystem: Some(true),
@@ -714,7 +714,7 @@ fn fetch_container(
     }
     if let (Some(secret), Ok(store)) = (r.destination.credentials_secret(), r.destination.store()) {
         for (key, required) in store.credential_keys() {
-            fetch_env.push(env_from_secret(key, secret, key, !required));
+            fetch_env.push(env_from_secret(key, &secret, key, !required));
         }
     }
     Container {
@@ -731,7 +731,7 @@ fn fetch_container(
 
 /// The pod security context of the operator's pods (members, verification Jobs): a fixed
 /// non-root user and group owning the volumes, the runtime's seccomp profile.
-fn pod_security() -> PodSecurityContext {
+pub(crate) fn pod_security() -> PodSecurityContext {
     PodSecurityContext {
         run_as_user: Some(RUN_AS),
         run_as_group: Some(RUN_AS),

@@ -1031,6 +1031,59 @@ async fn s4_scheduled_backups_verified_restored_and_quorum_loss_recovered() {
     // A new cluster: its own ID.
     assert_ne!(c.status().await["clusterID"], r.status().await["clusterID"]);
 
+    // A pvc destination: an on-demand backup of delta into a claim, through the claim's server
+    // (`cairn-store-etcd-backups`: a Deployment of the operator's image running serve-store,
+    // reached by the operator at its Service).
+    let t = Instant::now();
+    apply(
+        &cp,
+        "keep",
+        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: etcd-backups\nspec:\n  accessModes: [ReadWriteOnce]\n  resources:\n    requests:\n      storage: 256Mi\n---\napiVersion: cairn.dev/v1alpha1\nkind: EtcdBackup\nmetadata:\n  name: to-pvc\nspec:\n  clusterName: delta\n  destination:\n    pvc:\n      claimName: etcd-backups\n      prefix: e2e\n",
+    )
+    .unwrap();
+    let done = eventually(
+        Duration::from_secs(240),
+        Duration::from_secs(2),
+        async || {
+            let out = cp
+                .kubectl()
+                .args(["get", "etcdbackup", "to-pvc", "-n", "keep", "-o", "json"])
+                .output()
+                .unwrap();
+            let eb: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            match eb["status"]["phase"].as_str() {
+                Some("Succeeded") => Ok(eb["status"]["backup"].clone()),
+                _ => Err(format!(
+                    "not done: {:#}\n{}",
+                    eb["status"],
+                    cp.operator_logs()
+                )),
+            }
+        },
+    )
+    .await;
+    let key = done["key"].as_str().unwrap().to_string();
+    eprintln!(
+        "e2e: on-demand backup into a pvc ({} bytes) done {:.1}s after the claim was made: {key}",
+        done["size"],
+        t.elapsed().as_secs_f64()
+    );
+    assert!(key.starts_with("e2e/keep/delta/"), "{key}");
+    let vol = claim_volume_name(&cp.run, "keep", "etcd-backups");
+    let listed = docker_sync(&[
+        "run",
+        "--rm",
+        "--mount",
+        &format!("type=volume,source={vol},target=/v"),
+        "--entrypoint",
+        "sh",
+        SANDBOX_IMAGE,
+        "-c",
+        &format!("ls -l /v/{key} /v/{}", key.replace(".snap", ".json")),
+    ])
+    .unwrap();
+    assert_eq!(listed.lines().count(), 2, "{listed}");
+
     // Quorum loss: two of delta's three members lose their data at once (both volumes wiped,
     // then both pods deleted together, as in s3 for one: one at a time, the first would be
     // repaired from the quorum the other two still make, as a lost member is). They

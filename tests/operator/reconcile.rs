@@ -2307,6 +2307,104 @@ async fn a_lost_quorum_is_recovered_automatically_and_a_slow_one_is_not() {
     restored_on_every_member(&mut w, &kvs, revision + 1).await;
 }
 
+/// Issue 25 (any object store, `pvc`): a cluster backing up to a claim. Without the claim the
+/// backup fails and says so; with it the operator makes the claim's server (a Deployment that
+/// mounts the claim, a Service, a token Secret, all owned by the claim), the backups land in
+/// the claim's directory (served here by `serve-store` on loopback with the Secret's token) and
+/// the verification Job reads them back through the server with the Secret's keys as its
+/// environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_to_a_pvc_go_through_the_claims_server() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut w = World::new(
+        "pvcb",
+        json!({"size": 1, "backup": {"schedule": "*/2 * * * * *",
+               "destination": {"pvc": {"claimName": "backups", "prefix": "etcd"}}}}),
+    );
+    w.until("bootstrapped", |w| w.status()["readyMembers"] == 1)
+        .await;
+    w.until("the missing claim reported", |w| {
+        w.status()["conditions"].as_array().is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c["type"] == "BackupSucceeded"
+                    && c["status"] == "False"
+                    && c["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("PersistentVolumeClaim backups not found"))
+            })
+        })
+    })
+    .await;
+    let secret_path = format!("/api/v1/namespaces/{NS}/secrets/cairn-store-backups");
+    assert!(w.api.get(&secret_path).is_none());
+    w.api.put(
+        &format!("/api/v1/namespaces/{NS}/persistentvolumeclaims/backups"),
+        json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+               "metadata": {"name": "backups", "namespace": NS, "uid": "claim-uid"}}),
+    );
+    w.until("the claim's server made", |w| {
+        w.api.get(&secret_path).is_some()
+    })
+    .await;
+    let dep = w
+        .api
+        .get(&format!(
+            "/apis/apps/v1/namespaces/{NS}/deployments/cairn-store-backups"
+        ))
+        .expect("the server's Deployment");
+    assert_eq!(dep["metadata"]["ownerReferences"][0]["uid"], "claim-uid");
+    assert_eq!(
+        dep["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
+        "backups"
+    );
+    assert!(w
+        .api
+        .get(&format!(
+            "/api/v1/namespaces/{NS}/services/cairn-store-backups"
+        ))
+        .is_some());
+    let mut secret = w.api.get(&secret_path).unwrap();
+    let token = String::from_utf8(
+        b64.decode(secret["data"]["CAIRN_STORE_TOKEN"].as_str().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(token.len(), 64);
+    let url = String::from_utf8(
+        b64.decode(secret["data"]["CAIRN_STORE_URL"].as_str().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(url, format!("http://cairn-store-backups.{NS}.svc:8080"));
+    // The claim, as its server would serve it; the Secret's URL pointed at it.
+    let root = w.pods.scratch().join("claim");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let local = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(cairn_operator::store::server::serve(
+        root.clone(),
+        token,
+        listener,
+        std::future::pending(),
+    ));
+    secret["data"]["CAIRN_STORE_URL"] = json!(b64.encode(&local));
+    w.api.put(&secret_path, secret);
+    w.until("a backup verified", |w| {
+        w.status()["backup"]["lastVerifiedBackup"]["key"].is_string()
+    })
+    .await;
+    let key = w.status()["backup"]["lastVerifiedBackup"]["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(key.starts_with(&format!("etcd/{NS}/pvcb/")), "{key}");
+    assert!(root.join(&key).is_file(), "{key} is not in the claim");
+    assert_eq!(
+        w.condition("BackupVerified"),
+        ("True".into(), "BackupVerified".into())
+    );
+}
+
 /// Issue 25 (verified backups): every scheduled backup is verified by a Job that restores it
 /// into a scratch member with no peers (`cairn snapshot verify` on what `fetch-backup`
 /// downloaded): `lastVerifiedBackup`, `BackupVerified`, an Event and the metric. A backup

@@ -232,6 +232,19 @@ enum Command {
         #[arg(long)]
         etcd_snapshot: bool,
     },
+    /// Serves a directory (a mounted PersistentVolumeClaim) as the store of `pvc` backup
+    /// destinations, to requests that carry the token. Run by the operator as the claim's
+    /// `cairn-store-<claim>` Deployment.
+    ServeStore {
+        /// The directory served.
+        #[arg(long)]
+        root: std::path::PathBuf,
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        listen: String,
+        /// The bearer token every request must carry (16 characters at least).
+        #[arg(long, env = "CAIRN_STORE_TOKEN", hide_env_values = true)]
+        token: String,
+    },
 }
 
 async fn command(cmd: Command) -> anyhow::Result<()> {
@@ -307,6 +320,23 @@ async fn command(cmd: Command) -> anyhow::Result<()> {
                 "fetched {} ({} bytes, revision {}, sha256 {} verified)",
                 rec.key, rec.size, rec.revision, rec.sha256
             );
+        }
+        Command::ServeStore {
+            root,
+            listen,
+            token,
+        } => {
+            let listener = tokio::net::TcpListener::bind(&listen).await?;
+            tracing::info!(root = %root.display(), %listen, "serving the backup store");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            let shutdown = async move {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            };
+            cairn_operator::store::server::serve(root, token, listener, shutdown).await?;
         }
     }
     Ok(())

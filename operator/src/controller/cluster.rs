@@ -1103,11 +1103,14 @@ impl<'a> Reconciler<'a> {
         d: &crate::crd::BackupDestination,
     ) -> Result<Destination, Error> {
         let store = d.store().map_err(Error::Credentials)?;
+        if let crate::crd::Store::Pvc(p) = store {
+            self.store_server(p).await?;
+        }
         let creds = match d.credentials_secret() {
             Some(name) => Some(
                 read_credentials(
                     &self.api::<k8s_openapi::api::core::v1::Secret>(),
-                    name,
+                    &name,
                     store,
                 )
                 .await?,

@@ -15,6 +15,7 @@ mod maintenance;
 mod recovery;
 mod rollout;
 mod storage;
+mod store;
 mod tls;
 mod verify;
 
