@@ -126,14 +126,12 @@ impl Reconciler<'_> {
                 decision, prev, rec, requested, view, cluster_id, replicas, pods,
             )
             .await;
-        // What the outage's clock and baseline say is saved now if it changed: the rest of the
-        // reconcile may fail (an API call), and a baseline not saved would have every later
-        // reconcile see the same "progress" again and never let the recovery start.
+        // The recovery status is saved now if it changed (the outage's clock and baseline,
+        // tokens used up): the rest of the reconcile may fail (an API call), and a baseline not
+        // saved would have every later reconcile see the same "progress" again and never let
+        // the recovery start.
         let saved = ec.status.as_ref().and_then(|s| s.recovery.as_ref());
-        let outage = |r: Option<&RecoveryStatus>| {
-            r.map(|r| (r.quorum_lost_since.clone(), r.applied_at_loss))
-        };
-        if matches!(outcome, Ok(None)) && outage(prev.recovery.as_ref()) != outage(saved) {
+        if matches!(outcome, Ok(None)) && prev.recovery.as_ref() != saved {
             self.patch_status(prev.clone()).await?;
         }
         outcome

@@ -25,7 +25,14 @@ impl Reconciler<'_> {
             })?;
         let secrets = self.api::<Secret>();
         let name = p.server_name();
-        if secrets.get_opt(&name).await?.is_none() {
+        let existing = secrets.get_opt(&name).await?;
+        let token = if let Some(s) = existing {
+            s.data
+                .as_ref()
+                .and_then(|d| d.get(TOKEN_ENV))
+                .map(|v| String::from_utf8_lossy(&v.0).trim().to_string())
+                .ok_or_else(|| Error::Credentials(format!("Secret {name} has no {TOKEN_ENV}")))?
+        } else {
             let token = format!(
                 "{:032x}{:032x}",
                 rand::random::<u128>(),
@@ -50,15 +57,21 @@ impl Reconciler<'_> {
                     )
                     .await
                 }
-                // Made meanwhile (another cluster naming the claim): that one's token holds.
-                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                // Made meanwhile (another cluster naming the claim): that one's token holds,
+                // and the next round applies the Deployment with it.
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    return Err(Error::Credentials(format!(
+                        "Secret {name} was made meanwhile: next round"
+                    )))
+                }
                 Err(e) => return Err(e.into()),
             }
-        }
+            token
+        };
         apply(&self.api(), &deploy::service(p, &claim)).await?;
         apply(
             &self.api::<Deployment>(),
-            &deploy::deployment(p, &claim, &self.ctx.operator_image),
+            &deploy::deployment(p, &claim, &self.ctx.operator_image, &token),
         )
         .await?;
         Ok(())

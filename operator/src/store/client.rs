@@ -74,8 +74,11 @@ impl PvcStore {
         if token.is_empty() {
             return Err("the store's token is empty".into());
         }
+        // A server that stops answering mid-transfer fails the request after a minute
+        // without a byte, rather than holding a reconcile or a Job for good.
         let http = reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(10))
+            .read_timeout(std::time::Duration::from_secs(60))
             .build()
             .map_err(|e| e.to_string())?;
         Ok(PvcStore {
@@ -213,16 +216,17 @@ impl ObjectStore for PvcStore {
             .inner
             .request(method, &format!("/o/{}", encode_key(&key)));
         if let Some(r) = &options.range {
-            req = req.header(
-                reqwest::header::RANGE,
-                match r {
-                    GetRange::Bounded(r) => {
-                        format!("bytes={}-{}", r.start, r.end.saturating_sub(1))
-                    }
-                    GetRange::Offset(o) => format!("bytes={o}-"),
-                    GetRange::Suffix(n) => format!("bytes=-{n}"),
-                },
-            );
+            let header = match r {
+                GetRange::Bounded(r) if r.start >= r.end => {
+                    return Err(generic(std::io::Error::other(format!(
+                        "GET {key}: empty range {r:?}"
+                    ))))
+                }
+                GetRange::Bounded(r) => format!("bytes={}-{}", r.start, r.end - 1),
+                GetRange::Offset(o) => format!("bytes={o}-"),
+                GetRange::Suffix(n) => format!("bytes=-{n}"),
+            };
+            req = req.header(reqwest::header::RANGE, header);
         }
         let resp = self
             .inner
@@ -249,7 +253,7 @@ impl ObjectStore for PvcStore {
                     size.parse::<u64>().ok()?,
                 ))
             }) {
-            Some((a, b, size)) => (a..b + 1, size),
+            Some((a, b, size)) => (a..b.saturating_add(1), size),
             None => (0..length, length),
         };
         let meta = ObjectMeta {

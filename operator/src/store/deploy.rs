@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EnvVar, EnvVarSource, PersistentVolumeClaim,
-    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    Secret, SecretKeySelector, Service, ServicePort, ServiceSpec, TCPSocketAction, Volume,
-    VolumeMount,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, Secret, SecretKeySelector, Service, ServicePort, ServiceSpec,
+    TCPSocketAction, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -20,6 +20,17 @@ use crate::crd::PvcDestination;
 
 /// Where the server mounts the claim.
 const ROOT: &str = "/store";
+/// The pod template's annotation with a digest of the token the pod reads.
+pub const TOKEN_ANNOTATION: &str = "cairn.dev/store-token-sha256";
+
+/// The first 16 hex digits of the token's SHA-256 (the token itself stays in its Secret).
+fn token_digest(token: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes())[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
 /// The labels of a claim's server (and the Service's selector).
 pub fn labels(p: &PvcDestination) -> BTreeMap<String, String> {
@@ -84,6 +95,8 @@ pub fn service(p: &PvcDestination, claim: &PersistentVolumeClaim) -> Service {
                 name: Some("http".to_string()),
                 port: PORT as i32,
                 target_port: Some(IntOrString::Int(PORT as i32)),
+                // A key of the list for server-side apply (Kubernetes 1.20 has no default).
+                protocol: Some("TCP".to_string()),
                 ..ServicePort::default()
             }]),
             ..ServiceSpec::default()
@@ -95,7 +108,12 @@ pub fn service(p: &PvcDestination, claim: &PersistentVolumeClaim) -> Service {
 /// One pod that mounts the claim and serves it (`cairn-operator serve-store`, the operator's
 /// image). `Recreate`: the old pod lets the (usually ReadWriteOnce) claim go before the new one
 /// mounts it.
-pub fn deployment(p: &PvcDestination, claim: &PersistentVolumeClaim, image: &str) -> Deployment {
+pub fn deployment(
+    p: &PvcDestination,
+    claim: &PersistentVolumeClaim,
+    image: &str,
+    token: &str,
+) -> Deployment {
     let labels = labels(p);
     let container = Container {
         name: "store".to_string(),
@@ -120,6 +138,7 @@ pub fn deployment(p: &PvcDestination, claim: &PersistentVolumeClaim, image: &str
         ports: Some(vec![ContainerPort {
             name: Some("http".to_string()),
             container_port: PORT as i32,
+            protocol: Some("TCP".to_string()),
             ..ContainerPort::default()
         }]),
         readiness_probe: Some(Probe {
@@ -161,12 +180,22 @@ pub fn deployment(p: &PvcDestination, claim: &PersistentVolumeClaim, image: &str
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels),
+                    // A new token (the Secret made again) rolls the pod onto it.
+                    annotations: Some(BTreeMap::from([(
+                        TOKEN_ANNOTATION.to_string(),
+                        token_digest(token),
+                    )])),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
                     containers: vec![container],
                     automount_service_account_token: Some(false),
-                    security_context: Some(crate::resources::pod_security()),
+                    enable_service_links: Some(false),
+                    security_context: Some(PodSecurityContext {
+                        // Not every file of the claim re-owned at every start.
+                        fs_group_change_policy: Some("OnRootMismatch".to_string()),
+                        ..crate::resources::pod_security()
+                    }),
                     volumes: Some(vec![Volume {
                         name: "store".to_string(),
                         persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
@@ -207,7 +236,23 @@ mod tests {
             prefix: "etcd".into(),
         };
         let c = claim();
-        let d = deployment(&p, &c, "cairn-operator:test");
+        let d = deployment(&p, &c, "cairn-operator:test", "t0k3n");
+        let other = deployment(&p, &c, "cairn-operator:test", "another");
+        let digest = |d: &Deployment| {
+            d.spec
+                .as_ref()
+                .unwrap()
+                .template
+                .metadata
+                .as_ref()
+                .unwrap()
+                .annotations
+                .as_ref()
+                .unwrap()[TOKEN_ANNOTATION]
+                .clone()
+        };
+        assert_eq!(digest(&d).len(), 16);
+        assert_ne!(digest(&d), digest(&other), "a new token rolls the pod");
         assert_eq!(d.metadata.name.as_deref(), Some("cairn-store-backups"));
         let owner = &d.metadata.owner_references.as_ref().unwrap()[0];
         assert_eq!(
@@ -228,6 +273,18 @@ mod tests {
         );
         let ctr = &pod.containers[0];
         assert_eq!(ctr.args.as_ref().unwrap()[0], "serve-store");
+        // Keys of the lists for server-side apply: Kubernetes 1.20 refuses a port without one
+        // ("associative list with keys has an element that omits key field protocol").
+        assert_eq!(
+            ctr.ports.as_ref().unwrap()[0].protocol.as_deref(),
+            Some("TCP")
+        );
+        assert_eq!(
+            service(&p, &c).spec.unwrap().ports.unwrap()[0]
+                .protocol
+                .as_deref(),
+            Some("TCP")
+        );
         let token = &ctr.env.as_ref().unwrap()[0];
         assert_eq!(token.name, TOKEN_ENV);
         assert_eq!(

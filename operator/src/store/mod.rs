@@ -34,6 +34,8 @@ pub const URL_ENV: &str = "CAIRN_STORE_URL";
 const MAX_KEY: usize = 1024;
 /// The most parts a multipart upload may have.
 const MAX_PARTS: usize = 10_000;
+/// The longest segment of a key (a file name, with room for the temporary name's suffix).
+const MAX_SEGMENT: usize = 200;
 
 /// Whether `key` is a key the store accepts: `/`-separated segments, each non-empty and not
 /// starting with `.`, with no NUL or backslash, at most [`MAX_KEY`] bytes.
@@ -42,9 +44,13 @@ pub fn check_key(key: &str) -> Result<(), String> {
         return Err(format!("a key has 1 to {MAX_KEY} bytes, not {}", key.len()));
     }
     for seg in key.split('/') {
-        if seg.is_empty() || seg.starts_with('.') || seg.contains(['\0', '\\']) {
+        if seg.is_empty()
+            || seg.starts_with('.')
+            || seg.len() > MAX_SEGMENT
+            || seg.chars().any(|c| c.is_control() || c == '\\')
+        {
             return Err(format!(
-                "key {key:?}: each segment is non-empty and does not start with '.'"
+                "key {key:?}: each segment has 1 to {MAX_SEGMENT} bytes, does not start with '.' and holds no control character or backslash"
             ));
         }
     }
@@ -150,6 +156,8 @@ mod tests {
             assert!(check_key(bad).is_err(), "{bad:?}");
         }
         assert!(check_key(&"a".repeat(MAX_KEY + 1)).is_err());
+        assert!(check_key(&"a".repeat(MAX_SEGMENT + 1)).is_err());
+        assert!(check_key("a\nb").is_err());
         // An encoded '/' inside a segment does not make two segments.
         assert!(decode_key("a%2F..%2Fb").is_err());
         assert!(decode_key("a/%2E%2E/b").is_err());

@@ -117,12 +117,11 @@ async fn route(
     };
     if let Some(rest) = path.strip_prefix("/o/") {
         let key = decode_key(rest).map_err(bad)?;
-        let file = s.root.join(&key);
         return match *method {
-            Method::GET => get(&file, req.headers(), false).await,
-            Method::HEAD => get(&file, req.headers(), true).await,
-            Method::PUT => put(&file, req.into_body()).await,
-            Method::DELETE => delete(&file).await,
+            Method::GET => get(&s.root, &key, req.headers(), false).await,
+            Method::HEAD => get(&s.root, &key, req.headers(), true).await,
+            Method::PUT => put(&s.root, &key, req.into_body()).await,
+            Method::DELETE => delete(&s.root, &key).await,
             _ => not_allowed(),
         };
     }
@@ -187,7 +186,9 @@ fn failed(e: io::Error) -> Failure {
     let code = match e.kind() {
         io::ErrorKind::NotFound => StatusCode::NOT_FOUND,
         io::ErrorKind::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
-        io::ErrorKind::IsADirectory | io::ErrorKind::NotADirectory => StatusCode::CONFLICT,
+        // `a/b` where `a` is an object: no such object.
+        io::ErrorKind::NotADirectory => StatusCode::NOT_FOUND,
+        io::ErrorKind::IsADirectory => StatusCode::CONFLICT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     (code, e.to_string())
@@ -255,24 +256,46 @@ fn parse_range(v: &str, size: u64) -> Result<(u64, u64), Failure> {
             if start > last || start >= size {
                 return unsatisfiable();
             }
-            Ok((start, (last + 1).min(size)))
+            // `start < size`, so `size - 1` does not wrap, nor does the `+ 1`.
+            Ok((start, last.min(size - 1) + 1))
         }
         (true, true) => Err((StatusCode::BAD_REQUEST, format!("range {v:?}"))),
     }
 }
 
-async fn get(file: &Path, headers: &HeaderMap, head: bool) -> Result<Response<Body>, Failure> {
-    let meta = tokio::fs::metadata(file).await.map_err(failed)?;
+async fn get(
+    root: &Path,
+    key: &str,
+    headers: &HeaderMap,
+    head: bool,
+) -> Result<Response<Body>, Failure> {
+    let file = root.join(key);
+    no_symlinks(root, key).await?;
+    // Opened first, its metadata from the handle: the length, ETag and bytes are of one
+    // version even if a PUT replaces the object meanwhile.
+    let mut f = tokio::fs::File::open(&file).await.map_err(failed)?;
+    let meta = f.metadata().await.map_err(failed)?;
     if !meta.is_file() {
         return Err((StatusCode::NOT_FOUND, "no such object".into()));
     }
     let size = meta.len();
     let range = match headers.get(header::RANGE) {
-        Some(v) => Some(parse_range(
-            v.to_str()
-                .map_err(|_| (StatusCode::BAD_REQUEST, "range: not text".to_string()))?,
-            size,
-        )?),
+        Some(v) => {
+            let v = v
+                .to_str()
+                .map_err(|_| (StatusCode::BAD_REQUEST, "range: not text".to_string()))?;
+            match parse_range(v, size) {
+                Ok(r) => Some(r),
+                Err((StatusCode::RANGE_NOT_SATISFIABLE, msg)) => {
+                    let mut r = text(StatusCode::RANGE_NOT_SATISFIABLE, msg);
+                    if let Ok(v) = format!("bytes */{size}").parse() {
+                        r.headers_mut().insert(header::CONTENT_RANGE, v);
+                    }
+                    return Ok(r);
+                }
+                Err(e) => return Err(e),
+            }
+        }
         None => None,
     };
     let (start, end) = range.unwrap_or((0, size));
@@ -299,7 +322,6 @@ async fn get(file: &Path, headers: &HeaderMap, head: bool) -> Result<Response<Bo
     let body = if head {
         Body::empty()
     } else {
-        let mut f = tokio::fs::File::open(file).await.map_err(failed)?;
         f.seek(io::SeekFrom::Start(start)).await.map_err(failed)?;
         Body::from_stream(futures::stream::unfold(
             (f, end - start),
@@ -327,6 +349,27 @@ async fn get(file: &Path, headers: &HeaderMap, head: bool) -> Result<Response<Bo
     };
     b.body(body)
         .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+/// Refuses a key any of whose existing components (directories, the object) is a symbolic
+/// link: the server reads and writes below its root only, even on a claim others write to.
+async fn no_symlinks(root: &Path, key: &str) -> Result<(), Failure> {
+    let mut path = root.to_path_buf();
+    for seg in key.split('/') {
+        path.push(seg);
+        match tokio::fs::symlink_metadata(&path).await {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    format!("key {key:?}: a symbolic link is in its way"),
+                ))
+            }
+            Ok(_) => {}
+            // The rest does not exist yet (a PUT makes it).
+            Err(_) => return Ok(()),
+        }
+    }
+    Ok(())
 }
 
 /// A temporary file next to `file` (its name starts with `.`: never addressed or listed).
@@ -392,7 +435,9 @@ fn stored(file: &Path) -> Result<Response<Body>, Failure> {
         .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
-async fn put(file: &Path, body: Body) -> Result<Response<Body>, Failure> {
+async fn put(root: &Path, key: &str, body: Body) -> Result<Response<Body>, Failure> {
+    no_symlinks(root, key).await?;
+    let file = &root.join(key);
     prepare(file).await?;
     let tmp = temporary(file);
     let written = async {
@@ -407,7 +452,9 @@ async fn put(file: &Path, body: Body) -> Result<Response<Body>, Failure> {
     stored(file)
 }
 
-async fn delete(file: &Path) -> Result<Response<Body>, Failure> {
+async fn delete(root: &Path, key: &str) -> Result<Response<Body>, Failure> {
+    no_symlinks(root, key).await?;
+    let file = &root.join(key);
     if tokio::fs::metadata(file).await.is_ok_and(|m| m.is_dir()) {
         return Err((StatusCode::NOT_FOUND, "no such object".into()));
     }
@@ -451,12 +498,25 @@ async fn list(root: &Path, prefix: Option<String>) -> Result<Response<Body>, Fai
             } else {
                 format!("{key}/{name}")
             };
-            // Symbolic links are not followed (nothing here makes them).
-            let kind = entry.file_type().await.map_err(failed)?;
+            // A name no key could have (put there by something else) is not listed.
+            if check_key(&child).is_err() {
+                continue;
+            }
+            // Symbolic links are neither followed nor listed.
+            let kind = match entry.file_type().await {
+                Ok(k) => k,
+                // Deleted since it was read (retention running): not listed.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(failed(e)),
+            };
             if kind.is_dir() {
                 stack.push((entry.path(), child));
             } else if kind.is_file() {
-                let m = entry.metadata().await.map_err(failed)?;
+                let m = match entry.metadata().await {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(failed(e)),
+                };
                 out.push(Listed {
                     key: child,
                     size: m.len(),
@@ -500,9 +560,11 @@ async fn complete(root: &Path, dir: &Path, body: Body) -> Result<Response<Body>,
         .map_err(|e| bad(e.to_string()))?;
     let c: Complete = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
     check_key(&c.to).map_err(bad)?;
-    if c.parts == 0 || c.parts > MAX_PARTS {
-        return Err(bad(format!("{} parts: 1 to {MAX_PARTS}", c.parts)));
+    // No parts: an empty object (object_store's contract).
+    if c.parts > MAX_PARTS {
+        return Err(bad(format!("{} parts: at most {MAX_PARTS}", c.parts)));
     }
+    no_symlinks(root, &c.to).await?;
     let file = root.join(&c.to);
     prepare(&file).await?;
     let tmp = temporary(&file);
@@ -583,6 +645,9 @@ mod tests {
         assert_eq!(ok("bytes=10-", 100), (10, 100));
         assert_eq!(ok("bytes=-10", 100), (90, 100));
         assert_eq!(ok("bytes=-200", 100), (0, 100));
+        assert_eq!(ok(&format!("bytes=0-{}", u64::MAX), 100), (0, 100));
+        assert_eq!(ok(&format!("bytes=99-{}", u64::MAX), 100), (99, 100));
+        assert_eq!(code("bytes=0-0", 0), StatusCode::RANGE_NOT_SATISFIABLE);
         assert_eq!(code("bytes=100-", 100), StatusCode::RANGE_NOT_SATISFIABLE);
         assert_eq!(code("bytes=5-4", 100), StatusCode::RANGE_NOT_SATISFIABLE);
         assert_eq!(code("bytes=-0", 100), StatusCode::RANGE_NOT_SATISFIABLE);
