@@ -2347,12 +2347,24 @@ async fn backups_to_a_pvc_go_through_the_claims_server() {
         w.api.get(&secret_path).is_some()
     })
     .await;
-    let dep = w
-        .api
-        .get(&format!(
-            "/apis/apps/v1/namespaces/{NS}/deployments/cairn-store-backups"
-        ))
-        .expect("the server's Deployment");
+    let dep_path = format!("/apis/apps/v1/namespaces/{NS}/deployments/cairn-store-backups");
+    let mut dep = w.api.get(&dep_path).expect("the server's Deployment");
+    // Not used before its pod is ready.
+    assert!(
+        w.status()["conditions"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| {
+                c["type"] == "BackupSucceeded"
+                    && c["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("is not ready yet"))
+            })),
+        "{}",
+        w.status()
+    );
+    // Its pod ready, as the Deployment controller would say.
+    dep["status"] = json!({"replicas": 1, "readyReplicas": 1});
+    w.api.put(&dep_path, dep.clone());
     assert_eq!(dep["metadata"]["ownerReferences"][0]["uid"], "claim-uid");
     assert_eq!(
         dep["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],

@@ -174,6 +174,12 @@ pub async fn reconcile_backup(eb: Arc<EtcdBackup>, ctx: Arc<Context>) -> Result<
                             st.start_time.get_or_insert_with(now);
                         }
                     }
+                    // Not an attempt: the backup waits (a pvc destination's server starting).
+                    Err(Error::NotReady(msg)) => {
+                        st.phase = Some(BackupPhase::Pending);
+                        st.message = Some(msg);
+                        requeue = Duration::from_secs(5);
+                    }
                     Err(e) => {
                         st.attempts += 1;
                         st.message = Some(e.to_string());

@@ -14,6 +14,9 @@ pub enum Error {
     NoNamespace,
     #[error("backup credentials: {0}")]
     Credentials(String),
+    /// Something the step needs is being made (a pvc destination's server starting).
+    #[error("{0}")]
+    NotReady(String),
 }
 
 impl Error {
@@ -24,6 +27,7 @@ impl Error {
             Error::Members(_) => "membership",
             Error::NoNamespace => "invalid",
             Error::Credentials(_) => "credentials",
+            Error::NotReady(_) => "waiting",
         }
     }
 }

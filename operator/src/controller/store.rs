@@ -74,6 +74,21 @@ impl Reconciler<'_> {
             &deploy::deployment(p, &claim, &self.ctx.operator_image, &token),
         )
         .await?;
+        // Used once its pod is ready (a backup started before would fail on a connection).
+        let ready = self
+            .api::<Deployment>()
+            .get_opt(&name)
+            .await?
+            .and_then(|d| d.status)
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0)
+            >= 1;
+        if !ready {
+            return Err(Error::NotReady(format!(
+                "the store server {name} of PersistentVolumeClaim {} is not ready yet",
+                p.claim_name
+            )));
+        }
         Ok(())
     }
 }
