@@ -17,6 +17,27 @@ use crate::agent::{claim_volume_name, SANDBOX_IMAGE};
 use crate::docker::docker_sync;
 use crate::plane::{ControlPlane, Storage};
 
+/// Runs `script` (sh) in a throw-away container with claim `claim`'s volume at /v.
+fn in_claim_volume(
+    cp: &ControlPlane,
+    ns: &str,
+    claim: &str,
+    script: &str,
+) -> Result<String, String> {
+    let vol = claim_volume_name(&cp.run, ns, claim);
+    docker_sync(&[
+        "run",
+        "--rm",
+        "--mount",
+        &format!("type=volume,source={vol},target=/v"),
+        "--entrypoint",
+        "sh",
+        SANDBOX_IMAGE,
+        "-c",
+        script,
+    ])
+}
+
 /// `kubectl apply -f -` of a manifest; its output, or its error output.
 fn apply(cp: &ControlPlane, ns: &str, manifest: &str) -> Result<String, String> {
     kubectl_apply(cp, ns, manifest, &[])
@@ -821,19 +842,7 @@ async fn s3_deleted_or_killed_member_returns_and_wiped_member_is_replaced() {
     assert_eq!(c.local_keys(0), acked);
 
     // A wiped volume: the member is removed and added again under the same name.
-    let vol = claim_volume_name(&cp.run, "heal", "data-gamma-2");
-    docker_sync(&[
-        "run",
-        "--rm",
-        "--mount",
-        &format!("type=volume,source={vol},target=/v"),
-        "--entrypoint",
-        "sh",
-        SANDBOX_IMAGE,
-        "-c",
-        "rm -rf /v/* /v/.[!.]*",
-    ])
-    .unwrap();
+    in_claim_volume(&cp, "heal", "data-gamma-2", "rm -rf /v/* /v/.[!.]*").unwrap();
     let t = Instant::now();
     c.delete_pod(2).await;
     c.until_replaced(2, &before).await;
@@ -1069,18 +1078,12 @@ async fn s4_scheduled_backups_verified_restored_and_quorum_loss_recovered() {
         t.elapsed().as_secs_f64()
     );
     assert!(key.starts_with("e2e/keep/delta/"), "{key}");
-    let vol = claim_volume_name(&cp.run, "keep", "etcd-backups");
-    let listed = docker_sync(&[
-        "run",
-        "--rm",
-        "--mount",
-        &format!("type=volume,source={vol},target=/v"),
-        "--entrypoint",
-        "sh",
-        SANDBOX_IMAGE,
-        "-c",
+    let listed = in_claim_volume(
+        &cp,
+        "keep",
+        "etcd-backups",
         &format!("ls -l /v/{key} /v/{}", key.replace(".snap", ".json")),
-    ])
+    )
     .unwrap();
     assert_eq!(listed.lines().count(), 2, "{listed}");
 

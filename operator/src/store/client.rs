@@ -145,6 +145,22 @@ fn body(payload: PutPayload) -> reqwest::Body {
     ))
 }
 
+/// A response's ETag, if it has one.
+fn etag(h: &reqwest::header::HeaderMap) -> Option<String> {
+    h.get(reqwest::header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// What a PUT or an upload's completion answered.
+fn put_result(resp: &reqwest::Response) -> PutResult {
+    PutResult {
+        e_tag: etag(resp.headers()),
+        version: None,
+        extensions: Default::default(),
+    }
+}
+
 fn meta(l: Listed) -> object_store::Result<ObjectMeta> {
     Ok(ObjectMeta {
         location: Path::parse(&l.key)?,
@@ -177,15 +193,7 @@ impl ObjectStore for PvcStore {
             .header(reqwest::header::CONTENT_LENGTH, len)
             .body(body(payload));
         let resp = self.inner.send(req, &format!("PUT {key}"), None).await?;
-        Ok(PutResult {
-            e_tag: resp
-                .headers()
-                .get(reqwest::header::ETAG)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
-            version: None,
-            extensions: Default::default(),
-        })
+        Ok(put_result(&resp))
     }
 
     async fn put_multipart_opts(
@@ -265,10 +273,7 @@ impl ObjectStore for PvcStore {
                 .and_then(chrono::DateTime::from_timestamp_millis)
                 .unwrap_or_default(),
             size,
-            e_tag: h
-                .get(reqwest::header::ETAG)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
+            e_tag: etag(h),
             version: None,
         };
         let stream = if options.head {
@@ -418,15 +423,7 @@ impl MultipartUpload for Upload {
             .inner
             .send(req, &format!("completing {}", self.to), None)
             .await?;
-        Ok(PutResult {
-            e_tag: resp
-                .headers()
-                .get(reqwest::header::ETAG)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
-            version: None,
-            extensions: Default::default(),
-        })
+        Ok(put_result(&resp))
     }
 
     async fn abort(&mut self) -> object_store::Result<()> {
